@@ -1,0 +1,3 @@
+"""driftline: production drift monitoring for vision models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Incidents, root-slice attribution, failure book (Redis), Alertmanager, alerts topic."""

@@ -1,0 +1,1 @@
+"""Kafka stages: embed (onnxruntime, faiss) and detect (state, checkpoints)."""

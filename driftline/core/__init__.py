@@ -1,0 +1,1 @@
+"""Pure math: numpy and scipy only — clusters, baselines, detectors, calibration."""
