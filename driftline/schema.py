@@ -1,0 +1,236 @@
+"""Types shared by every part: inference events, dead-letter records, slice updates.
+
+An event (DESIGN.md §2) is UTF-8 JSON on ``driftline.events``. :func:`parse_event` turns raw
+bytes into an :class:`Event` or raises :class:`EventRejected` with a machine-readable
+:class:`RejectReason`, which the stream writes to the dead-letter topic as a
+:class:`DeadLetter` record and goes on.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_ID_CHARS = 200
+MAX_SLICE_CHARS = 128
+MAX_EMBEDDING_DIM = 16_384
+DEFAULT_MAX_EVENT_BYTES = 8 << 20
+
+SliceValue = Annotated[
+    str, Field(min_length=1, max_length=MAX_SLICE_CHARS, pattern=r"^[^\x00-\x1f|=]+$")
+]
+
+
+class RejectReason(StrEnum):
+    """Why an event went to the dead-letter topic (a bounded label for metrics)."""
+
+    oversized_event = "oversized_event"
+    invalid_utf8 = "invalid_utf8"
+    malformed_json = "malformed_json"
+    not_an_object = "not_an_object"
+    missing_field = "missing_field"
+    invalid_field = "invalid_field"
+    payload_conflict = "payload_conflict"
+    image_undecodable = "image_undecodable"
+    image_too_large = "image_too_large"
+    embedding_dim = "embedding_dim"
+    unknown_reference = "unknown_reference"
+
+
+class EventRejected(ValueError):
+    """An event cannot be processed; ``reason`` is a :class:`RejectReason`."""
+
+    def __init__(self, reason: RejectReason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class Prediction(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    label: str = Field(min_length=1, max_length=MAX_SLICE_CHARS)
+    score: float = Field(ge=0.0, le=1.0)
+
+
+def parse_rfc3339(value: Any) -> datetime:
+    """Strict RFC 3339: a string with a date, a time and an offset (``Z`` or ``±hh:mm``)."""
+    if not isinstance(value, str) or "T" not in value.upper():
+        raise ValueError("must be an RFC 3339 date-time string such as 2026-11-23T08:00:00Z")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an RFC 3339 date-time") from None
+    if parsed.tzinfo is None:
+        raise ValueError("needs a UTC offset ('Z' or '+hh:mm')")
+    return parsed.astimezone(UTC)
+
+
+class Event(BaseModel):
+    """One inference event, or a late label for an earlier one (same ``event_id``)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    event_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    ts: datetime
+    station: SliceValue
+    shift: SliceValue
+    lot: SliceValue
+    model_version: str | None = Field(None, max_length=MAX_SLICE_CHARS)
+    prediction: Prediction | None = None
+    label: str | None = Field(None, min_length=1, max_length=MAX_SLICE_CHARS)
+    loss: float | None = None
+    image: str | None = Field(None, min_length=1, description="base64 JPEG or PNG")
+    image_uri: str | None = Field(None, pattern=r"^file://.+", max_length=4096)
+    embedding: list[float] | None = Field(None, min_length=1, max_length=MAX_EMBEDDING_DIM)
+
+    _ts_check = field_validator("ts", mode="before")(lambda v: parse_rfc3339(v))
+
+    @field_validator("loss")
+    @classmethod
+    def _finite_loss(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be finite")
+        return value
+
+    @field_validator("embedding")
+    @classmethod
+    def _finite_embedding(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and not all(math.isfinite(x) for x in value):
+            raise ValueError("must contain only finite numbers")
+        return value
+
+    @field_validator("image")
+    @classmethod
+    def _base64(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError("is not valid base64") from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_payload(self) -> Event:
+        payloads = [f for f in ("image", "image_uri", "embedding") if getattr(self, f) is not None]
+        if len(payloads) > 1:
+            raise ValueError(f"payload_conflict: exactly one of image/image_uri/embedding, got "
+                             f"{', '.join(payloads)}")
+        if not payloads and self.label is None and self.loss is None:
+            raise ValueError("payload_conflict: one of image/image_uri/embedding is required "
+                             "(or label/loss for a late label)")
+        return self
+
+    @property
+    def kind(self) -> Literal["inference", "label"]:
+        """``label`` for a late label/loss without payload, else ``inference``."""
+        has_payload = self.image is not None or self.image_uri is not None
+        return "inference" if has_payload or self.embedding is not None else "label"
+
+    def image_bytes(self) -> bytes | None:
+        return base64.b64decode(self.image) if self.image is not None else None
+
+
+def _reason_for(err: ValidationError) -> tuple[RejectReason, str]:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "event"
+    message = f"{where}: {first['msg']}"
+    if "payload_conflict" in first["msg"]:
+        return RejectReason.payload_conflict, first["msg"].split("payload_conflict: ", 1)[-1]
+    if first["type"] == "missing":
+        return RejectReason.missing_field, f"{where} is required"
+    return RejectReason.invalid_field, message
+
+
+def parse_event(raw: bytes, *, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Event:
+    """Validate raw Kafka value bytes; raise :class:`EventRejected` with the reason."""
+    if raw is None:
+        raise EventRejected(RejectReason.not_an_object, "empty message (tombstone)")
+    if len(raw) > max_bytes:
+        raise EventRejected(RejectReason.oversized_event, f"{len(raw)} bytes > {max_bytes}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EventRejected(RejectReason.invalid_utf8, str(exc)) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise EventRejected(RejectReason.malformed_json, str(exc)) from None
+    if not isinstance(data, dict):
+        raise EventRejected(RejectReason.not_an_object, f"JSON {type(data).__name__}, not object")
+    try:
+        return Event.model_validate(data)
+    except ValidationError as exc:
+        raise EventRejected(*_reason_for(exc)) from None
+
+
+class DeadLetter(BaseModel):
+    """What goes to ``driftline.events.dlq``: the original bytes, where they came from, why."""
+
+    model_config = ConfigDict(frozen=True)
+
+    reason: RejectReason
+    detail: str
+    topic: str
+    partition: int
+    offset: int
+    key: str | None = None
+    value_b64: str = Field(description="original message value, base64")
+    event_id: str | None = None
+    time: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @classmethod
+    def from_rejection(
+        cls, exc: EventRejected, *, topic: str, partition: int, offset: int,
+        key: bytes | None, value: bytes | None, event_id: str | None = None,
+    ) -> DeadLetter:
+        return cls(
+            reason=exc.reason, detail=exc.detail[:2000], topic=topic, partition=partition,
+            offset=offset, key=key.decode("utf-8", "replace") if key is not None else None,
+            value_b64=base64.b64encode(value or b"").decode(), event_id=event_id,
+        )
+
+    def original(self) -> bytes:
+        return base64.b64decode(self.value_b64)
+
+
+def slice_id(template: str, values: dict[str, str]) -> str:
+    """``station=s1|shift=night`` for template ``station+shift`` (stable, readable key)."""
+    return "|".join(f"{dim}={values[dim]}" for dim in template.split("+"))
+
+
+def parse_slice_id(sid: str) -> dict[str, str]:
+    """Inverse of :func:`slice_id`."""
+    return dict(part.split("=", 1) for part in sid.split("|"))
+
+
+class SliceUpdate(BaseModel):
+    """The compact record the embed stage sends per monitored slice (key = ``slice_id``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    slice_id: str
+    template: str
+    event_id: str
+    ts: datetime
+    source_partition: int
+    source_offset: int
+    station: str
+    shift: str
+    lot: str
+    baseline: str = Field(description="reference baseline key the event is judged against")
+    cluster: int | None = None
+    distance: float | None = None
+    ood: bool | None = None
+    model_version: str | None = None
+    prediction: Prediction | None = None
+    label: str | None = None
+    loss: float | None = None
+    error: bool | None = None

@@ -1,0 +1,170 @@
+"""Event schema: valid events parse, malformed ones are rejected with a reason."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from driftline.schema import (
+    DeadLetter,
+    Event,
+    EventRejected,
+    RejectReason,
+    SliceUpdate,
+    parse_event,
+    parse_slice_id,
+    slice_id,
+)
+
+GOOD: dict[str, Any] = {
+    "event_id": "e-1",
+    "ts": "2026-11-23T08:00:00+01:00",
+    "station": "press-3",
+    "shift": "night",
+    "lot": "L-0042",
+    "model_version": "v7",
+    "prediction": {"label": "ok", "score": 0.93},
+    "embedding": [0.1, -0.2, 0.3],
+}
+
+
+def raw(doc: Any) -> bytes:
+    return json.dumps(doc).encode()
+
+
+def rejected(data: bytes, **kw: Any) -> EventRejected:
+    with pytest.raises(EventRejected) as info:
+        parse_event(data, **kw)
+    return info.value
+
+
+def test_good_event_parses_to_utc() -> None:
+    event = parse_event(raw(GOOD))
+    assert event.ts.isoformat() == "2026-11-23T07:00:00+00:00"
+    assert event.kind == "inference"
+    assert event.prediction is not None and event.prediction.label == "ok"
+
+
+def test_image_payload_round_trips() -> None:
+    png = b"\x89PNG\r\n\x1a\nfake"
+    doc = {**GOOD, "embedding": None, "image": base64.b64encode(png).decode()}
+    del doc["embedding"]
+    assert parse_event(raw(doc)).image_bytes() == png
+
+
+def test_late_label_without_payload_is_a_label_event() -> None:
+    doc = {k: v for k, v in GOOD.items() if k not in ("embedding", "prediction")}
+    event = parse_event(raw({**doc, "label": "scratch"}))
+    assert event.kind == "label"
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"{not json", RejectReason.malformed_json),
+        (b"\xff\xfe", RejectReason.invalid_utf8),
+        (b"[1, 2]", RejectReason.not_an_object),
+        (raw({k: v for k, v in GOOD.items() if k != "lot"}), RejectReason.missing_field),
+        (raw({**GOOD, "station": ""}), RejectReason.invalid_field),
+        (raw({**GOOD, "station": "a|b"}), RejectReason.invalid_field),
+        (raw({**GOOD, "ts": "2026-11-23 08:00"}), RejectReason.invalid_field),
+        (raw({**GOOD, "ts": "2026-11-23T08:00:00"}), RejectReason.invalid_field),
+        (raw({**GOOD, "ts": 1_700_000_000}), RejectReason.invalid_field),
+        (raw({**GOOD, "image": "aGVsbG8="}), RejectReason.payload_conflict),
+        (raw({**GOOD, "embedding": None}), RejectReason.payload_conflict),
+        (raw({**GOOD, "embedding": []}), RejectReason.invalid_field),
+        (raw({**GOOD, "embedding": ["x"]}), RejectReason.invalid_field),
+        (raw({**GOOD, "embedding": None, "image": "###"}), RejectReason.invalid_field),
+        (raw({**GOOD, "image_uri": "http://x/y.jpg", "embedding": None}),
+         RejectReason.invalid_field),
+        (raw({**GOOD, "prediction": {"label": "ok", "score": 1.5}}), RejectReason.invalid_field),
+        (b'{"event_id":"e","ts":"2026-11-23T08:00:00Z","station":"s","shift":"d","lot":"l",'
+         b'"embedding":[1.0],"loss":NaN}', RejectReason.invalid_field),
+    ],
+)
+def test_malformed_events_are_rejected_with_reason(data: bytes, reason: RejectReason) -> None:
+    assert rejected(data).reason == reason
+
+
+def test_oversized_event_is_rejected_before_parsing() -> None:
+    err = rejected(raw(GOOD), max_bytes=16)
+    assert err.reason == RejectReason.oversized_event
+    assert "> 16" in err.detail
+
+
+def test_dead_letter_keeps_the_original_bytes() -> None:
+    data = b"{broken"
+    err = rejected(data)
+    dl = DeadLetter.from_rejection(err, topic="driftline.events", partition=2, offset=17,
+                                   key=b"press-3", value=data)
+    back = DeadLetter.model_validate_json(dl.model_dump_json())
+    assert back.original() == data
+    assert (back.reason, back.partition, back.offset, back.key) == (
+        RejectReason.malformed_json, 2, 17, "press-3")
+
+
+def test_slice_ids_round_trip() -> None:
+    values = {"station": "press-3", "shift": "night", "lot": "L1"}
+    sid = slice_id("station+shift", values)
+    assert sid == "station=press-3|shift=night"
+    assert parse_slice_id(sid) == {"station": "press-3", "shift": "night"}
+
+
+def test_slice_update_serialises() -> None:
+    event = parse_event(raw(GOOD))
+    upd = SliceUpdate(slice_id="station=press-3", template="station", event_id=event.event_id,
+                      ts=event.ts, source_partition=0, source_offset=5, station=event.station,
+                      shift=event.shift, lot=event.lot, baseline="station=press-3", cluster=3,
+                      distance=0.2, ood=False)
+    assert SliceUpdate.model_validate_json(upd.model_dump_json()) == upd
+
+
+# Property-based: arbitrary bytes and arbitrary JSON never crash the parser; they either parse
+# into a valid Event or are rejected with one of the known reasons.
+json_values = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=False) | st.integers() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_never_crash(data: bytes) -> None:
+    try:
+        event = parse_event(data)
+    except EventRejected as err:
+        assert err.reason in set(RejectReason)
+        assert err.detail
+    else:
+        assert isinstance(event, Event)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(GOOD)), json_values)
+def test_corrupting_one_field_is_rejected_or_still_valid(field: str, value: Any) -> None:
+    doc = {**GOOD, field: value}
+    try:
+        event = parse_event(raw(doc))
+    except EventRejected as err:
+        assert err.reason in {RejectReason.invalid_field, RejectReason.missing_field,
+                              RejectReason.payload_conflict}
+        assert field in err.detail or err.reason == RejectReason.payload_conflict
+    else:
+        # Accepted only when the value is still valid for the field.
+        assert getattr(event, field) is not None or field in ("model_version", "prediction")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sets(st.sampled_from(["event_id", "ts", "station", "shift", "lot"]), min_size=1))
+def test_dropping_required_fields_names_one_of_them(dropped: set[str]) -> None:
+    doc = {k: v for k, v in GOOD.items() if k not in dropped}
+    err = rejected(raw(doc))
+    assert err.reason == RejectReason.missing_field
+    assert any(name in err.detail for name in dropped)
