@@ -1,0 +1,288 @@
+"""ONNX embedder: any model, any graph output or intermediate tensor, pooled to a vector.
+
+Decoding runs in a small thread pool one batch ahead of inference (PIL and numpy release the
+GIL), so JPEG decode overlaps ``session.run`` instead of adding to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Any, Literal, Self
+
+import numpy as np
+import onnx
+import onnx.utils
+import onnxruntime as ort
+from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, Field
+
+from driftline.consumers.imaging import Fit, ImageError, ImageLimits, load_image
+
+F32 = NDArray[np.float32]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class EmbedderConfig(BaseModel):
+    """How to turn an image into the model's input and its output into an embedding.
+
+    ``output_name`` is a graph output or any intermediate tensor (``None``: first output).
+    ``input_size`` (h, w) and ``layout`` default to what the model's input shape declares.
+    Pixels go ``x * scale``, then ``(x - mean) / std`` per channel, in ``color_order``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_path: Path
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    input_name: str | None = None
+    input_size: tuple[int, int] | None = None
+    layout: Literal["NCHW", "NHWC"] | None = None
+    color_order: Literal["RGB", "BGR"] = "RGB"
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    fit: Fit = "stretch"
+    output_name: str | None = None
+    pooling: Literal["avg", "max", "none"] = "avg"
+    l2_normalize: bool = True
+    batch_size: int = Field(32, ge=1)
+    intra_op_threads: int = Field(0, ge=0, description="0: onnxruntime's default (all cores)")
+    inter_op_threads: int = Field(1, ge=0)
+    decode_threads: int = Field(1, ge=0, description="0: decode inline, no overlap")
+    max_image_bytes: int = Field(16 << 20, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+
+    @classmethod
+    def from_description(cls, desc: dict[str, Any], model_path: Path, **runtime: Any) -> Self:
+        """Rebuild the preprocessing recorded by :meth:`Embedder.describe` (e.g. in a reference)."""
+        keys = ("input_name", "input_size", "layout", "color_order", "scale", "mean", "std",
+                "fit", "output_name", "pooling", "l2_normalize")
+        return cls(model_path=model_path, **{k: desc[k] for k in keys}, **runtime)
+
+
+class Embedder:
+    """Images or uint8 arrays in, float32 embeddings ``[N, dim]`` out."""
+
+    def __init__(self, config: EmbedderConfig) -> None:
+        self.config = config
+        self.model_sha256 = hashlib.sha256(config.model_path.read_bytes()).hexdigest()
+        model_bytes, self.output_name = expose_tensor(config.model_path, config.output_name)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = config.intra_op_threads
+        opts.inter_op_num_threads = config.inter_op_threads
+        self._session = ort.InferenceSession(model_bytes, opts, providers=list(config.providers))
+        inp = _pick_input(self._session, config.input_name)
+        self.input_name: str = inp.name
+        self.layout, self.input_size = _input_geometry(inp.shape, config.layout, config.input_size)
+        self._fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
+        self._limits = ImageLimits(max_bytes=config.max_image_bytes,
+                                   max_pixels=config.max_image_pixels)
+        std = np.asarray(config.std, np.float32)
+        self._mul: F32 = (config.scale / std).astype(np.float32)
+        self._add: F32 = (np.asarray(config.mean, np.float32) / std).astype(np.float32)
+        self._pool = (ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
+                      if config.decode_threads > 0 else None)
+        raw = self._raw(np.zeros(self._alloc(self._fixed_batch or 1).shape, np.float32))
+        self.output_shape: tuple[int, ...] = raw.shape[1:]
+        self.dim = int(self._pool_output(raw).shape[1])
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def describe(self) -> dict[str, Any]:
+        """Model identity and preprocessing, as recorded in a reference artifact."""
+        c = self.config
+        return {
+            "model_sha256": self.model_sha256, "model_file": c.model_path.name,
+            "input_name": self.input_name, "input_size": list(self.input_size),
+            "layout": self.layout, "color_order": c.color_order, "scale": c.scale,
+            "mean": list(c.mean), "std": list(c.std), "fit": c.fit,
+            "output_name": self.output_name, "output_shape": list(self.output_shape),
+            "pooling": c.pooling, "l2_normalize": c.l2_normalize, "dim": self.dim,
+        }
+
+    def embed_arrays(self, images: NDArray[np.uint8]) -> F32:
+        """Embed RGB ``uint8`` images ``[N, h, w, 3]`` already at :attr:`input_size`."""
+        if images.ndim != 4 or images.shape[1:] != (*self.input_size, 3):
+            raise ValueError(f"expected [N, {self.input_size[0]}, {self.input_size[1]}, 3] "
+                             f"uint8, got {images.shape}")
+        chunks = []
+        for start in range(0, len(images), self.config.batch_size):
+            batch = images[start:start + self.config.batch_size]
+            tensor = self._alloc(len(batch))
+            for i, img in enumerate(batch):
+                self._normalise_into(img, tensor[i])
+            chunks.append(self._infer(tensor))
+        return np.concatenate(chunks) if chunks else np.empty((0, self.dim), np.float32)
+
+    def embed_images(
+        self, sources: Sequence[bytes | str],
+    ) -> tuple[F32, list[ImageError | None]]:
+        """Embed encoded images (``bytes``) or ``file://`` URIs (``str``).
+
+        Returns ``(embeddings [N, dim], errors)``: a failed item has a NaN row and its
+        :class:`ImageError` (whose ``reason`` is the dead-letter reason) at the same index.
+        """
+        out = np.full((len(sources), self.dim), np.nan, np.float32)
+        errors: list[ImageError | None] = [None] * len(sources)
+        bs = self.config.batch_size
+        starts = list(range(0, len(sources), bs))
+        pending = [self._submit(sources, starts[0], errors)] if starts else []
+        for n, start in enumerate(starts):
+            tensor = _join(pending.pop())
+            if n + 1 < len(starts):  # decode the next batch while this one runs
+                pending.append(self._submit(sources, starts[n + 1], errors))
+            ok = np.array([e is None for e in errors[start:start + bs]])
+            if ok.any():
+                rows = np.flatnonzero(ok) + start
+                out[rows] = self._infer(tensor if ok.all() else tensor[ok])
+        return out, errors
+
+    def _submit(self, sources: Sequence[bytes | str], start: int,
+                errors: list[ImageError | None]) -> tuple[F32, list[Future[None]]]:
+        stop = min(start + self.config.batch_size, len(sources))
+        tensor = self._alloc(stop - start)
+
+        def work(lo: int, hi: int) -> None:
+            for i in range(lo, hi):
+                try:
+                    img = load_image(sources[i], self.input_size, fit=self.config.fit,
+                                     limits=self._limits)
+                except ImageError as exc:
+                    errors[i] = exc
+                    continue
+                self._normalise_into(img, tensor[i - start])
+
+        if self._pool is None:
+            work(start, stop)
+            return tensor, []
+        parts = np.linspace(start, stop, self.config.decode_threads + 1).astype(int)
+        return tensor, [self._pool.submit(work, int(lo), int(hi))
+                        for lo, hi in zip(parts[:-1], parts[1:], strict=True) if hi > lo]
+
+    def _alloc(self, n: int) -> F32:
+        h, w = self.input_size
+        shape = (n, 3, h, w) if self.layout == "NCHW" else (n, h, w, 3)
+        return np.empty(shape, np.float32)
+
+    def _normalise_into(self, img: NDArray[np.uint8], dst: F32) -> None:
+        if self.config.color_order == "BGR":
+            img = img[..., ::-1]
+        if self.layout == "NCHW":
+            np.multiply(img.transpose(2, 0, 1), self._mul[:, None, None], out=dst)
+            dst -= self._add[:, None, None]
+        else:
+            np.multiply(img, self._mul, out=dst)
+            dst -= self._add
+
+    def _infer(self, tensor: F32) -> F32:
+        n = len(tensor)
+        fixed = self._fixed_batch
+        if fixed is not None and n != fixed:
+            return np.concatenate([self._infer_padded(tensor[i:i + fixed], fixed)
+                                   for i in range(0, n, fixed)])
+        return self._pool_output(self._raw(tensor))
+
+    def _infer_padded(self, part: F32, fixed: int) -> F32:
+        padded = np.zeros((fixed, *part.shape[1:]), np.float32)
+        padded[:len(part)] = part
+        return self._pool_output(self._raw(padded))[:len(part)]
+
+    def _raw(self, tensor: F32) -> F32:
+        (raw,) = self._session.run([self.output_name], {self.input_name: tensor})
+        return np.asarray(raw, np.float32)
+
+    def _pool_output(self, raw: F32) -> F32:
+        if raw.ndim > 2 and self.config.pooling != "none":
+            axes = tuple(range(2, raw.ndim)) if self.layout == "NCHW" or raw.ndim == 3 \
+                else tuple(range(1, raw.ndim - 1))
+            raw = raw.mean(axis=axes) if self.config.pooling == "avg" else raw.max(axis=axes)
+        emb = raw.reshape(len(raw), -1).astype(np.float32, copy=False)
+        if self.config.l2_normalize:
+            emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        return emb
+
+
+def _join(pending: tuple[F32, list[Future[None]]]) -> F32:
+    tensor, futures = pending
+    for fut in futures:
+        fut.result()
+    return tensor
+
+
+def _pick_input(session: ort.InferenceSession, name: str | None) -> Any:
+    inputs = session.get_inputs()
+    if name is None:
+        if len(inputs) != 1:
+            raise ValueError(f"model has {len(inputs)} inputs; set input_name to one of "
+                             f"{[i.name for i in inputs]}")
+        return inputs[0]
+    for inp in inputs:
+        if inp.name == name:
+            return inp
+    raise ValueError(f"input {name!r} not in model inputs {[i.name for i in inputs]}")
+
+
+def _input_geometry(
+    shape: list[Any], layout: str | None, size: tuple[int, int] | None,
+) -> tuple[Literal["NCHW", "NHWC"], tuple[int, int]]:
+    if len(shape) != 4:
+        raise ValueError(f"image input must be 4-D, model declares {shape}")
+    if layout is None:
+        layout = "NCHW" if shape[1] == 3 else "NHWC" if shape[3] == 3 else None
+        if layout is None:
+            raise ValueError(f"cannot tell NCHW from NHWC in input shape {shape}; set layout")
+    spatial = shape[2:4] if layout == "NCHW" else shape[1:3]
+    if size is None:
+        if not all(isinstance(d, int) for d in spatial):
+            raise ValueError(f"input shape {shape} has dynamic spatial dims; set input_size")
+        size = (int(spatial[0]), int(spatial[1]))
+    return ("NCHW" if layout == "NCHW" else "NHWC"), size
+
+
+def expose_tensor(path: Path, name: str | None) -> tuple[bytes, str]:
+    """Serialised model whose only output is ``name`` (a graph output or intermediate tensor).
+
+    The graph is cut to the nodes that ``name`` depends on, so an early layer costs only the
+    layers before it. Returns ``(model bytes, output name)``.
+    """
+    model = onnx.load(str(path))
+    graph = model.graph
+    outputs = [o.name for o in graph.output]
+    name = name or outputs[0]
+    if outputs == [name]:
+        return model.SerializeToString(), name
+    produced = {t for node in graph.node for t in node.output}
+    if name not in produced:
+        raise ValueError(f"tensor {name!r} is not produced by any node; close matches: "
+                         f"{get_close_matches(name, sorted(produced), n=8, cutoff=0.3)}")
+    inferred = onnx.shape_inference.infer_shapes(model)
+    known = {vi.name for vi in [*inferred.graph.value_info, *inferred.graph.output]}
+    if name not in known:  # shape inference could not type it: declare it as float, shape free
+        inferred.graph.value_info.append(
+            onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    initialisers = {t.name for t in graph.initializer}
+    inputs = [i.name for i in graph.input if i.name not in initialisers]
+    try:
+        cut = onnx.utils.Extractor(inferred).extract_model(inputs, [name])
+    except Exception:  # noqa: BLE001 - e.g. control-flow subgraphs: fall back to no pruning
+        vi = next(v for v in inferred.graph.value_info if v.name == name)
+        del inferred.graph.output[:]
+        inferred.graph.output.append(vi)
+        cut = inferred
+    return cut.SerializeToString(), name
+
+
+def list_tensors(path: Path) -> list[tuple[str, list[int | str | None]]]:
+    """Every named tensor a node produces, with its inferred shape (to choose a layer)."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else d.dim_param or None
+                        for d in vi.type.tensor_type.shape.dim]
+              for vi in [*model.graph.value_info, *model.graph.output]}
+    return [(t, shapes.get(t, [])) for node in model.graph.node for t in node.output if t]

@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from driftline.consumers.embedder import Embedder, EmbedderConfig, list_tensors
+from driftline.consumers.imaging import ImageDecodeError, ImageTooLargeError, decode_image
+from tests.unit.consumers.tiny_onnx import build_tiny_model
+
+RNG = np.random.default_rng(7)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("m") / "tiny.onnx")
+
+
+def _images(n: int, size: int = 16) -> np.ndarray:
+    return RNG.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_defaults_come_from_the_model(tiny: Path) -> None:
+    emb = Embedder(EmbedderConfig(model_path=tiny))
+    assert (emb.input_name, emb.layout, emb.input_size) == ("input", "NCHW", (16, 16))
+    assert emb.output_name == "embedding" and emb.dim == 8
+    out = emb.embed_arrays(_images(5))
+    assert out.shape == (5, 8) and out.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+    desc = emb.describe()
+    assert desc["model_sha256"] == emb.model_sha256 and len(emb.model_sha256) == 64
+    assert desc["output_shape"] == [8] and desc["dim"] == 8
+
+
+def test_intermediate_tensor_pooled_equals_the_pooled_output(tiny: Path) -> None:
+    x = _images(6)
+    final = Embedder(EmbedderConfig(model_path=tiny)).embed_arrays(x)
+    mid = Embedder(EmbedderConfig(model_path=tiny, output_name="features.1"))
+    assert mid.output_shape == (8, 16, 16) and mid.dim == 8
+    np.testing.assert_allclose(mid.embed_arrays(x), final, atol=1e-5)
+    flat = Embedder(EmbedderConfig(model_path=tiny, output_name="features.0", pooling="none"))
+    assert flat.dim == 8 * 16 * 16
+    peak = Embedder(EmbedderConfig(model_path=tiny, output_name="features.0", pooling="max",
+                                   l2_normalize=False))
+    raw = Embedder(EmbedderConfig(model_path=tiny, output_name="features.0", pooling="none",
+                                  l2_normalize=False)).embed_arrays(x).reshape(6, 8, 16, 16)
+    np.testing.assert_allclose(peak.embed_arrays(x), raw.max(axis=(2, 3)), rtol=1e-6)
+
+
+def test_unknown_tensor_names_close_matches(tiny: Path) -> None:
+    with pytest.raises(ValueError, match=r"features\.1"):
+        Embedder(EmbedderConfig(model_path=tiny, output_name="features.7"))
+    names = [name for name, _ in list_tensors(tiny)]
+    assert names[:2] == ["features.0", "features.1"]
+    assert dict(list_tensors(tiny))["features.0"] == ["N", 8, 16, 16]
+
+
+def test_nhwc_model_matches_nchw_and_normalisation_is_exact(tmp_path: Path) -> None:
+    x = _images(4)
+    nchw = Embedder(EmbedderConfig(model_path=build_tiny_model(tmp_path / "a.onnx")))
+    nhwc_path = build_tiny_model(tmp_path / "b.onnx", nhwc=True)
+    nhwc = Embedder(EmbedderConfig(model_path=nhwc_path))
+    assert nhwc.layout == "NHWC"
+    np.testing.assert_allclose(nhwc.embed_arrays(x), nchw.embed_arrays(x), atol=1e-5)
+    # the NHWC model's first node transposes its input: exposing it reads the normalised tensor
+    seen = Embedder(EmbedderConfig(model_path=nhwc_path, output_name="nchw", pooling="none",
+                                   l2_normalize=False, scale=0.5, mean=(1, 2, 3),
+                                   std=(2, 4, 8), color_order="BGR"))
+    expect = (x[..., ::-1] * 0.5 - np.array([1, 2, 3])) / np.array([2, 4, 8])
+    got = seen.embed_arrays(x).reshape(4, 3, 16, 16).transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_wrong_array_shape_is_refused(tiny: Path) -> None:
+    emb = Embedder(EmbedderConfig(model_path=tiny))
+    with pytest.raises(ValueError, match="expected"):
+        emb.embed_arrays(_images(2, size=17))
+
+
+@pytest.mark.parametrize("threads", [0, 1, 2])
+def test_embed_images_batches_and_errors(tiny: Path, threads: int) -> None:
+    x = _images(11)
+    sources: list[bytes | str] = [_png(a) for a in x]
+    sources[3] = b"garbage"
+    sources[8] = _png(_images(1, size=64)[0])  # valid, resized to 16×16
+    sources[9] = "file:///nonexistent/x.png"
+    emb = Embedder(EmbedderConfig(model_path=tiny, batch_size=4, decode_threads=threads,
+                                  max_image_pixels=32 * 32))
+    out, errors = emb.embed_images(sources)
+    assert out.shape == (11, 8)
+    assert [i for i, e in enumerate(errors) if e is not None] == [3, 8, 9]
+    assert isinstance(errors[3], ImageDecodeError) and isinstance(errors[9], ImageDecodeError)
+    assert isinstance(errors[8], ImageTooLargeError)
+    assert np.isnan(out[[3, 8, 9]]).all()
+    good = [i for i in range(11) if errors[i] is None]
+    np.testing.assert_allclose(out[good], emb.embed_arrays(x[good]), atol=1e-6)
+    emb.close()
+
+
+def test_empty_input_and_all_failures(tiny: Path) -> None:
+    emb = Embedder(EmbedderConfig(model_path=tiny))
+    out, errors = emb.embed_images([])
+    assert out.shape == (0, 8) and errors == []
+    out, errors = emb.embed_images([b"x", b"y"])
+    assert np.isnan(out).all() and all(e is not None for e in errors)
+
+
+def test_fixed_batch_model_is_padded(tmp_path: Path) -> None:
+    x = _images(7)
+    fixed = Embedder(EmbedderConfig(
+        model_path=build_tiny_model(tmp_path / "f.onnx", fixed_batch=4), batch_size=32))
+    free = Embedder(EmbedderConfig(model_path=build_tiny_model(tmp_path / "d.onnx")))
+    np.testing.assert_allclose(fixed.embed_arrays(x), free.embed_arrays(x), atol=1e-6)
+
+
+def test_description_round_trip(tiny: Path) -> None:
+    a = Embedder(EmbedderConfig(model_path=tiny, output_name="features.1", fit="center_crop",
+                                color_order="BGR", pooling="max"))
+    b = Embedder(EmbedderConfig.from_description(a.describe(), tiny, batch_size=3))
+    assert b.describe() == a.describe()
+    data = _png(_images(1, size=40)[0])
+    np.testing.assert_array_equal(a.embed_images([data])[0], b.embed_images([data])[0])
+    assert decode_image(data, (16, 16), fit="center_crop").shape == (16, 16, 3)

@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, JpegImagePlugin
+
+from driftline.consumers.imaging import (
+    ImageDecodeError,
+    ImageLimits,
+    ImageTooLargeError,
+    decode_image,
+    load_image,
+    read_image_uri,
+)
+from driftline.schema import RejectReason
+
+
+def _encode(arr: np.ndarray, fmt: str = "JPEG", mode: str | None = None, **kw: object) -> bytes:
+    img = Image.fromarray(arr)
+    if mode is not None:
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _scene(h: int = 576, w: int = 768) -> np.ndarray:
+    """A smooth test card: gradients plus a few blocks (JPEG-friendly, resize-stable)."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    arr = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) * 255 // (w + h)], -1)
+    arr[h // 4: h // 2, w // 4: w // 2] = (200, 30, 60)
+    return arr.astype(np.uint8)
+
+
+def test_jpeg_is_decoded_at_reduced_size_and_matches_full_decode(monkeypatch: pytest.MonkeyPatch
+                                                                 ) -> None:
+    data = _encode(_scene(), quality=95)
+    scales: list[tuple[int, int]] = []
+    original = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self: JpegImagePlugin.JpegImageFile, mode: str | None,
+            size: tuple[int, int] | None) -> object:
+        result = original(self, mode, size)
+        scales.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    out = decode_image(data, (224, 224))
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+    assert scales == [(384, 288)]  # DCT scale 1/2: the smallest that still covers 224×224
+    full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize(
+        (224, 224), Image.Resampling.BILINEAR), np.int16)
+    assert np.abs(out.astype(np.int16) - full).mean() < 2.0
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "1"])
+def test_png_modes_become_rgb(mode: str) -> None:
+    out = decode_image(_encode(_scene(60, 80), "PNG", mode=mode), (32, 48))
+    assert out.shape == (32, 48, 3) and out.dtype == np.uint8
+
+
+def test_center_crop_keeps_the_middle() -> None:
+    arr = np.zeros((100, 300, 3), np.uint8)
+    arr[:, :100] = (255, 0, 0)
+    arr[:, 100:200] = (0, 255, 0)
+    arr[:, 200:] = (0, 0, 255)
+    data = _encode(arr, "PNG")
+    crop = decode_image(data, (50, 50), fit="center_crop")
+    inner = crop[:, 2:-2]  # the filter support reaches a pixel past the crop box
+    assert (inner[..., 1] > 250).all() and (inner[..., [0, 2]] < 5).all()
+    stretch = decode_image(data, (50, 60), fit="stretch")
+    assert stretch[0, 0, 0] > 250 and stretch[0, -1, 2] > 250
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image", b"\xff\xd8\xff\xe0" + b"\0" * 50])
+def test_garbage_is_undecodable(data: bytes) -> None:
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(data, (16, 16))
+    assert info.value.reason == RejectReason.image_undecodable == "image_undecodable"
+
+
+def test_truncated_jpeg_is_undecodable() -> None:
+    data = _encode(_scene(), quality=90)
+    with pytest.raises(ImageDecodeError):
+        decode_image(data[: len(data) // 2], (64, 64))
+
+
+def test_format_outside_the_allow_list_is_undecodable() -> None:
+    with pytest.raises(ImageDecodeError):
+        decode_image(_encode(_scene(20, 20), "GIF"), (16, 16))
+    limits = ImageLimits(formats=("GIF",))
+    assert decode_image(_encode(_scene(20, 20), "GIF"), (16, 16), limits=limits).shape == (16, 16, 3)
+
+
+def test_too_many_bytes_or_pixels() -> None:
+    data = _encode(_scene(200, 300), "PNG")
+    with pytest.raises(ImageTooLargeError) as info:
+        decode_image(data, (16, 16), limits=ImageLimits(max_bytes=len(data) - 1))
+    assert info.value.reason == "image_too_large"
+    with pytest.raises(ImageTooLargeError):
+        decode_image(data, (16, 16), limits=ImageLimits(max_pixels=200 * 300 - 1))
+    assert decode_image(data, (16, 16), limits=ImageLimits(max_pixels=200 * 300)).shape[0] == 16
+
+
+def test_file_uri(tmp_path: Path) -> None:
+    path = tmp_path / "with space.png"
+    path.write_bytes(_encode(_scene(40, 40), "PNG"))
+    uri = path.as_uri()
+    assert "%20" in uri
+    assert read_image_uri(uri) == path.read_bytes()
+    assert load_image(uri, (8, 8)).shape == (8, 8, 3)
+    assert read_image_uri(uri, limits=ImageLimits(allowed_roots=(tmp_path,)))
+    with pytest.raises(ImageDecodeError, match="outside"):
+        read_image_uri(uri, limits=ImageLimits(allowed_roots=(tmp_path / "other",)))
+    with pytest.raises(ImageTooLargeError):
+        read_image_uri(uri, limits=ImageLimits(max_bytes=10))
+    with pytest.raises(ImageDecodeError, match="cannot read"):
+        read_image_uri((tmp_path / "missing.png").as_uri())
+    for bad in ("http://example.com/a.png", "file://otherhost/a.png", "/plain/path.png"):
+        with pytest.raises(ImageDecodeError, match="file://"):
+            read_image_uri(bad)
