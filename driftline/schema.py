@@ -42,6 +42,7 @@ class RejectReason(StrEnum):
     image_too_large = "image_too_large"
     embedding_dim = "embedding_dim"
     unknown_reference = "unknown_reference"
+    unknown_event = "unknown_event"
 
 
 class EventRejected(ValueError):

@@ -1,0 +1,122 @@
+"""Detect-stage checkpoints in Redis: slice state, applied source offsets and input offsets,
+written in one transaction, fenced against a worker that lost its partition.
+
+Redis layout (``prefix`` defaults to ``dl:detect``)::
+
+    {prefix}:offsets             hash  input partition -> next slice-update offset to read
+    {prefix}:state:{partition}   hash  slice_id -> JSON {"state": …, "applied": {src_p: offset}}
+    {prefix}:epoch:{partition}   int   bumped by each worker that takes the partition
+    {prefix}:outbox              stream of alarms, written with the state that raised them
+
+The epoch is the fence: a worker remembers the epoch it got when it claimed a partition and a
+checkpoint succeeds only while every epoch it writes under is unchanged (``WATCH``), so a worker
+that was rebalanced out and has not noticed yet cannot overwrite its successor's state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
+
+log = logging.getLogger(__name__)
+
+# A Redis restart (AOF replay included) takes seconds; a minute of retries rides it out while
+# Kafka keeps our partitions (max.poll.interval is 5 min). Beyond that the worker exits loudly.
+REDIS_WAIT_S = 60
+OUTBOX_MAXLEN = 100_000
+
+_retry_redis = retry(
+    retry=retry_if_exception_type((RedisConnectionError, RedisTimeoutError)),
+    wait=wait_exponential(multiplier=0.1, max=2),
+    stop=stop_after_delay(REDIS_WAIT_S),
+    reraise=True,
+)
+
+
+class Fenced(RuntimeError):
+    """Another worker claimed one of our partitions since we did; our state is stale."""
+
+
+class CheckpointStore:
+    """Reads and writes detect-stage checkpoints for one consumer group."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "dl:detect") -> None:
+        self.r = client
+        self.prefix = prefix
+
+    def _k(self, *parts: object) -> str:
+        return ":".join([self.prefix, *map(str, parts)])
+
+    @property
+    def outbox_key(self) -> str:
+        return self._k("outbox")
+
+    @_retry_redis
+    def claim(self, partitions: Iterable[int]) -> dict[int, int]:
+        """Take partitions: bump and return their epochs."""
+        pipe = self.r.pipeline(transaction=True)
+        parts = sorted(partitions)
+        for p in parts:
+            pipe.incr(self._k("epoch", p))
+        return dict(zip(parts, (int(e) for e in pipe.execute()), strict=True))
+
+    @_retry_redis
+    def load(self, partition: int) -> tuple[int | None, dict[str, dict[str, Any]]]:
+        """The next input offset (None if never checkpointed) and the slices' records."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hget(self._k("offsets"), str(partition))
+        pipe.hgetall(self._k("state", partition))
+        offset, raw = pipe.execute()
+        slices = {k.decode(): json.loads(v) for k, v in raw.items()}
+        return (int(offset) if offset is not None else None), slices
+
+    @_retry_redis
+    def commit(
+        self,
+        epochs: Mapping[int, int],
+        states: Mapping[int, Mapping[str, dict[str, Any]]],
+        offsets: Mapping[int, int],
+        outbox: Iterable[dict[str, Any]] = (),
+    ) -> None:
+        """Write states, input offsets and alarms atomically, if our epochs still hold.
+
+        Raises :class:`Fenced` when another worker claimed a partition we write for.
+        """
+        parts = sorted(set(states) | set(offsets))
+        epoch_keys = [self._k("epoch", p) for p in parts]
+        with self.r.pipeline(transaction=True) as pipe:
+            try:
+                if epoch_keys:
+                    pipe.watch(*epoch_keys)  # type: ignore[no-untyped-call]
+                    current: list[bytes | None] = pipe.mget(epoch_keys)  # type: ignore[assignment]
+                    stale = [p for p, cur in zip(parts, current, strict=True)
+                             if cur is None or int(cur) != epochs.get(p)]
+                    if stale:
+                        raise Fenced(f"partitions {stale} were claimed by another worker")
+                pipe.multi()
+                for p, slices in states.items():
+                    if slices:
+                        pipe.hset(self._k("state", p),
+                                  mapping={sid: json.dumps(rec) for sid, rec in slices.items()})
+                if offsets:
+                    pipe.hset(self._k("offsets"),
+                              mapping={str(p): str(o) for p, o in offsets.items()})
+                for alarm in outbox:
+                    pipe.xadd(self.outbox_key, {"alarm": json.dumps(alarm)},
+                              maxlen=OUTBOX_MAXLEN, approximate=True)
+                pipe.execute()
+            except WatchError:
+                raise Fenced("an epoch changed during the checkpoint") from None
+
+    def reset(self) -> None:
+        """Delete every key of this store (tests and `driftline … --reset`)."""
+        for key in self.r.scan_iter(match=f"{self.prefix}:*"):
+            self.r.delete(key)

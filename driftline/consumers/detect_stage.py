@@ -1,0 +1,231 @@
+"""Detect stage: slice-updates → per-slice detectors, with an exactly-once effect.
+
+Each input partition's slices live in one worker (Kafka partitions ``driftline.slice-updates`` by
+slice id). The checkpoint order, every ``checkpoint_interval_ms`` and on revoke or shutdown:
+
+1. apply polled updates in memory, skipping any whose source offset is not above the slice's
+   highest applied offset for its source partition (replays of the embed stage);
+2. write, in one Redis transaction fenced by the partition epochs, the dirty slices' state and
+   applied source offsets, the next input offset of every owned partition and the alarms raised
+   (the outbox the failure book reads);
+3. only then commit the same input offsets to Kafka.
+
+On assignment a worker claims the partition's epoch, loads its slices and seeks to the input
+offset stored in Redis, so Redis — not Kafka's committed offset — is the truth: a crash between
+steps 2 and 3 does not re-apply anything, and a crash before step 2 loses only in-memory work that
+is read again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka.structs import OffsetAndMetadata
+from pydantic import ValidationError
+
+from driftline.consumers.checkpoint import CheckpointStore, Fenced
+from driftline.consumers.kafka_io import consumer_lag
+from driftline.metrics import ConsumerMetrics, DetectMetrics
+from driftline.schema import SliceUpdate
+
+log = logging.getLogger(__name__)
+
+POLL_TIMEOUT_MS = 200
+MAX_POLL_RECORDS = 2000
+
+
+class SliceModel(Protocol):
+    """What the stage needs of a slice's detectors (see :mod:`driftline.consumers.slice_state`)."""
+
+    n: int
+
+    def update(self, upd: SliceUpdate) -> list[dict[str, Any]]: ...
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+    def gauges(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class SliceEntry:
+    model: SliceModel
+    applied: dict[str, int] = field(default_factory=dict)  # source partition -> offset
+
+
+@dataclass
+class PartitionState:
+    epoch: int
+    next_offset: int | None
+    slices: dict[str, SliceEntry]
+    dirty: set[str] = field(default_factory=set)
+
+
+class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Runs the detect loop for one worker of the ``driftline-detect`` group."""
+
+    def __init__(
+        self,
+        consumer: KafkaConsumer,
+        topic: str,
+        store: CheckpointStore,
+        new_slice: Callable[[SliceUpdate], SliceModel],
+        restore_slice: Callable[[dict[str, Any]], SliceModel],
+        metrics: DetectMetrics,
+        consumer_metrics: ConsumerMetrics,
+        checkpoint_interval_s: float = 1.0,
+    ) -> None:
+        self.consumer = consumer
+        self.topic = topic
+        self.store = store
+        self.new_slice = new_slice
+        self.restore_slice = restore_slice
+        self.metrics = metrics
+        self.cmetrics = consumer_metrics
+        self.interval = checkpoint_interval_s
+        self.parts: dict[int, PartitionState] = {}
+        self.outbox: list[dict[str, Any]] = []
+        self.stop_event = threading.Event()
+        self.assigned_once = threading.Event()
+        self.last_checkpoint = time.monotonic()
+
+    # --- rebalance -----------------------------------------------------------------------
+    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        if revoked:
+            self._checkpoint_safely()
+        for tp in revoked:
+            self.parts.pop(tp.partition, None)
+        self._refresh_gauges()
+
+    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        epochs = self.store.claim(tp.partition for tp in assigned)
+        for tp in assigned:
+            offset, records = self.store.load(tp.partition)
+            slices = {sid: SliceEntry(self.restore_slice(rec["state"]), dict(rec["applied"]))
+                      for sid, rec in records.items()}
+            self.parts[tp.partition] = PartitionState(epochs[tp.partition], offset, slices)
+            if offset is not None:
+                self.consumer.seek(tp, offset)
+            log.info("partition assigned", extra={"partition": tp.partition, "offset": offset,
+                                                  "slices": len(slices)})
+        self.assigned_once.set()
+        self._refresh_gauges()
+
+    # --- main loop -----------------------------------------------------------------------
+    def run(self) -> None:
+        """Poll, apply and checkpoint until :meth:`stop`; then checkpoint and close."""
+        self.consumer.subscribe([self.topic], listener=self)
+        try:
+            while not self.stop_event.is_set():
+                batch = self.consumer.poll(timeout_ms=POLL_TIMEOUT_MS,
+                                           max_records=MAX_POLL_RECORDS)
+                for tp, messages in batch.items():
+                    for msg in messages:
+                        self._apply(tp.partition, msg)
+                if time.monotonic() - self.last_checkpoint >= self.interval:
+                    self._checkpoint_safely()
+                    self._report_lag()
+                self.metrics.checkpoint_age.set(time.monotonic() - self.last_checkpoint)
+        finally:
+            self._checkpoint_safely()
+            self.consumer.close(autocommit=False)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def _apply(self, partition: int, msg: Any) -> None:
+        part = self.parts.get(partition)
+        if part is None:  # revoked while the batch was in flight
+            return
+        part.next_offset = msg.offset + 1
+        try:
+            upd = SliceUpdate.model_validate_json(msg.value)
+        except ValidationError as exc:
+            log.error("unreadable slice-update skipped",
+                      extra={"partition": partition, "offset": msg.offset, "error": str(exc)})
+            return
+        entry = part.slices.get(upd.slice_id)
+        if entry is None:
+            entry = part.slices[upd.slice_id] = SliceEntry(self.new_slice(upd))
+        src = str(upd.source_partition)
+        if upd.source_offset <= entry.applied.get(src, -1):
+            self.metrics.duplicates.inc()
+            return
+        alarms = entry.model.update(upd)
+        entry.applied[src] = upd.source_offset
+        part.dirty.add(upd.slice_id)
+        self.metrics.updates.inc()
+        if msg.timestamp and msg.timestamp > 0:
+            self.metrics.e2e_latency.observe(max(0.0, time.time() - msg.timestamp / 1000))
+        for alarm in alarms:
+            self.metrics.alarms.labels(upd.template, alarm["detector"]).inc()
+            self.outbox.append({**alarm, "slice_id": upd.slice_id, "template": upd.template})
+        self._publish_gauges(upd, entry.model)
+
+    def _publish_gauges(self, upd: SliceUpdate, model: SliceModel) -> None:
+        if upd.template not in ("station", "station+shift"):
+            return
+        shift = upd.shift if upd.template == "station+shift" else "all"
+        g = model.gauges()
+        for detector, ratio in g.get("ratios", {}).items():
+            self.metrics.ratio.labels(upd.station, shift, detector).set(ratio)
+        if "ood_ratio" in g:
+            self.metrics.ood_ratio.labels(upd.station, shift).set(g["ood_ratio"])
+        if upd.template == "station":
+            for cluster, share in g.get("cluster_shares", {}).items():
+                self.metrics.cluster_share.labels(upd.station, str(cluster)).set(share)
+
+    # --- checkpoint ----------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        """Steps 2 and 3 of the module docstring."""
+        states = {p: {sid: {"state": part.slices[sid].model.snapshot(),
+                            "applied": part.slices[sid].applied} for sid in part.dirty}
+                  for p, part in self.parts.items()}
+        offsets = {p: part.next_offset for p, part in self.parts.items()
+                   if part.next_offset is not None}
+        epochs = {p: part.epoch for p, part in self.parts.items()}
+        if not offsets and not self.outbox:
+            self.last_checkpoint = time.monotonic()
+            return
+        self.store.commit(epochs, states, offsets, self.outbox)
+        for part in self.parts.values():
+            part.dirty.clear()
+        self.outbox = []
+        self.last_checkpoint = time.monotonic()
+        self.metrics.checkpoints.labels("ok").inc()
+        commit = {TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1)
+                  for p, o in offsets.items()}
+        try:
+            self.consumer.commit(commit)
+        except Exception as exc:  # Kafka's offsets are advisory; Redis holds the truth
+            log.warning("kafka offset commit failed", extra={"error": str(exc)})
+
+    def _checkpoint_safely(self) -> None:
+        try:
+            self.checkpoint()
+        except Fenced as exc:
+            self.metrics.checkpoints.labels("fenced").inc()
+            log.warning("checkpoint fenced; dropping stale partitions", extra={"error": str(exc)})
+            self.parts.clear()
+            self.outbox = []
+
+    def _report_lag(self) -> None:
+        tps = [TopicPartition(self.topic, p) for p in self.parts]
+        for p, lag in consumer_lag(self.consumer, tps).items():
+            self.cmetrics.lag.labels("detect", str(p)).set(lag)
+
+    def _refresh_gauges(self) -> None:
+        self.cmetrics.assigned.labels("detect").set(len(self.parts))
+        self.metrics.live_slices.set(sum(len(p.slices) for p in self.parts.values()))
+
+    @property
+    def ready(self) -> bool:
+        return self.assigned_once.is_set()
+
+    def slice_counts(self) -> dict[str, int]:
+        return {sid: e.model.n for part in self.parts.values() for sid, e in part.slices.items()}

@@ -1,0 +1,233 @@
+"""Embed stage: events → one compact slice-update per monitored slice.
+
+Stateless apart from a short-lived prediction cache in Redis (for late labels), so it scales by
+adding consumers to the ``driftline-embed`` group. Per batch:
+
+1. poll up to ``batch_size`` events (waiting at most ``batch_timeout``);
+2. validate each; a bad one goes to the dead-letter topic with its reason;
+3. embed images in one model call (precomputed embeddings skip the model), assign each to its
+   nearest reference cluster and measure its distance to the reference (OOD flag);
+4. produce one slice-update per slice template, keyed by slice id, carrying the source
+   partition/offset (the detect stage skips replays by it);
+5. flush the producer, then commit the input offsets (at-least-once; duplicates are harmless).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import redis
+from kafka import KafkaConsumer, KafkaProducer
+
+from driftline.consumers.imaging import ImageError
+from driftline.metrics import EmbedMetrics
+from driftline.schema import (
+    DeadLetter,
+    Event,
+    EventRejected,
+    RejectReason,
+    SliceUpdate,
+    parse_event,
+    slice_id,
+)
+
+log = logging.getLogger(__name__)
+
+# Late labels arrive within hours in a plant; a week covers weekend relabelling campaigns.
+PREDICTION_TTL_S = 7 * 24 * 3600
+
+
+class EmbedderLike(Protocol):
+    dim: int
+
+    def embed_images(self, sources: Sequence[bytes | str]) -> tuple[Any, list[Any]]: ...
+
+
+class ReferenceLike(Protocol):
+    dim: int
+
+    def assign(self, emb: Any) -> tuple[Any, Any]: ...
+
+    def baseline_for(self, station: str, shift: str) -> Any: ...
+
+
+@dataclass
+class _Item:
+    msg: Any
+    event: Event
+    cluster: int | None = None
+    distance: float | None = None
+
+
+class EmbedStage:
+    """Runs the embed loop for one worker of the ``driftline-embed`` group."""
+
+    def __init__(
+        self, consumer: KafkaConsumer, producer: KafkaProducer, *, events_topic: str,
+        updates_topic: str, dlq_topic: str, embedder: EmbedderLike | None,
+        reference: ReferenceLike, templates: Sequence[str], metrics: EmbedMetrics,
+        redis_client: redis.Redis | None = None, batch_size: int = 32,
+        batch_timeout_ms: int = 200, max_event_bytes: int = 8 << 20,
+    ) -> None:
+        self.consumer, self.producer = consumer, producer
+        self.events_topic, self.updates_topic, self.dlq_topic = (
+            events_topic, updates_topic, dlq_topic)
+        self.embedder, self.reference, self.templates = embedder, reference, list(templates)
+        self.metrics, self.redis = metrics, redis_client
+        self.batch_size, self.batch_timeout_ms = batch_size, batch_timeout_ms
+        self.max_event_bytes = max_event_bytes
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        """Process batches until :meth:`stop`; the last batch is finished and committed."""
+        self.consumer.subscribe([self.events_topic])
+        try:
+            while not self.stop_event.is_set():
+                polled = self.consumer.poll(timeout_ms=self.batch_timeout_ms,
+                                            max_records=self.batch_size)
+                msgs = [m for part in polled.values() for m in part]
+                if msgs:
+                    self.process(msgs)
+                    self.producer.flush()
+                    self.consumer.commit()
+        finally:
+            self.producer.flush()
+            self.consumer.close(autocommit=False)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    # --- one batch -----------------------------------------------------------------------
+    def process(self, msgs: Sequence[Any]) -> None:
+        """Steps 2–4 of the module docstring for one polled batch."""
+        self.metrics.batch_size.observe(len(msgs))
+        items: list[_Item] = []
+        labels: list[_Item] = []
+        for msg in msgs:
+            try:
+                event = parse_event(msg.value, max_bytes=self.max_event_bytes)
+            except EventRejected as exc:
+                self._dead_letter(msg, exc)
+                continue
+            self.metrics.events_in.labels(event.kind).inc()
+            (items if event.kind == "inference" else labels).append(_Item(msg, event))
+        started = time.perf_counter()
+        items = self._embed(items)
+        if items:
+            self.metrics.embed_latency.observe(time.perf_counter() - started)
+        for item in items:
+            self._emit(item, item.event.label, item.event.loss, _error_of(item.event))
+        self._remember_predictions(items)
+        for item in labels:
+            self._emit_late_label(item)
+
+    def _embed(self, items: list[_Item]) -> list[_Item]:
+        images = [i for i in items if i.event.embedding is None]
+        vectors = np.zeros((len(items), self.reference.dim), np.float32)
+        ok = [True] * len(items)
+        index = {id(item): n for n, item in enumerate(items)}
+        if images:
+            if self.embedder is None:
+                raise RuntimeError("events carry images but no embedding model is configured")
+            sources: list[bytes | str] = [
+                i.event.image_bytes() or i.event.image_uri or b"" for i in images]
+            emb, errors = self.embedder.embed_images(sources)
+            for item, row, err in zip(images, emb, errors, strict=True):
+                n = index[id(item)]
+                if err is not None:
+                    ok[n] = False
+                    self._dead_letter(item.msg, _rejection(err), item.event.event_id)
+                else:
+                    vectors[n] = row
+        for n, item in enumerate(items):
+            vec = item.event.embedding
+            if vec is None:
+                continue
+            if len(vec) != self.reference.dim:
+                ok[n] = False
+                self._dead_letter(item.msg, EventRejected(
+                    RejectReason.embedding_dim,
+                    f"embedding has {len(vec)} dimensions, the reference {self.reference.dim}"),
+                    item.event.event_id)
+                continue
+            v = np.asarray(vec, np.float32)
+            vectors[n] = v / max(float(np.linalg.norm(v)), 1e-12)
+        kept = [n for n in range(len(items)) if ok[n]]
+        if kept:
+            clusters, dists = self.reference.assign(vectors[kept])
+            for n, c, d in zip(kept, clusters, dists, strict=True):
+                items[n].cluster, items[n].distance = int(c), float(d)
+        return [items[n] for n in kept]
+
+    def _emit(self, item: _Item, label: str | None, loss: float | None,
+              error: bool | None) -> None:
+        ev, msg = item.event, item.msg
+        base = self.reference.baseline_for(ev.station, ev.shift)
+        ood = None if item.distance is None else bool(item.distance > base.ood_threshold)
+        dims = {"station": ev.station, "shift": ev.shift, "lot": ev.lot}
+        for template in self.templates:
+            sid = slice_id(template, dims)
+            upd = SliceUpdate(
+                slice_id=sid, template=template, event_id=ev.event_id, ts=ev.ts,
+                source_partition=msg.partition, source_offset=msg.offset, station=ev.station,
+                shift=ev.shift, lot=ev.lot, baseline=base.key, cluster=item.cluster,
+                distance=item.distance, ood=ood, model_version=ev.model_version,
+                prediction=ev.prediction, label=label, loss=loss, error=error)
+            self.producer.send(self.updates_topic, key=sid.encode(),
+                               value=upd.model_dump_json().encode())
+            self.metrics.updates_out.inc()
+        self.metrics.events_per_station.labels(ev.station).inc()
+        self.metrics.last_event_time.labels(ev.station).set(ev.ts.timestamp())
+
+    # --- late labels ---------------------------------------------------------------------
+    def _remember_predictions(self, items: list[_Item]) -> None:
+        if self.redis is None or not items:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for item in items:
+            pred = item.event.prediction
+            doc = {"cluster": item.cluster, "pred": pred.label if pred else None}
+            pipe.set(f"dl:pred:{item.event.event_id}", json.dumps(doc), ex=PREDICTION_TTL_S)
+        pipe.execute()
+
+    def _emit_late_label(self, item: _Item) -> None:
+        ev = item.event
+        known: bytes | None = (
+            self.redis.get(f"dl:pred:{ev.event_id}")  # type: ignore[assignment]
+            if self.redis is not None else None)
+        if known is None:
+            self._dead_letter(item.msg, EventRejected(
+                RejectReason.unknown_event,
+                f"late label for unknown or expired event {ev.event_id!r}"), ev.event_id)
+            return
+        doc = json.loads(known)
+        item.cluster = doc["cluster"]
+        error = None if doc["pred"] is None or ev.label is None else doc["pred"] != ev.label
+        self._emit(item, ev.label, ev.loss, error)
+
+    def _dead_letter(self, msg: Any, exc: EventRejected, event_id: str | None = None) -> None:
+        record = DeadLetter.from_rejection(
+            exc, topic=msg.topic, partition=msg.partition, offset=msg.offset, key=msg.key,
+            value=msg.value, event_id=event_id)
+        self.producer.send(self.dlq_topic, key=msg.key, value=record.model_dump_json().encode())
+        self.metrics.dead_letters.labels(exc.reason.value).inc()
+        log.info("dead-lettered", extra={"reason": exc.reason.value, "partition": msg.partition,
+                                         "offset": msg.offset, "detail": exc.detail[:200]})
+
+
+def _error_of(event: Event) -> bool | None:
+    if event.prediction is None or event.label is None:
+        return None
+    return event.prediction.label != event.label
+
+
+def _rejection(err: ImageError) -> EventRejected:
+    reason = RejectReason(getattr(err, "reason", RejectReason.image_undecodable.value))
+    return EventRejected(reason, str(err))

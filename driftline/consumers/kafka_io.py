@@ -1,0 +1,84 @@
+"""Small adapters over kafka-python: topics, producers and consumers with driftline's defaults."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import NoBrokersAvailable, TopicAlreadyExistsError
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
+
+log = logging.getLogger(__name__)
+
+# Waiting this long for a broker covers a broker restart or a slow container start; past it the
+# process exits and its supervisor restarts it, which an operator sees.
+BROKER_WAIT_S = 120
+# A detect batch may wait on Redis while it restarts; poll intervals above this rebalance us out.
+MAX_POLL_INTERVAL_MS = 300_000
+
+_retry_broker = retry(
+    retry=retry_if_exception_type(NoBrokersAvailable),
+    wait=wait_exponential(multiplier=0.2, max=5),
+    stop=stop_after_delay(BROKER_WAIT_S),
+    reraise=True,
+)
+
+
+@_retry_broker
+def ensure_topics(bootstrap: str, topics: dict[str, int]) -> None:
+    """Create missing topics with the given partition counts (replication 1 is the local default;
+    production clusters create topics with their own policy)."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="driftline-admin")
+    try:
+        existing = set(admin.list_topics())
+        new = [NewTopic(name, num_partitions=n, replication_factor=1)
+               for name, n in topics.items() if name not in existing]
+        if new:
+            try:
+                admin.create_topics(new)
+                log.info("created topics", extra={"topics": [t.name for t in new]})
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        admin.close()
+
+
+@_retry_broker
+def make_producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
+    """An idempotent producer that keeps per-key order (acks=all, idempotence on)."""
+    config: dict[str, Any] = dict(
+        bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5,
+        retries=2**31 - 1, max_in_flight_requests_per_connection=5, client_id="driftline",
+    )
+    config.update(overrides)
+    return KafkaProducer(**config)
+
+
+@_retry_broker
+def make_consumer(bootstrap: str, group: str, **overrides: Any) -> KafkaConsumer:
+    """A consumer with manual commits; callers subscribe with their rebalance listener."""
+    config: dict[str, Any] = dict(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
+        auto_offset_reset="earliest", max_poll_interval_ms=MAX_POLL_INTERVAL_MS,
+        client_id=group,
+    )
+    config.update(overrides)
+    return KafkaConsumer(**config)
+
+
+def consumer_lag(consumer: KafkaConsumer, partitions: Iterable[Any]) -> dict[int, int]:
+    """Messages behind the log end, per assigned partition (from the consumer's own view)."""
+    parts = list(partitions)
+    if not parts:
+        return {}
+    ends = consumer.end_offsets(parts)
+    lag = {}
+    for tp in parts:
+        try:
+            lag[tp.partition] = max(0, ends[tp] - consumer.position(tp))
+        except Exception as exc:  # a partition revoked mid-call just has no reading
+            log.debug("no lag reading", extra={"partition": tp.partition, "error": str(exc)})
+    return lag

@@ -1,0 +1,88 @@
+"""Prometheus metrics of the pipeline, registered on a registry the caller passes in.
+
+Names follow ``driftline_<subsystem>_<name>_<unit>``; counters end in ``_total``; label values
+are bounded (stage, partition, reason, station, shift, cluster, detector) — never lot or event
+ids, whose cardinality grows without limit.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class EmbedMetrics:
+    """Embed stage: events in, slice-updates out, dead letters, batches, model latency."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.events_in = Counter(
+            "driftline_embed_events_total", "Events consumed from the events topic",
+            ["kind"], registry=registry)
+        self.updates_out = Counter(
+            "driftline_embed_slice_updates_total", "Slice-updates produced", registry=registry)
+        self.dead_letters = Counter(
+            "driftline_embed_dead_letters_total", "Events sent to the dead-letter topic",
+            ["reason"], registry=registry)
+        self.batch_size = Histogram(
+            "driftline_embed_batch_size_events", "Events per embed batch",
+            buckets=_BATCH_BUCKETS, registry=registry)
+        self.embed_latency = Histogram(
+            "driftline_embed_latency_seconds", "Decode + model time per batch",
+            buckets=_LATENCY_BUCKETS, registry=registry)
+        self.events_per_station = Counter(
+            "driftline_embed_station_events_total", "Events per station (stations are bounded)",
+            ["station"], registry=registry)
+        self.last_event_time = Gauge(
+            "driftline_embed_station_last_event_timestamp_seconds",
+            "Event time of the newest event per station", ["station"], registry=registry)
+
+
+class DetectMetrics:
+    """Detect stage: updates applied, duplicates, alarms, drift statistics, checkpoints."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.updates = Counter(
+            "driftline_detect_slice_updates_total", "Slice-updates applied", registry=registry)
+        self.duplicates = Counter(
+            "driftline_detect_duplicates_total", "Replayed slice-updates skipped by source offset",
+            registry=registry)
+        self.alarms = Counter(
+            "driftline_detect_alarms_total", "Detector alarms", ["template", "detector"],
+            registry=registry)
+        self.ratio = Gauge(
+            "driftline_detect_statistic_ratio",
+            "Detector statistic / threshold (alarm at 1) for station and station+shift slices",
+            ["station", "shift", "detector"], registry=registry)
+        self.ood_ratio = Gauge(
+            "driftline_detect_ood_ratio",
+            "Out-of-distribution rate since the slice's last reset / reference rate",
+            ["station", "shift"], registry=registry)
+        self.cluster_share = Gauge(
+            "driftline_detect_cluster_share_ratio", "Share of recent events per cluster",
+            ["station", "cluster"], registry=registry)
+        self.live_slices = Gauge(
+            "driftline_detect_live_slices", "Slices held by this worker", registry=registry)
+        self.checkpoint_age = Gauge(
+            "driftline_detect_checkpoint_age_seconds", "Seconds since the last checkpoint",
+            registry=registry)
+        self.checkpoints = Counter(
+            "driftline_detect_checkpoints_total", "Checkpoints written", ["outcome"],
+            registry=registry)
+        self.e2e_latency = Histogram(
+            "driftline_pipeline_end_to_end_latency_seconds",
+            "From the event's arrival in Kafka to its effect on the detectors",
+            buckets=_LATENCY_BUCKETS, registry=registry)
+
+
+class ConsumerMetrics:
+    """Per-stage consumer lag and assigned partitions."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.lag = Gauge(
+            "driftline_kafka_consumer_lag_messages", "Messages behind the log end",
+            ["stage", "partition"], registry=registry)
+        self.assigned = Gauge(
+            "driftline_kafka_assigned_partitions", "Partitions assigned to this worker",
+            ["stage"], registry=registry)
