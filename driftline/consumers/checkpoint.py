@@ -7,6 +7,7 @@ Redis layout (``prefix`` defaults to ``dl:detect``)::
     {prefix}:state:{partition}   hash  slice_id -> JSON {"state": …, "applied": {src_p: offset}}
     {prefix}:epoch:{partition}   int   bumped by each worker that takes the partition
     {prefix}:outbox              stream of alarms, written with the state that raised them
+    {prefix}:summary             hash  slice_id -> JSON summary (n, ratios, open detectors)
 
 The epoch is the fence: a worker remembers the epoch it got when it claimed a partition and a
 checkpoint succeeds only while every epoch it writes under is unchanged (``WATCH``), so a worker
@@ -59,6 +60,10 @@ class CheckpointStore:
     def outbox_key(self) -> str:
         return self._k("outbox")
 
+    @property
+    def summary_key(self) -> str:
+        return self._k("summary")
+
     @_retry_redis
     def claim(self, partitions: Iterable[int]) -> dict[int, int]:
         """Take partitions: bump and return their epochs."""
@@ -85,6 +90,7 @@ class CheckpointStore:
         states: Mapping[int, Mapping[str, dict[str, Any]]],
         offsets: Mapping[int, int],
         outbox: Iterable[dict[str, Any]] = (),
+        summaries: Mapping[str, dict[str, Any]] | None = None,
     ) -> None:
         """Write states, input offsets and alarms atomically, if our epochs still hold.
 
@@ -109,6 +115,9 @@ class CheckpointStore:
                 if offsets:
                     pipe.hset(self._k("offsets"),
                               mapping={str(p): str(o) for p, o in offsets.items()})
+                if summaries:
+                    pipe.hset(self.summary_key,
+                              mapping={sid: json.dumps(v) for sid, v in summaries.items()})
                 for alarm in outbox:
                     pipe.xadd(self.outbox_key, {"alarm": json.dumps(alarm)},
                               maxlen=OUTBOX_MAXLEN, approximate=True)

@@ -44,6 +44,8 @@ class SliceModel(Protocol):
     """What the stage needs of a slice's detectors (see :mod:`driftline.consumers.slice_state`)."""
 
     n: int
+    template: str
+    dims: dict[str, str]
 
     def update(self, upd: SliceUpdate) -> list[dict[str, Any]]: ...
 
@@ -156,29 +158,33 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         if upd.source_offset <= entry.applied.get(src, -1):
             self.metrics.duplicates.inc()
             return
-        alarms = entry.model.update(upd)
+        messages = entry.model.update(upd)
         entry.applied[src] = upd.source_offset
         part.dirty.add(upd.slice_id)
         self.metrics.updates.inc()
         if msg.timestamp and msg.timestamp > 0:
             self.metrics.e2e_latency.observe(max(0.0, time.time() - msg.timestamp / 1000))
-        for alarm in alarms:
-            self.metrics.alarms.labels(upd.template, alarm["detector"]).inc()
-            self.outbox.append({**alarm, "slice_id": upd.slice_id, "template": upd.template})
-        self._publish_gauges(upd, entry.model)
+        for out in messages:
+            if out["kind"] == "alarm":
+                self.metrics.alarms.labels(upd.template, out["detector"]).inc()
+                log.info("alarm", extra={"slice": upd.slice_id, "detector": out["detector"],
+                                         "onset_time": out["onset_time"]})
+            self.outbox.append({**out, "slice_id": upd.slice_id, "template": upd.template})
 
-    def _publish_gauges(self, upd: SliceUpdate, model: SliceModel) -> None:
-        if upd.template not in ("station", "station+shift"):
+    def _publish_gauges(self, model: SliceModel) -> None:
+        """Gauges for station and station+shift slices (bounded labels), at checkpoint time."""
+        dims, template = model.dims, model.template
+        if template not in ("station", "station+shift"):
             return
-        shift = upd.shift if upd.template == "station+shift" else "all"
+        station, shift = dims["station"], dims.get("shift", "all")
         g = model.gauges()
         for detector, ratio in g.get("ratios", {}).items():
-            self.metrics.ratio.labels(upd.station, shift, detector).set(ratio)
+            self.metrics.ratio.labels(station, shift, detector).set(ratio)
         if "ood_ratio" in g:
-            self.metrics.ood_ratio.labels(upd.station, shift).set(g["ood_ratio"])
-        if upd.template == "station":
+            self.metrics.ood_ratio.labels(station, shift).set(g["ood_ratio"])
+        if template == "station":
             for cluster, share in g.get("cluster_shares", {}).items():
-                self.metrics.cluster_share.labels(upd.station, str(cluster)).set(share)
+                self.metrics.cluster_share.labels(station, str(cluster)).set(share)
 
     # --- checkpoint ----------------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -189,11 +195,15 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         offsets = {p: part.next_offset for p, part in self.parts.items()
                    if part.next_offset is not None}
         epochs = {p: part.epoch for p, part in self.parts.items()}
+        summaries = {sid: _summary(part.slices[sid].model)
+                     for part in self.parts.values() for sid in part.dirty}
         if not offsets and not self.outbox:
             self.last_checkpoint = time.monotonic()
             return
-        self.store.commit(epochs, states, offsets, self.outbox)
+        self.store.commit(epochs, states, offsets, self.outbox, summaries)
         for part in self.parts.values():
+            for sid in part.dirty:
+                self._publish_gauges(part.slices[sid].model)
             part.dirty.clear()
         self.outbox = []
         self.last_checkpoint = time.monotonic()
@@ -229,3 +239,11 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def slice_counts(self) -> dict[str, int]:
         return {sid: e.model.n for part in self.parts.values() for sid, e in part.slices.items()}
+
+
+def _summary(model: SliceModel) -> dict[str, Any]:
+    """What the API and the failure book read about a slice without owning it."""
+    g = model.gauges()
+    return {"template": model.template, "dims": model.dims, "n": model.n,
+            "last_time": getattr(model, "last_time", None), "ratios": g.get("ratios", {}),
+            "ood_ratio": g.get("ood_ratio"), "open": sorted(getattr(model, "open", {}))}
