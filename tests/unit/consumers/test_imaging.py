@@ -92,7 +92,8 @@ def test_format_outside_the_allow_list_is_undecodable() -> None:
     with pytest.raises(ImageDecodeError):
         decode_image(_encode(_scene(20, 20), "GIF"), (16, 16))
     limits = ImageLimits(formats=("GIF",))
-    assert decode_image(_encode(_scene(20, 20), "GIF"), (16, 16), limits=limits).shape == (16, 16, 3)
+    gif = _encode(_scene(20, 20), "GIF")
+    assert decode_image(gif, (16, 16), limits=limits).shape == (16, 16, 3)
 
 
 def test_too_many_bytes_or_pixels() -> None:

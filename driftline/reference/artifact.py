@@ -1,0 +1,113 @@
+"""The on-disk reference artifact: ``manifest.json`` plus ``.npy`` arrays, hash-checked.
+
+Layout of a reference directory::
+
+    manifest.json          format version, identity, clusters, baselines, thresholds, hashes
+    centroids.npy          float32 [K, d]   unit-norm k-means centroids
+    embeddings.npy         float32 [n, d]   reference samples (projected, unit-norm)
+    clusters.npy           int64   [n]      cluster of each reference sample
+    distances.npy          float32 [n]      leave-one-out distance to the nearest other sample
+    event_ids.npy          str     [n]      event id of each reference sample
+    pca_mean.npy           float32 [D]      only with PCA
+    pca_components.npy     float32 [d, D]   only with PCA
+
+The directory is written under a temporary name and renamed into place, so a reader never sees
+half an artifact. Arrays are loaded with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+FORMAT = "driftline-reference"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+REQUIRED_ARRAYS = ("centroids", "embeddings", "clusters", "distances", "event_ids")
+
+
+class ReferenceError(Exception):  # shadows the builtin on purpose: the name driftline uses
+    """A reference artifact is missing, corrupt, of another format, or for another model."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_artifact(out_dir: Path, manifest: dict[str, Any], arrays: dict[str, NDArray[Any]],
+                   *, overwrite: bool = False) -> Path:
+    """Write ``arrays`` as ``<name>.npy`` and ``manifest`` (plus array hashes) atomically."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ReferenceError(f"{out_dir} exists and is not empty (pass overwrite=True)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        entries = {}
+        for name, arr in arrays.items():
+            path = tmp / f"{name}.npy"
+            np.save(path, arr, allow_pickle=False)
+            entries[name] = {"file": path.name, "sha256": _sha256(path),
+                             "shape": list(arr.shape), "dtype": arr.dtype.str}
+        content_hash = hashlib.sha256(json.dumps(
+            {n: e["sha256"] for n, e in sorted(entries.items())}).encode()).hexdigest()
+        full = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                "reference_id": content_hash[:16], **manifest, "arrays": entries}
+        (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=False) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_artifact(ref_dir: Path) -> tuple[dict[str, Any], dict[str, NDArray[Any]]]:
+    """Read and verify an artifact; raise :class:`ReferenceError` naming the first problem."""
+    ref_dir = Path(ref_dir)
+    try:
+        manifest = json.loads((ref_dir / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise ReferenceError(f"{ref_dir} is not a reference: no {MANIFEST}") from None
+    except (OSError, ValueError) as exc:
+        raise ReferenceError(f"{ref_dir / MANIFEST} is unreadable: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ReferenceError(f"{ref_dir / MANIFEST} is not a {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ReferenceError(f"{ref_dir}: format version {manifest.get('format_version')!r} "
+                             f"is not supported (this driftline reads {FORMAT_VERSION})")
+    entries = manifest.get("arrays", {})
+    missing = [n for n in REQUIRED_ARRAYS if n not in entries]
+    if missing:
+        raise ReferenceError(f"{ref_dir}: manifest lists no {', '.join(missing)} array")
+    arrays = {}
+    for name, entry in entries.items():
+        path = ref_dir / entry["file"]
+        if not path.is_file():
+            raise ReferenceError(f"{ref_dir}: array file {entry['file']} is missing")
+        actual = _sha256(path)
+        if actual != entry["sha256"]:
+            raise ReferenceError(f"{path} is corrupt or was modified: sha256 {actual[:12]}… "
+                                 f"differs from the manifest's {entry['sha256'][:12]}…")
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ReferenceError(f"{path} is not a readable .npy array: {exc}") from None
+        if list(arr.shape) != entry["shape"] or arr.dtype.str != entry["dtype"]:
+            raise ReferenceError(f"{path}: shape/dtype {arr.shape}/{arr.dtype.str} differ from "
+                                 f"the manifest's {entry['shape']}/{entry['dtype']}")
+        arrays[name] = arr
+    return manifest, arrays

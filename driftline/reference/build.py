@@ -1,0 +1,180 @@
+"""``build_reference``: a manifest of reference events → a versioned reference artifact."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from driftline import __version__
+from driftline.consumers.embedder import Embedder
+from driftline.core.baselines import build_baselines, choose_k
+from driftline.reference.artifact import ReferenceError, write_artifact
+from driftline.reference.describe import exemplars, metadata_lift, performance
+from driftline.reference.index import Reference, load_reference, unit_rows
+from driftline.reference.space import fit_pca, loo_distances, spherical_kmeans
+from driftline.schema import Event
+
+
+@dataclass
+class Collected:
+    """Reference samples in manifest order; failed or duplicate events counted in ``skipped``."""
+
+    chunks: list[np.ndarray] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)
+    source: str | None = None
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        return np.concatenate(self.chunks) if self.chunks else np.empty((0, 0), np.float32)
+
+
+def collect(events: Iterable[Event], embedder: Embedder | None, *, chunk: int = 512) -> Collected:
+    """Embed image events (or take precomputed embeddings) and join late labels by event id."""
+    got = Collected()
+    pending: list[Event] = []
+    late: dict[str, Event] = {}
+    seen: set[str] = set()
+
+    def flush() -> None:
+        if not pending:
+            return
+        if got.source == "precomputed":
+            dim = len(pending[0].embedding or []) if not got.chunks else got.chunks[0].shape[1]
+            keep = [e for e in pending if len(e.embedding or []) == dim]
+            got.skipped["embedding_dim"] += len(pending) - len(keep)
+            if keep:
+                got.chunks.append(np.asarray([e.embedding for e in keep], np.float32))
+            got.events.extend(keep)
+        else:
+            assert embedder is not None  # noqa: S101 - checked when the source was chosen
+            emb, errors = embedder.embed_images(
+                [e.image_bytes() or e.image_uri or b"" for e in pending])
+            ok = [i for i, err in enumerate(errors) if err is None]
+            got.skipped.update(str(err.reason) for err in errors if err is not None)
+            got.chunks.append(emb[ok])
+            got.events.extend(pending[i] for i in ok)
+        pending.clear()
+
+    for ev in events:
+        if ev.kind == "label":
+            late[ev.event_id] = ev
+            continue
+        if ev.event_id in seen:
+            got.skipped["duplicate_event_id"] += 1
+            continue
+        seen.add(ev.event_id)
+        source = "precomputed" if ev.embedding is not None else "image"
+        if got.source is None:
+            if source == "image" and embedder is None:
+                raise ReferenceError("the manifest has images: an ONNX model is needed to embed")
+            if source == "precomputed" and embedder is not None:
+                raise ReferenceError("the manifest carries precomputed embeddings; building "
+                                     "with a model would record the wrong model identity")
+            got.source = source
+        elif source != got.source:
+            raise ReferenceError(f"event {ev.event_id} mixes {source} with {got.source} "
+                                 "events: a reference lives in one embedding space")
+        pending.append(ev)
+        if len(pending) >= chunk:
+            flush()
+    flush()
+    got.events = [_with_late(e, late.get(e.event_id)) for e in got.events]
+    return got
+
+
+def _with_late(ev: Event, late: Event | None) -> Event:
+    if late is None:
+        return ev
+    return ev.model_copy(update={"label": late.label or ev.label,
+                                 "loss": late.loss if late.loss is not None else ev.loss})
+
+
+def build_reference(
+    events: Iterable[Event], embedder: Embedder | None, out_dir: Path, *,
+    k: int | None = None, pca_dim: int | None = None, quantile: float = 0.99,
+    min_count: int = 200, alpha: float = 0.5, aggressor_alpha: float = 0.01,
+    exclude_within_s: float | None = None, seed: int = 0, overwrite: bool = False,
+    source_name: str | None = None,
+) -> Reference:
+    """Embed the reference events and write the artifact to ``out_dir`` (see ``artifact.py``).
+
+    ``k=None`` picks :func:`~driftline.core.baselines.choose_k`; ``min_count`` is the fewest
+    samples a station or station×shift baseline needs, else it falls back to its parent;
+    ``quantile`` sets each baseline's OOD threshold on leave-one-out distances.
+    """
+    if Path(out_dir).exists() and any(Path(out_dir).iterdir()) and not overwrite:
+        raise ReferenceError(f"{out_dir} exists and is not empty (pass overwrite=True)")
+    got = collect(events, embedder)
+    raw, evs = got.embeddings, got.events
+    n = len(evs)
+    k_rule = "given" if k is not None else "round(sqrt(n/10)), clamped to [2, min(32, n/20)]"
+    k = k if k is not None else choose_k(n)
+    if n < max(2 * k, 10):
+        raise ReferenceError(f"{n} usable reference events; need at least {max(2 * k, 10)} "
+                             f"for K={k} (skipped: {dict(got.skipped) or 'none'})")
+    x = unit_rows(raw)
+    arrays: dict[str, np.ndarray] = {}
+    pca = None
+    if pca_dim is not None:
+        mean, comps, explained = fit_pca(x, pca_dim)
+        x = unit_rows((x - mean) @ comps.T)
+        arrays |= {"pca_mean": mean, "pca_components": comps}
+        pca = {"dim": pca_dim, "explained_variance": round(explained, 4)}
+    centroids, clusters = spherical_kmeans(x, k, seed=seed)
+    stations = np.array([e.station for e in evs], dtype=object)
+    times = np.array([e.ts.timestamp() for e in evs], np.float64)
+    dist = loo_distances(x, stations, times, exclude_within_s)
+    baselines = build_baselines(clusters, dist, [e.station for e in evs],
+                                [e.shift for e in evs], k, min_count=min_count, alpha=alpha,
+                                quantile=quantile)
+    perf = performance(clusters, k, _errors(evs), np.array(
+        [np.nan if e.loss is None else e.loss for e in evs]), alpha=aggressor_alpha)
+    ids = [e.event_id for e in evs]
+    lift = metadata_lift(clusters, k, {
+        "station": [e.station for e in evs], "shift": [e.shift for e in evs],
+        "lot": [e.lot for e in evs], "label": [e.label for e in evs],
+        "prediction": [e.prediction.label if e.prediction else None for e in evs]})
+    exem = exemplars(x, clusters, centroids, ids)
+    spread = np.linalg.norm(x - centroids[clusters], axis=1)
+    sizes = np.bincount(clusters, minlength=k)
+    manifest: dict[str, Any] = {
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "driftline_version": __version__,
+        "source": {"manifest": source_name, "events": n, "skipped": dict(got.skipped),
+                   "model_versions": sorted({e.model_version for e in evs if e.model_version})},
+        "embedding": {"source": got.source, "input_dim": int(raw.shape[1]),
+                      "dim": int(x.shape[1]), "l2_normalize": True, "pca": pca,
+                      "model": embedder.describe() if embedder is not None else None},
+        "clusters": {"k": k, "method": "faiss spherical k-means, k-means++ seeding, best of 8",
+                     "k_rule": k_rule,
+                     "seed": seed, "items": [
+                         {"id": c, "size": int(sizes[c]), "share": round(sizes[c] / n, 4),
+                          "median_distance_to_centroid": round(float(np.median(
+                              spread[clusters == c])), 4) if sizes[c] else None,
+                          "exemplars": exem[c], "lift": lift[c],
+                          "performance": perf["clusters"][c]} for c in range(k)]},
+        "ood": {"quantile": quantile, "exclude_within_s": exclude_within_s,
+                "distance": "euclidean between unit vectors, to the nearest reference sample; "
+                            "leave-one-out at build time"},
+        "baselines": {"min_count": min_count, "alpha": alpha, "items": {
+            key: {"parent": b.parent, "n": b.n, "counts": list(b.counts), "p": list(b.p),
+                  "ood_threshold": b.ood_threshold, "ood_rate": b.ood_rate,
+                  "ood_exceed": b.ood_exceed} for key, b in baselines.items()}},
+        "performance": {key: v for key, v in perf.items() if key != "clusters"},
+    }
+    arrays |= {"centroids": centroids, "embeddings": x, "clusters": clusters,
+               "distances": dist, "event_ids": np.array(ids, dtype=str)}
+    write_artifact(out_dir, manifest, arrays, overwrite=overwrite)
+    return load_reference(out_dir)
+
+
+def _errors(evs: list[Event]) -> np.ndarray:
+    return np.array([float(e.prediction.label != e.label) if e.prediction and e.label else np.nan
+                     for e in evs])

@@ -1,0 +1,120 @@
+"""A loaded reference: project embeddings, assign clusters, measure OOD distance (faiss)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import faiss
+import numpy as np
+from numpy.typing import NDArray
+
+from driftline.core.baselines import resolve
+from driftline.reference.artifact import ReferenceError, read_artifact
+
+F32 = NDArray[np.float32]
+
+
+class BaselineView(NamedTuple):
+    """What :meth:`Reference.baseline_for` returns: the key and what to compare against."""
+
+    key: str
+    p: NDArray[np.float64]
+    ood_threshold: float
+    ood_rate: float
+
+
+def unit_rows(x: NDArray[Any]) -> F32:
+    x = np.asarray(x, np.float32)
+    return np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
+
+
+class Reference:
+    """Runtime view of a reference artifact.
+
+    Distances are Euclidean between unit vectors (``sqrt(2 - 2 cos)``, in ``[0, 2]``) from an
+    event to its nearest reference *sample* — the definition used for the leave-one-out
+    distances that set each baseline's OOD threshold at build time.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], arrays: dict[str, NDArray[Any]]):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.centroids: F32 = arrays["centroids"]
+        self.embeddings: F32 = arrays["embeddings"]
+        self.clusters: NDArray[np.int64] = arrays["clusters"]
+        self.distances: F32 = arrays["distances"]
+        self.event_ids: list[str] = arrays["event_ids"].tolist()
+        self._pca = (arrays["pca_mean"], arrays["pca_components"]) if "pca_mean" in arrays \
+            else None
+        self.k, self.space_dim = self.centroids.shape
+        self.dim: int = manifest["embedding"]["input_dim"]
+        self._baselines: dict[str, dict[str, Any]] = manifest["baselines"]["items"]
+        self._centroid_index = faiss.IndexFlatIP(self.space_dim)
+        self._centroid_index.add(self.centroids)
+        self._sample_index = faiss.IndexFlatL2(self.space_dim)
+        self._sample_index.add(self.embeddings)
+
+    @property
+    def reference_id(self) -> str:
+        return str(self.manifest["reference_id"])
+
+    @property
+    def model_sha256(self) -> str | None:
+        """sha256 of the ONNX model that made the embeddings; ``None`` if precomputed."""
+        model = self.manifest["embedding"].get("model")
+        return None if model is None else str(model["model_sha256"])
+
+    @property
+    def baseline_keys(self) -> list[str]:
+        return list(self._baselines)
+
+    def project(self, emb: NDArray[Any]) -> F32:
+        """Raw embeddings ``[N, dim]`` → the reference space (unit norm, PCA, unit norm)."""
+        emb = np.asarray(emb, np.float32)
+        if emb.ndim != 2 or emb.shape[1] != self.dim:
+            raise ReferenceError(f"embedding has shape {emb.shape}; reference "
+                                 f"{self.reference_id} expects [N, {self.dim}]")
+        x = unit_rows(emb)
+        if self._pca is not None:
+            mean, comps = self._pca
+            x = unit_rows((x - mean) @ comps.T)
+        return x
+
+    def assign(self, emb: NDArray[Any]) -> tuple[NDArray[np.int64], F32]:
+        """Nearest cluster and distance to the nearest reference sample, per row."""
+        x = self.project(emb)
+        _, cluster = self._centroid_index.search(x, 1)
+        sq, _ = self._sample_index.search(x, 1)
+        return cluster[:, 0].astype(np.int64), np.sqrt(np.maximum(sq[:, 0], 0.0))
+
+    def nearest(self, emb: NDArray[Any], n: int = 5) -> tuple[F32, list[list[str]]]:
+        """The ``n`` nearest reference samples per row: distances and event ids."""
+        sq, idx = self._sample_index.search(self.project(emb), n)
+        ids = [[self.event_ids[i] for i in row if i >= 0] for row in idx]
+        return np.sqrt(np.maximum(sq, 0.0)), ids
+
+    def baseline_for(self, station: str, shift: str) -> BaselineView:
+        """The most specific baseline for an event: station×shift, else station, else global."""
+        key = resolve(set(self._baselines), station, shift)
+        b = self._baselines[key]
+        return BaselineView(key, np.asarray(b["p"], np.float64), float(b["ood_threshold"]),
+                            float(b["ood_rate"]))
+
+    @property
+    def aggressors(self) -> list[int]:
+        return [int(a["cluster"]) for a in self.manifest["performance"]["aggressors"]]
+
+
+def load_reference(ref_dir: Path, expected_model_sha256: str | None = None) -> Reference:
+    """Load and verify a reference; with ``expected_model_sha256``, check the model identity."""
+    manifest, arrays = read_artifact(Path(ref_dir))
+    ref = Reference(Path(ref_dir), manifest, arrays)
+    if expected_model_sha256 is not None and ref.model_sha256 != expected_model_sha256:
+        made_by = (f"model sha256 {ref.model_sha256[:12]}…" if ref.model_sha256
+                   else "precomputed embeddings")
+        raise ReferenceError(
+            f"reference {ref.reference_id} at {ref_dir} was built from {made_by}, but the "
+            f"configured model has sha256 {expected_model_sha256[:12]}…; rebuild the reference "
+            f"with this model or configure the model it was built with")
+    return ref
