@@ -48,7 +48,8 @@ def collect(events: Iterable[Event], embedder: Embedder | None, *, chunk: int = 
         if got.source == "precomputed":
             dim = len(pending[0].embedding or []) if not got.chunks else got.chunks[0].shape[1]
             keep = [e for e in pending if len(e.embedding or []) == dim]
-            got.skipped["embedding_dim"] += len(pending) - len(keep)
+            if len(keep) < len(pending):
+                got.skipped["embedding_dim"] += len(pending) - len(keep)
             if keep:
                 got.chunks.append(np.asarray([e.embedding for e in keep], np.float32))
             got.events.extend(keep)

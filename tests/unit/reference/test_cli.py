@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from driftline.reference.cli import app
+from tests.unit.consumers.tiny_onnx import build_tiny_model
+from tests.unit.reference.synthetic import reference_events
+
+runner = CliRunner()
+
+
+def test_build_and_show(tmp_path: Path) -> None:
+    events, _ = reference_events()
+    manifest = tmp_path / "ref.jsonl"
+    manifest.write_text("\n".join(e.model_dump_json() for e in events) + "\n")
+    out = tmp_path / "ref"
+    result = runner.invoke(app, ["build", "--manifest", str(manifest), "--out", str(out),
+                                 "--k", "6", "--min-count", "100"])
+    assert result.exit_code == 0, result.output
+    assert "wrote reference" in result.output
+    shown = runner.invoke(app, ["show", str(out)])
+    assert shown.exit_code == 0, shown.output
+    text = shown.output
+    assert "clusters: K=6 (given)" in text and "AGGRESSOR" in text
+    assert "station=s1|shift=night" in text and "precomputed embeddings" in text
+    assert "station=s2 ×" in text
+    again = runner.invoke(app, ["build", "--manifest", str(manifest), "--out", str(out)])
+    assert again.exit_code == 2 and "not empty" in again.output
+
+
+def test_bad_manifest_line_and_bad_reference(tmp_path: Path) -> None:
+    events, _ = reference_events()
+    manifest = tmp_path / "ref.jsonl"
+    manifest.write_text(events[0].model_dump_json() + "\n" + '{"event_id": "x"}\n')
+    result = runner.invoke(app, ["build", "--manifest", str(manifest), "--out",
+                                 str(tmp_path / "o")])
+    assert result.exit_code == 2 and "ref.jsonl:2" in result.output
+    shown = runner.invoke(app, ["show", str(tmp_path)])
+    assert shown.exit_code == 2 and "no manifest.json" in shown.output
+
+
+def test_layers(tmp_path: Path) -> None:
+    model = build_tiny_model(tmp_path / "tiny.onnx")
+    result = runner.invoke(app, ["layers", str(model)])
+    assert result.exit_code == 0
+    assert "features.1\t['N', 8, 16, 16]" in result.output
