@@ -1,0 +1,199 @@
+"""All detectors of one slice behind one ``update``: the unit the detect stage keeps per slice."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from driftline.core.bernoulli import (
+    CONFIDENCE_ALTERNATIVES,
+    OOD_ALTERNATIVES,
+    BernoulliCusum,
+    ErrorRateCusum,
+)
+from driftline.core.counts import SliceCounts
+from driftline.core.cusum import CusumBank, FloatArray
+from driftline.core.mix import ClusterMixCusum, PredictionMixCusum
+
+DETECTORS = ("cluster_mix", "ood_rate", "prediction_mix", "confidence", "error_rate")
+_KINDS: dict[str, type[CusumBank]] = {
+    cls.kind: cls for cls in (ClusterMixCusum, PredictionMixCusum, BernoulliCusum, ErrorRateCusum)
+}
+SNAPSHOT_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class EventUpdate:
+    """What one event contributes to its slice; optional parts feed optional detectors.
+
+    ``baseline`` is the event's own reference cluster distribution (its station/shift baseline),
+    ``ood_p0`` that baseline's OOD exceedance rate; ``prediction_baseline`` the reference mix of
+    predicted labels; ``low_confidence_p0`` the quantile level defining "low confidence";
+    ``expected_error`` the reference error rate of the event's cluster. ``time`` is event time
+    in seconds (e.g. a POSIX timestamp).
+    """
+
+    cluster: int | None = None
+    baseline: FloatArray | None = None
+    ood: bool | None = None
+    ood_p0: float | None = None
+    time: float | None = None
+    prediction: int | None = None
+    prediction_baseline: FloatArray | None = None
+    low_confidence: bool | None = None
+    low_confidence_p0: float | None = None
+    error: bool | None = None
+    expected_error: float | None = None
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """A detector above its threshold after an event; ``rising`` on the first such event."""
+
+    detector: str
+    statistic: float
+    threshold: float
+    onset_index: int | None
+    onset_time: float | None
+    argmax: dict[str, Any]
+    rising: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class SliceDetectors:
+    """The detectors of one slice, created on first use, plus its mergeable counts.
+
+    Parameters
+    ----------
+    arl0
+        Per-detector ARL0 target ``γ`` in events (from :class:`~driftline.core.budget.Budget`).
+    thresholds
+        Optional explicit thresholds per detector name (e.g. tightened by simulation).
+    bucket_seconds, max_buckets
+        Resolution and horizon of the :class:`~driftline.core.counts.SliceCounts`.
+
+    >>> import numpy as np
+    >>> sd = SliceDetectors(arl0=1000.0)
+    >>> p = np.full(8, 1 / 8)
+    >>> alarms = [sd.update(EventUpdate(cluster=3, baseline=p, ood=False, ood_p0=0.01,
+    ...                                 time=float(t))) for t in range(200)]
+    >>> alarms[-1][0].detector, alarms[-1][0].argmax["category"], sd.counts.since(0.0).n
+    ('cluster_mix', 3, 200)
+    """
+
+    def __init__(
+        self,
+        arl0: float = 1e4,
+        thresholds: Mapping[str, float] | None = None,
+        bucket_seconds: float = 300.0,
+        max_buckets: int = 48,
+    ) -> None:
+        self.arl0 = float(arl0)
+        self.thresholds = dict(thresholds or {})
+        self.bucket_seconds = float(bucket_seconds)
+        self.max_buckets = int(max_buckets)
+        self.detectors: dict[str, CusumBank] = {}
+        self.counts: SliceCounts | None = None
+        self.n = 0
+
+    def _make(self, name: str, size: int = 0) -> CusumBank:
+        kw: dict[str, Any] = {"arl0": self.arl0, "threshold": self.thresholds.get(name)}
+        det: CusumBank
+        if name == "cluster_mix":
+            det = ClusterMixCusum(size, **kw)
+        elif name == "prediction_mix":
+            det = PredictionMixCusum(size, **kw)
+        elif name == "ood_rate":
+            det = BernoulliCusum(OOD_ALTERNATIVES, **kw)
+        elif name == "confidence":
+            det = BernoulliCusum(CONFIDENCE_ALTERNATIVES, **kw)
+        else:
+            det = ErrorRateCusum(**kw)
+        self.detectors[name] = det
+        return det
+
+    def _get(self, name: str, size: int = 0) -> Any:
+        return self.detectors.get(name) or self._make(name, size)
+
+    def update(self, u: EventUpdate) -> list[Alarm]:
+        """Feed one event to every detector it has data for; return those now alarming."""
+        fed: list[tuple[str, bool]] = []
+        t = u.time
+        if u.cluster is not None and u.baseline is not None:
+            det = self._get("cluster_mix", u.baseline.size)
+            fed.append(("cluster_mix", det.alarm))
+            det.update(u.cluster, u.baseline, t)
+        if u.ood is not None and u.ood_p0 is not None:
+            det = self._get("ood_rate")
+            fed.append(("ood_rate", det.alarm))
+            det.update(u.ood, u.ood_p0, t)
+        if u.prediction is not None and u.prediction_baseline is not None:
+            det = self._get("prediction_mix", u.prediction_baseline.size)
+            fed.append(("prediction_mix", det.alarm))
+            det.update(u.prediction, u.prediction_baseline, t)
+        if u.low_confidence is not None and u.low_confidence_p0 is not None:
+            det = self._get("confidence")
+            fed.append(("confidence", det.alarm))
+            det.update(u.low_confidence, u.low_confidence_p0, t)
+        if u.error is not None and u.expected_error is not None:
+            det = self._get("error_rate")
+            fed.append(("error_rate", det.alarm))
+            det.update(u.error, u.expected_error, t)
+        if u.baseline is not None or u.ood is not None:
+            if self.counts is None and u.baseline is not None:
+                self.counts = SliceCounts(u.baseline.size, self.bucket_seconds, self.max_buckets)
+            if self.counts is not None:
+                self.counts.update(
+                    u.cluster,
+                    u.baseline,
+                    ood=u.ood,
+                    ood_p0=u.ood_p0,
+                    time=float(self.n) if t is None else t,
+                )
+        self.n += 1
+        return [self._alarm(name, not before) for name, before in fed if self.detectors[name].alarm]
+
+    def _alarm(self, name: str, rising: bool) -> Alarm:
+        d = self.detectors[name]
+        return Alarm(name, d.statistic, d.threshold, d.onset_index, d.onset_time, d.argmax, rising)
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """Per detector: statistic, threshold, ratio, alarm and events seen (for gauges)."""
+        return {
+            name: {
+                "statistic": d.statistic,
+                "threshold": d.threshold,
+                "ratio": d.ratio,
+                "alarm": d.alarm,
+                "n": d.n,
+            }
+            for name, d in self.detectors.items()
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-serialisable state of every detector and the counts."""
+        return {
+            "version": SNAPSHOT_VERSION,
+            "arl0": self.arl0,
+            "thresholds": self.thresholds,
+            "bucket_seconds": self.bucket_seconds,
+            "max_buckets": self.max_buckets,
+            "n": self.n,
+            "detectors": {name: d.snapshot() for name, d in self.detectors.items()},
+            "counts": None if self.counts is None else self.counts.snapshot(),
+        }
+
+    @classmethod
+    def restore(cls, snap: dict[str, Any]) -> SliceDetectors:
+        """Rebuild from :meth:`snapshot` output."""
+        if snap.get("version") != SNAPSHOT_VERSION:
+            raise ValueError(f"not a slice-detectors v{SNAPSHOT_VERSION} snapshot")
+        obj = cls(snap["arl0"], snap["thresholds"], snap["bucket_seconds"], snap["max_buckets"])
+        obj.n = int(snap["n"])
+        obj.detectors = {n: _KINDS[d["kind"]].restore(d) for n, d in snap["detectors"].items()}
+        if snap["counts"] is not None:
+            obj.counts = SliceCounts.restore(snap["counts"])
+        return obj

@@ -1,0 +1,187 @@
+"""Detector mechanics: increments, simulator equivalence, onset, snapshot round trips."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from driftline.core.bernoulli import BernoulliCusum, ErrorRateCusum, bernoulli_table
+from driftline.core.cusum import CusumBank, union_threshold
+from driftline.core.mix import ClusterMixCusum, PredictionMixCusum, mix_tables
+from driftline.core.simulate import bernoulli_model, mix_model, simulate
+
+EPS = (0.02, 0.05, 0.1, 0.2, 0.4)
+FRAC = (0.25, 0.5, 0.75, 0.95)
+probs = st.lists(st.floats(0.05, 1.0), min_size=2, max_size=12).map(
+    lambda w: np.asarray(w) / np.sum(w)
+)
+
+
+@given(p=probs)
+def test_mix_increments_are_log_likelihood_ratios(p: np.ndarray) -> None:
+    base, diff = mix_tables(p, EPS, FRAC)
+    k = p.size
+    for j, e in enumerate(EPS):
+        for kk in range(k):
+            q = (1 - e) * p + e * np.eye(k)[kk]
+            llr = base[kk, j] + np.eye(k)[kk] * diff[kk, j]
+            assert math.isclose(q.sum(), 1.0)
+            np.testing.assert_allclose(llr, np.log(q / p), rtol=1e-12, atol=1e-12)
+    for j, f in enumerate(FRAC, start=len(EPS)):
+        for kk in range(k):
+            q = p * (1 + f * p[kk] / (1 - p[kk]))
+            q[kk] = (1 - f) * p[kk]
+            llr = base[kk, j] + np.eye(k)[kk] * diff[kk, j]
+            assert math.isclose(q.sum(), 1.0)
+            np.testing.assert_allclose(llr, np.log(q / p), rtol=1e-12, atol=1e-12)
+
+
+@given(p0=st.floats(1e-6, 0.9), rho=st.floats(1.1, 20.0), delta=st.floats(0.0, 0.3))
+def test_bernoulli_increments_have_unit_mean_likelihood_ratio(
+    p0: float, rho: float, delta: float
+) -> None:
+    t = bernoulli_table(p0, [(rho, delta)])
+    p1 = min(rho * p0 + delta, (1 + p0) / 2)
+    assert p0 < p1 < 1
+    assert math.isclose((1 - p0) * math.exp(t[0, 0]) + p0 * math.exp(t[1, 0]), 1.0)
+
+
+def _stream(probs_: np.ndarray, n: int, seed: int) -> list[int]:
+    """Outcomes exactly as :func:`simulate` draws them for a single run."""
+    rng = np.random.default_rng(seed)
+    cum = np.cumsum(probs_)
+    out, u = [], rng.random((512, 1))
+    for t in range(n):
+        if t % 512 == 0 and t:
+            u = rng.random((512, 1))
+        out.append(min(int(np.searchsorted(cum, u[t % 512, 0], side="right")), cum.size - 1))
+    return out
+
+
+def test_detector_equals_simulator_with_per_event_baselines() -> None:
+    rng = np.random.default_rng(0)
+    baselines = [rng.dirichlet(np.full(6, 2.0)) for _ in range(2)]
+    weights = np.array([0.3, 0.7])
+    joint = np.concatenate([w * p for w, p in zip(weights, baselines, strict=True)])
+    det = ClusterMixCusum(6, arl0=300.0)
+    res = simulate(
+        [mix_model(baselines, EPS, FRAC)],
+        [[det.threshold]],
+        joint,
+        n_runs=1,
+        horizon=50_000,
+        seed=11,
+        onset=True,
+    )[0]
+    for t, o in enumerate(_stream(joint, 50_000, 11)):
+        if det.update(o % 6, baselines[o // 6], time=1000.0 + t):
+            break
+    assert det.n == res.times[0, 0]
+    assert det.onset_index == res.onsets[0, 0]
+    assert det.onset_time == 1000.0 + res.onsets[0, 0]
+
+
+def test_bernoulli_detector_equals_simulator() -> None:
+    det = BernoulliCusum(arl0=200.0)
+    res = simulate(
+        [bernoulli_model(0.02, det.alternatives)],
+        [[det.threshold]],
+        np.array([0.98, 0.02]),
+        n_runs=1,
+        horizon=100_000,
+        seed=3,
+    )[0]
+    for x in _stream(np.array([0.98, 0.02]), 100_000, 3):
+        if det.update(bool(x), 0.02):
+            break
+    assert det.n == res.times[0, 0]
+
+
+def test_same_baseline_object_fast_path_matches_fresh_copies() -> None:
+    p = np.array([0.1, 0.2, 0.3, 0.4])
+    a, b = ClusterMixCusum(4), ClusterMixCusum(4)
+    for c in np.random.default_rng(1).choice(4, 500, p=[0.4, 0.2, 0.2, 0.2]):
+        a.update(int(c), p)
+        b.update(int(c), p.copy())
+    assert a.snapshot() == b.snapshot()
+
+
+def test_onset_is_first_event_after_last_zero() -> None:
+    det = BernoulliCusum([(10.0, 0.0)], threshold=4.0)  # x=1 adds ln 10, x=0 adds ln(0.9/0.99)
+    flags = [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1]
+    alarms = [det.update(bool(x), 0.01, time=100.0 + i) for i, x in enumerate(flags)]
+    assert alarms[-1] and not any(alarms[:-1])
+    assert det.onset_index == 26 and det.onset_time == 126.0 and det.n == 28
+    assert det.ratio == pytest.approx(2 * math.log(10) / 4.0)
+    det.reset()
+    assert (det.n, det.statistic, det.onset_index, det.alarm) == (0, 0.0, None, False)
+
+
+def _feed(det: CusumBank, events: list[tuple[int, float | None]]) -> None:
+    p = np.array([0.5, 0.3, 0.2])
+    for c, t in events:
+        if isinstance(det, ClusterMixCusum):
+            det.update(c, p, time=t)
+        else:
+            det.update(c == 0, 0.3, time=t)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    cls=st.sampled_from([ClusterMixCusum, PredictionMixCusum, BernoulliCusum, ErrorRateCusum]),
+    cats=st.lists(st.integers(0, 2), min_size=1, max_size=120),
+    cut=st.integers(0, 120),
+    timed=st.booleans(),
+)
+def test_snapshot_round_trip_continues_exactly(
+    cls: type[CusumBank], cats: list[int], cut: int, timed: bool
+) -> None:
+    events = [(c, float(i) if timed else None) for i, c in enumerate(cats)]
+    make = (
+        (lambda: cls(3, arl0=50.0))
+        if issubclass(cls, ClusterMixCusum)
+        else (lambda: cls(arl0=50.0))
+    )
+    original = make()
+    _feed(original, events[:cut])
+    restored = type(original).restore(json.loads(json.dumps(original.snapshot())))
+    rest = events[cut:]
+    _feed(original, rest)
+    _feed(restored, rest)
+    assert restored.snapshot() == original.snapshot()
+    for attr in ("statistic", "threshold", "alarm", "n", "argmax", "onset_index"):
+        assert getattr(restored, attr) == getattr(original, attr)
+
+
+def test_restore_rejects_foreign_snapshots() -> None:
+    snap = BernoulliCusum().snapshot()
+    with pytest.raises(ValueError):
+        ClusterMixCusum.restore(snap)
+
+
+def test_validation_and_helpers() -> None:
+    assert union_threshold(1000.0, 10) == pytest.approx(math.log(1e4))
+    with pytest.raises(ValueError):
+        union_threshold(1.0, 3)
+    with pytest.raises(ValueError):
+        ClusterMixCusum(4, epsilons=(1.5,))
+    with pytest.raises(ValueError):
+        BernoulliCusum([(1.0, 0.0)])
+    det = ClusterMixCusum(3)
+    with pytest.raises(ValueError):
+        det.update(0, np.array([0.5, 0.5]))
+    with pytest.raises(ValueError):
+        det.update(0, np.array([0.5, 0.5, 0.5]))
+    with pytest.raises(ValueError):
+        det.update(3, np.array([0.2, 0.3, 0.5]))
+    assert det.describe_member(5) == {"category": 0, "direction": "out", "fraction": 0.25}
+    err = ErrorRateCusum(cluster_error=[0.01, 0.3], arl0=100.0)
+    err.update_cluster(True, 0, time=5.0)
+    assert err.argmax == {"rho": 1.0, "delta": 0.1} and err.onset_time == 5.0
+    with pytest.raises(ValueError):
+        ErrorRateCusum().update_cluster(True, 0)

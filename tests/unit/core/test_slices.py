@@ -1,0 +1,126 @@
+"""SliceDetectors and SliceCounts: alarms, lazy detectors, snapshots, merges against numpy."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from driftline.core.counts import SliceCounts
+from driftline.core.slices import EventUpdate, SliceDetectors
+
+K = 5
+P = np.array([0.3, 0.3, 0.2, 0.1, 0.1])
+PRED = np.array([0.7, 0.3])
+
+
+def _events(n: int, seed: int, shift_at: int) -> list[EventUpdate]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        late = i >= shift_at
+        out.append(
+            EventUpdate(
+                cluster=int(rng.choice(K, p=[0.1, 0.1, 0.1, 0.6, 0.1] if late else P)),
+                baseline=P,
+                ood=bool(rng.random() < (0.1 if late else 0.01)),
+                ood_p0=0.01,
+                time=1e9 + 2.0 * i,
+                prediction=int(rng.random() < 0.3),
+                prediction_baseline=PRED,
+                low_confidence=bool(rng.random() < 0.05),
+                low_confidence_p0=0.05,
+                error=bool(rng.random() < 0.02) if i % 3 == 0 else None,
+                expected_error=0.02,
+            )
+        )
+    return out
+
+
+def test_alarms_name_the_detector_cluster_and_onset() -> None:
+    sd = SliceDetectors(arl0=1000.0)
+    alarms = [sd.update(e) for e in _events(600, 0, shift_at=300)]
+    assert set(sd.detectors) == {
+        "cluster_mix",
+        "ood_rate",
+        "prediction_mix",
+        "confidence",
+        "error_rate",
+    }
+    assert not any(alarms[:300])
+    first = {}
+    for i, batch in enumerate(alarms):
+        for a in batch:
+            first.setdefault(a.detector, (i, a))
+    i, mix = first["cluster_mix"]
+    assert mix.rising and mix.argmax["category"] == 3 and mix.argmax["direction"] == "into"
+    assert 280 <= mix.onset_index <= i and mix.onset_time == 1e9 + 2.0 * mix.onset_index
+    assert "ood_rate" in first
+    rising = [a.rising for batch in alarms for a in batch if a.detector == "cluster_mix"]
+    assert rising[0] and not any(rising[1:])  # one rising edge per excursion above h
+    assert json.loads(json.dumps(mix.as_dict()))["detector"] == "cluster_mix"
+    assert sd.status()["cluster_mix"]["ratio"] >= 1.0
+    assert sd.counts is not None and sd.counts.since(mix.onset_time).clusters[3] > 0
+
+
+def test_optional_detectors_are_created_on_first_use() -> None:
+    sd = SliceDetectors(arl0=100.0, thresholds={"ood_rate": 3.0})
+    sd.update(EventUpdate(ood=True, ood_p0=0.01, time=1.0))
+    assert set(sd.detectors) == {"ood_rate"} and sd.counts is None
+    assert sd.detectors["ood_rate"].threshold == 3.0
+
+
+@settings(max_examples=15, deadline=None)
+@given(cut=st.integers(0, 400), seed=st.integers(0, 2**16))
+def test_slice_snapshot_round_trip(cut: int, seed: int) -> None:
+    events = _events(400, seed, shift_at=200)
+    a = SliceDetectors(arl0=500.0, bucket_seconds=60.0, max_buckets=4)
+    for e in events[:cut]:
+        a.update(e)
+    b = SliceDetectors.restore(json.loads(json.dumps(a.snapshot())))
+    for e in events[cut:]:
+        assert a.update(e) == b.update(e)
+    assert a.snapshot() == b.snapshot()
+
+
+records = st.lists(
+    st.tuples(st.integers(0, K - 1), st.booleans(), st.floats(0.0, 5000.0), st.booleans()),
+    min_size=1,
+    max_size=200,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(events=records, since=st.floats(-10.0, 5000.0))
+def test_counts_merge_matches_numpy(
+    events: list[tuple[int, bool, float, bool]], since: float
+) -> None:
+    width = 100.0
+    a, b = SliceCounts(K, width, max_buckets=1000), SliceCounts(K, width, max_buckets=1000)
+    for c, ood, t, to_a in events:
+        (a if to_a else b).update(c, P, ood=ood, ood_p0=0.02, time=t)
+    merged = SliceCounts.restore(json.loads(json.dumps(a.snapshot()))).merge(b)
+    got = merged.since(since)
+    cs = np.array([e[0] for e in events])
+    oods = np.array([e[1] for e in events])
+    times = np.array([e[2] for e in events])
+    keep = np.floor(times / width) >= math.floor(since / width)  # whole buckets from `since`
+    assert got.n == keep.sum() == got.n_ood
+    assert got.clusters == np.bincount(cs[keep], minlength=K).tolist()
+    np.testing.assert_allclose(got.expected, keep.sum() * P, atol=1e-9)
+    assert got.ood == int(oods[keep].sum())
+    assert math.isclose(got.ood_expected, 0.02 * keep.sum(), abs_tol=1e-9)
+    assert merged.since(None).n == len(events) and not got.truncated
+
+
+def test_counts_drop_old_buckets_and_say_so() -> None:
+    c = SliceCounts(2, bucket_seconds=10.0, max_buckets=3)
+    for t in range(100):
+        c.update(t % 2, np.array([0.5, 0.5]), ood=None, ood_p0=None, time=float(t))
+    assert c.since(70.0).n == 30 and not c.since(70.0).truncated
+    old = c.since(0.0)
+    assert old.truncated and old.n == 30
+    assert c.since(None).n == 100
