@@ -1,0 +1,175 @@
+"""Root-slice attribution: which alarmed slice explains a set of concurrent alarms (pure).
+
+Every event belongs to one slice of each template (``station``, ``station+shift``, ``shift``,
+``lot``), so one physical change makes several slices alarm. The incident names the **root**:
+the narrowest slice that explains the evidence; the other alarmed slices it explains are
+``related``, never incidents of their own.
+
+Each alarmed slice has a *strength*, the per-event effect since its onset
+(:func:`driftline.alerts.evidence.effect`: ``sqrt`` of the bias-corrected KL of the observed
+vs expected cluster mix, or of the OOD rate). Strength is about linear in the share of a slice's
+events that come from the changed population, so a slice that merely contains some changed
+events is *diluted*: weaker by about that share. Two slices are *compatible* when they agree on
+every dimension they share (their event sets can intersect); slice ``C`` is *nested* in ``P``
+when ``C``'s dimensions extend ``P``'s (``press-3|night`` in ``press-3`` and in ``night``).
+
+``R`` explains an alarmed ``Y`` when they are compatible and
+
+* ``Y`` is nested in ``R`` — unless ``Y`` is **concentrated** in ``R``: a sibling of ``Y`` inside
+  ``R`` (same template, e.g. ``press-3|day``) has clean data since the incident was first seen
+  (its ``n`` grew by at least ``max(clean_events, clean_factor · Y's events since onset)``, it
+  has no open detector and its ratios are low), or ``R`` is diluted against ``Y``
+  (``s(R) < τ·s(Y)``). A parent with no clean children yet (shifts are sequential: the day
+  shift has no data while the night shift is bad) explains its children; it re-roots to the
+  child once a sibling shows clean data;
+* ``R`` is nested in ``Y`` and ``R`` is concentrated in ``Y`` (``press-3|night`` explains the
+  fleet's ``night`` slice when other stations' night slices are clean);
+* neither is nested (a lot vs a station): ``Y`` is not stronger than ``R`` beyond the
+  tolerance, ``s(Y) ≤ s(R)/τ``. A lot that changed at every station is at least as strong as
+  each station, which is diluted by the other lots; one station's optics is stronger than the
+  lots that merely ran through it.
+
+The root maximises the number of alarmed slices it explains (one explanation for most of the
+alarms); ties go to the more local template (station+shift, station, lot, shift: dimension
+weights 3 station, 2 lot, 1 shift) and then to the stronger slice. Slices the root does not
+explain are attributed again among themselves: they are separate incidents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from driftline.alerts.model import SliceEvidence, SliceRef
+
+_DIM_WEIGHT = {"station": 3, "lot": 2, "shift": 1}
+
+
+@dataclass(frozen=True)
+class AttributionPolicy:
+    """``tolerance`` τ for "as strong as"; what counts as a sibling's clean data."""
+
+    tolerance: float = 0.75
+    clean_events: int = 50
+    clean_factor: float = 1.0
+    clean_ratio: float = 0.5
+
+
+@dataclass(frozen=True)
+class SliceStatus:
+    """A slice's entry of the detect stage's ``dl:detect:summary`` hash."""
+
+    ref: SliceRef
+    n: int
+    open: bool
+    max_ratio: float = 0.0
+
+    @classmethod
+    def from_summary(cls, slice_id: str, raw: Mapping[str, Any]) -> SliceStatus:
+        ratios = [float(r) for r in (raw.get("ratios") or {}).values()]
+        return cls(SliceRef(template=raw["template"], dims=dict(raw["dims"]), slice_id=slice_id),
+                   int(raw.get("n") or 0), bool(raw.get("open")), max(ratios, default=0.0))
+
+
+@dataclass(frozen=True)
+class Group:
+    """One incident's worth of alarms: the root and the slices it explains."""
+
+    root: SliceEvidence
+    related: list[SliceEvidence] = field(default_factory=list)
+
+    @property
+    def slice_ids(self) -> set[str]:
+        return {self.root.ref.slice_id, *(r.ref.slice_id for r in self.related)}
+
+
+def compatible(a: SliceRef, b: SliceRef) -> bool:
+    """The two slices agree on every dimension they share (their events can overlap)."""
+    return all(b.dims[k] == v for k, v in a.dims.items() if k in b.dims)
+
+
+def nested(inner: SliceRef, outer: SliceRef) -> bool:
+    """``inner``'s dimensions strictly extend ``outer``'s, with the same values."""
+    return len(inner.dims) > len(outer.dims) and all(
+        inner.dims.get(k) == v for k, v in outer.dims.items())
+
+
+def template_rank(ref: SliceRef) -> int:
+    return sum(_DIM_WEIGHT.get(d, 1) for d in ref.dims)
+
+
+def sibling_candidates(members: Sequence[SliceRef], summary: Mapping[str, SliceStatus]) -> set[str]:
+    """Summary slices that may serve as clean siblings: multi-dimension slices sharing a
+    dimension value with a member (record their ``n`` when an incident first sees them)."""
+    values = {(k, v) for m in members for k, v in m.dims.items()}
+    return {sid for sid, st in summary.items()
+            if len(st.ref.dims) > 1 and values & set(st.ref.dims.items())}
+
+
+class Attributor:
+    """Attribution over one set of alarmed slices, given the detect stage's summary."""
+
+    def __init__(self, summary: Mapping[str, SliceStatus], baseline_n: Mapping[str, int],
+                 policy: AttributionPolicy = AttributionPolicy()) -> None:
+        self.summary = summary
+        self.baseline_n = baseline_n
+        self.policy = policy
+
+    def clean(self, sid: str, needed: int) -> bool:
+        st = self.summary.get(sid)
+        if st is None or sid not in self.baseline_n or st.open:
+            return False
+        grew = st.n - self.baseline_n[sid]
+        return grew >= needed and st.max_ratio < self.policy.clean_ratio
+
+    def concentrated(self, child: SliceEvidence, parent: SliceEvidence,
+                     alarmed: set[str]) -> bool:
+        """``child`` holds the change inside ``parent``: a sibling is clean or parent diluted."""
+        if parent.strength < self.policy.tolerance * child.strength:
+            return True
+        needed = max(self.policy.clean_events,
+                     int(self.policy.clean_factor * child.n_since_onset))
+        # Only slices whose n was recorded can show growth; they are few (sibling_candidates).
+        for sid in self.baseline_n:
+            st = self.summary.get(sid)
+            if (st is not None and sid not in alarmed and sid != child.ref.slice_id
+                    and st.ref.template == child.ref.template and nested(st.ref, parent.ref)
+                    and self.clean(sid, needed)):
+                return True
+        return False
+
+    def explains(self, r: SliceEvidence, y: SliceEvidence, alarmed: set[str]) -> bool:
+        if r.ref.slice_id == y.ref.slice_id:
+            return True
+        if not compatible(r.ref, y.ref):
+            return False
+        if nested(y.ref, r.ref):
+            return not self.concentrated(y, r, alarmed)
+        if nested(r.ref, y.ref):
+            return self.concentrated(r, y, alarmed)
+        return y.strength * self.policy.tolerance <= r.strength
+
+    def choose(self, members: Sequence[SliceEvidence]) -> Group:
+        """The root of ``members`` and the members it explains."""
+        alarmed = {m.ref.slice_id for m in members}
+        best: tuple[tuple[int, int, float, str], Group] | None = None
+        for r in members:
+            covered = [y for y in members
+                       if y is not r and self.explains(r, y, alarmed)]
+            key = (len(covered), template_rank(r.ref), r.strength, r.ref.slice_id)
+            if best is None or key > best[0]:
+                best = (key, Group(r, covered))
+        if best is None:
+            raise ValueError("no alarmed slices to attribute")
+        return best[1]
+
+    def partition(self, members: Sequence[SliceEvidence]) -> list[Group]:
+        """Split ``members`` into groups, strongest explanation first."""
+        left = list(members)
+        groups = []
+        while left:
+            g = self.choose(left)
+            groups.append(g)
+            left = [m for m in left if m.ref.slice_id not in g.slice_ids]
+        return groups
