@@ -1,0 +1,421 @@
+"""Static checks of deploy/ and the Dockerfile: no daemon, no network, a few seconds.
+
+Prometheus rules and config go through Debian's promtool, Alertmanager's config through amtool
+(installed with deploy/local's apt helper when missing; skipped only if that is impossible);
+compose.yaml is validated against the Compose Specification JSON Schema shipped in
+deploy/schema/; dashboards must equal their generator's output; every metric that a rule or a
+dashboard queries must exist in driftline.metrics.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
+
+import driftline.metrics
+from driftline.config import ENV_PREFIX, Settings, parse_tokens
+
+yaml = pytest.importorskip("yaml", reason="PyYAML is a dev dependency")
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+PROM = DEPLOY / "prometheus"
+GRAFANA = DEPLOY / "grafana"
+K8S = DEPLOY / "k8s"
+
+# Metrics the failure book will export (issue #8); not in driftline.metrics yet.
+PENDING_METRICS: dict[str, tuple[str, ...]] = {
+    "driftline_incidents_open": ("severity",),
+    "driftline_incidents_total": ("severity",),
+}
+TARGET_LABELS = {"job", "instance"}  # added by Prometheus at scrape time
+ROLES = {("run", "embed"), ("run", "detect"), ("run", "all"), ("serve",)}
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def load_all_yaml(path: Path) -> list[Any]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+# --- tools ---------------------------------------------------------------------------------
+@cache
+def _tool(name: str, package: str) -> str | None:
+    """Path of a Debian-packaged tool, installing the package with deploy/local's helper."""
+    found = shutil.which(name)
+    if found is None and shutil.which("apt-get") and (ROOT / "deploy/local/lib.sh").is_file():
+        subprocess.run(
+            ["bash", "-c", f'source deploy/local/lib.sh && apt_install "{package}"'],
+            cwd=ROOT, capture_output=True, timeout=600, check=False)
+        found = shutil.which(name)
+    return found
+
+
+def tool(name: str, package: str) -> str:
+    path = _tool(name, package)
+    if path is None:
+        pytest.skip(f"{name} is missing and `apt-get install {package}` was not possible here")
+    return path
+
+
+def run(*cmd: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+# --- Prometheus and Alertmanager ----------------------------------------------------------
+def test_promtool_checks_the_rules() -> None:
+    out = run(tool("promtool", "prometheus"), "check", "rules", str(PROM / "rules.yml"))
+    assert "SUCCESS" in out.stdout
+
+
+def test_promtool_rule_unit_tests_pass() -> None:
+    run(tool("promtool", "prometheus"), "test", "rules", "rules_test.yml", cwd=PROM)
+
+
+def test_promtool_checks_the_compose_prometheus_config() -> None:
+    run(tool("promtool", "prometheus"), "check", "config", "prometheus.yml", cwd=PROM)
+
+
+def alerts() -> list[dict[str, Any]]:
+    return [rule for group in load_yaml(PROM / "rules.yml")["groups"]
+            for rule in group["rules"] if "alert" in rule]
+
+
+def test_every_alert_is_tested_firing_and_not_firing() -> None:
+    cases: dict[str, set[bool]] = {}
+    for test in load_yaml(PROM / "rules_test.yml")["tests"]:
+        for case in test.get("alert_rule_test", []):
+            cases.setdefault(case["alertname"], set()).add(bool(case.get("exp_alerts")))
+    for rule in alerts():
+        assert cases.get(rule["alert"]) == {True, False}, (
+            f"{rule['alert']}: needs a firing and a not-firing case in rules_test.yml")
+
+
+def test_alerts_carry_severity_component_and_text() -> None:
+    for rule in alerts():
+        assert rule["labels"]["severity"] in {"critical", "warning"}, rule["alert"]
+        assert rule["labels"].get("component"), rule["alert"]
+        assert {"summary", "description"} <= set(rule["annotations"]), rule["alert"]
+        assert rule["alert"].startswith("Driftline"), rule["alert"]
+
+
+def test_scrape_jobs_match_the_jobs_the_rules_and_compose_name() -> None:
+    config = load_yaml(PROM / "prometheus.yml")
+    jobs = {job["job_name"] for job in config["scrape_configs"]}
+    exprs = " ".join(rule["expr"] for rule in alerts())
+    named = set(re.findall(r'job="([^"]+)"', exprs))
+    for pattern in re.findall(r'job=~"([^"]+)"', exprs):
+        matched = {job for job in jobs if re.fullmatch(pattern, job)}
+        assert matched, f"job=~{pattern!r} matches no scrape job"
+        named |= matched
+    assert named <= jobs
+    services = set(load_yaml(DEPLOY / "compose.yaml")["services"])
+    driftline_jobs = {job for job in jobs if job.startswith("driftline-")}
+    assert driftline_jobs == {"driftline-embed", "driftline-detect", "driftline-api"}
+    assert driftline_jobs <= services
+    assert config["rule_files"] == ["rules.yml"]
+
+
+def test_alertmanager_config_and_routes() -> None:
+    amtool = tool("amtool", "prometheus-alertmanager")
+    config = str(DEPLOY / "alertmanager/alertmanager.yml")
+    run(amtool, "check-config", config)
+    for labels, receiver in (("severity=critical", "oncall-pager"),
+                             ("severity=warning", "oncall-ticket"),
+                             ("alertname=DriftlineChangePoint", "oncall-ticket")):
+        out = run(amtool, "config", "routes", "test", f"--config.file={config}", labels)
+        assert out.stdout.split() == [receiver], (labels, out.stdout)
+
+
+# --- metrics referenced by rules and dashboards -----------------------------------------------
+@cache
+def known_metrics() -> dict[str, frozenset[str]]:
+    """Sample name -> label names, from every *Metrics class of driftline.metrics.
+
+    Labelled metrics emit no sample until a child exists, so names come from each metric's type
+    (a counter samples as ``<name>_total``, a histogram as ``_bucket``, ``_sum``, ``_count``).
+    """
+    registry = CollectorRegistry()
+    suffixes = {"counter": ("_total", "_created"), "gauge": ("",),
+                "histogram": ("_bucket", "_sum", "_count", "_created"),
+                "summary": ("", "_sum", "_count", "_created")}
+    out: dict[str, frozenset[str]] = {}
+    for name, cls in inspect.getmembers(driftline.metrics, inspect.isclass):
+        if not name.endswith("Metrics") or cls.__module__ != driftline.metrics.__name__:
+            continue
+        for metric in vars(cls(registry)).values():
+            labels = frozenset(metric._labelnames)  # no public accessor in client_python
+            for suffix in suffixes[metric._type]:
+                extra = {"le"} if suffix == "_bucket" else set()
+                out[metric._name + suffix] = labels | extra
+    assert {"driftline_embed_events_total", "driftline_kafka_consumer_lag_messages",
+            "driftline_detect_statistic_ratio"} <= set(out)
+    for name, labels in PENDING_METRICS.items():
+        assert out.get(name, frozenset(labels)) == frozenset(labels), name
+        out.setdefault(name, frozenset(labels))
+    return out
+
+
+@cache
+def recorded_series() -> frozenset[str]:
+    return frozenset(rule["record"] for group in load_yaml(PROM / "rules.yml")["groups"]
+                     for rule in group["rules"] if "record" in rule)
+
+
+_SELECTOR = re.compile(r"(?<![\w:])(driftline[_:][A-Za-z0-9_:]*)\s*(\{[^}]*\})?")
+_MATCHER = re.compile(r"([A-Za-z_]\w*)\s*(?:=~|!~|!=|=)")
+
+
+def check_expr(expr: str, where: str) -> int:
+    """Assert that every driftline series in a PromQL expression exists; return their count."""
+    known, recorded = known_metrics(), recorded_series()
+    found = 0
+    for name, matchers in _SELECTOR.findall(expr):
+        found += 1
+        if name in recorded:
+            continue
+        assert name in known, f"{where}: {name} is not exported by driftline.metrics"
+        used = set(_MATCHER.findall(matchers)) - TARGET_LABELS
+        assert used <= known[name], f"{where}: {name} has no label(s) {used - known[name]}"
+    return found
+
+
+def test_rules_query_only_exported_metrics() -> None:
+    for group in load_yaml(PROM / "rules.yml")["groups"]:
+        for rule in group["rules"]:
+            check_expr(rule["expr"], rule.get("alert") or rule["record"])
+    for rule in recorded_series():
+        assert re.fullmatch(r"driftline:[a-z0-9_]+:[a-z0-9_]+", rule), rule
+
+
+def dashboard_exprs(board: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    for panel in board["panels"]:
+        for target in panel.get("targets", []):
+            yield f"{board['uid']} / {panel['title']}", target["expr"]
+    for variable in board["templating"]["list"]:
+        yield f"{board['uid']} / ${variable['name']}", variable["query"]
+    for annotation in board["annotations"]["list"]:
+        yield f"{board['uid']} / annotation {annotation['name']}", annotation["expr"]
+
+
+def dashboards() -> dict[str, dict[str, Any]]:
+    return {path.name: json.loads(path.read_text())
+            for path in sorted((GRAFANA / "dashboards").glob("*.json"))}
+
+
+def test_dashboards_query_only_exported_metrics() -> None:
+    for board in dashboards().values():
+        count = sum(check_expr(expr, where) for where, expr in dashboard_exprs(board))
+        assert count >= 5, board["uid"]
+
+
+# --- Grafana --------------------------------------------------------------------------------
+def generator() -> ModuleType:
+    pytest.importorskip("grafanalib", reason="grafanalib is in the `deploy` extra")
+    spec = importlib.util.spec_from_file_location("driftline_dashboards", GRAFANA / "generate.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_committed_dashboards_equal_the_generator_output() -> None:
+    rendered = generator().render_all()
+    assert set(rendered) == {"fleet.json", "station.json", "pipeline.json"}
+    assert set(rendered) == set(dashboards())
+    for name, text in rendered.items():
+        assert (GRAFANA / "dashboards" / name).read_text() == text, (
+            f"{name} is stale: run `python deploy/grafana/generate.py`")
+
+
+def test_dashboards_use_the_provisioned_datasource() -> None:
+    provisioned = load_yaml(GRAFANA / "provisioning/datasources/driftline.yml")["datasources"]
+    prometheus = [ds for ds in provisioned if ds["type"] == "prometheus"]
+    assert [ds["uid"] for ds in prometheus] == ["prometheus"]
+    uids = set()
+    for board in dashboards().values():
+        text = json.dumps(board)
+        uids |= set(re.findall(r'"uid": "([^"]+)"', text)) - {board["uid"]}
+    assert uids == {"prometheus"}
+    boards = dashboards()
+    assert {b["uid"] for b in boards.values()} == {
+        "driftline-fleet", "driftline-station", "driftline-pipeline"}
+    station = boards["station.json"]
+    assert [v["name"] for v in station["templating"]["list"]][0] == "station"
+    assert station["annotations"]["list"], "station drill-down needs alarm/incident markers"
+    provider = load_yaml(GRAFANA / "provisioning/dashboards/driftline.yml")["providers"][0]
+    compose = load_yaml(DEPLOY / "compose.yaml")["services"]["grafana"]
+    assert f"./grafana/dashboards:{provider['options']['path']}:ro" in compose["volumes"]
+
+
+# --- compose --------------------------------------------------------------------------------
+def test_compose_validates_against_the_compose_specification() -> None:
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is a dev dependency")
+    schema = json.loads((DEPLOY / "schema/compose-spec.json").read_text())
+    assert schema["title"] == "Compose Specification"
+    validator = jsonschema.Draft7Validator(schema)
+    errors = sorted(validator.iter_errors(load_yaml(DEPLOY / "compose.yaml")), key=str)
+    assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors)
+
+
+def settings_variables() -> set[str]:
+    return {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+
+
+def test_compose_services_are_wired() -> None:
+    compose = load_yaml(DEPLOY / "compose.yaml")
+    services, volumes = compose["services"], set(compose["volumes"])
+    for name, service in services.items():
+        for dep, spec in service.get("depends_on", {}).items():
+            assert dep in services, f"{name} depends on unknown {dep}"
+            assert spec["condition"] in {"service_healthy", "service_completed_successfully"}
+            if spec["condition"] == "service_healthy":
+                assert "healthcheck" in services[dep], f"{dep} has no healthcheck"
+        for mount in service.get("volumes", []):
+            source = mount.split(":")[0]
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), f"{name}: {source} does not exist"
+            else:
+                assert source in volumes, f"{name}: volume {source} is not declared"
+        if name != "kafka-init":
+            assert "healthcheck" in service, f"{name} has no healthcheck"
+    assert services["kafka"]["image"].startswith("apache/kafka:")
+    assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    redis = services["redis"]["command"]
+    assert redis[redis.index("--appendonly") + 1] == "yes"
+    for role, command in (("embed", ["run", "embed"]), ("detect", ["run", "detect"]),
+                          ("api", ["serve"])):
+        service = services[f"driftline-{role}"]
+        assert service["command"] == command
+        assert service["build"] == {"context": "..", "dockerfile": "Dockerfile"}
+        env = service["environment"]
+        assert env["DRIFTLINE_KAFKA_BOOTSTRAP"] == "kafka:9092"
+        assert env["DRIFTLINE_REDIS_URL"].startswith("redis://redis:")
+        assert set(env) <= settings_variables(), set(env) - settings_variables()
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+# --- Dockerfile -----------------------------------------------------------------------------
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile_basics() -> None:
+    steps = dockerfile()
+    froms = [args for word, args in steps if word == "FROM"]
+    assert len(froms) >= 2, "multi-stage: a builder and a runtime"
+    base = dict(re.findall(r"ARG (\w+)=(\S+)", " ".join(f"ARG {a}" for w, a in steps
+                                                          if w == "ARG")))
+    images = {base.get(f[2:-1], f) if f.startswith("${") else f
+              for f in (args.split()[0] for args in froms)}
+    assert images and all(re.fullmatch(r"python:3\.11-slim(-\w+)?", image) for image in images)
+    final = max(i for i, (word, _) in enumerate(steps) if word == "FROM")
+    runtime = steps[final:]
+    users = [args for word, args in runtime if word == "USER"]
+    assert users and users[-1].split(":")[0] not in {"root", "0"}, "runs as a non-root user"
+    runs = " ".join(args for word, args in steps if word == "RUN")
+    assert "python -m pip install '.[demo]'" in runs, "same install step as scripts/dev.sh"
+    assert "driftline model build-demo --cache-dir /opt/driftline/cache" in runs
+    health = [args for word, args in runtime if word == "HEALTHCHECK"]
+    assert len(health) == 1 and "/healthz" in health[0]
+    assert ("ENTRYPOINT", '["driftline"]') in runtime
+    assert ("CMD", '["run", "all"]') in runtime
+    env = " ".join(args for word, args in runtime if word == "ENV")
+    assert "DRIFTLINE_CACHE_DIR=/opt/driftline/cache" in env
+    assert "DRIFTLINE_API_HOST=0.0.0.0" in env
+
+
+def test_dockerignore_allows_only_what_the_build_copies() -> None:
+    patterns = [line for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line and not line.startswith("#")]
+    assert patterns[0] == "*", "allow-list: .venv, .git and caches stay out of the context"
+    allowed = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
+    copied = {src.rstrip("/") for word, args in dockerfile() if word == "COPY"
+              and "--from" not in args for src in args.split()[:-1]}
+    assert copied <= allowed, copied - allowed
+    assert "README.md" in allowed, "pyproject.toml names README.md as the readme"
+
+
+# --- Kubernetes -----------------------------------------------------------------------------
+def manifests() -> list[dict[str, Any]]:
+    kustomization = load_yaml(K8S / "kustomization.yaml")
+    docs = []
+    for resource in kustomization["resources"]:
+        docs += load_all_yaml(K8S / resource)
+    return docs
+
+
+def test_k8s_deployments_have_probes_resources_and_run_as_non_root() -> None:
+    docs = manifests()
+    kinds = {(doc["kind"], doc["metadata"]["name"]) for doc in docs}
+    assert {("Deployment", f"driftline-{r}") for r in ("embed", "detect", "api")} <= kinds
+    assert ("Service", "driftline-api") in kinds
+    assert ("ConfigMap", "driftline-config") in kinds
+    roles = set()
+    for doc in docs:
+        if doc["kind"] != "Deployment":
+            continue
+        spec = doc["spec"]["template"]["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        (container,) = spec["containers"]
+        roles.add(tuple(container["args"]))
+        assert container["image"].split(":")[0] == "driftline"
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(container["resources"][kind]), doc["metadata"]
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        refs = {next(iter(ref.values()))["name"] for ref in container["envFrom"]}
+        assert refs == {"driftline-config", "driftline-secrets"}
+        assert doc["spec"]["selector"]["matchLabels"].items() <= (
+            doc["spec"]["template"]["metadata"]["labels"].items())
+    assert roles == {("run", "embed"), ("run", "detect"), ("serve",)}
+    assert roles <= ROLES
+    service = next(d for d in docs if d["kind"] == "Service")
+    api = next(d for d in docs if d["metadata"]["name"] == "driftline-api"
+               and d["kind"] == "Deployment")
+    assert service["spec"]["selector"].items() <= (
+        api["spec"]["template"]["metadata"]["labels"].items())
+
+
+def test_k8s_config_names_only_real_settings_and_the_example_secret_is_refused() -> None:
+    config = next(d for d in manifests() if d["kind"] == "ConfigMap")
+    assert set(config["data"]) <= settings_variables(), set(config["data"]) - settings_variables()
+    (secret,) = load_all_yaml(K8S / "secret.example.yaml")
+    assert set(secret["stringData"]) <= settings_variables()
+    with pytest.raises(ValueError):
+        parse_tokens(SecretStr(secret["stringData"]["DRIFTLINE_API_TOKENS"]))
+    names = {doc["metadata"]["name"] for doc in manifests()}
+    assert "driftline-secrets" not in names, "apply -k must never overwrite the real Secret"
+
+
+def test_k8s_readme_explains_scaling_against_partitions() -> None:
+    text = (K8S / "README.md").read_text()
+    for phrase in ("replicas ≤ partitions", "rebalance", "Redis", "## Scaling"):
+        assert phrase in text, phrase
