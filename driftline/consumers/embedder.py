@@ -53,6 +53,8 @@ class EmbedderConfig(BaseModel):
     batch_size: int = Field(32, ge=1)
     intra_op_threads: int = Field(0, ge=0, description="0: onnxruntime's default (all cores)")
     inter_op_threads: int = Field(1, ge=0)
+    spin_wait: bool = Field(True, description="onnxruntime workers busy-wait between ops; off "
+                            "leaves those cycles to decoding when both share the cores")
     decode_threads: int = Field(1, ge=0, description="0: decode inline, no overlap")
     max_image_bytes: int = Field(16 << 20, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
@@ -75,6 +77,8 @@ class Embedder:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = config.intra_op_threads
         opts.inter_op_num_threads = config.inter_op_threads
+        if not config.spin_wait:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(model_bytes, opts, providers=list(config.providers))
         inp = _pick_input(self._session, config.input_name)
         self.input_name: str = inp.name

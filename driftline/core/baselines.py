@@ -14,7 +14,7 @@ saw a cluster rarely inherits the fleet's idea of how rare it is rather than a g
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,7 +125,7 @@ def build_baselines(
     return out
 
 
-def resolve(baselines: dict[str, Baseline] | set[str], station: str, shift: str) -> str:
+def resolve(baselines: Collection[str], station: str, shift: str) -> str:
     """The most specific baseline key for an event: station×shift, else station, else global."""
     for key in (station_shift_key(station, shift), station_key(station)):
         if key in baselines:

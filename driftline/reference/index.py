@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import faiss
 import numpy as np
@@ -11,6 +11,9 @@ from numpy.typing import NDArray
 
 from driftline.core.baselines import resolve
 from driftline.reference.artifact import ReferenceError, read_artifact
+
+if TYPE_CHECKING:
+    from driftline.consumers.embedder import EmbedderConfig
 
 F32 = NDArray[np.float32]
 
@@ -49,7 +52,10 @@ class Reference:
             else None
         self.k, self.space_dim = self.centroids.shape
         self.dim: int = manifest["embedding"]["input_dim"]
-        self._baselines: dict[str, dict[str, Any]] = manifest["baselines"]["items"]
+        self._baselines = {
+            key: BaselineView(key, np.asarray(b["p"], np.float64), float(b["ood_threshold"]),
+                              float(b["ood_rate"]))
+            for key, b in manifest["baselines"]["items"].items()}
         self._centroid_index = faiss.IndexFlatIP(self.space_dim)
         self._centroid_index.add(self.centroids)
         self._sample_index = faiss.IndexFlatL2(self.space_dim)
@@ -75,6 +81,8 @@ class Reference:
         if emb.ndim != 2 or emb.shape[1] != self.dim:
             raise ReferenceError(f"embedding has shape {emb.shape}; reference "
                                  f"{self.reference_id} expects [N, {self.dim}]")
+        if not np.isfinite(emb).all():
+            raise ReferenceError("embedding contains NaN or infinite values")
         x = unit_rows(emb)
         if self._pca is not None:
             mean, comps = self._pca
@@ -96,10 +104,18 @@ class Reference:
 
     def baseline_for(self, station: str, shift: str) -> BaselineView:
         """The most specific baseline for an event: station×shift, else station, else global."""
-        key = resolve(set(self._baselines), station, shift)
-        b = self._baselines[key]
-        return BaselineView(key, np.asarray(b["p"], np.float64), float(b["ood_threshold"]),
-                            float(b["ood_rate"]))
+        return self._baselines[resolve(self._baselines.keys(), station, shift)]
+
+    def embedder_config(self, model_path: Path, **runtime: Any) -> EmbedderConfig:
+        """Embedder settings with this reference's preprocessing and layer (``runtime``: threads,
+        batch size…). Check ``Embedder(config).model_sha256 == self.model_sha256`` after."""
+        from driftline.consumers.embedder import EmbedderConfig
+
+        model = self.manifest["embedding"]["model"]
+        if model is None:
+            raise ReferenceError(f"reference {self.reference_id} holds precomputed embeddings; "
+                                 "it has no model preprocessing")
+        return EmbedderConfig.from_description(model, model_path, **runtime)
 
     @property
     def aggressors(self) -> list[int]:

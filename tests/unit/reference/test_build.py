@@ -126,8 +126,17 @@ def test_model_identity_is_checked(built: tuple[Path, np.ndarray]) -> None:
 
 
 def test_wrong_dimension_is_refused(built: tuple[Path, np.ndarray]) -> None:
+    ref = load_reference(built[0])
     with pytest.raises(ReferenceError, match=r"expects \[N, 16\]"):
-        load_reference(built[0]).assign(np.ones((2, 5)))
+        ref.assign(np.ones((2, 5)))
+    with pytest.raises(ReferenceError, match="NaN"):
+        ref.assign(np.full((1, DIM), np.nan))
+    clusters, dist = ref.assign(np.empty((0, DIM)))
+    assert clusters.shape == dist.shape == (0,)
+    with pytest.raises(ReferenceError, match="precomputed"):
+        ref.embedder_config(Path("model.onnx"))
+    dist5, ids = ref.nearest(ref.embeddings[:2], 3)
+    assert dist5.shape == (2, 3) and ids[0][0] == ref.event_ids[0]
 
 
 def test_existing_directory_is_not_overwritten(built: tuple[Path, np.ndarray]) -> None:
@@ -210,6 +219,8 @@ def test_image_reference_records_the_model(tmp_path: Path) -> None:
     assert desc["output_name"] == "features.1" and desc["pooling"] == "avg"
     assert ref.manifest["source"]["skipped"] == {"image_undecodable": 1}
     assert load_reference(ref.path, expected_model_sha256=embedder.model_sha256).k == 2
+    again = Embedder(ref.embedder_config(model, batch_size=4))
+    assert again.describe() == embedder.describe()
     with pytest.raises(ReferenceError, match=f"model sha256 {embedder.model_sha256[:12]}"):
         load_reference(ref.path, expected_model_sha256="0" * 64)
     # the two tints are the two clusters
