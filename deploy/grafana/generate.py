@@ -224,7 +224,8 @@ def station() -> Dashboard:
     ]
     shift = Template(name="shift", label="shift", dataSource=DATASOURCE,
                      query=f"label_values(driftline_detect_statistic_ratio{{{sel}}}, shift)",
-                     refresh=2, sort=1, includeAll=True, multi=True, default="All")
+                     refresh=2, sort=1, includeAll=True, multi=True, default="$__all",
+                     allValue=".*")
     alarms = {
         "name": "Detector above threshold",
         "datasource": DATASOURCE,
