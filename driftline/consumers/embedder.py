@@ -111,18 +111,22 @@ class Embedder:
             "pooling": c.pooling, "l2_normalize": c.l2_normalize, "dim": self.dim,
         }
 
-    def embed_arrays(self, images: NDArray[np.uint8]) -> F32:
-        """Embed RGB ``uint8`` images ``[N, h, w, 3]`` already at :attr:`input_size`."""
+    def preprocess(self, images: NDArray[np.uint8]) -> F32:
+        """RGB ``uint8`` images ``[N, h, w, 3]`` at :attr:`input_size` → the model input."""
         if images.ndim != 4 or images.shape[1:] != (*self.input_size, 3):
             raise ValueError(f"expected [N, {self.input_size[0]}, {self.input_size[1]}, 3] "
                              f"uint8, got {images.shape}")
-        chunks = []
-        for start in range(0, len(images), self.config.batch_size):
-            batch = images[start:start + self.config.batch_size]
-            tensor = self._alloc(len(batch))
-            for i, img in enumerate(batch):
-                self._normalise_into(img, tensor[i])
-            chunks.append(self._infer(tensor))
+        tensor = self._alloc(len(images))
+        for i, img in enumerate(images):
+            self._normalise_into(img, tensor[i])
+        return tensor
+
+    def embed_arrays(self, images: NDArray[np.uint8]) -> F32:
+        """Embed RGB ``uint8`` images ``[N, h, w, 3]`` already at :attr:`input_size`."""
+        bs = self.config.batch_size
+        chunks = [self._infer(self.preprocess(images[s:s + bs])) for s in range(0, len(images), bs)]
+        if not chunks:
+            self.preprocess(images)  # shape check
         return np.concatenate(chunks) if chunks else np.empty((0, self.dim), np.float32)
 
     def embed_images(
