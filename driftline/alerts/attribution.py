@@ -13,7 +13,10 @@ events is *diluted*: weaker by about that share. Two slices are *compatible* whe
 every dimension they share (their event sets can intersect); slice ``C`` is *nested* in ``P``
 when ``C``'s dimensions extend ``P``'s (``press-3|night`` in ``press-3`` and in ``night``).
 
-``R`` explains an alarmed ``Y`` when they are compatible and
+``R`` explains an alarmed ``Y`` when they are compatible, show the same change (the cosine of
+their cluster gain/loss and OOD-excess vectors is at least ``min_similarity`` whenever both show
+more than noise: a lot that gained cluster 3 does not explain a station that gained cluster 6),
+and
 
 * ``Y`` is nested in ``R`` — unless ``Y`` is **concentrated** in ``R``: a sibling of ``Y`` inside
   ``R`` (same template, e.g. ``press-3|day``) has clean data since the incident was first seen
@@ -41,6 +44,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from driftline.alerts.evidence import cosine
 from driftline.alerts.model import SliceEvidence, SliceRef
 
 _DIM_WEIGHT = {"station": 3, "lot": 2, "shift": 1}
@@ -48,9 +52,11 @@ _DIM_WEIGHT = {"station": 3, "lot": 2, "shift": 1}
 
 @dataclass(frozen=True)
 class AttributionPolicy:
-    """``tolerance`` τ for "as strong as"; what counts as a sibling's clean data."""
+    """``tolerance`` τ for "as strong as"; ``min_similarity`` for "the same change"; what
+    counts as a sibling's clean data."""
 
     tolerance: float = 0.75
+    min_similarity: float = 0.5
     clean_events: int = 50
     clean_factor: float = 1.0
     clean_ratio: float = 0.5
@@ -139,10 +145,16 @@ class Attributor:
                 return True
         return False
 
+    def same_change(self, a: SliceEvidence, b: SliceEvidence) -> bool:
+        """Both moved mass the same way (when both show more than noise)."""
+        if a.strength <= 0.0 or b.strength <= 0.0 or not a.signature or not b.signature:
+            return True
+        return cosine(a.signature, b.signature) >= self.policy.min_similarity
+
     def explains(self, r: SliceEvidence, y: SliceEvidence, alarmed: set[str]) -> bool:
         if r.ref.slice_id == y.ref.slice_id:
             return True
-        if not compatible(r.ref, y.ref):
+        if not compatible(r.ref, y.ref) or not self.same_change(r, y):
             return False
         if nested(y.ref, r.ref):
             return not self.concentrated(y, r, alarmed)

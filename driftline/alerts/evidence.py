@@ -97,6 +97,7 @@ def slice_evidence(msg: Mapping[str, Any]) -> SliceEvidence:
     return SliceEvidence(
         ref=SliceRef(template=msg["template"], dims=dict(msg["dims"]), slice_id=msg["slice_id"]),
         strength=strength, displaced=displaced, n_since_onset=n_since, counts=counts,
+        signature=signature(counts),
         exemplars=[{**x, "slice_id": msg["slice_id"]} for x in ev.get("exemplars", [])],
         model_versions=dict(ev.get("model_versions") or {}),
         onset=utc(msg["onset_time"]) if msg.get("onset_time") is not None else None,

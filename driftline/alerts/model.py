@@ -77,6 +77,7 @@ class Firing(_Model):
     first_detected: datetime
     last_detected: datetime
     crossings: int = 1
+    events_at_detection: int | None = Field(None, description="events since onset at alarm")
     active: bool = True
     cleared_at: datetime | None = None
 
@@ -88,6 +89,7 @@ class SliceEvidence(_Model):
     strength: float = Field(description="per-event effect since onset, sqrt(nats/event)")
     displaced: float = Field(0.0, description="share of events moved (mix TV or OOD excess)")
     n_since_onset: int = 0
+    signature: list[float] = Field(default_factory=list, description="p_obs - p_ref, OOD")
     counts: dict[str, Any] | None = None
     exemplars: list[dict[str, Any]] = Field(default_factory=list)
     model_versions: dict[str, int] = Field(default_factory=dict)

@@ -159,3 +159,12 @@ def test_sibling_candidates_are_the_multi_dimension_neighbours() -> None:
     assert got == {"station=press-3|shift=day", "station=press-3|shift=night"}
     got = sibling_candidates([ref("shift=night")], status)
     assert got == {f"station={s}|shift=night" for s in STATIONS}
+
+
+def test_a_different_change_is_not_explained_by_a_stronger_slice() -> None:
+    # The lot gained cluster 0; press-2's day shift gained cluster 6: two problems.
+    alarms = members(alarm("lot=L7", 1.0, n=1600),
+                     alarm("station=press-2|shift=day", 1.0, n=300, cluster=6))
+    groups = attributor().partition(alarms)
+    assert sorted(g.root.ref.slice_id for g in groups) == [
+        "lot=L7", "station=press-2|shift=day"]

@@ -1,0 +1,338 @@
+"""Alarms → incidents: grouping, (re-)rooting, splitting, merging, auto-resolve (pure).
+
+:class:`Grouper` works on the active incidents loaded by the book and the detect stage's slice
+summary; the book stores what it marks dirty, in one transaction with the outbox cursor.
+
+* An ``alarm``/``update`` of a slice already in an active incident refreshes that slice's
+  evidence and firing. A new slice joins the most recent concurrent incident (activity windows
+  within ``group_window_s`` of event time) when attribution explains it together with that
+  incident's slices in one group; otherwise it opens an incident.
+* After every change the incident is attributed again (:mod:`driftline.alerts.attribution`):
+  its root may move (``rerooted``) as evidence arrives, slices it no longer explains split off
+  into incidents of their own, and concurrent incidents that one root now explains merge into
+  the older one (the other is resolved with ``merged_into``).
+* ``clear`` marks the slice's detector inactive; when every firing of the incident is inactive
+  the incident resolves itself (``auto_resolved``).
+* A new incident links to resolved ones with the same root template whose signature (cluster
+  gain/loss vector and OOD excess) has cosine similarity ≥ ``recurrence_similarity``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from driftline.alerts.attribution import (
+    AttributionPolicy,
+    Attributor,
+    Group,
+    SliceStatus,
+    compatible,
+    sibling_candidates,
+)
+from driftline.alerts.evidence import (
+    ClusterCatalog,
+    build_evidence,
+    cosine,
+    severity,
+    slice_evidence,
+)
+from driftline.alerts.model import (
+    SYSTEM,
+    Delay,
+    Firing,
+    Incident,
+    RecurrenceLink,
+    SliceEvidence,
+    Status,
+    TimelineEntry,
+    severity_rank,
+    utc,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BookPolicy:
+    """How alarms become incidents, and how much of them is kept."""
+
+    group_window_s: float = 3600.0
+    recurrence_similarity: float = 0.8
+    recurrence_links: int = 3
+    max_exemplars: int = 32
+    max_timeline: int = 500
+    attribution: AttributionPolicy = field(default_factory=AttributionPolicy)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One incident state change: a timeline entry and, if ``routed``, an alert."""
+
+    incident_id: str
+    action: str
+    who: str
+    at: datetime
+    note: str | None
+    routed: bool
+    incident: dict[str, Any]
+
+
+def record_change(inc: Incident, action: str, *, who: str, at: datetime,
+                  note: str | None = None, routed: bool = True,
+                  max_timeline: int = 500) -> Change:
+    """Append the timeline entry and describe the change (the caller stores both)."""
+    inc.timeline.append(TimelineEntry(at=at, who=who, action=action, note=note))
+    if len(inc.timeline) > max_timeline:  # keep "opened" and the newest entries
+        del inc.timeline[1]
+    inc.updated_at = at
+    return Change(inc.id, action, who, at, note, routed, inc.summary())
+
+
+class Grouper:
+    """Applies outbox messages to the active incidents (see the module docstring)."""
+
+    def __init__(self, active: Iterable[Incident], summary: Mapping[str, SliceStatus], *,
+                 now: datetime, new_id: Callable[[], str],
+                 signatures: Callable[[], Mapping[str, dict[str, Any]]],
+                 policy: BookPolicy = BookPolicy(),
+                 catalog: ClusterCatalog | None = None,
+                 reset_pending: Iterable[str] = ()) -> None:
+        self.incidents = {i.id: i for i in active}
+        self.summary = summary
+        self.now = now
+        self.new_id = new_id
+        self.signatures = signatures
+        self.policy = policy
+        self.catalog = catalog or ClusterCatalog()
+        self.dirty: set[str] = set()
+        self.changes: list[Change] = []
+        # Slices whose incident on-call resolved: the detect stage will reset them; until it
+        # does, their ``update`` messages belong to the resolved incident, not a new one.
+        self.reset_pending = set(reset_pending)
+        self.reset_done: set[str] = set()
+
+    # --- entry points --------------------------------------------------------------------
+    def apply(self, msg: Mapping[str, Any]) -> None:
+        kind = msg.get("kind")
+        sid = msg.get("slice_id")
+        if sid in self.reset_pending:
+            if kind == "update" and self._holding(sid) is None:
+                return
+            self.reset_pending.discard(sid)
+            self.reset_done.add(sid)
+        if kind in ("alarm", "update"):
+            self._alarm(msg)
+        elif kind == "clear":
+            self._clear(msg)
+        else:
+            log.warning("outbox message of unknown kind skipped", extra={"kind": kind})
+
+    def reattribute(self) -> None:
+        """Attribute every active incident again (the summary may show new clean data)."""
+        for inc in sorted(self._active(), key=lambda i: i.created_at):
+            if inc.active:
+                self._attribute(inc, mark=False)
+                self._merge_around(inc)
+
+    # --- alarms --------------------------------------------------------------------------
+    def _alarm(self, msg: Mapping[str, Any]) -> None:
+        ev = slice_evidence(msg)
+        inc = self._holding(ev.ref.slice_id) or self._place(ev)
+        if inc is None:
+            self._open([ev], [self._firing(None, ev, msg)], note=None)
+            return
+        firing = next((f for f in inc.detectors if f.slice_id == ev.ref.slice_id
+                       and f.detector == msg["detector"]), None)
+        if firing is None:
+            inc.detectors.append(self._firing(None, ev, msg))
+        else:
+            self._firing(firing, ev, msg)
+        joined = ev.ref.slice_id not in inc.slices
+        old = inc.slices.get(ev.ref.slice_id)
+        if old is not None:  # keep earlier exemplars too, newest first, bounded
+            seen = {x["event_id"] for x in ev.exemplars}
+            ev.exemplars.extend(x for x in old.exemplars if x["event_id"] not in seen)
+            del ev.exemplars[self.policy.max_exemplars:]
+        inc.slices[ev.ref.slice_id] = ev
+        self._touch(inc, ev.last_time)
+        self._attribute(inc, mark=True)
+        if joined and ev.ref.slice_id in inc.slices and ev.ref.slice_id != inc.root.slice_id:
+            self._record(inc, "related_added", ev.ref.slice_id)
+        self._merge_around(inc)
+
+    def _firing(self, f: Firing | None, ev: SliceEvidence, msg: Mapping[str, Any]) -> Firing:
+        at = utc(msg["time"])
+        if f is None:
+            return Firing(slice_id=ev.ref.slice_id, detector=msg["detector"],
+                          statistic=msg["statistic"], threshold=msg["threshold"],
+                          argmax=msg.get("argmax") or {}, onset=ev.onset, first_detected=at,
+                          last_detected=at, events_at_detection=ev.n_since_onset or None)
+        f.statistic, f.threshold = msg["statistic"], msg["threshold"]
+        f.argmax = msg.get("argmax") or {}
+        f.last_detected = max(f.last_detected, at)
+        f.crossings += 1
+        f.active, f.cleared_at = True, None
+        return f
+
+    def _clear(self, msg: Mapping[str, Any]) -> None:
+        inc = self._holding(msg["slice_id"])
+        if inc is None:
+            return
+        at = utc(msg["time"])
+        for f in inc.detectors:
+            if f.slice_id == msg["slice_id"] and f.detector == msg["detector"] and f.active:
+                f.active, f.cleared_at = False, at
+        self._touch(inc, at)
+        if not any(f.active for f in inc.detectors):
+            inc.status, inc.resolved_at, inc.auto_resolved = Status.resolved, self.now, True
+            self._record(inc, "auto_resolved",
+                         f"all {len(inc.detectors)} detectors back at the no-drift level")
+
+    # --- placement, attribution, merging -------------------------------------------------
+    def _active(self) -> list[Incident]:
+        return [i for i in self.incidents.values() if i.active]
+
+    def _holding(self, sid: str) -> Incident | None:
+        return next((i for i in self._active() if sid in i.slices), None)
+
+    def _window(self, inc: Incident) -> tuple[datetime, datetime]:
+        w = timedelta(seconds=self.policy.group_window_s)
+        return (inc.onset or inc.detected_at) - w, inc.last_activity + w
+
+    def _concurrent(self, a: Incident, start: datetime, end: datetime) -> bool:
+        lo, hi = self._window(a)
+        return start <= hi and end >= lo
+
+    def _attributor(self, inc: Incident, extra: Iterable[SliceEvidence] = ()) -> Attributor:
+        refs = [s.ref for s in (*inc.slices.values(), *extra)]
+        for sid in sibling_candidates(refs, self.summary) - set(inc.baseline_n):
+            inc.baseline_n[sid] = self.summary[sid].n
+        return Attributor(self.summary, inc.baseline_n, self.policy.attribution)
+
+    def _place(self, ev: SliceEvidence) -> Incident | None:
+        start = ev.onset or ev.last_time or self.now
+        end = ev.last_time or self.now
+        for inc in sorted(self._active(), key=lambda i: i.last_activity, reverse=True):
+            if not self._concurrent(inc, start, end) or not any(
+                    compatible(s.ref, ev.ref) for s in inc.slices.values()):
+                continue
+            if len(self._attributor(inc, [ev]).partition([*inc.slices.values(), ev])) == 1:
+                return inc
+        return None
+
+    def _attribute(self, inc: Incident, *, mark: bool) -> None:
+        n_known = len(inc.baseline_n)
+        groups = self._attributor(inc).partition(list(inc.slices.values()))
+        mark = mark or len(inc.baseline_n) != n_known
+        main, rest = groups[0], groups[1:]
+        for g in rest:
+            moved = g.slice_ids
+            firings = [f for f in inc.detectors if f.slice_id in moved]
+            inc.detectors = [f for f in inc.detectors if f.slice_id not in moved]
+            for sid in moved:
+                del inc.slices[sid]
+            new = self._open([g.root, *g.related], firings, note=f"split from {inc.id}",
+                             baseline_n=dict(inc.baseline_n))
+            self._record(inc, "split", f"{', '.join(sorted(moved))} → {new.id}")
+        if main.root.ref.slice_id != inc.root.slice_id:
+            old = inc.root.slice_id
+            inc.root = main.root.ref
+            self._refresh(inc)
+            self._record(inc, "rerooted", f"{old} → {inc.root.slice_id}")
+            self._link_recurrence(inc)
+        elif mark or rest:
+            self._refresh(inc)
+            self.dirty.add(inc.id)
+        else:  # periodic re-attribution: store only what changed
+            before = (inc.severity, [r.slice_id for r in inc.related], len(inc.baseline_n))
+            self._refresh(inc)
+            if (inc.severity, [r.slice_id for r in inc.related], len(inc.baseline_n)) != before:
+                self.dirty.add(inc.id)
+
+    def _merge_around(self, inc: Incident) -> None:
+        if not inc.active:
+            return
+        lo, hi = self._window(inc)
+        for other in sorted(self._active(), key=lambda i: i.created_at):
+            if other.id == inc.id or not self._concurrent(other, lo, hi) or not any(
+                    compatible(a.ref, b.ref) for a in inc.slices.values()
+                    for b in other.slices.values()):
+                continue
+            both = [*inc.slices.values(), *other.slices.values()]
+            if len(self._attributor(inc, other.slices.values()).partition(both)) != 1:
+                continue
+            keep, gone = (inc, other) if inc.created_at <= other.created_at else (other, inc)
+            keep.slices.update(gone.slices)
+            keep.detectors.extend(gone.detectors)
+            for sid, n in gone.baseline_n.items():
+                keep.baseline_n[sid] = min(n, keep.baseline_n.get(sid, n))
+            gone.status, gone.resolved_at, gone.merged_into = Status.resolved, self.now, keep.id
+            self._record(gone, "merged", f"into {keep.id}")
+            self._touch(keep, gone.last_activity)
+            self._attribute(keep, mark=True)
+            self._record(keep, "related_added", f"merged {gone.id}")
+            self._merge_around(keep)
+            return
+
+    # --- incidents -----------------------------------------------------------------------
+    def _open(self, slices: list[SliceEvidence], firings: list[Firing], *, note: str | None,
+              baseline_n: dict[str, int] | None = None) -> Incident:
+        root = slices[0]
+        detected = min((f.first_detected for f in firings), default=root.last_time or self.now)
+        inc = Incident(id=self.new_id(), root=root.ref, detected_at=detected,
+                       evidence=build_evidence(root, slices, self.catalog, 0),
+                       slices={s.ref.slice_id: s for s in slices}, detectors=firings,
+                       baseline_n=baseline_n or {}, created_at=self.now, updated_at=self.now,
+                       last_activity=max(s.last_time or detected for s in slices))
+        self.incidents[inc.id] = inc
+        self._attributor(inc)
+        self._refresh(inc)
+        self._link_recurrence(inc)
+        self._record(inc, "opened", note)
+        return inc
+
+    def _refresh(self, inc: Incident) -> None:
+        root = inc.slices[inc.root.slice_id]
+        inc.related = [s.ref for s in sorted(inc.slices.values(), key=lambda s: -s.strength)
+                       if s.ref.slice_id != root.ref.slice_id]
+        inc.evidence = build_evidence(root, inc.slices.values(), self.catalog,
+                                      self.policy.max_exemplars)
+        mine = [f for f in inc.detectors if f.slice_id == root.ref.slice_id] or inc.detectors
+        first = min(mine, key=lambda f: f.first_detected)
+        inc.detected_at, inc.onset = first.first_detected, first.onset or root.onset
+        inc.delay = Delay(events=first.events_at_detection, seconds=None if inc.onset is None
+                          else (inc.detected_at - inc.onset).total_seconds())
+        new = severity(root, inc.detectors, inc.related)
+        if severity_rank(new) > severity_rank(inc.severity):
+            escalate = bool(inc.timeline)  # the first computation is not an escalation
+            old, inc.severity = inc.severity, new
+            if escalate:
+                self._record(inc, "escalated", f"{old.value} → {new.value}")
+
+    def _link_recurrence(self, inc: Incident) -> None:
+        sims = sorted(((cosine(inc.evidence.signature, s.get("signature", [])), iid)
+                       for iid, s in self.signatures().items()
+                       if iid != inc.id and s.get("template") == inc.root.template), reverse=True)
+        inc.recurrence = [RecurrenceLink(incident_id=iid, similarity=round(sim, 4))
+                          for sim, iid in sims[:self.policy.recurrence_links]
+                          if sim >= self.policy.recurrence_similarity]
+
+    def _touch(self, inc: Incident, at: datetime | None) -> None:
+        if at is not None and at > inc.last_activity:
+            inc.last_activity = at
+        self.dirty.add(inc.id)
+
+    def _record(self, inc: Incident, action: str, note: str | None) -> None:
+        self.changes.append(record_change(inc, action, who=SYSTEM, at=self.now, note=note,
+                                          max_timeline=self.policy.max_timeline))
+        self.dirty.add(inc.id)
+
+
+def group_of(inc: Incident) -> Group:
+    """The incident's attribution result as a :class:`Group` (tests and the API)."""
+    return Group(inc.slices[inc.root.slice_id],
+                 [inc.slices[r.slice_id] for r in inc.related if r.slice_id in inc.slices])

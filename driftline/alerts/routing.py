@@ -1,0 +1,237 @@
+"""Routing incident state changes: Alertmanager v2, the ``driftline.alerts`` topic, a webhook.
+
+The book writes every state change to its ``changes`` stream in the same transaction as the
+incident (:mod:`driftline.alerts.book`). :meth:`Router.deliver` reads that stream with one
+cursor per target, kept in Redis (``{prefix}:cursor``, field = target), and moves a target's
+cursor only past what the target accepted, so delivery is at-least-once across restarts and a
+dead target holds back only itself. Kafka messages carry ``change_id`` for consumers that
+deduplicate.
+
+Alertmanager identifies an alert by its label set. Each push sends the incident's *current*
+state; when its labels change (severity escalated, root moved) the previous label set is ended
+in the same push. Active incidents are re-sent by :meth:`Router.resend` every
+``RESEND_INTERVAL_S``, well under Alertmanager's ``resolve_timeout`` (5 min by default), which
+ends an alert that is not re-sent; a resolved incident is pushed once more with ``endsAt``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from driftline.alerts.book import FailureBook, IncidentNotFound, stream_id
+from driftline.alerts.grouping import Change
+from driftline.alerts.model import SEVERITY_ORDER, Incident
+
+log = logging.getLogger(__name__)
+
+ALERTNAME = "DriftlineIncident"
+RESEND_INTERVAL_S = 60.0  # < Alertmanager's default resolve_timeout of 5 min
+HTTP_TIMEOUT_S = 5.0
+KAFKA_TIMEOUT_S = 10.0
+BATCH = 200
+
+
+class AlertMetrics:
+    """``driftline_incidents_open{severity}``, ``driftline_incidents_total{severity}``,
+    ``driftline_alerts_pushes_total{target,outcome}``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.open = Gauge("driftline_incidents_open", "Open and acknowledged incidents",
+                          ["severity"], registry=registry)
+        self.total = Counter("driftline_incidents_total", "Incidents opened", ["severity"],
+                             registry=registry)
+        self.pushes = Counter("driftline_alerts_pushes_total", "Deliveries to alert targets",
+                              ["target", "outcome"], registry=registry)
+
+    def observe(self, changes: Iterable[Change]) -> None:
+        """Count the incidents opened by committed changes."""
+        for c in changes:
+            if c.action == "opened":
+                self.total.labels(c.incident["severity"]).inc()
+
+    def set_open(self, incidents: Iterable[Incident]) -> None:
+        counts = dict.fromkeys((s.value for s in SEVERITY_ORDER), 0)
+        for inc in incidents:
+            counts[inc.severity.value] += 1
+        for sev, n in counts.items():
+            self.open.labels(sev).set(n)
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+class Router:
+    """Delivers the book's changes to the configured targets (see the module docstring)."""
+
+    def __init__(self, book: FailureBook, metrics: AlertMetrics, *, public_url: str,
+                 alertmanager_url: str | None = None, producer: Any | None = None,
+                 topic: str = "driftline.alerts", webhook_url: str | None = None,
+                 webhook_attempts: int = 4, http: httpx.Client | None = None,
+                 prefix: str = "dl:alerts",
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.book, self.r = book, book.r
+        self.metrics = metrics
+        self.public_url = public_url.rstrip("/")
+        self.am_url = alertmanager_url.rstrip("/") if alertmanager_url else None
+        self.producer, self.topic = producer, topic
+        self.webhook_url, self.webhook_attempts = webhook_url, webhook_attempts
+        self.http = http or httpx.Client(timeout=HTTP_TIMEOUT_S)
+        self.prefix = prefix
+        self.clock = clock
+        self.targets: dict[str, Callable[[list[tuple[str, dict[str, Any]]]], int]] = {}
+        if self.am_url:
+            self.targets["alertmanager"] = self._to_alertmanager
+        if producer is not None:
+            self.targets["kafka"] = self._to_kafka
+        if webhook_url:
+            self.targets["webhook"] = self._to_webhook
+
+    def link(self, incident_id: str) -> str:
+        return f"{self.public_url}/api/v1/incidents/{incident_id}"
+
+    # --- the change stream ---------------------------------------------------------------
+    def deliver(self) -> int:
+        """Deliver pending changes to every target; return how many deliveries succeeded."""
+        done = 0
+        for target, send in self.targets.items():
+            while True:
+                cur = self.r.hget(f"{self.prefix}:cursor", target)
+                rows = self.r.xrange(self.book.changes_key,
+                                     f"({cur.decode()}" if cur else "-", "+", count=BATCH)
+                changes = [(i.decode(), json.loads(f[b"change"])) for i, f in rows]
+                routed = [(cid, c) for cid, c in changes if c.get("routed")]
+                sent = send(routed) if routed else 0
+                done += sent
+                # Past every unrouted change and every routed one the target accepted.
+                failed = stream_id(routed[sent][0]) if sent < len(routed) else None
+                passed = [cid for cid, _ in changes
+                          if failed is None or stream_id(cid) < failed]
+                if passed:
+                    self.r.hset(f"{self.prefix}:cursor", target, passed[-1])
+                if failed is not None or len(changes) < BATCH:
+                    break
+        return done
+
+    def _message(self, cid: str, change: dict[str, Any]) -> dict[str, Any]:
+        return {**change, "change_id": cid,
+                "incident": {**change["incident"], "link": self.link(change["incident_id"])}}
+
+    def _to_kafka(self, routed: list[tuple[str, dict[str, Any]]]) -> int:
+        producer: Any = self.producer
+        futures = [producer.send(self.topic, key=c["incident_id"].encode(),
+                                      value=json.dumps(self._message(cid, c)).encode())
+                   for cid, c in routed]
+        producer.flush(timeout=KAFKA_TIMEOUT_S)
+        ok = 0
+        for fut in futures:
+            try:
+                fut.get(timeout=KAFKA_TIMEOUT_S)
+            except Exception as exc:  # a KafkaError or a timeout: retried on the next round
+                log.warning("kafka alert delivery failed", extra={"error": repr(exc)})
+                self.metrics.pushes.labels("kafka", "error").inc()
+                break
+            self.metrics.pushes.labels("kafka", "ok").inc()
+            ok += 1
+        return ok
+
+    def _to_webhook(self, routed: list[tuple[str, dict[str, Any]]]) -> int:
+        ok = 0
+        for cid, c in routed:
+            try:
+                for attempt in Retrying(
+                        retry=retry_if_exception_type(httpx.HTTPError),
+                        wait=wait_exponential(multiplier=0.5, max=4),
+                        stop=stop_after_attempt(self.webhook_attempts), reraise=True):
+                    with attempt:
+                        resp = self.http.post(self.webhook_url or "", json=self._message(cid, c))
+                        resp.raise_for_status()
+            except httpx.HTTPError as exc:
+                log.warning("webhook delivery failed", extra={"error": repr(exc)})
+                self.metrics.pushes.labels("webhook", "error").inc()
+                break
+            self.metrics.pushes.labels("webhook", "ok").inc()
+            ok += 1
+        return ok
+
+    def _to_alertmanager(self, routed: list[tuple[str, dict[str, Any]]]) -> int:
+        ids = list(dict.fromkeys(c["incident_id"] for _, c in routed))
+        incidents = []
+        for iid in ids:
+            try:
+                incidents.append(self.book.get(iid))
+            except IncidentNotFound:  # removed by retention since: nothing to show
+                continue
+        return len(routed) if self.push(incidents) else 0
+
+    # --- Alertmanager --------------------------------------------------------------------
+    def labels(self, inc: Incident) -> dict[str, str]:
+        return {"alertname": ALERTNAME, "incident_id": inc.id, "severity": inc.severity.value,
+                "root_template": inc.root.template, **inc.root.dims}
+
+    def alert(self, inc: Incident) -> dict[str, Any]:
+        now = self.clock()
+        starts = min(inc.created_at, now)
+        onset = _iso(inc.onset) if inc.onset else "unknown"
+        out: dict[str, Any] = {
+            "labels": self.labels(inc),
+            "annotations": {
+                "summary": f"{inc.severity.value} drift at {inc.root.slice_id}"
+                           f" ({', '.join(sorted({f.detector for f in inc.detectors}))};"
+                           f" {len(inc.related)} related slices)",
+                "onset": onset, "link": self.link(inc.id), "status": inc.status.value},
+            "startsAt": _iso(starts), "generatorURL": self.link(inc.id)}
+        if not inc.active:
+            out["endsAt"] = _iso(max(inc.resolved_at or now, starts))
+        return out
+
+    def push(self, incidents: Sequence[Incident]) -> bool:
+        """POST the incidents' current alerts, ending label sets they no longer have."""
+        if not self.am_url or not incidents:
+            return True
+        key = f"{self.prefix}:am_labels"
+        previous = self.r.hmget(key, [i.id for i in incidents])
+        alerts, ended = [], _iso(self.clock())
+        for inc, prev in zip(incidents, previous, strict=True):
+            alerts.append(self.alert(inc))
+            if prev is not None and json.loads(prev) != self.labels(inc):
+                alerts.append({"labels": json.loads(prev), "startsAt": _iso(inc.created_at),
+                               "endsAt": ended})
+        try:
+            resp = self.http.post(f"{self.am_url}/api/v2/alerts", json=alerts)
+            resp.raise_for_status()
+        except httpx.HTTPError as exc:
+            log.warning("alertmanager push failed", extra={"error": repr(exc)})
+            self.metrics.pushes.labels("alertmanager", "error").inc()
+            return False
+        self.metrics.pushes.labels("alertmanager", "ok").inc()
+        live = {i.id: json.dumps(self.labels(i)) for i in incidents if i.active}
+        if live:
+            self.r.hset(key, mapping=live)
+        gone = [i.id for i in incidents if not i.active]
+        if gone:
+            self.r.hdel(key, *gone)
+        return True
+
+    def resend(self) -> bool:
+        """Re-push every active incident (call every ``RESEND_INTERVAL_S``); update gauges."""
+        active = self.book.active()
+        self.metrics.set_open(active)
+        return self.push(active)
+
+    def close(self) -> None:
+        self.http.close()
+

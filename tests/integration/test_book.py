@@ -1,0 +1,343 @@
+"""The failure book against the real local stack: Redis (AOF), Alertmanager and Kafka."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+import redis
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import TopicAlreadyExistsError
+from prometheus_client import CollectorRegistry
+
+from driftline.alerts.book import FailureBook, InvalidTransition
+from driftline.alerts.model import RootCause, Severity, Status
+from driftline.alerts.processor import IncidentProcessor
+from driftline.alerts.routing import AlertMetrics, Router
+from driftline.localstack import Stack
+from tests.unit.alerts.synthetic import STATIONS, alarm, clear, fleet
+
+pytestmark = pytest.mark.integration
+T = TypeVar("T")
+ALERTS_TOPIC = "driftline.alerts"
+PUBLIC_URL = "http://driftline.test:8080"
+
+
+def wait_for(check: Callable[[], T | None], timeout: float, what: str) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.2)
+
+
+class Env:
+    """One test's isolated keys on the shared Redis: outbox, summary, book and router."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.tag = uuid.uuid4().hex[:8]
+        self.outbox = f"t{self.tag}:detect:outbox"
+        self.summary = f"t{self.tag}:detect:summary"
+        self.control = f"t{self.tag}:detect:control"
+        self.r = redis.Redis.from_url(url)
+        for sid, v in fleet().items():
+            self.r.hset(self.summary, sid, json.dumps(v))
+
+    def book(self, client: redis.Redis | None = None) -> FailureBook:
+        return FailureBook(client or self.r, prefix=f"t{self.tag}:book", control_key=self.control)
+
+    def processor(self, book: FailureBook | None = None, router: Router | None = None,
+                  **kw: Any) -> IncidentProcessor:
+        return IncidentProcessor(self.r, book or self.book(), router=router,
+                                 outbox_key=self.outbox, summary_key=self.summary,
+                                 block_ms=0, **kw)
+
+    def feed(self, *msgs: dict[str, Any]) -> None:
+        for m in msgs:
+            self.r.xadd(self.outbox, {"alarm": json.dumps(m)})
+
+    def drain(self, proc: IncidentProcessor) -> None:
+        while proc.step(block_ms=0):
+            pass
+
+
+@pytest.fixture
+def env(redis_url: str) -> Iterator[Env]:
+    e = Env(redis_url)
+    yield e
+    e.r.close()
+
+
+OPTICS = [alarm("station=press-3|shift=night", 1.0), alarm("station=press-3", 1.0),
+          alarm("lot=L7", 0.25, n=1600), alarm("shift=night", 0.25, n=1600)]
+
+
+def test_lifecycle_with_who_and_when_survives_a_reconnect(env: Env) -> None:
+    env.feed(*OPTICS)
+    env.drain(env.processor())
+    book = env.book()
+    (inc,) = book.active()
+    assert inc.root.slice_id == "station=press-3" and len(inc.related) == 3
+    book.acknowledge(inc.id, "alice", "looking at the camera")
+    with pytest.raises(InvalidTransition):
+        book.acknowledge(inc.id, "carol")
+    book.annotate(inc.id, "lens smudged, cleaning", "alice")
+    book.resolve(inc.id, RootCause.optics, "lens cleaned", "bob")
+    with pytest.raises(InvalidTransition):
+        book.resolve(inc.id, RootCause.other, None, "carol")
+
+    fresh = redis.Redis.from_url(env.url)  # a new connection and a new book see it all
+    again = env.book(fresh).get(inc.id)
+    assert again.status is Status.resolved
+    assert again.resolution is not None and again.resolution.category is RootCause.optics
+    assert (again.resolution.who, again.resolution.note) == ("bob", "lens cleaned")
+    steps = [(t.who, t.action) for t in again.timeline]
+    assert steps[0] == ("driftline", "opened")
+    assert steps[-3:] == [("alice", "acknowledged"), ("alice", "annotated"), ("bob", "resolved")]
+    assert all(t.at is not None for t in again.timeline)
+    assert again.timeline[-1].at >= again.timeline[-3].at
+    assert [i.id for i in env.book(fresh).list(status=Status.resolved).items] == [inc.id]
+    assert env.book(fresh).list(status=Status.open).items == []
+    resets = {f[b"reset"].decode() for _, f in fresh.xrange(env.control)}
+    assert resets == {"station=press-3", "station=press-3|shift=night", "lot=L7", "shift=night"}
+    fresh.close()
+
+
+def test_every_incident_note_and_status_survives_a_redis_restart(
+        env: Env, stack: Stack) -> None:
+    if stack.is_external("redis"):
+        pytest.skip("Redis was given by DRIFTLINE_REDIS_URL: not ours to restart")
+    env.feed(*OPTICS, alarm("station=press-1", 1.0, cluster=5))
+    env.drain(env.processor())
+    book = env.book()
+    a, b = sorted(book.active(), key=lambda i: i.id)
+    book.acknowledge(a.id, "alice")
+    book.annotate(b.id, "fixture loose?", "bob")
+    before = {i.id: i.model_dump() for i in (book.get(a.id), book.get(b.id))}
+    stack.restart("redis")
+    client = redis.Redis.from_url(env.url)
+    wait_for(lambda: _ping(client), 60, "redis after restart")
+    after = env.book(client)
+    assert {i: after.get(i).model_dump() for i in before} == before
+    assert after.get(a.id).status is Status.acknowledged
+    assert after.get(b.id).timeline[-1].note == "fixture loose?"
+    # The service side restarts too: a new processor continues from the stored cursor.
+    env.r = client
+    env.feed(clear("station=press-1"))
+    env.drain(env.processor(after))
+    assert after.get(b.id).status is Status.resolved and after.get(b.id).auto_resolved
+    client.close()
+
+
+def _ping(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def _lot_stream() -> list[dict[str, Any]]:
+    msgs = [alarm("lot=L7", 1.0, n=1600), *(alarm(f"station={s}", 0.5, n=800) for s in STATIONS),
+            alarm("station=press-1", 0.5, n=900, kind="update", t=1_700_000_900.0),
+            alarm("lot=L7", 1.0, n=1800, kind="update", t=1_700_000_950.0),
+            alarm("station=press-2|shift=day", 1.0, cluster=6, n=300)]
+    return msgs + [clear(m["slice_id"]) for m in msgs[:3]]
+
+
+def _state(book: FailureBook) -> list[tuple[str, str, str, int, int]]:
+    incs = book.list(limit=1000).items
+    return sorted((i.id, i.root.slice_id, i.status.value, len(i.related),
+                   sum(f.crossings for f in i.detectors)) for i in incs)
+
+
+def test_processor_cursor_is_exactly_once_across_restarts(env: Env, redis_url: str) -> None:
+    msgs = _lot_stream()
+    reference = Env(redis_url)  # the same stream through one uninterrupted processor
+    reference.feed(*msgs)
+    reference.drain(reference.processor())
+    expected = _state(reference.book())
+    assert len(expected) == 2 and expected[0][1] == "lot=L7" and expected[0][3] == 4
+
+    env.feed(*msgs)
+    for _ in range(4):  # a processor reads a few entries, then "dies"; the next one resumes
+        env.processor(batch_size=2).step(block_ms=0)
+    # A crash after reading but before committing: the same entries are offered again.
+    rows = env.r.xrange(env.outbox, "-", "+")
+    entries = [(i.decode(), json.loads(f[b"alarm"])) for i, f in rows]
+    book = env.book()
+    assert book.ingest(entries[:8], {}) == []
+    # Two processors racing over the rest: the transaction serialises them.
+    racers = [env.processor(batch_size=1) for _ in range(2)]
+    threads = [threading.Thread(target=env.drain, args=(p,)) for p in racers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert _state(book) == expected
+    assert book.cursor() == rows[-1][0].decode()
+    # Changes were written once per committed state change too.
+    actions = [json.loads(f[b"change"])["action"] for _, f in
+               env.r.xrange(book.changes_key, "-", "+")]
+    ref_actions = [json.loads(f[b"change"])["action"] for _, f in
+                   reference.r.xrange(reference.book().changes_key, "-", "+")]
+    assert sorted(actions) == sorted(ref_actions)
+    assert actions.count("opened") == 2
+    reference.r.close()
+
+
+def test_list_filters_and_cursor_pagination(env: Env) -> None:
+    env.feed(*(alarm(f"station={s}", 1.0, cluster=i, t=1_700_000_600.0 + 5000 * i,
+                     onset=1_700_000_000.0 + 5000 * i) for i, s in enumerate(STATIONS)),
+             alarm("lot=L6", 1.0, t=1_700_030_000.0, onset=1_700_029_000.0))
+    env.drain(env.processor())
+    book = env.book()
+    seen, cursor = [], None
+    while True:
+        page = book.list(limit=2, cursor=cursor)
+        seen += [i.id for i in page.items]
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert len(seen) == len(set(seen)) == 5
+    times = [book.get(i).detected_at for i in seen]
+    assert times == sorted(times, reverse=True)
+    assert [i.root.slice_id for i in book.list(station="press-2").items] == ["station=press-2"]
+    assert [i.root.slice_id for i in book.list(lot="L6").items] == ["lot=L6"]
+    mid = book.get(seen[2]).detected_at
+    assert [i.id for i in book.list(since=mid).items] == seen[:3]
+    assert [i.id for i in book.list(until=mid).items] == seen[2:]
+    by_severity = [i.id for sev in Severity for i in book.list(severity=sev).items]
+    assert sorted(by_severity) == sorted(seen)
+    assert all(i.status is Status.open for i in book.list(status=Status.open).items)
+
+
+def _am_alerts(am: str, incident_id: str) -> list[dict[str, Any]]:
+    resp = httpx.get(f"{am}/api/v2/alerts", params={
+        "active": "true", "silenced": "false", "inhibited": "false",
+        "filter": f'incident_id="{incident_id}"'}, timeout=5)
+    resp.raise_for_status()
+    return [a for a in resp.json() if a["status"]["state"] == "active"]
+
+
+def test_alertmanager_lists_the_alert_while_open_and_not_after_resolve(
+        env: Env, alertmanager_url: str) -> None:
+    registry = CollectorRegistry()
+    book = env.book()
+    router = Router(book, AlertMetrics(registry), public_url=PUBLIC_URL,
+                    alertmanager_url=alertmanager_url, prefix=f"t{env.tag}:alerts")
+    env.feed(*OPTICS)
+    env.drain(env.processor(book, router))
+    (inc,) = book.active()
+    alerts = wait_for(lambda: _am_alerts(alertmanager_url, inc.id), 20, "the alert in AM")
+    assert len(alerts) == 1
+    labels = alerts[0]["labels"]
+    assert labels == {"alertname": "DriftlineIncident", "incident_id": inc.id,
+                      "severity": inc.severity.value, "root_template": "station",
+                      "station": "press-3"}
+    assert alerts[0]["annotations"]["link"] == f"{PUBLIC_URL}/api/v1/incidents/{inc.id}"
+    assert "press-3" in alerts[0]["annotations"]["summary"]
+    assert alerts[0]["annotations"]["onset"].startswith("2023-11-14T22:13:20")
+    assert registry.get_sample_value("driftline_alerts_pushes_total",
+                                     {"target": "alertmanager", "outcome": "ok"}) >= 1
+    assert registry.get_sample_value("driftline_incidents_total",
+                                     {"severity": inc.severity.value}) == 1
+    router.resend()
+    assert registry.get_sample_value("driftline_incidents_open",
+                                     {"severity": inc.severity.value}) == 1
+
+    book.acknowledge(inc.id, "alice")
+    router.deliver()
+    assert _am_alerts(alertmanager_url, inc.id)[0]["annotations"]["status"] == "acknowledged"
+    book.resolve(inc.id, RootCause.optics, None, "bob")
+    router.deliver()
+    wait_for(lambda: not _am_alerts(alertmanager_url, inc.id), 20, "the alert to be resolved")
+    router.resend()
+    assert registry.get_sample_value("driftline_incidents_open",
+                                     {"severity": inc.severity.value}) == 0
+    router.close()
+
+
+def test_escalation_ends_the_old_label_set(env: Env, alertmanager_url: str) -> None:
+    book = env.book()
+    router = Router(book, AlertMetrics(CollectorRegistry()), public_url=PUBLIC_URL,
+                    alertmanager_url=alertmanager_url, prefix=f"t{env.tag}:alerts")
+    proc = env.processor(book, router)
+    env.feed(alarm("station=press-4", 1.0, eps=0.05, n=2000))
+    env.drain(proc)
+    (inc,) = book.active()
+    first = wait_for(lambda: _am_alerts(alertmanager_url, inc.id), 20, "the alert")
+    env.feed(alarm("station=press-4", 1.0, eps=0.05, n=2000, detector="error_rate"))
+    env.drain(proc)
+    now = book.get(inc.id).severity
+    assert now.value != first[0]["labels"]["severity"]
+    wait_for(lambda: [a["labels"]["severity"] for a in _am_alerts(alertmanager_url, inc.id)]
+             == [now.value], 20, "only the escalated label set to stay active")
+    router.close()
+
+
+def _ensure_topic(bootstrap: str) -> None:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.create_topics([NewTopic(ALERTS_TOPIC, num_partitions=1, replication_factor=1)])
+    except TopicAlreadyExistsError:
+        pass
+    finally:
+        admin.close()
+
+
+def test_one_kafka_message_per_state_change(env: Env, kafka_bootstrap: str) -> None:
+    _ensure_topic(kafka_bootstrap)
+    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False)
+    tps = [TopicPartition(ALERTS_TOPIC, p)
+           for p in wait_for(lambda: consumer.partitions_for_topic(ALERTS_TOPIC), 30, "topic")]
+    consumer.assign(tps)
+    consumer.seek_to_end(*tps)
+    for tp in tps:
+        consumer.position(tp)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    book = env.book()
+
+    def router() -> Router:
+        return Router(book, AlertMetrics(CollectorRegistry()), public_url=PUBLIC_URL,
+                      producer=producer, topic=ALERTS_TOPIC, prefix=f"t{env.tag}:alerts")
+
+    env.feed(*OPTICS)
+    env.drain(env.processor(book, router()))
+    (inc,) = book.active()
+    book.acknowledge(inc.id, "alice")
+    book.annotate(inc.id, "not a state change", "alice")
+    router().deliver()  # a restarted router continues from its cursor in Redis
+    book.resolve(inc.id, RootCause.optics, "lens cleaned", "bob")
+    router().deliver()
+    router().deliver()
+
+    got: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for records in consumer.poll(timeout_ms=500).values():
+            got += [json.loads(r.value) for r in records]
+        mine = [m for m in got if m["incident_id"] == inc.id and m["change_id"]]
+        if mine and mine[-1]["action"] == "resolved":
+            break
+    mine = [m for m in got if m["incident_id"] == inc.id]
+    changes = [json.loads(f[b"change"]) for _, f in env.r.xrange(book.changes_key, "-", "+")]
+    routed = [c["action"] for c in changes if c["routed"]]
+    assert [m["action"] for m in mine] == routed
+    assert routed[0] == "opened" and routed[-2:] == ["acknowledged", "resolved"]
+    assert len({m["change_id"] for m in mine}) == len(mine)
+    assert mine[-1]["who"] == "bob" and mine[-1]["incident"]["status"] == "resolved"
+    assert mine[-1]["incident"]["link"] == f"{PUBLIC_URL}/api/v1/incidents/{inc.id}"
+    assert mine[-1]["schema_version"] == 1
+    producer.close()
+    consumer.close()

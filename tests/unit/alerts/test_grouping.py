@@ -1,0 +1,138 @@
+"""Alarms → incidents without Redis: grouping in any order, re-rooting, merging, auto-resolve."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from driftline.alerts.attribution import SliceStatus
+from driftline.alerts.grouping import Grouper
+from driftline.alerts.model import Incident, Status
+from tests.unit.alerts.synthetic import STATIONS, alarm, clear, fleet, summary_entry
+
+NOW = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
+
+
+def grouper(incidents: list[Incident] | None = None,
+            summary: dict[str, dict[str, Any]] | None = None,
+            signatures: dict[str, dict[str, Any]] | None = None) -> Grouper:
+    ids = itertools.count(1 + len(incidents or []))
+    raw = summary if summary is not None else fleet()
+    return Grouper(incidents or [], {k: SliceStatus.from_summary(k, v) for k, v in raw.items()},
+                   now=NOW, new_id=lambda: f"DL-{next(ids):06d}",
+                   signatures=lambda: signatures or {})
+
+
+def active(g: Grouper) -> list[Incident]:
+    return [i for i in g.incidents.values() if i.active]
+
+
+LOT_ALARMS = [alarm("lot=L7", 1.0, n=1600),
+              *(alarm(f"station={s}", 0.5, n=800) for s in STATIONS),
+              alarm("shift=day", 0.5, n=3200)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_lot_alarms_in_any_order_make_one_incident_rooted_at_the_lot(seed: int) -> None:
+    msgs = list(LOT_ALARMS)
+    random.Random(seed).shuffle(msgs)
+    g = grouper()
+    for m in msgs:
+        g.apply(m)
+    live = active(g)
+    assert len(live) == 1
+    assert live[0].root.slice_id == "lot=L7"
+    assert len(live[0].related) == 5
+    merged = [i for i in g.incidents.values() if i.merged_into]
+    assert all(i.merged_into == live[0].id and i.status is Status.resolved for i in merged)
+    assert {c.action for c in g.changes} <= {"opened", "related_added", "rerooted", "merged",
+                                             "escalated"}
+
+
+def test_station_optics_opens_one_incident_and_updates_do_not_add_more() -> None:
+    g = grouper()
+    for m in [alarm("station=press-3|shift=night", 1.0), alarm("station=press-3", 1.0),
+              alarm("lot=L7", 0.25, n=1600), alarm("shift=night", 0.25, n=1600),
+              alarm("station=press-3", 1.0, kind="update", t=1_700_001_000.0)]:
+        g.apply(m)
+    (inc,) = active(g)
+    assert inc.root.slice_id == "station=press-3"
+    root_firing = next(f for f in inc.detectors if f.slice_id == "station=press-3")
+    assert root_firing.crossings == 2
+    assert inc.delay.seconds == 600.0 and inc.delay.events == 400
+    assert inc.evidence.clusters[0].cluster == 0 and inc.evidence.clusters[0].delta > 0.2
+    # Changed exemplars (cluster 0 gained mass) come first.
+    assert inc.evidence.exemplars[0].cluster == 0
+
+
+def test_shift_lighting_reroots_when_the_day_shift_is_clean() -> None:
+    summary = fleet()
+    g = grouper(summary=summary)
+    for m in [alarm("station=press-3|shift=night", 1.0), alarm("station=press-3", 1.0),
+              alarm("shift=night", 0.25, n=1600)]:
+        g.apply(m)
+    (inc,) = active(g)
+    assert inc.root.slice_id == "station=press-3"
+    # The day shift runs: the summary shows its clean events; re-attribution moves the root.
+    summary["station=press-3|shift=day"] = summary_entry("station=press-3|shift=day", 1500)
+    g2 = grouper([inc], summary)
+    g2.reattribute()
+    (inc,) = active(g2)
+    assert inc.root.slice_id == "station=press-3|shift=night"
+    assert [c.action for c in g2.changes] == ["rerooted"]
+    assert inc.timeline[-1].action == "rerooted" and inc.timeline[-1].who == "driftline"
+
+
+def test_unrelated_stations_are_separate_incidents() -> None:
+    g = grouper()
+    g.apply(alarm("station=press-1", 1.0))
+    g.apply(alarm("station=press-3", 1.0, cluster=5))
+    assert sorted(i.root.slice_id for i in active(g)) == ["station=press-1", "station=press-3"]
+
+
+def test_clear_of_every_detector_auto_resolves() -> None:
+    g = grouper()
+    g.apply(alarm("station=press-3", 1.0))
+    g.apply(alarm("station=press-3", 1.0, detector="ood_rate", ood_shift=0.2))
+    g.apply(alarm("lot=L7", 0.25, n=1600))
+    g.apply(clear("station=press-3"))
+    g.apply(clear("station=press-3", detector="ood_rate"))
+    (inc,) = active(g)
+    g.apply(clear("lot=L7"))
+    assert not active(g)
+    assert inc.status is Status.resolved and inc.auto_resolved
+    assert [c.action for c in g.changes][-1] == "auto_resolved"
+
+
+def test_recurrence_links_a_matching_resolved_incident() -> None:
+    g = grouper()
+    g.apply(alarm("station=press-3", 1.0))
+    past = active(g)[0]
+    sigs = {"DL-000077": {"template": "station", "signature": past.evidence.signature},
+            "DL-000078": {"template": "station",
+                          "signature": grouper_signature(cluster=5)},
+            "DL-000079": {"template": "lot", "signature": past.evidence.signature}}
+    g2 = grouper(signatures=sigs)
+    g2.apply(alarm("station=press-3", 1.0, eps=0.25))
+    (inc,) = active(g2)
+    assert [r.incident_id for r in inc.recurrence] == ["DL-000077"]
+    assert inc.recurrence[0].similarity > 0.99
+
+
+def grouper_signature(cluster: int) -> list[float]:
+    g = grouper()
+    g.apply(alarm("station=press-1", 1.0, cluster=cluster))
+    return active(g)[0].evidence.signature
+
+
+def test_updates_after_an_on_call_resolve_wait_for_the_reset() -> None:
+    g = Grouper([], {}, now=NOW, new_id=lambda: "DL-000001", signatures=dict,
+                reset_pending=["station=press-3"])
+    g.apply(alarm("station=press-3", 1.0, kind="update"))
+    assert not g.incidents
+    g.apply(alarm("station=press-3", 1.0, kind="alarm"))
+    assert len(g.incidents) == 1 and g.reset_done == {"station=press-3"}
