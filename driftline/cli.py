@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -9,6 +10,7 @@ import typer
 
 from driftline.config import ConfigError, Settings, load_settings
 from driftline.logs import configure_logging
+from driftline.reference.cli import app as reference_app
 
 app = typer.Typer(help="driftline: production drift monitoring for vision models",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -16,6 +18,7 @@ model_app = typer.Typer(help="Models", no_args_is_help=True)
 config_app = typer.Typer(help="Configuration", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(config_app, name="config")
+app.add_typer(reference_app, name="reference")
 
 CacheDir = Annotated[Path | None, typer.Option(help="Cache dir (default DRIFTLINE_CACHE_DIR)")]
 
@@ -69,6 +72,41 @@ def demo_data(cache_dir: CacheDir = None) -> None:
 
     settings = settings_or_exit()
     typer.echo(str(fetch_demo_data(cache_dir or settings.cache_dir)))
+
+
+@app.command("run")
+def run(
+    role: Annotated[str, typer.Argument(help="embed, detect or all")] = "all",
+    port: Annotated[int | None, typer.Option(help="HTTP port (default DRIFTLINE_API_PORT)")] = None,
+) -> None:
+    """Run pipeline stages with probes and /metrics over HTTP until SIGTERM."""
+    import uvicorn
+
+    from driftline.runner import ROLES, Service
+    from driftline.service.app import create_app
+
+    settings = settings_or_exit()
+    roles = list(ROLES) if role == "all" else [role]
+    if any(r not in ROLES for r in roles):
+        typer.echo(f"driftline: unknown role {role!r}; use embed, detect or all", err=True)
+        raise typer.Exit(2)
+    service = Service(settings, roles)
+    service.start()
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(service.registry, service.readiness), host=settings.api_host,
+        port=port if port is not None else settings.api_port, log_level="warning"))
+    # uvicorn turns SIGTERM/SIGINT into a graceful HTTP shutdown and then re-raises the signal
+    # to the handler installed before it: ours asks the stages to stop, and they finish the
+    # batch, checkpoint and commit before the process exits.
+    def request_stop(signum: int, _frame: object) -> None:
+        for stage in service.stages.values():
+            stage.stop()
+        server.should_exit = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    server.run()
+    service.stop()
 
 
 def main() -> None:

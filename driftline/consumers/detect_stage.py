@@ -43,9 +43,11 @@ MAX_POLL_RECORDS = 2000
 class SliceModel(Protocol):
     """What the stage needs of a slice's detectors (see :mod:`driftline.consumers.slice_state`)."""
 
-    n: int
     template: str
     dims: dict[str, str]
+
+    @property
+    def n(self) -> int: ...
 
     def update(self, upd: SliceUpdate) -> list[dict[str, Any]]: ...
 

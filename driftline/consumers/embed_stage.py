@@ -133,9 +133,15 @@ class EmbedStage:
         vectors = np.zeros((len(items), self.reference.dim), np.float32)
         ok = [True] * len(items)
         index = {id(item): n for n, item in enumerate(items)}
-        if images:
-            if self.embedder is None:
-                raise RuntimeError("events carry images but no embedding model is configured")
+        if images and self.embedder is None:
+            for item in images:
+                ok[index[id(item)]] = False
+                self._dead_letter(item.msg, EventRejected(
+                    RejectReason.unknown_reference,
+                    "the active reference was built from precomputed embeddings; send "
+                    "`embedding`, or build a reference with an ONNX model to embed images"),
+                    item.event.event_id)
+        elif images and self.embedder is not None:
             sources: list[bytes | str] = [
                 i.event.image_bytes() or i.event.image_uri or b"" for i in images]
             emb, errors = self.embedder.embed_images(sources)

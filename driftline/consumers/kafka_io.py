@@ -8,7 +8,7 @@ from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
-from kafka.errors import NoBrokersAvailable, TopicAlreadyExistsError
+from kafka.errors import KafkaConnectionError, RetriableError, TopicAlreadyExistsError
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 log = logging.getLogger(__name__)
@@ -20,7 +20,7 @@ BROKER_WAIT_S = 120
 MAX_POLL_INTERVAL_MS = 300_000
 
 _retry_broker = retry(
-    retry=retry_if_exception_type(NoBrokersAvailable),
+    retry=retry_if_exception_type((KafkaConnectionError, RetriableError)),
     wait=wait_exponential(multiplier=0.2, max=5),
     stop=stop_after_delay(BROKER_WAIT_S),
     reraise=True,

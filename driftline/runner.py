@@ -1,0 +1,179 @@
+"""Wires settings into running stages: ``driftline run embed|detect|all``.
+
+Each stage runs in its own thread with its own Kafka clients; the process serves probes and
+metrics over HTTP. SIGTERM/SIGINT stop the stages gracefully: the current batch is finished,
+checkpointed and committed before the process exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import redis
+from prometheus_client import CollectorRegistry
+
+from driftline.config import Settings
+from driftline.consumers.checkpoint import CheckpointStore
+from driftline.consumers.detect_stage import DetectStage
+from driftline.consumers.embed_stage import EmbedStage
+from driftline.consumers.kafka_io import ensure_topics, make_consumer, make_producer
+from driftline.consumers.slice_state import SliceState
+from driftline.core.budget import DAY, Budget
+from driftline.core.slices import SliceDetectors
+from driftline.metrics import ConsumerMetrics, DetectMetrics, EmbedMetrics
+from driftline.reference.index import Reference, load_reference
+from driftline.schema import SliceUpdate
+
+log = logging.getLogger(__name__)
+ROLES = ("embed", "detect")
+
+
+class ReferenceBaselines:
+    """Adapts a :class:`Reference` to what the detectors need per event (cached arrays)."""
+
+    def __init__(self, ref: Reference) -> None:
+        items = ref.manifest["baselines"]["items"]
+        self._p = {k: np.asarray(v["p"], np.float64) for k, v in items.items()}
+        self._ood = {k: float(v["ood_rate"]) for k, v in items.items()}
+        perf = ref.manifest.get("performance", {}).get("clusters") or []
+        self._err = {int(c["cluster"]): c.get("error_rate") for c in perf}
+
+    def cluster_mix(self, key: str) -> np.ndarray:
+        return self._p[key]
+
+    def ood_rate(self, key: str) -> float:
+        return self._ood[key]
+
+    def expected_error(self, cluster: int) -> float | None:
+        rate = self._err.get(cluster)
+        return None if rate is None else float(rate)
+
+
+def detector_arl0(settings: Settings) -> float:
+    """Per-detector ARL0 target γ from the operator's false-alarm budget."""
+    budget = Budget(false_incidents=settings.budget_false_incidents,
+                    period_s=settings.budget_period_days * DAY,
+                    n_slices=settings.budget_slices, detectors_per_slice=2,
+                    event_rate=settings.budget_event_rate)
+    log.info("false-alarm budget", extra={"budget": budget.describe()})
+    return budget.arl0()
+
+
+def load_active_reference(settings: Settings) -> Reference:
+    if settings.reference_dir is None:
+        raise SystemExit("driftline: DRIFTLINE_REFERENCE_DIR is not set; build one with "
+                         "`driftline reference build` and point the setting at it")
+    return load_reference(settings.reference_dir)
+
+
+def make_embedder(settings: Settings, ref: Reference) -> Any:
+    """The embedder the reference was built with, or None for precomputed embeddings."""
+    desc = ref.manifest["embedding"].get("model")
+    if desc is None:
+        return None
+    from driftline.consumers.embedder import Embedder, EmbedderConfig
+
+    config = EmbedderConfig.from_description(
+        desc, settings.resolved_model_path(), providers=tuple(settings.onnx_providers),
+        batch_size=settings.embed_batch_size, intra_op_threads=settings.onnx_threads,
+        max_image_pixels=settings.max_image_pixels)
+    embedder = Embedder(config)
+    if embedder.model_sha256 != desc["model_sha256"]:
+        raise SystemExit(
+            f"driftline: DRIFTLINE_MODEL_PATH {config.model_path} has sha256 "
+            f"{embedder.model_sha256[:12]}…, the reference was built with "
+            f"{desc['model_sha256'][:12]}…")
+    return embedder
+
+
+def build_embed_stage(settings: Settings, registry: CollectorRegistry, ref: Reference,
+                      embedder: Any) -> EmbedStage:
+    return EmbedStage(
+        make_consumer(settings.kafka_bootstrap, settings.embed_group),
+        make_producer(settings.kafka_bootstrap),
+        events_topic=settings.events_topic, updates_topic=settings.slice_updates_topic,
+        dlq_topic=settings.dlq_topic, embedder=embedder, reference=ref,
+        templates=settings.slice_templates, metrics=EmbedMetrics(registry),
+        redis_client=redis.Redis.from_url(settings.redis_url),
+        batch_size=settings.embed_batch_size, batch_timeout_ms=settings.embed_batch_timeout_ms,
+        max_event_bytes=settings.max_event_bytes)
+
+
+def build_detect_stage(settings: Settings, registry: CollectorRegistry,
+                       ref: Reference) -> DetectStage:
+    baselines = ReferenceBaselines(ref)
+    arl0 = detector_arl0(settings)
+    autoresolve = settings.autoresolve_events
+
+    def new_slice(upd: SliceUpdate) -> SliceState:
+        return SliceState(upd.slice_id, upd.template, SliceDetectors(arl0=arl0), baselines,
+                          autoresolve)
+
+    def restore_slice(snap: dict[str, Any]) -> SliceState:
+        return SliceState.restore(snap, baselines, autoresolve)
+
+    return DetectStage(
+        make_consumer(settings.kafka_bootstrap, settings.detect_group),
+        settings.slice_updates_topic,
+        CheckpointStore(redis.Redis.from_url(settings.redis_url)),
+        new_slice, restore_slice, DetectMetrics(registry), ConsumerMetrics(registry),
+        checkpoint_interval_s=settings.checkpoint_interval_ms / 1000)
+
+
+@dataclass
+class Service:
+    """The stages of one process and their threads."""
+
+    settings: Settings
+    roles: Sequence[str]
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    stages: dict[str, Any] = field(default_factory=dict)
+    threads: list[threading.Thread] = field(default_factory=list)
+    reference: Reference | None = None
+
+    def start(self) -> None:
+        s = self.settings
+        ensure_topics(s.kafka_bootstrap, {
+            s.events_topic: s.topic_partitions, s.slice_updates_topic: s.topic_partitions,
+            s.dlq_topic: 1, s.alerts_topic: 1})
+        self.reference = load_active_reference(s)
+        if "embed" in self.roles:
+            self.stages["embed"] = build_embed_stage(s, self.registry, self.reference,
+                                                     make_embedder(s, self.reference))
+        if "detect" in self.roles:
+            self.stages["detect"] = build_detect_stage(s, self.registry, self.reference)
+        for name, stage in self.stages.items():
+            thread = threading.Thread(target=self._run, args=(name, stage), name=name,
+                                      daemon=True)
+            thread.start()
+            self.threads.append(thread)
+        log.info("service started", extra={"roles": list(self.roles),
+                                            "reference": self.reference.reference_id})
+
+    def _run(self, name: str, stage: Any) -> None:
+        try:
+            stage.run()
+        except Exception:
+            log.exception("stage crashed", extra={"stage": name})
+            raise
+
+    def stop(self, timeout: float = 30.0) -> None:
+        for stage in self.stages.values():
+            stage.stop()
+        for thread in self.threads:
+            thread.join(timeout)
+
+    def readiness(self) -> dict[str, bool]:
+        checks = {"reference_loaded": self.reference is not None}
+        detect = self.stages.get("detect")
+        if detect is not None:
+            checks["detect_partitions_assigned"] = bool(detect.ready)
+        checks.update({f"{n}_running": t.is_alive() for n, t in zip(
+            self.stages, self.threads, strict=False)})
+        return checks
+

@@ -1,0 +1,242 @@
+"""The streaming pipeline against the real broker and Redis: detection, crashes, scale-out."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.pipeline_support import (
+    STEP,
+    T0,
+    Pipeline,
+    Stream,
+    Worker,
+    detect_done,
+    make_reference,
+    outbox,
+    states,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+_db = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_reference(tmp_path_factory.mktemp("ref") / "reference")
+
+
+@pytest.fixture
+def pipe(kafka_bootstrap: str, redis_url: str, reference: Path) -> Pipeline:
+    base = re.sub(r"/\d+$", "", redis_url.rstrip("/"))
+    p = Pipeline(kafka_bootstrap, f"{base}/{next(_db)}", reference)
+    p.redis().flushdb()
+    p.create_topics()
+    return p
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[list[Worker]]:
+    started: list[Worker] = []
+    yield started
+    for w in started:
+        if w.alive():
+            w.kill()
+
+
+def start(pipe: Pipeline, role: str, tmp_path: Path, workers: list[Worker], **env: str) -> Worker:
+    w = Worker(pipe, role, tmp_path, **env)
+    workers.append(w)
+    return w
+
+
+def wait_detected(pipe: Pipeline, workers: list[Worker], n_events: int,
+                  timeout: float = 180) -> None:
+    """Wait until all 4 slice-updates of each of ``n_events`` good events are checkpointed."""
+    def done() -> bool:
+        for w in workers:
+            assert w.alive() or w.proc.returncode in (0, -9), w.log()
+        return detect_done(pipe, 4 * n_events)
+    wait_for(done, timeout, "the detect stage to checkpoint every slice-update")
+
+
+def counts(st: dict[str, dict[str, Any]]) -> dict[str, int]:
+    return {sid: rec["state"]["detectors"]["n"] for sid, rec in st.items()}
+
+
+def expected_counts(docs: list[dict[str, Any]]) -> dict[str, int]:
+    c: Counter[str] = Counter()
+    for d in docs:
+        c[f"station={d['station']}"] += 1
+        c[f"station={d['station']}|shift={d['shift']}"] += 1
+        c[f"shift={d['shift']}"] += 1
+        c[f"lot={d['lot']}"] += 1
+    return dict(c)
+
+
+def test_injected_change_is_detected_with_onset(
+    pipe: Pipeline, tmp_path: Path, workers: list[Worker]
+) -> None:
+    change_at = 1500
+    docs = Stream(n=2400, seed=5, change_station="s2", change_at=change_at).events()
+    start(pipe, "all", tmp_path, workers)
+    pipe.produce(docs)
+    wait_detected(pipe, workers, len(docs))
+    alarms = [a for a in outbox(pipe) if a["kind"] == "alarm"]
+    by_slice = {a["slice_id"]: a for a in alarms}
+    summary = pipe.redis().hget("dl:detect:summary", "station=s2")
+    assert "station=s2" in by_slice, ([a["slice_id"] for a in alarms], summary)
+    # Nothing changed at the other stations: no alarm on their station slices.
+    assert not {"station=s1", "station=s3"} & set(by_slice)
+    alarm = by_slice["station=s2"]
+    injected = (T0 + change_at * STEP).timestamp()
+    # s2 gets every third event, so one s2 event = 3 steps of event time.
+    s2_events_late = (alarm["time"] - injected) / (3 * STEP.total_seconds())
+    onset_error = abs(alarm["onset_time"] - injected) / (3 * STEP.total_seconds())
+    assert 0 <= s2_events_late < 60, s2_events_late
+    assert onset_error <= max(5, 0.25 * s2_events_late), (onset_error, s2_events_late)
+    assert alarm["evidence"]["counts"]["ood"] > alarm["evidence"]["counts"]["ood_expected"]
+    st = states(pipe)
+    assert counts(st) == expected_counts(docs)
+    assert workers[0].terminate() == 0, workers[0].log()
+
+
+def test_detect_worker_sigkill_gives_the_same_states(
+    kafka_bootstrap: str, redis_url: str, reference: Path, tmp_path: Path,
+    workers: list[Worker],
+) -> None:
+    """Embed once; detect twice over the same slice-updates (same order per slice): once
+    uninterrupted, once SIGKILLed twice mid-stream. States must be equal, exactly."""
+    base = re.sub(r"/\d+$", "", redis_url.rstrip("/"))
+    pipe = Pipeline(kafka_bootstrap, f"{base}/{next(_db)}", reference)
+    pipe.redis().flushdb()
+    pipe.create_topics()
+    docs = Stream(n=3000, seed=6, change_station="s1", change_at=2000).events()
+    pipe.produce(docs)
+    embed = start(pipe, "embed", tmp_path, workers)
+    wait_for(lambda: sum(pipe.end_offsets(pipe.updates_topic).values()) >= 4 * len(docs),
+             180, "the embed stage to produce every slice-update")
+    embed.terminate()
+
+    clean = Pipeline(kafka_bootstrap, f"{base}/{next(_db)}", reference, name=pipe.name)
+    clean.redis().flushdb()
+    w = start(clean, "detect", tmp_path, workers, DRIFTLINE_DETECT_GROUP=f"clean-{pipe.name}")
+    wait_detected(clean, workers, len(docs))
+    w.terminate()
+
+    crashy = Pipeline(kafka_bootstrap, f"{base}/{next(_db)}", reference, name=pipe.name)
+    crashy.redis().flushdb()
+    group = {"DRIFTLINE_DETECT_GROUP": f"crashy-{pipe.name}"}
+    for fraction in (0.3, 0.6):
+        w = start(crashy, "detect", tmp_path, workers, **group)
+        wait_for(lambda f=fraction: sum(counts(states(crashy)).values()) >= f * 4 * len(docs),
+                 120, f"{fraction:.0%} of the updates applied")
+        w.kill()
+    start(crashy, "detect", tmp_path, workers, **group)
+    wait_detected(crashy, workers, len(docs))
+
+    a, b = states(clean), states(crashy)
+    assert counts(a) == expected_counts(docs)
+    assert counts(b) == counts(a)
+    assert b == a  # detector states, applied offsets, exemplars: identical
+    oa, ob = outbox(clean), outbox(crashy)
+    key = lambda m: (m["slice_id"], m["detector"], m["kind"], m["slice_n"])  # noqa: E731
+    diff = [(x, y) for x, y in zip(sorted(oa, key=key), sorted(ob, key=key), strict=False)
+            if x != y]
+    assert len(oa) == len(ob) and not diff, (len(oa), len(ob), diff[:1])
+
+
+def test_embed_worker_sigkill_duplicates_are_skipped(
+    kafka_bootstrap: str, redis_url: str, reference: Path, tmp_path: Path,
+    workers: list[Worker],
+) -> None:
+    base = re.sub(r"/\d+$", "", redis_url.rstrip("/"))
+    pipe = Pipeline(kafka_bootstrap, f"{base}/{next(_db)}", reference, event_partitions=1)
+    pipe.redis().flushdb()
+    pipe.create_topics()
+    docs = Stream(n=3000, seed=8).events()
+    pipe.produce(docs)
+    detect = start(pipe, "detect", tmp_path, workers)
+    # Small embed batches so that a kill lands between produce and commit.
+    small = {"DRIFTLINE_EMBED_BATCH_SIZE": "16"}
+    embed = start(pipe, "embed", tmp_path, workers, **small)
+    wait_for(lambda: sum(pipe.end_offsets(pipe.updates_topic).values()) >= 1200, 120,
+             "some slice-updates")
+    embed.kill()
+    start(pipe, "embed", tmp_path, workers, **small)
+    wait_for(lambda: detect_done(pipe, 4 * len(docs)) and sum(counts(states(pipe)).values()) >= 4 * len(docs),
+             180, "every event applied")
+    st = states(pipe)
+    assert counts(st) == expected_counts(docs)
+    produced = sum(pipe.end_offsets(pipe.updates_topic).values())
+    assert produced >= 4 * len(docs)
+    dupes = produced - 4 * len(docs)
+    # Every duplicate the replay produced was skipped: counts are exact above.
+    assert detect.alive()
+    print(f"embed replay produced {dupes} duplicate slice-updates, all skipped")
+
+
+def test_scale_out_no_loss_no_double_count(
+    pipe: Pipeline, tmp_path: Path, workers: list[Worker]
+) -> None:
+    docs = Stream(n=4000, seed=9).events()
+    start(pipe, "embed", tmp_path, workers)
+    d1 = start(pipe, "detect", tmp_path, workers)
+    d2 = start(pipe, "detect", tmp_path, workers)
+    pipe.produce(docs[:1500])
+    wait_for(lambda: sum(counts(states(pipe)).values()) >= 2000, 120, "first updates")
+    d3 = start(pipe, "detect", tmp_path, workers)
+    pipe.produce(docs[1500:3000])
+    wait_for(lambda: sum(counts(states(pipe)).values()) >= 8000, 120, "more updates")
+    assert d1.terminate() == 0, d1.log()
+    pipe.produce(docs[3000:])
+    wait_detected(pipe, [d2, d3], len(docs))
+    wait_for(lambda: sum(counts(states(pipe)).values()) >= 4 * len(docs), 120, "all updates")
+    assert counts(states(pipe)) == expected_counts(docs)
+
+
+def test_malformed_events_go_to_the_dlq_with_reasons(
+    pipe: Pipeline, tmp_path: Path, workers: list[Worker]
+) -> None:
+    good = Stream(n=1000, seed=10).events()
+    bad_kinds: list[tuple[bytes | dict[str, Any], str]] = [
+        (b"{not json", "malformed_json"),
+        (b"\xff\xfe\x00", "invalid_utf8"),
+        (b"[1,2,3]", "not_an_object"),
+        ({**good[0], "station": None}, "invalid_field"),
+        ({k: v for k, v in good[0].items() if k != "lot"}, "missing_field"),
+        ({**good[0], "ts": "yesterday"}, "invalid_field"),
+        ({**good[0], "image": "aGVsbG8="}, "payload_conflict"),
+        ({**good[0], "embedding": [0.1, 0.2]}, "embedding_dim"),
+        ({**good[0], "embedding": None, "image": "aGVsbG8="}, "unknown_reference"),
+        ({**{k: v for k, v in good[0].items() if k != "embedding"}, "label": "x",
+          "event_id": "never-seen"}, "unknown_event"),
+    ]
+    stream: list[dict[str, Any] | bytes] = []
+    expected: Counter[str] = Counter()
+    for i, doc in enumerate(good):
+        stream.append(doc)
+        bad, reason = bad_kinds[i % len(bad_kinds)]
+        if isinstance(bad, dict):
+            bad = {**bad, "event_id": f"bad-{i}"} if reason != "unknown_event" else bad
+        stream.append(bad)
+        expected[reason] += 1
+    start(pipe, "all", tmp_path, workers)
+    pipe.produce(stream)
+    wait_for(lambda: sum(pipe.end_offsets(pipe.dlq_topic).values()) >= 1000, 180,
+             "1000 dead letters")
+    wait_detected(pipe, workers, len(good))
+
+    letters = [json.loads(m.value) for m in pipe.read_topic(pipe.dlq_topic)]
+    assert Counter(d["reason"] for d in letters) == expected
+    assert all(d["detail"] and d["value_b64"] is not None for d in letters)
+    assert counts(states(pipe)) == expected_counts(good)
+    assert workers[0].alive(), workers[0].log()
