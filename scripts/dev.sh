@@ -39,7 +39,7 @@ case "${1:-}" in
     setup
     shift
     log "ruff"
-    .venv/bin/ruff check driftline tests benchmarks
+    .venv/bin/ruff check driftline tests benchmarks deploy
     log "mypy (strict on driftline/)"
     .venv/bin/mypy
     log "pytest"

@@ -172,8 +172,8 @@ def test_embed_worker_sigkill_duplicates_are_skipped(
              "some slice-updates")
     embed.kill()
     start(pipe, "embed", tmp_path, workers, **small)
-    wait_for(lambda: detect_done(pipe, 4 * len(docs)) and sum(counts(states(pipe)).values()) >= 4 * len(docs),
-             180, "every event applied")
+    wait_for(lambda: detect_done(pipe, 4 * len(docs))
+             and sum(counts(states(pipe)).values()) >= 4 * len(docs), 180, "every event applied")
     st = states(pipe)
     assert counts(st) == expected_counts(docs)
     produced = sum(pipe.end_offsets(pipe.updates_topic).values())
