@@ -45,7 +45,7 @@ def arl_discrete(
     w = threshold / cells
     steps: dict[int, float] = {}
     for v, q in zip(values, probs, strict=True):
-        x = v / w
+        x = max(v, -threshold - w) / w  # any step <= -h restarts at zero (also v = -inf)
         lo = math.floor(x)
         steps[lo] = steps.get(lo, 0.0) + q * (1.0 - (x - lo))
         steps[lo + 1] = steps.get(lo + 1, 0.0) + q * (x - lo)

@@ -91,14 +91,24 @@ def tighten_threshold(
     seed: int = 0,
     horizon_factor: float = 2.0,
     step: float = 0.05,
+    margin_se: float = 1.0,
+    max_simulated: float = 2e4,
 ) -> float:
     """Smallest ``h`` (on a grid of ``step``) whose simulated ARL0 under ``probs`` is ``>= arl0``.
 
     Runs are censored at ``horizon_factor·arl0`` events; the ARL0 at each grid threshold is the
     censored-exponential estimate ``Σ min(T_i, L) / #{T_i <= L}`` (CUSUM run lengths under the
-    baseline are close to exponential for large ARL0; Siegmund 1985, ch. II). Never above the
-    analytic :func:`~driftline.core.cusum.union_threshold`. Deterministic for a given ``seed``
-    and cached per process on the model, ``probs`` and arguments.
+    baseline are close to exponential for large ARL0; Siegmund 1985, ch. II), lowered by
+    ``margin_se`` of its standard errors (``estimate/√#alarms``) so the promise errs on the safe
+    side. Never above the analytic :func:`~driftline.core.cusum.union_threshold`.
+
+    Targets above ``max_simulated`` events (a fleet budget gives 10⁸–10¹⁰) are too long to
+    simulate. ``ln ARL0`` grows about linearly in ``h`` (slope 1 for large ``h``; Siegmund 1985,
+    ch. X), so the threshold is calibrated at ``g0 = max_simulated`` and ``g0/16`` and
+    extended along that secant, with slope at most 1 (measured slopes are 0.9–1 and rise toward
+    1, which makes this err high). An asymptotic argument: the union bound is the guarantee.
+
+    Deterministic for a given ``seed``; cached per process on the model, ``probs`` and arguments.
 
     >>> from driftline.core.simulate import bernoulli_model
     >>> m = bernoulli_model(0.01, [(2.0, 0.0), (3.0, 0.0), (5.0, 0.0), (10.0, 0.0)])
@@ -106,20 +116,36 @@ def tighten_threshold(
     >>> h < union_threshold(300.0, 4)
     True
     """
-    upper = union_threshold(arl0, int(model.base.shape[1] * model.base.shape[2]))
+    bank = int(model.base.shape[1] * model.base.shape[2])
+    if arl0 > max_simulated:
+        h0, h1 = (
+            tighten_threshold(
+                model,
+                probs,
+                g,
+                n_runs=n_runs,
+                seed=seed,
+                step=step,
+                horizon_factor=horizon_factor,
+                margin_se=margin_se,
+                max_simulated=max_simulated,
+            )
+            for g in (max_simulated, max_simulated / 16)
+        )
+        slope = min(math.log(16) / max(h0 - h1, 1e-9), 1.0)
+        return min(h0 + math.log(arl0 / max_simulated) / slope, union_threshold(arl0, bank))
+    upper = union_threshold(arl0, bank)
     digest = hashlib.sha256()
     for a in (model.base, model.diff, model.row, model.base_of, np.asarray(probs, np.float64)):
         digest.update(np.ascontiguousarray(a).tobytes())
-    digest.update(repr((arl0, n_runs, seed, horizon_factor, step)).encode())
+    digest.update(repr((arl0, n_runs, seed, horizon_factor, step, margin_se)).encode())
     key = digest.hexdigest()
     if key not in _cache:
         grid = np.arange(step, upper + 0.5 * step, step)
         horizon = math.ceil(horizon_factor * arl0)
-        res = simulate([model], [grid.tolist()], probs, n_runs=n_runs, horizon=horizon, seed=seed)[
-            0
-        ]
-        events = (~res.censored).sum(axis=0)
-        arl = res.times.sum(axis=0) / np.maximum(events, 1)
-        ok = np.flatnonzero(arl >= arl0)
+        sim = simulate([model], [grid.tolist()], probs, n_runs=n_runs, horizon=horizon, seed=seed)
+        events = np.maximum((~sim[0].censored).sum(axis=0), 1)
+        arl = sim[0].times.sum(axis=0) / events
+        ok = np.flatnonzero(arl * (1.0 - margin_se / np.sqrt(events)) >= arl0)
         _cache[key] = float(min(grid[ok[0]], upper)) if ok.size else upper
     return _cache[key]

@@ -41,3 +41,20 @@ def test_tightening_is_deterministic_cached_and_below_the_union_bound() -> None:
     budget_mod._cache.clear()
     assert tighten_threshold(model, p, 300.0, n_runs=200, seed=7) == h1
     assert 0.0 < h1 < union_threshold(300.0, model.base.size)
+
+
+def test_thresholds_beyond_simulation_are_extrapolated_and_keep_arl0() -> None:
+    # Calibrated at 500/16 and 500 events and extended along that secant of ln ARL0(h) to
+    # 8000: the measured ARL0 should still reach 0.9·γ (3 standard errors of slack, see
+    # test_detection_stats for the derivation).
+    from driftline.core.simulate import simulate
+
+    p = np.full(6, 1 / 6)
+    model = mix_model([p], (0.05, 0.2), (0.5, 0.9))
+    h500 = tighten_threshold(model, p, 500.0, seed=3)
+    h = tighten_threshold(model, p, 8000.0, seed=3, max_simulated=500.0)
+    assert h >= h500 + math.log(16.0)
+    t = simulate([model], [[h]], p, n_runs=300, horizon=400_000, seed=4)[0].times[:, 0]
+    assert t.mean() >= 0.9 * 8000.0 - 3 * t.std(ddof=1) / math.sqrt(t.size)
+    huge = tighten_threshold(model, p, 1e12, seed=3, max_simulated=500.0)
+    assert huge <= union_threshold(1e12, model.base.size)
