@@ -40,12 +40,16 @@ explain are attributed again among themselves: they are separate incidents.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from driftline.alerts.evidence import cosine
+import numpy as np
+import numpy.typing as npt
+
 from driftline.alerts.model import SliceEvidence, SliceRef
+
+FloatArray = npt.NDArray[np.float64]
 
 _DIM_WEIGHT = {"station": 3, "lot": 2, "shift": 1}
 
@@ -105,12 +109,30 @@ def template_rank(ref: SliceRef) -> int:
     return sum(_DIM_WEIGHT.get(d, 1) for d in ref.dims)
 
 
-def sibling_candidates(members: Sequence[SliceRef], summary: Mapping[str, SliceStatus]) -> set[str]:
-    """Summary slices that may serve as clean siblings: multi-dimension slices sharing a
-    dimension value with a member (record their ``n`` when an incident first sees them)."""
-    values = {(k, v) for m in members for k, v in m.dims.items()}
-    return {sid for sid, st in summary.items()
-            if len(st.ref.dims) > 1 and values & set(st.ref.dims.items())}
+class SummaryIndex:
+    """The summary's multi-dimension slices by ``(dimension, value)`` (built once per batch)."""
+
+    def __init__(self, summary: Mapping[str, SliceStatus]) -> None:
+        self.summary = summary
+        self.by_value: dict[tuple[str, str], set[str]] = {}
+        for sid, st in summary.items():
+            if len(st.ref.dims) > 1:
+                for kv in st.ref.dims.items():
+                    self.by_value.setdefault(kv, set()).add(sid)
+
+    def sibling_candidates(self, members: Iterable[SliceRef]) -> set[str]:
+        """Slices that may serve as clean siblings: multi-dimension slices sharing a
+        dimension value with a member (an incident records their ``n`` when it sees them)."""
+        out: set[str] = set()
+        for m in members:
+            for kv in m.dims.items():
+                out |= self.by_value.get(kv, set())
+        return out
+
+
+def sibling_candidates(members: Iterable[SliceRef],
+                       summary: Mapping[str, SliceStatus]) -> set[str]:
+    return SummaryIndex(summary).sibling_candidates(members)
 
 
 class Attributor:
@@ -121,6 +143,14 @@ class Attributor:
         self.summary = summary
         self.baseline_n = baseline_n
         self.policy = policy
+        # Only slices whose n was recorded can show growth; index them by template.
+        self._recorded: dict[str, list[SliceStatus]] = {}
+        for sid in baseline_n:
+            st = summary.get(sid)
+            if st is not None:
+                self._recorded.setdefault(st.ref.template, []).append(st)
+        self._unit: dict[str, FloatArray | None] = {}
+        self._concentrated: dict[tuple[str, str], bool] = {}
 
     def clean(self, sid: str, needed: int) -> bool:
         st = self.summary.get(sid)
@@ -132,24 +162,35 @@ class Attributor:
     def concentrated(self, child: SliceEvidence, parent: SliceEvidence,
                      alarmed: set[str]) -> bool:
         """``child`` holds the change inside ``parent``: a sibling is clean or parent diluted."""
+        key = (child.ref.slice_id, parent.ref.slice_id)
+        if key not in self._concentrated:
+            self._concentrated[key] = self._is_concentrated(child, parent, alarmed)
+        return self._concentrated[key]
+
+    def _is_concentrated(self, child: SliceEvidence, parent: SliceEvidence,
+                         alarmed: set[str]) -> bool:
         if parent.strength < self.policy.tolerance * child.strength:
             return True
         needed = max(self.policy.clean_events,
                      int(self.policy.clean_factor * child.n_since_onset))
-        # Only slices whose n was recorded can show growth; they are few (sibling_candidates).
-        for sid in self.baseline_n:
-            st = self.summary.get(sid)
-            if (st is not None and sid not in alarmed and sid != child.ref.slice_id
-                    and st.ref.template == child.ref.template and nested(st.ref, parent.ref)
-                    and self.clean(sid, needed)):
-                return True
-        return False
+        return any(st.ref.slice_id not in alarmed and st.ref.slice_id != child.ref.slice_id
+                   and nested(st.ref, parent.ref) and self.clean(st.ref.slice_id, needed)
+                   for st in self._recorded.get(child.ref.template, ()))
+
+    def _unit_signature(self, e: SliceEvidence) -> FloatArray | None:
+        sid = e.ref.slice_id
+        if sid not in self._unit:
+            v = np.asarray(e.signature, np.float64)
+            norm = float(np.linalg.norm(v)) if v.size else 0.0
+            self._unit[sid] = v / norm if e.strength > 0.0 and norm > 0.0 else None
+        return self._unit[sid]
 
     def same_change(self, a: SliceEvidence, b: SliceEvidence) -> bool:
         """Both moved mass the same way (when both show more than noise)."""
-        if a.strength <= 0.0 or b.strength <= 0.0 or not a.signature or not b.signature:
+        ua, ub = self._unit_signature(a), self._unit_signature(b)
+        if ua is None or ub is None or ua.shape != ub.shape:
             return True
-        return cosine(a.signature, b.signature) >= self.policy.min_similarity
+        return float(ua @ ub) >= self.policy.min_similarity
 
     def explains(self, r: SliceEvidence, y: SliceEvidence, alarmed: set[str]) -> bool:
         if r.ref.slice_id == y.ref.slice_id:

@@ -352,6 +352,7 @@ class FailureBook:
                     g.apply(msg)
                 except (KeyError, TypeError, ValueError) as exc:
                     log.error("outbox message skipped", extra={"id": eid, "error": repr(exc)})
+            g.finish()
             self._stage(batch, g)
             last = fresh[-1][0]
             batch.ops.append(lambda p: p.set(self.k("cursor"), last))

@@ -5,12 +5,14 @@ summary; the book stores what it marks dirty, in one transaction with the outbox
 
 * An ``alarm``/``update`` of a slice already in an active incident refreshes that slice's
   evidence and firing. A new slice joins the most recent concurrent incident (activity windows
-  within ``group_window_s`` of event time) when attribution explains it together with that
-  incident's slices in one group; otherwise it opens an incident.
-* After every change the incident is attributed again (:mod:`driftline.alerts.attribution`):
-  its root may move (``rerooted``) as evidence arrives, slices it no longer explains split off
-  into incidents of their own, and concurrent incidents that one root now explains merge into
-  the older one (the other is resolved with ``merged_into``).
+  within ``group_window_s`` of event time) holding a compatible slice that explains it or that
+  it explains; otherwise it opens an incident.
+* After each batch (:meth:`Grouper.finish`) every touched incident is attributed again, once
+  (:mod:`driftline.alerts.attribution`): its root may move (``rerooted``) as evidence arrives,
+  slices it no longer explains split off into incidents of their own, and concurrent
+  incidents that one root now explains merge into the older one (the other is resolved with
+  ``merged_into``). Attribution is quadratic in an incident's slices, so it runs per batch,
+  not per message.
 * ``clear`` marks the slice's detector inactive; when every firing of the incident is inactive
   the incident resolves itself (``auto_resolved``).
 * A new incident links to resolved ones with the same root template whose signature (cluster
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -30,8 +32,8 @@ from driftline.alerts.attribution import (
     Attributor,
     Group,
     SliceStatus,
+    SummaryIndex,
     compatible,
-    sibling_candidates,
 )
 from driftline.alerts.evidence import (
     ClusterCatalog,
@@ -103,6 +105,7 @@ class Grouper:
                  reset_pending: Iterable[str] = ()) -> None:
         self.incidents = {i.id: i for i in active}
         self.summary = summary
+        self.index = SummaryIndex(summary)
         self.now = now
         self.new_id = new_id
         self.signatures = signatures
@@ -114,9 +117,13 @@ class Grouper:
         # does, their ``update`` messages belong to the resolved incident, not a new one.
         self.reset_pending = set(reset_pending)
         self.reset_done: set[str] = set()
+        self._todo: dict[str, bool] = {}  # incident id -> store even if unchanged
+        self._joined: dict[str, list[str]] = {}
+        self._created: set[str] = set()
 
     # --- entry points --------------------------------------------------------------------
     def apply(self, msg: Mapping[str, Any]) -> None:
+        """Apply one outbox message; call :meth:`finish` after the batch."""
         kind = msg.get("kind")
         sid = msg.get("slice_id")
         if sid in self.reset_pending:
@@ -133,10 +140,29 @@ class Grouper:
 
     def reattribute(self) -> None:
         """Attribute every active incident again (the summary may show new clean data)."""
-        for inc in sorted(self._active(), key=lambda i: i.created_at):
+        for inc in self._active():
+            self._todo.setdefault(inc.id, False)
+        self.finish()
+
+    def finish(self) -> None:
+        """Attribute the incidents the batch touched (once each), then merge concurrent ones
+        that one root explains. Incidents opened and merged within the batch are not routed:
+        nobody needs an alert that lived for a few milliseconds."""
+        touched = sorted((self.incidents[i] for i in self._todo), key=lambda i: i.created_at)
+        for inc in touched:
             if inc.active:
-                self._attribute(inc, mark=False)
-                self._merge_around(inc)
+                self._attribute(inc, mark=self._todo[inc.id])
+            joined = [s for s in self._joined.get(inc.id, [])
+                      if s in inc.slices and s != inc.root.slice_id]
+            if joined:
+                self._record(inc, "related_added", ", ".join(joined))
+        for inc in touched:
+            self._merge_around(inc)
+        self._todo.clear()
+        self._joined.clear()
+        transient = {i for i in self._created if self.incidents[i].merged_into}
+        self.changes = [replace(c, routed=False) if c.incident_id in transient else c
+                        for c in self.changes]
 
     # --- alarms --------------------------------------------------------------------------
     def _alarm(self, msg: Mapping[str, Any]) -> None:
@@ -151,18 +177,16 @@ class Grouper:
             inc.detectors.append(self._firing(None, ev, msg))
         else:
             self._firing(firing, ev, msg)
-        joined = ev.ref.slice_id not in inc.slices
         old = inc.slices.get(ev.ref.slice_id)
-        if old is not None:  # keep earlier exemplars too, newest first, bounded
+        if old is None:
+            self._joined.setdefault(inc.id, []).append(ev.ref.slice_id)
+        else:  # keep earlier exemplars too, newest first, bounded
             seen = {x["event_id"] for x in ev.exemplars}
             ev.exemplars.extend(x for x in old.exemplars if x["event_id"] not in seen)
             del ev.exemplars[self.policy.max_exemplars:]
         inc.slices[ev.ref.slice_id] = ev
         self._touch(inc, ev.last_time)
-        self._attribute(inc, mark=True)
-        if joined and ev.ref.slice_id in inc.slices and ev.ref.slice_id != inc.root.slice_id:
-            self._record(inc, "related_added", ev.ref.slice_id)
-        self._merge_around(inc)
+        self._todo[inc.id] = True
 
     def _firing(self, f: Firing | None, ev: SliceEvidence, msg: Mapping[str, Any]) -> Firing:
         at = utc(msg["time"])
@@ -209,18 +233,24 @@ class Grouper:
 
     def _attributor(self, inc: Incident, extra: Iterable[SliceEvidence] = ()) -> Attributor:
         refs = [s.ref for s in (*inc.slices.values(), *extra)]
-        for sid in sibling_candidates(refs, self.summary) - set(inc.baseline_n):
+        for sid in self.index.sibling_candidates(refs) - set(inc.baseline_n):
             inc.baseline_n[sid] = self.summary[sid].n
         return Attributor(self.summary, inc.baseline_n, self.policy.attribution)
 
     def _place(self, ev: SliceEvidence) -> Incident | None:
+        """The most recent concurrent incident with a slice that explains ``ev`` or that
+        ``ev`` explains (a cheap test; :meth:`finish` attributes the whole group)."""
         start = ev.onset or ev.last_time or self.now
         end = ev.last_time or self.now
         for inc in sorted(self._active(), key=lambda i: i.last_activity, reverse=True):
-            if not self._concurrent(inc, start, end) or not any(
-                    compatible(s.ref, ev.ref) for s in inc.slices.values()):
+            if not self._concurrent(inc, start, end):
                 continue
-            if len(self._attributor(inc, [ev]).partition([*inc.slices.values(), ev])) == 1:
+            near = [s for s in inc.slices.values() if compatible(s.ref, ev.ref)]
+            if not near:
+                continue
+            att = self._attributor(inc, [ev])
+            alarmed = {*inc.slices, ev.ref.slice_id}
+            if any(att.explains(s, ev, alarmed) or att.explains(ev, s, alarmed) for s in near):
                 return inc
         return None
 
@@ -248,23 +278,19 @@ class Grouper:
             self._refresh(inc)
             self.dirty.add(inc.id)
         else:  # periodic re-attribution: store only what changed
-            before = (inc.severity, [r.slice_id for r in inc.related], len(inc.baseline_n))
+            before = (inc.severity, [r.slice_id for r in inc.related])
             self._refresh(inc)
-            if (inc.severity, [r.slice_id for r in inc.related], len(inc.baseline_n)) != before:
+            if (inc.severity, [r.slice_id for r in inc.related]) != before:
                 self.dirty.add(inc.id)
 
     def _merge_around(self, inc: Incident) -> None:
-        if not inc.active:
-            return
-        lo, hi = self._window(inc)
-        for other in sorted(self._active(), key=lambda i: i.created_at):
-            if other.id == inc.id or not self._concurrent(other, lo, hi) or not any(
-                    compatible(a.ref, b.ref) for a in inc.slices.values()
-                    for b in other.slices.values()):
-                continue
-            both = [*inc.slices.values(), *other.slices.values()]
-            if len(self._attributor(inc, other.slices.values()).partition(both)) != 1:
-                continue
+        """Merge concurrent incidents into ``inc`` (or it into an older one) while one root
+        explains both groups."""
+        while inc.active:
+            other = next((o for o in sorted(self._active(), key=lambda i: i.created_at)
+                          if o.id != inc.id and self._mergeable(inc, o)), None)
+            if other is None:
+                return
             keep, gone = (inc, other) if inc.created_at <= other.created_at else (other, inc)
             keep.slices.update(gone.slices)
             keep.detectors.extend(gone.detectors)
@@ -275,8 +301,18 @@ class Grouper:
             self._touch(keep, gone.last_activity)
             self._attribute(keep, mark=True)
             self._record(keep, "related_added", f"merged {gone.id}")
-            self._merge_around(keep)
-            return
+            inc = keep
+
+    def _mergeable(self, a: Incident, b: Incident) -> bool:
+        lo, hi = self._window(a)
+        if not self._concurrent(b, lo, hi):
+            return False
+        ra, rb = a.slices[a.root.slice_id], b.slices[b.root.slice_id]
+        att = self._attributor(a, b.slices.values())
+        alarmed = {*a.slices, *b.slices}
+        if not (att.explains(ra, rb, alarmed) or att.explains(rb, ra, alarmed)):
+            return False
+        return len(att.partition([*a.slices.values(), *b.slices.values()])) == 1
 
     # --- incidents -----------------------------------------------------------------------
     def _open(self, slices: list[SliceEvidence], firings: list[Firing], *, note: str | None,
@@ -289,6 +325,8 @@ class Grouper:
                        baseline_n=baseline_n or {}, created_at=self.now, updated_at=self.now,
                        last_activity=max(s.last_time or detected for s in slices))
         self.incidents[inc.id] = inc
+        self._created.add(inc.id)
+        self._todo.setdefault(inc.id, True)
         self._attributor(inc)
         self._refresh(inc)
         self._link_recurrence(inc)

@@ -27,6 +27,12 @@ def grouper(incidents: list[Incident] | None = None,
                    signatures=lambda: signatures or {})
 
 
+def feed(g: Grouper, *msgs: dict[str, Any]) -> None:
+    for m in msgs:
+        g.apply(m)
+    g.finish()
+
+
 def active(g: Grouper) -> list[Incident]:
     return [i for i in g.incidents.values() if i.active]
 
@@ -41,8 +47,11 @@ def test_lot_alarms_in_any_order_make_one_incident_rooted_at_the_lot(seed: int) 
     msgs = list(LOT_ALARMS)
     random.Random(seed).shuffle(msgs)
     g = grouper()
-    for m in msgs:
-        g.apply(m)
+    if seed % 2:  # one message per batch, or the whole stream in one batch
+        for m in msgs:
+            feed(g, m)
+    else:
+        feed(g, *msgs)
     live = active(g)
     assert len(live) == 1
     assert live[0].root.slice_id == "lot=L7"
@@ -51,6 +60,9 @@ def test_lot_alarms_in_any_order_make_one_incident_rooted_at_the_lot(seed: int) 
     assert all(i.merged_into == live[0].id and i.status is Status.resolved for i in merged)
     assert {c.action for c in g.changes} <= {"opened", "related_added", "rerooted", "merged",
                                              "escalated"}
+    if seed % 2 == 0:  # incidents opened and merged within one batch are never routed
+        assert [c.incident_id for c in g.changes if c.routed and c.action == "opened"] == [
+            live[0].id]
 
 
 def test_station_optics_opens_one_incident_and_updates_do_not_add_more() -> None:
@@ -58,7 +70,7 @@ def test_station_optics_opens_one_incident_and_updates_do_not_add_more() -> None
     for m in [alarm("station=press-3|shift=night", 1.0), alarm("station=press-3", 1.0),
               alarm("lot=L7", 0.25, n=1600), alarm("shift=night", 0.25, n=1600),
               alarm("station=press-3", 1.0, kind="update", t=1_700_001_000.0)]:
-        g.apply(m)
+        feed(g, m)
     (inc,) = active(g)
     assert inc.root.slice_id == "station=press-3"
     root_firing = next(f for f in inc.detectors if f.slice_id == "station=press-3")
@@ -74,7 +86,7 @@ def test_shift_lighting_reroots_when_the_day_shift_is_clean() -> None:
     g = grouper(summary=summary)
     for m in [alarm("station=press-3|shift=night", 1.0), alarm("station=press-3", 1.0),
               alarm("shift=night", 0.25, n=1600)]:
-        g.apply(m)
+        feed(g, m)
     (inc,) = active(g)
     assert inc.root.slice_id == "station=press-3"
     # The day shift runs: the summary shows its clean events; re-attribution moves the root.
@@ -89,20 +101,20 @@ def test_shift_lighting_reroots_when_the_day_shift_is_clean() -> None:
 
 def test_unrelated_stations_are_separate_incidents() -> None:
     g = grouper()
-    g.apply(alarm("station=press-1", 1.0))
-    g.apply(alarm("station=press-3", 1.0, cluster=5))
+    feed(g, alarm("station=press-1", 1.0))
+    feed(g, alarm("station=press-3", 1.0, cluster=5))
     assert sorted(i.root.slice_id for i in active(g)) == ["station=press-1", "station=press-3"]
 
 
 def test_clear_of_every_detector_auto_resolves() -> None:
     g = grouper()
-    g.apply(alarm("station=press-3", 1.0))
-    g.apply(alarm("station=press-3", 1.0, detector="ood_rate", ood_shift=0.2))
-    g.apply(alarm("lot=L7", 0.25, n=1600))
-    g.apply(clear("station=press-3"))
-    g.apply(clear("station=press-3", detector="ood_rate"))
+    feed(g, alarm("station=press-3", 1.0))
+    feed(g, alarm("station=press-3", 1.0, detector="ood_rate", ood_shift=0.2))
+    feed(g, alarm("lot=L7", 0.25, n=1600))
+    feed(g, clear("station=press-3"))
+    feed(g, clear("station=press-3", detector="ood_rate"))
     (inc,) = active(g)
-    g.apply(clear("lot=L7"))
+    feed(g, clear("lot=L7"))
     assert not active(g)
     assert inc.status is Status.resolved and inc.auto_resolved
     assert [c.action for c in g.changes][-1] == "auto_resolved"
@@ -110,14 +122,14 @@ def test_clear_of_every_detector_auto_resolves() -> None:
 
 def test_recurrence_links_a_matching_resolved_incident() -> None:
     g = grouper()
-    g.apply(alarm("station=press-3", 1.0))
+    feed(g, alarm("station=press-3", 1.0))
     past = active(g)[0]
     sigs = {"DL-000077": {"template": "station", "signature": past.evidence.signature},
             "DL-000078": {"template": "station",
                           "signature": grouper_signature(cluster=5)},
             "DL-000079": {"template": "lot", "signature": past.evidence.signature}}
     g2 = grouper(signatures=sigs)
-    g2.apply(alarm("station=press-3", 1.0, eps=0.25))
+    feed(g2, alarm("station=press-3", 1.0, eps=0.25))
     (inc,) = active(g2)
     assert [r.incident_id for r in inc.recurrence] == ["DL-000077"]
     assert inc.recurrence[0].similarity > 0.99
@@ -125,14 +137,14 @@ def test_recurrence_links_a_matching_resolved_incident() -> None:
 
 def grouper_signature(cluster: int) -> list[float]:
     g = grouper()
-    g.apply(alarm("station=press-1", 1.0, cluster=cluster))
+    feed(g, alarm("station=press-1", 1.0, cluster=cluster))
     return active(g)[0].evidence.signature
 
 
 def test_updates_after_an_on_call_resolve_wait_for_the_reset() -> None:
     g = Grouper([], {}, now=NOW, new_id=lambda: "DL-000001", signatures=dict,
                 reset_pending=["station=press-3"])
-    g.apply(alarm("station=press-3", 1.0, kind="update"))
+    feed(g, alarm("station=press-3", 1.0, kind="update"))
     assert not g.incidents
-    g.apply(alarm("station=press-3", 1.0, kind="alarm"))
+    feed(g, alarm("station=press-3", 1.0, kind="alarm"))
     assert len(g.incidents) == 1 and g.reset_done == {"station=press-3"}
