@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     embed_batch_size: int = Field(32, ge=1, le=1024, description="Images per model call")
     embed_batch_timeout_ms: int = Field(200, ge=1, le=60_000, description="Max batch wait")
     max_event_bytes: int = Field(8 << 20, ge=1024, description="Largest accepted event")
+    recent_buffer_size: int = Field(
+        5000, ge=0, description="Recent embeddings kept in Redis for similarity search"
+    )
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image")
     # Detection
     slice_templates: Annotated[list[str], NoDecode] = Field(

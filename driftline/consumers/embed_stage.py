@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 # Late labels arrive within hours in a plant; a week covers weekend relabelling campaigns.
 PREDICTION_TTL_S = 7 * 24 * 3600
+RECENT_KEY = "dl:recent"
 
 
 class EmbedderLike(Protocol):
@@ -74,7 +75,7 @@ class EmbedStage:
         updates_topic: str, dlq_topic: str, embedder: EmbedderLike | None,
         reference: ReferenceLike, templates: Sequence[str], metrics: EmbedMetrics,
         redis_client: redis.Redis | None = None, batch_size: int = 32,
-        batch_timeout_ms: int = 200, max_event_bytes: int = 8 << 20,
+        batch_timeout_ms: int = 200, max_event_bytes: int = 8 << 20, recent_size: int = 5000,
     ) -> None:
         self.consumer, self.producer = consumer, producer
         self.events_topic, self.updates_topic, self.dlq_topic = (
@@ -83,6 +84,7 @@ class EmbedStage:
         self.metrics, self.redis = metrics, redis_client
         self.batch_size, self.batch_timeout_ms = batch_size, batch_timeout_ms
         self.max_event_bytes = max_event_bytes
+        self.recent_size = recent_size
         self.stop_event = threading.Event()
 
     def run(self) -> None:
@@ -119,16 +121,16 @@ class EmbedStage:
             self.metrics.events_in.labels(event.kind).inc()
             (items if event.kind == "inference" else labels).append(_Item(msg, event))
         started = time.perf_counter()
-        items = self._embed(items)
+        items, vectors = self._embed(items)
         if items:
             self.metrics.embed_latency.observe(time.perf_counter() - started)
         for item in items:
             self._emit(item, item.event.label, item.event.loss, _error_of(item.event))
-        self._remember_predictions(items)
+        self._remember(items, vectors)
         for item in labels:
             self._emit_late_label(item)
 
-    def _embed(self, items: list[_Item]) -> list[_Item]:
+    def _embed(self, items: list[_Item]) -> tuple[list[_Item], np.ndarray]:
         images = [i for i in items if i.event.embedding is None]
         vectors = np.zeros((len(items), self.reference.dim), np.float32)
         ok = [True] * len(items)
@@ -170,7 +172,7 @@ class EmbedStage:
             clusters, dists = self.reference.assign(vectors[kept])
             for n, c, d in zip(kept, clusters, dists, strict=True):
                 items[n].cluster, items[n].distance = int(c), float(d)
-        return [items[n] for n in kept]
+        return [items[n] for n in kept], vectors[kept]
 
     def _emit(self, item: _Item, label: str | None, loss: float | None,
               error: bool | None) -> None:
@@ -193,14 +195,24 @@ class EmbedStage:
         self.metrics.last_event_time.labels(ev.station).set(ev.ts.timestamp())
 
     # --- late labels ---------------------------------------------------------------------
-    def _remember_predictions(self, items: list[_Item]) -> None:
+    def _remember(self, items: list[_Item], vectors: np.ndarray) -> None:
+        """Predictions for late labels, and the rolling buffer of recent embeddings that the
+        API's similarity search and model-version comparison read (``RECENT_KEY``)."""
         if self.redis is None or not items:
             return
         pipe = self.redis.pipeline(transaction=False)
-        for item in items:
-            pred = item.event.prediction
+        for item, vec in zip(items, vectors, strict=True):
+            ev, pred = item.event, item.event.prediction
             doc = {"cluster": item.cluster, "pred": pred.label if pred else None}
-            pipe.set(f"dl:pred:{item.event.event_id}", json.dumps(doc), ex=PREDICTION_TTL_S)
+            pipe.set(f"dl:pred:{ev.event_id}", json.dumps(doc), ex=PREDICTION_TTL_S)
+            meta = {"event_id": ev.event_id, "ts": ev.ts.timestamp(), "station": ev.station,
+                    "shift": ev.shift, "lot": ev.lot, "model_version": ev.model_version,
+                    "cluster": item.cluster, "distance": item.distance,
+                    "pred": pred.label if pred else None, "score": pred.score if pred else None,
+                    "label": ev.label}
+            pipe.xadd(RECENT_KEY, {"meta": json.dumps(meta),
+                                   "vec": np.asarray(vec, np.float32).tobytes()},
+                      maxlen=self.recent_size, approximate=True)
         pipe.execute()
 
     def _emit_late_label(self, item: _Item) -> None:

@@ -133,7 +133,7 @@ class Pipeline:
         n = 0
         for doc in docs:
             value = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
-            key = (doc.get("station", "x") if isinstance(doc, dict) else "bad").encode()
+            key = str(doc.get("station") or "x").encode() if isinstance(doc, dict) else b"bad"
             producer.send(self.events_topic, key=key, value=value)
             n += 1
         producer.flush()

@@ -119,7 +119,7 @@ def test_detect_worker_sigkill_gives_the_same_states(
     pipe = Pipeline(kafka_bootstrap, f"{base}/{next(_db)}", reference)
     pipe.redis().flushdb()
     pipe.create_topics()
-    docs = Stream(n=3000, seed=6, change_station="s1", change_at=2000).events()
+    docs = Stream(n=2000, seed=6, change_station="s1", change_at=1300).events()
     pipe.produce(docs)
     embed = start(pipe, "embed", tmp_path, workers)
     wait_for(lambda: sum(pipe.end_offsets(pipe.updates_topic).values()) >= 4 * len(docs),
