@@ -14,6 +14,7 @@ Redis layout (``prefix`` defaults to ``dl:book``; every JSON record has ``schema
     {prefix}:reset_pending         hash    slice_id -> id, slices whose reset was requested
     {prefix}:changes               stream  state changes to route (field ``change``: JSON)
     {prefix}:cursor                string  last ``dl:detect:outbox`` id applied
+    {prefix}:applied               int     outbox entries read so far (to detect trimming)
 
 Every write is one ``MULTI``/``EXEC`` under ``WATCH {prefix}:rev``: the processor's incident
 writes and its outbox cursor commit together (exactly-once effect of the outbox), concurrent
@@ -54,6 +55,7 @@ from driftline.alerts.model import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 CHANGES_MAXLEN = 100_000
+CONTROL_MAXLEN = 10_000
 # A Redis restart with AOF replay takes seconds; API callers should not wait much longer.
 REDIS_WAIT_S = 15
 _RETRYABLE = retry_if_exception_type((RedisConnectionError, RedisTimeoutError))
@@ -220,6 +222,11 @@ class FailureBook:
         return [Incident.model_validate_json(r) for r in raws if r is not None]
 
     @_retry_redis
+    def applied(self) -> int:
+        """How many outbox entries the book has read (applied or skipped as unusable)."""
+        return int(self.r.get(self.k("applied")) or 0)
+
+    @_retry_redis
     def cursor(self) -> str | None:
         raw = self.r.get(self.k("cursor"))
         return None if raw is None else str(raw.decode())
@@ -318,7 +325,8 @@ class FailureBook:
             inc.resolved_at = inc.resolved_at or at
             if was_active:
                 slices = sorted(inc.slices)
-                batch.ops.append(lambda p: [p.xadd(self.control_key, {"reset": s})
+                batch.ops.append(lambda p: [p.xadd(self.control_key, {"reset": s},
+                                                   maxlen=CONTROL_MAXLEN, approximate=True)
                                             for s in slices])
                 batch.ops.append(lambda p: p.hset(self.k("reset_pending"),
                                                   mapping=dict.fromkeys(slices, inc.id)))
@@ -356,6 +364,7 @@ class FailureBook:
             self._stage(batch, g)
             last = fresh[-1][0]
             batch.ops.append(lambda p: p.set(self.k("cursor"), last))
+            batch.ops.append(lambda p: p.incrby(self.k("applied"), len(fresh)))
             return g.changes
         return self._transact(fn)
 

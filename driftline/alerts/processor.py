@@ -28,7 +28,7 @@ from typing import Any
 import redis
 
 from driftline.alerts.attribution import SliceStatus
-from driftline.alerts.book import FailureBook, stream_id
+from driftline.alerts.book import FailureBook
 from driftline.alerts.routing import RESEND_INTERVAL_S, AlertMetrics, Router
 
 log = logging.getLogger(__name__)
@@ -93,19 +93,23 @@ class IncidentProcessor:
         self.clock = clock
         self.last: dict[str, float] = {}
         self.stop_event = threading.Event()
-        self._check_trimmed()
+        self.check_trimmed()
 
-    def _check_trimmed(self) -> None:
-        """Warn if the outbox was trimmed past our cursor (alarms lost before we read them)."""
-        cur = self.book.cursor()
+    def check_trimmed(self) -> int:
+        """Outbox entries trimmed before the book read them (alarms lost; logged).
+
+        The book counts the entries it has read; entries not yet read are the ones added
+        minus those. If fewer than that remain in the stream, the detect stage's ``MAXLEN``
+        trimmed some before we read them."""
         try:
             info = self.r.xinfo_stream(self.outbox_key)
         except redis.ResponseError:  # no outbox yet
-            return
-        deleted = info.get("max-deleted-entry-id")
-        if cur and deleted and stream_id(_s(deleted)) > stream_id(cur):
-            log.error("outbox trimmed beyond the book's cursor: some alarms were never read",
-                      extra={"cursor": cur, "max_deleted": _s(deleted)})
+            return 0
+        lost = int(info["entries-added"]) - self.book.applied() - int(info["length"])
+        if lost > 0:
+            log.error("outbox trimmed before the book read it: alarms were lost",
+                      extra={"lost": lost, "cursor": self.book.cursor()})
+        return max(lost, 0)
 
     def step(self, block_ms: int | None = None) -> int:
         """Steps 1–4 of the module docstring; returns the number of outbox entries read."""
@@ -128,6 +132,7 @@ class IncidentProcessor:
             if self._due("resend"):
                 self.router.resend()
         if self._due("retention"):
+            self.check_trimmed()
             removed = self.book.enforce_retention()
             if removed:
                 log.info("resolved incidents removed by retention", extra={"count": removed})

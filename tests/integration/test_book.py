@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import httpx
@@ -17,7 +18,7 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 from prometheus_client import CollectorRegistry
 
-from driftline.alerts.book import FailureBook, InvalidTransition
+from driftline.alerts.book import FailureBook, IncidentNotFound, InvalidTransition, Retention
 from driftline.alerts.model import RootCause, Severity, Status
 from driftline.alerts.processor import IncidentProcessor
 from driftline.alerts.routing import AlertMetrics, Router
@@ -54,8 +55,9 @@ class Env:
         for sid, v in fleet().items():
             self.r.hset(self.summary, sid, json.dumps(v))
 
-    def book(self, client: redis.Redis | None = None) -> FailureBook:
-        return FailureBook(client or self.r, prefix=f"t{self.tag}:book", control_key=self.control)
+    def book(self, client: redis.Redis | None = None, **kw: Any) -> FailureBook:
+        return FailureBook(client or self.r, prefix=f"t{self.tag}:book",
+                           control_key=self.control, **kw)
 
     def processor(self, book: FailureBook | None = None, router: Router | None = None,
                   **kw: Any) -> IncidentProcessor:
@@ -340,3 +342,101 @@ def test_one_kafka_message_per_state_change(env: Env, kafka_bootstrap: str) -> N
     assert mine[-1]["schema_version"] == 1
     producer.close()
     consumer.close()
+
+
+def test_recurrence_of_a_resolved_incident_is_linked(env: Env) -> None:
+    env.feed(alarm("station=press-3", 1.0))
+    proc = env.processor()
+    env.drain(proc)
+    book = env.book()
+    (first,) = book.active()
+    book.resolve(first.id, RootCause.optics, "lens cleaned", "bob")
+    # Until the detect stage resets the slice, its re-crossings belong to the old incident.
+    env.feed(alarm("station=press-3", 1.0, kind="update", t=1_700_001_000.0))
+    env.drain(proc)
+    assert book.active() == []
+    # Weeks later the same change comes back at the station, and another one elsewhere.
+    later = 1_700_000_000.0 + 30 * 86400
+    env.feed(alarm("station=press-3", 1.0, eps=0.2, onset=later, t=later + 300),
+             alarm("station=press-1", 1.0, cluster=4, onset=later, t=later + 300))
+    env.drain(proc)
+    again = {i.root.slice_id: i for i in book.active()}
+    links = again["station=press-3"].recurrence
+    assert [link.incident_id for link in links] == [first.id] and links[0].similarity > 0.9
+    assert again["station=press-1"].recurrence == []
+    assert again["station=press-3"].summary()["recurrence"][0]["incident_id"] == first.id
+
+
+def test_retention_bounds_resolved_incidents_by_count_and_age(env: Env) -> None:
+    t0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
+    now = [t0]
+    book = env.book(retention=Retention(max_resolved=2, max_age_s=3600.0),
+                    clock=lambda: now[0])
+    env.feed(*(alarm(f"station={s}", 1.0, cluster=i) for i, s in enumerate(STATIONS[:3])))
+    env.drain(env.processor(book))
+    ids = sorted(i.id for i in book.active())
+    for k, iid in enumerate(ids):
+        now[0] = t0 + timedelta(minutes=10 * k)
+        book.resolve(iid, RootCause.fixture, None, "alice")
+    now[0] = t0 + timedelta(minutes=30)
+    assert book.enforce_retention() == 1  # three resolved, two kept: the oldest goes
+    with pytest.raises(IncidentNotFound):
+        book.get(ids[0])
+    now[0] = t0 + timedelta(minutes=70)
+    assert book.enforce_retention() == 1  # resolved 60 minutes ago: too old
+    assert [i.id for i in book.list().items] == [ids[2]]
+    assert [i.id for i in book.list(station="press-1").items] == []
+    assert env.r.hkeys(f"{book.prefix}:sig") == [ids[2].encode()]
+
+
+def test_webhook_is_retried_and_a_dead_one_holds_back_only_itself(env: Env) -> None:
+    calls: list[dict[str, Any]] = []
+    fail = {"left": 2}
+
+    def hook(request: httpx.Request) -> httpx.Response:
+        if fail["left"] > 0:
+            fail["left"] -= 1
+            return httpx.Response(503)
+        calls.append(json.loads(request.content))
+        return httpx.Response(200)
+
+    registry = CollectorRegistry()
+    book = env.book()
+    router = Router(book, AlertMetrics(registry), public_url=PUBLIC_URL,
+                    webhook_url="http://hooks.test/driftline",
+                    http=httpx.Client(transport=httpx.MockTransport(hook)),
+                    prefix=f"t{env.tag}:alerts")
+    env.feed(alarm("station=press-3", 1.0))
+    env.drain(env.processor(book, router))
+    assert [c["action"] for c in calls] == ["opened"]
+    assert registry.get_sample_value("driftline_alerts_pushes_total",
+                                     {"target": "webhook", "outcome": "ok"}) == 1
+    fail["left"] = 100  # the endpoint dies: the change stays pending, nothing is lost
+    (inc,) = book.active()
+    book.acknowledge(inc.id, "alice")
+    assert router.deliver() == 0
+    assert registry.get_sample_value("driftline_alerts_pushes_total",
+                                     {"target": "webhook", "outcome": "error"}) == 1
+    fail["left"] = 0
+    assert router.deliver() == 1
+    assert [c["action"] for c in calls] == ["opened", "acknowledged"]
+    router.close()
+
+
+def test_processor_runs_until_stopped_and_reports_a_trimmed_outbox(env: Env) -> None:
+    proc = env.processor()
+    worker = threading.Thread(target=proc.run)
+    worker.start()
+    try:
+        env.feed(alarm("station=press-3", 1.0))
+        book = env.book()
+        wait_for(lambda: book.active(), 20, "the running processor to open the incident")
+    finally:
+        proc.stop()
+        worker.join(10)
+    assert not worker.is_alive()
+    assert proc.check_trimmed() == 0
+    for i in range(10):  # the detect stage trims its outbox (MAXLEN) while we are down
+        env.r.xadd(env.outbox, {"alarm": json.dumps(alarm("station=press-1", 1.0, cluster=i % 8))},
+                   maxlen=4, approximate=False)
+    assert env.processor().check_trimmed() == 6  # ten new entries, four left

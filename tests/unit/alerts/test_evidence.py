@@ -1,0 +1,110 @@
+"""Evidence of an incident: cluster shifts with descriptions, OOD, severity, label set."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from driftline.alerts.evidence import (
+    ClusterCatalog,
+    build_evidence,
+    cluster_shifts,
+    label_set,
+    label_set_jsonl,
+    ood_evidence,
+    severity,
+    slice_evidence,
+)
+from driftline.alerts.model import Exemplar, Firing, Severity, SliceRef, utc
+from tests.unit.alerts.synthetic import alarm, counts
+
+MANIFEST = {
+    "clusters": {"items": [
+        {"id": c, "size": 10, "exemplars": [f"ref-{c}-{i}" for i in range(5)],
+         "lift": [{"field": "station", "value": "press-3", "lift": 2.0}] if c == 0 else []}
+        for c in range(8)]},
+    "performance": {"aggressors": [{"cluster": 0, "reasons": ["error_rate"]}]},
+}
+
+
+def test_cluster_shifts_name_gained_and_lost_clusters_with_their_description() -> None:
+    catalog = ClusterCatalog.from_manifest(MANIFEST)
+    shifts = cluster_shifts(counts(800, 1.0, eps=0.3), catalog)
+    top = shifts[0]
+    assert top.cluster == 0 and top.delta > 0.25 and top.aggressor
+    assert abs(top.p_ref - 0.125) < 1e-6 and top.observed == round(800 * top.p_obs)
+    assert top.description is not None and top.description["lift"][0]["value"] == "press-3"
+    assert all(s.delta < 0 and not s.aggressor for s in shifts[1:])
+    assert abs(sum(s.delta for s in shifts)) < 0.01  # gains and losses balance
+
+
+def test_ood_rate_since_onset_against_the_reference() -> None:
+    ood = ood_evidence(counts(1000, 1.0, ood_shift=0.09))
+    assert ood is not None and ood.rate == 0.1 and ood.reference_rate == 0.01
+    assert ood.ratio == 10.0
+
+
+def test_evidence_puts_changed_exemplars_first_with_reference_exemplars() -> None:
+    catalog = ClusterCatalog.from_manifest(MANIFEST)
+    root = slice_evidence(alarm("station=press-3", 1.0))
+    other = slice_evidence(alarm("lot=L7", 0.25, n=1600))
+    ev = build_evidence(root, [root, other], catalog, max_exemplars=6)
+    assert len(ev.exemplars) == 6
+    assert [x.cluster for x in ev.exemplars[:4]] == [0, 0, 0, 0]
+    assert ev.exemplars[0].reference_exemplars == ["ref-0-0", "ref-0-1", "ref-0-2"]
+    assert {x.slice_id for x in ev.exemplars} == {"station=press-3", "lot=L7"}
+    assert ev.model_versions == {"v1": 400} and len(ev.signature) == 9
+
+
+def _firing(sid: str, detector: str, crossings: int = 1) -> Firing:
+    t = utc(1_700_000_000.0)
+    return Firing(slice_id=sid, detector=detector, statistic=12.0, threshold=11.0,
+                  first_detected=t, last_detected=t, crossings=crossings)
+
+
+def test_severity_grows_with_effect_detector_persistence_and_reach() -> None:
+    small = slice_evidence(alarm("station=press-3", 1.0, eps=0.05, n=4000))
+    big = slice_evidence(alarm("station=press-3", 1.0, eps=0.5))
+    assert severity(small, [_firing("station=press-3", "cluster_mix")], []) is Severity.warning
+    assert severity(big, [_firing("station=press-3", "cluster_mix")], []) is Severity.major
+    stations = [SliceRef(template="station", dims={"station": s}, slice_id=f"station={s}")
+                for s in ("press-1", "press-2")]
+    assert severity(big, [_firing("station=press-3", "error_rate", crossings=5)],
+                    stations) is Severity.critical
+
+
+def _x(eid: str, cluster: int, ood: bool = False, distance: float = 0.1) -> Exemplar:
+    return Exemplar(event_id=eid, slice_id="station=press-3", cluster=cluster, ood=ood,
+                    distance=distance)
+
+
+def test_label_set_without_embeddings_is_one_sample_per_cluster_and_ood_group() -> None:
+    xs = [_x("a", 0, distance=0.1), _x("b", 0, distance=0.5), _x("c", 2),
+          _x("d", 2, ood=True, distance=0.9), _x("e", 0, distance=0.2)]
+    chosen = label_set(xs)
+    assert sorted(x.event_id for x, _ in chosen) == ["b", "c", "d"]
+    assert sum(n for _, n in chosen) == len(xs)
+    assert dict((x.event_id, n) for x, n in chosen)["b"] == 3
+
+
+def test_label_set_with_embeddings_covers_every_sample_within_the_radius() -> None:
+    rng = np.random.default_rng(3)
+    centers = np.eye(16)[:3]
+    emb = {f"e{i}": (centers[i % 3] + 0.03 * rng.standard_normal(16)).tolist()
+           for i in range(30)}
+    xs = [_x(eid, 0) for eid in emb]
+    chosen = label_set(xs, emb, radius=0.3)
+    assert len(chosen) == 3  # three tight blobs: three samples cover them
+    assert sorted(n for _, n in chosen) == [10, 10, 10]
+
+
+def test_label_set_jsonl_has_one_line_per_chosen_sample() -> None:
+    from tests.unit.alerts.test_grouping import active, feed, grouper
+
+    g = grouper()
+    feed(g, alarm("station=press-3", 1.0))
+    (inc,) = active(g)
+    lines = [json.loads(line) for line in label_set_jsonl(inc).splitlines()]
+    assert lines and all(row["incident_id"] == inc.id for row in lines)
+    assert sum(row["covers"] for row in lines) == len(inc.evidence.exemplars)
