@@ -1,26 +1,8 @@
-"""The failure book in Redis: incidents, their lifecycle, list filters, retention.
+"""The failure book: incidents from alarms, their lifecycle, list filters, retention.
 
-Redis layout (``prefix`` defaults to ``dl:book``; every JSON record has ``schema_version``)::
-
-    {prefix}:rev                   int     bumped by every write; each write WATCHes it
-    {prefix}:seq                   int     last incident number (ids DL-000001, …)
-    {prefix}:inc:{id}              string  incident JSON (:class:`~driftline.alerts.model.Incident`)
-    {prefix}:active                set     ids of open and acknowledged incidents
-    {prefix}:idx:all               zset    id -> detection time (event time, POSIX s)
-    {prefix}:idx:status:{s}        zset    the same, per status; also :severity:{s},
-    {prefix}:idx:{dim}:{value}     zset    and per station/shift/lot of the root or related
-    {prefix}:resolved              zset    id -> resolution time (wall clock), for retention
-    {prefix}:sig                   hash    id -> JSON recurrence signature of resolved incidents
-    {prefix}:reset_pending         hash    slice_id -> id, slices whose reset was requested
-    {prefix}:changes               stream  state changes to route (field ``change``: JSON)
-    {prefix}:cursor                string  last ``dl:detect:outbox`` id applied
-    {prefix}:applied               int     outbox entries read so far (to detect trimming)
-
-Every write is one ``MULTI``/``EXEC`` under ``WATCH {prefix}:rev``: the processor's incident
-writes and its outbox cursor commit together (exactly-once effect of the outbox), concurrent
-writers (API and processor, or two processors) retry instead of overwriting each other, and the
-change stream gets the changes of exactly the writes that happened (a transactional outbox, so
-routing survives restarts). Durability is the server's AOF.
+Storage and the write protocol are in :mod:`driftline.alerts.store` (one ``MULTI``/``EXEC``
+per write, with the outbox cursor and the change stream); the alarm → incident logic is the
+pure :mod:`driftline.alerts.grouping`.
 """
 
 from __future__ import annotations
@@ -30,42 +12,28 @@ import json
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from datetime import datetime, timedelta
+from typing import Any
 
 import redis
 from redis.client import Pipeline
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.exceptions import WatchError
-from tenacity import Retrying, retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from driftline.alerts.attribution import SliceStatus
-from driftline.alerts.evidence import ClusterCatalog, label_set_jsonl
-from driftline.alerts.grouping import BookPolicy, Change, Grouper, record_change
-from driftline.alerts.model import (
-    SCHEMA_VERSION,
-    Incident,
-    Resolution,
-    RootCause,
-    Severity,
-    Status,
+from driftline.alerts.changes import Change, record_change
+from driftline.alerts.evidence import ClusterCatalog
+from driftline.alerts.grouping import BookPolicy, Grouper
+from driftline.alerts.labelset import label_set_jsonl
+from driftline.alerts.model import Incident, Resolution, RootCause, Severity, Status
+from driftline.alerts.store import (
+    CONTROL_MAXLEN,
+    Batch,
+    BookStore,
+    now_utc,
+    retry_redis,
+    stream_id,
 )
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-CHANGES_MAXLEN = 100_000
-CONTROL_MAXLEN = 10_000
-# A Redis restart with AOF replay takes seconds; API callers should not wait much longer.
-REDIS_WAIT_S = 15
-_RETRYABLE = retry_if_exception_type((RedisConnectionError, RedisTimeoutError))
-_retry_redis = retry(retry=_RETRYABLE, wait=wait_exponential(multiplier=0.1, max=2),
-                     stop=stop_after_delay(REDIS_WAIT_S), reraise=True)
-
-
-def _retrying() -> Retrying:
-    return Retrying(retry=_RETRYABLE, wait=wait_exponential(multiplier=0.1, max=2),
-                    stop=stop_after_delay(REDIS_WAIT_S), reraise=True)
 
 
 class IncidentNotFound(KeyError):
@@ -90,75 +58,7 @@ class Page:
     next_cursor: str | None
 
 
-def stream_id(sid: str) -> tuple[int, int]:
-    ms, _, seq = sid.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)
-
-
-class _Batch:
-    """Reads done under WATCH, writes staged for one MULTI/EXEC."""
-
-    def __init__(self, book: FailureBook, pipe: Pipeline) -> None:
-        self.book = book
-        self.pipe: Any = pipe  # redis-py types results as sync-or-async unions
-        self.loaded: dict[str, set[str]] = {}
-        self.saves: dict[str, Incident] = {}
-        self.changes: list[Change] = []
-        self.ops: list[Callable[[Pipeline], object]] = []
-        self.seq: int | None = None
-
-    def load(self, ids: Sequence[str]) -> list[Incident]:
-        raws = self.pipe.mget([self.book.k("inc", i) for i in ids]) if ids else []
-        out = [Incident.model_validate_json(r) for r in raws if r is not None]
-        for inc in out:
-            self.loaded[inc.id] = self.book.index_keys(inc)
-        return out
-
-    def new_id(self) -> str:
-        if self.seq is None:
-            self.seq = int(self.pipe.get(self.book.k("seq")) or 0)
-        self.seq += 1
-        return f"DL-{self.seq:06d}"
-
-    def flush(self, pipe: Pipeline) -> None:
-        b = self.book
-        for inc in self.saves.values():
-            score = inc.detected_at.timestamp()
-            keys = b.index_keys(inc)
-            pipe.set(b.k("inc", inc.id), inc.model_dump_json())
-            for key in self.loaded.get(inc.id, set()) - keys:
-                pipe.zrem(key, inc.id)
-            for key in keys:
-                pipe.zadd(key, {inc.id: score})
-            if inc.active:
-                pipe.sadd(b.k("active"), inc.id)
-                continue
-            pipe.srem(b.k("active"), inc.id)
-            pipe.zadd(b.k("resolved"), {inc.id: (inc.resolved_at or b.clock()).timestamp()})
-            pipe.hset(b.k("sig"), inc.id, json.dumps({
-                "schema_version": SCHEMA_VERSION, "template": inc.root.template,
-                "root": inc.root.slice_id, "signature": inc.evidence.signature,
-                "category": inc.resolution.category.value if inc.resolution else None}))
-        if self.seq is not None:
-            pipe.set(b.k("seq"), self.seq)
-        for c in self.changes:
-            pipe.xadd(b.changes_key, {"change": change_json(c)}, maxlen=CHANGES_MAXLEN,
-                      approximate=True)
-        for op in self.ops:
-            op(pipe)
-
-
-def change_json(c: Change) -> str:
-    return json.dumps({"schema_version": SCHEMA_VERSION, "incident_id": c.incident_id,
-                       "action": c.action, "who": c.who, "at": c.at.isoformat(),
-                       "note": c.note, "routed": c.routed, "incident": c.incident})
-
-
-class FailureBook:
+class FailureBook(BookStore):
     """Incidents in Redis; see the module docstring for the layout and the write protocol."""
 
     def __init__(self, client: redis.Redis, *, prefix: str = "dl:book",
@@ -166,72 +66,37 @@ class FailureBook:
                  catalog: ClusterCatalog | None = None,
                  control_key: str = "dl:detect:control",
                  clock: Callable[[], datetime] = now_utc) -> None:
-        self.r: Any = client  # redis-py types results as sync-or-async unions
-        self.prefix = prefix
+        super().__init__(client, prefix, clock)
         self.policy = policy or BookPolicy()
         self.retention = retention or Retention()
         self.catalog = catalog or ClusterCatalog()
         self.control_key = control_key
-        self.clock = clock
-
-    def k(self, *parts: object) -> str:
-        return ":".join([self.prefix, *map(str, parts)])
-
-    @property
-    def changes_key(self) -> str:
-        return self.k("changes")
-
-    def index_keys(self, inc: Incident) -> set[str]:
-        keys = {self.k("idx", "all"), self.k("idx", "status", inc.status.value),
-                self.k("idx", "severity", inc.severity.value)}
-        for dim, values in inc.dims().items():
-            keys.update(self.k("idx", dim, v) for v in values)
-        return keys
-
-    def _transact(self, fn: Callable[[_Batch], T]) -> T:
-        result: T = _retrying()(self._transact_once, fn)
-        return result
-
-    def _transact_once(self, fn: Callable[[_Batch], T]) -> T:
-        while True:
-            with self.r.pipeline(transaction=True) as pipe:
-                try:
-                    pipe.watch(self.k("rev"))
-                    batch = _Batch(self, pipe)
-                    result = fn(batch)
-                    pipe.multi()
-                    batch.flush(pipe)
-                    pipe.incr(self.k("rev"))
-                    pipe.execute()
-                    return result
-                except WatchError:
-                    continue
 
     # --- reads ---------------------------------------------------------------------------
-    @_retry_redis
+    @retry_redis
     def get(self, incident_id: str) -> Incident:
         raw = self.r.get(self.k("inc", incident_id))
         if raw is None:
             raise IncidentNotFound(incident_id)
         return Incident.model_validate_json(raw)
 
-    @_retry_redis
+    @retry_redis
     def active(self) -> list[Incident]:
         ids = sorted(m.decode() for m in self.r.smembers(self.k("active")))
         raws = self.r.mget([self.k("inc", i) for i in ids]) if ids else []
         return [Incident.model_validate_json(r) for r in raws if r is not None]
 
-    @_retry_redis
+    @retry_redis
     def applied(self) -> int:
         """How many outbox entries the book has read (applied or skipped as unusable)."""
         return int(self.r.get(self.k("applied")) or 0)
 
-    @_retry_redis
+    @retry_redis
     def cursor(self) -> str | None:
         raw = self.r.get(self.k("cursor"))
         return None if raw is None else str(raw.decode())
 
-    @_retry_redis
+    @retry_redis
     def list(self, *, status: Status | None = None, severity: Severity | None = None,
              station: str | None = None, shift: str | None = None, lot: str | None = None,
              since: datetime | None = None, until: datetime | None = None,
@@ -288,9 +153,9 @@ class FailureBook:
         return label_set_jsonl(self.get(incident_id), embeddings, radius)
 
     # --- on-call actions -----------------------------------------------------------------
-    def _mutate(self, incident_id: str, step: Callable[[Incident, datetime, _Batch], Change]
+    def _mutate(self, incident_id: str, step: Callable[[Incident, datetime, Batch], Change]
                 ) -> Incident:
-        def fn(batch: _Batch) -> Incident:
+        def fn(batch: Batch) -> Incident:
             found = batch.load([incident_id])
             if not found:
                 raise IncidentNotFound(incident_id)
@@ -298,10 +163,10 @@ class FailureBook:
             batch.changes.append(step(inc, self.clock(), batch))
             batch.saves[inc.id] = inc
             return inc
-        return self._transact(fn)
+        return self.transact(fn)
 
     def acknowledge(self, incident_id: str, who: str, note: str | None = None) -> Incident:
-        def step(inc: Incident, at: datetime, batch: _Batch) -> Change:
+        def step(inc: Incident, at: datetime, batch: Batch) -> Change:
             if inc.status is not Status.open:
                 raise InvalidTransition(f"{inc.id} is {inc.status.value}, not open")
             inc.status = Status.acknowledged
@@ -315,7 +180,7 @@ class FailureBook:
         and ask the detect stage to reset the incident's slices."""
         cat = RootCause(category)
 
-        def step(inc: Incident, at: datetime, batch: _Batch) -> Change:
+        def step(inc: Incident, at: datetime, batch: Batch) -> Change:
             if inc.resolution is not None:
                 raise InvalidTransition(f"{inc.id} was already resolved as "
                                         f"{inc.resolution.category.value}")
@@ -336,7 +201,7 @@ class FailureBook:
         return self._mutate(incident_id, step)
 
     def annotate(self, incident_id: str, note: str, who: str) -> Incident:
-        def step(inc: Incident, at: datetime, batch: _Batch) -> Change:
+        def step(inc: Incident, at: datetime, batch: Batch) -> Change:
             return record_change(inc, "annotated", who=who, at=at, note=note, routed=False,
                                  max_timeline=self.policy.max_timeline)
         return self._mutate(incident_id, step)
@@ -346,7 +211,7 @@ class FailureBook:
                summary: Mapping[str, SliceStatus]) -> builtins.list[Change]:
         """Apply outbox entries ``(stream id, message or None if unreadable)`` after the
         stored cursor, and move the cursor to the last one, in one transaction."""
-        def fn(batch: _Batch) -> builtins.list[Change]:
+        def fn(batch: Batch) -> builtins.list[Change]:
             raw = batch.pipe.get(self.k("cursor"))
             cur = stream_id(raw.decode()) if raw is not None else (-1, -1)
             fresh = [(eid, m) for eid, m in entries if stream_id(eid) > cur]
@@ -366,18 +231,18 @@ class FailureBook:
             batch.ops.append(lambda p: p.set(self.k("cursor"), last))
             batch.ops.append(lambda p: p.incrby(self.k("applied"), len(fresh)))
             return g.changes
-        return self._transact(fn)
+        return self.transact(fn)
 
     def reattribute(self, summary: Mapping[str, SliceStatus]) -> builtins.list[Change]:
         """Attribute the active incidents again with a fresh slice summary (re-rooting)."""
-        def fn(batch: _Batch) -> builtins.list[Change]:
+        def fn(batch: Batch) -> builtins.list[Change]:
             g = self._grouper(batch, summary)
             g.reattribute()
             self._stage(batch, g)
             return g.changes
-        return self._transact(fn)
+        return self.transact(fn)
 
-    def _grouper(self, batch: _Batch, summary: Mapping[str, SliceStatus]) -> Grouper:
+    def _grouper(self, batch: Batch, summary: Mapping[str, SliceStatus]) -> Grouper:
         ids = sorted(m.decode() for m in batch.pipe.smembers(self.k("active")))
         pending = [k.decode() for k in batch.pipe.hkeys(self.k("reset_pending"))]
         sigs: dict[str, dict[str, Any]] = {}
@@ -391,7 +256,7 @@ class FailureBook:
                        signatures=signatures, policy=self.policy, catalog=self.catalog,
                        reset_pending=pending)
 
-    def _stage(self, batch: _Batch, g: Grouper) -> None:
+    def _stage(self, batch: Batch, g: Grouper) -> None:
         batch.saves.update({i: g.incidents[i] for i in g.dirty})
         batch.changes.extend(g.changes)
         if g.reset_done:
@@ -401,7 +266,7 @@ class FailureBook:
     # --- retention -----------------------------------------------------------------------
     def enforce_retention(self) -> int:
         """Delete resolved incidents beyond the count or age limit; return how many."""
-        def fn(batch: _Batch) -> int:
+        def fn(batch: Batch) -> int:
             pipe, key = batch.pipe, self.k("resolved")
             cutoff = (self.clock() - timedelta(seconds=self.retention.max_age_s)).timestamp()
             doomed = {m.decode() for m in pipe.zrangebyscore(key, "-inf", cutoff)}
@@ -422,4 +287,4 @@ class FailureBook:
             if ids:
                 batch.ops.append(delete)
             return len(ids)
-        return self._transact(fn)
+        return self.transact(fn)

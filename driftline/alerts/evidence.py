@@ -13,7 +13,6 @@ linear in the share of affected events for small changes: a slice whose events a
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,14 +22,17 @@ import numpy as np
 
 from driftline.alerts.model import (
     ClusterShift,
+    Delay,
     Evidence,
     Exemplar,
     Firing,
     Incident,
     OodEvidence,
+    RecurrenceLink,
     Severity,
     SliceEvidence,
     SliceRef,
+    severity_rank,
     utc,
 )
 
@@ -199,48 +201,31 @@ def severity(root: SliceEvidence, firings: Sequence[Firing],
     return Severity.critical if score >= 4 else Severity.major if score >= 2 else Severity.warning
 
 
-def label_set(exemplars: Sequence[Exemplar],
-              embeddings: Mapping[str, Sequence[float]] | None = None,
-              radius: float = 0.3) -> list[tuple[Exemplar, int]]:
-    """Greedy k-center cover of the exemplars: ``(chosen sample, how many it covers)``.
-
-    With an embedding for every exemplar, distances are Euclidean between unit vectors and
-    points are added farthest-first until every exemplar is within ``radius`` of a chosen one
-    (Gonzalez 1985: at most twice the optimal radius for the same count). Otherwise two
-    exemplars are at distance 0 when they share cluster and OOD flag, else 1: one sample per
-    (cluster, OOD) group, the most atypical (largest distance) of each.
-    """
-    if not exemplars:
-        return []
-    if embeddings is not None and all(x.event_id in embeddings for x in exemplars):
-        pts = np.asarray([embeddings[x.event_id] for x in exemplars], np.float64)
-        pts /= np.maximum(np.linalg.norm(pts, axis=1, keepdims=True), 1e-12)
-        dist = np.linalg.norm(pts[:, None, :] - pts[None, :, :], axis=2)
-        first = int(np.argmin(np.linalg.norm(pts - pts.mean(axis=0), axis=1)))
-    else:
-        keys = [(x.cluster, bool(x.ood)) for x in exemplars]
-        dist = np.asarray([[0.0 if a == b else 1.0 for b in keys] for a in keys])
-        first = int(np.argmax([x.distance or 0.0 for x in exemplars]))
-        radius = 0.0
-    chosen = [first]
-    nearest = dist[first].copy()
-    while nearest.max() > radius:
-        far = [int(i) for i in np.flatnonzero(nearest == nearest.max())]
-        pick = max(far, key=lambda i: exemplars[i].distance or 0.0)
-        chosen.append(pick)
-        nearest = np.minimum(nearest, dist[pick])
-    owner = np.argmin(dist[chosen], axis=0)
-    return [(exemplars[c], int((owner == j).sum())) for j, c in enumerate(chosen)]
+def refresh(inc: Incident, catalog: ClusterCatalog, max_exemplars: int) -> Severity | None:
+    """Recompute what follows from the root and the slices: related slices (strongest first),
+    evidence, onset, detection time, delay and severity (which only grows while open).
+    Returns the previous severity when it grew."""
+    root = inc.slices[inc.root.slice_id]
+    inc.related = [s.ref for s in sorted(inc.slices.values(), key=lambda s: -s.strength)
+                   if s.ref.slice_id != root.ref.slice_id]
+    inc.evidence = build_evidence(root, inc.slices.values(), catalog, max_exemplars)
+    mine = [f for f in inc.detectors if f.slice_id == root.ref.slice_id] or inc.detectors
+    first = min(mine, key=lambda f: f.first_detected)
+    inc.detected_at, inc.onset = first.first_detected, first.onset or root.onset
+    inc.delay = Delay(events=first.events_at_detection, seconds=None if inc.onset is None
+                      else (inc.detected_at - inc.onset).total_seconds())
+    new = severity(root, inc.detectors, inc.related)
+    if severity_rank(new) <= severity_rank(inc.severity):
+        return None
+    old, inc.severity = inc.severity, new
+    return old
 
 
-def label_set_jsonl(incident: Incident, embeddings: Mapping[str, Sequence[float]] | None = None,
-                    radius: float = 0.3) -> str:
-    """The label set as JSON Lines, one sample per line, for a labeling tool."""
-    lines = []
-    for x, covers in label_set(incident.evidence.exemplars, embeddings, radius):
-        row = {"incident_id": incident.id, "event_id": x.event_id, "slice_id": x.slice_id,
-               "cluster": x.cluster, "ood": x.ood, "distance": x.distance,
-               "ts": x.ts.isoformat() if x.ts else None, "covers": covers,
-               "reference_exemplars": x.reference_exemplars}
-        lines.append(json.dumps(row, sort_keys=True))
-    return "".join(line + "\n" for line in lines)
+def recurrence(inc: Incident, signatures: Mapping[str, Mapping[str, Any]], threshold: float,
+               links: int) -> list[RecurrenceLink]:
+    """Resolved incidents with the same root template and a similar signature, best first."""
+    sims = sorted(((cosine(inc.evidence.signature, s.get("signature", [])), iid)
+                   for iid, s in signatures.items()
+                   if iid != inc.id and s.get("template") == inc.root.template), reverse=True)
+    return [RecurrenceLink(incident_id=iid, similarity=round(sim, 4))
+            for sim, iid in sims[:links] if sim >= threshold]

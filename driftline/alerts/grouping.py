@@ -35,23 +35,20 @@ from driftline.alerts.attribution import (
     SummaryIndex,
     compatible,
 )
+from driftline.alerts.changes import Change, record_change
 from driftline.alerts.evidence import (
     ClusterCatalog,
     build_evidence,
-    cosine,
-    severity,
+    recurrence,
+    refresh,
     slice_evidence,
 )
 from driftline.alerts.model import (
     SYSTEM,
-    Delay,
     Firing,
     Incident,
-    RecurrenceLink,
     SliceEvidence,
     Status,
-    TimelineEntry,
-    severity_rank,
     utc,
 )
 
@@ -68,30 +65,6 @@ class BookPolicy:
     max_exemplars: int = 32
     max_timeline: int = 500
     attribution: AttributionPolicy = field(default_factory=AttributionPolicy)
-
-
-@dataclass(frozen=True)
-class Change:
-    """One incident state change: a timeline entry and, if ``routed``, an alert."""
-
-    incident_id: str
-    action: str
-    who: str
-    at: datetime
-    note: str | None
-    routed: bool
-    incident: dict[str, Any]
-
-
-def record_change(inc: Incident, action: str, *, who: str, at: datetime,
-                  note: str | None = None, routed: bool = True,
-                  max_timeline: int = 500) -> Change:
-    """Append the timeline entry and describe the change (the caller stores both)."""
-    inc.timeline.append(TimelineEntry(at=at, who=who, action=action, note=note))
-    if len(inc.timeline) > max_timeline:  # keep "opened" and the newest entries
-        del inc.timeline[1]
-    inc.updated_at = at
-    return Change(inc.id, action, who, at, note, routed, inc.summary())
 
 
 class Grouper:
@@ -334,30 +307,13 @@ class Grouper:
         return inc
 
     def _refresh(self, inc: Incident) -> None:
-        root = inc.slices[inc.root.slice_id]
-        inc.related = [s.ref for s in sorted(inc.slices.values(), key=lambda s: -s.strength)
-                       if s.ref.slice_id != root.ref.slice_id]
-        inc.evidence = build_evidence(root, inc.slices.values(), self.catalog,
-                                      self.policy.max_exemplars)
-        mine = [f for f in inc.detectors if f.slice_id == root.ref.slice_id] or inc.detectors
-        first = min(mine, key=lambda f: f.first_detected)
-        inc.detected_at, inc.onset = first.first_detected, first.onset or root.onset
-        inc.delay = Delay(events=first.events_at_detection, seconds=None if inc.onset is None
-                          else (inc.detected_at - inc.onset).total_seconds())
-        new = severity(root, inc.detectors, inc.related)
-        if severity_rank(new) > severity_rank(inc.severity):
-            escalate = bool(inc.timeline)  # the first computation is not an escalation
-            old, inc.severity = inc.severity, new
-            if escalate:
-                self._record(inc, "escalated", f"{old.value} → {new.value}")
+        old = refresh(inc, self.catalog, self.policy.max_exemplars)
+        if old is not None and inc.timeline:  # the first computation is not an escalation
+            self._record(inc, "escalated", f"{old.value} → {inc.severity.value}")
 
     def _link_recurrence(self, inc: Incident) -> None:
-        sims = sorted(((cosine(inc.evidence.signature, s.get("signature", [])), iid)
-                       for iid, s in self.signatures().items()
-                       if iid != inc.id and s.get("template") == inc.root.template), reverse=True)
-        inc.recurrence = [RecurrenceLink(incident_id=iid, similarity=round(sim, 4))
-                          for sim, iid in sims[:self.policy.recurrence_links]
-                          if sim >= self.policy.recurrence_similarity]
+        inc.recurrence = recurrence(inc, self.signatures(), self.policy.recurrence_similarity,
+                                    self.policy.recurrence_links)
 
     def _touch(self, inc: Incident, at: datetime | None) -> None:
         if at is not None and at > inc.last_activity:

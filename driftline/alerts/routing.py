@@ -31,9 +31,10 @@ from tenacity import (
     wait_exponential,
 )
 
-from driftline.alerts.book import FailureBook, IncidentNotFound, stream_id
-from driftline.alerts.grouping import Change
+from driftline.alerts.book import FailureBook, IncidentNotFound
+from driftline.alerts.changes import Change
 from driftline.alerts.model import SEVERITY_ORDER, Incident
+from driftline.alerts.store import stream_id
 
 log = logging.getLogger(__name__)
 
