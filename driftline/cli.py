@@ -76,7 +76,7 @@ def demo_data(cache_dir: CacheDir = None) -> None:
 
 @app.command("run")
 def run(
-    role: Annotated[str, typer.Argument(help="embed, detect or all")] = "all",
+    role: Annotated[str, typer.Argument(help="embed, detect, book or all")] = "all",
     port: Annotated[int | None, typer.Option(help="HTTP port (default DRIFTLINE_API_PORT)")] = None,
 ) -> None:
     """Run pipeline stages with probes and /metrics over HTTP until SIGTERM."""
@@ -88,7 +88,7 @@ def run(
     settings = settings_or_exit()
     roles = list(ROLES) if role == "all" else [role]
     if any(r not in ROLES for r in roles):
-        typer.echo(f"driftline: unknown role {role!r}; use embed, detect or all", err=True)
+        typer.echo(f"driftline: unknown role {role!r}; use embed, detect, book or all", err=True)
         raise typer.Exit(2)
     service = Service(settings, roles)
     service.start()
@@ -107,6 +107,22 @@ def run(
     signal.signal(signal.SIGINT, request_stop)
     server.run()
     service.stop()
+
+
+@app.command("demo")
+def demo(
+    size: Annotated[str, typer.Option(help="small (CI), medium or large")] = "small",
+    cache_dir: CacheDir = None,
+    hold: Annotated[float, typer.Option(help="Seconds to keep the stack up at the end")] = 0.0,
+) -> None:
+    """The factory demo end to end: real stack, real images, three injected incidents."""
+    from driftline.demo.run import SIZES, run_demo
+
+    settings_or_exit()
+    if size not in SIZES:
+        typer.echo(f"driftline: --size must be one of {', '.join(SIZES)}", err=True)
+        raise typer.Exit(2)
+    raise typer.Exit(run_demo(size, cache_dir, hold))
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ from driftline.reference.index import Reference, load_reference
 from driftline.schema import SliceUpdate
 
 log = logging.getLogger(__name__)
-ROLES = ("embed", "detect")
+ROLES = ("embed", "detect", "book")
 
 
 class ReferenceBaselines:
@@ -125,6 +125,20 @@ def build_detect_stage(settings: Settings, registry: CollectorRegistry,
         checkpoint_interval_s=settings.checkpoint_interval_ms / 1000)
 
 
+def build_book_processor(settings: Settings, registry: CollectorRegistry) -> Any:
+    """Outbox → failure book → Alertmanager, the alerts topic (and a webhook if configured)."""
+    from driftline.alerts.book import FailureBook
+    from driftline.alerts.processor import IncidentProcessor
+    from driftline.alerts.routing import AlertMetrics, Router
+
+    client = redis.Redis.from_url(settings.redis_url)
+    book = FailureBook(client)
+    router = Router(book, AlertMetrics(registry), public_url=settings.public_url,
+                    alertmanager_url=settings.alertmanager_url,
+                    producer=make_producer(settings.kafka_bootstrap), topic=settings.alerts_topic)
+    return IncidentProcessor(client, book, router=router)
+
+
 @dataclass
 class Service:
     """The stages of one process and their threads."""
@@ -147,6 +161,8 @@ class Service:
                                                      make_embedder(s, self.reference))
         if "detect" in self.roles:
             self.stages["detect"] = build_detect_stage(s, self.registry, self.reference)
+        if "book" in self.roles:
+            self.stages["book"] = build_book_processor(s, self.registry)
         for name, stage in self.stages.items():
             thread = threading.Thread(target=self._run, args=(name, stage), name=name,
                                       daemon=True)
