@@ -59,7 +59,7 @@ class Page:
 
 
 class FailureBook(BookStore):
-    """Incidents in Redis; see the module docstring for the layout and the write protocol."""
+    """Incidents in Redis (layout and write protocol: :mod:`driftline.alerts.store`)."""
 
     def __init__(self, client: redis.Redis, *, prefix: str = "dl:book",
                  policy: BookPolicy | None = None, retention: Retention | None = None,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from driftline.alerts.model import SCHEMA_VERSION, Incident, TimelineEntry
+from driftline.alerts.model import SCHEMA_VERSION, Incident, TimelineEntry, iso
 
 
 @dataclass(frozen=True)
@@ -36,5 +36,5 @@ def record_change(inc: Incident, action: str, *, who: str, at: datetime,
 
 def change_json(c: Change) -> str:
     return json.dumps({"schema_version": SCHEMA_VERSION, "incident_id": c.incident_id,
-                       "action": c.action, "who": c.who, "at": c.at.isoformat(),
+                       "action": c.action, "who": c.who, "at": iso(c.at),
                        "note": c.note, "routed": c.routed, "incident": c.incident})

@@ -217,13 +217,14 @@ class Incident(_Model):
             "severity": self.severity.value, "root": self.root.model_dump(),
             "related": [r.slice_id for r in self.related],
             "detectors": sorted({f.detector for f in self.detectors}),
-            "onset": _iso(self.onset), "detected_at": _iso(self.detected_at),
-            "resolved_at": _iso(self.resolved_at), "auto_resolved": self.auto_resolved,
+            "onset": iso(self.onset), "detected_at": iso(self.detected_at),
+            "resolved_at": iso(self.resolved_at), "auto_resolved": self.auto_resolved,
             "category": self.resolution.category.value if self.resolution else None,
             "merged_into": self.merged_into,
             "recurrence": [r.model_dump() for r in self.recurrence],
         }
 
 
-def _iso(t: datetime | None) -> str | None:
+def iso(t: datetime | None) -> str | None:
+    """RFC 3339 with ``Z``, as the event schema writes times."""
     return None if t is None else t.isoformat().replace("+00:00", "Z")

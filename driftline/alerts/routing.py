@@ -193,7 +193,8 @@ class Router:
                 "summary": f"{inc.severity.value} drift at {inc.root.slice_id}"
                            f" ({', '.join(sorted({f.detector for f in inc.detectors}))};"
                            f" {len(inc.related)} related slices)",
-                "onset": onset, "link": self.link(inc.id), "status": inc.status.value},
+                "onset": onset, "link": self.link(inc.id), "status": inc.status.value,
+                "evidence": _evidence_line(inc)},
             "startsAt": _iso(starts), "generatorURL": self.link(inc.id)}
         if not inc.active:
             out["endsAt"] = _iso(max(inc.resolved_at or now, starts))
@@ -236,3 +237,12 @@ class Router:
     def close(self) -> None:
         self.http.close()
 
+
+def _evidence_line(inc: Incident) -> str:
+    """One line an on-call engineer can read: the largest cluster shifts and the OOD rate."""
+    parts = [f"cluster {c.cluster}: {c.p_ref:.1%} → {c.p_obs:.1%}"
+             for c in inc.evidence.clusters[:2]]
+    ood = inc.evidence.ood
+    if ood is not None and ood.ratio is not None and ood.ratio >= 1.5:
+        parts.append(f"OOD {ood.rate:.1%} ({ood.ratio:.1f}× reference)")
+    return "; ".join(parts) or "see link"
