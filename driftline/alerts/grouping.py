@@ -121,7 +121,7 @@ class Grouper:
         """Attribute the incidents the batch touched (once each), then merge concurrent ones
         that one root explains. Incidents opened and merged within the batch are not routed:
         nobody needs an alert that lived for a few milliseconds."""
-        touched = sorted((self.incidents[i] for i in self._todo), key=lambda i: i.created_at)
+        touched = sorted((self.incidents[i] for i in self._todo), key=_age)
         for inc in touched:
             if inc.active:
                 self._attribute(inc, mark=self._todo[inc.id])
@@ -260,11 +260,11 @@ class Grouper:
         """Merge concurrent incidents into ``inc`` (or it into an older one) while one root
         explains both groups."""
         while inc.active:
-            other = next((o for o in sorted(self._active(), key=lambda i: i.created_at)
+            other = next((o for o in sorted(self._active(), key=_age)
                           if o.id != inc.id and self._mergeable(inc, o)), None)
             if other is None:
                 return
-            keep, gone = (inc, other) if inc.created_at <= other.created_at else (other, inc)
+            keep, gone = (inc, other) if _age(inc) <= _age(other) else (other, inc)
             keep.slices.update(gone.slices)
             keep.detectors.extend(gone.detectors)
             for sid, n in gone.baseline_n.items():
@@ -330,3 +330,8 @@ def group_of(inc: Incident) -> Group:
     """The incident's attribution result as a :class:`Group` (tests and the API)."""
     return Group(inc.slices[inc.root.slice_id],
                  [inc.slices[r.slice_id] for r in inc.related if r.slice_id in inc.slices])
+
+
+def _age(inc: Incident) -> tuple[datetime, str]:
+    """Oldest first; ids break ties between incidents opened in the same batch."""
+    return inc.created_at, inc.id
