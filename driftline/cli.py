@@ -114,6 +114,7 @@ def demo(
     size: Annotated[str, typer.Option(help="small (CI), medium or large")] = "small",
     cache_dir: CacheDir = None,
     hold: Annotated[float, typer.Option(help="Seconds to keep the stack up at the end")] = 0.0,
+    dump: Annotated[Path | None, typer.Option(help="Write alarms + slice summaries here")] = None,
 ) -> None:
     """The factory demo end to end: real stack, real images, three injected incidents."""
     from driftline.demo.run import SIZES, run_demo
@@ -122,7 +123,7 @@ def demo(
     if size not in SIZES:
         typer.echo(f"driftline: --size must be one of {', '.join(SIZES)}", err=True)
         raise typer.Exit(2)
-    raise typer.Exit(run_demo(size, cache_dir, hold))
+    raise typer.Exit(run_demo(size, cache_dir, hold, dump))
 
 
 def main() -> None:

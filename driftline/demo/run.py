@@ -110,6 +110,12 @@ def report(outcomes: list[Outcome], false: list[dict[str, Any]], period_s: float
             f"{delay_s / period_s:.0f} | {delay_s / 60:.1f} | {inc['id']} |")
     rows.append(f"\nfalse incidents: {len(false)}"
                 + "".join(f"\n  - {f['id']} rooted at {f['root']['slice_id']}" for f in false))
+    rows.append("\nincidents (root first; per slice: per-event strength, events since onset):")
+    for inc in [o.incident for o in outcomes if o.incident] + false:
+        parts = [f"{sid} s={ev['strength']:.2f} n={ev['n_since_onset']}"
+                 for sid, ev in sorted(inc["slices"].items(), key=lambda kv: kv[0] != inc[
+                     "root"]["slice_id"])]
+        rows.append(f"  {inc['id']} onset {inc['onset']}: " + "; ".join(parts))
     return "\n".join(rows)
 
 
@@ -123,7 +129,18 @@ def _ts(value: Any) -> float | None:
     return datetime.fromisoformat(str(value)).timestamp()
 
 
-def run_demo(size: str = "small", cache_dir: Path | None = None, hold: float = 0.0) -> int:
+def dump_alarms(processor: Any, path: Path) -> None:
+    """Write the detect stage's outbox and slice summaries (replayable attribution input)."""
+    r = processor.r
+    outbox = [{"id": eid.decode(), "alarm": json.loads(f[b"alarm"])}
+              for eid, f in r.xrange(processor.outbox_key)]
+    summary = {k.decode(): json.loads(v) for k, v in r.hgetall(processor.summary_key).items()}
+    path.write_text(json.dumps({"outbox": outbox, "summary": summary}))
+    print(f"[demo] alarms and slice summaries written to {path}", flush=True)
+
+
+def run_demo(size: str = "small", cache_dir: Path | None = None, hold: float = 0.0,
+             dump: Path | None = None) -> int:
     """Run the whole demo; returns the process exit status."""
     from driftline.consumers.embedder import Embedder, EmbedderConfig
     from driftline.demo.data import fetch_demo_data
@@ -169,6 +186,8 @@ def run_demo(size: str = "small", cache_dir: Path | None = None, hold: float = 0
         book = FailureBook(stages["book"].r)
         _wait(lambda: book.applied() >= _outbox_len(stages["book"]), 120, "the book")
         stages["book"].book.reattribute(_summary(stages["book"]))
+        if dump is not None:
+            dump_alarms(stages["book"], dump)
         incidents = [json.loads(i.model_dump_json()) for i in book.list(limit=1000).items
                      if i.merged_into is None]
         outcomes, false = match(plant.injections, incidents)
