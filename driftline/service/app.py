@@ -1,38 +1,103 @@
-"""FastAPI app factory: probes and metrics now; the triage routers mount here."""
+"""FastAPI app factory: probes, metrics and the triage API under ``/api/v1``.
+
+``create_app(registry, readiness)`` alone serves the probes and ``/metrics`` of a stage process;
+with ``settings`` it also mounts the triage routers on a Redis client and the failure book.
+``serve(settings)`` runs the API under uvicorn until SIGTERM (``driftline serve``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from fastapi import FastAPI, Response
+import redis
+from fastapi import APIRouter, Depends, FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 import driftline
+from driftline.config import Settings
+from driftline.service.context import ServiceContext
+from driftline.service.deps import require
+from driftline.service.limits import BodyLimit, install_error_handlers
+from driftline.service.observe import ApiMetrics, Observe
+from driftline.service.routes import gap, incidents, references, similar, slices, versions
+from driftline.service.schemas.common import errors
 
 Readiness = Callable[[], dict[str, bool]]
+API_PREFIX = "/api/v1"
 
+def create_app(registry: CollectorRegistry, readiness: Readiness | None = None,
+               settings: Settings | None = None, *,
+               redis_client: redis.Redis | None = None) -> FastAPI:
+    """Build the HTTP app. ``readiness`` returns named checks; all must be true for /readyz.
 
-def create_app(registry: CollectorRegistry, readiness: Readiness | None = None) -> FastAPI:
-    """Build the HTTP app. ``readiness`` returns named checks; all must be true for /readyz."""
+    With ``settings`` the triage API is mounted (Redis from ``settings.redis_url`` unless
+    ``redis_client`` is given) and the probes need a viewer token unless
+    ``settings.open_probes``.
+    """
     app = FastAPI(title="driftline", version=driftline.__version__,
-                  description="Drift monitoring for vision models: triage API")
+                  description="Drift monitoring for vision models: triage API. Authenticate "
+                              "with `Authorization: Bearer <token>` (DRIFTLINE_API_TOKENS); "
+                              "reads need role viewer, incident changes operator, reference "
+                              "activation admin.")
+    ctx: ServiceContext | None = None
+    if settings is not None:
+        ctx = ServiceContext.build(settings, redis_client)
+        app.state.ctx = ctx
+    checks = _readiness(readiness, ctx)
+    guard = [] if settings is None or settings.open_probes else [Depends(require("viewer"))]
+    probes = APIRouter(tags=["probes"], dependencies=guard,
+                       responses=errors(401, 403) if guard else None)
 
-    @app.get("/healthz", tags=["probes"])
+    @probes.get("/healthz")
     def healthz() -> dict[str, str]:
         """Liveness: the process answers."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["probes"], responses={503: {"description": "not ready"}})
+    @probes.get("/readyz", responses={503: {"description": "not ready"}})
     def readyz() -> JSONResponse:
-        """Readiness: reference loaded and partitions assigned (per running stage)."""
-        checks = readiness() if readiness is not None else {}
-        ok = all(checks.values())
-        return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+        """Readiness: reference loaded and partitions assigned (per running stage), Redis
+        answering (API)."""
+        got = checks()
+        ok = all(got.values())
+        return JSONResponse({"ready": ok, "checks": got}, status_code=200 if ok else 503)
 
-    @app.get("/metrics", tags=["probes"], response_class=Response)
+    @probes.get("/metrics", response_class=Response)
     def metrics() -> Response:
         """Prometheus exposition of this process's registry."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.include_router(probes)
+    if ctx is not None and settings is not None:
+        for module in (incidents, slices, similar, gap, versions, references):
+            app.include_router(module.router, prefix=API_PREFIX)
+        install_error_handlers(app)
+        app.add_middleware(Observe, metrics=ApiMetrics(registry))
+        app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+        app.router.add_event_handler("shutdown", ctx.close)
     return app
+
+
+def _readiness(readiness: Readiness | None, ctx: ServiceContext | None) -> Readiness:
+    def checks() -> dict[str, bool]:
+        out = dict(readiness()) if readiness is not None else {}
+        if ctx is not None:
+            try:
+                out["redis"] = bool(ctx.redis.ping())
+            except redis.RedisError:
+                out["redis"] = False
+        return out
+    return checks
+
+
+def serve(settings: Settings, registry: CollectorRegistry | None = None,
+          readiness: Readiness | None = None, port: int | None = None) -> None:
+    """Run the triage API under uvicorn until SIGTERM/SIGINT (``driftline serve``)."""
+    import uvicorn
+
+    from driftline.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format.value)
+    app = create_app(registry or CollectorRegistry(), readiness, settings)
+    uvicorn.run(app, host=settings.api_host, port=port or settings.api_port,
+                log_level="warning", timeout_graceful_shutdown=10)

@@ -1,0 +1,95 @@
+"""What every request handler shares: settings, the Redis client, the failure book, the tokens
+and the lazily loaded reference. One :class:`ServiceContext` per app, on ``app.state``.
+
+Redis keys: :mod:`driftline.service.keys`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from redis import Redis
+
+from driftline.alerts.book import FailureBook
+from driftline.config import ApiToken, Settings
+from driftline.reference.artifact import ReferenceError
+from driftline.reference.index import Reference, load_reference
+from driftline.service.keys import BOOK_PREFIX
+from driftline.service.recent import RecentIndex
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass
+class ServiceContext:
+    """Shared, thread-safe state of one API process (handlers run in a thread pool)."""
+
+    settings: Settings
+    redis: Redis
+    book: FailureBook
+    tokens: list[ApiToken]
+    _reference: Reference | None = None
+    _reference_error: str | None = None
+    _reference_loaded: bool = False
+    _recent: RecentIndex | None = None
+    _ref_clusters: dict[str, int] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def build(cls, settings: Settings, client: Redis | None = None) -> ServiceContext:
+        client = client if client is not None else Redis.from_url(
+            settings.redis_url, socket_timeout=10.0, health_check_interval=30)
+        tokens = settings.tokens()
+        if not tokens:
+            log.warning(
+                "NO API TOKENS CONFIGURED (DRIFTLINE_API_TOKENS): the triage API answers reads "
+                "without authentication and refuses every mutating call with 403; configure "
+                "'name:role:token' entries to enable acknowledge/resolve/annotate/activate")
+        return cls(settings=settings, redis=client, book=FailureBook(client, prefix=BOOK_PREFIX),
+                   tokens=tokens)
+
+    def reference(self) -> Reference | None:
+        """The configured reference (``DRIFTLINE_REFERENCE_DIR``), loaded once; None if unset
+        or unreadable (the reason is in :attr:`reference_problem`)."""
+        if self._reference_loaded:
+            return self._reference
+        with self._lock:
+            if not self._reference_loaded:
+                path = self.settings.reference_dir
+                if path is None:
+                    self._reference_error = "DRIFTLINE_REFERENCE_DIR is not set"
+                else:
+                    try:
+                        self._reference = load_reference(Path(path))
+                    except (ReferenceError, OSError, ValueError) as exc:
+                        self._reference_error = f"reference at {path} is unusable: {exc}"
+                        log.error("reference not loaded", extra={"error": str(exc)})
+                self._reference_loaded = True
+        return self._reference
+
+    def recent(self) -> RecentIndex:
+        """The recent-events index (in the reference's space once the reference is loaded)."""
+        ref = self.reference()
+        with self._lock:
+            if self._recent is None:
+                self._recent = RecentIndex(self.redis, ref)
+            return self._recent
+
+    def reference_clusters(self) -> dict[str, int]:
+        """Cluster of each reference sample by event id (empty without a reference)."""
+        ref = self.reference()
+        if self._ref_clusters is None:
+            self._ref_clusters = {} if ref is None else dict(
+                zip(ref.event_ids, (int(c) for c in ref.clusters), strict=True))
+        return self._ref_clusters
+
+    @property
+    def reference_problem(self) -> str | None:
+        return self._reference_error
+
+    def close(self) -> None:
+        self.redis.close()

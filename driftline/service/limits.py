@@ -1,0 +1,86 @@
+"""Request size limit and the exception → ``{"detail": …}`` mapping.
+
+The size limit is checked twice: a declared ``Content-Length`` above the limit is refused
+before the app sees the request; a chunked body is counted as it arrives and refused (413) as
+soon as it passes the limit, so an endpoint never buffers more than the limit.
+"""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import FastAPI, HTTPException, Request, status
+from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from driftline.alerts.book import IncidentNotFound, InvalidTransition
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+                         detail=f"request body larger than {limit} bytes "
+                                "(DRIFTLINE_MAX_REQUEST_BYTES)")
+
+
+class BodyLimit:
+    """Pure ASGI middleware enforcing ``max_bytes`` per request body."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and not declared.isdigit():
+            await _send_json(send, 400, "Content-Length is not a number")
+            return
+        if declared is not None and int(declared) > self.max_bytes:
+            await _send_json(send, 413, BodyTooLarge(self.max_bytes).detail)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return msg
+
+        await self.app(scope, limited, send)
+
+
+async def _send_json(send: Send, code: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": code,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Domain exceptions become clear 4xx/503 bodies instead of 500s."""
+
+    async def not_found(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": f"no incident {exc.args[0] if exc.args else ''}"
+                                       " (never existed, or removed by retention)"},
+                            status_code=404)
+
+    async def conflict(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    async def store_down(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": f"Redis is unavailable: {exc}"}, status_code=503,
+                            headers={"Retry-After": "5"})
+
+    app.add_exception_handler(IncidentNotFound, not_found)
+    app.add_exception_handler(InvalidTransition, conflict)
+    app.add_exception_handler(RedisConnectionError, store_down)
+    app.add_exception_handler(RedisTimeoutError, store_down)

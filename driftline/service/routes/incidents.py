@@ -1,0 +1,187 @@
+"""``/api/v1/incidents``: list, detail, evidence, exemplars, label set, recurrence, lifecycle.
+
+Reads need a viewer token; acknowledge, resolve and annotate need operator, and each is
+recorded in the incident's timeline under the caller's token name.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import UTC, datetime
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Body, HTTPException, Path, Query, Response, status
+
+from driftline.alerts.book import IncidentNotFound
+from driftline.alerts.labelset import label_set_jsonl
+from driftline.alerts.model import Incident, Severity, Status
+from driftline.service.deps import BookDep, ContextDep, Operator, SettingsDep, Viewer
+from driftline.service.schemas.common import COMMON_ERRORS, errors
+from driftline.service.schemas.incidents import (
+    AcknowledgeRequest,
+    AnnotateRequest,
+    EvidenceView,
+    ExemplarView,
+    IncidentDetail,
+    IncidentPage,
+    IncidentSummary,
+    RecurrenceView,
+    ResolveRequest,
+    SliceEffect,
+    incident_link,
+)
+
+router = APIRouter(prefix="/incidents", tags=["incidents"], responses=COMMON_ERRORS)
+
+IncidentId = Annotated[str, Path(max_length=64, description="incident id",
+                                 examples=["DL-000001"])]
+Dim = Annotated[str | None, Query(min_length=1, max_length=128)]
+_CURSOR = re.compile(r"^(-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?):(.{1,64})$")
+JSONL = "application/jsonl"
+NO_THUMBNAILS = ("thumbnails are not stored: the failure book keeps each exemplar's event id, "
+                 "cluster, distance and time but no image bytes; fetch the image from the "
+                 "inference host by event id")
+
+
+def _utc(t: datetime | None) -> datetime | None:
+    return None if t is None or t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def _check_cursor(cursor: str | None) -> None:
+    m = _CURSOR.match(cursor) if cursor is not None else None
+    if cursor is not None and (m is None or not math.isfinite(float(m.group(1)))):
+        raise HTTPException(status.HTTP_400_BAD_REQUEST,
+                            detail="invalid cursor: pass the next_cursor of the previous page")
+
+
+@router.get("", response_model=IncidentPage, responses=errors(400))
+def list_incidents(
+    book: BookDep, settings: SettingsDep, _: Viewer,
+    status_: Annotated[Status | None, Query(alias="status")] = None,
+    severity: Severity | None = None, station: Dim = None, shift: Dim = None, lot: Dim = None,
+    since: Annotated[datetime | None, Query(description="detected at or after")] = None,
+    until: Annotated[datetime | None, Query(description="detected at or before")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(max_length=100)] = None,
+) -> IncidentPage:
+    """Incidents, newest detection first, filtered; follow ``next_cursor`` for more."""
+    _check_cursor(cursor)
+    page = book.list(status=status_, severity=severity, station=station, shift=shift, lot=lot,
+                     since=_utc(since), until=_utc(until), limit=limit, cursor=cursor)
+    return IncidentPage(items=[IncidentSummary.of(i, settings.public_url) for i in page.items],
+                        next_cursor=page.next_cursor)
+
+
+@router.get("/{incident_id}", response_model=IncidentDetail, responses=errors(404))
+def get_incident(incident_id: IncidentId, book: BookDep, settings: SettingsDep,
+                 _: Viewer) -> IncidentDetail:
+    return IncidentDetail.of(book.get(incident_id), settings.public_url)
+
+
+@router.get("/{incident_id}/evidence", response_model=EvidenceView, responses=errors(404))
+def get_evidence(incident_id: IncidentId, book: BookDep, _: Viewer) -> EvidenceView:
+    """The root slice's evidence since onset and the effect in every alarmed slice."""
+    inc = book.get(incident_id)
+    effects = [SliceEffect(slice_id=s.ref.slice_id, template=s.ref.template,
+                           root=s.ref.slice_id == inc.root.slice_id, strength=s.strength,
+                           displaced=s.displaced, n_since_onset=s.n_since_onset, onset=s.onset,
+                           last_time=s.last_time, model_versions=s.model_versions)
+               for s in inc.slices.values()]
+    effects.sort(key=lambda e: (not e.root, -e.strength))
+    return EvidenceView(incident_id=inc.id, evidence=inc.evidence, slices=effects)
+
+
+@router.get("/{incident_id}/exemplars", response_model=list[ExemplarView],
+            responses=errors(404))
+def get_exemplars(incident_id: IncidentId, book: BookDep, ctx: ContextDep,
+                  _: Viewer) -> list[ExemplarView]:
+    """Exemplar events (changed ones first) with their nearest reference exemplars."""
+    inc = book.get(incident_id)
+    rows = ctx.recent().snapshot().rows
+    return [ExemplarView(exemplar=x, in_recent_buffer=x.event_id in rows)
+            for x in inc.evidence.exemplars]
+
+
+@router.get("/{incident_id}/exemplars/{event_id}/thumbnail", response_class=Response,
+            responses={200: {"content": {"image/jpeg": {}}, "description": "JPEG thumbnail "
+                             "(not returned by this version: thumbnails are not stored)"},
+                       **errors(404)})
+def get_thumbnail(incident_id: IncidentId, event_id: Annotated[str, Path(max_length=200)],
+                  book: BookDep, _: Viewer) -> Response:
+    inc = book.get(incident_id)
+    if all(x.event_id != event_id for x in inc.evidence.exemplars):
+        raise HTTPException(status.HTTP_404_NOT_FOUND,
+                            detail=f"{event_id!r} is not an exemplar of {inc.id}")
+    raise HTTPException(status.HTTP_404_NOT_FOUND, detail=NO_THUMBNAILS)
+
+
+@router.get("/{incident_id}/label-set", response_class=Response,
+            responses={200: {"content": {JSONL: {"schema": {"type": "string"}}},
+                             "description": "one JSON object per line: event_id, slice_id, "
+                                            "cluster, ood, distance, ts, covers, "
+                                            "reference_exemplars"}, **errors(404)})
+def get_label_set(incident_id: IncidentId, book: BookDep, ctx: ContextDep,
+                  _: Viewer) -> Response:
+    """The smallest set of exemplars covering the incident in embedding space, as JSON Lines
+    (distances in the reference space when every exemplar is still in the recent buffer)."""
+    inc = book.get(incident_id)
+    snap = ctx.recent().snapshot()
+    ids = [x.event_id for x in inc.evidence.exemplars]
+    embeddings = None
+    if ids and all(i in snap.rows for i in ids):
+        embeddings = {i: np.asarray(snap.vectors[snap.rows[i]], np.float64).tolist()
+                      for i in ids}
+    return Response(label_set_jsonl(inc, embeddings), media_type=JSONL, headers={
+        "Content-Disposition": f'attachment; filename="{inc.id}-label-set.jsonl"'})
+
+
+@router.get("/{incident_id}/recurrence", response_model=list[RecurrenceView],
+            responses=errors(404))
+def get_recurrence(incident_id: IncidentId, book: BookDep, settings: SettingsDep,
+                   _: Viewer) -> list[RecurrenceView]:
+    """Past incidents whose evidence matches this one ("seen before"), best first."""
+    out = []
+    for link in book.get(incident_id).recurrence:
+        view = RecurrenceView(incident_id=link.incident_id, similarity=link.similarity,
+                              available=False,
+                              link=incident_link(settings.public_url, link.incident_id))
+        try:
+            past: Incident = book.get(link.incident_id)
+        except IncidentNotFound:
+            out.append(view)
+            continue
+        out.append(view.model_copy(update={
+            "available": True, "root": past.root, "resolved_at": past.resolved_at,
+            "category": past.resolution.category if past.resolution else None}))
+    return out
+
+
+@router.post("/{incident_id}/acknowledge", response_model=IncidentDetail,
+             responses=errors(404, 409))
+def acknowledge(incident_id: IncidentId, book: BookDep, settings: SettingsDep,
+                caller: Operator,
+                body: Annotated[AcknowledgeRequest | None, Body()] = None) -> IncidentDetail:
+    """Open → acknowledged (the body with a note is optional)."""
+    inc = book.acknowledge(incident_id, caller.name, body.note if body else None)
+    return IncidentDetail.of(inc, settings.public_url)
+
+
+@router.post("/{incident_id}/resolve", response_model=IncidentDetail,
+             responses=errors(404, 409))
+def resolve(incident_id: IncidentId, body: ResolveRequest, book: BookDep,
+            settings: SettingsDep, caller: Operator) -> IncidentDetail:
+    """Resolve with a root-cause category (or classify an auto-resolved incident); the
+    detect stage is asked to reset the incident's slices."""
+    inc = book.resolve(incident_id, body.category, body.note, caller.name)
+    return IncidentDetail.of(inc, settings.public_url)
+
+
+@router.post("/{incident_id}/annotations", response_model=IncidentDetail,
+             status_code=status.HTTP_201_CREATED, responses=errors(404))
+def annotate(incident_id: IncidentId, body: AnnotateRequest, book: BookDep,
+             settings: SettingsDep, caller: Operator) -> IncidentDetail:
+    """Add a note to the incident's timeline."""
+    inc = book.annotate(incident_id, body.note, caller.name)
+    return IncidentDetail.of(inc, settings.public_url)

@@ -1,0 +1,99 @@
+"""``/api/v1/references``: list, show and (admin) activate reference artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, HTTPException, status
+from fastapi import Path as PathParam
+
+from driftline.reference.artifact import ReferenceError
+from driftline.service import references_store as store
+from driftline.service.deps import Admin, RedisDep, SettingsDep, Viewer
+from driftline.service.schemas.common import COMMON_ERRORS, errors
+from driftline.service.schemas.references import (
+    ActivationRequest,
+    ActivationView,
+    BaselineRow,
+    ClusterRow,
+    ReferenceDetail,
+    ReferenceRow,
+)
+
+router = APIRouter(prefix="/references", tags=["references"], responses=COMMON_ERRORS)
+ReferenceId = Annotated[str, PathParam(max_length=64, examples=["3f9c2a7b1d4e8f60"])]
+
+
+def _flags(settings: SettingsDep, r: RedisDep) -> tuple[str | None, str | None]:
+    configured = str(Path(settings.reference_dir).resolve()) if settings.reference_dir else None
+    active = store.activation(r)
+    return configured, str(active.get("reference_id")) if active else None
+
+
+def _row(c: store.Candidate, configured: str | None, active: str | None) -> ReferenceRow:
+    return ReferenceRow.of(str(c.path), c.manifest, str(c.path) == configured,
+                           c.reference_id == active)
+
+
+def _found(settings: SettingsDep, reference_id: str) -> store.Candidate:
+    cand = store.find(settings, reference_id)
+    if cand is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=(
+            f"no reference {reference_id!r} among DRIFTLINE_REFERENCE_DIR and its siblings "
+            "(list them at /api/v1/references)"))
+    return cand
+
+
+@router.get("", response_model=list[ReferenceRow])
+def list_references(settings: SettingsDep, r: RedisDep, _: Viewer) -> list[ReferenceRow]:
+    """The configured reference and every sibling artifact directory next to it."""
+    configured, active = _flags(settings, r)
+    return [_row(c, configured, active) for c in store.candidates(settings)]
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, int | float) else None
+
+
+@router.get("/{reference_id}", response_model=ReferenceDetail, responses=errors(404))
+def show_reference(reference_id: ReferenceId, settings: SettingsDep, r: RedisDep,
+                   _: Viewer) -> ReferenceDetail:
+    """Summary of a reference's manifest: clusters, baselines, aggressor clusters."""
+    cand = _found(settings, reference_id)
+    configured, active = _flags(settings, r)
+    m = cand.manifest
+    items = (m.get("clusters") or {}).get("items") or []
+    baselines = ((m.get("baselines") or {}).get("items") or {})
+    emb = dict(m.get("embedding") or {})
+    return ReferenceDetail(
+        **_row(cand, configured, active).model_dump(),
+        driftline_version=m.get("driftline_version"), source=dict(m.get("source") or {}),
+        embedding=emb,
+        cluster_items=[ClusterRow(
+            id=int(c["id"]), size=c.get("size"), share=_num(c.get("share")),
+            median_distance_to_centroid=_num(c.get("median_distance_to_centroid")),
+            exemplars=[str(x) for x in c.get("exemplars") or []],
+            performance=c.get("performance")) for c in items],
+        baselines=[BaselineRow(key=k, parent=b.get("parent"), n=b.get("n"),
+                               ood_threshold=_num(b.get("ood_threshold")),
+                               ood_rate=_num(b.get("ood_rate")))
+                   for k, b in sorted(baselines.items())],
+        aggressors=list((m.get("performance") or {}).get("aggressors") or []))
+
+
+@router.post("/{reference_id}/activate", response_model=ActivationView,
+             responses=errors(404, 409))
+def activate_reference(reference_id: ReferenceId, settings: SettingsDep, r: RedisDep,
+                       caller: Admin,
+                       body: Annotated[ActivationRequest | None, Body()] = None
+                       ) -> ActivationView:
+    """Make this reference the active one (admin). Stages use it from their next restart."""
+    cand = _found(settings, reference_id)
+    try:
+        doc = store.activate(r, cand, caller.name, body.note if body else None)
+    except ReferenceError as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT,
+                            detail=f"reference {reference_id} is not usable: {exc}") from None
+    return ActivationView(reference_id=doc["reference_id"], path=doc["path"],
+                          activated_by=doc["who"], activated_at=doc["at"], note=doc["note"])

@@ -1,0 +1,35 @@
+"""Shared response parts: the error body and the documented error statuses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx body of the API (FastAPI's 422 adds a list of field errors)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"detail": "no incident DL-000042"}]})
+
+    detail: str = Field(description="what went wrong, in words an operator can act on")
+
+
+_WHY = {
+    400: "the request is well-formed but cannot be answered (e.g. a bad cursor)",
+    401: "missing or invalid bearer token",
+    403: "the token's role may not do this",
+    404: "no such resource",
+    409: "the incident's lifecycle does not allow this step",
+    413: "request body larger than DRIFTLINE_MAX_REQUEST_BYTES",
+    503: "a backing store (Redis, the reference) is unavailable",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` entries documenting ``codes`` with :class:`ErrorBody`."""
+    return {code: {"model": ErrorBody, "description": _WHY[code]} for code in codes}
+
+
+# Every /api/v1 route can answer these (auth, body size, store down).
+COMMON_ERRORS = errors(401, 403, 413, 503)

@@ -1,0 +1,158 @@
+"""Incident requests (acknowledge, resolve, annotate) and views (list item, detail, evidence)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from driftline.alerts.model import (
+    Delay,
+    Evidence,
+    Exemplar,
+    Firing,
+    Incident,
+    Resolution,
+    RootCause,
+    Severity,
+    SliceRef,
+    Status,
+    TimelineEntry,
+)
+
+NOTE_MAX = 2000
+
+
+# --- requests --------------------------------------------------------------------------------
+class AcknowledgeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"note": "looking at press-3's camera"}]})
+
+    note: str | None = Field(None, max_length=NOTE_MAX, description="why, or what happens next")
+
+
+class ResolveRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"category": "optics", "note": "lens cleaned, images sharp again"}]})
+
+    category: RootCause = Field(description="root-cause category")
+    note: str | None = Field(None, max_length=NOTE_MAX)
+
+
+class AnnotateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"note": "fixture looked loose on the night shift"}]})
+
+    note: str = Field(min_length=1, max_length=NOTE_MAX)
+
+
+# --- responses -------------------------------------------------------------------------------
+class IncidentSummary(BaseModel):
+    """One row of the incident list."""
+
+    id: str
+    status: Status
+    severity: Severity
+    root: SliceRef
+    related: list[str] = Field(description="slice ids of the related alarmed slices")
+    detectors: list[str]
+    onset: datetime | None
+    detected_at: datetime
+    resolved_at: datetime | None
+    category: RootCause | None
+    auto_resolved: bool
+    merged_into: str | None
+    recurrence: list[str] = Field(description="ids of past incidents this one matches")
+    link: str
+
+    @classmethod
+    def of(cls, inc: Incident, base_url: str) -> IncidentSummary:
+        return cls(id=inc.id, status=inc.status, severity=inc.severity, root=inc.root,
+                   related=[r.slice_id for r in inc.related],
+                   detectors=sorted({f.detector for f in inc.detectors}), onset=inc.onset,
+                   detected_at=inc.detected_at, resolved_at=inc.resolved_at,
+                   category=inc.resolution.category if inc.resolution else None,
+                   auto_resolved=inc.auto_resolved, merged_into=inc.merged_into,
+                   recurrence=[r.incident_id for r in inc.recurrence],
+                   link=incident_link(base_url, inc.id))
+
+
+class IncidentPage(BaseModel):
+    items: list[IncidentSummary]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; "
+                                                "null on the last page")
+
+
+class IncidentDetail(IncidentSummary):
+    """The whole incident except the per-slice raw counts (see ``/evidence``)."""
+
+    related_slices: list[SliceRef]
+    firings: list[Firing]
+    delay: Delay
+    evidence: Evidence
+    timeline: list[TimelineEntry]
+    resolution: Resolution | None
+    recurrence_links: list[RecurrenceLinkView]
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, inc: Incident, base_url: str) -> IncidentDetail:
+        base = IncidentSummary.of(inc, base_url).model_dump()
+        return cls(**base, related_slices=inc.related, firings=inc.detectors, delay=inc.delay,
+                   evidence=inc.evidence, timeline=inc.timeline, resolution=inc.resolution,
+                   recurrence_links=[RecurrenceLinkView(
+                       incident_id=r.incident_id, similarity=r.similarity,
+                       link=incident_link(base_url, r.incident_id)) for r in inc.recurrence],
+                   created_at=inc.created_at, updated_at=inc.updated_at)
+
+
+class RecurrenceLinkView(BaseModel):
+    incident_id: str
+    similarity: float = Field(description="cosine of the two incidents' evidence signatures")
+    link: str
+
+
+class SliceEffect(BaseModel):
+    """How strongly one alarmed slice shows the change since its onset."""
+
+    slice_id: str
+    template: str
+    root: bool
+    strength: float = Field(description="per-event effect, sqrt(nats/event)")
+    displaced: float = Field(description="share of events moved")
+    n_since_onset: int
+    onset: datetime | None
+    last_time: datetime | None
+    model_versions: dict[str, int]
+
+
+class EvidenceView(BaseModel):
+    incident_id: str
+    evidence: Evidence
+    slices: list[SliceEffect] = Field(description="root first, then by strength")
+
+
+class ExemplarView(BaseModel):
+    exemplar: Exemplar
+    in_recent_buffer: bool = Field(description="its embedding is still in the recent buffer "
+                                               "(similarity search and label-set distances)")
+
+
+class RecurrenceView(BaseModel):
+    """A past incident this one matches; ``available`` is false once retention removed it."""
+
+    incident_id: str
+    similarity: float
+    available: bool
+    root: SliceRef | None = None
+    category: RootCause | None = None
+    resolved_at: datetime | None = None
+    link: str
+
+
+def incident_link(base_url: str, incident_id: str) -> str:
+    return f"{base_url.rstrip('/')}/api/v1/incidents/{incident_id}"
+
+
+IncidentDetail.model_rebuild()
