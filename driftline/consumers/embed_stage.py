@@ -65,6 +65,8 @@ class _Item:
     event: Event
     cluster: int | None = None
     distance: float | None = None
+    ood: bool | None = None
+    ood_p0: float | None = None
 
 
 class EmbedStage:
@@ -179,6 +181,7 @@ class EmbedStage:
         ev, msg = item.event, item.msg
         base = self.reference.baseline_for(ev.station, ev.shift)
         ood = None if item.distance is None else bool(item.distance > base.ood_threshold)
+        item.ood, item.ood_p0 = ood, base.ood_rate
         dims = {"station": ev.station, "shift": ev.shift, "lot": ev.lot}
         for template in self.templates:
             sid = slice_id(template, dims)
@@ -207,7 +210,8 @@ class EmbedStage:
             pipe.set(f"dl:pred:{ev.event_id}", json.dumps(doc), ex=PREDICTION_TTL_S)
             meta = {"event_id": ev.event_id, "ts": ev.ts.timestamp(), "station": ev.station,
                     "shift": ev.shift, "lot": ev.lot, "model_version": ev.model_version,
-                    "cluster": item.cluster, "distance": item.distance,
+                    "cluster": item.cluster, "distance": item.distance, "ood": item.ood,
+                    "ood_p0": item.ood_p0,
                     "pred": pred.label if pred else None, "score": pred.score if pred else None,
                     "label": ev.label}
             pipe.xadd(RECENT_KEY, {"meta": json.dumps(meta),
