@@ -50,14 +50,14 @@ class EmbedderConfig(BaseModel):
     output_name: str | None = None
     pooling: Literal["avg", "max", "none"] = "avg"
     l2_normalize: bool = True
-    batch_size: int = Field(32, ge=1)
-    intra_op_threads: int = Field(0, ge=0, description="0: onnxruntime's default (all cores)")
-    inter_op_threads: int = Field(1, ge=0)
-    spin_wait: bool = Field(True, description="onnxruntime workers busy-wait between ops; off "
-                            "leaves those cycles to decoding when both share the cores")
-    decode_threads: int = Field(1, ge=0, description="0: decode inline, no overlap")
-    max_image_bytes: int = Field(16 << 20, ge=1)
-    max_image_pixels: int = Field(40_000_000, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    intra_op_threads: int = Field(default=0, ge=0, description="0: onnxruntime's default")
+    inter_op_threads: int = Field(default=1, ge=0)
+    spin_wait: bool = Field(default=True, description="onnxruntime workers busy-wait between "
+                            "ops; off leaves those cycles to decoding when both share the cores")
+    decode_threads: int = Field(default=1, ge=0, description="0: decode inline, no overlap")
+    max_image_bytes: int = Field(default=16 << 20, ge=1)
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
 
     @classmethod
     def from_description(cls, desc: dict[str, Any], model_path: Path, **runtime: Any) -> Self:
