@@ -42,25 +42,24 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
-
-from driftline.alerts.model import SliceEvidence, SliceRef
-
-FloatArray = npt.NDArray[np.float64]
+from driftline.alerts.evidence import contained
+from driftline.alerts.model import SliceEvidence, SliceRef, utc
+from driftline.schema import parse_slice_id
 
 _DIM_WEIGHT = {"station": 3, "lot": 2, "shift": 1}
 
 
 @dataclass(frozen=True)
 class AttributionPolicy:
-    """``tolerance`` τ for "as strong as"; ``min_similarity`` for "the same change"; what
-    counts as a sibling's clean data."""
+    """``tolerance`` τ for "as strong as"; ``min_similarity`` for "the same change"; how far
+    onsets may be off (``onset_slack_s``); what counts as a sibling's clean data."""
 
     tolerance: float = 0.75
     min_similarity: float = 0.5
+    onset_slack_s: float = 30.0
     clean_events: int = 50
     clean_factor: float = 1.0
     clean_ratio: float = 0.5
@@ -74,12 +73,15 @@ class SliceStatus:
     n: int
     open: bool
     max_ratio: float = 0.0
+    last_time: datetime | None = None
 
     @classmethod
     def from_summary(cls, slice_id: str, raw: Mapping[str, Any]) -> SliceStatus:
         ratios = [float(r) for r in (raw.get("ratios") or {}).values()]
+        last = raw.get("last_time")
         return cls(SliceRef(template=raw["template"], dims=dict(raw["dims"]), slice_id=slice_id),
-                   int(raw.get("n") or 0), bool(raw.get("open")), max(ratios, default=0.0))
+                   int(raw.get("n") or 0), bool(raw.get("open")), max(ratios, default=0.0),
+                   utc(float(last)) if last is not None else None)
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,7 @@ class Attributor:
             st = summary.get(sid)
             if st is not None:
                 self._recorded.setdefault(st.ref.template, []).append(st)
-        self._unit: dict[str, FloatArray | None] = {}
+        self._same: dict[tuple[str, str], bool] = {}
         self._concentrated: dict[tuple[str, str], bool] = {}
 
     def clean(self, sid: str, needed: int) -> bool:
@@ -169,38 +171,63 @@ class Attributor:
 
     def _is_concentrated(self, child: SliceEvidence, parent: SliceEvidence,
                          alarmed: set[str]) -> bool:
-        if parent.strength < self.policy.tolerance * child.strength:
-            return True
+        """A sibling has clean data: concentrated. Else a sibling alarms too: the parent's
+        change (all its children with data alarm). Else, no word from the siblings: the
+        parent is diluted against the child."""
         needed = max(self.policy.clean_events,
                      int(self.policy.clean_factor * child.n_since_onset))
-        return any(st.ref.slice_id not in alarmed and st.ref.slice_id != child.ref.slice_id
-                   and nested(st.ref, parent.ref) and self.clean(st.ref.slice_id, needed)
-                   for st in self._recorded.get(child.ref.template, ()))
-
-    def _unit_signature(self, e: SliceEvidence) -> FloatArray | None:
-        sid = e.ref.slice_id
-        if sid not in self._unit:
-            v = np.asarray(e.signature, np.float64)
-            norm = float(np.linalg.norm(v)) if v.size else 0.0
-            self._unit[sid] = v / norm if e.strength > 0.0 and norm > 0.0 else None
-        return self._unit[sid]
-
-    def same_change(self, a: SliceEvidence, b: SliceEvidence) -> bool:
-        """Both moved mass the same way (when both show more than noise)."""
-        ua, ub = self._unit_signature(a), self._unit_signature(b)
-        if ua is None or ub is None or ua.shape != ub.shape:
+        if any(st.ref.slice_id not in alarmed and st.ref.slice_id != child.ref.slice_id
+               and nested(st.ref, parent.ref) and self.clean(st.ref.slice_id, needed)
+               for st in self._recorded.get(child.ref.template, ())):
             return True
-        return float(ua @ ub) >= self.policy.min_similarity
+        for sid in alarmed:
+            if sid != child.ref.slice_id:
+                dims = parse_slice_id(sid)
+                if "+".join(dims) == child.ref.template and all(
+                        dims.get(k) == v for k, v in parent.ref.dims.items()):
+                    return False
+        return parent.strength < self.policy.tolerance * child.strength
+
+    def same_change(self, r: SliceEvidence, y: SliceEvidence) -> bool:
+        """``r`` shows ``y``'s change: most of ``y``'s cluster gains are gains of ``r`` too
+        (:func:`~driftline.alerts.evidence.contained`; true when ``y`` shows no gains beyond
+        noise, e.g. a pure OOD rise)."""
+        key = (r.ref.slice_id, y.ref.slice_id)
+        if key not in self._same:
+            share = contained(y.counts, r.counts)
+            self._same[key] = share is None or share >= self.policy.min_similarity
+        return self._same[key]
+
+    def timely(self, r: SliceEvidence, y: SliceEvidence) -> bool:
+        """``r``'s change can have caused ``y``'s alarm: it began before ``y`` was detected,
+        and ``r`` had events through at least half of ``y``'s window from onset to first
+        detection (a lot that ended before ``y``'s change began explains nothing). Onsets are
+        estimates — a CUSUM often leaves zero early — so ``y``'s onset is not compared
+        directly; ``onset_slack_s`` absorbs small errors of ``r``'s."""
+        if r.onset is None or y.onset is None:
+            return True
+        slack = timedelta(seconds=self.policy.onset_slack_s)
+        y_first = y.first_time or y.onset
+        if r.onset > y_first + slack:
+            return False
+        st = self.summary.get(r.ref.slice_id)
+        lasts = [t for t in (r.last_time, st.last_time if st else None) if t is not None]
+        if not lasts:
+            return True
+        covered = min(max(lasts), y_first) - max(r.onset - slack, y.onset)
+        return covered >= (y_first - y.onset) / 2 and max(lasts) >= y.onset
 
     def explains(self, r: SliceEvidence, y: SliceEvidence, alarmed: set[str]) -> bool:
         if r.ref.slice_id == y.ref.slice_id:
             return True
-        if not compatible(r.ref, y.ref) or not self.same_change(r, y):
+        if not compatible(r.ref, y.ref) or not self.timely(r, y):
             return False
         if nested(y.ref, r.ref):
-            return not self.concentrated(y, r, alarmed)
-        if nested(r.ref, y.ref):
+            return self.same_change(r, y) and not self.concentrated(y, r, alarmed)
+        if nested(r.ref, y.ref):  # the parent may hold other changes too: no same_change
             return self.concentrated(r, y, alarmed)
+        # Neither nested (a lot and a station): the mixes of different stations' clusters can
+        # cancel in the wider slice, so only time and strength can tell.
         return y.strength * self.policy.tolerance <= r.strength
 
     def choose(self, members: Sequence[SliceEvidence]) -> Group:

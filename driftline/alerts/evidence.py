@@ -1,14 +1,14 @@
 """Evidence of an incident from outbox messages: effect size, cluster shifts, OOD, severity,
 recurrence signature and the label set (pure: standard library and numpy).
 
-**Effect per event.** A slice's alarm carries, since its onset, the observed cluster counts
-``o`` and the counts its events' own baselines expected ``e`` (and the same for OOD hits). The
-per-event effect is the larger of the cluster-mix KL ``KL(o/n ‖ e/n)`` and the Bernoulli OOD KL,
-each minus its small-sample bias under no drift (``(K-1)/2n`` and ``1/2n``), so a small slice
-does not look stronger by noise alone. :func:`effect` returns ``strength = sqrt(KL)``, which is
-linear in the share of affected events for small changes: a slice whose events are a fraction
-``f`` of a changed population shows about ``f`` times the strength. Detectors without counts
-(prediction mix, confidence, error rate) fall back to ``statistic / events since onset``.
+**Effect.** A slice's alarm carries, since its onset, the observed cluster counts ``o`` and
+the counts its events' own baselines expected ``e`` (and the same for OOD hits). The effect is
+the *share of the slice's events that moved*: the total variation between ``o/n`` and ``e/n``,
+or the OOD excess rate, whichever is larger (:func:`effect`). Unlike a per-event KL it is
+exactly linear under dilution, whatever the size of the change: a slice whose events are a
+fraction ``f`` from a changed population shows ``f`` times the effect of that population, which
+is what root-slice attribution compares. Detectors without counts (prediction mix, confidence,
+error rate) fall back to Pinsker's bound from ``statistic / events since onset``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from driftline.alerts.model import (
     ClusterShift,
@@ -37,6 +39,7 @@ from driftline.alerts.model import (
 )
 
 _Q_FLOOR = 1e-9
+FloatArray = npt.NDArray[np.float64]
 MIX_DETECTORS = ("cluster_mix", "ood_rate")
 
 
@@ -56,54 +59,109 @@ class ClusterCatalog:
                    frozenset(int(a["cluster"]) for a in aggr))
 
 
-def _bernoulli_kl(r: float, p: float) -> float:
-    p = min(max(p, _Q_FLOOR), 1 - _Q_FLOOR)
-    out = 0.0
-    if r > 0:
-        out += r * math.log(r / p)
-    if r < 1:
-        out += (1 - r) * math.log((1 - r) / (1 - p))
-    return out
+def effect(counts: Mapping[str, Any] | None) -> tuple[float, float, float]:
+    """``(strength, mix_shift, displaced)`` since onset, each a share of the slice's events.
 
-
-def effect(counts: Mapping[str, Any] | None) -> tuple[float, float]:
-    """``(strength, displaced)`` since onset: sqrt of bias-corrected KL, and moved share."""
+    ``displaced`` is the larger of the total variation between the observed and expected
+    cluster mix and the OOD excess rate; ``mix_shift`` and ``strength`` are the same with
+    each cluster's (and the OOD rate's) deviation soft-thresholded by one standard error
+    under no drift, so that noise in a small slice does not read as an effect.
+    """
     if not counts:
-        return 0.0, 0.0
-    kl, moved = 0.0, 0.0
+        return 0.0, 0.0, 0.0
+    mix, mix_adj, ood, ood_adj = 0.0, 0.0, 0.0, 0.0
     n = int(counts.get("n") or 0)
     if n > 0 and counts.get("clusters"):
         o = np.asarray(counts["clusters"], np.float64)
-        q = np.maximum(np.asarray(counts["expected"], np.float64), _Q_FLOOR)
-        p, q = o / o.sum(), q / q.sum()
-        hit = p > 0
-        kl = float(np.sum(p[hit] * np.log(p[hit] / q[hit]))) - (int((q > 1e-6).sum()) - 1) / (
-            2 * n)
-        moved = float(np.maximum(p - q, 0.0).sum())
+        q = np.maximum(np.asarray(counts["expected"], np.float64), 0.0)
+        p, q = o / max(o.sum(), 1.0), q / max(q.sum(), _Q_FLOOR)
+        dev = np.abs(p - q)
+        mix = 0.5 * float(dev.sum())
+        mix_adj = 0.5 * float(np.maximum(dev - np.sqrt(q * (1 - q) / n), 0.0).sum())
     n_ood = int(counts.get("n_ood") or 0)
     if n_ood > 0:
-        r, p0 = counts["ood"] / n_ood, counts["ood_expected"] / n_ood
-        kl = max(kl, _bernoulli_kl(r, p0) - 1 / (2 * n_ood))
-        moved = max(moved, max(r - p0, 0.0))
-    return math.sqrt(max(kl, 0.0)), moved
+        r, p0 = counts["ood"] / n_ood, min(max(counts["ood_expected"] / n_ood, 0.0), 1.0)
+        ood = max(r - p0, 0.0)
+        ood_adj = max(r - p0 - math.sqrt(p0 * (1 - p0) / n_ood), 0.0)
+    return max(mix_adj, ood_adj), mix_adj, max(mix, ood)
 
 
-def slice_evidence(msg: Mapping[str, Any]) -> SliceEvidence:
-    """An outbox ``alarm``/``update`` message → the slice's evidence since onset."""
+def deviations(counts: Mapping[str, Any] | None) -> tuple[FloatArray, FloatArray] | None:
+    """Per cluster: ``p_obs - p_ref`` and its standard error under no drift."""
+    if not counts or not counts.get("n") or not counts.get("clusters"):
+        return None
+    o = np.asarray(counts["clusters"], np.float64)
+    q = np.maximum(np.asarray(counts["expected"], np.float64), 0.0)
+    q = q / max(q.sum(), _Q_FLOOR)
+    return o / max(o.sum(), 1.0) - q, np.sqrt(q * (1 - q) / int(counts["n"]))
+
+
+def gains(counts: Mapping[str, Any] | None) -> FloatArray | None:
+    """The clusters' gains beyond noise (deviation minus two standard errors, at least 0)."""
+    dev = deviations(counts)
+    return None if dev is None else np.maximum(dev[0] - 2.0 * dev[1], 0.0)
+
+
+def contained(y: Mapping[str, Any] | None, r: Mapping[str, Any] | None) -> float | None:
+    """Share of ``y``'s gains that land on clusters ``r`` gained too (``None``: no gains).
+
+    A station explains its station+shift slice only if it shows that slice's gains; across
+    stations the comparison is not valid (one station's gain can cancel another's loss)."""
+    gy, dr = gains(y), deviations(r)
+    if gy is None or dr is None or gy.shape != dr[0].shape or gy.sum() <= 0.0:
+        return None
+    return float(gy[dr[0] > 0.0].sum() / gy.sum())
+
+
+def diff_counts(now: Mapping[str, Any], before: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Counts of the events between two messages of one episode (cumulative since the same
+    onset): ``now - before``, clipped at zero where old buckets were dropped."""
+    if not before:
+        return dict(now)
+    out: dict[str, Any] = {"truncated": bool(now.get("truncated"))}
+    for key in ("n", "n_ood", "ood", "ood_expected"):
+        out[key] = max((now.get(key) or 0) - (before.get(key) or 0), 0)
+    for key in ("clusters", "expected"):
+        a, b = now.get(key) or [], before.get(key) or []
+        out[key] = [max(x - y, 0) for x, y in zip(a, b, strict=False)] if len(a) == len(b) \
+            else list(a)
+    return out
+
+
+def add_counts(a: Mapping[str, Any] | None, b: Mapping[str, Any]) -> dict[str, Any]:
+    """Counts of two adjacent ranges of events."""
+    if not a:
+        return dict(b)
+    out: dict[str, Any] = {"truncated": bool(a.get("truncated") or b.get("truncated"))}
+    for key in ("n", "n_ood", "ood", "ood_expected"):
+        out[key] = (a.get(key) or 0) + (b.get(key) or 0)
+    for key in ("clusters", "expected"):
+        x, y = a.get(key) or [], b.get(key) or []
+        out[key] = [u + v for u, v in zip(x, y, strict=True)] if len(x) == len(y) else list(y)
+    return out
+
+
+def slice_evidence(msg: Mapping[str, Any], counts: Mapping[str, Any] | None = None,
+                   onset: datetime | None = None) -> SliceEvidence:
+    """An outbox ``alarm``/``update`` message → the slice's evidence since onset (or since
+    the given episode ``onset``, with the episode's ``counts``)."""
     ev = msg.get("evidence") or {}
-    counts = ev.get("counts")
-    strength, displaced = effect(counts)
-    n_since = int(msg.get("events_since_onset") or (counts or {}).get("n") or 0)
+    if counts is None:
+        counts = ev.get("counts")
+    strength, mix_shift, displaced = effect(counts)
+    n_since = int((counts or {}).get("n") or msg.get("events_since_onset") or 0)
     if msg["detector"] not in MIX_DETECTORS and n_since > 0:
-        strength = max(strength, math.sqrt(max(float(msg["statistic"]), 0.0) / n_since))
+        # No counts for this detector: TV <= sqrt(KL/2) (Pinsker) from statistic / events.
+        strength = max(strength, math.sqrt(max(float(msg["statistic"]), 0.0) / n_since / 2))
+    if onset is None and msg.get("onset_time") is not None:
+        onset = utc(msg["onset_time"])
     return SliceEvidence(
         ref=SliceRef(template=msg["template"], dims=dict(msg["dims"]), slice_id=msg["slice_id"]),
-        strength=strength, displaced=displaced, n_since_onset=n_since, counts=counts,
-        signature=signature(counts),
+        strength=strength, mix_shift=mix_shift, displaced=displaced, n_since_onset=n_since,
+        counts=dict(counts) if counts else None, signature=signature(counts),
         exemplars=[{**x, "slice_id": msg["slice_id"]} for x in ev.get("exemplars", [])],
         model_versions=dict(ev.get("model_versions") or {}),
-        onset=utc(msg["onset_time"]) if msg.get("onset_time") is not None else None,
-        last_time=utc(msg["time"]))
+        onset=onset, first_time=utc(msg["time"]), last_time=utc(msg["time"]))
 
 
 def cluster_shifts(counts: Mapping[str, Any] | None, catalog: ClusterCatalog,

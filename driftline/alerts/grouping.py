@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from driftline.alerts.attribution import (
@@ -38,13 +38,18 @@ from driftline.alerts.attribution import (
 from driftline.alerts.changes import Change, record_change
 from driftline.alerts.evidence import (
     ClusterCatalog,
+    add_counts,
     build_evidence,
+    diff_counts,
+    effect,
     recurrence,
     refresh,
+    signature,
     slice_evidence,
 )
 from driftline.alerts.model import (
     SYSTEM,
+    EpisodeCounts,
     Firing,
     Incident,
     SliceEvidence,
@@ -64,6 +69,8 @@ class BookPolicy:
     recurrence_links: int = 3
     max_exemplars: int = 32
     max_timeline: int = 500
+    episode_gap_events: int = 50
+    episode_gap_s: float = 600.0
     attribution: AttributionPolicy = field(default_factory=AttributionPolicy)
 
 
@@ -100,7 +107,7 @@ class Grouper:
         kind = msg.get("kind")
         sid = msg.get("slice_id")
         if sid in self.reset_pending:
-            if kind == "update" and self._holding(sid) is None:
+            if kind == "update" and not any(sid in i.slices for i in self._active()):
                 return
             self.reset_pending.discard(sid)
             self.reset_done.add(sid)
@@ -139,21 +146,91 @@ class Grouper:
 
     # --- alarms --------------------------------------------------------------------------
     def _alarm(self, msg: Mapping[str, Any]) -> None:
-        ev = slice_evidence(msg)
-        inc = self._holding(ev.ref.slice_id) or self._place(ev)
-        if inc is None:
-            self._open([ev], [self._firing(None, ev, msg)], note=None)
+        sid, det = msg["slice_id"], msg["detector"]
+        counts = (msg.get("evidence") or {}).get("counts")
+        held = self._firing_of(sid, det)
+        onset: datetime | None = None
+        episode = counts
+        if held is not None:
+            inc, f = held
+            delta = diff_counts(counts, f.episode.last) if counts else None
+            split = self._episode_split(f, msg, delta) if msg["kind"] == "update" else (
+                f.onset, counts)  # a first crossing while we hold one: the slice restarted
+            if split is None:
+                self._continue(inc, f, msg, counts, delta)
+                return
+            onset, episode = split
+            self._end_firing(inc, f, "new episode")
+        ev = slice_evidence(msg, episode, onset if held is not None else None)
+        firing = Firing(slice_id=sid, detector=det, statistic=msg["statistic"],
+                        threshold=msg["threshold"], argmax=msg.get("argmax") or {},
+                        onset=ev.onset, first_detected=ev.last_time or self.now,
+                        last_detected=ev.last_time or self.now,
+                        events_at_detection=ev.n_since_onset or None,
+                        episode=EpisodeCounts(last=counts, counts=episode,
+                                              slice_n=msg.get("slice_n")))
+        target = self._place(ev)
+        if target is None:
+            self._open([ev], [firing], note=None)
             return
-        firing = next((f for f in inc.detectors if f.slice_id == ev.ref.slice_id
-                       and f.detector == msg["detector"]), None)
-        if firing is None:
-            inc.detectors.append(self._firing(None, ev, msg))
-        else:
-            self._firing(firing, ev, msg)
-        old = inc.slices.get(ev.ref.slice_id)
+        target.detectors.append(firing)
+        old = target.slices.get(sid)
         if old is None:
-            self._joined.setdefault(inc.id, []).append(ev.ref.slice_id)
-        else:  # keep earlier exemplars too, newest first, bounded
+            self._joined.setdefault(target.id, []).append(sid)
+        elif old.counts and episode and old.onset and ev.onset and old.onset < ev.onset:
+            # The slice is back in the same incident: its evidence spans both episodes.
+            firing.onset = old.onset
+            firing.episode.counts = add_counts(old.counts, episode)
+            ev = slice_evidence(msg, firing.episode.counts, old.onset)
+            ev.first_time = old.first_time
+        self._set_evidence(target, ev)
+
+    def _episode_split(self, f: Firing, msg: Mapping[str, Any], delta: dict[str, Any] | None
+                       ) -> tuple[datetime | None, dict[str, Any] | None] | None:
+        """``(onset, counts)`` of the new episode this re-crossing starts, or ``None``.
+
+        After a crossing the detector restarts; if it sat near zero for ``episode_gap_events``
+        before climbing again (its ``onset_index``), the change had stopped and this is a new
+        one: its onset is interpolated from the events between the two messages, its evidence
+        is the difference of their counts. So is a re-crossing ``episode_gap_s`` of event time
+        after the last one (a slice that only sees events on the night shift, night after
+        night: each night is an incident of its own, linked as a recurrence)."""
+        oi, n_now, n_then = msg.get("onset_index"), msg.get("slice_n"), f.episode.slice_n
+        at = utc(msg["time"])
+        if (at - f.last_detected).total_seconds() >= self.policy.episode_gap_s:
+            # Events resumed after a pause: back from now by the climb, at the old pace.
+            n_ep = int((f.episode.counts or {}).get("n") or 0)
+            pace = (f.last_detected - f.onset) / n_ep if f.onset and n_ep > 0 else None
+            climb = (n_now - n_then - (oi or 0)) if n_now is not None and n_then is not None \
+                else None
+            onset = at - climb * pace if pace is not None and climb and climb > 0 else at
+            return max(onset, f.last_detected), delta
+        if oi is None or oi < self.policy.episode_gap_events:
+            return None
+        step = ((at - f.last_detected) / (n_now - n_then)
+                if n_now is not None and n_then is not None and n_now > n_then else None)
+        return (f.last_detected + oi * step if step is not None else at), delta
+
+    def _continue(self, inc: Incident, f: Firing, msg: Mapping[str, Any],
+                  counts: dict[str, Any] | None, delta: dict[str, Any] | None) -> None:
+        """A re-crossing within the episode: fresh statistics and evidence."""
+        at = utc(msg["time"])
+        f.statistic, f.threshold = msg["statistic"], msg["threshold"]
+        f.argmax = msg.get("argmax") or {}
+        f.last_detected = max(f.last_detected, at)
+        f.crossings += 1
+        if delta is not None:
+            f.episode.counts = add_counts(f.episode.counts, delta)
+        f.episode.last, f.episode.slice_n = counts, msg.get("slice_n")
+        ev = slice_evidence(msg, f.episode.counts, f.onset)
+        old = inc.slices.get(f.slice_id)
+        ev.first_time = min(f.first_detected, old.first_time or f.first_detected) \
+            if old is not None and old.onset == f.onset else f.first_detected
+        self._set_evidence(inc, ev)
+
+    def _set_evidence(self, inc: Incident, ev: SliceEvidence) -> None:
+        old = inc.slices.get(ev.ref.slice_id)
+        if old is not None:  # keep earlier exemplars too, newest first, bounded
             seen = {x["event_id"] for x in ev.exemplars}
             ev.exemplars.extend(x for x in old.exemplars if x["event_id"] not in seen)
             del ev.exemplars[self.policy.max_exemplars:]
@@ -161,30 +238,29 @@ class Grouper:
         self._touch(inc, ev.last_time)
         self._todo[inc.id] = True
 
-    def _firing(self, f: Firing | None, ev: SliceEvidence, msg: Mapping[str, Any]) -> Firing:
-        at = utc(msg["time"])
-        if f is None:
-            return Firing(slice_id=ev.ref.slice_id, detector=msg["detector"],
-                          statistic=msg["statistic"], threshold=msg["threshold"],
-                          argmax=msg.get("argmax") or {}, onset=ev.onset, first_detected=at,
-                          last_detected=at, events_at_detection=ev.n_since_onset or None)
-        f.statistic, f.threshold = msg["statistic"], msg["threshold"]
-        f.argmax = msg.get("argmax") or {}
-        f.last_detected = max(f.last_detected, at)
-        f.crossings += 1
-        f.active, f.cleared_at = True, None
-        return f
+    def _firing_of(self, sid: str, detector: str) -> tuple[Incident, Firing] | None:
+        for inc in self._active():
+            for f in inc.detectors:
+                if f.slice_id == sid and f.detector == detector and f.active:
+                    return inc, f
+        return None
+
+    def _end_firing(self, inc: Incident, f: Firing, why: str) -> None:
+        f.active, f.cleared_at = False, f.last_detected
+        self._touch(inc, None)
+        self._todo.setdefault(inc.id, False)
+        if not any(x.active for x in inc.detectors):
+            inc.status, inc.resolved_at, inc.auto_resolved = Status.resolved, self.now, True
+            self._record(inc, "auto_resolved", f"every detector cleared or moved on ({why})")
 
     def _clear(self, msg: Mapping[str, Any]) -> None:
-        inc = self._holding(msg["slice_id"])
-        if inc is None:
+        held = self._firing_of(msg["slice_id"], msg["detector"])
+        if held is None:
             return
-        at = utc(msg["time"])
-        for f in inc.detectors:
-            if f.slice_id == msg["slice_id"] and f.detector == msg["detector"] and f.active:
-                f.active, f.cleared_at = False, at
-        self._touch(inc, at)
-        if not any(f.active for f in inc.detectors):
+        inc, f = held
+        f.active, f.cleared_at = False, utc(msg["time"])
+        self._touch(inc, f.cleared_at)
+        if not any(x.active for x in inc.detectors):
             inc.status, inc.resolved_at, inc.auto_resolved = Status.resolved, self.now, True
             self._record(inc, "auto_resolved",
                          f"all {len(inc.detectors)} detectors back at the no-drift level")
@@ -192,9 +268,6 @@ class Grouper:
     # --- placement, attribution, merging -------------------------------------------------
     def _active(self) -> list[Incident]:
         return [i for i in self.incidents.values() if i.active]
-
-    def _holding(self, sid: str) -> Incident | None:
-        return next((i for i in self._active() if sid in i.slices), None)
 
     def _window(self, inc: Incident) -> tuple[datetime, datetime]:
         w = timedelta(seconds=self.policy.group_window_s)
@@ -211,10 +284,16 @@ class Grouper:
         return Attributor(self.summary, inc.baseline_n, self.policy.attribution)
 
     def _place(self, ev: SliceEvidence) -> Incident | None:
-        """The most recent concurrent incident with a slice that explains ``ev`` or that
-        ``ev`` explains (a cheap test; :meth:`finish` attributes the whole group)."""
+        """An open incident rooted at ``ev``'s slice, else the most recent concurrent incident
+        with a slice that explains ``ev`` or that ``ev`` explains (a cheap test;
+        :meth:`finish` attributes the whole group)."""
         start = ev.onset or ev.last_time or self.now
         end = ev.last_time or self.now
+        # The open incident's own root slice changing again is that incident again.
+        same_root = [i for i in self._active() if i.root.slice_id == ev.ref.slice_id
+                     and self._concurrent(i, start, end)]
+        if same_root:
+            return max(same_root, key=lambda i: i.last_activity)
         for inc in sorted(self._active(), key=lambda i: i.last_activity, reverse=True):
             if not self._concurrent(inc, start, end):
                 continue
@@ -223,8 +302,14 @@ class Grouper:
                 continue
             att = self._attributor(inc, [ev])
             alarmed = {*inc.slices, ev.ref.slice_id}
-            if any(att.explains(s, ev, alarmed) or att.explains(ev, s, alarmed) for s in near):
-                return inc
+            live = {f.slice_id for f in inc.detectors if f.active}
+            for s in near:
+                if s.ref.slice_id == ev.ref.slice_id:  # another detector of the same slice
+                    if s.ref.slice_id in live and att.timely(s, ev) and att.timely(ev, s) \
+                            and att.same_change(s, ev):
+                        return inc
+                elif att.explains(s, ev, alarmed) or att.explains(ev, s, alarmed):
+                    return inc
         return None
 
     def _attribute(self, inc: Incident, *, mark: bool) -> None:
@@ -265,7 +350,8 @@ class Grouper:
             if other is None:
                 return
             keep, gone = (inc, other) if _age(inc) <= _age(other) else (other, inc)
-            keep.slices.update(gone.slices)
+            for sid, ev in gone.slices.items():
+                keep.slices[sid] = combine(keep.slices[sid], ev) if sid in keep.slices else ev
             keep.detectors.extend(gone.detectors)
             for sid, n in gone.baseline_n.items():
                 keep.baseline_n[sid] = min(n, keep.baseline_n.get(sid, n))
@@ -280,6 +366,8 @@ class Grouper:
         lo, hi = self._window(a)
         if not self._concurrent(b, lo, hi):
             return False
+        if a.root.slice_id == b.root.slice_id:  # one problem, seen twice
+            return True
         ra, rb = a.slices[a.root.slice_id], b.slices[b.root.slice_id]
         att = self._attributor(a, b.slices.values())
         alarmed = {*a.slices, *b.slices}
@@ -335,3 +423,19 @@ def group_of(inc: Incident) -> Group:
 def _age(inc: Incident) -> tuple[datetime, str]:
     """Oldest first; ids break ties between incidents opened in the same batch."""
     return inc.created_at, inc.id
+
+
+def combine(a: SliceEvidence, b: SliceEvidence) -> SliceEvidence:
+    """One slice's evidence from two episodes of the same incident."""
+    first, second = (a, b) if (a.onset or a.last_time or datetime.max.replace(
+        tzinfo=UTC)) <= (b.onset or b.last_time or datetime.max.replace(tzinfo=UTC)) else (b, a)
+    if not first.counts or not second.counts:
+        return second
+    strength, mix, displaced = effect(add_counts(first.counts, second.counts))
+    out = second.model_copy(update={
+        "counts": add_counts(first.counts, second.counts), "strength": strength,
+        "mix_shift": mix, "displaced": displaced, "onset": first.onset,
+        "first_time": first.first_time,
+        "n_since_onset": first.n_since_onset + second.n_since_onset})
+    out.signature = signature(out.counts)
+    return out

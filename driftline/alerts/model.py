@@ -65,6 +65,16 @@ class SliceRef(_Model):
     slice_id: str
 
 
+class EpisodeCounts(_Model):
+    """Keeps one episode's evidence apart from the detector's earlier ones: while a slice stays
+    open the detect stage reports counts since its *first* onset, so the book differences
+    consecutive messages (``last``) and sums the episode's own ``counts``."""
+
+    last: dict[str, Any] | None = None
+    counts: dict[str, Any] | None = None
+    slice_n: int | None = None
+
+
 class Firing(_Model):
     """One detector of one slice: its latest crossing and whether it is still active."""
 
@@ -80,13 +90,15 @@ class Firing(_Model):
     events_at_detection: int | None = Field(None, description="events since onset at alarm")
     active: bool = True
     cleared_at: datetime | None = None
+    episode: EpisodeCounts = Field(default_factory=EpisodeCounts)
 
 
 class SliceEvidence(_Model):
     """What one alarmed slice showed since its onset (the input of attribution)."""
 
     ref: SliceRef
-    strength: float = Field(description="per-event effect since onset, sqrt(nats/event)")
+    strength: float = Field(description="share of events moved since onset, noise removed")
+    mix_shift: float = Field(0.0, description="the cluster-mix part of strength")
     displaced: float = Field(0.0, description="share of events moved (mix TV or OOD excess)")
     n_since_onset: int = 0
     signature: list[float] = Field(default_factory=list, description="p_obs - p_ref, OOD")
@@ -94,6 +106,7 @@ class SliceEvidence(_Model):
     exemplars: list[dict[str, Any]] = Field(default_factory=list)
     model_versions: dict[str, int] = Field(default_factory=dict)
     onset: datetime | None = None
+    first_time: datetime | None = Field(None, description="event time of the first crossing")
     last_time: datetime | None = None
 
 

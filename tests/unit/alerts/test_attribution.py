@@ -13,7 +13,7 @@ from driftline.alerts.attribution import (
 )
 from driftline.alerts.evidence import slice_evidence
 from driftline.alerts.model import SliceEvidence, SliceRef
-from tests.unit.alerts.synthetic import STATIONS, alarm, fleet, summary_entry
+from tests.unit.alerts.synthetic import ONSET, STATIONS, alarm, fleet, summary_entry
 
 
 def members(*msgs: dict[str, Any]) -> list[SliceEvidence]:
@@ -161,10 +161,28 @@ def test_sibling_candidates_are_the_multi_dimension_neighbours() -> None:
     assert got == {f"station={s}|shift=night" for s in STATIONS}
 
 
-def test_a_different_change_is_not_explained_by_a_stronger_slice() -> None:
-    # The lot gained cluster 0; press-2's day shift gained cluster 6: two problems.
-    alarms = members(alarm("lot=L7", 1.0, n=1600),
-                     alarm("station=press-2|shift=day", 1.0, n=300, cluster=6))
+def test_a_lot_that_ended_before_a_change_began_does_not_explain_it() -> None:
+    # L7 changed and ran out at ONSET+600; press-2's day shift changes half an hour later.
+    alarms = members(alarm("lot=L7", 1.0, n=1600, t=ONSET + 600.0),
+                     alarm("station=press-2|shift=day", 1.0, n=300, cluster=6,
+                           onset=ONSET + 1800.0, t=ONSET + 2400.0))
     groups = attributor().partition(alarms)
     assert sorted(g.root.ref.slice_id for g in groups) == [
         "lot=L7", "station=press-2|shift=day"]
+
+
+def test_a_later_stronger_change_is_not_explained_by_a_diluted_running_one() -> None:
+    alarms = members(alarm("lot=L7", 0.5, n=1600, t=ONSET + 3000.0),
+                     alarm("station=press-2|shift=day", 1.0, n=300, cluster=6,
+                           onset=ONSET + 1800.0, t=ONSET + 2400.0))
+    groups = attributor().partition(alarms)
+    assert len(groups) == 2
+
+
+def test_a_station_does_not_explain_a_shift_slice_with_another_change() -> None:
+    # press-2 gained cluster 0 all day; its night shift gained cluster 6: not the same change.
+    alarms = members(alarm("station=press-2", 1.0, n=800),
+                     alarm("station=press-2|shift=night", 1.0, n=300, cluster=6))
+    att = attributor()
+    station, night = alarms
+    assert not att.explains(station, night, {"station=press-2", "station=press-2|shift=night"})
