@@ -83,7 +83,7 @@ def match(injections: list[Injection], incidents: list[dict[str, Any]]) -> tuple
     for inj in injections:
         exact = [i for i in left if i["root"]["dims"] == inj.root]
         near = [i for i in left if set(inj.root.items()) & set(i["root"]["dims"].items())]
-        pick = (exact or near or [None])[0]
+        pick = (exact or near)[0] if exact or near else None
         if pick is not None:
             left.remove(pick)
         outcomes.append(Outcome(inj, pick))
