@@ -69,10 +69,13 @@ def create_app(registry: CollectorRegistry, readiness: Readiness | None = None,
 
     app.include_router(probes)
     if ctx is not None and settings is not None:
+        templates = {getattr(r, "endpoint", None): getattr(r, "path", "") for r in probes.routes}
         for module in (incidents, slices, similar, gap, versions, references):
             app.include_router(module.router, prefix=API_PREFIX)
+            templates.update({getattr(r, "endpoint", None): API_PREFIX + getattr(r, "path", "")
+                              for r in module.router.routes})
         install_error_handlers(app)
-        app.add_middleware(Observe, metrics=ApiMetrics(registry))
+        app.add_middleware(Observe, metrics=ApiMetrics(registry), routes=templates)
         app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
         app.router.add_event_handler("shutdown", ctx.close)
     return app

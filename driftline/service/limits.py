@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from fastapi import FastAPI, HTTPException, Request, status
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -20,7 +20,7 @@ from driftline.alerts.book import IncidentNotFound, InvalidTransition
 
 class BodyTooLarge(HTTPException):
     def __init__(self, limit: int) -> None:
-        super().__init__(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+        super().__init__(413,
                          detail=f"request body larger than {limit} bytes "
                                 "(DRIFTLINE_MAX_REQUEST_BYTES)")
 

@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -25,9 +27,12 @@ class ApiMetrics:
 
 
 class Observe:
-    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+    """``routes`` maps each endpoint function to its full path template."""
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics, routes: Mapping[Any, str]) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -44,6 +49,6 @@ class Observe:
         try:
             await self.app(scope, receive, watch)
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
+            route = self.routes.get(scope.get("endpoint"), "unmatched")
             self.metrics.requests.labels(route, scope.get("method", ""), str(code[0])).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)

@@ -46,7 +46,9 @@ NO_THUMBNAILS = ("thumbnails are not stored: the failure book keeps each exempla
 
 
 def _utc(t: datetime | None) -> datetime | None:
-    return None if t is None or t.tzinfo else t.replace(tzinfo=UTC)
+    if t is None:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def _check_cursor(cursor: str | None) -> None:

@@ -24,6 +24,7 @@ import redis
 
 from driftline.alerts.attribution import SliceStatus
 from driftline.alerts.book import FailureBook
+from driftline.alerts.evidence import ClusterCatalog
 from driftline.alerts.model import Resolution, RootCause, SliceRef, Status
 from driftline.alerts.processor import IncidentProcessor
 from driftline.alerts.store import Batch
@@ -129,7 +130,7 @@ def populate(client: redis.Redis, ref_dir: Path, *, n_events: int = 1500,
                               for sid, st in states.items() if parts[sid] == p} for p in (0, 1)},
                  {0: n_events, 1: n_events}, outbox,
                  {sid: _summary(st) for sid, st in states.items()})
-    book = FailureBook(client)
+    book = FailureBook(client, catalog=ClusterCatalog.from_manifest(ref.manifest))
     proc = IncidentProcessor(client, book, block_ms=0)
     while proc.step(block_ms=0):
         pass

@@ -1,0 +1,392 @@
+"""The triage API against real Redis with a populated failure book (live app, TestClient).
+
+Data: ``tests/unit/service/populate.py`` (a synthetic plant through real slice states, the
+detect stage's checkpoint store and the incident processor), in Redis database 9.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
+
+from driftline.config import Settings, load_settings
+from driftline.service.app import create_app
+from driftline.service.keys import ACTIVE_REFERENCE_KEY
+from tests.unit.service.populate import Populated, build_references, populate
+
+pytestmark = pytest.mark.integration
+DB = 9
+TOKENS = {"viewer": "viewer-token-0123456789", "operator": "operator-token-0123456789",
+          "admin": "admin-token-0123456789"}
+NAMES = {"viewer": "vic", "operator": "olga", "admin": "ada"}
+PUBLIC = "http://driftline.test:8080"
+
+
+def db_url(url: str, db: int = DB) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, parts.fragment))
+
+
+def make_settings(url: str, ref: Path | None, tokens: bool = True, **kw: Any) -> Settings:
+    spec = ",".join(f"{NAMES[r]}:{r}:{t}" for r, t in TOKENS.items()) if tokens else None
+    return load_settings(redis_url=url, reference_dir=ref, public_url=PUBLIC,
+                         api_tokens=SecretStr(spec) if spec else None, **kw)
+
+
+@dataclass
+class Api:
+    client: TestClient
+    data: Populated
+    r: redis.Redis
+    refs: tuple[Path, Path]
+    url: str
+
+    def get(self, path: str, role: str | None = "viewer", **kw: Any) -> Any:
+        return self.client.get(path, headers=auth(role), **kw)
+
+    def post(self, path: str, role: str | None = "operator", **kw: Any) -> Any:
+        return self.client.post(path, headers=auth(role), **kw)
+
+
+def auth(role: str | None) -> dict[str, str]:
+    if role is None:
+        return {}
+    token = TOKENS.get(role, "not-a-configured-token-at-all")
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture(scope="module")
+def api(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    url = db_url(redis_url)
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    refs = build_references(tmp_path_factory.mktemp("refs"))
+    data = populate(r, refs[0])
+    app = create_app(CollectorRegistry(), None, make_settings(url, refs[0]))
+    with TestClient(app) as client:
+        yield Api(client, data, r, refs, url)
+    r.close()
+
+
+def _t(iso: str) -> datetime:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00"))
+
+
+def _station_incident(api: Api) -> dict[str, Any]:
+    items = api.get("/api/v1/incidents", params={"station": "s3"}).json()["items"]
+    return next(i for i in items if i["root"]["slice_id"] == "station=s3")
+
+
+# --- incidents -------------------------------------------------------------------------------
+def test_list_filters_and_cursor_pagination(api: Api) -> None:
+    everything = api.get("/api/v1/incidents", params={"limit": 500}).json()
+    assert everything["next_cursor"] is None
+    ids = [i["id"] for i in everything["items"]]
+    assert len(ids) >= 3 and len(set(ids)) == len(ids)
+    seen, cursor = [], None
+    while True:
+        page = api.get("/api/v1/incidents", params={"limit": 1, **(
+            {"cursor": cursor} if cursor else {})}).json()
+        seen += [i["id"] for i in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == ids
+    times = [_t(i["detected_at"]) for i in everything["items"]]
+    assert times == sorted(times, reverse=True)
+    s3 = _station_incident(api)
+    assert s3["link"] == f"{PUBLIC}/api/v1/incidents/{s3['id']}"
+    resolved = api.get("/api/v1/incidents", params={"status": "resolved"}).json()["items"]
+    assert resolved and all(i["status"] == "resolved" for i in resolved)
+    assert api.data.resolved_id in [i["id"] for i in resolved]
+    lot = api.get("/api/v1/incidents", params={"lot": "L9"}).json()["items"]
+    assert {i["root"]["slice_id"] for i in lot} == {"lot=L9"}
+    since = api.get("/api/v1/incidents", params={"since": s3["detected_at"]}).json()["items"]
+    assert s3["id"] in [i["id"] for i in since]
+    assert all(_t(i["detected_at"]) >= _t(s3["detected_at"]) for i in since)
+    by_sev = [i["id"] for sev in ("warning", "major", "critical") for i in api.get(
+        "/api/v1/incidents", params={"severity": sev, "limit": 500}).json()["items"]]
+    assert sorted(by_sev) == sorted(ids)
+
+
+@pytest.mark.parametrize("params", [{"cursor": "garbage"}, {"cursor": "nan:DL-1"},
+                                    {"cursor": "inf:DL-000001"}])
+def test_bad_cursor_is_a_clear_400(api: Api, params: dict[str, str]) -> None:
+    resp = api.get("/api/v1/incidents", params=params)
+    assert resp.status_code == 400 and "cursor" in resp.json()["detail"]
+
+
+def test_bad_query_values_are_422_with_details(api: Api) -> None:
+    for params in ({"limit": 0}, {"status": "sleeping"}, {"since": "yesterday"}):
+        resp = api.get("/api/v1/incidents", params=params)
+        assert resp.status_code == 422 and resp.json()["detail"]
+
+
+def test_detail_evidence_exemplars_and_thumbnails(api: Api) -> None:
+    s3 = _station_incident(api)
+    detail = api.get(f"/api/v1/incidents/{s3['id']}").json()
+    assert detail["timeline"][0]["action"] == "opened"
+    assert detail["evidence"]["slice_id"] == "station=s3" and detail["evidence"]["clusters"]
+    assert detail["firings"] and detail["firings"][0]["threshold"] > 0
+    ev = api.get(f"/api/v1/incidents/{s3['id']}/evidence").json()
+    assert ev["slices"][0]["root"] and ev["slices"][0]["slice_id"] == "station=s3"
+    assert ev["slices"][0]["strength"] > 0
+    ex = api.get(f"/api/v1/incidents/{s3['id']}/exemplars").json()
+    assert ex and all(x["in_recent_buffer"] for x in ex)
+    assert all(x["exemplar"]["reference_exemplars"] for x in ex)
+    event = ex[0]["exemplar"]["event_id"]
+    thumb = api.get(f"/api/v1/incidents/{s3['id']}/exemplars/{event}/thumbnail")
+    assert thumb.status_code == 404 and "thumbnails are not stored" in thumb.json()["detail"]
+    other = api.get(f"/api/v1/incidents/{s3['id']}/exemplars/nope/thumbnail")
+    assert other.status_code == 404 and "not an exemplar" in other.json()["detail"]
+    missing = api.get("/api/v1/incidents/DL-999999")
+    assert missing.status_code == 404 and "DL-999999" in missing.json()["detail"]
+
+
+def test_label_set_is_jsonl_covering_every_exemplar(api: Api) -> None:
+    s3 = _station_incident(api)
+    resp = api.get(f"/api/v1/incidents/{s3['id']}/label-set")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith(
+        "application/jsonl")
+    rows = [json.loads(line) for line in resp.text.splitlines()]
+    n = len(api.get(f"/api/v1/incidents/{s3['id']}/exemplars").json())
+    assert rows and sum(r["covers"] for r in rows) == n
+    assert {r["incident_id"] for r in rows} == {s3["id"]}
+
+
+def test_recurrence_links_the_past_incident(api: Api) -> None:
+    items = api.get("/api/v1/incidents", params={"lot": "L9", "status": "open"}).json()["items"]
+    (again,) = items
+    assert again["recurrence"] == [api.data.resolved_id]
+    links = api.get(f"/api/v1/incidents/{again['id']}/recurrence").json()
+    assert links[0]["incident_id"] == api.data.resolved_id and links[0]["available"]
+    assert links[0]["category"] == "supplier_lot" and links[0]["similarity"] > 0.9
+
+
+def test_lifecycle_records_the_token_name_in_the_timeline(api: Api) -> None:
+    s3 = _station_incident(api)
+    path = f"/api/v1/incidents/{s3['id']}"
+    ack = api.post(f"{path}/acknowledge", json={"note": "looking at the lens"})
+    assert ack.status_code == 200 and ack.json()["status"] == "acknowledged"
+    again = api.post(f"{path}/acknowledge")
+    assert again.status_code == 409 and "acknowledged" in again.json()["detail"]
+    note = api.post(f"{path}/annotations", json={"note": "lens hazed"})
+    assert note.status_code == 201
+    bad = api.post(f"{path}/resolve", json={"category": "gremlins"})
+    assert bad.status_code == 422
+    done = api.post(f"{path}/resolve", role="admin", json={"category": "optics",
+                                                          "note": "lens cleaned"})
+    assert done.status_code == 200
+    body = done.json()
+    assert body["status"] == "resolved" and body["resolution"]["who"] == NAMES["admin"]
+    steps = [(t["who"], t["action"]) for t in body["timeline"]]
+    assert steps[-3:] == [("olga", "acknowledged"), ("olga", "annotated"), ("ada", "resolved")]
+    assert body["timeline"][-3]["note"] == "looking at the lens"
+    resets = {f[b"reset"].decode() for _, f in api.r.xrange("dl:detect:control")}
+    assert "station=s3" in resets
+    extra = api.post(f"{path}/acknowledge", json={"unknown": 1})
+    assert extra.status_code == 422
+
+
+# --- slices ----------------------------------------------------------------------------------
+def test_slices_status_detail_and_timeline(api: Api) -> None:
+    rows = api.get("/api/v1/slices").json()
+    assert len(rows) == len(api.data.slices)
+    stations = api.get("/api/v1/slices", params={"template": "station"}).json()
+    assert sorted(r["slice_id"] for r in stations) == ["station=s1", "station=s2", "station=s3"]
+    only = api.get("/api/v1/slices", params={"station": "s3"}).json()
+    assert only and all(r["dims"]["station"] == "s3" for r in only)
+    detail = api.get("/api/v1/slices/station=s3").json()
+    assert detail["state_found"] and {d["name"] for d in detail["detectors"]} >= {
+        "cluster_mix", "ood_rate"}
+    assert sum(detail["model_versions"].values()) == detail["n"]
+    tl = api.get("/api/v1/slices/station=s3/timeline").json()
+    assert tl["bucket_seconds"] == 300.0 and len(tl["points"]) > 5
+    assert sum(p["n"] for p in tl["points"]) == detail["n"]
+    last = tl["points"][-1]
+    assert abs(sum(last["cluster_shares"]) - 1) < 1e-3 and last["ood_rate"] is not None
+    assert last["statistics"]["cluster_mix"]["threshold"] > 0
+    peak = max(p["statistics"]["cluster_mix"]["ratio"] for p in tl["points"])
+    calm = max(p["statistics"]["cluster_mix"]["ratio"] for p in api.get(
+        "/api/v1/slices/station=s1/timeline").json()["points"])
+    assert peak > 1.0 > calm  # the hazed lens crosses; the healthy station does not
+    window = api.get("/api/v1/slices/station=s3/timeline", params={
+        "since": tl["points"][2]["start"], "until": tl["points"][4]["start"]}).json()
+    assert [p["start"] for p in window["points"]] == [p["start"] for p in tl["points"][2:5]]
+    assert api.get("/api/v1/slices/station=nowhere").status_code == 404
+    assert api.get("/api/v1/slices/station=nowhere/timeline").status_code == 404
+
+
+# --- similar, gap, versions ------------------------------------------------------------------
+def test_similar_to_an_event_and_to_an_incident(api: Api) -> None:
+    event = api.data.event_ids[-3]
+    res = api.get(f"/api/v1/similar/events/{event}", params={"k": 5}).json()
+    assert res["space"] == "reference" and res["buffer_events"] == len(api.data.event_ids)
+    dists = [n["distance"] for n in res["recent"]]
+    assert len(dists) == 5 and dists == sorted(dists) and event not in [
+        n["event_id"] for n in res["recent"]]
+    assert len(res["reference"]) == 5 and all(n["cluster"] is not None
+                                              for n in res["reference"])
+    s3 = _station_incident(api)
+    inc = api.get(f"/api/v1/similar/incidents/{s3['id']}", params={"k": 8}).json()
+    assert inc["query"]["kind"] == "incident" and inc["query"]["event_ids"]
+    assert not set(inc["query"]["event_ids"]) & {n["event_id"] for n in inc["recent"]}
+    near = [n["distance"] for n in inc["recent"]]
+    assert len(near) == 8 and near == sorted(near) and inc["reference"]
+    gone = api.get("/api/v1/similar/events/never-seen")
+    assert gone.status_code == 404 and "recent buffer" in gone.json()["detail"]
+
+
+def test_domain_gap_matrix(api: Api) -> None:
+    gap = api.get("/api/v1/gap", params={"dimension": "station"}).json()
+    assert sorted(gap["values"]) == ["s1", "s2", "s3"]
+    m = gap["js_divergence"]
+    assert all(m[i][i] == 0 and all(m[i][j] == m[j][i] for j in range(3)) for i in range(3))
+    assert all(0 <= x <= 1 for row in m for x in row)
+    i3 = gap["values"].index("s3")
+    ood = gap["ood_rate_difference"]
+    assert all(ood[i3][j] > 0 for j in range(3) if j != i3)  # the hazed lens is OOD
+    shifts = api.get("/api/v1/gap", params={"dimension": "shift"}).json()
+    assert sorted(shifts["values"]) == ["day", "night"]
+    early = api.get("/api/v1/gap", params={"dimension": "station",
+                                           "until": "2026-02-02T07:00:00Z"}).json()
+    assert sum(s["n"] for s in early["slices"]) < sum(s["n"] for s in gap["slices"])
+
+
+def test_model_versions_compare_flags_the_regression(api: Api) -> None:
+    res = api.get("/api/v1/versions/compare", params={"a": "v1", "b": "v2"}).json()
+    assert res["events"]["v1"] + res["events"]["v2"] == len(api.data.event_ids)
+    errs = [c for c in res["clusters"] if c["error_rate"] and c["error_rate"]["significant"]]
+    assert errs and all(c["b"]["error_rate"] > c["a"]["error_rate"] for c in errs)
+    assert any("error rate" in s for s in res["significant"])
+    assert any("confidence" in s for s in res["significant"])
+    p = [t["p_adjusted"] >= t["p_value"] for c in res["clusters"]
+         for t in (c["prediction_mix"], c["confidence"], c["error_rate"]) if t]
+    assert p and all(p)
+    same = api.get("/api/v1/versions/compare", params={"a": "v1", "b": "v1"})
+    assert same.status_code == 400
+
+
+# --- references ------------------------------------------------------------------------------
+def test_references_list_show_activate(api: Api) -> None:
+    rows = api.get("/api/v1/references").json()
+    assert [r["name"] for r in rows] == ["ref-a", "ref-b"]
+    assert rows[0]["configured"] and not rows[1]["configured"]
+    shown = api.get(f"/api/v1/references/{rows[1]['reference_id']}").json()
+    assert shown["clusters"] == 5 and len(shown["cluster_items"]) == 5 and shown["baselines"]
+    act = api.post(f"/api/v1/references/{rows[1]['reference_id']}/activate", role="admin",
+                   json={"note": "night-shift lighting"})
+    assert act.status_code == 200 and act.json()["activated_by"] == NAMES["admin"]
+    assert "restart" in act.json()["effect"]
+    stored = json.loads(api.r.get(ACTIVE_REFERENCE_KEY) or b"{}")
+    assert stored["reference_id"] == rows[1]["reference_id"] and stored["who"] == "ada"
+    again = api.get("/api/v1/references").json()
+    assert [r["activated"] for r in again] == [False, True]
+    assert api.get("/api/v1/references/0000000000000000").status_code == 404
+
+
+# --- auth matrix -----------------------------------------------------------------------------
+ROLES = [None, "bad", "viewer", "operator", "admin"]
+RANK = {"viewer": 0, "operator": 1, "admin": 2}
+
+
+def _endpoints(api: Api) -> list[tuple[str, str, dict[str, Any] | None, str]]:
+    inc = api.data.incident_ids[0]
+    ev = api.data.event_ids[-1]
+    ref = api.get("/api/v1/references").json()[0]["reference_id"]
+    return [
+        ("GET", "/api/v1/incidents", None, "viewer"),
+        ("GET", f"/api/v1/incidents/{inc}", None, "viewer"),
+        ("GET", f"/api/v1/incidents/{inc}/evidence", None, "viewer"),
+        ("GET", f"/api/v1/incidents/{inc}/exemplars", None, "viewer"),
+        ("GET", f"/api/v1/incidents/{inc}/label-set", None, "viewer"),
+        ("GET", f"/api/v1/incidents/{inc}/recurrence", None, "viewer"),
+        ("GET", "/api/v1/slices", None, "viewer"),
+        ("GET", "/api/v1/slices/station=s1", None, "viewer"),
+        ("GET", "/api/v1/slices/station=s1/timeline", None, "viewer"),
+        ("GET", f"/api/v1/similar/events/{ev}", None, "viewer"),
+        ("GET", f"/api/v1/similar/incidents/{inc}", None, "viewer"),
+        ("GET", "/api/v1/gap?dimension=station", None, "viewer"),
+        ("GET", "/api/v1/versions/compare?a=v1&b=v2", None, "viewer"),
+        ("GET", "/api/v1/references", None, "viewer"),
+        ("GET", f"/api/v1/references/{ref}", None, "viewer"),
+        ("POST", f"/api/v1/incidents/{inc}/acknowledge", {"note": "x"}, "operator"),
+        ("POST", f"/api/v1/incidents/{inc}/annotations", {"note": "x"}, "operator"),
+        ("POST", f"/api/v1/incidents/{inc}/resolve", {"category": "other"}, "operator"),
+        ("POST", f"/api/v1/references/{ref}/activate", None, "admin"),
+    ]
+
+
+def test_auth_matrix_every_role_on_every_endpoint(api: Api) -> None:
+    failures = []
+    for method, path, body, need in _endpoints(api):
+        for role in ROLES:
+            resp = api.client.request(method, path, headers=auth(role), json=body)
+            if role in (None, "bad"):
+                ok = resp.status_code == 401 and resp.headers.get("www-authenticate") == "Bearer"
+            elif RANK[role] < RANK[need]:
+                ok = resp.status_code == 403 and role in resp.json()["detail"]
+            else:  # allowed: success, or a lifecycle conflict once an earlier role acted
+                ok = resp.status_code in (200, 201, 409)
+            if not ok:
+                failures.append((method, path, role, resp.status_code, resp.text[:120]))
+    assert failures == []
+
+
+def test_probes_open_or_guarded(api: Api) -> None:
+    assert api.client.get("/healthz").status_code == 200
+    ready = api.client.get("/readyz").json()
+    assert ready == {"ready": True, "checks": {"redis": True}}
+    text = api.client.get("/metrics").text
+    assert 'driftline_api_requests_total{method="GET",route="/api/v1/incidents"' in text
+    closed = create_app(CollectorRegistry(), None, make_settings(api.url, api.refs[0],
+                                                                  open_probes=False))
+    with TestClient(closed) as c:
+        assert c.get("/healthz").status_code == 401
+        assert c.get("/metrics", headers=auth("viewer")).status_code == 200
+
+
+def test_without_tokens_reads_work_and_mutations_are_refused(
+        api: Api, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING"):
+        app = create_app(CollectorRegistry(), None, make_settings(api.url, api.refs[0],
+                                                                   tokens=False))
+    assert "NO API TOKENS CONFIGURED" in caplog.text
+    inc = api.data.incident_ids[0]
+    with TestClient(app) as c:
+        assert c.get("/api/v1/incidents").status_code == 200
+        resp = c.post(f"/api/v1/incidents/{inc}/annotations", json={"note": "hi"})
+        assert resp.status_code == 403 and "DRIFTLINE_API_TOKENS" in resp.json()["detail"]
+
+
+def test_request_body_limit(api: Api) -> None:
+    small = create_app(CollectorRegistry(), None, make_settings(api.url, api.refs[0],
+                                                                 max_request_bytes=1024))
+    inc = api.data.incident_ids[0]
+    path = f"/api/v1/incidents/{inc}/annotations"
+    with TestClient(small) as c:
+        big = c.post(path, headers=auth("operator"), json={"note": "x" * 1500})
+        assert big.status_code == 413 and "DRIFTLINE_MAX_REQUEST_BYTES" in big.json()["detail"]
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+            yield b'{"note": "'
+            for _ in range(20):
+                yield b"y" * 100
+            yield b'"}'
+        streamed = c.post(path, headers={**auth("operator"),
+                                         "Content-Type": "application/json"},
+                          content=chunks())
+        assert streamed.status_code == 413
+        fine = c.post(path, headers=auth("operator"), json={"note": "short"})
+        assert fine.status_code == 201
