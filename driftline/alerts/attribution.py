@@ -5,37 +5,43 @@ Every event belongs to one slice of each template (``station``, ``station+shift`
 the narrowest slice that explains the evidence; the other alarmed slices it explains are
 ``related``, never incidents of their own.
 
-Each alarmed slice has a *strength*, the per-event effect since its onset
-(:func:`driftline.alerts.evidence.effect`: ``sqrt`` of the bias-corrected KL of the observed
-vs expected cluster mix, or of the OOD rate). Strength is about linear in the share of a slice's
-events that come from the changed population, so a slice that merely contains some changed
-events is *diluted*: weaker by about that share. Two slices are *compatible* when they agree on
-every dimension they share (their event sets can intersect); slice ``C`` is *nested* in ``P``
-when ``C``'s dimensions extend ``P``'s (``press-3|night`` in ``press-3`` and in ``night``).
+Each alarmed slice has a *strength*: the share of its events that moved since its onset
+(:func:`driftline.alerts.evidence.effect`: total variation between the observed and expected
+cluster mix, or the OOD excess rate, less noise). It is exactly linear under dilution, so a
+slice whose events are partly from the changed population is *diluted*: weaker by that share.
+Two slices are *compatible* when they agree on every dimension they share (their event sets
+can intersect); slice ``C`` is *nested* in ``P`` when ``C``'s dimensions extend ``P``'s
+(``press-3|night`` in ``press-3`` and in ``night``).
 
-``R`` explains an alarmed ``Y`` when they are compatible, show the same change (the cosine of
-their cluster gain/loss and OOD-excess vectors is at least ``min_similarity`` whenever both show
-more than noise: a lot that gained cluster 3 does not explain a station that gained cluster 6),
-and
+``R`` explains an alarmed ``Y`` when they are compatible, ``R``'s change is **timely** for
+``Y`` (``R``'s onset is before ``Y``'s first detection, and ``R`` had events through at least
+half of ``Y``'s window from onset to detection: a lot that ran out before ``Y`` changed explains
+nothing), and
 
-* ``Y`` is nested in ``R`` — unless ``Y`` is **concentrated** in ``R``: a sibling of ``Y`` inside
-  ``R`` (same template, e.g. ``press-3|day``) has clean data since the incident was first seen
-  (its ``n`` grew by at least ``max(clean_events, clean_factor · Y's events since onset)``, it
-  has no open detector and its ratios are low), or ``R`` is diluted against ``Y``
-  (``s(R) < τ·s(Y)``). A parent with no clean children yet (shifts are sequential: the day
-  shift has no data while the night shift is bad) explains its children; it re-roots to the
-  child once a sibling shows clean data;
-* ``R`` is nested in ``Y`` and ``R`` is concentrated in ``Y`` (``press-3|night`` explains the
-  fleet's ``night`` slice when other stations' night slices are clean);
+* ``Y`` is nested in ``R``, ``R`` shows ``Y``'s cluster gains (a station whose night shift
+  gained cluster 6 while the station gained cluster 3 has two changes), and ``Y`` is not
+  **concentrated** in ``R``. ``Y`` is concentrated when a sibling inside ``R`` (same template,
+  e.g. ``press-3|day``) has clean data since the incident was first seen (its ``n`` grew by at
+  least ``max(clean_events, clean_factor · Y's events since onset)``, no open detector, low
+  ratios); it is not when a sibling alarms too (every child with data alarms: the parent's
+  change); with no word from the siblings, when ``R`` is diluted against it (``s(R) < τ·s(Y)``).
+  Shifts are sequential: while the night is bad the day shift has no data, so the station
+  explains its night slice, and the incident re-roots to the night slice once the day shows
+  clean data;
+* ``R`` is nested in ``Y`` and concentrated in it (``press-3|night`` explains the fleet's
+  ``night`` slice, which may hold other stations' changes too);
 * neither is nested (a lot vs a station): ``Y`` is not stronger than ``R`` beyond the
-  tolerance, ``s(Y) ≤ s(R)/τ``. A lot that changed at every station is at least as strong as
-  each station, which is diluted by the other lots; one station's optics is stronger than the
-  lots that merely ran through it.
+  tolerance, ``s(Y) ≤ s(R)/τ``. Cluster gains are not compared here: the wider slice mixes
+  stations whose gains and losses can cancel. A lot that changed at every station is at least
+  as strong as each station, diluted by the other lots; one station's optics is stronger than
+  the lots that merely ran through it.
 
 The root maximises the number of alarmed slices it explains (one explanation for most of the
 alarms); ties go to the more local template (station+shift, station, lot, shift: dimension
 weights 3 station, 2 lot, 1 shift) and then to the stronger slice. Slices the root does not
 explain are attributed again among themselves: they are separate incidents.
+
+Checked on the demo's real pipeline output (``tests/unit/alerts/test_replay_demo.py``).
 """
 
 from __future__ import annotations

@@ -113,34 +113,6 @@ def contained(y: Mapping[str, Any] | None, r: Mapping[str, Any] | None) -> float
     return float(gy[dr[0] > 0.0].sum() / gy.sum())
 
 
-def diff_counts(now: Mapping[str, Any], before: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Counts of the events between two messages of one episode (cumulative since the same
-    onset): ``now - before``, clipped at zero where old buckets were dropped."""
-    if not before:
-        return dict(now)
-    out: dict[str, Any] = {"truncated": bool(now.get("truncated"))}
-    for key in ("n", "n_ood", "ood", "ood_expected"):
-        out[key] = max((now.get(key) or 0) - (before.get(key) or 0), 0)
-    for key in ("clusters", "expected"):
-        a, b = now.get(key) or [], before.get(key) or []
-        out[key] = [max(x - y, 0) for x, y in zip(a, b, strict=False)] if len(a) == len(b) \
-            else list(a)
-    return out
-
-
-def add_counts(a: Mapping[str, Any] | None, b: Mapping[str, Any]) -> dict[str, Any]:
-    """Counts of two adjacent ranges of events."""
-    if not a:
-        return dict(b)
-    out: dict[str, Any] = {"truncated": bool(a.get("truncated") or b.get("truncated"))}
-    for key in ("n", "n_ood", "ood", "ood_expected"):
-        out[key] = (a.get(key) or 0) + (b.get(key) or 0)
-    for key in ("clusters", "expected"):
-        x, y = a.get(key) or [], b.get(key) or []
-        out[key] = [u + v for u, v in zip(x, y, strict=True)] if len(x) == len(y) else list(y)
-    return out
-
-
 def slice_evidence(msg: Mapping[str, Any], counts: Mapping[str, Any] | None = None,
                    onset: datetime | None = None) -> SliceEvidence:
     """An outbox ``alarm``/``update`` message → the slice's evidence since onset (or since

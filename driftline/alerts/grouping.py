@@ -3,10 +3,15 @@
 :class:`Grouper` works on the active incidents loaded by the book and the detect stage's slice
 summary; the book stores what it marks dirty, in one transaction with the outbox cursor.
 
-* An ``alarm``/``update`` of a slice already in an active incident refreshes that slice's
-  evidence and firing. A new slice joins the most recent concurrent incident (activity windows
-  within ``group_window_s`` of event time) holding a compatible slice that explains it or that
-  it explains; otherwise it opens an incident.
+* Evidence is kept per *episode* of a slice's detector: the detect stage reports counts since
+  the detector's first onset for as long as the slice stays open, so the book differences
+  consecutive messages, and starts a new episode when the detector sat near zero before
+  re-crossing or re-crossed after a long pause (:mod:`driftline.alerts.episodes`); the old
+  episode's firing ends (an incident whose firings all ended resolves itself).
+* An ``update`` continuing an episode refreshes that slice's evidence and firing. A new
+  episode joins an open incident rooted at its slice, else the most recent concurrent incident
+  (activity windows within ``group_window_s`` of event time) holding a compatible slice that
+  explains it or that it explains; otherwise it opens an incident.
 * After each batch (:meth:`Grouper.finish`) every touched incident is attributed again, once
   (:mod:`driftline.alerts.attribution`): its root may move (``rerooted``) as evidence arrives,
   slices it no longer explains split off into incidents of their own, and concurrent
@@ -24,7 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from driftline.alerts.attribution import (
@@ -36,15 +41,12 @@ from driftline.alerts.attribution import (
     compatible,
 )
 from driftline.alerts.changes import Change, record_change
+from driftline.alerts.episodes import add_counts, combine, diff_counts, episode_split
 from driftline.alerts.evidence import (
     ClusterCatalog,
-    add_counts,
     build_evidence,
-    diff_counts,
-    effect,
     recurrence,
     refresh,
-    signature,
     slice_evidence,
 )
 from driftline.alerts.model import (
@@ -154,7 +156,8 @@ class Grouper:
         if held is not None:
             inc, f = held
             delta = diff_counts(counts, f.episode.last) if counts else None
-            split = self._episode_split(f, msg, delta) if msg["kind"] == "update" else (
+            split = episode_split(f, msg, delta, gap_events=self.policy.episode_gap_events,
+                                  gap_s=self.policy.episode_gap_s) if msg["kind"] == "update" else (
                 f.onset, counts)  # a first crossing while we hold one: the slice restarted
             if split is None:
                 self._continue(inc, f, msg, counts, delta)
@@ -184,32 +187,6 @@ class Grouper:
             ev = slice_evidence(msg, firing.episode.counts, old.onset)
             ev.first_time = old.first_time
         self._set_evidence(target, ev)
-
-    def _episode_split(self, f: Firing, msg: Mapping[str, Any], delta: dict[str, Any] | None
-                       ) -> tuple[datetime | None, dict[str, Any] | None] | None:
-        """``(onset, counts)`` of the new episode this re-crossing starts, or ``None``.
-
-        After a crossing the detector restarts; if it sat near zero for ``episode_gap_events``
-        before climbing again (its ``onset_index``), the change had stopped and this is a new
-        one: its onset is interpolated from the events between the two messages, its evidence
-        is the difference of their counts. So is a re-crossing ``episode_gap_s`` of event time
-        after the last one (a slice that only sees events on the night shift, night after
-        night: each night is an incident of its own, linked as a recurrence)."""
-        oi, n_now, n_then = msg.get("onset_index"), msg.get("slice_n"), f.episode.slice_n
-        at = utc(msg["time"])
-        if (at - f.last_detected).total_seconds() >= self.policy.episode_gap_s:
-            # Events resumed after a pause: back from now by the climb, at the old pace.
-            n_ep = int((f.episode.counts or {}).get("n") or 0)
-            pace = (f.last_detected - f.onset) / n_ep if f.onset and n_ep > 0 else None
-            climb = (n_now - n_then - (oi or 0)) if n_now is not None and n_then is not None \
-                else None
-            onset = at - climb * pace if pace is not None and climb and climb > 0 else at
-            return max(onset, f.last_detected), delta
-        if oi is None or oi < self.policy.episode_gap_events:
-            return None
-        step = ((at - f.last_detected) / (n_now - n_then)
-                if n_now is not None and n_then is not None and n_now > n_then else None)
-        return (f.last_detected + oi * step if step is not None else at), delta
 
     def _continue(self, inc: Incident, f: Firing, msg: Mapping[str, Any],
                   counts: dict[str, Any] | None, delta: dict[str, Any] | None) -> None:
@@ -423,19 +400,3 @@ def group_of(inc: Incident) -> Group:
 def _age(inc: Incident) -> tuple[datetime, str]:
     """Oldest first; ids break ties between incidents opened in the same batch."""
     return inc.created_at, inc.id
-
-
-def combine(a: SliceEvidence, b: SliceEvidence) -> SliceEvidence:
-    """One slice's evidence from two episodes of the same incident."""
-    first, second = (a, b) if (a.onset or a.last_time or datetime.max.replace(
-        tzinfo=UTC)) <= (b.onset or b.last_time or datetime.max.replace(tzinfo=UTC)) else (b, a)
-    if not first.counts or not second.counts:
-        return second
-    strength, mix, displaced = effect(add_counts(first.counts, second.counts))
-    out = second.model_copy(update={
-        "counts": add_counts(first.counts, second.counts), "strength": strength,
-        "mix_shift": mix, "displaced": displaced, "onset": first.onset,
-        "first_time": first.first_time,
-        "n_since_onset": first.n_since_onset + second.n_since_onset})
-    out.signature = signature(out.counts)
-    return out

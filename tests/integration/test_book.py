@@ -153,7 +153,8 @@ def _lot_stream() -> list[dict[str, Any]]:
     msgs = [alarm("lot=L7", 1.0, n=1600), *(alarm(f"station={s}", 0.5, n=800) for s in STATIONS),
             alarm("station=press-1", 0.5, n=900, kind="update", t=1_700_000_900.0),
             alarm("lot=L7", 1.0, n=1800, kind="update", t=1_700_000_950.0),
-            alarm("station=press-2|shift=day", 1.0, cluster=6, n=300)]
+            alarm("station=press-2|shift=day", 1.0, cluster=6, n=300,
+                  onset=1_700_001_800.0, t=1_700_002_400.0)]  # later, after L7 ran out
     return msgs + [clear(m["slice_id"]) for m in msgs[:3]]
 
 

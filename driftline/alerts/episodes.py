@@ -1,0 +1,88 @@
+"""Episodes: one detector's evidence, one change at a time (pure).
+
+While a slice stays open, the detect stage reports its evidence since the detector's *first*
+onset, across re-crossings. The book differences consecutive messages of a firing to count the
+events in between (:func:`diff_counts`), sums them per episode (:func:`add_counts`), and
+starts a new episode when the change had stopped in between (:func:`episode_split`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from driftline.alerts.evidence import effect, signature
+from driftline.alerts.model import Firing, SliceEvidence, utc
+
+
+def diff_counts(now: Mapping[str, Any], before: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Counts of the events between two messages of one episode (cumulative since the same
+    onset): ``now - before``, clipped at zero where old buckets were dropped."""
+    if not before:
+        return dict(now)
+    out: dict[str, Any] = {"truncated": bool(now.get("truncated"))}
+    for key in ("n", "n_ood", "ood", "ood_expected"):
+        out[key] = max((now.get(key) or 0) - (before.get(key) or 0), 0)
+    for key in ("clusters", "expected"):
+        a, b = now.get(key) or [], before.get(key) or []
+        out[key] = [max(x - y, 0) for x, y in zip(a, b, strict=False)] if len(a) == len(b) \
+            else list(a)
+    return out
+
+
+def add_counts(a: Mapping[str, Any] | None, b: Mapping[str, Any]) -> dict[str, Any]:
+    """Counts of two adjacent ranges of events."""
+    if not a:
+        return dict(b)
+    out: dict[str, Any] = {"truncated": bool(a.get("truncated") or b.get("truncated"))}
+    for key in ("n", "n_ood", "ood", "ood_expected"):
+        out[key] = (a.get(key) or 0) + (b.get(key) or 0)
+    for key in ("clusters", "expected"):
+        x, y = a.get(key) or [], b.get(key) or []
+        out[key] = [u + v for u, v in zip(x, y, strict=True)] if len(x) == len(y) else list(y)
+    return out
+
+
+def episode_split(f: Firing, msg: Mapping[str, Any], delta: dict[str, Any] | None, *,
+                  gap_events: int, gap_s: float
+                  ) -> tuple[datetime | None, dict[str, Any] | None] | None:
+    """``(onset, counts)`` of the new episode this re-crossing starts, or ``None``.
+
+    After a crossing the detector restarts; if it sat near zero for ``gap_events``
+    before climbing again (its ``onset_index``), the change had stopped and this is a new
+    one: its onset is interpolated from the events between the two messages, its evidence
+    is the difference of their counts. So is a re-crossing ``gap_s`` of event time
+    after the last one (a slice that only sees events on the night shift: each night is an
+    episode, which rejoins the incident while that is open)."""
+    oi, n_now, n_then = msg.get("onset_index"), msg.get("slice_n"), f.episode.slice_n
+    at = utc(msg["time"])
+    if (at - f.last_detected).total_seconds() >= gap_s:
+        # Events resumed after a pause: back from now by the climb, at the old pace.
+        n_ep = int((f.episode.counts or {}).get("n") or 0)
+        pace = (f.last_detected - f.onset) / n_ep if f.onset and n_ep > 0 else None
+        climb = (n_now - n_then - (oi or 0)) if n_now is not None and n_then is not None \
+            else None
+        onset = at - climb * pace if pace is not None and climb and climb > 0 else at
+        return max(onset, f.last_detected), delta
+    if oi is None or oi < gap_events:
+        return None
+    step = ((at - f.last_detected) / (n_now - n_then)
+            if n_now is not None and n_then is not None and n_now > n_then else None)
+    return (f.last_detected + oi * step if step is not None else at), delta
+
+
+def combine(a: SliceEvidence, b: SliceEvidence) -> SliceEvidence:
+    """One slice's evidence from two episodes of the same incident."""
+    first, second = (a, b) if (a.onset or a.last_time or datetime.max.replace(
+        tzinfo=UTC)) <= (b.onset or b.last_time or datetime.max.replace(tzinfo=UTC)) else (b, a)
+    if not first.counts or not second.counts:
+        return second
+    strength, mix, displaced = effect(add_counts(first.counts, second.counts))
+    out = second.model_copy(update={
+        "counts": add_counts(first.counts, second.counts), "strength": strength,
+        "mix_shift": mix, "displaced": displaced, "onset": first.onset,
+        "first_time": first.first_time,
+        "n_since_onset": first.n_since_onset + second.n_since_onset})
+    out.signature = signature(out.counts)
+    return out

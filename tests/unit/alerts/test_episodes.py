@@ -1,0 +1,80 @@
+"""Episodes: counts differenced between messages, new episodes after a pause or a quiet spell."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from driftline.alerts.episodes import add_counts, diff_counts, episode_split
+from driftline.alerts.model import EpisodeCounts, Firing, Status, utc
+from tests.unit.alerts.synthetic import ONSET, alarm, counts
+from tests.unit.alerts.test_grouping import active, feed, grouper
+
+
+def test_counts_difference_and_sum_back() -> None:
+    a, b = counts(400, 1.0), counts(1000, 0.4)
+    d = diff_counts(b, a)
+    assert d["n"] == 600 and sum(d["clusters"]) == 600
+    assert add_counts(a, d)["clusters"] == b["clusters"]
+    assert diff_counts(a, b)["n"] == 0  # buckets dropped: clipped, never negative
+
+
+def _firing(n: int = 1000) -> Firing:
+    t = utc(ONSET + 600.0)
+    return Firing(slice_id="station=press-3", detector="ood_rate", statistic=12.0,
+                  threshold=11.0, onset=utc(ONSET), first_detected=t, last_detected=t,
+                  episode=EpisodeCounts(counts=counts(400, 1.0), slice_n=n))
+
+
+def test_a_re_crossing_right_after_the_restart_continues_the_episode() -> None:
+    msg = {**alarm("station=press-3", 1.0, kind="update", t=ONSET + 640.0), "onset_index": 2,
+           "slice_n": 1010}
+    assert episode_split(_firing(), msg, None, gap_events=50, gap_s=600.0) is None
+
+
+def test_a_quiet_spell_before_the_re_crossing_starts_a_new_episode() -> None:
+    # 100 events in 400 s after the last crossing; the statistic left zero at event 60.
+    msg = {**alarm("station=press-3", 1.0, kind="update", t=ONSET + 1000.0),
+           "onset_index": 60, "slice_n": 1100}
+    got = episode_split(_firing(), msg, {"n": 100}, gap_events=50, gap_s=600.0)
+    assert got is not None
+    onset, delta = got
+    assert onset == utc(ONSET + 600.0) + timedelta(seconds=240) and delta == {"n": 100}
+
+
+def test_a_re_crossing_after_a_long_pause_starts_a_new_episode() -> None:
+    msg = {**alarm("station=press-3", 1.0, kind="update", t=ONSET + 4000.0),
+           "onset_index": 0, "slice_n": 1020}
+    got = episode_split(_firing(), msg, {"n": 20}, gap_events=50, gap_s=600.0)
+    assert got is not None and utc(ONSET + 600.0) <= got[0] <= utc(ONSET + 4000.0)
+
+
+def test_a_new_episode_elsewhere_ends_the_old_firing_and_gets_its_own_evidence() -> None:
+    g = grouper()
+    first = alarm("station=press-3", 1.0, n=400, detector="ood_rate")
+    feed(g, {**first, "slice_n": 1000})
+    (old,) = active(g)
+    # The slice stayed open; an hour later a different change: the same slice re-crosses
+    # after a quiet spell, its counts since the first onset now hold both episodes.
+    later = {**alarm("station=press-3", 1.0, n=1000, kind="update", detector="ood_rate",
+                     cluster=5, t=ONSET + 4000.0), "onset_index": 300, "slice_n": 2000}
+    later["evidence"]["counts"] = add_counts(first["evidence"]["counts"],
+                                             counts(600, 1.0, cluster=5))
+    feed(g, later)
+    assert old.status is Status.resolved and old.auto_resolved
+    (new,) = active(g)
+    ev = new.slices["station=press-3"]
+    assert ev.n_since_onset == 600 and new.evidence.clusters[0].cluster == 5
+    assert new.onset is not None and new.onset > utc(ONSET + 600.0)
+
+
+def test_the_open_incidents_root_re_alarming_rejoins_it() -> None:
+    g = grouper()
+    first = {**alarm("station=press-3", 1.0, n=400, detector="ood_rate"), "slice_n": 1000}
+    feed(g, first, alarm("lot=L7", 0.25, n=1600))
+    (inc,) = active(g)
+    again = {**alarm("station=press-3", 1.0, n=800, kind="update", detector="ood_rate",
+                     t=ONSET + 4000.0), "onset_index": 0, "slice_n": 1400}
+    feed(g, again)
+    assert [i.id for i in active(g)] == [inc.id]
+    ev = inc.slices["station=press-3"]
+    assert ev.onset == utc(ONSET) and ev.n_since_onset == 800

@@ -1,0 +1,59 @@
+"""Attribution on real pipeline output: the outbox the demo's detect stage wrote.
+
+``data/demo_outbox.json.gz`` holds the alarms of ``driftline demo --size small`` (four stations,
+three shifts, rotating lots; a bad supplier lot at every station, darker night lighting at
+cam-2 on both nights, surf-1's lens hazing on day two) and the final slice summary. The slices
+stay open across episodes there, lots are new slices that never clear, and every change is
+mostly OOD: replayed in batches of any size, the book must find exactly the three problems.
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from driftline.alerts.attribution import SliceStatus
+from driftline.alerts.grouping import Grouper
+from driftline.alerts.model import Incident
+
+DATA = Path(__file__).parent / "data" / "demo_outbox.json.gz"
+EXPECTED = {"lot=L2609", "station=cam-2|shift=night", "station=surf-1"}
+
+
+def replay(batch: int) -> dict[str, Incident]:
+    with gzip.open(DATA, "rt") as f:
+        data: dict[str, Any] = json.load(f)
+    summary = {k: SliceStatus.from_summary(k, v) for k, v in data["summary"].items()}
+    ids = itertools.count(1)
+    incidents: dict[str, Incident] = {}
+    out = [m for _, m in data["outbox"]]
+    for k in range(0, len(out), batch):
+        g = Grouper(list(incidents.values()), summary, now=datetime(2026, 11, 16, 8, tzinfo=UTC),
+                    new_id=lambda: f"DL-{next(ids):06d}", signatures=dict)
+        for m in out[k:k + batch]:
+            g.apply(m)
+        g.finish()
+        incidents.update(g.incidents)
+    return incidents
+
+
+@pytest.mark.parametrize("batch", [1, 7, 50, 500])
+def test_the_three_injected_problems_and_nothing_else(batch: int) -> None:
+    incidents = replay(batch)
+    live = [i for i in incidents.values() if i.merged_into is None]
+    assert sorted(i.root.slice_id for i in live) == sorted(EXPECTED)
+    by_root = {i.root.slice_id: i for i in live}
+    lot = {r.slice_id for r in by_root["lot=L2609"].related}
+    assert {f"station={s}" for s in ("cam-1", "cam-2", "surf-1", "surf-2")} <= lot
+    night = {r.slice_id for r in by_root["station=cam-2|shift=night"].related}
+    assert "shift=night" in night and "lot=L2611" in night
+    haze = {r.slice_id for r in by_root["station=surf-1"].related}
+    assert "station=surf-1|shift=day" in haze
+    # The lot ran for eight minutes: the onset is its start, not an earlier or later slice's.
+    assert by_root["lot=L2609"].onset == datetime(2026, 11, 16, 6, 32, 5, tzinfo=UTC)
