@@ -85,9 +85,6 @@ class Settings(BaseSettings):
     recent_buffer_size: int = Field(
         5000, ge=0, description="Recent embeddings kept in Redis for similarity search"
     )
-    attribution_events: int = Field(
-        50_000, ge=100, description="Recent events (metadata) the root-slice scan looks at"
-    )
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image")
     # Detection
     slice_templates: Annotated[list[str], NoDecode] = Field(

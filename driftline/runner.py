@@ -101,8 +101,7 @@ def build_embed_stage(settings: Settings, registry: CollectorRegistry, ref: Refe
         templates=settings.slice_templates, metrics=EmbedMetrics(registry),
         redis_client=redis.Redis.from_url(settings.redis_url),
         batch_size=settings.embed_batch_size, batch_timeout_ms=settings.embed_batch_timeout_ms,
-        max_event_bytes=settings.max_event_bytes, recent_size=settings.recent_buffer_size,
-        attribution_events=settings.attribution_events)
+        max_event_bytes=settings.max_event_bytes, recent_size=settings.recent_buffer_size)
 
 
 def build_detect_stage(settings: Settings, registry: CollectorRegistry,

@@ -43,8 +43,6 @@ log = logging.getLogger(__name__)
 # Late labels arrive within hours in a plant; a week covers weekend relabelling campaigns.
 PREDICTION_TTL_S = 7 * 24 * 3600
 RECENT_KEY = "dl:recent"
-# Metadata only (no vectors), kept longer: the failure book's attribution scan reads it.
-RECENT_META_KEY = "dl:recent:meta"
 
 
 class EmbedderLike(Protocol):
@@ -80,7 +78,6 @@ class EmbedStage:
         reference: ReferenceLike, templates: Sequence[str], metrics: EmbedMetrics,
         redis_client: redis.Redis | None = None, batch_size: int = 32,
         batch_timeout_ms: int = 200, max_event_bytes: int = 8 << 20, recent_size: int = 5000,
-        attribution_events: int = 50_000,
     ) -> None:
         self.consumer, self.producer = consumer, producer
         self.events_topic, self.updates_topic, self.dlq_topic = (
@@ -90,7 +87,6 @@ class EmbedStage:
         self.batch_size, self.batch_timeout_ms = batch_size, batch_timeout_ms
         self.max_event_bytes = max_event_bytes
         self.recent_size = recent_size
-        self.attribution_events = attribution_events
         self.stop_event = threading.Event()
 
     def run(self) -> None:
@@ -221,8 +217,6 @@ class EmbedStage:
             meta_json = json.dumps(meta)
             pipe.xadd(RECENT_KEY, {"meta": meta_json, "vec": np.asarray(vec, np.float32).tobytes()},
                       maxlen=self.recent_size, approximate=True)
-            pipe.xadd(RECENT_META_KEY, {"meta": meta_json}, maxlen=self.attribution_events,
-                      approximate=True)
         pipe.execute()
 
     def _emit_late_label(self, item: _Item) -> None:
