@@ -8,6 +8,7 @@ with ``settings`` it also mounts the triage routers on a Redis client and the fa
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import redis
 from fastapi import APIRouter, Depends, FastAPI, Response
@@ -17,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 import driftline
 from driftline.config import Settings
 from driftline.service.context import ServiceContext
-from driftline.service.deps import require
+from driftline.service.deps import require, strict_query
 from driftline.service.limits import BodyLimit, install_error_handlers
 from driftline.service.observe import ApiMetrics, Observe
 from driftline.service.routes import gap, incidents, references, similar, slices, versions
@@ -71,14 +72,27 @@ def create_app(registry: CollectorRegistry, readiness: Readiness | None = None,
     if ctx is not None and settings is not None:
         templates = {getattr(r, "endpoint", None): getattr(r, "path", "") for r in probes.routes}
         for module in (incidents, slices, similar, gap, versions, references):
-            app.include_router(module.router, prefix=API_PREFIX)
+            app.include_router(module.router, prefix=API_PREFIX,
+                               dependencies=[Depends(strict_query)])
             templates.update({getattr(r, "endpoint", None): API_PREFIX + getattr(r, "path", "")
                               for r in module.router.routes})
+        app.state.query_names = _query_names(app, templates)
         install_error_handlers(app)
         app.add_middleware(Observe, metrics=ApiMetrics(registry), routes=templates)
         app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
         app.router.add_event_handler("shutdown", ctx.close)
     return app
+
+
+def _query_names(app: FastAPI, templates: dict[Any, str]) -> dict[Any, frozenset[str]]:
+    """Endpoint → the query parameter names its OpenAPI operation declares."""
+    paths = app.openapi()["paths"]
+    out = {}
+    for endpoint, path in templates.items():
+        ops = paths.get(path, {})
+        out[endpoint] = frozenset(p["name"] for op in ops.values() if isinstance(op, dict)
+                                  for p in op.get("parameters", []) if p.get("in") == "query")
+    return out
 
 
 def _readiness(readiness: Readiness | None, ctx: ServiceContext | None) -> Readiness:

@@ -114,6 +114,19 @@ def require(role: str) -> Callable[[ServiceContext, Caller], Caller]:
     return check
 
 
+def strict_query(request: Request) -> None:
+    """400 for a query parameter the endpoint does not take: a typo such as ``?stauts=open``
+    must not silently return everything."""
+    allowed = getattr(request.app.state, "query_names", {}).get(request.scope.get("endpoint"))
+    if allowed is None:
+        return
+    unknown = sorted(set(request.query_params) - allowed)
+    if unknown:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=(
+            f"unknown query parameter(s) {', '.join(map(repr, unknown))}; this endpoint takes "
+            f"{', '.join(sorted(allowed)) or 'none'}"))
+
+
 Viewer = Annotated[Caller, Depends(require("viewer"))]
 Operator = Annotated[Caller, Depends(require("operator"))]
 Admin = Annotated[Caller, Depends(require("admin"))]

@@ -15,7 +15,7 @@ from collections import Counter
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, status
+from fastapi import APIRouter, Query
 
 from driftline.service.deps import ContextDep, Viewer
 from driftline.service.schemas.analysis import (
@@ -24,7 +24,7 @@ from driftline.service.schemas.analysis import (
     VersionComparison,
     VersionSide,
 )
-from driftline.service.schemas.common import COMMON_ERRORS, errors
+from driftline.service.schemas.common import COMMON_ERRORS
 from driftline.service.statistics import Test, holm, location_test, mix_test, rate_test
 
 router = APIRouter(prefix="/versions", tags=["versions"], responses=COMMON_ERRORS)
@@ -50,7 +50,7 @@ def _ts(t: datetime | None) -> float | None:
     return None if t is None else (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
 
 
-@router.get("/compare", response_model=VersionComparison, responses=errors(400))
+@router.get("/compare", response_model=VersionComparison)
 def compare_versions(
     ctx: ContextDep, _: Viewer, a: Version, b: Version,
     since: Annotated[datetime | None, Query(description="event time")] = None,
@@ -60,8 +60,6 @@ def compare_versions(
     min_events: Annotated[int, Query(ge=2, le=100_000)] = 10,
 ) -> VersionComparison:
     """Prediction mix, confidence and error rate of versions ``a`` and ``b`` per cluster."""
-    if a == b:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, detail="compare two different versions")
     lo, hi = _ts(since), _ts(until)
     per: dict[str, dict[int | None, list[dict[str, Any]]]] = {a: {}, b: {}}
     for m in ctx.recent().snapshot().metas:

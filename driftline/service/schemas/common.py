@@ -16,7 +16,7 @@ class ErrorBody(BaseModel):
 
 
 _WHY = {
-    400: "the request is well-formed but cannot be answered (e.g. a bad cursor)",
+    400: "malformed request: unreadable body, bad Content-Length, unknown query parameter",
     401: "missing or invalid bearer token",
     403: "the token's role may not do this",
     404: "no such resource",
@@ -31,5 +31,5 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorBody, "description": _WHY[code]} for code in codes}
 
 
-# Every /api/v1 route can answer these (auth, body size, store down).
-COMMON_ERRORS = errors(401, 403, 413, 503)
+# Every /api/v1 route can answer these (malformed request, auth, body size, store down).
+COMMON_ERRORS = errors(400, 401, 403, 413, 503)
