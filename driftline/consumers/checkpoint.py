@@ -8,6 +8,9 @@ Redis layout (``prefix`` defaults to ``dl:detect``)::
     {prefix}:epoch:{partition}   int   bumped by each worker that takes the partition
     {prefix}:outbox              stream of alarms, written with the state that raised them
     {prefix}:summary             hash  slice_id -> JSON summary (n, ratios, open detectors)
+    {prefix}:control             stream of {"reset": slice_id} from the failure book (on-call
+                                 resolved an incident: start the slice's detectors afresh)
+    {prefix}:control_seen        hash  input partition -> last control entry applied
 
 The epoch is the fence: a worker remembers the epoch it got when it claimed a partition and a
 checkpoint succeeds only while every epoch it writes under is unchanged (``WATCH``), so a worker
@@ -64,6 +67,17 @@ class CheckpointStore:
     def summary_key(self) -> str:
         return self._k("summary")
 
+    @property
+    def control_key(self) -> str:
+        return self._k("control")
+
+    @_retry_redis
+    def control_after(self, after: str, count: int = 1000) -> list[tuple[str, str]]:
+        """Reset requests after stream id ``after``: (entry id, slice_id)."""
+        rows: list[Any] = self.r.xrange(  # type: ignore[assignment]
+            self.control_key, min=f"({after}", count=count)
+        return [(eid.decode(), f[b"reset"].decode()) for eid, f in rows if b"reset" in f]
+
     @_retry_redis
     def claim(self, partitions: Iterable[int]) -> dict[int, int]:
         """Take partitions: bump and return their epochs."""
@@ -74,14 +88,17 @@ class CheckpointStore:
         return dict(zip(parts, (int(e) for e in pipe.execute()), strict=True))
 
     @_retry_redis
-    def load(self, partition: int) -> tuple[int | None, dict[str, dict[str, Any]]]:
-        """The next input offset (None if never checkpointed) and the slices' records."""
+    def load(self, partition: int) -> tuple[int | None, dict[str, dict[str, Any]], str]:
+        """The next input offset (None if never checkpointed), the slices' records and the
+        last control entry applied."""
         pipe = self.r.pipeline(transaction=True)
         pipe.hget(self._k("offsets"), str(partition))
         pipe.hgetall(self._k("state", partition))
-        offset, raw = pipe.execute()
+        pipe.hget(self._k("control_seen"), str(partition))
+        offset, raw, seen = pipe.execute()
         slices = {k.decode(): json.loads(v) for k, v in raw.items()}
-        return (int(offset) if offset is not None else None), slices
+        return ((int(offset) if offset is not None else None), slices,
+                seen.decode() if seen else "0-0")
 
     @_retry_redis
     def commit(
@@ -91,6 +108,7 @@ class CheckpointStore:
         offsets: Mapping[int, int],
         outbox: Iterable[dict[str, Any]] = (),
         summaries: Mapping[str, dict[str, Any]] | None = None,
+        control_seen: Mapping[int, str] | None = None,
     ) -> None:
         """Write states, input offsets and alarms atomically, if our epochs still hold.
 
@@ -115,6 +133,9 @@ class CheckpointStore:
                 if offsets:
                     pipe.hset(self._k("offsets"),
                               mapping={str(p): str(o) for p, o in offsets.items()})
+                if control_seen:
+                    pipe.hset(self._k("control_seen"),
+                              mapping={str(p): v for p, v in control_seen.items()})
                 if summaries:
                     pipe.hset(self.summary_key,
                               mapping={sid: json.dumps(v) for sid, v in summaries.items()})

@@ -55,6 +55,8 @@ class SliceModel(Protocol):
 
     def gauges(self) -> dict[str, Any]: ...
 
+    def reset(self) -> None: ...
+
 
 @dataclass
 class SliceEntry:
@@ -67,6 +69,7 @@ class PartitionState:
     epoch: int
     next_offset: int | None
     slices: dict[str, SliceEntry]
+    control_seen: str = "0-0"
     dirty: set[str] = field(default_factory=set)
 
 
@@ -109,10 +112,10 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         epochs = self.store.claim(tp.partition for tp in assigned)
         for tp in assigned:
-            offset, records = self.store.load(tp.partition)
+            offset, records, seen = self.store.load(tp.partition)
             slices = {sid: SliceEntry(self.restore_slice(rec["state"]), dict(rec["applied"]))
                       for sid, rec in records.items()}
-            self.parts[tp.partition] = PartitionState(epochs[tp.partition], offset, slices)
+            self.parts[tp.partition] = PartitionState(epochs[tp.partition], offset, slices, seen)
             if offset is not None:
                 self.consumer.seek(tp, offset)
             log.info("partition assigned", extra={"partition": tp.partition, "offset": offset,
@@ -189,8 +192,25 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                 self.metrics.cluster_share.labels(station, str(cluster)).set(share)
 
     # --- checkpoint ----------------------------------------------------------------------
+    def _apply_control(self) -> None:
+        """Reset the slices whose incident on-call resolved (the failure book's requests)."""
+        if not self.parts:
+            return
+        after = min((p.control_seen for p in self.parts.values()), key=_stream_id)
+        for eid, sid in self.store.control_after(after):
+            for part in self.parts.values():
+                if _stream_id(eid) <= _stream_id(part.control_seen):
+                    continue
+                part.control_seen = eid
+                entry = part.slices.get(sid)
+                if entry is not None:
+                    entry.model.reset()
+                    part.dirty.add(sid)
+                    log.info("slice reset on request", extra={"slice": sid})
+
     def checkpoint(self) -> None:
-        """Steps 2 and 3 of the module docstring."""
+        """Steps 2 and 3 of the module docstring (after applying reset requests)."""
+        self._apply_control()
         states = {p: {sid: {"state": part.slices[sid].model.snapshot(),
                             "applied": part.slices[sid].applied} for sid in part.dirty}
                   for p, part in self.parts.items()}
@@ -202,7 +222,8 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         if not offsets and not self.outbox:
             self.last_checkpoint = time.monotonic()
             return
-        self.store.commit(epochs, states, offsets, self.outbox, summaries)
+        self.store.commit(epochs, states, offsets, self.outbox, summaries,
+                          {p: part.control_seen for p, part in self.parts.items()})
         for part in self.parts.values():
             for sid in part.dirty:
                 self._publish_gauges(part.slices[sid].model)
@@ -241,6 +262,11 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def slice_counts(self) -> dict[str, int]:
         return {sid: e.model.n for part in self.parts.values() for sid, e in part.slices.items()}
+
+
+def _stream_id(eid: str) -> tuple[int, int]:
+    ms, _, seq = eid.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _summary(model: SliceModel) -> dict[str, Any]:

@@ -98,6 +98,13 @@ class SliceState:
                                 "slice_n": self.n})
         return cleared
 
+    def reset(self) -> None:
+        """Start every detector afresh and forget open alarms (incident resolved by on-call);
+        the counts and exemplars stay."""
+        for det in self.det.detectors.values():
+            det.reset()
+        self.open = {}
+
     def evidence(self, since: float | None) -> dict[str, Any]:
         """Counts since ``since`` (cluster mix observed vs expected, OOD), exemplars, versions."""
         counts = self.det.counts.since(since) if self.det.counts is not None else None

@@ -240,3 +240,32 @@ def test_malformed_events_go_to_the_dlq_with_reasons(
     assert all(d["detail"] and d["value_b64"] is not None for d in letters)
     assert counts(states(pipe)) == expected_counts(good)
     assert workers[0].alive(), workers[0].log()
+
+
+def test_reset_request_from_the_book_restarts_the_slice(
+    pipe: Pipeline, tmp_path: Path, workers: list[Worker]
+) -> None:
+    """On-call resolved an incident: the book asks for a reset, the owning worker applies it
+    once (its control cursor is checkpointed with the state), even across a restart."""
+    docs = Stream(n=1500, seed=12, change_station="s3", change_at=900).events()
+    w = start(pipe, "detect", tmp_path, workers)
+    start(pipe, "embed", tmp_path, workers)
+    pipe.produce(docs)
+    wait_detected(pipe, workers, len(docs))
+    before = states(pipe)["station=s3"]["state"]
+    assert before["open"], "the change at s3 should have opened an alarm"
+    eid = pipe.redis().xadd("dl:detect:control", {"reset": "station=s3"}).decode()
+    wait_for(lambda: not states(pipe)["station=s3"]["state"]["open"], 60, "the reset")
+    after = states(pipe)["station=s3"]["state"]
+    assert all(max(d["s"]) == 0.0 for d in after["detectors"]["detectors"].values())
+    assert after["detectors"]["n"] == before["detectors"]["n"]  # counts are kept
+    assert w.terminate() == 0, w.log()
+    start(pipe, "detect", tmp_path, workers)
+    more = Stream(n=300, seed=13).events()
+    pipe.produce([{**d, "event_id": f"more-{i}", "ts": docs[-1]["ts"]} for i, d in enumerate(more)])
+    wait_detected(pipe, workers, len(docs) + len(more))
+    # The control cursor was checkpointed with the state, so the restarted worker does not
+    # apply the same reset again, and the new events were applied on top of the reset state.
+    seen = {v.decode() for v in pipe.redis().hgetall("dl:detect:control_seen").values()}
+    assert eid in seen
+    assert states(pipe)["station=s3"]["state"]["detectors"]["n"] == after["detectors"]["n"] + 100
