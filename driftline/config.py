@@ -103,6 +103,20 @@ class Settings(BaseSettings):
         500, ge=1, description="Events at the no-drift level before an incident auto-resolves"
     )
     checkpoint_interval_ms: int = Field(1000, ge=10, description="Detect checkpoint period")
+    # Failure book and alert routing
+    incident_group_window_s: float = Field(
+        3600.0, gt=0, description="Event-time window in which alarms join one incident")
+    attribution_tolerance: float = Field(
+        0.75, gt=0, le=1, description="How much weaker a slice may be and still be explained")
+    attribution_clean_events: int = Field(
+        50, ge=1, description="Events a sibling slice needs to count as clean")
+    recurrence_similarity: float = Field(
+        0.8, ge=0, le=1, description="Evidence cosine similarity for 'seen before'")
+    incident_max_exemplars: int = Field(32, ge=1, description="Exemplars kept per incident")
+    retention_resolved_count: int = Field(10_000, ge=1, description="Resolved incidents kept")
+    retention_resolved_days: float = Field(90.0, gt=0, description="Resolved incidents' max age")
+    alert_webhook_url: str | None = Field(None, description="Optional webhook for state changes")
+    alert_webhook_attempts: int = Field(4, ge=1, le=20, description="Webhook delivery attempts")
     # API
     api_host: str = Field("127.0.0.1", description="API bind address")
     api_port: int = Field(8080, ge=1, le=65535, description="API port")

@@ -127,15 +127,25 @@ def build_detect_stage(settings: Settings, registry: CollectorRegistry,
 
 def build_book_processor(settings: Settings, registry: CollectorRegistry) -> Any:
     """Outbox → failure book → Alertmanager, the alerts topic (and a webhook if configured)."""
-    from driftline.alerts.book import FailureBook
+    from driftline.alerts.attribution import AttributionPolicy
+    from driftline.alerts.book import FailureBook, Retention
+    from driftline.alerts.grouping import BookPolicy
     from driftline.alerts.processor import IncidentProcessor
     from driftline.alerts.routing import AlertMetrics, Router
 
-    client = redis.Redis.from_url(settings.redis_url)
-    book = FailureBook(client)
-    router = Router(book, AlertMetrics(registry), public_url=settings.public_url,
-                    alertmanager_url=settings.alertmanager_url,
-                    producer=make_producer(settings.kafka_bootstrap), topic=settings.alerts_topic)
+    s = settings
+    client = redis.Redis.from_url(s.redis_url)
+    policy = BookPolicy(
+        group_window_s=s.incident_group_window_s, recurrence_similarity=s.recurrence_similarity,
+        max_exemplars=s.incident_max_exemplars,
+        attribution=AttributionPolicy(tolerance=s.attribution_tolerance,
+                                      clean_events=s.attribution_clean_events))
+    book = FailureBook(client, policy=policy, retention=Retention(
+        max_resolved=s.retention_resolved_count, max_age_s=s.retention_resolved_days * DAY))
+    router = Router(book, AlertMetrics(registry), public_url=s.public_url,
+                    alertmanager_url=s.alertmanager_url, producer=make_producer(s.kafka_bootstrap),
+                    topic=s.alerts_topic, webhook_url=s.alert_webhook_url,
+                    webhook_attempts=s.alert_webhook_attempts)
     return IncidentProcessor(client, book, router=router)
 
 
