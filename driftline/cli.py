@@ -92,8 +92,11 @@ def run(
         raise typer.Exit(2)
     service = Service(settings, roles)
     service.start()
+    # A process running every role also serves the triage API; a single stage serves probes
+    # and /metrics only.
+    api_settings = settings if role == "all" else None
     server = uvicorn.Server(uvicorn.Config(
-        create_app(service.registry, service.readiness), host=settings.api_host,
+        create_app(service.registry, service.readiness, api_settings), host=settings.api_host,
         port=port if port is not None else settings.api_port, log_level="warning"))
     # uvicorn turns SIGTERM/SIGINT into a graceful HTTP shutdown and then re-raises the signal
     # to the handler installed before it: ours asks the stages to stop, and they finish the
@@ -107,6 +110,16 @@ def run(
     signal.signal(signal.SIGINT, request_stop)
     server.run()
     service.stop()
+
+
+@app.command("serve")
+def serve(
+    port: Annotated[int | None, typer.Option(help="HTTP port (default DRIFTLINE_API_PORT)")] = None,
+) -> None:
+    """Serve the triage API (/api/v1), probes and /metrics until SIGTERM."""
+    from driftline.service.app import serve as serve_api
+
+    serve_api(settings_or_exit(), port=port)
 
 
 @app.command("demo")

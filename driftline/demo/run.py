@@ -235,7 +235,7 @@ def _serve(service: Service, host: str, port: int) -> Any:
 
     from driftline.service.app import create_app
 
-    server = uvicorn.Server(uvicorn.Config(create_app(service.registry, service.readiness),
-                                           host=host, port=port, log_level="warning"))
+    app = create_app(service.registry, service.readiness, service.settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     threading.Thread(target=server.run, name="http", daemon=True).start()
     return server
