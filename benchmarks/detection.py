@@ -42,6 +42,7 @@ from driftline.core.slices import EventUpdate, SliceDetectors
 
 OUT = Path(__file__).parent / "results" / "detection.md"
 NU = 200
+PEERS = "<!-- peers -->"  # benchmarks/peers.py appends its section after this marker
 
 
 def shifted(p: np.ndarray, k: int, eps: float, into: bool) -> np.ndarray:
@@ -351,7 +352,8 @@ def main() -> None:
         speed_rows="\n".join(speed_rows()),
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    peers = args.out.read_text().partition(PEERS)[2] if args.out.exists() else ""
+    args.out.write_text(text + (f"\n{PEERS}{peers}" if peers else ""))  # keep peers.py's part
     print(text)
 
 
