@@ -7,6 +7,9 @@ with ``WWW-Authenticate: Bearer``; a known token whose role ranks below the endp
 Roles rank ``viewer < operator < admin``: reads need viewer, incident mutations operator,
 reference activation admin.
 
+Dependencies that only read memory are ``async`` so that FastAPI runs them on the event loop
+instead of a thread-pool hop each; endpoints doing Redis I/O stay synchronous (thread pool).
+
 **No tokens configured.** Start-up logs a warning in capitals; reads are answered without a
 token (the caller is ``anonymous``, a viewer) and every mutating call is refused with 403 —
 an unconfigured deployment can be looked at but not changed.
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -41,7 +44,7 @@ class Caller:
     role: str
 
 
-def get_context(request: Request) -> ServiceContext:
+async def get_context(request: Request) -> ServiceContext:
     ctx: ServiceContext = request.app.state.ctx
     return ctx
 
@@ -49,15 +52,15 @@ def get_context(request: Request) -> ServiceContext:
 ContextDep = Annotated[ServiceContext, Depends(get_context)]
 
 
-def get_settings(ctx: ContextDep) -> Settings:
+async def get_settings(ctx: ContextDep) -> Settings:
     return ctx.settings
 
 
-def get_redis(ctx: ContextDep) -> redis.Redis:
+async def get_redis(ctx: ContextDep) -> redis.Redis:
     return ctx.redis
 
 
-def get_book(ctx: ContextDep) -> FailureBook:
+async def get_book(ctx: ContextDep) -> FailureBook:
     return ctx.book
 
 
@@ -77,7 +80,7 @@ def _unauthorized(detail: str) -> HTTPException:
                          headers={"WWW-Authenticate": "Bearer"})
 
 
-def authenticate(ctx: ContextDep, creds: CredentialsDep) -> Caller:
+async def authenticate(ctx: ContextDep, creds: CredentialsDep) -> Caller:
     """The caller, or 401. Without configured tokens every caller is an anonymous viewer."""
     if not ctx.tokens:
         return Caller(ANONYMOUS, "viewer")
@@ -96,13 +99,13 @@ def authenticate(ctx: ContextDep, creds: CredentialsDep) -> Caller:
 CallerDep = Annotated[Caller, Depends(authenticate)]
 
 
-def require(role: str) -> Callable[[ServiceContext, Caller], Caller]:
+def require(role: str) -> Callable[[ServiceContext, Caller], Awaitable[Caller]]:
     """A dependency admitting callers whose role ranks at least ``role``."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; use one of {ROLES}")
     need = ROLES.index(role)
 
-    def check(ctx: ContextDep, caller: CallerDep) -> Caller:
+    async def check(ctx: ContextDep, caller: CallerDep) -> Caller:
         if need > 0 and not ctx.tokens:
             raise HTTPException(status.HTTP_403_FORBIDDEN, detail=(
                 "no API tokens are configured (DRIFTLINE_API_TOKENS): mutating calls are "
@@ -114,7 +117,7 @@ def require(role: str) -> Callable[[ServiceContext, Caller], Caller]:
     return check
 
 
-def strict_query(request: Request) -> None:
+async def strict_query(request: Request) -> None:
     """400 for a query parameter the endpoint does not take: a typo such as ``?stauts=open``
     must not silently return everything."""
     allowed = getattr(request.app.state, "query_names", {}).get(request.scope.get("endpoint"))

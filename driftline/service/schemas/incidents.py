@@ -19,6 +19,7 @@ from driftline.alerts.model import (
     Status,
     TimelineEntry,
 )
+from driftline.service.listing import IncidentRow
 
 NOTE_MAX = 2000
 
@@ -66,7 +67,7 @@ class IncidentSummary(BaseModel):
     link: str
 
     @classmethod
-    def of(cls, inc: Incident, base_url: str) -> IncidentSummary:
+    def of(cls, inc: Incident | IncidentRow, base_url: str) -> IncidentSummary:
         return cls(id=inc.id, status=inc.status, severity=inc.severity, root=inc.root,
                    related=[r.slice_id for r in inc.related],
                    detectors=sorted({f.detector for f in inc.detectors}), onset=inc.onset,
@@ -97,7 +98,7 @@ class IncidentDetail(IncidentSummary):
     updated_at: datetime
 
     @classmethod
-    def of(cls, inc: Incident, base_url: str) -> IncidentDetail:
+    def build(cls, inc: Incident, base_url: str) -> IncidentDetail:
         base = IncidentSummary.of(inc, base_url).model_dump()
         return cls(**base, related_slices=inc.related, firings=inc.detectors, delay=inc.delay,
                    evidence=inc.evidence, timeline=inc.timeline, resolution=inc.resolution,
