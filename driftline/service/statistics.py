@@ -55,7 +55,7 @@ def holm(p_values: Sequence[float]) -> list[float]:
     running = 0.0
     for rank, i in enumerate(order):
         running = max(running, min(1.0, (m - rank) * p_values[i]))
-        adjusted[i] = round(running, 12)
+        adjusted[i] = running
     return adjusted
 
 

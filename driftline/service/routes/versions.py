@@ -98,7 +98,7 @@ def compare_versions(
                 continue
             p_adj = next(adjusted)
             views.append(SignificanceTest(test=test.name, statistic=test.statistic,
-                                          p_value=round(test.p_value, 12), p_adjusted=p_adj,
+                                          p_value=test.p_value, p_adjusted=p_adj,
                                           significant=p_adj < alpha))
             if p_adj < alpha:
                 significant.append(f"cluster {'unassigned' if c is None else c}: {what}")
