@@ -103,6 +103,8 @@ def _readiness(readiness: Readiness | None, ctx: ServiceContext | None) -> Readi
                 out["redis"] = bool(ctx.redis.ping())
             except redis.RedisError:
                 out["redis"] = False
+            if ctx.settings.reference_dir is not None:  # configured, so it must load
+                out["reference"] = ctx.reference() is not None
         return out
     return checks
 

@@ -63,28 +63,44 @@ class RecentIndex:
         self._ids: list[str] = []  # stream ids, oldest first
         self._metas: list[dict[str, Any]] = []
         self._raw: list[F32] = []
+        self._proj: list[F32 | None] = []  # projected rows; None: unusable (dim, NaN)
         self._snap: Snapshot | None = None
 
     def snapshot(self) -> Snapshot:
         with self._lock:
             changed = self._refresh()
             if self._snap is None or changed:
+                self._project_new()
                 self._snap = self._build()
             return self._snap
+
+    def _project_new(self) -> None:
+        """Project only the rows added since the last snapshot (a full buffer of large raw
+        embeddings is not re-projected per request)."""
+        start = len(self._proj)
+        dim = self.reference.dim if self.reference is not None else (
+            self._raw[-1].size if self._raw else 0)
+        fresh = self._raw[start:]
+        ok = [i for i, v in enumerate(fresh) if v.size == dim and np.isfinite(v).all()]
+        out: list[F32 | None] = [None] * len(fresh)
+        if ok:
+            for i, row in zip(ok, self.project(np.stack([fresh[i] for i in ok])), strict=True):
+                out[i] = row
+        self._proj.extend(out)
 
     def _refresh(self) -> bool:
         changed = False
         first = self.r.xrange(self.key, count=1)
         if not first:
             changed = bool(self._ids)
-            self._ids, self._metas, self._raw = [], [], []
+            self._ids, self._metas, self._raw, self._proj = [], [], [], []
             return changed
         oldest = stream_id(first[0][0].decode())
         drop = 0
         while drop < len(self._ids) and stream_id(self._ids[drop]) < oldest:
             drop += 1
         if drop:
-            del self._ids[:drop], self._metas[:drop], self._raw[:drop]
+            del self._ids[:drop], self._metas[:drop], self._raw[:drop], self._proj[:drop]
             changed = True
         start = f"({self._ids[-1]}" if self._ids else "-"
         while True:
@@ -101,15 +117,18 @@ class RecentIndex:
             start = f"({rows[-1][0].decode()}"
 
     def _build(self) -> Snapshot:
-        dim = self.reference.dim if self.reference is not None else (
-            self._raw[-1].size if self._raw else 0)
-        keep = [i for i, v in enumerate(self._raw) if v.size == dim and np.isfinite(v).all()]
-        metas = [self._metas[i] for i in keep]
-        raw = np.stack([self._raw[i] for i in keep]) if keep else np.zeros((0, max(dim, 1)),
-                                                                            np.float32)
+        usable = [(i, v) for i, v in enumerate(self._proj) if v is not None]
+        width = usable[-1][1].size if usable else 0  # raw space: the newest dimension wins
+        keep = [(i, v) for i, v in usable if v.size == width]
         space = "reference" if self.reference is not None else "raw"
-        out_dim = self.reference.space_dim if self.reference is not None else raw.shape[1]
-        vecs = self.project(raw) if keep else np.zeros((0, out_dim), np.float32)
+        if keep:
+            metas = [self._metas[i] for i, _ in keep]
+            raw = np.stack([self._raw[i] for i, _ in keep])
+            vecs = np.ascontiguousarray(np.stack([v for _, v in keep]), np.float32)
+        else:
+            dim = self.reference.dim if self.reference is not None else 1
+            out = self.reference.space_dim if self.reference is not None else 1
+            metas, raw, vecs = [], np.zeros((0, dim), np.float32), np.zeros((0, out), np.float32)
         index = faiss.IndexFlatL2(vecs.shape[1])
         if len(vecs):
             index.add(vecs)

@@ -22,7 +22,7 @@ from pydantic import SecretStr
 
 from driftline.config import Settings, load_settings
 from driftline.service.app import create_app
-from driftline.service.keys import ACTIVE_REFERENCE_KEY
+from driftline.service.keys import ACTIVE_REFERENCE_KEY, RECENT_KEY
 from tests.unit.service.populate import Populated, build_references, populate
 
 pytestmark = pytest.mark.integration
@@ -349,7 +349,7 @@ def test_auth_matrix_every_role_on_every_endpoint(api: Api) -> None:
 def test_probes_open_or_guarded(api: Api) -> None:
     assert api.client.get("/healthz").status_code == 200
     ready = api.client.get("/readyz").json()
-    assert ready == {"ready": True, "checks": {"redis": True}}
+    assert ready == {"ready": True, "checks": {"redis": True, "reference": True}}
     text = api.client.get("/metrics").text
     assert 'driftline_api_requests_total{method="GET",route="/api/v1/incidents"' in text
     closed = create_app(CollectorRegistry(), None, make_settings(api.url, api.refs[0],
@@ -392,3 +392,22 @@ def test_request_body_limit(api: Api) -> None:
         assert streamed.status_code == 413
         fine = c.post(path, headers=auth("operator"), json={"note": "short"})
         assert fine.status_code == 201
+
+
+def test_recent_index_follows_the_bounded_buffer(api: Api) -> None:
+    """New entries are read incrementally and trimmed ones dropped, as the embed stage's
+    MAXLEN trims the stream."""
+    ctx = api.client.app.state.ctx  # type: ignore[attr-defined]
+    before = ctx.recent().snapshot()
+    n = len(before)
+    oldest = before.metas[0]["event_id"]
+    last = r_meta = dict(before.metas[-1])
+    vec = before.raw[-1].tobytes()
+    for k in range(3):
+        r_meta = {**last, "event_id": f"late-{k}", "ts": last["ts"] + 1 + k}
+        api.r.xadd(RECENT_KEY, {"meta": json.dumps(r_meta), "vec": vec}, maxlen=n,
+                   approximate=False)
+    after = ctx.recent().snapshot()
+    assert len(after) == n and "late-2" in after.rows and oldest not in after.rows
+    res = api.get("/api/v1/similar/events/late-0", params={"k": 3}).json()
+    assert res["recent"][0]["distance"] < 1e-3  # late-1 and late-2 carry the same vector

@@ -116,7 +116,6 @@ def get_timeline(
             statistics={k: StatPoint(statistic=round(s, 4), threshold=h,
                                      ratio=round(s / h, 4) if h > 0 else 0.0)
                         for k, (s, h) in p.statistics.items()}))
+    truncated = first is not None and counts.since(first).truncated
     return SliceTimeline(slice_id=slice_id, bucket_seconds=counts.bucket_seconds,
-                         truncated=counts.since(first).truncated if first is not None
-                         else counts.since(None).truncated,
-                         current=_detectors(state), points=out)
+                         truncated=truncated, current=_detectors(state), points=out)
