@@ -65,10 +65,15 @@ def detector_arl0(settings: Settings) -> float:
 
 
 def load_active_reference(settings: Settings) -> Reference:
-    if settings.reference_dir is None:
+    """The reference activated through the API (if still intact), else the configured one."""
+    from driftline.service.references_store import active_reference_dir
+
+    ref_dir = active_reference_dir(settings, redis.Redis.from_url(settings.redis_url))
+    if ref_dir is None:
         raise SystemExit("driftline: DRIFTLINE_REFERENCE_DIR is not set; build one with "
                          "`driftline reference build` and point the setting at it")
-    return load_reference(settings.reference_dir)
+    log.info("reference", extra={"dir": str(ref_dir)})
+    return load_reference(ref_dir)
 
 
 def make_embedder(settings: Settings, ref: Reference) -> Any:
