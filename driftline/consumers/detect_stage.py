@@ -30,7 +30,7 @@ from kafka.structs import OffsetAndMetadata
 from pydantic import ValidationError
 
 from driftline.consumers.checkpoint import CheckpointStore, Fenced
-from driftline.consumers.kafka_io import consumer_lag
+from driftline.consumers.kafka_io import consumer_lag, wait_for_topic
 from driftline.metrics import ConsumerMetrics, DetectMetrics
 from driftline.schema import SliceUpdate
 
@@ -126,6 +126,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
     # --- main loop -----------------------------------------------------------------------
     def run(self) -> None:
         """Poll, apply and checkpoint until :meth:`stop`; then checkpoint and close."""
+        wait_for_topic(self.consumer, self.topic)
         self.consumer.subscribe([self.topic], listener=self)
         try:
             while not self.stop_event.is_set():

@@ -27,6 +27,7 @@ import redis
 from kafka import KafkaConsumer, KafkaProducer
 
 from driftline.consumers.imaging import ImageError
+from driftline.consumers.kafka_io import wait_for_topic
 from driftline.metrics import EmbedMetrics
 from driftline.schema import (
     DeadLetter,
@@ -91,6 +92,7 @@ class EmbedStage:
 
     def run(self) -> None:
         """Process batches until :meth:`stop`; the last batch is finished and committed."""
+        wait_for_topic(self.consumer, self.events_topic)
         self.consumer.subscribe([self.events_topic])
         try:
             while not self.stop_event.is_set():

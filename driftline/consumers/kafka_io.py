@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -16,6 +17,8 @@ log = logging.getLogger(__name__)
 # Waiting this long for a broker covers a broker restart or a slow container start; past it the
 # process exits and its supervisor restarts it, which an operator sees.
 BROKER_WAIT_S = 120
+# New topics and partitions are noticed within this long (kafka-python's default is 5 min).
+METADATA_MAX_AGE_MS = 30_000
 # A detect batch may wait on Redis while it restarts; poll intervals above this rebalance us out.
 MAX_POLL_INTERVAL_MS = 300_000
 
@@ -63,10 +66,24 @@ def make_consumer(bootstrap: str, group: str, **overrides: Any) -> KafkaConsumer
     config: dict[str, Any] = dict(
         bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
         auto_offset_reset="earliest", max_poll_interval_ms=MAX_POLL_INTERVAL_MS,
-        client_id=group,
+        client_id=group, metadata_max_age_ms=METADATA_MAX_AGE_MS,
     )
     config.update(overrides)
     return KafkaConsumer(**config)
+
+
+def wait_for_topic(consumer: KafkaConsumer, topic: str, timeout_s: float = BROKER_WAIT_S) -> None:
+    """Block until the consumer's metadata knows ``topic``'s partitions.
+
+    Joining a group before that makes the leader assign this member nothing ("no partition
+    metadata"), and it would sit idle until the next metadata refresh.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not consumer.partitions_for_topic(topic):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"topic {topic!r} has no partitions after {timeout_s:.0f} s; "
+                               "is it created (DRIFTLINE_TOPIC_PARTITIONS) and the broker up?")
+        time.sleep(0.2)
 
 
 def consumer_lag(consumer: KafkaConsumer, partitions: Iterable[Any]) -> dict[int, int]:
