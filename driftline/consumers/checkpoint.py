@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 REDIS_WAIT_S = 60
 OUTBOX_MAXLEN = 100_000
 
-_retry_redis = retry(
+retry_redis = retry(
     retry=retry_if_exception_type((RedisConnectionError, RedisTimeoutError)),
     wait=wait_exponential(multiplier=0.1, max=2),
     stop=stop_after_delay(REDIS_WAIT_S),
@@ -71,14 +71,14 @@ class CheckpointStore:
     def control_key(self) -> str:
         return self._k("control")
 
-    @_retry_redis
+    @retry_redis
     def control_after(self, after: str, count: int = 1000) -> list[tuple[str, str]]:
         """Reset requests after stream id ``after``: (entry id, slice_id)."""
         rows: list[Any] = self.r.xrange(  # type: ignore[assignment]
             self.control_key, min=f"({after}", count=count)
         return [(eid.decode(), f[b"reset"].decode()) for eid, f in rows if b"reset" in f]
 
-    @_retry_redis
+    @retry_redis
     def claim(self, partitions: Iterable[int]) -> dict[int, int]:
         """Take partitions: bump and return their epochs."""
         pipe = self.r.pipeline(transaction=True)
@@ -87,7 +87,7 @@ class CheckpointStore:
             pipe.incr(self._k("epoch", p))
         return dict(zip(parts, (int(e) for e in pipe.execute()), strict=True))
 
-    @_retry_redis
+    @retry_redis
     def load(self, partition: int) -> tuple[int | None, dict[str, dict[str, Any]], str]:
         """The next input offset (None if never checkpointed), the slices' records and the
         last control entry applied."""
@@ -100,7 +100,7 @@ class CheckpointStore:
         return ((int(offset) if offset is not None else None), slices,
                 seen.decode() if seen else "0-0")
 
-    @_retry_redis
+    @retry_redis
     def commit(
         self,
         epochs: Mapping[int, int],

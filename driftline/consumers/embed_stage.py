@@ -26,6 +26,7 @@ import numpy as np
 import redis
 from kafka import KafkaConsumer, KafkaProducer
 
+from driftline.consumers.checkpoint import retry_redis
 from driftline.consumers.imaging import ImageError
 from driftline.consumers.kafka_io import wait_for_topic
 from driftline.metrics import EmbedMetrics
@@ -102,13 +103,22 @@ class EmbedStage:
                 if msgs:
                     self.process(msgs)
                     self.producer.flush()
-                    self.consumer.commit()
+                    self._commit()
         finally:
             self.producer.flush()
             self.consumer.close(autocommit=False)
 
     def stop(self) -> None:
         self.stop_event.set()
+
+    def _commit(self) -> None:
+        """Commit input offsets; a failure (broker restarting, rebalance) only means the batch
+        is read again, and the detect stage skips its replayed updates by source offset."""
+        try:
+            self.consumer.commit()
+        except Exception as exc:
+            log.warning("offset commit failed; the batch may be replayed",
+                        extra={"error": repr(exc)})
 
     # --- one batch -----------------------------------------------------------------------
     def process(self, msgs: Sequence[Any]) -> None:
@@ -200,6 +210,7 @@ class EmbedStage:
         self.metrics.last_event_time.labels(ev.station).set(ev.ts.timestamp())
 
     # --- late labels ---------------------------------------------------------------------
+    @retry_redis
     def _remember(self, items: list[_Item], vectors: np.ndarray) -> None:
         """Predictions for late labels, and the rolling buffer of recent embeddings that the
         API's similarity search and model-version comparison read (``RECENT_KEY``)."""
@@ -221,6 +232,7 @@ class EmbedStage:
                       maxlen=self.recent_size, approximate=True)
         pipe.execute()
 
+    @retry_redis
     def _emit_late_label(self, item: _Item) -> None:
         ev = item.event
         known: bytes | None = (
