@@ -97,7 +97,8 @@ def make_embedder(settings: Settings, ref: Reference) -> Any:
 
 
 def build_embed_stage(settings: Settings, registry: CollectorRegistry, ref: Reference,
-                      embedder: Any) -> EmbedStage:
+                      embedder: Any,
+                      consumer_metrics: ConsumerMetrics | None = None) -> EmbedStage:
     return EmbedStage(
         make_consumer(settings.kafka_bootstrap, settings.embed_group),
         make_producer(settings.kafka_bootstrap),
@@ -105,12 +106,13 @@ def build_embed_stage(settings: Settings, registry: CollectorRegistry, ref: Refe
         dlq_topic=settings.dlq_topic, embedder=embedder, reference=ref,
         templates=settings.slice_templates, metrics=EmbedMetrics(registry),
         redis_client=redis.Redis.from_url(settings.redis_url),
+        consumer_metrics=consumer_metrics or ConsumerMetrics(registry),
         batch_size=settings.embed_batch_size, batch_timeout_ms=settings.embed_batch_timeout_ms,
         max_event_bytes=settings.max_event_bytes, recent_size=settings.recent_buffer_size)
 
 
-def build_detect_stage(settings: Settings, registry: CollectorRegistry,
-                       ref: Reference) -> DetectStage:
+def build_detect_stage(settings: Settings, registry: CollectorRegistry, ref: Reference,
+                       consumer_metrics: ConsumerMetrics | None = None) -> DetectStage:
     baselines = ReferenceBaselines(ref)
     arl0 = detector_arl0(settings)
     autoresolve = settings.autoresolve_events
@@ -126,7 +128,8 @@ def build_detect_stage(settings: Settings, registry: CollectorRegistry,
         make_consumer(settings.kafka_bootstrap, settings.detect_group),
         settings.slice_updates_topic,
         CheckpointStore(redis.Redis.from_url(settings.redis_url)),
-        new_slice, restore_slice, DetectMetrics(registry), ConsumerMetrics(registry),
+        new_slice, restore_slice, DetectMetrics(registry),
+        consumer_metrics or ConsumerMetrics(registry),
         checkpoint_interval_s=settings.checkpoint_interval_ms / 1000)
 
 
@@ -171,11 +174,13 @@ class Service:
             s.events_topic: s.topic_partitions, s.slice_updates_topic: s.topic_partitions,
             s.dlq_topic: 1, s.alerts_topic: 1})
         self.reference = load_active_reference(s)
+        cmetrics = ConsumerMetrics(self.registry)  # one set of lag gauges, labelled by stage
         if "embed" in self.roles:
             self.stages["embed"] = build_embed_stage(s, self.registry, self.reference,
-                                                     make_embedder(s, self.reference))
+                                                     make_embedder(s, self.reference), cmetrics)
         if "detect" in self.roles:
-            self.stages["detect"] = build_detect_stage(s, self.registry, self.reference)
+            self.stages["detect"] = build_detect_stage(s, self.registry, self.reference,
+                                                       cmetrics)
         if "book" in self.roles:
             self.stages["book"] = build_book_processor(s, self.registry)
         for name, stage in self.stages.items():

@@ -123,8 +123,9 @@ def fleet() -> Dashboard:
         stat("Stations sending", "count(driftline:embed_station_events:rate5m > 0)",
              description="Stations with at least one event in the last 5 minutes."),
         stat("Stations in alarm",
-             "count(max by (station) (driftline_detect_statistic_ratio) >= 1)",
-             description="Stations with a detector statistic at or above its threshold.",
+             "count(max by (station) (driftline_detect_statistic_ratio) >= 1) or vector(0)",
+             description="Stations with a detector statistic at or above its threshold now "
+                         "(detectors restart after an alarm: see the incidents for open ones).",
              steps=red_above_zero()),
         stat("Open critical incidents", 'sum(driftline:incidents_open:max{severity="critical"})',
              description="From the failure book.", steps=red_above_zero()),

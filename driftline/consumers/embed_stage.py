@@ -28,8 +28,8 @@ from kafka import KafkaConsumer, KafkaProducer
 
 from driftline.consumers.checkpoint import retry_redis
 from driftline.consumers.imaging import ImageError
-from driftline.consumers.kafka_io import wait_for_topic
-from driftline.metrics import EmbedMetrics
+from driftline.consumers.kafka_io import consumer_lag, wait_for_topic
+from driftline.metrics import ConsumerMetrics, EmbedMetrics
 from driftline.schema import (
     DeadLetter,
     Event,
@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 # Late labels arrive within hours in a plant; a week covers weekend relabelling campaigns.
 PREDICTION_TTL_S = 7 * 24 * 3600
 RECENT_KEY = "dl:recent"
+# Lag is an end-offsets request to the broker: once a second is plenty for an alert.
+LAG_REPORT_S = 1.0
 
 
 class EmbedderLike(Protocol):
@@ -78,7 +80,8 @@ class EmbedStage:
         self, consumer: KafkaConsumer, producer: KafkaProducer, *, events_topic: str,
         updates_topic: str, dlq_topic: str, embedder: EmbedderLike | None,
         reference: ReferenceLike, templates: Sequence[str], metrics: EmbedMetrics,
-        redis_client: redis.Redis | None = None, batch_size: int = 32,
+        redis_client: redis.Redis | None = None, consumer_metrics: ConsumerMetrics | None = None,
+        batch_size: int = 32,
         batch_timeout_ms: int = 200, max_event_bytes: int = 8 << 20, recent_size: int = 5000,
     ) -> None:
         self.consumer, self.producer = consumer, producer
@@ -86,6 +89,8 @@ class EmbedStage:
             events_topic, updates_topic, dlq_topic)
         self.embedder, self.reference, self.templates = embedder, reference, list(templates)
         self.metrics, self.redis = metrics, redis_client
+        self.cmetrics = consumer_metrics
+        self._last_lag = 0.0
         self.batch_size, self.batch_timeout_ms = batch_size, batch_timeout_ms
         self.max_event_bytes = max_event_bytes
         self.recent_size = recent_size
@@ -104,12 +109,24 @@ class EmbedStage:
                     self.process(msgs)
                     self.producer.flush()
                     self._commit()
+                self._report_lag()
         finally:
             self.producer.flush()
             self.consumer.close(autocommit=False)
 
     def stop(self) -> None:
         self.stop_event.set()
+
+    def _report_lag(self) -> None:
+        """Consumer lag per assigned partition, at most every ``LAG_REPORT_S``."""
+        now = time.monotonic()
+        if self.cmetrics is None or now - self._last_lag < LAG_REPORT_S:
+            return
+        self._last_lag = now
+        assigned = self.consumer.assignment()
+        self.cmetrics.assigned.labels("embed").set(len(assigned))
+        for p, lag in consumer_lag(self.consumer, assigned).items():
+            self.cmetrics.lag.labels("embed", str(p)).set(lag)
 
     def _commit(self) -> None:
         """Commit input offsets; a failure (broker restarting, rebalance) only means the batch

@@ -39,18 +39,9 @@ TEMPLATE_VARS = {
     "$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m",
     "$station": "s2", "$shift": ".*",  # the shift variable's allValue ("All" is its default)
 }
-# Panels that may show no data here, with why ("dashboard: panel title"). Both are gaps in
+# Panels that may show no data here, with why ("dashboard: panel title"); none today. Gaps in
 # what ships, not in this setup; they must still parse. Remove an entry once it is fixed.
-NO_DATA_ALLOWED: dict[str, str] = {
-    # The embed stage exports no driftline_kafka_consumer_lag_messages{stage="embed"} (only
-    # the detect stage reports lag), so neither this panel nor DriftlineConsumerLagHigh can
-    # ever see embed lag.
-    "pipeline.json: Embed lag": "embed stage does not export consumer lag",
-    # count(ratio >= 1) is empty (not 0) unless a detector statistic sits at or above its
-    # threshold at a checkpoint; the detectors restart after alarming, so once s2 has alarmed
-    # (driftline_detect_alarms_total > 0, an incident open) the gauge is back below 1.
-    "fleet.json: Stations in alarm": "statistic drops below threshold after the alarm",
-}
+NO_DATA_ALLOWED: dict[str, str] = {}
 
 
 def substitute(expr: str) -> str:
