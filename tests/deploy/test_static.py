@@ -419,3 +419,11 @@ def test_k8s_readme_explains_scaling_against_partitions() -> None:
     text = (K8S / "README.md").read_text()
     for phrase in ("replicas ≤ partitions", "rebalance", "Redis", "## Scaling"):
         assert phrase in text, phrase
+
+
+def test_dockerfile_install_step_is_the_readmes_install_command() -> None:
+    runs = re.findall(r"^RUN (python -m pip install .+)$", (ROOT / "Dockerfile").read_text(), re.M)
+    assert runs, "the Dockerfile installs driftline with pip"
+    readme = (ROOT / "README.md").read_text()
+    for command in runs:
+        assert command in readme, f"README lacks the Dockerfile's install step: {command}"
