@@ -206,9 +206,10 @@ class Service:
 
     def readiness(self) -> dict[str, bool]:
         checks = {"reference_loaded": self.reference is not None}
-        detect = self.stages.get("detect")
-        if detect is not None:
-            checks["detect_partitions_assigned"] = bool(detect.ready)
+        for role in ("embed", "detect"):
+            stage = self.stages.get(role)
+            if stage is not None:
+                checks[f"{role}_partitions_assigned"] = bool(stage.ready)
         checks.update({f"{n}_running": t.is_alive() for n, t in zip(
             self.stages, self.threads, strict=False)})
         return checks

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import redis
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 
 from driftline.consumers.checkpoint import retry_redis
 from driftline.consumers.imaging import ImageError
@@ -95,11 +95,12 @@ class EmbedStage:
         self.max_event_bytes = max_event_bytes
         self.recent_size = recent_size
         self.stop_event = threading.Event()
+        self.assigned_once = threading.Event()
 
     def run(self) -> None:
         """Process batches until :meth:`stop`; the last batch is finished and committed."""
         wait_for_topic(self.consumer, self.events_topic)
-        self.consumer.subscribe([self.events_topic])
+        self.consumer.subscribe([self.events_topic], listener=_LogAssignments(self))
         try:
             while not self.stop_event.is_set():
                 polled = self.consumer.poll(timeout_ms=self.batch_timeout_ms,
@@ -116,6 +117,11 @@ class EmbedStage:
 
     def stop(self) -> None:
         self.stop_event.set()
+
+    @property
+    def ready(self) -> bool:
+        """The group has assigned this worker partitions at least once."""
+        return self.assigned_once.is_set()
 
     def _report_lag(self) -> None:
         """Consumer lag per assigned partition, at most every ``LAG_REPORT_S``."""
@@ -273,6 +279,21 @@ class EmbedStage:
         self.metrics.dead_letters.labels(exc.reason.value).inc()
         log.info("dead-lettered", extra={"reason": exc.reason.value, "partition": msg.partition,
                                          "offset": msg.offset, "detail": exc.detail[:200]})
+
+
+class _LogAssignments(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Log partition moves and mark the stage ready once it owns partitions."""
+
+    def __init__(self, stage: EmbedStage) -> None:
+        self.stage = stage
+
+    def on_partitions_revoked(self, revoked: list[Any]) -> None:
+        log.info("embed partitions revoked", extra={"partitions": [tp.partition for tp in revoked]})
+
+    def on_partitions_assigned(self, assigned: list[Any]) -> None:
+        log.info("embed partitions assigned",
+                 extra={"partitions": [tp.partition for tp in assigned]})
+        self.stage.assigned_once.set()
 
 
 def _error_of(event: Event) -> bool | None:

@@ -203,6 +203,21 @@ class Worker:
             [sys.executable, "-m", "driftline.cli", "run", role, "--port", str(self.port)],
             env=pipe.env(**env), stdout=self._log, stderr=subprocess.STDOUT)
 
+    def wait_ready(self, timeout: float = 150) -> None:
+        """Until /readyz answers 200: reference loaded and every stage owns partitions."""
+        import httpx
+
+        def ready() -> bool:
+            assert self.alive(), self.log()
+            try:
+                return httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=2).is_success
+            except httpx.HTTPError:
+                return False
+        try:
+            wait_for(ready, timeout, f"{self.role} worker readiness")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- worker log ---\n{self.log()}") from None
+
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)

@@ -53,9 +53,13 @@ def workers(tmp_path: Path) -> Iterator[list[Worker]]:
             w.kill()
 
 
-def start(pipe: Pipeline, role: str, tmp_path: Path, workers: list[Worker], **env: str) -> Worker:
+def start(pipe: Pipeline, role: str, tmp_path: Path, workers: list[Worker], *,
+          ready: bool = True, **env: str) -> Worker:
+    """Start a worker; by default wait until it owns partitions (its /readyz is 200)."""
     w = Worker(pipe, role, tmp_path, **env)
     workers.append(w)
+    if ready:
+        w.wait_ready()
     return w
 
 
