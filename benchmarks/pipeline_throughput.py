@@ -1,0 +1,1092 @@
+"""Pipeline throughput and memory: the real stages against bare baselines, side by side.
+
+1. **Detect stage vs a bare kafka-python loop** on one slice-updates topic of a real Kafka broker
+   (``driftline.localstack``): the real :class:`DetectStage` (built by
+   ``runner.build_detect_stage``, real Redis checkpoints) against a consume loop that only touches
+   each value. Both start in a fresh consumer group; rates are counted from partition assignment
+   to the end of the topic (for the stage: until Redis's checkpointed offsets reach the end).
+   Repeats interleave (bare, detect, bare, detect…) so background load hits both alike; medians.
+   A further run under cProfile and a Kafka-free micro-benchmark say where the stage's time goes.
+2. **Embed stage vs bare onnxruntime**, same model bytes, batch and threads: JPEG events through
+   ``EmbedStage.process`` (in-memory input messages; real producer and Redis) against
+   ``session.run`` on pre-made tensors. Also shown: the embedder alone (decode one batch ahead)
+   and the stage given four batches per call, which lets the embedder overlap decode and model.
+3. **Memory** of 10,000 live slices in the detect stage, fed through the stage's own apply path
+   and ``new_slice`` factory, measured in a fresh subprocess (RSS delta and tracemalloc), just
+   created (a few updates each) and in steady state (every event-time count bucket filled); plus
+   each slice's checkpoint record in bytes of JSON.
+
+    .venv/bin/python benchmarks/pipeline_throughput.py            # full sizes, a few minutes
+    .venv/bin/python benchmarks/pipeline_throughput.py --quick    # small sizes, < 2 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import cProfile
+import faulthandler
+import functools
+import gc
+import io
+import json
+import logging
+import math
+import os
+import platform
+import pstats
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tracemalloc
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import redis
+from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from prometheus_client import CollectorRegistry
+
+from driftline.config import Settings
+from driftline.consumers.detect_stage import (
+    MAX_POLL_RECORDS,
+    POLL_TIMEOUT_MS,
+    DetectStage,
+    PartitionState,
+    _summary,
+)
+from driftline.consumers.kafka_io import ensure_topics, make_consumer, make_producer
+from driftline.reference.build import build_reference
+from driftline.reference.index import Reference, load_reference
+from driftline.runner import build_detect_stage, build_embed_stage, make_embedder
+from driftline.schema import Event, SliceUpdate, slice_id
+
+RESULTS = Path(__file__).parent / "results" / "pipeline_throughput.md"
+TEMPLATES = ("station", "station+shift", "shift", "lot")
+SHIFTS = ("A", "B", "C")
+T0 = datetime(2026, 11, 2, 6, 0, tzinfo=UTC)
+PARTITIONS = 4
+DETECT_TARGET, EMBED_TARGET, MEMORY_TARGET_MB = 0.8, 0.9, 100.0
+log = logging.getLogger("pipeline_throughput")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    updates: int  # slice-updates on the topic (4 per event)
+    slices: int  # distinct slices they fall into
+    repeats: int  # bare/detect pairs
+    micro: int  # updates in the Kafka-free micro-benchmark
+    images: int  # images per embed repeat
+    ref_images: int  # frames the image reference is built from
+    embed_repeats: int
+    mem_slices: int  # live slices for the memory figure
+    mem_fresh_updates: int  # updates per slice, just created
+    mem_steady_slices: int  # slices in the steady-state run (scaled to mem_slices)
+    mem_steady_updates: int  # updates per slice, 5 min apart: fills every count bucket
+    mem_traced: tuple[str, ...]  # cases also measured with tracemalloc (≤ 2,000 slices)
+
+
+QUICK = Sizes(updates=12_000, slices=300, repeats=2, micro=4_000, images=64, ref_images=32,
+              embed_repeats=2, mem_slices=10_000, mem_fresh_updates=3, mem_steady_slices=300,
+              mem_steady_updates=50, mem_traced=("steady",))
+FULL = Sizes(updates=200_000, slices=1000, repeats=3, micro=40_000, images=256, ref_images=96,
+             embed_repeats=6, mem_slices=10_000, mem_fresh_updates=5, mem_steady_slices=10_000,
+             mem_steady_updates=50, mem_traced=("fresh", "steady"))
+
+
+class Msg(NamedTuple):
+    """What the stages read of a kafka-python ``ConsumerRecord``."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    timestamp: int
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def loadavg() -> str:
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def note(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} load {loadavg()}] {text}", flush=True)
+
+
+# --- synthetic reference and slice-updates ---------------------------------------------------
+def synthetic_reference(out_dir: Path, dim: int = 12, k: int = 8, n: int = 2400) -> Reference:
+    """Precomputed-embedding reference: three stations with their own cluster mixes."""
+    rng = np.random.default_rng(11)
+    centres = rng.normal(size=(k, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    mixes = rng.dirichlet(np.full(k, 3.0), size=3)
+    events = []
+    for i in range(n):
+        station = i % 3
+        c = int(rng.choice(k, p=mixes[station]))
+        vec = centres[c] + 0.12 * rng.normal(size=dim)
+        events.append(Event.model_validate({
+            "event_id": f"ref-{i}", "ts": (T0 - timedelta(days=1, seconds=-3 * i)).isoformat(),
+            "station": f"s{station + 1}", "shift": SHIFTS[(i // 150) % 3], "lot": "ref",
+            "embedding": vec.tolist()}))
+    return build_reference(events, None, out_dir, k=k, min_count=150)
+
+
+class Draw:
+    """Per-baseline sampling of (cluster, distance, ood) that matches the reference: no drift."""
+
+    def __init__(self, ref: Reference, seed: int) -> None:
+        self.ref, self.rng = ref, np.random.default_rng(seed)
+        self.cache: dict[tuple[str, str], tuple[Any, np.ndarray]] = {}
+
+    def __call__(self, station: str, shift: str) -> tuple[str, int, float, bool]:
+        got = self.cache.get((station, shift))
+        if got is None:
+            base = self.ref.baseline_for(station, shift)
+            got = self.cache[(station, shift)] = (base, np.cumsum(base.p))
+        base, cdf = got
+        u, v, w = self.rng.random(3)
+        cluster = min(int(np.searchsorted(cdf, u)), len(cdf) - 1)
+        ood = bool(v < base.ood_rate)
+        distance = base.ood_threshold * ((1.0 + 0.2 * w) if ood else w)
+        return base.key, cluster, round(float(distance), 5), ood
+
+
+def plant_updates(ref: Reference, n_updates: int, n_slices: int,
+                  seed: int = 5) -> Iterator[tuple[str, bytes]]:
+    """(slice id, SliceUpdate JSON) as the embed stage emits them: four templates per event.
+
+    Stations take turns; shifts change every twelfth of the stream; lots run in sequence, so
+    about ``n_slices`` slices are touched: S stations, 3·S station×shift, 3 shifts, the rest lots.
+    """
+    n_events = max(1, n_updates // len(TEMPLATES))
+    n_stations = max(3, n_slices // 20)
+    n_lots = max(1, n_slices - 4 * n_stations - len(SHIFTS))
+    lot_len = math.ceil(n_events / n_lots)
+    shift_len = max(1, n_events // 12)
+    draw = Draw(ref, seed)
+    next_offset = [0, 0]  # the events topic: two partitions, keyed by station
+    for i in range(n_events):
+        st = i % n_stations
+        dims = {"station": f"s{st + 1}", "shift": SHIFTS[(i // shift_len) % 3],
+                "lot": f"L{i // lot_len:05d}"}
+        src = st % 2
+        offset, next_offset[src] = next_offset[src], next_offset[src] + 1
+        baseline, cluster, distance, ood = draw(dims["station"], dims["shift"])
+        ts = T0 + timedelta(seconds=0.5 * i)
+        for template in TEMPLATES:
+            sid = slice_id(template, dims)
+            upd = SliceUpdate(slice_id=sid, template=template, event_id=f"ev-{i}", ts=ts,
+                              source_partition=src, source_offset=offset, baseline=baseline,
+                              cluster=cluster, distance=distance, ood=ood, model_version="v1",
+                              **dims)
+            yield sid, upd.model_dump_json().encode()
+
+
+def fill_topic(bootstrap: str, topic: str, ref: Reference, sizes: Sizes) -> tuple[
+        dict[int, int], list[bytes], int]:
+    """Produce the updates; return end offsets, the first ``sizes.micro`` values, slices."""
+    ensure_topics(bootstrap, {topic: PARTITIONS})
+    producer = make_producer(bootstrap, linger_ms=50, batch_size=1 << 18)
+    keep: list[bytes] = []
+    slices: set[str] = set()
+    for sid, value in plant_updates(ref, sizes.updates, sizes.slices):
+        producer.send(topic, key=sid.encode(), value=value)
+        slices.add(sid)
+        if len(keep) < sizes.micro:
+            keep.append(value)
+    producer.flush()
+    producer.close()
+    probe = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        ends = {tp.partition: off for tp, off in probe.end_offsets(tps).items()}
+    finally:
+        probe.close()
+    return ends, keep, len(slices)
+
+
+# --- 1. detect stage vs bare consumer ---------------------------------------------------------
+@dataclass
+class Run:
+    kind: str
+    n: int
+    join_s: float  # subscribe → partitions assigned
+    steady_s: float  # assigned → end of topic (detect: checkpointed in Redis)
+    cpu_s: float  # this process, subscribe → end
+    applied_s: float | None = None  # detect: assigned → last update applied in memory
+    slices: int | None = None
+    alarms: int | None = None
+
+    @property
+    def rate(self) -> float:
+        return self.n / self.steady_s
+
+    @property
+    def cpu_us(self) -> float:
+        return 1e6 * self.cpu_s / self.n
+
+
+class _Stamp(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        if assigned:  # a first, empty assignment happens when topic metadata is not in yet
+            self.at = self.at or time.perf_counter()
+
+    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        pass
+
+
+class Stalled(RuntimeError):
+    """No progress for ``STALL_S``: the consumer never got its partitions (see the report)."""
+
+
+STALL_S = 20.0
+STALLS: list[str] = []  # one line per stalled run, for the report
+
+
+def retrying(what: str, fn: Callable[[str], Run], group: str, tries: int = 3) -> Run:
+    """``fn(group)``; a stalled run is noted and retried in a new consumer group."""
+    for attempt in range(tries):
+        try:
+            return fn(f"{group}-{attempt}")
+        except Stalled as exc:
+            STALLS.append(f"{what}: {exc}")
+            note(f"{what} stalled ({exc}); retrying in a new group")
+    raise RuntimeError(f"{what} stalled {tries} times")
+
+
+def subscribe_with_metadata(consumer: KafkaConsumer, topic: str, listener: Any = None) -> None:
+    """Subscribe, then wait until the client holds the topic's metadata, before any poll.
+
+    kafka-python 3.0.12's group leader assigns nothing when it lacks the topic's metadata, then
+    rejoins; fetching all topics' metadata first (``partitions_for_topic``) also ends in a
+    rejoin (the metadata snapshot shrinks to the subscription). Sometimes that second join never
+    completes and the consumer sits without partitions (seen in this benchmark; see the
+    report). With the subscription's metadata in before the first poll, the group forms once.
+    """
+    consumer.subscribe([topic], listener=listener)
+    cluster = consumer._client.cluster  # no public way to wait for it without joining
+    deadline = time.monotonic() + 10.0
+    while cluster.partitions_for_topic(topic) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def run_bare(bootstrap: str, topic: str, ends: dict[int, int], group: str,
+             check_crcs: bool = True) -> Run:
+    """A plain consume loop: same consumer settings as the stage, touch every value."""
+    consumer = make_consumer(bootstrap, group, check_crcs=check_crcs)
+    stamp = _Stamp()
+    subscribe_with_metadata(consumer, topic, stamp)
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    remaining = {p for p, end in ends.items() if end > 0}
+    n = touched = 0
+    progress = time.perf_counter()
+    try:
+        while remaining:
+            batch = consumer.poll(timeout_ms=POLL_TIMEOUT_MS, max_records=MAX_POLL_RECORDS)
+            for tp, messages in batch.items():
+                for msg in messages:
+                    touched += len(msg.value)
+                n += len(messages)
+                if messages[-1].offset + 1 >= ends[tp.partition]:
+                    remaining.discard(tp.partition)
+            now = time.perf_counter()
+            if batch:
+                progress = now
+            elif now - progress > STALL_S:
+                raise Stalled(f"bare consumer: no message for {STALL_S:.0f}s, {n} read, "
+                              f"assignment {sorted(tp.partition for tp in consumer.assignment())}")
+        t1, c1 = time.perf_counter(), cpu_seconds()
+    finally:
+        consumer.close(autocommit=False)
+    assert touched > 0 and stamp.at is not None
+    return Run("bare" if check_crcs else "bare_nocrc", n, stamp.at - t0, t1 - stamp.at,
+               c1 - c0)
+
+
+def _parts(stage: DetectStage) -> dict[int, PartitionState]:
+    try:
+        return dict(stage.parts)
+    except RuntimeError:  # resized by the consumer's thread mid-copy
+        return {}
+
+
+def _all_applied(stage: DetectStage, ends: dict[int, int]) -> bool:
+    parts = _parts(stage)
+    return all(p in parts and (parts[p].next_offset or 0) >= end
+               for p, end in ends.items() if end > 0)
+
+
+def _dump_state(stage: DetectStage) -> None:
+    """Where every thread is, when the stage does not reach the end (for the log)."""
+    parts = _parts(stage)
+    print(f"stuck detect stage: parts {sorted(parts)}, next offsets "
+          f"{ {p: s.next_offset for p, s in parts.items()} }", file=sys.stderr, flush=True)
+    faulthandler.dump_traceback(all_threads=True)
+
+
+def run_detect(settings: Settings, ref: Reference, ends: dict[int, int], group: str,
+               profile: cProfile.Profile | None = None, timeout_s: float = 600.0) -> Run:
+    """The real stage in its own thread, from a clean Redis, until Redis holds the end offsets."""
+    client = redis.Redis.from_url(settings.redis_url)
+    client.flushdb()
+    stage = build_detect_stage(settings.model_copy(update={"detect_group": group}),
+                               CollectorRegistry(), ref)
+    target: Callable[[], object] = (stage.run if profile is None
+                                    else functools.partial(profile.runcall, stage.run))
+    thread = threading.Thread(target=target, name="detect", daemon=True)
+    total = sum(ends.values())
+    # the stage subscribes again in run(): same topic, so the subscription is unchanged
+    subscribe_with_metadata(stage.consumer, stage.topic)
+    offsets_key = f"{stage.store.prefix}:offsets"
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    thread.start()
+    assigned = applied = None
+    progress, last = time.perf_counter(), -1
+    while True:
+        now = time.perf_counter()
+        seen = sum(s.next_offset or 0 for s in _parts(stage).values())
+        if seen != last:
+            progress, last = now, seen
+        elif now - progress > STALL_S:
+            _dump_state(stage)
+            stage.stop()
+            thread.join(60)
+            raise Stalled(f"detect stage: no progress for {STALL_S:.0f}s at {seen} of {total}")
+        if assigned is None and set(_parts(stage)) >= {p for p, e in ends.items() if e > 0}:
+            assigned = now  # every partition is ours (not a first, empty assignment)
+        if applied is None and _all_applied(stage, ends):
+            applied = now
+        raw: dict[bytes, bytes] = client.hgetall(offsets_key)  # type: ignore[assignment]
+        stored = {int(k): int(v) for k, v in raw.items()}
+        if all(stored.get(p, 0) >= end for p, end in ends.items()):
+            break
+        if not thread.is_alive():
+            raise RuntimeError("the detect stage stopped before reaching the end of the topic")
+        if now - t0 > timeout_s:
+            _dump_state(stage)
+            raise RuntimeError(f"detect stage did not finish in {timeout_s:.0f}s")
+        time.sleep(0.02)
+    done, c1 = time.perf_counter(), cpu_seconds()
+    counts = stage.slice_counts()
+    stage.stop()
+    thread.join(120)
+    alarms: int = client.xlen(stage.store.outbox_key)  # type: ignore[assignment]
+    client.close()
+    assert assigned is not None and applied is not None
+    if sum(counts.values()) != total:
+        raise RuntimeError(f"detect stage applied {sum(counts.values())} of {total} updates")
+    return Run("detect", total, assigned - t0, done - assigned, c1 - c0,
+               applied_s=applied - assigned, slices=len(counts), alarms=alarms)
+
+
+# Where the stage's time goes: (label, file suffix, function), cumulative seconds under cProfile.
+PROFILE_ROWS = (
+    ("DetectStage.run (whole loop)", "consumers/detect_stage.py", "run"),
+    ("KafkaConsumer.poll (fetch + record decoding)", "kafka/consumer/group.py", "poll"),
+    ("DetectStage._apply", "consumers/detect_stage.py", "_apply"),
+    ("  SliceUpdate.model_validate_json (pydantic)", "pydantic/main.py", "model_validate_json"),
+    ("  SliceState.update", "consumers/slice_state.py", "update"),
+    ("    SliceDetectors.update (CUSUM banks + counts)", "core/slices.py", "update"),
+    ("      SliceCounts.update", "core/counts.py", "update"),
+    ("    SliceState._quiet_tick", "consumers/slice_state.py", "_quiet_tick"),
+    ("  new_slice (factory)", "driftline/runner.py", "new_slice"),
+    ("  prometheus Counter.inc (apply + checkpoint)", "prometheus_client/metrics.py", "inc"),
+    ("  prometheus Histogram.observe", "prometheus_client/metrics.py", "observe"),
+    ("DetectStage.checkpoint", "consumers/detect_stage.py", "checkpoint"),
+    ("  SliceState.snapshot", "consumers/slice_state.py", "snapshot"),
+    ("  _summary (gauges for the API)", "consumers/detect_stage.py", "_summary"),
+    ("  CheckpointStore.commit (json + Redis MULTI)", "consumers/checkpoint.py", "commit"),
+    ("  _publish_gauges", "consumers/detect_stage.py", "_publish_gauges"),
+    ("  KafkaConsumer.commit", "kafka/consumer/group.py", "commit"),
+    ("DetectStage._report_lag (end_offsets per checkpoint)", "consumers/detect_stage.py",
+     "_report_lag"),
+)
+
+
+def profile_table(prof: cProfile.Profile, spec: tuple[tuple[str, str, str], ...] = PROFILE_ROWS,
+                  ) -> tuple[list[tuple[str, float]], str]:
+    stats = pstats.Stats(prof)
+    table: dict[tuple[str, int, str], Any] = stats.stats  # type: ignore[attr-defined]
+
+    def cumulative(suffix: str, func: str) -> float:
+        return float(sum(v[3] for (path, _, name), v in table.items()
+                         if name == func and path.replace(os.sep, "/").endswith(suffix)))
+
+    rows = [(label, cumulative(suffix, func)) for label, suffix, func in spec]
+    out = io.StringIO()
+    stats.stream = out  # type: ignore[attr-defined]
+    stats.sort_stats("tottime").print_stats(18)
+    top = "\n".join(line for line in out.getvalue().splitlines()
+                    if line.strip() and not line.lstrip().startswith(("Ordered", "List reduced")))
+    return rows, top
+
+
+@dataclass
+class Micro:
+    """Kafka-free CPU costs (``time.thread_time``, robust to other jobs' load), µs."""
+
+    crc_us: float  # kafka-python's CRC-32C of the record bytes, per update
+    crc_impl: str
+    parse_us: float  # SliceUpdate.model_validate_json
+    apply_us: float  # DetectStage._apply: parse, new_slice, dedupe, update, metrics
+    update_us: float  # SliceState.update on pre-parsed updates, warm slices
+    detectors_us: float  # SliceDetectors.update alone, on pre-built EventUpdates
+    snapshot_us: float  # per dirty slice at checkpoint: snapshot + JSON, summary + JSON
+    slices: int
+
+
+def _cpu_us(fn: Callable[[], object], n: int, repeats: int = 3,
+            setup: Callable[[], object] | None = None) -> float:
+    """Least CPU time of the calling thread over ``repeats`` runs, µs per item."""
+    best = math.inf
+    for _ in range(repeats):
+        if setup is not None:
+            setup()
+        t = time.thread_time()
+        fn()
+        best = min(best, time.thread_time() - t)
+    return 1e6 * best / max(1, n)
+
+
+def micro_benchmark(settings: Settings, ref: Reference, values: list[bytes]) -> Micro:
+    from kafka.record import util as record_util
+
+    from driftline.core.slices import EventUpdate
+
+    crc = record_util.calc_crc32c
+    blob = memoryview(b"".join(values))
+    impl = "C (crc32c package)" if record_util.crc32c_c is not None else "pure Python"
+    stage = build_detect_stage(settings.model_copy(update={"detect_group": "micro"}),
+                               CollectorRegistry(), ref)
+    n = len(values)
+    try:
+        crc_us = _cpu_us(lambda: crc(blob), n)
+        parse_us = _cpu_us(lambda: [SliceUpdate.model_validate_json(v) for v in values], n)
+        parsed = [SliceUpdate.model_validate_json(v) for v in values]
+        now_ms = int(time.time() * 1000)
+        msgs = [Msg("micro", 0, i, None, v, now_ms) for i, v in enumerate(values)]
+
+        def fresh_state() -> None:
+            stage.parts = {0: PartitionState(epoch=1, next_offset=None, slices={})}
+
+        def apply_all() -> None:
+            for m in msgs:
+                stage._apply(0, m)
+
+        apply_us = _cpu_us(apply_all, n, setup=fresh_state)
+        entries = stage.parts[0].slices
+
+        def update_all() -> None:  # the same slices again, now warm (their state exists)
+            for u in parsed:
+                entries[u.slice_id].model.update(u)
+
+        update_us = _cpu_us(update_all, n)
+        bl = ref.baseline_for
+        events = [(entries[u.slice_id].model.det, EventUpdate(  # type: ignore[attr-defined]
+            cluster=u.cluster, baseline=bl(u.station, u.shift).p, ood=u.ood,
+            ood_p0=bl(u.station, u.shift).ood_rate, time=u.ts.timestamp())) for u in parsed]
+
+        def detectors_all() -> None:
+            for det, event in events:
+                det.update(event)
+
+        detectors_us = _cpu_us(detectors_all, n)
+
+        def snapshot_all() -> None:
+            for entry in entries.values():
+                json.dumps({"state": entry.model.snapshot(), "applied": entry.applied})
+                json.dumps(_summary(entry.model))
+
+        snapshot_us = _cpu_us(snapshot_all, len(entries))
+    finally:
+        stage.consumer.close(autocommit=False)
+    return Micro(crc_us, impl, parse_us, apply_us, update_us, detectors_us, snapshot_us,
+                 len(entries))
+
+
+def detect_part(stack: Any, work: Path, sizes: Sizes, report: list[str]) -> dict[str, Any]:
+    bootstrap, redis_url = stack.kafka_bootstrap, stack.redis_url
+    ref = synthetic_reference(work / "reference")
+    name = uuid.uuid4().hex[:8]
+    topic = f"bench{name}.slice-updates"
+    settings = Settings(kafka_bootstrap=bootstrap, redis_url=redis_url,
+                        reference_dir=work / "reference", slice_updates_topic=topic,
+                        topic_partitions=PARTITIONS)
+    note(f"detect: producing {sizes.updates} slice-updates to {topic}")
+    t = time.perf_counter()
+    ends, sample, n_slices = fill_topic(bootstrap, topic, ref, sizes)
+    note(f"detect: produced {sum(ends.values())} in {time.perf_counter() - t:.1f}s over "
+         f"{n_slices} slices; warm-up bare pass")
+    retrying("warm-up", lambda g: run_bare(bootstrap, topic, ends, g),
+             f"bench{name}-warm")  # page cache, broker
+    runs: list[Run] = []
+    loads: list[str] = []
+    timeout = max(180.0, sizes.updates / 200)
+    for i in range(sizes.repeats):
+        legs: dict[str, Callable[[str], Run]] = {
+            "bare": lambda g: run_bare(bootstrap, topic, ends, g),
+            "detect": lambda g: run_detect(settings, ref, ends, g, timeout_s=timeout),
+            "bare_nocrc": lambda g: run_bare(bootstrap, topic, ends, g, check_crcs=False),
+        }
+        for kind, leg in legs.items():
+            loads.append(loadavg())
+            r = retrying(f"{kind} {i + 1}", leg, f"bench{name}-{kind}-{i}")
+            runs.append(r)
+            note(f"detect: repeat {i + 1} {kind}: {r.rate:,.0f} updates/s "
+                 f"({r.steady_s:.2f}s after a {r.join_s:.2f}s join), {r.cpu_us:.1f} CPU µs/update")
+    note("detect: profiled run (cProfile)")
+    prof = cProfile.Profile()
+
+    def profiled(group: str) -> Run:
+        prof.clear()
+        return run_detect(settings, ref, ends, group, profile=prof, timeout_s=3 * timeout)
+
+    prof_run = retrying("profiled detect", profiled, f"bench{name}-profile")
+    rows, top = profile_table(prof)
+    note("detect: micro-benchmark without Kafka")
+    micro = micro_benchmark(settings, ref, sample)
+
+    bare = [r for r in runs if r.kind == "bare"]
+    det = [r for r in runs if r.kind == "detect"]
+    nocrc = [r for r in runs if r.kind == "bare_nocrc"]
+    med = statistics.median
+    bare_rate, det_rate = med(r.rate for r in bare), med(r.rate for r in det)
+    applied_rate = med(r.n / (r.applied_s or r.steady_s) for r in det)
+    paired = med(d.rate / b.rate for b, d in zip(bare, det, strict=True))
+    cpu_ratio = med(r.cpu_us for r in bare) / med(r.cpu_us for r in det)
+    ratio = det_rate / bare_rate
+    total_prof = rows[0][1] or 1.0
+    bare_cpu = med(r.cpu_us for r in bare)
+    fast_cpu = med(r.cpu_us for r in nocrc)  # ≈ the bare loop with a C CRC-32C
+    report += [
+        "## 1. Detect stage vs bare kafka-python consumer", "",
+        f"- topic: {sum(ends.values()):,} SliceUpdate JSON messages "
+        f"(mean {np.mean([len(v) for v in sample]):.0f} B), {PARTITIONS} partitions, keyed by "
+        f"slice id, {n_slices} slices (templates {', '.join(TEMPLATES)}), no drift "
+        f"(clusters and OOD drawn from each event's own baseline of a synthetic 8-cluster "
+        f"reference)",
+        f"- bare: `make_consumer` (the stage's consumer settings), new group, "
+        f"`poll(max_records={MAX_POLL_RECORDS})`, `len(value)` of every message, until the end "
+        "offsets",
+        "- detect: `runner.build_detect_stage` (default settings: checkpoint every 1 s, real "
+        "Redis), new group, clean Redis; done when Redis's checkpointed input offsets reach the "
+        f"end; every update applied exactly once (slice counts sum to {sum(ends.values()):,}); "
+        f"alarms raised: {', '.join(str(r.alarms) for r in det)}",
+        f"- {sizes.repeats} interleaved repeats (bare, detect, bare without CRC check) after one "
+        "warm-up bare pass; "
+        f"rates from partition assignment to the end; load average (1/5/15 min) before each "
+        f"run: {', '.join(loads)}",
+        "- both consumers subscribe and wait for the topic's metadata before their first poll, "
+        "so the group forms in one join: kafka-python 3.0.12 otherwise assigns nothing at "
+        "first and rejoins, and while writing this benchmark that rejoin three times never "
+        "completed "
+        "(the consumer sat without partitions; the stage would too)",
+        f"- runs that stalled (no progress for {STALL_S:.0f} s) and were retried in a new "
+        f"group: {len(STALLS)}{''.join(f'; {x}' for x in STALLS)}", "",
+        "| run | updates/s median (min–max) | CPU µs/update (this process) | join s |",
+        "|---|---|---|---|",
+        f"| bare consumer | {bare_rate:,.0f} ({min(r.rate for r in bare):,.0f}–"
+        f"{max(r.rate for r in bare):,.0f}) | {med(r.cpu_us for r in bare):.1f} | "
+        f"{med(r.join_s for r in bare):.2f} |",
+        f"| detect stage (to checkpointed end) | {det_rate:,.0f} ({min(r.rate for r in det):,.0f}"
+        f"–{max(r.rate for r in det):,.0f}) | {med(r.cpu_us for r in det):.1f} | "
+        f"{med(r.join_s for r in det):.2f} |",
+        f"| detect stage (to last update applied in memory) | {applied_rate:,.0f} | | |",
+        f"| bare consumer with `check_crcs=False` (for scale, not the baseline) | "
+        f"{med(r.rate for r in nocrc):,.0f} ({min(r.rate for r in nocrc):,.0f}–"
+        f"{max(r.rate for r in nocrc):,.0f}) | {med(r.cpu_us for r in nocrc):.1f} | "
+        f"{med(r.join_s for r in nocrc):.2f} |", "",
+        f"**Ratio detect / bare = {ratio:.2f}** (paired median {paired:.2f}; "
+        f"CPU-per-update ratio {cpu_ratio:.2f}) — target ≥ {DETECT_TARGET}: "
+        f"**{'met' if ratio >= DETECT_TARGET else 'NOT met'}**.", "",
+        "### Where the detect stage's time goes", "",
+        f"Kafka-free micro-benchmark on the first {len(sample):,} updates of the topic "
+        f"({micro.slices} slices), no profiler, CPU µs of the measuring thread "
+        "(`time.thread_time`, so other jobs' load inflates it little) — the bare loop costs "
+        f"{bare_cpu:.1f} CPU µs/update in this process:", "",
+        "| step | CPU µs/update |", "|---|---|",
+        f"| kafka-python CRC-32C check of the record bytes ({micro.crc_impl}), paid by both "
+        f"loops | {micro.crc_us:.1f} |",
+        f"| `SliceUpdate.model_validate_json` (pydantic) | {micro.parse_us:.1f} |",
+        f"| `SliceState.update` alone (pre-parsed, warm slice) | {micro.update_us:.1f} |",
+        f"| &nbsp;&nbsp;of which `SliceDetectors.update` (CUSUM banks + counts) | "
+        f"{micro.detectors_us:.1f} |",
+        f"| `DetectStage._apply` whole (parse, new_slice, dedupe, update, metrics) | "
+        f"{micro.apply_us:.1f} |",
+        f"| checkpoint CPU per dirty slice (snapshot + JSON, summary + JSON) | "
+        f"{micro.snapshot_us:.1f} per slice |", "",
+        f"CPU model of the ratio: bare / (bare + apply) = {bare_cpu:.1f} / ({bare_cpu:.1f} + "
+        f"{micro.apply_us:.1f}) = {bare_cpu / (bare_cpu + micro.apply_us):.2f} (checkpoints "
+        "add (dirty slices per interval × per-slice cost) / updates per interval on top). "
+        "The bare loop is mostly kafka-python's pure-Python CRC-32C: with the C `crc32c` "
+        "package that kafka-python picks up when installed (≈ the `check_crcs=False` row, "
+        f"{fast_cpu:.1f} µs) the same model gives {fast_cpu / (fast_cpu + micro.apply_us):.2f}"
+        " — the 0.8 target then needs the stage's own work per update below a quarter of "
+        "the bare loop's.", "",
+        f"cProfile of one more detect run ({prof_run.n:,} updates; cProfile inflates "
+        "call-heavy code, read shares not absolute times):", "",
+        "| part | cumulative s | share of the loop |", "|---|---|---|",
+        *[f"| {label.replace('  ', '&nbsp;&nbsp;')} | {s:.2f} | {100 * s / total_prof:.0f} % |"
+          for label, s in rows],
+        "", "<details><summary>top functions by own time</summary>", "", "```", top, "```",
+        "", "</details>", ""]
+    return {"ratio": ratio, "bare": bare_rate, "detect": det_rate, "micro": micro,
+            "rows": rows, "paired": paired, "cpu_ratio": cpu_ratio}
+
+
+# --- 2. embed stage vs bare onnxruntime -------------------------------------------------------
+EMBED_PROFILE_ROWS = (
+    ("stage pass: process + producer.flush per batch", "pipeline_throughput.py", "run"),
+    ("EmbedStage.process", "consumers/embed_stage.py", "process"),
+    ("  parse_event (UTF-8, json.loads, pydantic)", "driftline/schema.py", "parse_event"),
+    ("  Event.image_bytes (base64 decode)", "driftline/schema.py", "image_bytes"),
+    ("  Embedder.embed_images", "consumers/embedder.py", "embed_images"),
+    ("    waiting for the decode thread (_join)", "consumers/embedder.py", "_join"),
+    ("    onnxruntime session.run (_raw)", "consumers/embedder.py", "_raw"),
+    ("  Reference.assign (faiss)", "reference/index.py", "assign"),
+    ("  EmbedStage._emit (4 slice-updates per event)", "consumers/embed_stage.py", "_emit"),
+    ("    KafkaProducer.send", "kafka/producer/kafka.py", "send"),
+    ("  EmbedStage._remember (Redis pipeline)", "consumers/embed_stage.py", "_remember"),
+    ("KafkaProducer.flush", "kafka/producer/kafka.py", "flush"),
+)
+
+def _jpeg(frame: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _event(i: int, jpeg: bytes) -> dict[str, Any]:
+    return {"event_id": f"img-{i}", "ts": (T0 + timedelta(seconds=i)).isoformat(),
+            "station": "plaza-cam", "shift": "day", "lot": "vtest", "model_version": "v1",
+            "image": base64.b64encode(jpeg).decode()}
+
+
+def embed_part(stack: Any, work: Path, sizes: Sizes, threads: int,
+               report: list[str]) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    from driftline.consumers.embedder import Embedder, EmbedderConfig, expose_tensor
+    from driftline.consumers.imaging import decode_image
+    from driftline.demo.data import VTEST_VIDEO, fetch_demo_data, read_video_frames
+    from driftline.demo.model import build_demo_model
+
+    model = build_demo_model()
+    frames = list(read_video_frames(fetch_demo_data() / VTEST_VIDEO))
+    order = np.random.default_rng(23).permutation(len(frames))
+    ref_idx = np.sort(order[:sizes.ref_images])
+    idx = np.sort(order[sizes.ref_images:sizes.ref_images + sizes.images])
+    if len(idx) < sizes.images:  # more images than frames: reuse frames
+        idx = np.resize(idx, sizes.images)
+    note(f"embed: building an image reference from {len(ref_idx)} vtest frames")
+    builder = Embedder(EmbedderConfig(model_path=model, intra_op_threads=threads))
+    build_reference([Event.model_validate(_event(int(i), _jpeg(frames[i]))) for i in ref_idx],
+                    builder, work / "image-reference", min_count=20)
+    builder.close()
+    ref = load_reference(work / "image-reference")
+    name = uuid.uuid4().hex[:8]
+    settings = Settings(
+        kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url,
+        reference_dir=work / "image-reference", model_path=model, onnx_threads=threads,
+        embed_batch_size=32, events_topic=f"bench{name}.events",
+        slice_updates_topic=f"bench{name}.embed-updates", dlq_topic=f"bench{name}.dlq",
+        embed_group=f"bench{name}-embed")
+    ensure_topics(settings.kafka_bootstrap, {settings.slice_updates_topic: PARTITIONS,
+                                             settings.dlq_topic: 1})
+    registry = CollectorRegistry()
+    stage = build_embed_stage(settings, registry, ref, make_embedder(settings, ref))
+    emb = stage.embedder
+    assert isinstance(emb, Embedder)
+    batch = settings.embed_batch_size
+    jpegs = [_jpeg(frames[i]) for i in idx]
+    msgs = [Msg(settings.events_topic, 0, n, b"plaza-cam", json.dumps(_event(n, j)).encode(),
+                int(time.time() * 1000)) for n, j in enumerate(jpegs)]
+    # bare: the embedder's own model bytes (cut to its output), same threads and spin policy
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    model_bytes, out_name = expose_tensor(model, emb.output_name)
+    bare = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    arrays = np.stack([decode_image(j, emb.input_size) for j in jpegs])
+    tensors = [emb.preprocess(arrays[s:s + batch]) for s in range(0, len(arrays), batch)]
+
+    def run_bare() -> None:
+        for t in tensors:
+            bare.run([out_name], {emb.input_name: t})
+
+    def run_embedder() -> None:
+        emb.embed_images(jpegs)
+
+    def stage_per(n: int) -> Callable[[], None]:
+        def run() -> None:
+            for s in range(0, len(msgs), n):
+                stage.process(msgs[s:s + n])
+                stage.producer.flush()
+        return run
+
+    legs: dict[str, Callable[[], None]] = {
+        "bare": run_bare, "embedder": run_embedder, "stage": stage_per(batch),
+        "stage_x4": stage_per(4 * batch)}
+    for fn in legs.values():  # warm-up: thread pools, allocator, page cache
+        fn()
+    rates: dict[str, list[float]] = {k: [] for k in legs}
+    cpu: dict[str, list[float]] = {k: [] for k in legs}
+    loads = []
+    for rep in range(sizes.embed_repeats):
+        loads.append(loadavg())
+        for leg, fn in legs.items():
+            c0, t0 = cpu_seconds(), time.perf_counter()
+            fn()
+            wall, c = time.perf_counter() - t0, cpu_seconds() - c0
+            rates[leg].append(len(jpegs) / wall)
+            cpu[leg].append(1e3 * c / len(jpegs))
+        note(f"embed: repeat {rep + 1}: " + ", ".join(
+            f"{k} {v[-1]:.1f} img/s" for k, v in rates.items()))
+    prof = cProfile.Profile()
+    prof.runcall(legs["stage"])
+    prof_rows, _ = profile_table(prof, EMBED_PROFILE_ROWS)
+    emb.close()
+    stage.producer.close()
+    stage.consumer.close(autocommit=False)
+    dead = registry.get_sample_value("driftline_embed_dead_letters_total") or 0.0
+    produced = registry.get_sample_value("driftline_embed_slice_updates_total") or 0.0
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
+    ratio = med["stage"] / med["bare"]
+    paired = {k: statistics.median(s / b for s, b in zip(rates[k], rates["bare"], strict=True))
+              for k in legs}
+    labels = {
+        "bare": "bare onnxruntime on pre-made tensors",
+        "embedder": "embedder alone, all images in one call (decode one batch ahead)",
+        "stage": f"**embed stage** `process` + `producer.flush` per {batch} events (as `run`)",
+        "stage_x4": f"embed stage given {4 * batch} events per call (decode overlaps the "
+                    "model: a possible fix)"}
+    report += [
+        "## 2. Embed stage vs bare onnxruntime", "",
+        f"- model: demo MobileNetV2 (`build_demo_model()`), output `{out_name}` "
+        f"({emb.dim}-d), batch {batch}, {threads} intra-op thread(s), inter-op 1, spin-wait on "
+        "both sides; the bare session loads the same model bytes the embedder runs",
+        f"- input: {len(jpegs)} vtest frames 768×576 as JPEG q90 (mean "
+        f"{np.mean([len(j) for j in jpegs]) / 1e3:.0f} kB) in event JSON (base64), as "
+        "in-memory input messages: this part measures compute, not Kafka consumption; the "
+        f"stage's producer (to a real topic, flushed per call) and Redis writes are real; "
+        f"{int(produced):,} slice-updates produced, {int(dead)} dead letters",
+        f"- reference: {len(ref_idx)} other vtest frames through the same model, K={ref.k}",
+        f"- {sizes.embed_repeats} interleaved repeats of all legs after a warm-up, medians; "
+        f"load average before each repeat: {', '.join(loads)}", "",
+        "| leg | img/s median (min–max) | / bare | paired / bare | CPU ms/img |",
+        "|---|---|---|---|---|",
+        *[f"| {labels[k]} | {med[k]:.1f} ({min(rates[k]):.1f}–{max(rates[k]):.1f}) | "
+          f"{med[k] / med['bare']:.2f} | {paired[k]:.2f} | {statistics.median(cpu[k]):.1f} |"
+          for k in legs], "",
+        f"**Ratio embed stage / bare = {ratio:.2f}** (paired {paired['stage']:.2f}; CPU per "
+        f"image bare / stage {cpu_med['bare'] / cpu_med['stage']:.2f}) — target ≥ "
+        f"{EMBED_TARGET}: **{'met' if ratio >= EMBED_TARGET else 'NOT met'}**.", "",
+        "CPU ms/img counts every thread of this process (onnxruntime's spin-waiting "
+        "included). cProfile of one more stage pass, main thread (decode runs in the "
+        "embedder's pool thread; its time shows here as waiting in `_join`):", "",
+        "| part | cumulative s | share |", "|---|---|---|",
+        *[f"| {label.replace('  ', '&nbsp;&nbsp;')} | {sec:.2f} | "
+          f"{100 * sec / (prof_rows[0][1] or 1.0):.0f} % |" for label, sec in prof_rows], ""]
+    return {"ratio": ratio, "med": med, "paired": paired, "cpu": cpu_med}
+
+
+# --- 3. memory of live slices -----------------------------------------------------------------
+def memory_updates(ref: Reference, n_slices: int, per_slice: int, spacing_s: float,
+                   seed: int = 9) -> list[tuple[int, bytes]]:
+    """(input partition, SliceUpdate JSON): ``per_slice`` updates for each of ``n_slices``
+    slices (1/25 stations, 3/25 station×shift, 3 shifts, the rest lots), round-robin in time."""
+    n_st = max(1, n_slices // 25)
+    specs = [("station", {"station": f"s{i + 1}", "shift": SHIFTS[i % 3], "lot": "x"})
+             for i in range(n_st)]
+    specs += [("station+shift", {"station": f"s{i // 3 + 1}", "shift": SHIFTS[i % 3],
+                                 "lot": "x"}) for i in range(3 * n_st)]
+    specs += [("shift", {"station": "s1", "shift": s, "lot": "x"}) for s in SHIFTS]
+    specs += [("lot", {"station": f"s{i % n_st + 1}", "shift": SHIFTS[i % 3],
+                       "lot": f"L{i:06d}"}) for i in range(max(0, n_slices - len(specs)))]
+    specs = specs[:n_slices]
+    draw = Draw(ref, seed)
+    out = []
+    for u in range(per_slice):
+        ts = T0 + timedelta(seconds=u * spacing_s)
+        for j, (template, dims) in enumerate(specs):
+            baseline, cluster, distance, ood = draw(dims["station"], dims["shift"])
+            sid = slice_id(template, dims)
+            upd = SliceUpdate(slice_id=sid, template=template, event_id=f"m{j}-{u}", ts=ts,
+                              source_partition=j % 2, source_offset=u, baseline=baseline,
+                              cluster=cluster, distance=distance, ood=ood, model_version="v1",
+                              **dims)
+            out.append((j % PARTITIONS, upd.model_dump_json().encode()))
+    return out
+
+
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run in a fresh process: build the stage, feed it, report what the slices cost."""
+    ref = load_reference(Path(spec["reference"]))
+    settings = Settings(kafka_bootstrap=spec["bootstrap"], redis_url=spec["redis_url"],
+                        reference_dir=Path(spec["reference"]), detect_group="memory")
+    stage = build_detect_stage(settings, CollectorRegistry(), ref)
+    stage.parts = {p: PartitionState(epoch=1, next_offset=None, slices={})
+                   for p in range(PARTITIONS)}
+    values = memory_updates(ref, spec["slices"], spec["per_slice"], spec["spacing_s"])
+    now_ms = int(time.time() * 1000)
+    stage._apply(0, Msg("m", 0, 0, None, values[0][1], now_ms))  # import/first-call costs
+    first = next(iter(stage.parts[0].slices))
+    stage.parts[0].slices.pop(first)
+    gc.collect()
+    if spec["tracemalloc"]:
+        tracemalloc.start()
+    rss0 = _rss_bytes()
+    t = time.perf_counter()
+    for offset, (p, value) in enumerate(values):
+        stage._apply(p, Msg("m", p, offset, None, value, now_ms))
+    feed_s = time.perf_counter() - t
+    for part in stage.parts.values():  # as after a checkpoint
+        part.dirty.clear()
+    stage.outbox = []
+    gc.collect()
+    rss1 = _rss_bytes()
+    traced = tracemalloc.get_traced_memory()[0] if spec["tracemalloc"] else None
+    sites: list[tuple[str, int]] = []
+    if spec["tracemalloc"]:
+        snap = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(False, tracemalloc.__file__)])
+        tracemalloc.stop()
+        root = str(Path(__file__).resolve().parents[1]) + os.sep
+        for stat in snap.statistics("lineno")[:8]:
+            frame = stat.traceback[0]
+            where = frame.filename.replace(root, "").split("site-packages" + os.sep)[-1]
+            sites.append((f"{where}:{frame.lineno}", int(stat.size)))
+    entries = [e for part in stage.parts.values() for e in part.slices.values()]
+    t = time.thread_time()
+    sizes = [len(json.dumps({"state": e.model.snapshot(), "applied": e.applied}))
+             for e in entries]
+    summaries = [len(json.dumps(_summary(e.model))) for e in entries]
+    checkpoint_cpu_us = 1e6 * (time.thread_time() - t) / len(entries)
+    parts: dict[str, list[int]] = {"counts": [], "detectors": [], "exemplars": []}
+    for e in entries:
+        state = e.model.snapshot()
+        parts["counts"].append(len(json.dumps(state["detectors"]["counts"])))
+        parts["detectors"].append(len(json.dumps(state["detectors"]["detectors"])))
+        parts["exemplars"].append(len(json.dumps(state["exemplars"])))
+    counts = entries[0].model.det.counts  # type: ignore[attr-defined]
+    stage.consumer.close(autocommit=False)
+    return {"slices": len(entries), "updates": len(values), "rss_delta": rss1 - rss0,
+            "rss": rss1, "traced": traced, "feed_s": feed_s,
+            "snapshot_mean": float(np.mean(sizes)), "snapshot_median": float(np.median(sizes)),
+            "snapshot_max": int(max(sizes)), "snapshot_total": int(sum(sizes)),
+            "summary_mean": float(np.mean(summaries)), "sites": sites,
+            "checkpoint_cpu_us": checkpoint_cpu_us,
+            "parts": {k: float(np.mean(v)) for k, v in parts.items()},
+            "buckets": len(counts._buckets) if counts is not None else 0}
+
+
+def run_memory_child(spec: dict[str, Any]) -> dict[str, Any]:
+    done = subprocess.run(  # noqa: S603 - this script, an argument list
+        [sys.executable, __file__, "--memory-child", json.dumps(spec)],
+        capture_output=True, text=True, check=False, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory child failed:\n{done.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def memory_part(stack: Any, work: Path, sizes: Sizes, report: list[str]) -> dict[str, Any]:
+    ref_dir = work / "reference"
+    if not ref_dir.exists():
+        synthetic_reference(ref_dir)
+    base = {"bootstrap": stack.kafka_bootstrap, "redis_url": stack.redis_url,
+            "reference": str(ref_dir)}
+    cases = {
+        "fresh": dict(slices=sizes.mem_slices, per_slice=sizes.mem_fresh_updates,
+                      spacing_s=2.0),
+        "steady": dict(slices=sizes.mem_steady_slices, per_slice=sizes.mem_steady_updates,
+                       spacing_s=300.0),
+    }
+    results: dict[str, dict[str, Any]] = {}
+    for case, spec in cases.items():
+        for traced in (False, True):
+            if traced and case not in sizes.mem_traced:
+                continue
+            n = spec["slices"] if not traced else min(spec["slices"], 2_000)
+            note(f"memory: {case}, {n} slices × {spec['per_slice']} updates, "
+                 f"{'tracemalloc' if traced else 'RSS'}")
+            results[f"{case}{'-traced' if traced else ''}"] = run_memory_child(
+                {**base, **spec, "slices": n, "tracemalloc": traced})
+    target_n = sizes.mem_slices
+    mb = 1e6
+
+    def at_target(r: dict[str, Any], key: str) -> float:
+        return float(r[key]) / float(r["slices"]) * target_n / mb
+
+    fresh, steady = results["fresh"], results["steady"]
+    worst = max(at_target(fresh, "rss_delta"), at_target(steady, "rss_delta"))
+    rows = []
+    for key, r in results.items():
+        case = key.split("-")[0]
+        per = cases[case]
+        value = r["traced"] if r["traced"] is not None else r["rss_delta"]
+        what = "tracemalloc (Python + numpy heap)" if r["traced"] is not None else "RSS delta"
+        rows.append(
+            f"| {case}: {per['per_slice']} updates/slice, {per['spacing_s']:.0f} s apart "
+            f"({r['buckets']} count buckets) | {r['slices']:,} | {what} | "
+            f"{value / r['slices'] / 1e3:.2f} | **{value / r['slices'] * target_n / mb:.1f}** |")
+    report += [
+        "## 3. Detect-stage memory for live slices", "",
+        "Slices created by the stage's own `new_slice` factory (`runner.build_detect_stage`) "
+        "through `DetectStage._apply` (parse, dedupe by source offset, `SliceState.update`), in "
+        "a fresh subprocess; RSS (`/proc/self/status`) and tracemalloc measured after a "
+        "`gc.collect()` with dirty sets cleared as a checkpoint would. Slices: 1/25 stations, "
+        "3/25 station×shift, 3 shifts, the rest lots. *Steady* feeds each slice over more than "
+        "4 h of event time so every one of its 48 event-time count buckets (5 min) is filled — "
+        "the size a slice keeps for as long as it lives.", "",
+        f"| case | slices measured | measure | kB/slice | MB at {target_n:,} slices |",
+        "|---|---|---|---|---|", *rows, "",
+        f"Whole process RSS with {fresh['slices']:,} fresh slices: {fresh['rss'] / mb:.0f} MB, "
+        f"with {steady['slices']:,} steady slices: {steady['rss'] / mb:.0f} MB — interpreter, "
+        "numpy, faiss, pydantic, kafka-python, the reference, and this test's own "
+        f"pre-generated input messages ({fresh['updates']:,} and {steady['updates']:,} "
+        "JSON values, held from before the baseline), which the deltas exclude.", "",
+        f"**{target_n:,} live slices: {at_target(fresh, 'rss_delta'):.0f} MB fresh, "
+        f"{at_target(steady, 'rss_delta'):.0f} MB in steady state** — target < "
+        f"{MEMORY_TARGET_MB:.0f} MB: **{'met' if worst < MEMORY_TARGET_MB else 'NOT met'}**"
+        f"{'' if worst < MEMORY_TARGET_MB else ' in steady state'}.", "",
+        "Checkpoint record per slice (`json.dumps({'state': snapshot, 'applied': …})`, what "
+        "`CheckpointStore.commit` writes to the partition's Redis hash):", "",
+        "| case | mean B | median B | max B | of which counts / detectors / exemplars, B | "
+        "all slices, MB | summary JSON mean B | checkpoint CPU µs/slice |",
+        "|---|---|---|---|---|---|---|---|",
+        *[f"| {case} | {r['snapshot_mean']:,.0f} | {r['snapshot_median']:,.0f} | "
+          f"{r['snapshot_max']:,} | {r['parts']['counts']:,.0f} / "
+          f"{r['parts']['detectors']:,.0f} / {r['parts']['exemplars']:,.0f} | "
+          f"{r['snapshot_mean'] * target_n / mb:.1f} at {target_n:,} | "
+          f"{r['summary_mean']:,.0f} | {r['checkpoint_cpu_us']:,.0f} |"
+          for case, r in (("fresh", fresh), ("steady", steady))], ""]
+    for key in ("steady-traced", "fresh-traced"):
+        got = results.get(key)
+        if got is None:
+            continue
+        report += [f"Top allocation sites, {key.split('-')[0]} ({got['slices']:,} slices, "
+                   "tracemalloc, bytes per slice):", "", "| site | B/slice |", "|---|---|",
+                   *[f"| `{where}` | {size / got['slices']:,.0f} |"
+                     for where, size in got["sites"]], ""]
+    if any(key.endswith("-traced") for key in results):
+        report += ["(`pydantic/main.py` is `validate_json`: strings it made that live on — "
+                   "exemplar event ids, slice ids — and pydantic-core's global string cache "
+                   "(`cache_strings`, bounded), which looks large per slice only when few "
+                   "slices are measured.)", ""]
+    return {"results": results, "fresh_mb": at_target(fresh, "rss_delta"),
+            "steady_mb": at_target(steady, "rss_delta")}
+
+
+# --- main -------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (< 2 min)")
+    parser.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3])
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="onnxruntime intra-op threads (both sides)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        logging.basicConfig(level=logging.WARNING)
+        print(json.dumps(memory_child(json.loads(args.memory_child))))
+        return
+
+    from driftline.localstack import start_stack
+
+    sizes = QUICK if args.quick else FULL
+    fd, log_path = tempfile.mkstemp(prefix="pipeline_throughput.", suffix=".log")
+    os.close(fd)
+    console = logging.StreamHandler()
+    console.setLevel(logging.ERROR)
+    logfile = logging.FileHandler(log_path)
+    logging.basicConfig(level=logging.INFO, handlers=[console, logfile],
+                        format="%(asctime)s %(threadName)s %(levelname)s %(name)s: %(message)s")
+    note(f"INFO logs (Kafka client, stages) in {log_path}")
+    started = time.perf_counter()
+    load0 = loadavg()
+    cmd = " ".join([".venv/bin/python", "benchmarks/pipeline_throughput.py", *sys.argv[1:]])
+    body: list[str] = []
+    summary: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="driftline-bench.") as tmp, \
+            start_stack(services=("kafka", "redis")) as stack:
+        work = Path(tmp)
+        note(f"stack: Kafka {stack.kafka_version} at {stack.kafka_bootstrap}, "
+             f"Redis {stack.redis_version} at {stack.redis_url}")
+        versions = f"Kafka {stack.kafka_version}, Redis {stack.redis_version}"
+        if 1 in args.parts:
+            d = detect_part(stack, work, sizes, body)
+            verdict = "met" if d["ratio"] >= DETECT_TARGET else "NOT met"
+            summary.append(f"| detect stage / bare kafka-python consumer | {d['ratio']:.2f} | "
+                           f"≥ {DETECT_TARGET} | {verdict} | {d['detect']:,.0f} vs "
+                           f"{d['bare']:,.0f} updates/s; paired {d['paired']:.2f}, CPU "
+                           f"{d['cpu_ratio']:.2f} |")
+        if 2 in args.parts:
+            e = embed_part(stack, work, sizes, args.threads, body)
+            verdict = "met" if e["ratio"] >= EMBED_TARGET else "NOT met"
+            summary.append(f"| embed stage / bare onnxruntime | {e['ratio']:.2f} | "
+                           f"≥ {EMBED_TARGET} | {verdict} | {e['med']['stage']:.1f} vs "
+                           f"{e['med']['bare']:.1f} img/s; paired {e['paired']['stage']:.2f}, "
+                           f"CPU {e['cpu']['bare'] / e['cpu']['stage']:.2f} |")
+        if 3 in args.parts:
+            m = memory_part(stack, work, sizes, body)
+            worst = max(m["fresh_mb"], m["steady_mb"])
+            summary.append(f"| memory, {sizes.mem_slices:,} live slices | {m['fresh_mb']:.0f} MB "
+                           f"fresh, {m['steady_mb']:.0f} MB steady | < {MEMORY_TARGET_MB:.0f} MB"
+                           f" | {'met' if worst < MEMORY_TARGET_MB else 'NOT met'} | RSS delta |")
+    runtime = time.perf_counter() - started
+    head = [
+        "# Pipeline throughput and memory", "",
+        f"- date: {datetime.now(UTC).isoformat(timespec='seconds')}",
+        f"- machine: {cpu_model()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}; {versions}; shared with other jobs — load average "
+        f"(1/5/15 min) at start {load0}, at end {loadavg()}",
+        f"- command: `{cmd}` ({'quick' if args.quick else 'full'} sizes; runtime "
+        f"{runtime / 60:.1f} min)", "",
+        "| measurement | result | target | | figures |", "|---|---|---|---|---|", *summary, "",
+        "Ratios are of the medians of interleaved repeats; *paired* is the median of the "
+        "per-repeat ratios (each pair measured back to back), *CPU* the ratio of this "
+        "process's CPU time per item — both less sensitive to the other jobs' changing load.",
+        ""]
+    report = "\n".join(head + body) + "\n"
+    print(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+    note(f"wrote {args.out} in {runtime:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
