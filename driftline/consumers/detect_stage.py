@@ -100,10 +100,12 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self.stop_event = threading.Event()
         self.assigned_once = threading.Event()
         self.last_checkpoint = time.monotonic()
+        self._closed = False
 
     # --- rebalance -----------------------------------------------------------------------
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        if revoked:
+        # On close kafka-python revokes everything after run() has already checkpointed.
+        if revoked and not self._closed:
             self._checkpoint_safely()
         for tp in revoked:
             self.parts.pop(tp.partition, None)
@@ -141,6 +143,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                 self.metrics.checkpoint_age.set(time.monotonic() - self.last_checkpoint)
         finally:
             self._checkpoint_safely()
+            self._closed = True
             self.consumer.close(autocommit=False)
 
     def stop(self) -> None:
