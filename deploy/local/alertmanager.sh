@@ -12,6 +12,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 START_TIMEOUT="${DRIFTLINE_ALERTMANAGER_START_TIMEOUT:-60}"
+# shellcheck disable=SC2034  # read by service_stop in lib.sh
 STOP_GRACE=15
 
 ensure_installed() {
@@ -80,28 +81,4 @@ cmd_start() {
     print_env
 }
 
-cmd_stop() {
-    [[ -n "${DRIFTLINE_ALERTMANAGER_URL:-}" ]] && return 0
-    local dir="${1:-${DRIFTLINE_STACK_DIR:-}}"
-    [[ -n "$dir" ]] || die "usage: alertmanager.sh stop STATE_DIR"
-    stop_pid "$dir/alertmanager/pid" "$STOP_GRACE" "${2:-TERM}"
-}
-
-case "${1:-}" in
-    start) cmd_start "${2:-}" ;;
-    stop) cmd_stop "${2:-}" ;;
-    kill) cmd_stop "${2:-}" KILL ;;
-    restart)
-        cmd_stop "${2:-}"
-        cmd_start "${2:-}"
-        ;;
-    status)
-        dir="${2:-${DRIFTLINE_STACK_DIR:-}}/alertmanager"
-        pid_alive "$dir/pid" && ready "$(cat "$dir/port")"
-        ;;
-    install) ensure_installed ;;
-    *)
-        echo "usage: $0 start|stop|kill|restart|status [STATE_DIR] | install" >&2
-        exit 2
-        ;;
-esac
+service_main alertmanager DRIFTLINE_ALERTMANAGER_URL ready install ensure_installed "$@"

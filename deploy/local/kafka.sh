@@ -22,6 +22,7 @@ KAFKA_HEAP="${DRIFTLINE_KAFKA_HEAP:-512m}"
 # A cold JVM on a busy 2-core machine needs 5-20 s to load the broker and elect itself.
 START_TIMEOUT="${DRIFTLINE_KAFKA_START_TIMEOUT:-120}"
 # Controlled shutdown of a single node finishes in a few seconds; past this we SIGKILL.
+# shellcheck disable=SC2034  # read by service_stop in lib.sh
 STOP_GRACE=30
 
 resolve_libs() {
@@ -215,29 +216,6 @@ cmd_start() {
     print_env "$dir"
 }
 
-cmd_stop() {
-    local sig="${2:-TERM}"
-    [[ -n "${DRIFTLINE_KAFKA_BOOTSTRAP:-}" ]] && return 0
-    local dir="${1:-${DRIFTLINE_STACK_DIR:-}}"
-    [[ -n "$dir" ]] || die "usage: kafka.sh stop STATE_DIR"
-    stop_pid "$dir/kafka/pid" "$STOP_GRACE" "$sig"
-}
+kafka_ready() { probe "127.0.0.1:$1"; }
 
-case "${1:-}" in
-    libs) resolve_libs ;;
-    start) cmd_start "${2:-}" ;;
-    stop) cmd_stop "${2:-}" ;;
-    kill) cmd_stop "${2:-}" KILL ;;
-    restart)
-        cmd_stop "${2:-}"
-        cmd_start "${2:-}"
-        ;;
-    status)
-        dir="${2:-${DRIFTLINE_STACK_DIR:-}}/kafka"
-        pid_alive "$dir/pid" && probe "127.0.0.1:$(cat "$dir/port")"
-        ;;
-    *)
-        echo "usage: $0 start|stop|kill|restart|status [STATE_DIR] | libs" >&2
-        exit 2
-        ;;
-esac
+service_main kafka DRIFTLINE_KAFKA_BOOTSTRAP kafka_ready libs resolve_libs "$@"

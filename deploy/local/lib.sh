@@ -215,3 +215,39 @@ apt_install() {
 
 # The Debian packages may have started a daemon anyway on a machine with an init system;
 # we never rely on those, and ours bind only to loopback on free ports, so they can coexist.
+
+# --- the command line every service script shares -----------------------------------------
+# Stop a service this stack started (a no-op when EXTERNAL_VAR points at a running one).
+#   service_stop NAME EXTERNAL_VAR [STATE_DIR] [SIGNAL]     (uses the script's STOP_GRACE)
+service_stop() {
+    local name=$1 var=$2 dir="${3:-${DRIFTLINE_STACK_DIR:-}}"
+    [[ -n "${!var:-}" ]] && return 0
+    [[ -n "$dir" ]] || die "usage: $name.sh stop STATE_DIR"
+    stop_pid "$dir/$name/pid" "$STOP_GRACE" "${4:-TERM}"
+}
+
+# start|stop|kill|restart|status [STATE_DIR], plus one script-specific command.
+#   service_main NAME EXTERNAL_VAR READY_FN EXTRA_CMD EXTRA_FN "$@"
+# The script defines cmd_start; READY_FN gets the service's port (for status).
+service_main() {
+    local name=$1 var=$2 ready_fn=$3 extra=$4 extra_fn=$5
+    shift 5
+    case "${1:-}" in
+        start) cmd_start "${2:-}" ;;
+        stop) service_stop "$name" "$var" "${2:-}" ;;
+        kill) service_stop "$name" "$var" "${2:-}" KILL ;;
+        restart)
+            service_stop "$name" "$var" "${2:-}"
+            cmd_start "${2:-}"
+            ;;
+        status)
+            local dir="${2:-${DRIFTLINE_STACK_DIR:-}}/$name"
+            pid_alive "$dir/pid" && "$ready_fn" "$(cat "$dir/port")"
+            ;;
+        "$extra") "$extra_fn" ;;
+        *)
+            echo "usage: $name.sh start|stop|kill|restart|status [STATE_DIR] | $extra" >&2
+            exit 2
+            ;;
+    esac
+}

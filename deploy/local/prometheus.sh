@@ -16,6 +16,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Prometheus replays its WAL before /-/ready; an empty TSDB is ready in about a second.
 START_TIMEOUT="${DRIFTLINE_PROMETHEUS_START_TIMEOUT:-60}"
+# shellcheck disable=SC2034  # read by service_stop in lib.sh
 STOP_GRACE=20
 
 ensure_installed() {
@@ -105,28 +106,4 @@ cmd_start() {
     print_env
 }
 
-cmd_stop() {
-    [[ -n "${DRIFTLINE_PROMETHEUS_URL:-}" ]] && return 0
-    local dir="${1:-${DRIFTLINE_STACK_DIR:-}}"
-    [[ -n "$dir" ]] || die "usage: prometheus.sh stop STATE_DIR"
-    stop_pid "$dir/prometheus/pid" "$STOP_GRACE" "${2:-TERM}"
-}
-
-case "${1:-}" in
-    start) cmd_start "${2:-}" ;;
-    stop) cmd_stop "${2:-}" ;;
-    kill) cmd_stop "${2:-}" KILL ;;
-    restart)
-        cmd_stop "${2:-}"
-        cmd_start "${2:-}"
-        ;;
-    status)
-        dir="${2:-${DRIFTLINE_STACK_DIR:-}}/prometheus"
-        pid_alive "$dir/pid" && ready "$(cat "$dir/port")"
-        ;;
-    install) ensure_installed ;;
-    *)
-        echo "usage: $0 start|stop|kill|restart|status [STATE_DIR] | install" >&2
-        exit 2
-        ;;
-esac
+service_main prometheus DRIFTLINE_PROMETHEUS_URL ready install ensure_installed "$@"

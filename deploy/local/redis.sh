@@ -12,6 +12,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # Redis answers within a second of exec; replaying a large AOF can take longer.
 START_TIMEOUT="${DRIFTLINE_REDIS_START_TIMEOUT:-60}"
 # SIGTERM makes Redis fsync the AOF and exit; that takes well under a second.
+# shellcheck disable=SC2034  # read by service_stop in lib.sh
 STOP_GRACE=15
 
 ensure_installed() {
@@ -63,28 +64,4 @@ cmd_start() {
     print_env
 }
 
-cmd_stop() {
-    [[ -n "${DRIFTLINE_REDIS_URL:-}" ]] && return 0
-    local dir="${1:-${DRIFTLINE_STACK_DIR:-}}"
-    [[ -n "$dir" ]] || die "usage: redis.sh stop STATE_DIR"
-    stop_pid "$dir/redis/pid" "$STOP_GRACE" "${2:-TERM}"
-}
-
-case "${1:-}" in
-    start) cmd_start "${2:-}" ;;
-    stop) cmd_stop "${2:-}" ;;
-    kill) cmd_stop "${2:-}" KILL ;;
-    restart)
-        cmd_stop "${2:-}"
-        cmd_start "${2:-}"
-        ;;
-    status)
-        dir="${2:-${DRIFTLINE_STACK_DIR:-}}/redis"
-        pid_alive "$dir/pid" && ping_redis "$(cat "$dir/port")"
-        ;;
-    install) ensure_installed ;;
-    *)
-        echo "usage: $0 start|stop|kill|restart|status [STATE_DIR] | install" >&2
-        exit 2
-        ;;
-esac
+service_main redis DRIFTLINE_REDIS_URL ping_redis install ensure_installed "$@"
