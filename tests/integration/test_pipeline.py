@@ -286,7 +286,7 @@ def test_redis_and_broker_restarts_mid_stream_lose_nothing(
     docs = Stream(n=2400, seed=14).events()
     w = start(pipe, "all", tmp_path, workers)
     pipe.produce(docs[:800])
-    wait_for(lambda: sum(counts(states(pipe)).values()) >= 1000, 120, "first updates")
+    wait_for(lambda: sum(counts(states(pipe)).values()) >= 1000, 180, "first updates")
     stack.restart("redis")
     pipe.produce(docs[800:1600])
     wait_for(lambda: sum(counts(states(pipe)).values()) >= 4000, 180, "updates after Redis")
