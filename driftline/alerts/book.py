@@ -1,8 +1,9 @@
-"""The failure book: incidents from alarms, their lifecycle, list filters, retention.
+"""The failure book: incidents from alarms, their lifecycle, list pages, retention.
 
 Storage and the write protocol are in :mod:`driftline.alerts.store` (one ``MULTI``/``EXEC``
 per write, with the outbox cursor and the change stream); the alarm → incident logic is the
-pure :mod:`driftline.alerts.grouping`.
+pure :mod:`driftline.alerts.grouping`; list filters and cursors are in
+:mod:`driftline.alerts.pages`.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 import builtins
 import json
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal, Unpack, overload
 
 import redis
 from redis.client import Pipeline
@@ -23,7 +24,8 @@ from driftline.alerts.changes import Change, record_change
 from driftline.alerts.evidence import ClusterCatalog
 from driftline.alerts.grouping import BookPolicy, Grouper
 from driftline.alerts.labelset import label_set_jsonl
-from driftline.alerts.model import Incident, Resolution, RootCause, Severity, Status
+from driftline.alerts.model import Incident, Resolution, RootCause, Status
+from driftline.alerts.pages import IncidentRow, Page, Query, read_page
 from driftline.alerts.store import (
     CONTROL_MAXLEN,
     Batch,
@@ -50,12 +52,6 @@ class Retention:
 
     max_resolved: int = 10_000
     max_age_s: float = 90 * 86400.0
-
-
-@dataclass(frozen=True)
-class Page:
-    items: list[Incident]
-    next_cursor: str | None
 
 
 class FailureBook(BookStore):
@@ -96,55 +92,22 @@ class FailureBook(BookStore):
         raw = self.r.get(self.k("cursor"))
         return None if raw is None else str(raw.decode())
 
-    @retry_redis
-    def list(self, *, status: Status | None = None, severity: Severity | None = None,
-             station: str | None = None, shift: str | None = None, lot: str | None = None,
-             since: datetime | None = None, until: datetime | None = None,
-             limit: int = 50, cursor: str | None = None) -> Page:
-        """Newest detection first; ``cursor`` is the previous page's ``next_cursor``."""
-        dims = {"lot": lot, "station": station, "shift": shift}
-        key = next((self.k("idx", d, v) for d, v in dims.items() if v is not None),
-                   self.k("idx", "severity", severity.value) if severity else
-                   self.k("idx", "status", status.value) if status else self.k("idx", "all"))
-        hi = until.timestamp() if until else float("inf")
-        lo = since.timestamp() if since else float("-inf")
-        items: list[Incident] = []
-        last: tuple[float, str] | None = None
-        for score, iid, inc in self._walk(key, lo, hi, cursor):
-            last = (score, iid)
-            if inc is None or (status and inc.status is not status) or (
-                    severity and inc.severity is not severity):
-                continue
-            found = inc.dims()
-            if any(v is not None and v not in found.get(d, ()) for d, v in dims.items()):
-                continue
-            items.append(inc)
-            if len(items) == limit:
-                break
-        more = len(items) == limit and last is not None
-        return Page(items, f"{last[0]!r}:{last[1]}" if more and last else None)
+    @overload
+    def list(self, *, light: Literal[False] = False, **query: Unpack[Query]
+             ) -> Page[Incident]: ...
 
-    def _walk(self, key: str, lo: float, hi: float, cursor: str | None,
-              chunk: int = 200) -> Iterator[tuple[float, str, Incident | None]]:
-        after: tuple[float, str] | None = None
-        if cursor:
-            at, _, iid = cursor.partition(":")
-            after = (float(at), iid)
-            hi = min(hi, after[0])
-        offset = 0
-        while True:
-            rows = self.r.zrevrangebyscore(key, hi, lo, start=offset, num=chunk,
-                                           withscores=True)
-            if not rows:
-                return
-            offset += len(rows)
-            pairs = [(str(m.decode()), float(s)) for m, s in rows]
-            # Equal scores come in reverse id order: skip those the previous page returned.
-            pairs = [(i, s) for i, s in pairs
-                     if after is None or s < after[0] or (s == after[0] and i < after[1])]
-            raws = self.r.mget([self.k("inc", i) for i, _ in pairs]) if pairs else []
-            for (iid, score), raw in zip(pairs, raws, strict=True):
-                yield score, iid, None if raw is None else Incident.model_validate_json(raw)
+    @overload
+    def list(self, *, light: Literal[True], **query: Unpack[Query]) -> Page[IncidentRow]: ...
+
+    @retry_redis
+    def list(self, *, light: bool = False, **query: Unpack[Query]
+             ) -> Page[Incident] | Page[IncidentRow]:
+        """Newest detection first, filtered (:class:`~driftline.alerts.pages.Query`); follow
+        ``next_cursor`` for more. ``light`` rows (:class:`IncidentRow`) hold what a list shows
+        and parse about three times faster than whole incidents."""
+        if light:
+            return read_page(self.r, self.k, IncidentRow.model_validate_json, query)
+        return read_page(self.r, self.k, Incident.model_validate_json, query)
 
     def label_set_jsonl(self, incident_id: str,
                         embeddings: Mapping[str, Sequence[float]] | None = None,

@@ -224,6 +224,27 @@ def test_list_filters_and_cursor_pagination(env: Env) -> None:
     assert all(i.status is Status.open for i in book.list(status=Status.open).items)
 
 
+def test_light_rows_page_like_whole_incidents(env: Env) -> None:
+    env.feed(*(alarm(f"station={s}", 1.0, cluster=i, t=1_700_000_600.0 + 5000 * i,
+                     onset=1_700_000_000.0 + 5000 * i) for i, s in enumerate(STATIONS)))
+    env.drain(env.processor())
+    book = env.book()
+    everything = book.list(limit=1000).items
+    for query in ({}, {"station": "press-2"}, {"severity": everything[0].severity}):
+        cursor, light_cursor = None, None
+        while True:
+            full = book.list(limit=2, cursor=cursor, **query)
+            light = book.list(light=True, limit=2, cursor=light_cursor, **query)
+            assert [i.id for i in light.items] == [i.id for i in full.items]
+            assert [i.root for i in light.items] == [i.root for i in full.items]
+            cursor, light_cursor = full.next_cursor, light.next_cursor
+            assert light_cursor == cursor
+            if cursor is None:
+                break
+    # A page that holds exactly the last incidents has no cursor to an empty page.
+    assert book.list(limit=len(everything)).next_cursor is None
+
+
 def _am_alerts(am: str, incident_id: str) -> list[dict[str, Any]]:
     resp = httpx.get(f"{am}/api/v2/alerts", params={
         "active": "true", "silenced": "false", "inhibited": "false",

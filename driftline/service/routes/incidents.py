@@ -17,7 +17,6 @@ from driftline.alerts.book import IncidentNotFound
 from driftline.alerts.labelset import label_set_jsonl
 from driftline.alerts.model import Incident, Severity, Status
 from driftline.service.deps import BookDep, ContextDep, Operator, SettingsDep, Viewer
-from driftline.service.listing import incident_page
 from driftline.service.schemas.common import COMMON_ERRORS, errors
 from driftline.service.schemas.incidents import (
     AcknowledgeRequest,
@@ -69,9 +68,9 @@ def list_incidents(
         "the next_cursor of the previous page"), examples=["1770012150.0:DL-000042"])] = None,
 ) -> Response:
     """Incidents, newest detection first, filtered; follow ``next_cursor`` for more."""
-    page = incident_page(book, status=status_, severity=severity, station=station, shift=shift,
-                         lot=lot, since=_utc(since), until=_utc(until), limit=limit,
-                         cursor=cursor)
+    page = book.list(light=True, status=status_, severity=severity, station=station,
+                     shift=shift, lot=lot, since=_utc(since), until=_utc(until), limit=limit,
+                     cursor=cursor)
     return _json(IncidentPage(items=[IncidentSummary.of(i, settings.public_url)
                                      for i in page.items], next_cursor=page.next_cursor))
 

@@ -19,7 +19,7 @@ from driftline.alerts.model import (
     Status,
     TimelineEntry,
 )
-from driftline.service.listing import IncidentRow
+from driftline.alerts.pages import IncidentRow
 
 NOTE_MAX = 2000
 
