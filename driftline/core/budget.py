@@ -38,9 +38,9 @@ class Budget:
     ...            event_rate=2.0)
     >>> f"{b.arl0():.3g}"
     '2.49e+09'
-    >>> print(b.describe(bank_size=144))
+    >>> print(b.describe(bank_size=96))
     ≤ 1 false incident per 30 days across 120 slices × 4 detectors at 2 events/s per slice \
-→ γ = 2.49e+09 events (one false alarm per 39.4 years per detector), h = ln γ + ln 144 = 26.6
+→ γ = 2.49e+09 events (one false alarm per 39.4 years per detector), h = ln γ + ln 96 = 26.2
     """
 
     false_incidents: float

@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 
 from driftline.core.bernoulli import BernoulliCusum, ErrorRateCusum, bernoulli_table
 from driftline.core.cusum import CusumBank, union_threshold
-from driftline.core.mix import ClusterMixCusum, PredictionMixCusum, mix_tables
+from driftline.core.mix import (
+    DEFAULT_EPSILONS,
+    DEFAULT_FRACTIONS,
+    ClusterMixCusum,
+    PredictionMixCusum,
+    mix_tables,
+)
 from driftline.core.simulate import bernoulli_model, mix_model, simulate
 
 EPS = (0.02, 0.05, 0.1, 0.2, 0.4)
@@ -68,7 +74,7 @@ def test_detector_equals_simulator_with_per_event_baselines() -> None:
     baselines = [rng.dirichlet(np.full(6, 2.0)) for _ in range(2)]
     weights = np.array([0.3, 0.7])
     joint = np.concatenate([w * p for w, p in zip(weights, baselines, strict=True)])
-    det = ClusterMixCusum(6, arl0=300.0)
+    det = ClusterMixCusum(6, arl0=300.0, epsilons=EPS, fractions=FRAC)
     res = simulate(
         [mix_model(baselines, EPS, FRAC)],
         [[det.threshold]],
@@ -179,7 +185,12 @@ def test_validation_and_helpers() -> None:
         det.update(0, np.array([0.5, 0.5, 0.5]))
     with pytest.raises(ValueError):
         det.update(3, np.array([0.2, 0.3, 0.5]))
-    assert det.describe_member(5) == {"category": 0, "direction": "out", "fraction": 0.25}
+    width = len(DEFAULT_EPSILONS)
+    assert det.describe_member(width) == {
+        "category": 0,
+        "direction": "out",
+        "fraction": DEFAULT_FRACTIONS[0],
+    }
     err = ErrorRateCusum(cluster_error=[0.01, 0.3], arl0=100.0)
     err.update_cluster(True, 0, time=5.0)
     assert err.argmax == {"rho": 1.0, "delta": 0.1} and err.onset_time == 5.0
