@@ -13,13 +13,8 @@ import pytest
 import skimage.data
 
 from driftline.demo.data import VTEST_VIDEO, fetch_demo_data, read_video_frames
-from driftline.demo.model import (
-    MODEL_FILENAME,
-    WEIGHTS_FILENAME,
-    build_demo_model,
-    locate_weights,
-    preprocess_imagenet,
-)
+from driftline.demo.model import MODEL_FILENAME, build_demo_model, preprocess_imagenet
+from driftline.demo.weights import WEIGHTS_FILENAME, locate_weights
 
 pytestmark = pytest.mark.slow
 ESPRESSO = 967

@@ -8,7 +8,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from driftline.demo.model import BLOCK_OUTPUTS, build_onnx, preprocess_imagenet
+from driftline.demo.mobilenet import BLOCK_OUTPUTS, build_onnx
+from driftline.demo.model import preprocess_imagenet
 
 BLOCKS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
           (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))  # fmt: skip
