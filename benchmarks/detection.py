@@ -12,7 +12,9 @@ Protocol
 * References on the *same* streams (common random numbers): the exact optimal CUSUM, which knows
   the post-change law, with its threshold set by Brook–Evans so its ARL0 equals our measured
   ARL0; and an "oracle-ε bank" of K CUSUMs that knows ε but not which cluster, tightened to the
-  same ARL0 — the best a k-unknown CUSUM bank can do, isolating the cost of our ε/f grids.
+  same ARL0 — the best a k-unknown CUSUM bank can do, isolating the cost of our ε/f grids; and
+  the uniform-prior Shiryaev–Roberts mixture over the same K alternatives (``mixture_sr.py``),
+  the Bayes-flavoured k-unknown procedure, also matched to that ARL0.
 * Delay: conditional average detection delay for a change at ν = 0 (Lorden's worst case for
   CUSUM) and ν = 200 (runs that alarmed before ν are dropped). Onset error: median
   ``|onset - ν|`` at ν = 200. Speed: µs per online ``update`` (Python, one event at a time).
@@ -30,6 +32,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import mixture_sr  # benchmarks/ sibling (scripts here run with their folder on sys.path)
 import numpy as np
 
 from driftline.core.arl import arl_discrete, arl_normal, threshold_for_arl
@@ -64,6 +67,11 @@ def oracle_bank(p: np.ndarray, eps: float, into: bool) -> LlrModel:
     base = llr[np.arange(p.size), (np.arange(p.size) + 1) % p.size]  # value for c != k
     diff = (np.diag(llr) - base).reshape(-1, 1)
     return LlrModel(base.reshape(1, -1, 1), diff, np.arange(p.size), np.zeros(p.size, np.int64))
+
+
+def mixture_lr(p: np.ndarray, eps: float, into: bool) -> np.ndarray:
+    """``lr[k, c]``: likelihood ratio of cluster ``c`` when the shift is in cluster ``k``."""
+    return np.array([shifted(p, k, eps, into) / p for k in range(p.size)])
 
 
 def measure_arl0(model: LlrModel, h: float, p: np.ndarray, runs: int, gamma: float) -> dict:
@@ -110,22 +118,27 @@ def cell(
     p: np.ndarray,
     q: np.ndarray,
     opt_llr: np.ndarray,
-    oracle: LlrModel | None,
+    oracle: tuple[LlrModel, np.ndarray] | None,
     runs: int,
     tune_runs: int,
 ) -> dict:
-    """One benchmark cell: our bank vs the optimal CUSUM (and the oracle-ε bank)."""
+    """One benchmark cell: our bank vs the optimal CUSUM (and the k-unknown references:
+    ``oracle`` is the oracle-ε bank and the mixture's likelihood ratios)."""
     o = int(np.argmax(np.abs(opt_llr - np.median(opt_llr))))  # the outcome that moved
     values, pre = [opt_llr[o], np.delete(opt_llr, o)[0]], [p[o], 1 - p[o]]
     h_opt = threshold_for_arl(lambda x: arl_discrete(values, pre, x), arl["arl0"])
     opt_exact = arl_discrete(values, [q[o], 1 - q[o]], h_opt)
     models, hs = [model, single_model(opt_llr)], [h, h_opt]
     if oracle is not None:
-        models.append(oracle)
-        hs.append(tighten_threshold(oracle, p, arl["arl0"], n_runs=tune_runs, seed=0))
+        models.append(oracle[0])
+        hs.append(tighten_threshold(oracle[0], p, arl["arl0"], n_runs=tune_runs, seed=0))
     horizon = int(60 * opt_exact) + 2000
     d0 = delays(models, hs, p, q, runs, horizon, 0)
     d1 = delays(models, hs, p, q, runs, horizon, NU)
+    sr = None
+    if oracle is not None:
+        log_a = mixture_sr.tune(oracle[1], p, arl["arl0"], n_runs=tune_runs)
+        sr = mixture_sr.delay(oracle[1], log_a, p, q, n_runs=runs, horizon=horizon, nu=0, seed=2)
     info = kl(q, p)
     target = 1.25 if info >= 0.1 else 1.5 if info >= 0.01 else None
     return {
@@ -136,6 +149,7 @@ def cell(
         "d1": d1,
         "target": target,
         "oracle": oracle is not None,
+        "sr": sr,
     }
 
 
@@ -190,9 +204,9 @@ def fmt_cell(c: dict, det: str, gamma: float, arl: dict) -> str:
     (d1, s1, e1), (o1, _, _) = c["d1"][0], c["d1"][1]
     r0 = d0 / o0
     ok = "" if c["target"] is None else (" ✓" if r0 <= c["target"] else " ✗") + f" ≤{c['target']}"
-    orc = "— | —"
+    orc = "— | — | —"
     if c["oracle"]:
-        orc = f"{c['d0'][2][0] / o0:.2f} | {d0 / c['d0'][2][0]:.2f}"
+        orc = f"{c['d0'][2][0] / o0:.2f} | {c['sr'] / o0:.2f} | {d0 / c['d0'][2][0]:.2f}"
     return (
         f"| {det} | {c['name']} | {c['kl']:.4f} | {gamma:.0e} | {arl['arl0']:.0f} | "
         f"{d0:.1f} ± {s0:.1f} | {o0:.1f} ({c['opt_exact']:.1f}) | **{r0:.2f}**{ok} | {orc} | "
@@ -247,12 +261,13 @@ REPORT = """## Detection quality (`benchmarks/detection.py`)
 opt = exact optimal CUSUM that knows the post-change law, on the same streams (Brook–Evans
 value in brackets); ratio = ours / opt at ν = 0 with the DESIGN §7 target (≤ 1.25 for KL ≥ 0.1,
 ≤ 1.5 for KL ≥ 0.01); oracle-ε = K CUSUMs that know ε but not the cluster, at the same ARL0 (the
-price of not knowing k is oracle/opt, the price of our ε/f grids ours/oracle); onset error =
-median |onset − ν| at ν = 200.
+price of not knowing k is oracle/opt, the price of our ε/f grids ours/oracle); SR-mix = the
+uniform-prior Shiryaev–Roberts mixture over the same K alternatives (knows ε, not k), same ARL0,
+delay at ν = 0; onset error = median |onset − ν| at ν = 200.
 
-| detector | shift | KL | γ | ARL0 | delay ν=0 | opt | ratio | oracle/opt | ours/oracle \
-| delay ν=200 | ratio | onset err | err/delay |
-|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| detector | shift | KL | γ | ARL0 | delay ν=0 | opt | ratio | oracle/opt | SR-mix/opt \
+| ours/oracle | delay ν=200 | ratio | onset err | err/delay |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 {cell_rows}
 
 ### At a fleet budget's γ (1 false incident / 30 days, 120 slices × 4 detectors, 2 events/s)
@@ -309,7 +324,8 @@ def main() -> None:
     ks, gammas = ((16,), (1e3,)) if args.quick else ((16, 64), (1e3, 1e4))
     t_start = time.perf_counter()
     arl_rows, cell_rows = [], []
-    streams: list[tuple[str, LlrModel, np.ndarray, list[tuple[str, np.ndarray, LlrModel | None]]]]
+    Cell = tuple[str, np.ndarray, tuple[LlrModel, np.ndarray] | None]
+    streams: list[tuple[str, LlrModel, np.ndarray, list[Cell]]]
     streams = []
     for k in ks:
         p = np.full(k, 1 / k)
@@ -317,11 +333,16 @@ def main() -> None:
         shifts += [(f"out ε={e}", e, False) for e in (0.02, 0.05) if e < 1 / k]
         shifts += [] if k < 64 else [(f"out ε={0.5 / k:.4f} (half of k)", 0.5 / k, False)]
         shifts += [(f"out ε={1 / k:.4f} (k vanishes)", 1 / k, False)]
-        cells = [(n, shifted(p, 0, e, i), oracle_bank(p, e, i)) for n, e, i in shifts]
+        cells = [
+            (n, shifted(p, 0, e, i), (oracle_bank(p, e, i), mixture_lr(p, e, i)))
+            for n, e, i in shifts
+        ]
         model = mix_model([p], DEFAULT_EPSILONS, DEFAULT_FRACTIONS)
         streams.append((f"cluster mix K={k}", model, p, cells))
     p_ood = np.array([0.99, 0.01])
-    ood_cells = [(f"×{r}", np.array([1 - r * 0.01, r * 0.01]), None) for r in (3, 10)]
+    ood_cells: list[Cell] = [
+        (f"×{r}", np.array([1 - r * 0.01, r * 0.01]), None) for r in (3, 10)
+    ]
     streams.append(("OOD rate p0=0.01", bernoulli_model(0.01, OOD_ALTERNATIVES), p_ood, ood_cells))
     for det, model, p, cells in streams:
         m = int(model.base[0].size)

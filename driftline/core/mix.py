@@ -26,9 +26,9 @@ import numpy as np
 from driftline.core.cusum import CusumBank, FloatArray, union_threshold
 
 # Four masses and two fractions: benchmarks/detection.py measured the same delays (within its
-# ±5 % noise) as a 5 + 4 grid at two thirds of the state; 0.5 keeps onsets of large shifts sharp.
-DEFAULT_EPSILONS = (0.02, 0.06, 0.2, 0.5)
-DEFAULT_FRACTIONS = (0.4, 0.9)
+# ±3 %) as the earlier 5 + 4 grid, at two thirds of the state; 0.4 keeps large shifts' onsets sharp.
+DEFAULT_EPSILONS = (0.02, 0.05, 0.12, 0.4)
+DEFAULT_FRACTIONS = (0.5, 0.95)
 _P_FLOOR = 1e-12
 _SHARED_TABLES = 512  # baselines are few (global, stations, station×shift): share their tables
 
