@@ -1,30 +1,36 @@
 """ONNX embedder: any model, any graph output or intermediate tensor, pooled to a vector.
 
-Decoding runs in a small thread pool one batch ahead of inference (PIL and numpy release the
-GIL), so JPEG decode overlaps ``session.run`` instead of adding to it.
+Decoding runs in a thread pool (libjpeg-turbo, PIL and numpy release the GIL): the first batch of
+a call is split over every decode thread, since nothing else runs yet; each later batch is decoded
+by one thread while ``session.run`` works on the one before, so JPEG decode overlaps inference
+instead of adding to it, without oversubscribing the cores onnxruntime already uses.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from difflib import get_close_matches
 from pathlib import Path
 from typing import Any, Literal, Self
 
 import numpy as np
-import onnx
-import onnx.utils
 import onnxruntime as ort
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 
-from driftline.consumers.imaging import Fit, ImageError, ImageLimits, load_image
+from driftline.consumers.imaging import Fit, ImageError, ImageLimits, ImageSource, load_image
+from driftline.consumers.onnx_graph import expose_tensor, list_tensors
+
+__all__ = ["Embedder", "EmbedderConfig", "expose_tensor", "list_tensors"]
 
 F32 = NDArray[np.float32]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Decode tasks per batch while onnxruntime runs the previous one: one. More only steal cycles
+# from onnxruntime's own threads (measured: no gain at two intra-op threads on two cores).
+OVERLAP_DECODE_TASKS = 1
 
 
 class EmbedderConfig(BaseModel):
@@ -55,7 +61,8 @@ class EmbedderConfig(BaseModel):
     inter_op_threads: int = Field(default=1, ge=0)
     spin_wait: bool = Field(default=True, description="onnxruntime workers busy-wait between "
                             "ops; off leaves those cycles to decoding when both share the cores")
-    decode_threads: int = Field(default=1, ge=0, description="0: decode inline, no overlap")
+    decode_threads: int | None = Field(default=None, ge=0, description="None: one per core; "
+                                       "0: decode inline, no overlap")
     max_image_bytes: int = Field(default=16 << 20, ge=1)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
 
@@ -89,8 +96,10 @@ class Embedder:
         std = np.asarray(config.std, np.float32)
         self._mul: F32 = (config.scale / std).astype(np.float32)
         self._add: F32 = (np.asarray(config.mean, np.float32) / std).astype(np.float32)
-        self._pool = (ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
-                      if config.decode_threads > 0 else None)
+        threads = (os.cpu_count() or 1) if config.decode_threads is None else config.decode_threads
+        self._pool = (ThreadPoolExecutor(threads, thread_name_prefix="decode")
+                      if threads > 0 else None)
+        self.decode_threads = threads
         raw = self._raw(np.zeros(self._alloc(self._fixed_batch or 1).shape, np.float32))
         self.output_shape: tuple[int, ...] = raw.shape[1:]
         self.dim = int(self._pool_output(raw).shape[1])
@@ -130,9 +139,9 @@ class Embedder:
         return np.concatenate(chunks) if chunks else np.empty((0, self.dim), np.float32)
 
     def embed_images(
-        self, sources: Sequence[bytes | str],
+        self, sources: Sequence[ImageSource],
     ) -> tuple[F32, list[ImageError | None]]:
-        """Embed encoded images (``bytes``) or ``file://`` URIs (``str``).
+        """Embed encoded images (``bytes``, :class:`Base64Image`) or ``file://`` URIs (``str``).
 
         Returns ``(embeddings [N, dim], errors)``: a failed item has a NaN row and its
         :class:`ImageError` (whose ``reason`` is the dead-letter reason) at the same index.
@@ -141,19 +150,19 @@ class Embedder:
         errors: list[ImageError | None] = [None] * len(sources)
         bs = self.config.batch_size
         starts = list(range(0, len(sources), bs))
-        pending = [self._submit(sources, starts[0], errors)] if starts else []
+        pending = [self._submit(sources, starts[0], errors, self.decode_threads)] if starts else []
         for n, start in enumerate(starts):
             tensor = _join(pending.pop())
             if n + 1 < len(starts):  # decode the next batch while this one runs
-                pending.append(self._submit(sources, starts[n + 1], errors))
+                pending.append(self._submit(sources, starts[n + 1], errors, OVERLAP_DECODE_TASKS))
             ok = np.array([e is None for e in errors[start:start + bs]])
             if ok.any():
                 rows = np.flatnonzero(ok) + start
                 out[rows] = self._infer(tensor if ok.all() else tensor[ok])
         return out, errors
 
-    def _submit(self, sources: Sequence[bytes | str], start: int,
-                errors: list[ImageError | None]) -> tuple[F32, list[Future[None]]]:
+    def _submit(self, sources: Sequence[ImageSource], start: int, errors: list[ImageError | None],
+                parts: int) -> tuple[F32, list[Future[None]]]:
         stop = min(start + self.config.batch_size, len(sources))
         tensor = self._alloc(stop - start)
 
@@ -170,9 +179,9 @@ class Embedder:
         if self._pool is None:
             work(start, stop)
             return tensor, []
-        parts = np.linspace(start, stop, self.config.decode_threads + 1).astype(int)
+        cuts = np.linspace(start, stop, max(1, parts) + 1).astype(int)
         return tensor, [self._pool.submit(work, int(lo), int(hi))
-                        for lo, hi in zip(parts[:-1], parts[1:], strict=True) if hi > lo]
+                        for lo, hi in zip(cuts[:-1], cuts[1:], strict=True) if hi > lo]
 
     def _alloc(self, n: int) -> F32:
         h, w = self.input_size
@@ -252,45 +261,3 @@ def _input_geometry(
             raise ValueError(f"input shape {shape} has dynamic spatial dims; set input_size")
         size = (int(spatial[0]), int(spatial[1]))
     return ("NCHW" if layout == "NCHW" else "NHWC"), size
-
-
-def expose_tensor(path: Path, name: str | None) -> tuple[bytes, str]:
-    """Serialised model whose only output is ``name`` (a graph output or intermediate tensor).
-
-    The graph is cut to the nodes that ``name`` depends on, so an early layer costs only the
-    layers before it. Returns ``(model bytes, output name)``.
-    """
-    model = onnx.load(str(path))
-    graph = model.graph
-    outputs = [o.name for o in graph.output]
-    name = name or outputs[0]
-    if outputs == [name]:
-        return model.SerializeToString(), name
-    produced = {t for node in graph.node for t in node.output}
-    if name not in produced:
-        raise ValueError(f"tensor {name!r} is not produced by any node; close matches: "
-                         f"{get_close_matches(name, sorted(produced), n=8, cutoff=0.3)}")
-    inferred = onnx.shape_inference.infer_shapes(model)
-    known = {vi.name for vi in [*inferred.graph.value_info, *inferred.graph.output]}
-    if name not in known:  # shape inference could not type it: declare it as float, shape free
-        inferred.graph.value_info.append(
-            onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    initialisers = {t.name for t in graph.initializer}
-    inputs = [i.name for i in graph.input if i.name not in initialisers]
-    try:
-        cut = onnx.utils.Extractor(inferred).extract_model(inputs, [name])
-    except Exception:  # noqa: BLE001 - e.g. control-flow subgraphs: fall back to no pruning
-        vi = next(v for v in inferred.graph.value_info if v.name == name)
-        del inferred.graph.output[:]
-        inferred.graph.output.append(vi)
-        cut = inferred
-    return cut.SerializeToString(), name
-
-
-def list_tensors(path: Path) -> list[tuple[str, list[int | str | None]]]:
-    """Every named tensor a node produces, with its inferred shape (to choose a layer)."""
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
-    shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else d.dim_param or None
-                        for d in vi.type.tensor_type.shape.dim]
-              for vi in [*model.graph.value_info, *model.graph.output]}
-    return [(t, shapes.get(t, [])) for node in model.graph.node for t in node.output if t]

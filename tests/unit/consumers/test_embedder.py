@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 import io
 from pathlib import Path
 
@@ -8,7 +9,13 @@ import pytest
 from PIL import Image
 
 from driftline.consumers.embedder import Embedder, EmbedderConfig, list_tensors
-from driftline.consumers.imaging import ImageDecodeError, ImageTooLargeError, decode_image
+from driftline.consumers.imaging import (
+    Base64Image,
+    ImageDecodeError,
+    ImageSource,
+    ImageTooLargeError,
+    decode_image,
+)
 from tests.unit.consumers.tiny_onnx import build_tiny_model
 
 RNG = np.random.default_rng(7)
@@ -86,21 +93,23 @@ def test_wrong_array_shape_is_refused(tiny: Path) -> None:
         emb.embed_arrays(_images(2, size=17))
 
 
-@pytest.mark.parametrize("threads", [0, 1, 2])
-def test_embed_images_batches_and_errors(tiny: Path, threads: int) -> None:
+@pytest.mark.parametrize("threads", [0, 1, 2, None])
+def test_embed_images_batches_and_errors(tiny: Path, threads: int | None) -> None:
     x = _images(11)
-    sources: list[bytes | str] = [_png(a) for a in x]
+    sources: list[ImageSource] = [_png(a) for a in x]
     sources[3] = b"garbage"
+    sources[5] = Base64Image(base64.b64encode(_png(x[5])).decode())
+    sources[6] = Base64Image("not base64!")
     sources[8] = _png(_images(1, size=64)[0])  # valid, resized to 16×16
     sources[9] = "file:///nonexistent/x.png"
     emb = Embedder(EmbedderConfig(model_path=tiny, batch_size=4, decode_threads=threads,
                                   max_image_pixels=32 * 32))
     out, errors = emb.embed_images(sources)
     assert out.shape == (11, 8)
-    assert [i for i, e in enumerate(errors) if e is not None] == [3, 8, 9]
-    assert isinstance(errors[3], ImageDecodeError) and isinstance(errors[9], ImageDecodeError)
+    assert [i for i, e in enumerate(errors) if e is not None] == [3, 6, 8, 9]
+    assert all(isinstance(errors[i], ImageDecodeError) for i in (3, 6, 9))
     assert isinstance(errors[8], ImageTooLargeError)
-    assert np.isnan(out[[3, 8, 9]]).all()
+    assert np.isnan(out[[3, 6, 8, 9]]).all()
     good = [i for i in range(11) if errors[i] is None]
     np.testing.assert_allclose(out[good], emb.embed_arrays(x[good]), atol=1e-6)
     emb.close()

@@ -2,12 +2,15 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image, JpegImagePlugin
+import simplejpeg
+from PIL import Image
 
 from driftline.consumers.imaging import (
+    Fit,
     ImageDecodeError,
     ImageLimits,
     ImageTooLargeError,
@@ -38,22 +41,56 @@ def _scene(h: int = 576, w: int = 768) -> np.ndarray:
 def test_jpeg_is_decoded_at_reduced_size_and_matches_full_decode(monkeypatch: pytest.MonkeyPatch
                                                                  ) -> None:
     data = _encode(_scene(), quality=95)
-    scales: list[tuple[int, int]] = []
-    original = JpegImagePlugin.JpegImageFile.draft
+    shapes: list[tuple[int, ...]] = []
+    original = simplejpeg.decode_jpeg
 
-    def spy(self: JpegImagePlugin.JpegImageFile, mode: str | None,
-            size: tuple[int, int] | None) -> object:
-        result = original(self, mode, size)
-        scales.append(self.size)
-        return result
+    def spy(*args: Any, **kwargs: Any) -> np.ndarray:
+        out: np.ndarray = original(*args, **kwargs)
+        shapes.append(out.shape)
+        return out
 
-    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", spy)
     out = decode_image(data, (224, 224))
     assert out.shape == (224, 224, 3) and out.dtype == np.uint8
-    assert scales == [(384, 288)]  # DCT scale 1/2: the smallest that still covers 224×224
+    assert shapes == [(288, 384, 3)]  # DCT scale 1/2: the smallest that still covers 224×224
     full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize(
         (224, 224), Image.Resampling.BILINEAR), np.int16)
     assert np.abs(out.astype(np.int16) - full).mean() < 2.0
+    crop = decode_image(data, (224, 224), fit="center_crop")
+    assert crop.shape == (224, 224, 3) and shapes[-1] == (288, 384, 3)  # 298×224 crop box covered
+
+
+@pytest.mark.parametrize("fit", ["stretch", "center_crop"])
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_jpeg_fast_path_gives_the_pixels_of_pil_draft(fit: Fit, mode: str) -> None:
+    """Same DCT scale, same libjpeg-turbo, same resize: references built before stay valid."""
+    data = _encode(_scene(), mode=mode, quality=90)
+    with Image.open(io.BytesIO(data)) as img:
+        img.draft("RGB", (224, 200))
+        via_pil = decode_image_pil(img.convert("RGB"), (200, 224), fit)
+    np.testing.assert_array_equal(decode_image(data, (200, 224), fit=fit), via_pil)
+
+
+def decode_image_pil(img: Image.Image, size: tuple[int, int], fit: Fit) -> np.ndarray:
+    from driftline.consumers.imaging import _resize
+
+    return np.asarray(_resize(img, size[1], size[0], fit))
+
+
+def test_cmyk_jpeg_goes_through_pil() -> None:
+    data = _encode(_scene(120, 160), mode="CMYK", quality=95)
+    rgb = _encode(_scene(120, 160), quality=95)
+    out = decode_image(data, (60, 80))
+    assert out.shape == (60, 80, 3)
+    assert np.abs(out.astype(int) - decode_image(rgb, (60, 80)).astype(int)).mean() < 8
+
+
+def test_jpeg_pixel_limit_is_read_from_the_header() -> None:
+    data = _encode(_scene(200, 300), quality=80)
+    with pytest.raises(ImageTooLargeError):
+        decode_image(data, (16, 16), limits=ImageLimits(max_pixels=200 * 300 - 1))
+    with pytest.raises(ImageDecodeError):  # JPEG not allowed: PIL refuses the format
+        decode_image(data, (16, 16), limits=ImageLimits(formats=("PNG",)))
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "1"])
