@@ -1,0 +1,111 @@
+"""EmbedStage.process without Kafka or a model: what it produces, dead-letters and counts."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+from PIL import Image
+from prometheus_client import CollectorRegistry
+
+from driftline.consumers.embed_stage import EmbedStage
+from driftline.consumers.imaging import ImageError, ImageSource, load_image
+from driftline.metrics import EmbedMetrics
+from driftline.reference.index import BaselineView
+
+
+class Msg(NamedTuple):
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+
+
+class Producer:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes | None, bytes]] = []
+
+    def send(self, topic: str, key: bytes | None = None, value: bytes = b"") -> None:
+        self.sent.append((topic, key, value))
+
+
+class Embedder:
+    """Decodes like the real one (so bad images fail the same way); the mean colour is the
+    embedding."""
+
+    dim = 3
+
+    def embed_images(self, sources: Sequence[ImageSource]) -> tuple[Any, list[Any]]:
+        out = np.full((len(sources), 3), np.nan, np.float32)
+        errors: list[ImageError | None] = [None] * len(sources)
+        for i, src in enumerate(sources):
+            try:
+                out[i] = load_image(src, (8, 8)).reshape(-1, 3).mean(0) + 1.0
+            except ImageError as exc:
+                errors[i] = exc
+        return out, errors
+
+
+class Reference:
+    dim = 3
+
+    def assign(self, emb: Any) -> tuple[Any, Any]:
+        return np.zeros(len(emb), np.int64), np.full(len(emb), 0.5, np.float32)
+
+    def baseline_for(self, station: str, shift: str) -> BaselineView:
+        return BaselineView(f"station={station}", np.ones(1), 0.4, 0.01)
+
+
+def _jpeg(colour: tuple[int, int, int]) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), colour).save(buf, format="JPEG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _event(n: int, station: str, **payload: Any) -> bytes:
+    return json.dumps({"event_id": f"e{n}", "ts": f"2026-11-23T08:00:{n:02d}Z",
+                       "station": station, "shift": "day", "lot": "L1", **payload}).encode()
+
+
+def test_batch_produces_updates_dead_letters_and_counts_per_batch() -> None:
+    registry = CollectorRegistry()
+    producer = Producer()
+    stage = EmbedStage(
+        None, producer, events_topic="ev", updates_topic="up",  # type: ignore[arg-type]
+        dlq_topic="dlq", embedder=Embedder(), reference=Reference(),
+        templates=["station", "station+shift"], metrics=EmbedMetrics(registry))
+    values = [
+        _event(0, "s1", image=_jpeg((200, 10, 10))),
+        _event(1, "s2", image=_jpeg((10, 200, 10))),
+        _event(2, "s1", image=base64.b64encode(b"\xff\xd8\xff not a jpeg").decode()),
+        b"{not json",
+        _event(4, "s1", embedding=[1.0, 0.0, 0.0]),
+        _event(5, "s1", image=_jpeg((10, 10, 200))),
+    ]
+    stage.process([Msg("ev", 0, n, b"k", v) for n, v in enumerate(values)])
+
+    updates = [json.loads(v) for t, _, v in producer.sent if t == "up"]
+    assert [(u["event_id"], u["slice_id"]) for u in updates] == [
+        (e, s) for e in ("e0", "e1", "e4", "e5")
+        for s in (f"station={'s2' if e == 'e1' else 's1'}",
+                  f"station={'s2' if e == 'e1' else 's1'}|shift=day")]
+    assert all(u["ood"] is True and u["source_offset"] in (0, 1, 4, 5) for u in updates)
+    dead = {json.loads(v)["offset"]: json.loads(v)["reason"]
+            for t, _, v in producer.sent if t == "dlq"}
+    assert dead == {2: "image_undecodable", 3: "malformed_json"}
+
+    def sample(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert sample("driftline_embed_events_total", kind="inference") == 5
+    assert sample("driftline_embed_slice_updates_total") == 8
+    assert sample("driftline_embed_station_events_total", station="s1") == 3
+    assert sample("driftline_embed_station_events_total", station="s2") == 1
+    assert sample("driftline_embed_station_last_event_timestamp_seconds", station="s1") == (
+        1795420805.0)  # e5, the last event of s1 in the batch
+    assert sample("driftline_embed_dead_letters_total", reason="image_undecodable") == 1
