@@ -22,12 +22,11 @@ from driftline.consumers.checkpoint import CheckpointStore
 from driftline.consumers.detect_stage import DetectStage
 from driftline.consumers.embed_stage import EmbedStage
 from driftline.consumers.kafka_io import ensure_topics, make_consumer, make_producer
-from driftline.consumers.slice_state import SliceState
+from driftline.consumers.slice_state import SliceState, UpdateView
 from driftline.core.budget import DAY, Budget
 from driftline.core.slices import SliceDetectors
 from driftline.metrics import ConsumerMetrics, DetectMetrics, EmbedMetrics
 from driftline.reference.index import Reference, load_reference
-from driftline.schema import SliceUpdate
 
 log = logging.getLogger(__name__)
 ROLES = ("embed", "detect", "book")
@@ -117,7 +116,7 @@ def build_detect_stage(settings: Settings, registry: CollectorRegistry, ref: Ref
     arl0 = detector_arl0(settings)
     autoresolve = settings.autoresolve_events
 
-    def new_slice(upd: SliceUpdate) -> SliceState:
+    def new_slice(upd: UpdateView) -> SliceState:
         return SliceState(upd.slice_id, upd.template, SliceDetectors(arl0=arl0), baselines,
                           autoresolve)
 

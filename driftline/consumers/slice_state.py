@@ -8,17 +8,52 @@ no crossing, a ``clear`` message says the slice is back at its no-drift level.
 
 from __future__ import annotations
 
-from collections import deque
+import sys
+from datetime import datetime
 from typing import Any, Protocol
 
 import numpy as np
 
-from driftline.core.slices import EventUpdate, SliceDetectors
-from driftline.schema import SliceUpdate, parse_slice_id
+from driftline.core.slices import Alarm, EventUpdate, SliceDetectors
+from driftline.schema import parse_slice_id
 
 EXEMPLARS = 8
+EXEMPLAR_FIELDS = ("event_id", "cluster", "distance", "ts", "ood")
+Exemplar = tuple[Any, ...]
 # Gauges read cluster shares and OOD rate over the last hour of event time.
 GAUGE_WINDOW_S = 3600.0
+
+
+class UpdateView(Protocol):
+    """What a slice reads of a slice-update: :class:`~driftline.schema.SliceUpdate`, or the
+    detect stage's lighter :class:`~driftline.consumers.detect_stage.FastUpdate`."""
+
+    @property
+    def slice_id(self) -> str: ...
+    @property
+    def template(self) -> str: ...
+    @property
+    def event_id(self) -> str: ...
+    @property
+    def ts(self) -> datetime: ...
+    @property
+    def source_partition(self) -> int: ...
+    @property
+    def source_offset(self) -> int: ...
+    @property
+    def baseline(self) -> str: ...
+    @property
+    def cluster(self) -> int | None: ...
+    @property
+    def distance(self) -> float | None: ...
+    @property
+    def ood(self) -> bool | None: ...
+    @property
+    def model_version(self) -> str | None: ...
+    @property
+    def label(self) -> str | None: ...
+    @property
+    def error(self) -> bool | None: ...
 
 
 class Baselines(Protocol):
@@ -32,44 +67,80 @@ class Baselines(Protocol):
 
 
 class SliceState:
-    """Detectors, alarm lifecycle and exemplars of one slice (implements ``SliceModel``)."""
+    """Detectors, alarm lifecycle and exemplars of one slice (implements ``SliceModel``).
+
+    Kept small, since a worker holds thousands: slots, exemplars as tuples
+    ``(event_id, cluster, distance, ts, ood)`` in a short list, dims parsed from the id on use.
+    """
+
+    __slots__ = ("slice_id", "template", "det", "baselines", "autoresolve", "open", "exemplars",
+                 "versions", "last_time")
 
     def __init__(self, slice_id: str, template: str, detectors: SliceDetectors,
                  baselines: Baselines, autoresolve_events: int) -> None:
-        self.slice_id, self.template = slice_id, template
-        self.dims = parse_slice_id(slice_id)
+        self.slice_id, self.template = slice_id, sys.intern(template)  # one string per template
         self.det = detectors
         self.baselines = baselines
         self.autoresolve = autoresolve_events
         self.open: dict[str, dict[str, Any]] = {}  # detector -> {onset_time, quiet, alarms}
-        self.exemplars: deque[dict[str, Any]] = deque(maxlen=EXEMPLARS)
+        self.exemplars: list[Exemplar] = []  # the newest EXEMPLARS, oldest first
         self.versions: dict[str, int] = {}
         self.last_time: float | None = None
+
+    @property
+    def dims(self) -> dict[str, str]:
+        return parse_slice_id(self.slice_id)
 
     @property
     def n(self) -> int:
         return self.det.n
 
-    def update(self, upd: SliceUpdate) -> list[dict[str, Any]]:
+    def update(self, upd: UpdateView) -> list[dict[str, Any]]:
+        """Apply one slice-update; return the outbox messages it raises. Raises ``KeyError``
+        (unknown baseline) or ``ValueError`` (cluster outside the reference) before changing
+        anything."""
         t = upd.ts.timestamp()
-        self.last_time = t
-        expected_error = (self.baselines.expected_error(upd.cluster)
-                          if upd.error is not None and upd.cluster is not None else None)
-        has_cluster = upd.cluster is not None and upd.label is None
-        alarms = self.det.update(EventUpdate(
-            cluster=upd.cluster if has_cluster else None,
-            baseline=self.baselines.cluster_mix(upd.baseline) if has_cluster else None,
-            ood=upd.ood if has_cluster else None,
-            ood_p0=self.baselines.ood_rate(upd.baseline) if has_cluster else None,
-            time=t, error=upd.error, expected_error=expected_error))
-        if has_cluster:
-            self.exemplars.append({"event_id": upd.event_id, "cluster": upd.cluster,
-                                   "distance": upd.distance, "ts": t, "ood": upd.ood})
-            if upd.model_version:
-                self.versions[upd.model_version] = self.versions.get(upd.model_version, 0) + 1
+        cluster = upd.cluster
+        if cluster is not None and upd.label is None:
+            key = upd.baseline
+            p = self.baselines.cluster_mix(key)
+            if not 0 <= cluster < p.size:
+                raise ValueError(f"cluster {cluster} outside the reference's 0..{p.size - 1}")
+            self.last_time = t
+            if upd.ood is not None and upd.error is None:  # the usual event: one fast call
+                alarms = self.det.observe(cluster, p, upd.ood, self.baselines.ood_rate(key), t)
+            else:
+                alarms = self._update(upd, t, cluster=True)
+            ex = self.exemplars
+            ex.append((upd.event_id, cluster, upd.distance, t, upd.ood))
+            if len(ex) > EXEMPLARS:
+                del ex[0]
+            version = upd.model_version
+            if version:
+                versions = self.versions
+                if version in versions:
+                    versions[version] += 1
+                else:
+                    versions[sys.intern(version)] = 1
+        else:
+            self.last_time = t
+            alarms = self._update(upd, t, cluster=False)
+        if not alarms and not self.open:
+            return []
         out = [self._on_alarm(a.as_dict(), t) for a in alarms]
         out.extend(self._quiet_tick(t, fired={a.detector for a in alarms}))
         return out
+
+    def _update(self, upd: UpdateView, t: float, cluster: bool) -> list[Alarm]:
+        """Every other kind of update (labels, errors, missing parts) through ``EventUpdate``."""
+        expected_error = (self.baselines.expected_error(upd.cluster)
+                          if upd.error is not None and upd.cluster is not None else None)
+        return self.det.update(EventUpdate(
+            cluster=upd.cluster if cluster else None,
+            baseline=self.baselines.cluster_mix(upd.baseline) if cluster else None,
+            ood=upd.ood if cluster else None,
+            ood_p0=self.baselines.ood_rate(upd.baseline) if cluster else None,
+            time=t, error=upd.error, expected_error=expected_error))
 
     def _on_alarm(self, alarm: dict[str, Any], t: float) -> dict[str, Any]:
         name = alarm["detector"]
@@ -113,13 +184,12 @@ class SliceState:
                 "n": counts.n, "clusters": counts.clusters, "expected": counts.expected,
                 "n_ood": counts.n_ood, "ood": counts.ood, "ood_expected": counts.ood_expected,
                 "truncated": counts.truncated},
-            "exemplars": list(self.exemplars),
+            "exemplars": [dict(zip(EXEMPLAR_FIELDS, e, strict=True)) for e in self.exemplars],
             "model_versions": dict(self.versions),
         }
 
     def gauges(self) -> dict[str, Any]:
-        status = self.det.status()
-        out: dict[str, Any] = {"ratios": {k: v["ratio"] for k, v in status.items()}}
+        out: dict[str, Any] = {"ratios": {k: d.ratio for k, d in self.det.detectors.items()}}
         if self.det.counts is not None and self.last_time is not None:
             c = self.det.counts.since(self.last_time - GAUGE_WINDOW_S)
             if c.ood_expected > 0:
@@ -131,7 +201,7 @@ class SliceState:
     def snapshot(self) -> dict[str, Any]:
         return {"slice_id": self.slice_id, "template": self.template,
                 "detectors": self.det.snapshot(), "open": self.open,
-                "exemplars": list(self.exemplars), "versions": self.versions,
+                "exemplars": [list(e) for e in self.exemplars], "versions": self.versions,
                 "last_time": self.last_time}
 
     @classmethod
@@ -140,7 +210,8 @@ class SliceState:
         obj = cls(snap["slice_id"], snap["template"], SliceDetectors.restore(snap["detectors"]),
                   baselines, autoresolve_events)
         obj.open = snap["open"]
-        obj.exemplars.extend(snap["exemplars"])
+        obj.exemplars = [tuple(e[f] for f in EXEMPLAR_FIELDS) if isinstance(e, dict)  # v1
+                         else tuple(e) for e in snap["exemplars"]]
         obj.versions = snap["versions"]
         obj.last_time = snap["last_time"]
         return obj

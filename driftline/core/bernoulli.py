@@ -11,7 +11,7 @@ still above ``p0``. Increments are ``ln(p1/p0)`` for ``x = 1`` and ``ln((1-p1)/(
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -21,6 +21,11 @@ OOD_ALTERNATIVES = ((2.0, 0.0), (3.0, 0.0), (5.0, 0.0), (10.0, 0.0))
 CONFIDENCE_ALTERNATIVES = ((1.5, 0.0), (2.0, 0.0), (3.0, 0.0))
 ERROR_ALTERNATIVES = ((1.5, 0.0), (2.0, 0.0), (3.0, 0.0), (1.0, 0.02), (1.0, 0.05), (1.0, 0.1))
 _P0_FLOOR = 1e-9
+_Rows = tuple[tuple[FloatArray, float], tuple[FloatArray, float]]
+# Reference rates are few (one per baseline) and every slice's bank shares their tables.
+_SHARED_TABLES = 1024
+_tables: dict[tuple[tuple[tuple[float, float], ...], float], _Rows] = {}
+_alternatives: dict[tuple[tuple[float, float], ...], tuple[tuple[float, float], ...]] = {}
 
 
 def bernoulli_table(p0: float, alternatives: Sequence[tuple[float, float]]) -> FloatArray:
@@ -29,6 +34,19 @@ def bernoulli_table(p0: float, alternatives: Sequence[tuple[float, float]]) -> F
     alt = np.asarray(alternatives, dtype=np.float64).reshape(-1, 2)
     p1 = np.minimum(alt[:, 0] * p0 + alt[:, 1], 0.5 * (1.0 + p0))
     return np.stack([np.log1p(-p1) - np.log1p(-p0), np.log(p1) - np.log(p0)])
+
+
+def _shared_rows(alternatives: tuple[tuple[float, float], ...], p0: float) -> _Rows:
+    """:func:`bernoulli_table` rows with their largest increments, cached per ``p0``."""
+    key = (alternatives, p0)
+    rows = _tables.get(key)
+    if rows is None:
+        if len(_tables) >= _SHARED_TABLES:
+            _tables.clear()
+        table = bernoulli_table(p0, alternatives)
+        rows = _tables[key] = ((table[0], float(table[0].max())),
+                               (table[1], float(table[1].max())))
+    return rows
 
 
 class BernoulliCusum(CusumBank):
@@ -61,6 +79,7 @@ class BernoulliCusum(CusumBank):
     continuously", J. Quality Technology 31, 1999.
     """
 
+    __slots__ = ("alternatives", "_arl0", "_last_p0", "_rows", "_zero")
     kind = "bernoulli"
 
     def __init__(
@@ -70,7 +89,8 @@ class BernoulliCusum(CusumBank):
         arl0: float = 1e4,
         threshold: float | None = None,
     ) -> None:
-        self.alternatives = tuple((float(r), float(d)) for r, d in alternatives)
+        alts = tuple((float(r), float(d)) for r, d in alternatives)
+        self.alternatives = _alternatives.setdefault(alts, alts)  # one tuple per set
         if not self.alternatives or any(
             r < 1.0 or d < 0.0 or (r == 1.0 and d == 0.0) for r, d in self.alternatives
         ):
@@ -79,16 +99,35 @@ class BernoulliCusum(CusumBank):
         size = len(self.alternatives)
         super().__init__(size, union_threshold(arl0, size) if threshold is None else threshold)
         self._last_p0 = float("nan")
-        self._table: FloatArray = np.zeros((2, size))
+        self._rows: _Rows = ((np.zeros(size), 0.0), (np.zeros(size), 0.0))
+        self._zero = True  # every S_m is exactly 0
 
     def update(self, flag: bool, p0: float, time: float | None = None) -> bool:
         """Feed one event's flag against its reference rate ``p0``; True while alarming."""
         if p0 != self._last_p0:
-            self._table = bernoulli_table(p0, self.alternatives)
+            self._rows = _shared_rows(self.alternatives, p0)
             self._last_p0 = p0
-        was_zero = self._begin()
-        self._s += self._table[1 if flag else 0]
-        return self._finish(was_zero, time)
+        inc, hi = self._rows[1 if flag else 0]
+        if self._zero and hi <= 0.0:
+            # Every S_m stays at 0 (the usual no-flag event): only the count moves. Onset stamps
+            # of members at 0 are never read, so skipping them changes nothing observable.
+            self._n += 1
+            return False
+        self._begin(time)
+        self._s += inc
+        alarm = self._finish(hi)
+        self._zero = not self._s.any()
+        return alarm
+
+    def reset(self) -> None:
+        super().reset()
+        self._zero = True
+
+    @classmethod
+    def restore(cls, snap: dict[str, Any]) -> Self:
+        det = super().restore(snap)
+        det._zero = not det._s.any()
+        return det
 
     def describe_member(self, m: int) -> dict[str, Any]:
         rho, delta = self.alternatives[m]
@@ -112,6 +151,7 @@ class ErrorRateCusum(BernoulliCusum):
     {'rho': 1.0, 'delta': 0.1}
     """
 
+    __slots__ = ("cluster_error",)
     kind = "error_rate"
 
     def __init__(

@@ -4,9 +4,25 @@ An incident needs "what changed since the onset": observed cluster counts agains
 the events' own baselines expected, and the OOD rate against its reference. The onset is only
 known when a detector alarms, so counts are kept per event-time bucket and summed from the
 onset's bucket on demand. Buckets add, so counts from several workers (or a replay) merge by
-addition; a bucket holds, in one float vector (exact for integers below 2**53)::
+addition.
 
-    [n, n_ood, ood_hits, ood_expected, counts[0..K), expected[0..K)]
+Layout (one ring of at most ``max_buckets`` rows per slice; a detect worker holds thousands):
+
+* ``counts``: int32 rows ``[ood_hits, clusters[0..K)]`` — exact up to 2**31 − 1 events per
+  bucket (7 million events/s for a 5-min bucket);
+* events and expected counts, in one of two forms. While a slice has seen few distinct
+  baselines (a station, a station×shift, a lot on one line: one or two), a bucket stores *how
+  many events were judged against each baseline* — int32 columns ``per_baseline`` (cluster
+  events per baseline ``p``) and ``per_ood_p0`` (OOD-flagged events per reference rate) — so
+  ``n = Σ_b events_b`` and the expectation is ``Σ_b events_b · p_b``: exact integers, 4 bytes
+  per baseline. Once the columns would cost more than a dense float64 row (more than ``2·(K+1)``
+  columns, e.g. a lot spread over many stations), the ring turns *dense*: one column each for
+  ``n`` and ``n_ood``, and rows ``[expected[0..K), ood_expected]`` that add each event's ``p``
+  in order.
+
+Rows are allocated as buckets fill (a fresh slice holds one). When the ring is full the oldest
+bucket is folded into running totals and ``Counts.truncated`` tells a reader that asked for
+time before it.
 """
 
 from __future__ import annotations
@@ -16,10 +32,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from driftline.core.cusum import FloatArray
 
-_HEAD = 4
+_HITS = 1  # counts rows start with ood_hits, then the clusters
+_EMPTY = np.iinfo(np.int64).min
+SNAPSHOT_VERSION = 2
+IntArray = npt.NDArray[np.int64]
 
 
 @dataclass(frozen=True)
@@ -47,29 +67,139 @@ class SliceCounts:
     [0, 1]
     """
 
+    __slots__ = ("n_clusters", "bucket_seconds", "max_buckets", "_used", "_keys", "_cnt", "_ps",
+                 "_p0s", "_kp", "_k0", "_exp", "_last", "_dropped", "_dropped_until")
+
     def __init__(self, n_clusters: int, bucket_seconds: float = 300.0, max_buckets: int = 48):
         if bucket_seconds <= 0.0 or max_buckets < 1 or n_clusters < 1:
             raise ValueError("need bucket_seconds > 0, max_buckets >= 1, n_clusters >= 1")
         self.n_clusters = int(n_clusters)
         self.bucket_seconds = float(bucket_seconds)
         self.max_buckets = int(max_buckets)
-        self._buckets: dict[int, FloatArray] = {}
-        self._dropped: FloatArray = np.zeros(_HEAD + 2 * self.n_clusters)
+        self._used = 0  # rows in use; rows are allocated as buckets fill
+        self._keys: IntArray = np.zeros(0, np.int64)
+        self._cnt = np.zeros((0, _HITS + self.n_clusters), np.int32)
+        self._ps: list[FloatArray] = []  # distinct cluster baselines seen (columns of _kp)
+        self._p0s: list[float] = []  # distinct OOD reference rates seen (columns of _k0)
+        self._kp = np.zeros((0, 0), np.int32)
+        self._k0 = np.zeros((0, 0), np.int32)
+        self._exp: FloatArray | None = None  # dense expected rows, once columns cost more
+        self._last = (_EMPTY, -1)  # (bucket key, row) of the previous update
+        # totals of buckets dropped from a full ring (made on the first drop):
+        # [n, n_ood, ood_hits, clusters[0..K), expected[0..K), ood_expected]
+        self._dropped: FloatArray | None = None
         self._dropped_until: int | None = None
 
-    def _bucket(self, time: float) -> FloatArray:
-        key = math.floor(time / self.bucket_seconds)
-        row = self._buckets.get(key)
-        if row is None:
-            row = self._buckets[key] = np.zeros(_HEAD + 2 * self.n_clusters)
+    # -- rows -------------------------------------------------------------------------------
+    def _resize(self, rows: int) -> None:
+        def grow(a: Any) -> Any:
+            out = np.zeros((rows, *a.shape[1:]), a.dtype)
+            out[: a.shape[0]] = a
+            return out
+
+        self._keys, self._cnt = grow(self._keys), grow(self._cnt)
+        self._kp, self._k0 = grow(self._kp), grow(self._k0)
+        if self._exp is not None:
+            self._exp = grow(self._exp)
+
+    def _row(self, key: int) -> int:
+        """The row of bucket ``key``, made if needed; -1 if older than a full ring keeps."""
+        used = self._used
+        hit = np.flatnonzero(self._keys[:used] == key)
+        if hit.size:
+            row = int(hit[0])
+        elif used < self.max_buckets:
+            if used == self._keys.size:
+                self._resize(min(self.max_buckets, max(2, 2 * used)))
+            row, self._used = used, used + 1
+            self._keys[row] = key
+        else:
+            row = int(np.argmin(self._keys[:used]))
+            if key < self._keys[row]:
+                return -1
+            self._drop_row(row)
+            self._keys[row] = key
+        self._last = (key, row)
         return row
 
-    def _prune(self) -> None:
-        while len(self._buckets) > self.max_buckets:
-            oldest = min(self._buckets)
-            self._dropped += self._buckets.pop(oldest)
-            self._dropped_until = max(oldest, self._dropped_until or oldest)
+    def _totals(self, rows: list[int]) -> FloatArray:
+        """``[n, n_ood, ood_hits, clusters[0..K), expected[0..K), ood_expected]`` of ``rows``
+        (float64: exact for counts below 2**53)."""
+        k = self.n_clusters
+        out = np.zeros(3 + 2 * k + 1)
+        kp, k0 = self._kp[rows], self._k0[rows]
+        out[0], out[1] = kp.sum(), k0.sum()
+        out[2 : 3 + k] = self._cnt[rows].sum(axis=0, dtype=np.int64)
+        if self._exp is not None:
+            for r in sorted(rows, key=lambda r: int(self._keys[r])):  # time order: fixed sums
+                out[3 + k :] += self._exp[r]
+            return out
+        for n, p in zip(kp.sum(axis=0, dtype=np.int64).tolist(), self._ps, strict=True):
+            out[3 + k : 3 + 2 * k] += n * p
+        out[-1] = math.fsum(n * p0 for n, p0 in zip(
+            k0.sum(axis=0, dtype=np.int64).tolist(), self._p0s, strict=True))
+        return out
 
+    def _add_dropped(self, totals: FloatArray, key: int) -> None:
+        if self._dropped is None:
+            self._dropped = np.zeros(3 + 2 * self.n_clusters + 1)
+        self._dropped += totals
+        self._dropped_until = key if self._dropped_until is None else max(self._dropped_until,
+                                                                          key)
+
+    def _drop_row(self, row: int) -> None:
+        """Fold bucket ``row`` into the dropped totals and clear it."""
+        self._add_dropped(self._totals([row]), int(self._keys[row]))
+        self._cnt[row] = 0
+        self._kp[row] = 0
+        self._k0[row] = 0
+        if self._exp is not None:
+            self._exp[row] = 0.0
+
+    # -- baseline columns -------------------------------------------------------------------
+    def _column_p(self, p: FloatArray) -> int:
+        for i, q in enumerate(self._ps):
+            if q is p:
+                return i
+        for i, q in enumerate(self._ps):
+            if np.array_equal(q, p):
+                self._ps[i] = p  # the caller's object: the next lookup is by identity
+                return i
+        if p.shape != (self.n_clusters,):
+            raise ValueError(f"baseline must have shape ({self.n_clusters},)")
+        if self._too_many_columns():
+            return 0
+        self._ps.append(p)
+        self._kp = np.hstack([self._kp, np.zeros((self._kp.shape[0], 1), np.int32)])
+        return len(self._ps) - 1
+
+    def _column_0(self, p0: float) -> int:
+        for i, q in enumerate(self._p0s):
+            if q == p0:
+                return i
+        if self._too_many_columns():
+            return 0
+        self._p0s.append(float(p0))
+        self._k0 = np.hstack([self._k0, np.zeros((self._k0.shape[0], 1), np.int32)])
+        return len(self._p0s) - 1
+
+    def _too_many_columns(self) -> bool:
+        """Turn dense if one more column would cost more than dense rows; True if dense."""
+        if len(self._ps) + len(self._p0s) + 1 > 2 * (self.n_clusters + 1):
+            self._densify()
+        return self._exp is not None
+
+    def _densify(self) -> None:
+        """Switch to dense float64 expected rows (many distinct baselines)."""
+        rows, k = self._keys.shape[0], self.n_clusters
+        exp = np.zeros((rows, k + 1))
+        for r in range(self._used):
+            exp[r] = self._totals([r])[3 + k :]
+        self._kp = self._kp.sum(axis=1, keepdims=True, dtype=np.int32)
+        self._k0 = self._k0.sum(axis=1, keepdims=True, dtype=np.int32)
+        self._exp, self._ps, self._p0s = exp, [], []
+
+    # -- updates ----------------------------------------------------------------------------
     def update(
         self,
         cluster: int | None,
@@ -80,38 +210,76 @@ class SliceCounts:
         time: float,
     ) -> None:
         """Count one event at event ``time`` (seconds); ``None`` fields are not counted."""
-        row = self._bucket(time)
+        key = math.floor(time / self.bucket_seconds)
+        last_key, row = self._last
+        if key != last_key:
+            row = self._row(key)
+        if row < 0:  # older than every bucket of a full ring: straight to the dropped totals
+            self._add_dropped(self._event_totals(cluster, baseline, ood, ood_p0), key)
+            return
+        exp = self._exp
         if cluster is not None and baseline is not None:
-            row[0] += 1.0
-            row[_HEAD + cluster] += 1.0
-            row[_HEAD + self.n_clusters :] += baseline
+            self._cnt[row, _HITS + cluster] += 1
+            if exp is None:
+                col = self._column_p(baseline)  # first: a new column replaces the array
+                exp = self._exp
+            if exp is None:
+                self._kp[row, col] += 1
+            else:
+                self._kp[row, 0] += 1
+                exp[row, : self.n_clusters] += baseline
         if ood is not None and ood_p0 is not None:
-            row[1] += 1.0
-            row[2] += float(ood)
-            row[3] += ood_p0
-        self._prune()
+            if ood:
+                self._cnt[row, 0] += 1
+            if exp is None:
+                col = self._column_0(ood_p0)
+                exp = self._exp
+            if exp is None:
+                self._k0[row, col] += 1
+            else:
+                self._k0[row, 0] += 1
+                exp[row, self.n_clusters] += ood_p0
+
+    def _event_totals(self, cluster: int | None, baseline: FloatArray | None,
+                      ood: bool | None, ood_p0: float | None) -> FloatArray:
+        k = self.n_clusters
+        out = np.zeros(3 + 2 * k + 1)
+        if cluster is not None and baseline is not None:
+            out[0] += 1
+            out[3 + cluster] += 1
+            out[3 + k : 3 + 2 * k] += baseline
+        if ood is not None and ood_p0 is not None:
+            out[1] += 1
+            out[2] += bool(ood)
+            out[-1] += ood_p0
+        return out
+
+    # -- reading ----------------------------------------------------------------------------
+    def bucket_keys(self) -> list[int]:
+        """Keys (``floor(time / bucket_seconds)``) of the buckets held, oldest first."""
+        return sorted(self._keys[: self._used].tolist())
 
     def since(self, time: float | None) -> Counts:
         """Totals of every bucket from ``time``'s bucket on (``None``: everything ever seen)."""
-        total = np.zeros_like(self._dropped)
+        keys = self._keys[: self._used]
         truncated = False
         if time is None:
-            total += self._dropped
-            keys = list(self._buckets)
+            rows = list(range(self._used))
         else:
             first = math.floor(time / self.bucket_seconds)
-            keys = [k for k in self._buckets if k >= first]
+            rows = np.flatnonzero(keys >= first).tolist()
             truncated = self._dropped_until is not None and first <= self._dropped_until
-        for k in keys:
-            total += self._buckets[k]
+        t = self._totals(rows)
+        if time is None and self._dropped is not None:
+            t += self._dropped
         k = self.n_clusters
         return Counts(
-            n=int(total[0]),
-            clusters=[int(c) for c in total[_HEAD : _HEAD + k]],
-            expected=total[_HEAD + k :].tolist(),
-            n_ood=int(total[1]),
-            ood=int(total[2]),
-            ood_expected=float(total[3]),
+            n=int(t[0]),
+            clusters=t[3 : 3 + k].astype(np.int64).tolist(),
+            expected=t[3 + k : 3 + 2 * k].tolist(),
+            n_ood=int(t[1]),
+            ood=int(t[2]),
+            ood_expected=float(t[-1]),
             truncated=truncated,
         )
 
@@ -119,34 +287,95 @@ class SliceCounts:
         """Add ``other``'s counts into this object (same K and bucket width); returns self."""
         if (other.n_clusters, other.bucket_seconds) != (self.n_clusters, self.bucket_seconds):
             raise ValueError("can only merge counts with the same clusters and bucket width")
-        for key, row in other._buckets.items():
-            mine = self._buckets.get(key)
-            if mine is None:
-                self._buckets[key] = row.copy()
+        if other._exp is not None and self._exp is None:
+            self._densify()
+        # Columns first: registering them may turn this ring dense, before any row is added.
+        cols_p = [self._column_p(p) for p in other._ps] if self._exp is None else []
+        cols_0 = [self._column_0(p0) for p0 in other._p0s] if self._exp is None else []
+        k = self.n_clusters
+        for key in other.bucket_keys():
+            src = int(np.flatnonzero(other._keys[: other._used] == key)[0])
+            row = self._row(key)
+            if row < 0:
+                self._add_dropped(other._totals([src]), key)
+                continue
+            self._cnt[row] += other._cnt[src]
+            if self._exp is None:
+                self._kp[row, cols_p] += other._kp[src]
+                self._k0[row, cols_0] += other._k0[src]
             else:
-                mine += row
-        self._dropped += other._dropped
-        if other._dropped_until is not None:
-            self._dropped_until = max(other._dropped_until, self._dropped_until or -(2**62))
-        self._prune()
+                t = other._totals([src])
+                self._kp[row, 0] += int(t[0])
+                self._k0[row, 0] += int(t[1])
+                self._exp[row] += t[3 + k :]
+        if other._dropped is not None:
+            self._add_dropped(other._dropped, other._dropped_until or 0)
+            self._dropped_until = other._dropped_until if self._dropped_until is None else (
+                max(self._dropped_until, other._dropped_until or self._dropped_until))
         return self
 
+    # -- persistence ------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
-        """JSON-serialisable state."""
+        """State as JSON-ready scalars and numpy arrays (see :mod:`driftline.core.snapshot`)."""
+        u = self._used
         return {
+            "version": SNAPSHOT_VERSION,
             "n_clusters": self.n_clusters,
             "bucket_seconds": self.bucket_seconds,
             "max_buckets": self.max_buckets,
-            "buckets": [[k, row.tolist()] for k, row in sorted(self._buckets.items())],
-            "dropped": self._dropped.tolist(),
+            "keys": self._keys[:u].copy(),
+            "counts": self._cnt[:u].copy(),
+            "baselines": (np.stack(self._ps) if self._ps
+                          else np.zeros((0, self.n_clusters))),
+            "ood_p0": list(self._p0s),
+            "per_baseline": self._kp[:u].copy(),
+            "per_ood_p0": self._k0[:u].copy(),
+            "expected": None if self._exp is None else self._exp[:u].copy(),
+            "dropped": None if self._dropped is None else self._dropped.copy(),
             "dropped_until": self._dropped_until,
         }
 
     @classmethod
     def restore(cls, snap: dict[str, Any]) -> SliceCounts:
-        """Rebuild from :meth:`snapshot` output."""
+        """Rebuild from :meth:`snapshot` output (arrays or lists; v1 JSON too)."""
         obj = cls(snap["n_clusters"], snap["bucket_seconds"], snap["max_buckets"])
-        obj._buckets = {int(k): np.asarray(row, dtype=np.float64) for k, row in snap["buckets"]}
-        obj._dropped = np.asarray(snap["dropped"], dtype=np.float64)
+        if snap.get("version") != SNAPSHOT_VERSION:
+            return obj._restore_v1(snap)
+        k = obj.n_clusters
+        keys = np.asarray(snap["keys"], np.int64)
+        u = obj._used = int(keys.size)
+        obj._keys = keys.copy()
+        obj._cnt = np.asarray(snap["counts"], np.int32).reshape(u, _HITS + k).copy()
+        obj._ps = [np.array(p, np.float64) for p in np.asarray(snap["baselines"]).reshape(-1, k)]
+        obj._p0s = [float(x) for x in snap["ood_p0"]]
+        dense = snap["expected"] is not None
+        obj._kp = np.asarray(snap["per_baseline"], np.int32).reshape(
+            u, 1 if dense else len(obj._ps)).copy()
+        obj._k0 = np.asarray(snap["per_ood_p0"], np.int32).reshape(
+            u, 1 if dense else len(obj._p0s)).copy()
+        if dense:
+            obj._exp = np.asarray(snap["expected"], np.float64).reshape(u, k + 1).copy()
+        if snap["dropped"] is not None:
+            obj._dropped = np.asarray(snap["dropped"], np.float64).copy()
         obj._dropped_until = snap["dropped_until"]
         return obj
+
+    def _restore_v1(self, snap: dict[str, Any]) -> SliceCounts:
+        """v1: float rows ``[n, n_ood, ood_hits, ood_expected, counts, expected]`` by key."""
+        k = self.n_clusters
+        buckets = sorted((int(key), np.asarray(row, np.float64)) for key, row in snap["buckets"])
+        rows = self._used = len(buckets)
+        self._keys = np.array([key for key, _ in buckets], np.int64)
+        self._cnt = np.zeros((rows, _HITS + k), np.int32)
+        self._kp = np.zeros((rows, 1), np.int32)
+        self._k0 = np.zeros((rows, 1), np.int32)
+        self._exp = np.zeros((rows, k + 1))
+        for r, (_, v) in enumerate(buckets):
+            self._cnt[r] = np.concatenate([v[2:3], v[4 : 4 + k]]).round()
+            self._kp[r, 0], self._k0[r, 0] = round(v[0]), round(v[1])
+            self._exp[r] = np.concatenate([v[4 + k :], v[3:4]])
+        d = np.asarray(snap["dropped"], np.float64)
+        if d.any():
+            self._dropped = np.concatenate([d[:3], d[4 : 4 + k], d[4 + k :], d[3:4]])
+        self._dropped_until = snap["dropped_until"]
+        return self

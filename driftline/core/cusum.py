@@ -8,6 +8,21 @@ where ``llr_m`` is the log-likelihood ratio of alternative ``m`` against the eve
 Subclasses only say how an event maps to the ``M`` increments; this module owns the state, the
 onset estimate (the first event after the alarming statistic last left zero), the read-only
 properties and the snapshot format.
+
+The update is written for the detect stage's hot path, a few small numpy calls per event:
+
+* the onset of member ``m`` is stamped (event index and time) on every event that finds
+  ``S_m = 0`` before its step. Only the stamp of a member with ``S_m > 0`` is ever read, and
+  that one was made when ``S_m`` last left zero, so this is the "first event after the last
+  zero" without a second comparison after the step;
+* the maximum ``max_m S_m`` is not taken on every event. The bank keeps an upper bound ``u``
+  (``u <- max(0, u + hi)``, ``hi`` the largest increment of the event) and takes the exact
+  maximum only when ``u`` comes within ``_BOUND_SLACK`` of the threshold (or every
+  ``_EXACT_EVERY`` events, so float rounding of the bound cannot build up). Alarms are decided
+  on the exact maximum; the state (``S``, stamps, ``n``) never depends on the bound.
+
+Each event's float operations on ``S`` are the same whichever way the stream is cut into batches
+or restarted from a snapshot, so a restored detector continues bit for bit.
 """
 
 from __future__ import annotations
@@ -19,7 +34,10 @@ import numpy as np
 import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float64]
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
+# The bound adds one rounded sum per event where S adds two: a few ulps of h per event at most.
+_BOUND_SLACK = 1e-6
+_EXACT_EVERY = 4096
 
 
 def union_threshold(arl0: float, bank_size: int) -> float:
@@ -42,6 +60,7 @@ def union_threshold(arl0: float, bank_size: int) -> float:
 class CusumBank:
     """State and read-only view shared by every CUSUM bank (use a subclass)."""
 
+    __slots__ = ("_h", "_s", "_onset", "_n", "_bound", "_alarm")
     kind: ClassVar[str] = "cusum"
 
     def __init__(self, bank_size: int, threshold: float) -> None:
@@ -49,10 +68,12 @@ class CusumBank:
             raise ValueError("threshold must be positive")
         self._h = float(threshold)
         self._s: FloatArray = np.zeros(bank_size)
-        self._start = np.zeros(bank_size, dtype=np.int64)
-        self._start_time: FloatArray = np.full(bank_size, np.nan)
+        # Per member, the stamp of the last step that started from S = 0: event index + 1j·time
+        # (NaN: no time). One complex array, so that stamping is one masked store.
+        self._onset = np.full(bank_size, complex(0.0, math.nan))
         self._n = 0
-        self._top = 0.0
+        self._bound = 0.0  # >= max_m S_m (see the module docstring)
+        self._alarm = False
 
     # -- subclass hooks -------------------------------------------------------------------
     def describe_member(self, m: int) -> dict[str, Any]:
@@ -64,18 +85,23 @@ class CusumBank:
         return {}
 
     # -- update machinery -----------------------------------------------------------------
-    def _begin(self) -> npt.NDArray[np.bool_]:
-        return np.equal(self._s, 0.0)
+    def _begin(self, time: float | None) -> None:
+        """Stamp the members that start this step from zero (call before adding)."""
+        self._onset[self._s == 0.0] = complex(self._n, math.nan if time is None else time)
 
-    def _finish(self, was_zero: npt.NDArray[np.bool_], time: float | None) -> bool:
+    def _finish(self, hi: float) -> bool:
+        """Clamp at zero and decide the alarm; ``hi`` bounds every increment just added."""
         s = self._s
         np.maximum(s, 0.0, out=s)
-        started = was_zero & (s > 0.0)
-        np.copyto(self._start, self._n, where=started)
-        np.copyto(self._start_time, np.nan if time is None else float(time), where=started)
         self._n += 1
-        self._top = float(s.max())
-        return self._top >= self._h
+        bound = self._bound + hi
+        if bound >= self._h - _BOUND_SLACK or not self._n % _EXACT_EVERY:
+            bound = float(s.max())
+            self._alarm = bound >= self._h
+        else:
+            self._alarm = False
+        self._bound = bound if bound > 0.0 else 0.0
+        return self._alarm
 
     # -- read-only view -------------------------------------------------------------------
     @property
@@ -85,7 +111,7 @@ class CusumBank:
     @property
     def statistic(self) -> float:
         """``max_m S_m``: the largest statistic in the bank."""
-        return self._top
+        return float(self._s.max())
 
     @property
     def threshold(self) -> float:
@@ -94,11 +120,11 @@ class CusumBank:
     @property
     def ratio(self) -> float:
         """Statistic over threshold; ``>= 1`` means alarm (handy as a gauge)."""
-        return self._top / self._h
+        return self.statistic / self._h
 
     @property
     def alarm(self) -> bool:
-        return self._top >= self._h
+        return self._alarm
 
     @property
     def n(self) -> int:
@@ -113,52 +139,60 @@ class CusumBank:
     @property
     def onset_index(self) -> int | None:
         """Index (0-based, in events) of the first event of the leading excursion, if any."""
-        if self._top <= 0.0:
+        m = int(np.argmax(self._s))
+        if not self._s[m] > 0.0:
             return None
-        return int(self._start[int(np.argmax(self._s))])
+        return int(self._onset[m].real)
 
     @property
     def onset_time(self) -> float | None:
         """Event time of :attr:`onset_index`, if times were given."""
-        if self._top <= 0.0:
+        m = int(np.argmax(self._s))
+        if not self._s[m] > 0.0:
             return None
-        t = float(self._start_time[int(np.argmax(self._s))])
+        t = float(self._onset[m].imag)
         return None if math.isnan(t) else t
 
     def reset(self) -> None:
         """Forget every event: statistics to zero, ``n`` to zero."""
         self._s[:] = 0.0
-        self._start[:] = 0
-        self._start_time[:] = np.nan
+        self._onset[:] = complex(0.0, math.nan)
         self._n = 0
-        self._top = 0.0
+        self._bound = 0.0
+        self._alarm = False
 
     # -- persistence ----------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
-        """JSON-serialisable state; :meth:`restore` continues exactly where this left off."""
+        """State as JSON-ready scalars plus numpy arrays (``s``; per member ``start`` and
+        ``start_time``, the onset stamps, NaN for no time); :meth:`restore` continues exactly
+        where this left off.
+        :func:`driftline.consumers.checkpoint.encode_record` stores the arrays as raw bytes."""
         return {
             "kind": self.kind,
             "version": SNAPSHOT_VERSION,
             "config": self.config(),
             "threshold": self._h,
             "n": self._n,
-            "s": self._s.tolist(),
-            "start": self._start.tolist(),
-            "start_time": [None if math.isnan(t) else t for t in self._start_time.tolist()],
+            "s": self._s.copy(),
+            "start": self._onset.real.astype(np.int64),
+            "start_time": self._onset.imag.copy(),
         }
 
     @classmethod
     def restore(cls, snap: dict[str, Any]) -> Self:
-        """Rebuild a detector from :meth:`snapshot` output."""
-        if snap.get("kind") != cls.kind or snap.get("version") != SNAPSHOT_VERSION:
+        """Rebuild a detector from :meth:`snapshot` output (arrays or lists; v1 JSON too)."""
+        if snap.get("kind") != cls.kind or snap.get("version") not in (1, SNAPSHOT_VERSION):
             raise ValueError(f"not a {cls.kind} v{SNAPSHOT_VERSION} snapshot")
         det = cls(**snap["config"], threshold=snap["threshold"])
         s = np.asarray(snap["s"], dtype=np.float64)
-        if s.shape != det._s.shape:
+        start = np.asarray(snap["start"], dtype=np.int64)
+        start_time = np.asarray(snap["start_time"], dtype=np.float64)  # v1: None for NaN
+        if not s.shape == start.shape == start_time.shape == det._s.shape:
             raise ValueError("snapshot bank size does not match its config")
         det._s[:] = s
-        det._start[:] = np.asarray(snap["start"], dtype=np.int64)
-        det._start_time[:] = [np.nan if t is None else t for t in snap["start_time"]]
+        det._onset.real = start
+        det._onset.imag = start_time
         det._n = int(snap["n"])
-        det._top = float(s.max())
+        det._bound = float(s.max())
+        det._alarm = det._bound >= det._h
         return det

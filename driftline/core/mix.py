@@ -17,7 +17,6 @@ The statistic is the bank's maximum, which is the CUSUM form of a GLR over the f
 from __future__ import annotations
 
 import weakref
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,8 +31,15 @@ DEFAULT_FRACTIONS = (0.5, 0.95)
 _P_FLOOR = 1e-12
 _SHARED_TABLES = 512  # baselines are few (global, stations, station×shift): share their tables
 
+_Tables = tuple[FloatArray, list[float]]
 _Key = tuple[int, tuple[float, ...], tuple[float, ...]]
-_cache: OrderedDict[_Key, tuple[weakref.ref[FloatArray], FloatArray, FloatArray]] = OrderedDict()
+_cache: dict[_Key, tuple[weakref.ref[FloatArray], _Tables]] = {}
+_grids: dict[tuple[float, ...], tuple[float, ...]] = {}  # one tuple per grid, shared by banks
+
+
+def _grid(values: Sequence[float]) -> tuple[float, ...]:
+    key = tuple(float(v) for v in values)
+    return _grids.setdefault(key, key)
 
 
 def mix_tables(
@@ -61,17 +67,24 @@ def mix_tables(
 
 def _shared_tables(
     p: FloatArray, epsilons: tuple[float, ...], fractions: tuple[float, ...]
-) -> tuple[FloatArray, FloatArray]:
+) -> _Tables:
+    """Per category ``c``, the whole bank's increment for an event in ``c`` (``base``, with row
+    ``c`` replaced by ``base[c] + diff[c]``), flattened: shape ``(K, K·(E+F))``; and its
+    largest element (the bank's bound step). Shared by every bank judging against ``p``."""
     key = (id(p), epsilons, fractions)
     hit = _cache.get(key)
     if hit is not None and hit[0]() is p:
-        _cache.move_to_end(key)
-        return hit[1], hit[2]
+        return hit[1]
     base, diff = mix_tables(p, epsilons, fractions)
-    _cache[key] = (weakref.ref(p), base, diff)
-    if len(_cache) > _SHARED_TABLES:
-        _cache.popitem(last=False)
-    return base, diff
+    k = base.shape[0]
+    inc = np.broadcast_to(base, (k, *base.shape)).copy()
+    inc[np.arange(k), np.arange(k)] += diff
+    inc = inc.reshape(k, -1)
+    tables = (inc, inc.max(axis=1).tolist())
+    if len(_cache) >= _SHARED_TABLES:  # more baselines than a reference has: start over
+        _cache.clear()
+    _cache[key] = (weakref.ref(p), tables)
+    return tables
 
 
 class ClusterMixCusum(CusumBank):
@@ -110,6 +123,8 @@ class ClusterMixCusum(CusumBank):
     A. Tartakovsky, I. Nikiforov, M. Basseville, *Sequential Analysis*, CRC Press, 2014.
     """
 
+    __slots__ = ("epsilons", "fractions", "n_categories", "_arl0", "_width", "_last_p",
+                 "_inc", "_hi")
     kind = "cluster_mix"
 
     def __init__(
@@ -121,8 +136,8 @@ class ClusterMixCusum(CusumBank):
         fractions: Sequence[float] = DEFAULT_FRACTIONS,
         threshold: float | None = None,
     ) -> None:
-        self.epsilons = tuple(float(e) for e in epsilons)
-        self.fractions = tuple(float(f) for f in fractions)
+        self.epsilons = _grid(epsilons)
+        self.fractions = _grid(fractions)
         if not all(0.0 < e < 1.0 for e in self.epsilons) or not all(
             0.0 < f <= 1.0 for f in self.fractions
         ):
@@ -134,24 +149,22 @@ class ClusterMixCusum(CusumBank):
         self._width = len(self.epsilons) + len(self.fractions)
         size = self.n_categories * self._width
         super().__init__(size, union_threshold(arl0, size) if threshold is None else threshold)
-        self._rows = self._s.reshape(self.n_categories, self._width)
         self._last_p: FloatArray | None = None
-        self._base: FloatArray = np.zeros((0, 0))
-        self._diff: FloatArray = np.zeros((0, 0))
+        self._inc: FloatArray = np.zeros((0, 0))  # per category: the bank's increments
+        self._hi: list[float] = []
 
     def update(self, category: int, baseline: FloatArray, time: float | None = None) -> bool:
         """Feed one event in ``category`` judged against ``baseline``; True while alarming."""
         if baseline is not self._last_p:
             if baseline.shape != (self.n_categories,):
                 raise ValueError(f"baseline must have shape ({self.n_categories},)")
-            self._base, self._diff = _shared_tables(baseline, self.epsilons, self.fractions)
+            self._inc, self._hi = _shared_tables(baseline, self.epsilons, self.fractions)
             self._last_p = baseline
         if not 0 <= category < self.n_categories:
             raise ValueError(f"category {category} outside 0..{self.n_categories - 1}")
-        was_zero = self._begin()
-        self._rows += self._base
-        self._rows[category] += self._diff[category]
-        return self._finish(was_zero, time)
+        self._begin(time)
+        self._s += self._inc[category]
+        return self._finish(self._hi[category])
 
     def describe_member(self, m: int) -> dict[str, Any]:
         k, j = divmod(m, self._width)
@@ -172,4 +185,5 @@ class ClusterMixCusum(CusumBank):
 class PredictionMixCusum(ClusterMixCusum):
     """The same bank over predicted-label categories (baseline: the reference prediction mix)."""
 
+    __slots__ = ()
     kind = "prediction_mix"

@@ -20,7 +20,7 @@ DETECTORS = ("cluster_mix", "ood_rate", "prediction_mix", "confidence", "error_r
 _KINDS: dict[str, type[CusumBank]] = {
     cls.kind: cls for cls in (ClusterMixCusum, PredictionMixCusum, BernoulliCusum, ErrorRateCusum)
 }
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +83,9 @@ class SliceDetectors:
     >>> alarms[-1][0].detector, alarms[-1][0].argmax["category"], sd.counts.since(0.0).n
     ('cluster_mix', 3, 200)
     """
+
+    __slots__ = ("arl0", "thresholds", "bucket_seconds", "max_buckets", "detectors", "counts",
+                 "n")
 
     def __init__(
         self,
@@ -156,6 +159,31 @@ class SliceDetectors:
         self.n += 1
         return [self._alarm(name, not before) for name, before in fed if self.detectors[name].alarm]
 
+    def observe(self, cluster: int, baseline: FloatArray, ood: bool, ood_p0: float,
+                time: float) -> list[Alarm]:
+        """The detect stage's common event, cluster and OOD flag: the same as
+        ``update(EventUpdate(cluster=…, baseline=…, ood=…, ood_p0=…, time=…))``, faster."""
+        dets = self.detectors
+        mix = dets.get("cluster_mix") or self._make("cluster_mix", baseline.size)
+        rate = dets.get("ood_rate") or self._make("ood_rate")
+        mix_before, rate_before = mix.alarm, rate.alarm
+        mix_alarm = mix.update(cluster, baseline, time)  # type: ignore[attr-defined]
+        rate_alarm = rate.update(ood, ood_p0, time)  # type: ignore[attr-defined]
+        counts = self.counts
+        if counts is None:
+            counts = self.counts = SliceCounts(baseline.size, self.bucket_seconds,
+                                               self.max_buckets)
+        counts.update(cluster, baseline, ood=ood, ood_p0=ood_p0, time=time)
+        self.n += 1
+        if not (mix_alarm or rate_alarm):
+            return []
+        out = []
+        if mix_alarm:
+            out.append(self._alarm("cluster_mix", not mix_before))
+        if rate_alarm:
+            out.append(self._alarm("ood_rate", not rate_before))
+        return out
+
     def _alarm(self, name: str, rising: bool) -> Alarm:
         d = self.detectors[name]
         return Alarm(name, d.statistic, d.threshold, d.onset_index, d.onset_time, d.argmax, rising)
@@ -174,7 +202,8 @@ class SliceDetectors:
         }
 
     def snapshot(self) -> dict[str, Any]:
-        """JSON-serialisable state of every detector and the counts."""
+        """State of every detector and the counts: JSON-ready values and numpy arrays
+        (:func:`driftline.core.snapshot.pack` stores it compactly)."""
         return {
             "version": SNAPSHOT_VERSION,
             "arl0": self.arl0,
@@ -188,8 +217,8 @@ class SliceDetectors:
 
     @classmethod
     def restore(cls, snap: dict[str, Any]) -> SliceDetectors:
-        """Rebuild from :meth:`snapshot` output."""
-        if snap.get("version") != SNAPSHOT_VERSION:
+        """Rebuild from :meth:`snapshot` output (v1 JSON too)."""
+        if snap.get("version") not in (1, SNAPSHOT_VERSION):
             raise ValueError(f"not a slice-detectors v{SNAPSHOT_VERSION} snapshot")
         obj = cls(snap["arl0"], snap["thresholds"], snap["bucket_seconds"], snap["max_buckets"])
         obj.n = int(snap["n"])

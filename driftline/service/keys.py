@@ -3,7 +3,8 @@
 ::
 
     dl:detect:summary          hash    slice_id -> JSON summary (detect stage)
-    dl:detect:state:{p}        hash    slice_id -> JSON {"state": SliceState snapshot, …}
+    dl:detect:state:{p}        hash    slice_id -> {"state": SliceState snapshot, …} packed by
+                                       ``consumers.checkpoint.encode_record`` (JSON + arrays)
     dl:recent                  stream  recent events: ``meta`` JSON and ``vec`` float32 bytes
     dl:reference:active        string  JSON {reference_id, path, who, at}, set by the API
     dl:book:*                  the failure book (:mod:`driftline.alerts.store`); the API

@@ -13,6 +13,7 @@ from typing import Any
 
 import redis
 
+from driftline.consumers.checkpoint import decode_record
 from driftline.core.counts import SliceCounts
 from driftline.core.slices import SliceDetectors
 from driftline.service.keys import STATE_KEY_PREFIX, SUMMARY_KEY
@@ -62,7 +63,7 @@ class SliceData:
             for sid, raw in zip(ids, values, strict=True):
                 if raw is None or sid in out:
                     continue
-                state = json.loads(raw).get("state")
+                state = decode_record(raw).get("state")
                 if isinstance(state, dict):
                     out[sid] = state
         return out

@@ -37,7 +37,7 @@ def buckets(counts: SliceCounts, since: float | None = None,
             until: float | None = None) -> list[Bucket]:
     """The non-empty buckets whose start lies in ``[since, until]`` (event time, seconds)."""
     w = counts.bucket_seconds
-    keys = sorted(int(k) for k, _ in counts.snapshot()["buckets"])
+    keys = counts.bucket_keys()
     out = []
     for k in keys:
         start = k * w

@@ -20,7 +20,9 @@ import numpy as np
 import redis
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from driftline.consumers.checkpoint import decode_record
 from driftline.consumers.kafka_io import ensure_topics
+from driftline.core.snapshot import plain
 from driftline.reference.build import build_reference
 from driftline.schema import Event
 
@@ -171,10 +173,11 @@ def detect_done(pipe: Pipeline, at_least: int = 1, prefix: str = "dl:detect") ->
 
 
 def states(pipe: Pipeline, prefix: str = "dl:detect") -> dict[str, dict[str, Any]]:
+    """Every slice's checkpoint record, decoded, arrays as lists: comparable with ``==``."""
     r = pipe.redis()
     out: dict[str, dict[str, Any]] = {}
     for key in r.scan_iter(match=f"{prefix}:state:*"):
-        out.update({k.decode(): json.loads(v) for k, v in r.hgetall(key).items()})
+        out.update({k.decode(): plain(decode_record(v)) for k, v in r.hgetall(key).items()})
     return out
 
 

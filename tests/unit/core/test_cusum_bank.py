@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,9 +18,11 @@ from driftline.core.mix import (
     DEFAULT_FRACTIONS,
     ClusterMixCusum,
     PredictionMixCusum,
+    _shared_tables,
     mix_tables,
 )
 from driftline.core.simulate import bernoulli_model, mix_model, simulate
+from driftline.core.snapshot import pack, plain, unpack
 
 EPS = (0.02, 0.05, 0.1, 0.2, 0.4)
 FRAC = (0.25, 0.5, 0.75, 0.95)
@@ -114,7 +117,7 @@ def test_same_baseline_object_fast_path_matches_fresh_copies() -> None:
     for c in np.random.default_rng(1).choice(4, 500, p=[0.4, 0.2, 0.2, 0.2]):
         a.update(int(c), p)
         b.update(int(c), p.copy())
-    assert a.snapshot() == b.snapshot()
+    assert plain(a.snapshot()) == plain(b.snapshot())
 
 
 def test_onset_is_first_event_after_last_zero() -> None:
@@ -155,11 +158,14 @@ def test_snapshot_round_trip_continues_exactly(
     )
     original = make()
     _feed(original, events[:cut])
-    restored = type(original).restore(json.loads(json.dumps(original.snapshot())))
+    restored = type(original).restore(unpack(pack(original.snapshot())))
+    from_json = type(original).restore(json.loads(json.dumps(plain(original.snapshot()))))
     rest = events[cut:]
     _feed(original, rest)
     _feed(restored, rest)
-    assert restored.snapshot() == original.snapshot()
+    _feed(from_json, rest)
+    assert pack(restored.snapshot()) == pack(original.snapshot())
+    assert plain(from_json.snapshot()) == plain(original.snapshot())
     for attr in ("statistic", "threshold", "alarm", "n", "argmax", "onset_index"):
         assert getattr(restored, attr) == getattr(original, attr)
 
@@ -196,3 +202,56 @@ def test_validation_and_helpers() -> None:
     assert err.argmax == {"rho": 1.0, "delta": 0.1} and err.onset_time == 5.0
     with pytest.raises(ValueError):
         ErrorRateCusum().update_cluster(True, 0)
+
+
+def _plain_cusum(incs: list[np.ndarray], times: list[float]) -> list[tuple[bool, float, Any]]:
+    """Page's recursion as written in the module docstring, one event at a time, with the
+    onset stamped where a member leaves zero: per event (alarm, max S, onset of the max)."""
+    s = np.zeros(incs[0].size)
+    start = np.zeros(s.size, np.int64)
+    start_t = np.full(s.size, np.nan)
+    out = []
+    for n, (inc, t) in enumerate(zip(incs, times, strict=True)):
+        was_zero = s == 0.0
+        s = np.maximum(s + inc, 0.0)
+        started = was_zero & (s > 0.0)
+        start[started], start_t[started] = n, t
+        m = int(np.argmax(s))
+        out.append((float(s.max()), (int(start[m]), float(start_t[m])) if s[m] > 0 else None))
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(cats=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 2)), min_size=1, max_size=300),
+       threshold=st.floats(1.0, 12.0))
+def test_mix_bank_bound_skips_no_alarm_and_onsets_match_the_plain_recursion(
+    cats: list[tuple[int, int]], threshold: float
+) -> None:
+    ps = [np.array([0.7, 0.1, 0.1, 0.1]), np.array([0.25] * 4), np.array([0.1, 0.2, 0.3, 0.4])]
+    det = ClusterMixCusum(4, threshold=threshold, epsilons=EPS, fractions=FRAC)
+    incs = [_shared_tables(ps[b], det.epsilons, det.fractions)[0][c] for c, b in cats]
+    expected = _plain_cusum(incs, [float(i) for i in range(len(cats))])
+    for i, (c, b) in enumerate(cats):
+        alarm = det.update(c, ps[b], time=float(i))
+        top, onset = expected[i]
+        assert alarm == (top >= threshold) == det.alarm
+        assert det.statistic == top
+        got = None if det.onset_index is None else (det.onset_index, det.onset_time)
+        assert got == onset
+
+
+@settings(max_examples=40, deadline=None)
+@given(flags=st.lists(st.tuples(st.booleans(), st.sampled_from([0.01, 0.05, 0.2])),
+                      min_size=1, max_size=400),
+       threshold=st.floats(0.5, 6.0))
+def test_bernoulli_fast_path_matches_the_plain_recursion(
+    flags: list[tuple[bool, float]], threshold: float
+) -> None:
+    det = BernoulliCusum(threshold=threshold)
+    incs = [bernoulli_table(p0, det.alternatives)[int(x)] for x, p0 in flags]
+    expected = _plain_cusum(incs, [float(i) for i in range(len(flags))])
+    for i, (x, p0) in enumerate(flags):
+        assert det.update(x, p0, time=float(i)) == (expected[i][0] >= threshold)
+        assert det.statistic == expected[i][0] and det.n == i + 1
+        got = None if det.onset_index is None else (det.onset_index, det.onset_time)
+        assert got == expected[i][1]

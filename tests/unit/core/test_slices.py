@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from driftline.core.counts import SliceCounts
 from driftline.core.slices import EventUpdate, SliceDetectors
+from driftline.core.snapshot import pack, plain, unpack
 
 K = 5
 P = np.array([0.3, 0.3, 0.2, 0.1, 0.1])
@@ -80,10 +81,12 @@ def test_slice_snapshot_round_trip(cut: int, seed: int) -> None:
     a = SliceDetectors(arl0=500.0, bucket_seconds=60.0, max_buckets=4)
     for e in events[:cut]:
         a.update(e)
-    b = SliceDetectors.restore(json.loads(json.dumps(a.snapshot())))
+    b = SliceDetectors.restore(unpack(pack(a.snapshot())))
+    c = SliceDetectors.restore(json.loads(json.dumps(plain(a.snapshot()))))
     for e in events[cut:]:
-        assert a.update(e) == b.update(e)
-    assert a.snapshot() == b.snapshot()
+        assert a.update(e) == b.update(e) == c.update(e)
+    assert pack(a.snapshot()) == pack(b.snapshot())
+    assert plain(a.snapshot()) == plain(c.snapshot())
 
 
 records = st.lists(
@@ -102,7 +105,7 @@ def test_counts_merge_matches_numpy(
     a, b = SliceCounts(K, width, max_buckets=1000), SliceCounts(K, width, max_buckets=1000)
     for c, ood, t, to_a in events:
         (a if to_a else b).update(c, P, ood=ood, ood_p0=0.02, time=t)
-    merged = SliceCounts.restore(json.loads(json.dumps(a.snapshot()))).merge(b)
+    merged = SliceCounts.restore(unpack(pack(a.snapshot()))).merge(b)
     got = merged.since(since)
     cs = np.array([e[0] for e in events])
     oods = np.array([e[1] for e in events])

@@ -1,0 +1,104 @@
+"""SliceCounts' compact ring: per-baseline and dense forms, merges, drops, snapshots."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from driftline.core.counts import SliceCounts
+from driftline.core.snapshot import pack, plain, unpack
+
+K = 4
+RNG = np.random.default_rng(3)
+POOL = [RNG.dirichlet(np.ones(K)) for _ in range(12)]  # 12 + 12 rates > 2(K+1): goes dense
+RATES = [0.01 * (i + 1) for i in range(12)]
+
+events = st.lists(
+    st.tuples(st.integers(0, K - 1), st.integers(0, 11), st.booleans(),
+              st.floats(0.0, 3000.0), st.booleans(), st.sampled_from(["both", "mix", "ood"])),
+    min_size=1, max_size=150)
+
+
+def _feed(c: SliceCounts, ev: tuple[int, int, bool, float, bool, str]) -> None:
+    cl, b, ood, t, _, parts = ev
+    c.update(cl if parts != "ood" else None, POOL[b] if parts != "ood" else None,
+             ood=ood if parts != "mix" else None, ood_p0=RATES[b] if parts != "mix" else None,
+             time=t)
+
+
+@settings(max_examples=80, deadline=None)
+@given(evs=events, since=st.floats(-10.0, 3000.0), pools=st.integers(1, 12))
+def test_merged_counts_match_numpy_in_both_forms(
+    evs: list[tuple[int, int, bool, float, bool, str]], since: float, pools: int
+) -> None:
+    evs = [(c, b % pools, o, t, a, parts) for c, b, o, t, a, parts in evs]
+    width = 100.0
+    a, b = SliceCounts(K, width, max_buckets=100), SliceCounts(K, width, max_buckets=100)
+    for ev in evs:
+        _feed(a if ev[4] else b, ev)
+    merged = SliceCounts.restore(unpack(pack(a.snapshot()))).merge(
+        SliceCounts.restore(json.loads(json.dumps(plain(b.snapshot())))))
+    got = merged.since(since)
+    keep = [e for e in evs if math.floor(e[3] / width) >= math.floor(since / width)]
+    mix = [e for e in keep if e[5] != "ood"]
+    ood = [e for e in keep if e[5] != "mix"]
+    assert got.n == len(mix) and got.n_ood == len(ood)
+    assert got.clusters == np.bincount([e[0] for e in mix], minlength=K).tolist()
+    assert got.ood == sum(e[2] for e in ood)
+    np.testing.assert_allclose(got.expected, np.sum([POOL[e[1]] for e in mix], axis=0)
+                               if mix else np.zeros(K), atol=1e-9)
+    assert math.isclose(got.ood_expected, sum(RATES[e[1]] for e in ood), abs_tol=1e-9)
+    assert not got.truncated and merged.since(None).n == sum(e[5] != "ood" for e in evs)
+
+
+def test_few_baselines_stay_integer_columns_many_turn_dense() -> None:
+    c = SliceCounts(K, 60.0)
+    for i in range(200):
+        c.update(i % K, POOL[i % 2], ood=i % 7 == 0, ood_p0=RATES[i % 2], time=float(i))
+    snap = c.snapshot()
+    assert snap["expected"] is None and snap["per_baseline"].shape == (4, 2)
+    assert snap["per_baseline"].dtype == np.int32 and snap["counts"].dtype == np.int32
+    before = c.since(None)
+    for i in range(200, 400):
+        c.update(i % K, POOL[i % 12], ood=False, ood_p0=RATES[i % 12], time=float(i))
+    snap = c.snapshot()
+    assert snap["expected"] is not None and snap["per_baseline"].shape == (7, 1)
+    first = c.since(0.0)
+    assert first.n == 400 and first.clusters[:] == [100] * K
+    np.testing.assert_allclose(c.since(None).expected, 100 * (POOL[0] + POOL[1]) + sum(
+        POOL[i % 12] for i in range(200, 400)), atol=1e-9)
+    assert before.n == 200
+
+
+def test_full_ring_drops_oldest_and_late_events_go_to_the_totals() -> None:
+    c = SliceCounts(2, bucket_seconds=10.0, max_buckets=3)
+    p = np.array([0.25, 0.75])
+    for t in range(100):
+        c.update(t % 2, p, ood=None, ood_p0=None, time=float(t))
+    c.update(0, p, ood=True, ood_p0=0.5, time=5.0)  # far older than the ring: dropped totals
+    assert c.bucket_keys() == [7, 8, 9]
+    assert c.since(70.0).n == 30 and not c.since(70.0).truncated
+    assert c.since(0.0).truncated
+    everything = c.since(None)
+    assert everything.n == 101 and everything.n_ood == 1 and everything.ood == 1
+    np.testing.assert_allclose(everything.expected, 101 * p)
+    again = SliceCounts.restore(unpack(pack(c.snapshot())))
+    assert again.since(None) == everything and again.since(0.0) == c.since(0.0)
+
+
+def test_restores_v1_json_snapshots() -> None:
+    v1 = {"n_clusters": 2, "bucket_seconds": 60.0, "max_buckets": 48,
+          "buckets": [[1, [3.0, 2.0, 1.0, 0.02, 2.0, 1.0, 1.5, 1.5]],
+                      [0, [1.0, 1.0, 0.0, 0.01, 0.0, 1.0, 0.5, 0.5]]],
+          "dropped": [0.0] * 8, "dropped_until": None}
+    c = SliceCounts.restore(v1)
+    got = c.since(None)
+    assert (got.n, got.n_ood, got.ood, got.clusters) == (4, 3, 1, [2, 2])
+    assert got.expected == [2.0, 2.0] and math.isclose(got.ood_expected, 0.03)
+    assert c.bucket_keys() == [0, 1] and c.since(60.0).n == 3
+    c.update(1, np.array([0.5, 0.5]), ood=False, ood_p0=0.01, time=70.0)
+    assert c.since(60.0).n == 4
