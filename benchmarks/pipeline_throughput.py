@@ -1120,7 +1120,7 @@ def main() -> None:
                            f"{d['cpu_ratio']:.2f} |")
         if 2 not in args.parts:
             kept_row, kept_section = previous_embed_part(args.out)
-            summary += [kept_row + " *(earlier run)*"] if kept_row else []
+            summary += [kept_row.rstrip(" |") + " *(earlier run)* |"] if kept_row else []
             body += kept_section
         if 2 in args.parts:
             e = embed_part(stack, work, sizes, args.threads, body)
