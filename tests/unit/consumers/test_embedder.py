@@ -93,8 +93,9 @@ def test_wrong_array_shape_is_refused(tiny: Path) -> None:
         emb.embed_arrays(_images(2, size=17))
 
 
+@pytest.mark.parametrize("ort_threads", [0, 1])  # 0: every core, so no decode beside inference
 @pytest.mark.parametrize("threads", [0, 1, 2, None])
-def test_embed_images_batches_and_errors(tiny: Path, threads: int | None) -> None:
+def test_embed_images_batches_and_errors(tiny: Path, threads: int | None, ort_threads: int) -> None:
     x = _images(11)
     sources: list[ImageSource] = [_png(a) for a in x]
     sources[3] = b"garbage"
@@ -103,7 +104,8 @@ def test_embed_images_batches_and_errors(tiny: Path, threads: int | None) -> Non
     sources[8] = _png(_images(1, size=64)[0])  # valid, resized to 16×16
     sources[9] = "file:///nonexistent/x.png"
     emb = Embedder(EmbedderConfig(model_path=tiny, batch_size=4, decode_threads=threads,
-                                  max_image_pixels=32 * 32))
+                                  intra_op_threads=ort_threads, max_image_pixels=32 * 32))
+    assert not emb.overlap_decode or (threads != 0 and ort_threads == 1)
     out, errors = emb.embed_images(sources)
     assert out.shape == (11, 8)
     assert [i for i, e in enumerate(errors) if e is not None] == [3, 6, 8, 9]
