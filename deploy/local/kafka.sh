@@ -146,7 +146,7 @@ try_start() {
         local cluster_id
         cluster_id="$("$(python_bin)" -c \
             'import base64, os; print(base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("="))')"
-        if ! "${java[@]}" kafka.tools.StorageTool format -t "$cluster_id" \
+        if ! "${java[@]}" kafka.tools.StorageTool format --cluster-id="$cluster_id" \
             -c "$dir/server.properties" >"$dir/logs/format.log" 2>&1; then
             show_log_tail "$dir/logs/format.log"
             die "formatting the KRaft log directory failed"

@@ -2,19 +2,24 @@
 
 Snapshots (:meth:`~driftline.core.slices.SliceDetectors.snapshot` and the banks and counts in
 it) are JSON-ready scalars, lists and dicts with numpy arrays at the leaves. :func:`pack` writes
-the structure as JSON with each array replaced by ``{"__nd__": i}`` and appends the arrays'
-bytes; :func:`unpack` reverses it. Float lists in JSON cost ~20 bytes and a float parse per
-number; here an array costs its bytes and one ``frombuffer``. Layout, little-endian::
+the structure as JSON with each array replaced by ``{ref: i}`` and appends the arrays' bytes;
+:func:`unpack` reverses it. ``ref`` is ``"__nd__"`` unless user data (a model version, say) uses
+that key, in which case a suffix makes it unique; it is stored in the index. Float lists in JSON
+cost ~20 bytes and a float parse per number; here an array costs its bytes and one
+``frombuffer``. Layout, little-endian::
 
     b"DLS" | version (u8) | index length (u32) | doc length (u32) | index | doc | array bytes…
 
-    index = [[dtype, shape], …] (JSON; the arrays in order, unpadded), doc = the JSON structure
+    index = {"ref": ref, "arrays": [[dtype, shape], …]} (JSON; arrays in order, unpadded)
+    doc = the JSON structure (version 1 wrote the bare array list, with ref ``"__nd__"``)
 
 >>> import numpy as np
 >>> blob = pack({"n": 3, "s": np.array([0.5, 0.0]), "tags": ("a", None)})
 >>> doc = unpack(blob)
 >>> doc["n"], doc["s"].tolist(), doc["tags"]
 (3, [0.5, 0.0], ['a', None])
+>>> unpack(pack({"__nd__": 0, "a": np.zeros(1)}))["__nd__"]
+0
 >>> plain({"s": np.array([1.0, np.nan])})
 {'s': [1.0, None]}
 """
@@ -29,7 +34,7 @@ from typing import Any
 import numpy as np
 
 MAGIC = b"DLS"
-VERSION = 1
+VERSION = 2
 _HEAD = struct.Struct("<3sBII")
 _REF = "__nd__"
 
@@ -41,29 +46,43 @@ def is_packed(blob: bytes) -> bool:
 
 def pack(doc: Any) -> bytes:
     """``doc`` (dicts, lists, tuples, JSON scalars, numpy arrays) as bytes."""
+    ref, n = _REF, 0
+    while True:
+        arrays, body = _dump(doc, ref)
+        # Inside a JSON string a quote is escaped, so '"ref":' only ever matches a real key: as
+        # many matches as arrays means no user dict has the key and every {ref: i} is ours.
+        if body.count(f'"{ref}":'.encode()) == len(arrays):
+            break
+        n += 1
+        ref = f"{_REF}{n}"
+    index = json.dumps({"ref": ref, "arrays": [[a.dtype.str, a.shape] for a in arrays]},
+                       separators=(",", ":")).encode()
+    return b"".join([_HEAD.pack(MAGIC, VERSION, len(index), len(body)), index, body,
+                     *(a.tobytes() for a in arrays)])
+
+
+def _dump(doc: Any, ref: str) -> tuple[list[np.ndarray], bytes]:
     arrays: list[np.ndarray] = []
 
     def leaf(x: Any) -> Any:  # json calls this for what it cannot encode itself
         if isinstance(x, np.ndarray):
             arrays.append(np.ascontiguousarray(x))
-            return {_REF: len(arrays) - 1}
+            return {ref: len(arrays) - 1}
         if isinstance(x, np.generic):
             return x.item()
         raise TypeError(f"cannot pack {type(x).__name__}")
 
-    body = json.dumps(doc, default=leaf, separators=(",", ":")).encode()
-    index = json.dumps([[a.dtype.str, a.shape] for a in arrays], separators=(",", ":")).encode()
-    return b"".join([_HEAD.pack(MAGIC, VERSION, len(index), len(body)), index, body,
-                     *(a.tobytes() for a in arrays)])
+    return arrays, json.dumps(doc, default=leaf, separators=(",", ":")).encode()
 
 
 def unpack(blob: bytes) -> Any:
     """The document :func:`pack` wrote; arrays come back writable, with their dtype."""
     magic, version, n_index, n_body = _HEAD.unpack_from(blob)
-    if magic != MAGIC or version != VERSION:
+    if magic != MAGIC or version not in (1, VERSION):
         raise ValueError("not a packed snapshot")
     at = _HEAD.size
     index = json.loads(blob[at : at + n_index])
+    ref, index = (_REF, index) if version == 1 else (index["ref"], index["arrays"])
     body = blob[at + n_index : at + n_index + n_body]
     at += n_index + n_body
     arrays: list[np.ndarray] = []
@@ -76,7 +95,7 @@ def unpack(blob: bytes) -> Any:
         raise ValueError("packed snapshot has the wrong length")
 
     def hook(d: dict[str, Any]) -> Any:
-        return arrays[d[_REF]] if len(d) == 1 and _REF in d else d
+        return arrays[d[ref]] if len(d) == 1 and ref in d else d
 
     return json.loads(body, object_hook=hook)
 

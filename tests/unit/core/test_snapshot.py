@@ -17,8 +17,10 @@ arrays = hnp.arrays(
     shape=hnp.array_shapes(min_dims=1, max_dims=2, min_side=0, max_side=5))
 scalars = st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.text(max_size=8) | \
     st.floats(allow_nan=False, allow_infinity=False)
+# keys include the array marker and its fallbacks: user data (a model version) may use them
+keys = st.sampled_from(["__nd__", "__nd__1", "__nd__2"]) | st.text(max_size=6)
 docs = st.recursive(scalars | arrays, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(
-    st.text(max_size=6).filter(lambda k: k != "__nd__"), kids, max_size=4), max_leaves=20)
+    keys, kids, max_size=4), max_leaves=20)
 
 
 def _same(a: object, b: object) -> bool:
@@ -39,6 +41,21 @@ def test_pack_round_trips_bit_for_bit(doc: object) -> None:
     assert is_packed(blob)
     assert _same(doc, unpack(blob))
     assert pack(unpack(blob)) == blob
+
+
+def test_user_keys_that_look_like_the_marker_survive() -> None:
+    doc = {"versions": {"__nd__": 50}, "s": np.arange(3.0), "more": {"__nd__1": 0}}
+    back = unpack(pack(doc))
+    assert back["versions"] == {"__nd__": 50} and back["more"] == {"__nd__1": 0}
+    assert back["s"].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_version_1_blobs_still_unpack() -> None:
+    import struct
+    body, index = b'{"s":{"__nd__":0}}', b'[["<f8",[2]]]'
+    blob = (struct.pack("<3sBII", b"DLS", 1, len(index), len(body)) + index + body
+            + np.array([1.5, 2.5]).tobytes())
+    assert unpack(blob)["s"].tolist() == [1.5, 2.5]
 
 
 def test_nan_and_legacy_and_damage() -> None:
