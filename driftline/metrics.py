@@ -48,6 +48,10 @@ class DetectMetrics:
         self.duplicates = Counter(
             "driftline_detect_duplicates_total", "Replayed slice-updates skipped by source offset",
             registry=registry)
+        self.skipped = Counter(
+            "driftline_detect_skipped_total",
+            "Slice-updates skipped: unreadable record, or unusable with the loaded reference",
+            ["reason"], registry=registry)
         self.alarms = Counter(
             "driftline_detect_alarms_total", "Detector alarms", ["template", "detector"],
             registry=registry)

@@ -182,6 +182,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         try:
             upd = parse_update(msg.value)
         except ValidationError as exc:
+            self.metrics.skipped.labels("unreadable").inc()
             log.error("unreadable slice-update skipped",
                       extra={"partition": msg.partition, "offset": msg.offset,
                              "error": str(exc)})
@@ -197,6 +198,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         except (KeyError, ValueError) as exc:  # raised before the slice changed anything
             if not entry.applied:
                 del part.slices[upd.slice_id]
+            self.metrics.skipped.labels("unusable").inc()
             log.error("unusable slice-update skipped",
                       extra={"partition": msg.partition, "offset": msg.offset,
                              "slice": upd.slice_id, "error": repr(exc)})
@@ -289,14 +291,18 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         the next offset to apply. No request to the broker (``end_offsets`` per checkpoint
         blocked the loop for a round trip each time)."""
         for p, part in self.parts.items():
+            tp = TopicPartition(self.topic, p)
             try:
-                high = self.consumer.highwater(TopicPartition(self.topic, p))
+                high = self.consumer.highwater(tp)
+                # nothing applied yet (no stored offset): the consumer's own position, e.g. the
+                # log start of a retention-trimmed topic, not offset 0
+                nxt = part.next_offset if part.next_offset is not None else (
+                    None if high is None else self.consumer.position(tp))
             except Exception as exc:  # revoked meanwhile: no reading
                 log.debug("no lag reading", extra={"partition": p, "error": str(exc)})
-                high = None
-            if high is not None:
-                lag = max(0, high - (part.next_offset or 0))
-                self.cmetrics.lag.labels("detect", str(p)).set(lag)
+                high = nxt = None
+            if high is not None and nxt is not None:
+                self.cmetrics.lag.labels("detect", str(p)).set(max(0, high - nxt))
 
     def _refresh_gauges(self) -> None:
         self.cmetrics.assigned.labels("detect").set(len(self.parts))

@@ -8,6 +8,7 @@ no crossing, a ``clear`` message says the slice is back at its no-drift level.
 
 from __future__ import annotations
 
+import logging
 import sys
 from datetime import datetime
 from typing import Any, Protocol
@@ -16,6 +17,8 @@ import numpy as np
 
 from driftline.core.slices import Alarm, EventUpdate, SliceDetectors
 from driftline.schema import parse_slice_id
+
+log = logging.getLogger(__name__)
 
 EXEMPLARS = 8
 EXEMPLAR_FIELDS = ("event_id", "cluster", "distance", "ts", "ood")
@@ -95,6 +98,22 @@ class SliceState:
     def n(self) -> int:
         return self.det.n
 
+    def _clusters_changed(self, k: int) -> bool:
+        mix, counts = self.det.detectors.get("cluster_mix"), self.det.counts
+        return bool((mix is not None and getattr(mix, "n_categories", k) != k)
+                    or (counts is not None and counts.n_clusters != k))
+
+    def _restart_for_new_reference(self, k: int) -> None:
+        """The active reference now has ``k`` clusters: this slice's cluster statistics, counts,
+        open alarms and exemplars describe the old clusters, so start them afresh."""
+        old, d = self.det.counts, self.det
+        log.warning("reference cluster count changed: slice detectors restarted",
+                    extra={"slice": self.slice_id, "clusters": k,
+                           "previous": None if old is None else old.n_clusters, "events": d.n})
+        self.det = SliceDetectors(d.arl0, d.thresholds, d.bucket_seconds, d.max_buckets)
+        self.open = {}
+        self.exemplars.clear()
+
     def update(self, upd: UpdateView) -> list[dict[str, Any]]:
         """Apply one slice-update; return the outbox messages it raises. Raises ``KeyError``
         (unknown baseline) or ``ValueError`` (cluster outside the reference) before changing
@@ -106,6 +125,8 @@ class SliceState:
             p = self.baselines.cluster_mix(key)
             if not 0 <= cluster < p.size:
                 raise ValueError(f"cluster {cluster} outside the reference's 0..{p.size - 1}")
+            if self._clusters_changed(p.size):
+                self._restart_for_new_reference(p.size)
             self.last_time = t
             if upd.ood is not None and upd.error is None:  # the usual event: one fast call
                 alarms = self.det.observe(cluster, p, upd.ood, self.baselines.ood_rate(key), t)

@@ -133,6 +133,27 @@ def test_bad_records_are_logged_and_skipped_duplicates_dropped(
     assert samples["driftline_detect_slice_updates_total"] == 40
     dupes = {s.name: s.value for m in stage.metrics.duplicates.collect() for s in m.samples}
     assert dupes["driftline_detect_duplicates_total"] == 5
+    skips = {s.labels["reason"]: s.value for m in stage.metrics.skipped.collect()
+             for s in m.samples if s.name.endswith("_total")}
+    assert skips == {"unreadable": 2.0, "unusable": 2.0}
+
+
+def test_a_reference_with_other_clusters_restarts_the_slice(
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    stage = _stage()
+    stage.apply_batch(0, [Msg(0, i, _update(2 * i).model_dump_json().encode(), 1)
+                          for i in range(30)])
+    entry = stage.parts[0].slices["station=s1"]
+    assert entry.model.n == 30
+    entry.model.baselines.p["s1"] = np.full(5, 0.2)  # the reference was rebuilt with K = 5
+    with caplog.at_level(logging.WARNING):
+        stage.apply_batch(0, [Msg(0, 30 + i, _update(2 * (30 + i), cluster=4)
+                                  .model_dump_json().encode(), 1) for i in range(10)])
+    restarted = [r for r in caplog.records if "restarted" in r.getMessage()]
+    assert len(restarted) == 1 and restarted[0].__dict__["previous"] == 3
+    assert entry.model.n == 10  # counted afresh against the new clusters, none skipped
+    assert entry.model.det.counts.n_clusters == 5
 
 
 @settings(max_examples=25, deadline=None)
