@@ -3,7 +3,7 @@
 Stateless apart from a short-lived prediction cache in Redis (for late labels), so it scales by
 adding consumers to the ``driftline-embed`` group. Per batch:
 
-1. poll up to ``batch_size`` events (waiting at most ``batch_timeout``);
+1. poll up to ``POLL_BATCHES × batch_size`` events (waiting at most ``batch_timeout``);
 2. validate each; a bad one goes to the dead-letter topic with its reason;
 3. embed images in one model call (precomputed embeddings skip the model), assign each to its
    nearest reference cluster and measure its distance to the reference (OOD flag);
@@ -48,6 +48,10 @@ PREDICTION_TTL_S = 7 * 24 * 3600
 RECENT_KEY = "dl:recent"
 # Lag is an end-offsets request to the broker: once a second is plenty for an alert.
 LAG_REPORT_S = 1.0
+# Under a backlog one poll takes this many model batches, so that the embedder can decode the next
+# batch while the model runs one (when onnxruntime leaves a core free: 0.76 -> 0.87 of bare
+# onnxruntime at one intra-op thread); quiet streams still get small, prompt batches.
+POLL_BATCHES = 4
 
 
 class EmbedderLike(Protocol):
@@ -109,7 +113,7 @@ class EmbedStage:
         try:
             while not self.stop_event.is_set():
                 polled = self.consumer.poll(timeout_ms=self.batch_timeout_ms,
-                                            max_records=self.batch_size)
+                                            max_records=POLL_BATCHES * self.batch_size)
                 msgs = [m for part in polled.values() for m in part]
                 if msgs:
                     self.process(msgs)
