@@ -110,6 +110,7 @@ class EmbedStage:
 
     def run(self) -> None:
         """Process batches until :meth:`stop`; the last batch is finished and committed."""
+        faiss.omp_set_num_threads(1)  # OpenMP settings are per thread: set it where we search
         self._subscribe()
         try:
             while not self.stop_event.is_set():

@@ -14,6 +14,7 @@ workers keep the cores from the decoder after ``run`` returns (0.69 instead of 0
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -101,11 +102,11 @@ class Embedder:
         std = np.asarray(config.std, np.float32)
         self._mul: F32 = (config.scale / std).astype(np.float32)
         self._add: F32 = (np.asarray(config.mean, np.float32) / std).astype(np.float32)
-        threads = (os.cpu_count() or 1) if config.decode_threads is None else config.decode_threads
+        cores = usable_cpus()
+        threads = cores if config.decode_threads is None else config.decode_threads
         self._pool = (ThreadPoolExecutor(threads, thread_name_prefix="decode")
                       if threads > 0 else None)
         self.decode_threads = threads
-        cores = os.cpu_count() or 1
         self.overlap_decode = 0 < config.intra_op_threads < cores and self._pool is not None
         raw = self._raw(np.zeros(self._alloc(self._fixed_batch or 1).shape, np.float32))
         self.output_shape: tuple[int, ...] = raw.shape[1:]
@@ -233,6 +234,24 @@ class Embedder:
         if self.config.l2_normalize:
             emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
         return emb
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a container
+    limit of 2 CPUs on a 64-core node is 2, where ``os.cpu_count()`` says 64).
+
+    >>> 1 <= usable_cpus() <= (os.cpu_count() or 1)
+    True
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    n = cpus or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota readable: the affinity mask is the limit
+    return n
 
 
 def _join(pending: tuple[F32, list[Future[None]]]) -> F32:
