@@ -15,19 +15,13 @@ from typing import Any
 
 import numpy as np
 import redis
-from kafka import KafkaConsumer
 from prometheus_client import CollectorRegistry
 
 from driftline.config import Settings
 from driftline.consumers.checkpoint import CheckpointStore
 from driftline.consumers.detect_stage import DetectStage
 from driftline.consumers.embed_stage import EmbedStage
-from driftline.consumers.kafka_io import (
-    AssignmentWatchdog,
-    ensure_topics,
-    make_consumer,
-    make_producer,
-)
+from driftline.consumers.kafka_io import ensure_topics, make_consumer, make_producer
 from driftline.consumers.slice_state import SliceState, UpdateView
 from driftline.core.budget import DAY, Budget
 from driftline.core.slices import SliceDetectors
@@ -104,13 +98,8 @@ def make_embedder(settings: Settings, ref: Reference) -> Any:
 def build_embed_stage(settings: Settings, registry: CollectorRegistry, ref: Reference,
                       embedder: Any,
                       consumer_metrics: ConsumerMetrics | None = None) -> EmbedStage:
-    def consumer() -> KafkaConsumer:
-        return make_consumer(settings.kafka_bootstrap, settings.embed_group)
-
-    watchdog = AssignmentWatchdog(settings.kafka_bootstrap, settings.embed_group,
-                                  settings.events_topic)
     return EmbedStage(
-        consumer(),
+        make_consumer(settings.kafka_bootstrap, settings.embed_group),
         make_producer(settings.kafka_bootstrap),
         events_topic=settings.events_topic, updates_topic=settings.slice_updates_topic,
         dlq_topic=settings.dlq_topic, embedder=embedder, reference=ref,
@@ -118,8 +107,7 @@ def build_embed_stage(settings: Settings, registry: CollectorRegistry, ref: Refe
         redis_client=redis.Redis.from_url(settings.redis_url),
         consumer_metrics=consumer_metrics or ConsumerMetrics(registry),
         batch_size=settings.embed_batch_size, batch_timeout_ms=settings.embed_batch_timeout_ms,
-        max_event_bytes=settings.max_event_bytes, recent_size=settings.recent_buffer_size,
-        rebuild=(watchdog, consumer))
+        max_event_bytes=settings.max_event_bytes, recent_size=settings.recent_buffer_size)
 
 
 def build_detect_stage(settings: Settings, registry: CollectorRegistry, ref: Reference,
@@ -135,19 +123,13 @@ def build_detect_stage(settings: Settings, registry: CollectorRegistry, ref: Ref
     def restore_slice(snap: dict[str, Any]) -> SliceState:
         return SliceState.restore(snap, baselines, autoresolve)
 
-    def consumer() -> KafkaConsumer:
-        return make_consumer(settings.kafka_bootstrap, settings.detect_group)
-
-    watchdog = AssignmentWatchdog(settings.kafka_bootstrap, settings.detect_group,
-                                  settings.slice_updates_topic)
     return DetectStage(
-        consumer(),
+        make_consumer(settings.kafka_bootstrap, settings.detect_group),
         settings.slice_updates_topic,
         CheckpointStore(redis.Redis.from_url(settings.redis_url)),
         new_slice, restore_slice, DetectMetrics(registry),
         consumer_metrics or ConsumerMetrics(registry),
-        checkpoint_interval_s=settings.checkpoint_interval_ms / 1000,
-        rebuild=(watchdog, consumer))
+        checkpoint_interval_s=settings.checkpoint_interval_ms / 1000)
 
 
 def build_book_processor(settings: Settings, registry: CollectorRegistry) -> Any:

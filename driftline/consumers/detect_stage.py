@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from pydantic_core import from_json
 
 from driftline.consumers.checkpoint import CheckpointStore, Fenced
-from driftline.consumers.kafka_io import AssignmentWatchdog, wait_for_topic
+from driftline.consumers.kafka_io import wait_for_topic
 from driftline.consumers.slice_state import UpdateView
 from driftline.metrics import ConsumerMetrics, DetectMetrics
 from driftline.schema import SliceUpdate
@@ -91,10 +91,8 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         metrics: DetectMetrics,
         consumer_metrics: ConsumerMetrics,
         checkpoint_interval_s: float = 1.0,
-        rebuild: tuple[AssignmentWatchdog, Callable[[], KafkaConsumer]] | None = None,
     ) -> None:
         self.consumer = consumer
-        self.rebuild = rebuild  # (watchdog, consumer factory): see AssignmentWatchdog
         self.topic = topic
         self.store = store
         self.new_slice = new_slice
@@ -140,8 +138,6 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self.consumer.subscribe([self.topic], listener=self)
         try:
             while not self.stop_event.is_set():
-                if self.rebuild is not None and self.rebuild[0].check(self.consumer):
-                    self._rebuild_consumer(self.rebuild[1])
                 batch = self.consumer.poll(timeout_ms=POLL_TIMEOUT_MS,
                                            max_records=MAX_POLL_RECORDS)
                 for tp, messages in batch.items():
@@ -157,21 +153,6 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def stop(self) -> None:
         self.stop_event.set()
-
-    def _rebuild_consumer(self, factory: Callable[[], KafkaConsumer]) -> None:
-        """Close a consumer stuck outside its group and join with a new one. It holds no
-        partitions (the watchdog's condition), so nothing is left to checkpoint; the new member
-        claims epochs and loads state from Redis on assignment, as after a restart."""
-        self._checkpoint_safely()
-        self.parts.clear()
-        self._closed = True  # close() may still call on_partitions_revoked: no checkpoint there
-        try:
-            self.consumer.close(autocommit=False)
-        finally:
-            self._closed = False
-        self.consumer = factory()
-        wait_for_topic(self.consumer, self.topic)
-        self.consumer.subscribe([self.topic], listener=self)
 
     def apply_batch(self, partition: int, messages: list[Any]) -> None:
         """Step 1 for one partition's polled messages, in offset order; metrics once per call
@@ -313,10 +294,9 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
             tp = TopicPartition(self.topic, p)
             try:
                 high = self.consumer.highwater(tp)
-                # nothing applied yet (no stored offset): the consumer's own position, e.g. the
-                # log start of a retention-trimmed topic, not offset 0
-                nxt = part.next_offset if part.next_offset is not None else (
-                    None if high is None else self.consumer.position(tp, timeout_ms=0))
+                # nothing applied yet and no stored offset: no reading (offset 0 would count a
+                # retention-trimmed log's whole history; position() may call the broker)
+                nxt = part.next_offset
             except Exception as exc:  # revoked meanwhile: no reading
                 log.debug("no lag reading", extra={"partition": p, "error": str(exc)})
                 high = nxt = None

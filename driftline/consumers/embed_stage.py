@@ -18,7 +18,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,7 +29,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 
 from driftline.consumers.checkpoint import retry_redis
 from driftline.consumers.imaging import Base64Image, ImageError, ImageSource
-from driftline.consumers.kafka_io import AssignmentWatchdog, consumer_lag, wait_for_topic
+from driftline.consumers.kafka_io import consumer_lag, wait_for_topic
 from driftline.metrics import ConsumerMetrics, EmbedMetrics
 from driftline.schema import (
     DeadLetter,
@@ -88,10 +88,9 @@ class EmbedStage:
         redis_client: redis.Redis | None = None, consumer_metrics: ConsumerMetrics | None = None,
         batch_size: int = 32,
         batch_timeout_ms: int = 200, max_event_bytes: int = 8 << 20, recent_size: int = 5000,
-        rebuild: tuple[AssignmentWatchdog, Callable[[], KafkaConsumer]] | None = None,
     ) -> None:
         self.consumer, self.producer = consumer, producer
-        self.rebuild = rebuild  # (watchdog, consumer factory): see AssignmentWatchdog
+        self._next: dict[Any, int] = {}  # partition -> next offset to process (for lag)
         self.events_topic, self.updates_topic, self.dlq_topic = (
             events_topic, updates_topic, dlq_topic)
         self.embedder, self.reference, self.templates = embedder, reference, list(templates)
@@ -114,13 +113,12 @@ class EmbedStage:
         self._subscribe()
         try:
             while not self.stop_event.is_set():
-                if self.rebuild is not None and self.rebuild[0].check(self.consumer):
-                    self.consumer.close(autocommit=False)
-                    self.consumer = self.rebuild[1]()
-                    self._subscribe()
                 polled = self.consumer.poll(timeout_ms=self.batch_timeout_ms,
                                             max_records=POLL_BATCHES * self.batch_size)
                 msgs = [m for part in polled.values() for m in part]
+                for tp, part in polled.items():
+                    if part:
+                        self._next[tp] = part[-1].offset + 1
                 if msgs:
                     self.process(msgs)
                     self.producer.flush()
@@ -150,7 +148,8 @@ class EmbedStage:
         self._last_lag = now
         assigned = self.consumer.assignment()
         self.cmetrics.assigned.labels("embed").set(len(assigned))
-        for p, lag in consumer_lag(self.consumer, assigned).items():
+        mine = {tp: n for tp, n in self._next.items() if tp in assigned}
+        for p, lag in consumer_lag(self.consumer, mine).items():
             self.cmetrics.lag.labels("embed", str(p)).set(lag)
 
     def _commit(self) -> None:

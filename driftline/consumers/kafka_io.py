@@ -7,7 +7,6 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
@@ -24,8 +23,6 @@ BROKER_WAIT_S = 120
 METADATA_MAX_AGE_MS = 30_000
 # A detect batch may wait on Redis while it restarts; poll intervals above this rebalance us out.
 MAX_POLL_INTERVAL_MS = 300_000
-# A consumer without partitions this long, while its group leaves some unowned, is rebuilt.
-REJOIN_WATCHDOG_S = 45.0
 
 _retry_broker = retry(
     retry=retry_if_exception_type((KafkaConnectionError, RetriableError)),
@@ -78,90 +75,9 @@ def make_consumer(bootstrap: str, group: str, **overrides: Any) -> KafkaConsumer
 
 
 def unique_client_id(group: str) -> str:
-    """``<group>-<host>-<pid>-<random>``: names this consumer among its group's members (in
-    broker logs and in :class:`AssignmentWatchdog`'s group description)."""
+    """``<group>-<host>-<pid>-<random>``: names this consumer among its group's members in
+    broker logs and group descriptions."""
     return f"{group}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
-def partitions_to_rebuild_for(group: dict[str, Any], topic: str, n_partitions: int,
-                              client_id: str) -> list[int]:
-    """From a ``KafkaAdminClient.describe_groups`` entry: the partitions of ``topic`` that a
-    consumer holding none should take back by rejoining — all of them while the group is not
-    ``Stable``, else those no member owns plus those the broker still credits to ``client_id``.
-    Empty for an idle member of a group with more members than partitions.
-
-    >>> desc = {"group_state": "Stable", "members": [
-    ...     {"client_id": "a", "member_assignment": {"assigned_partitions": [
-    ...         {"topic": "t", "partitions": [0]}]}},
-    ...     {"client_id": "b", "member_assignment": {"assigned_partitions": []}}]}
-    >>> partitions_to_rebuild_for(desc, "t", 2, "b"), partitions_to_rebuild_for(desc, "t", 1, "b")
-    ([1], [])
-    >>> partitions_to_rebuild_for(desc, "t", 1, "a")
-    [0]
-    """
-    if group.get("group_state") != "Stable":
-        return list(range(n_partitions))
-    owned: set[int] = set()
-    mine: set[int] = set()
-    for member in group.get("members", []):
-        assignment = member.get("member_assignment") or {}
-        for part in assignment.get("assigned_partitions", []):
-            if part.get("topic") == topic:
-                owned.update(part["partitions"])
-                if member.get("client_id") == client_id:
-                    mine.update(part["partitions"])
-    return sorted(mine | (set(range(n_partitions)) - owned))
-
-
-class AssignmentWatchdog:
-    """Spots a consumer that has sat without partitions while its group needs it.
-
-    kafka-python 3.0.x can leave a consumer mid-rejoin after a rebalance for good: revoked and
-    never assigned again, polling nothing (seen on this project's loaded CI machine; the group
-    waits for it). After ``limit_s`` without partitions, one admin call describes the group; if
-    partitions of ``topic`` are unowned, or still credited to this consumer, or the group is not
-    stable, :meth:`check` says so once and the stage rebuilds its consumer. An idle member of a
-    group with more members than partitions is left alone.
-    """
-
-    def __init__(self, bootstrap: str, group: str, topic: str,
-                 limit_s: float = REJOIN_WATCHDOG_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.bootstrap, self.group, self.topic = bootstrap, group, topic
-        self.limit_s, self.clock = limit_s, clock
-        self.since: float | None = None
-
-    def check(self, consumer: KafkaConsumer) -> bool:
-        """Call once per loop: True when the consumer should be closed and built afresh."""
-        now = self.clock()
-        if consumer.assignment():
-            self.since = None
-            return False
-        if self.since is None:
-            self.since = now
-        if now - self.since < self.limit_s:
-            return False
-        self.since = now  # at most one group description per limit_s
-        try:
-            n = len(consumer.partitions_for_topic(self.topic) or ())
-            admin = KafkaAdminClient(bootstrap_servers=self.bootstrap,
-                                     client_id=f"{self.group}-watchdog")
-            try:
-                desc = admin.describe_groups([self.group]).get(self.group, {})
-            finally:
-                admin.close()
-        except Exception as exc:  # the broker may be down: polling goes on, check again later
-            log.warning("consumer without partitions; group not described",
-                        extra={"group": self.group, "error": repr(exc)})
-            return False
-        client_id = consumer.config.get("client_id", "")
-        need = partitions_to_rebuild_for(desc, self.topic, n, client_id)
-        if need:
-            log.error("consumer without partitions while its group needs it: rebuilding it",
-                      extra={"group": self.group, "topic": self.topic, "partitions": need,
-                             "group_state": desc.get("group_state"),
-                             "seconds": round(self.limit_s)})
-        return bool(need)
 
 
 def wait_for_topic(consumer: KafkaConsumer, topic: str, timeout_s: float = BROKER_WAIT_S) -> None:
@@ -178,20 +94,20 @@ def wait_for_topic(consumer: KafkaConsumer, topic: str, timeout_s: float = BROKE
         time.sleep(0.2)
 
 
-def consumer_lag(consumer: KafkaConsumer, partitions: Iterable[Any]) -> dict[int, int]:
-    """Messages behind the log end, per assigned partition, from what the consumer already knows:
-    the high watermark its last fetch response carried minus its position. No broker request:
-    kafka-python 3.0.12's ``end_offsets`` can block forever when called while the group is
-    rebalancing (seen here: an embed worker stuck in it for good). Partitions not fetched yet
-    have no reading.
+def consumer_lag(consumer: KafkaConsumer, next_offsets: dict[Any, int]) -> dict[int, int]:
+    """Messages behind the log end per partition: the high watermark the consumer's last fetch
+    response carried minus the next offset the caller will process. No broker request:
+    kafka-python 3.0.12's ``end_offsets`` (and ``position``, which may refresh offsets) can
+    block during a rebalance — an embed worker once sat in ``end_offsets`` for good. Partitions
+    not fetched yet have no reading.
     """
     lag = {}
-    for tp in partitions:
+    for tp, nxt in next_offsets.items():
         try:
             high = consumer.highwater(tp)
-            pos = None if high is None else consumer.position(tp, timeout_ms=0)
-            if high is not None and pos is not None:
-                lag[tp.partition] = max(0, high - pos)
-        except Exception as exc:  # revoked meanwhile, or position unknown: no reading
+        except Exception as exc:  # revoked meanwhile: no reading
             log.debug("no lag reading", extra={"partition": tp.partition, "error": str(exc)})
+            continue
+        if high is not None:
+            lag[tp.partition] = max(0, high - nxt)
     return lag
