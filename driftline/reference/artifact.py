@@ -38,7 +38,8 @@ class ReferenceError(Exception):  # shadows the builtin on purpose: the name dri
     """A reference artifact is missing, corrupt, of another format, or for another model."""
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -59,7 +60,7 @@ def write_artifact(out_dir: Path, manifest: dict[str, Any], arrays: dict[str, ND
         for name, arr in arrays.items():
             path = tmp / f"{name}.npy"
             np.save(path, arr, allow_pickle=False)
-            entries[name] = {"file": path.name, "sha256": _sha256(path),
+            entries[name] = {"file": path.name, "sha256": file_sha256(path),
                              "shape": list(arr.shape), "dtype": arr.dtype.str}
         content_hash = hashlib.sha256(json.dumps(
             {n: e["sha256"] for n, e in sorted(entries.items())}).encode()).hexdigest()
@@ -98,7 +99,7 @@ def read_artifact(ref_dir: Path) -> tuple[dict[str, Any], dict[str, NDArray[Any]
         path = ref_dir / entry["file"]
         if not path.is_file():
             raise ReferenceError(f"{ref_dir}: array file {entry['file']} is missing")
-        actual = _sha256(path)
+        actual = file_sha256(path)
         if actual != entry["sha256"]:
             raise ReferenceError(f"{path} is corrupt or was modified: sha256 {actual[:12]}… "
                                  f"differs from the manifest's {entry['sha256'][:12]}…")
