@@ -183,3 +183,8 @@ def test_checkpoint_records_round_trip_and_read_legacy_json() -> None:
         legacy = json.dumps(plain({"state": entry.model.snapshot(), "applied": entry.applied}))
         assert plain(decode_record(legacy.encode())) == plain(back)
         assert len(raw) < len(legacy)
+
+
+def test_fast_update_has_every_slice_update_field() -> None:
+    # the fast parser fills FastUpdate by hand: a field added to SliceUpdate must be added there
+    assert set(FastUpdate.__slots__) == set(SliceUpdate.model_fields)
