@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     embed_group: str = Field("driftline-embed", description="Embed-stage consumer group")
     detect_group: str = Field("driftline-detect", description="Detect-stage consumer group")
     topic_partitions: int = Field(4, ge=1, le=1024, description="Partitions for created topics")
+    kafka_session_timeout_ms: int = Field(
+        10_000, ge=6_000, le=1_800_000,
+        description="How long a group waits for a crashed worker before moving its partitions")
     # Stores and peers
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Failure book and state")
     alertmanager_url: str | None = Field(None, description="Alertmanager base URL (push alerts)")

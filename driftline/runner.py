@@ -99,7 +99,8 @@ def build_embed_stage(settings: Settings, registry: CollectorRegistry, ref: Refe
                       embedder: Any,
                       consumer_metrics: ConsumerMetrics | None = None) -> EmbedStage:
     return EmbedStage(
-        make_consumer(settings.kafka_bootstrap, settings.embed_group),
+        make_consumer(settings.kafka_bootstrap, settings.embed_group,
+                      session_timeout_ms=settings.kafka_session_timeout_ms),
         make_producer(settings.kafka_bootstrap),
         events_topic=settings.events_topic, updates_topic=settings.slice_updates_topic,
         dlq_topic=settings.dlq_topic, embedder=embedder, reference=ref,
@@ -124,7 +125,8 @@ def build_detect_stage(settings: Settings, registry: CollectorRegistry, ref: Ref
         return SliceState.restore(snap, baselines, autoresolve)
 
     return DetectStage(
-        make_consumer(settings.kafka_bootstrap, settings.detect_group),
+        make_consumer(settings.kafka_bootstrap, settings.detect_group,
+                      session_timeout_ms=settings.kafka_session_timeout_ms),
         settings.slice_updates_topic,
         CheckpointStore(redis.Redis.from_url(settings.redis_url)),
         new_slice, restore_slice, DetectMetrics(registry),

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from pydantic_core import from_json
 
 from driftline.consumers.checkpoint import CheckpointStore, Fenced
-from driftline.consumers.kafka_io import wait_for_topic
+from driftline.consumers.kafka_io import ProgressLog, highwaters, wait_for_topic
 from driftline.consumers.slice_state import UpdateView
 from driftline.metrics import ConsumerMetrics, DetectMetrics
 from driftline.schema import SliceUpdate
@@ -106,6 +106,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self.assigned_once = threading.Event()
         self.last_checkpoint = time.monotonic()
         self._closed = False
+        self.progress = ProgressLog("detect")
 
     # --- rebalance -----------------------------------------------------------------------
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
@@ -168,6 +169,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
             elif done is not None:
                 duplicates += 1
         part.next_offset = messages[-1].offset + 1
+        self.progress.count(len(messages))
         if applied:
             self.metrics.updates.inc(applied)
         if duplicates:
@@ -287,21 +289,14 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
             self.outbox = []
 
     def _report_lag(self) -> None:
-        """Lag per owned partition: the high watermark the last fetch response carried minus
-        the next offset to apply. No request to the broker (``end_offsets`` per checkpoint
-        blocked the loop for a round trip each time)."""
-        for p, part in self.parts.items():
-            tp = TopicPartition(self.topic, p)
-            try:
-                high = self.consumer.highwater(tp)
-                # nothing applied yet and no stored offset: no reading (offset 0 would count a
-                # retention-trimmed log's whole history; position() may call the broker)
-                nxt = part.next_offset
-            except Exception as exc:  # revoked meanwhile: no reading
-                log.debug("no lag reading", extra={"partition": p, "error": str(exc)})
-                high = nxt = None
-            if high is not None and nxt is not None:
-                self.cmetrics.lag.labels("detect", str(p)).set(max(0, high - nxt))
+        """Lag per owned partition (the high watermark the last fetch response carried minus the
+        next offset to apply; no broker request) and the progress log. A partition with nothing
+        applied and no stored offset has no reading: offset 0 would count a retention-trimmed
+        log's whole history, and ``position()`` may call the broker."""
+        positions = {p: part.next_offset for p, part in self.parts.items()}
+        lag = self.progress.tick(positions, highwaters(self.consumer, self.topic, positions))
+        for p, n in lag.items():
+            self.cmetrics.lag.labels("detect", str(p)).set(n)
 
     def _refresh_gauges(self) -> None:
         self.cmetrics.assigned.labels("detect").set(len(self.parts))

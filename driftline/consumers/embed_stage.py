@@ -29,7 +29,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 
 from driftline.consumers.checkpoint import retry_redis
 from driftline.consumers.imaging import Base64Image, ImageError, ImageSource
-from driftline.consumers.kafka_io import consumer_lag, wait_for_topic
+from driftline.consumers.kafka_io import ProgressLog, highwaters, wait_for_topic
 from driftline.metrics import ConsumerMetrics, EmbedMetrics
 from driftline.schema import (
     DeadLetter,
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 # Late labels arrive within hours in a plant; a week covers weekend relabelling campaigns.
 PREDICTION_TTL_S = 7 * 24 * 3600
 RECENT_KEY = "dl:recent"
-# Lag is an end-offsets request to the broker: once a second is plenty for an alert.
+# Lag gauges (read from the last fetch responses) once a second are plenty for an alert.
 LAG_REPORT_S = 1.0
 # Under a backlog one poll takes this many model batches, so that the embedder can decode the next
 # batch while the model runs one (when onnxruntime leaves a core free: 0.76 -> 0.87 of bare
@@ -103,6 +103,7 @@ class EmbedStage:
         self.stop_event = threading.Event()
         self.assigned_once = threading.Event()
         self._tally = _Tally()
+        self.progress = ProgressLog("embed")
         # faiss splits each small search over an OpenMP team whose spin-waits fight onnxruntime's
         # threads for the same cores: ~20 ms instead of ~1 ms per batch of 32 on two busy cores
         faiss.omp_set_num_threads(1)
@@ -120,6 +121,7 @@ class EmbedStage:
                     if part:
                         self._next[tp] = part[-1].offset + 1
                 if msgs:
+                    self.progress.count(len(msgs))
                     self.process(msgs)
                     self.producer.flush()
                     self._commit()
@@ -141,16 +143,21 @@ class EmbedStage:
         return self.assigned_once.is_set()
 
     def _report_lag(self) -> None:
-        """Consumer lag per assigned partition, at most every ``LAG_REPORT_S``."""
+        """Consumer lag per assigned partition and the progress log, at most every
+        ``LAG_REPORT_S``."""
         now = time.monotonic()
-        if self.cmetrics is None or now - self._last_lag < LAG_REPORT_S:
+        if now - self._last_lag < LAG_REPORT_S:
             return
         self._last_lag = now
-        assigned = self.consumer.assignment()
-        self.cmetrics.assigned.labels("embed").set(len(assigned))
-        mine = {tp: n for tp, n in self._next.items() if tp in assigned}
-        for p, lag in consumer_lag(self.consumer, mine).items():
-            self.cmetrics.lag.labels("embed", str(p)).set(lag)
+        assigned = {tp.partition for tp in self.consumer.assignment()}
+        positions: dict[int, int | None] = {
+            tp.partition: n for tp, n in self._next.items() if tp.partition in assigned}
+        positions.update({p: None for p in assigned - positions.keys()})
+        lag = self.progress.tick(positions, highwaters(self.consumer, self.events_topic, assigned))
+        if self.cmetrics is not None:
+            self.cmetrics.assigned.labels("embed").set(len(assigned))
+            for p, n in lag.items():
+                self.cmetrics.lag.labels("embed", str(p)).set(n)
 
     def _commit(self) -> None:
         """Commit input offsets; a failure (broker restarting, rebalance) only means the batch

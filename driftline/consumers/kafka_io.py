@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Any
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaConnectionError, RetriableError, TopicAlreadyExistsError
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
@@ -23,6 +23,8 @@ BROKER_WAIT_S = 120
 METADATA_MAX_AGE_MS = 30_000
 # A detect batch may wait on Redis while it restarts; poll intervals above this rebalance us out.
 MAX_POLL_INTERVAL_MS = 300_000
+# Each stage logs one progress line this often, and warns about partitions that do not move.
+PROGRESS_LOG_S = 30.0
 
 _retry_broker = retry(
     retry=retry_if_exception_type((KafkaConnectionError, RetriableError)),
@@ -63,12 +65,19 @@ def make_producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
 
 
 @_retry_broker
-def make_consumer(bootstrap: str, group: str, **overrides: Any) -> KafkaConsumer:
-    """A consumer with manual commits; callers subscribe with their rebalance listener."""
+def make_consumer(bootstrap: str, group: str, session_timeout_ms: int = 10_000,
+                  **overrides: Any) -> KafkaConsumer:
+    """A consumer with manual commits; callers subscribe with their rebalance listener.
+
+    ``session_timeout_ms`` is how long the group waits for a member that stopped heartbeating
+    (a crashed or SIGKILLed worker) before handing its partitions to the others; heartbeats go
+    every third of it.
+    """
     config: dict[str, Any] = dict(
         bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
         auto_offset_reset="earliest", max_poll_interval_ms=MAX_POLL_INTERVAL_MS,
         client_id=unique_client_id(group), metadata_max_age_ms=METADATA_MAX_AGE_MS,
+        session_timeout_ms=session_timeout_ms, heartbeat_interval_ms=session_timeout_ms // 3,
     )
     config.update(overrides)
     return KafkaConsumer(**config)
@@ -94,20 +103,57 @@ def wait_for_topic(consumer: KafkaConsumer, topic: str, timeout_s: float = BROKE
         time.sleep(0.2)
 
 
-def consumer_lag(consumer: KafkaConsumer, next_offsets: dict[Any, int]) -> dict[int, int]:
-    """Messages behind the log end per partition: the high watermark the consumer's last fetch
-    response carried minus the next offset the caller will process. No broker request:
-    kafka-python 3.0.12's ``end_offsets`` (and ``position``, which may refresh offsets) can
-    block during a rebalance — an embed worker once sat in ``end_offsets`` for good. Partitions
-    not fetched yet have no reading.
+def highwaters(consumer: KafkaConsumer, topic: str, partitions: Any) -> dict[int, int | None]:
+    """The high watermark each partition's last fetch response carried (None: no response yet).
+
+    No broker request: kafka-python 3.0.12's ``end_offsets`` (and ``position``, which may refresh
+    offsets) can block during a rebalance — an embed worker once sat in ``end_offsets`` for good.
     """
-    lag = {}
-    for tp, nxt in next_offsets.items():
+    out: dict[int, int | None] = {}
+    for p in partitions:
         try:
-            high = consumer.highwater(tp)
+            out[p] = consumer.highwater(TopicPartition(topic, p))
         except Exception as exc:  # revoked meanwhile: no reading
-            log.debug("no lag reading", extra={"partition": tp.partition, "error": str(exc)})
-            continue
-        if high is not None:
-            lag[tp.partition] = max(0, high - nxt)
-    return lag
+            log.debug("no high watermark", extra={"partition": p, "error": str(exc)})
+            out[p] = None
+    return out
+
+
+class ProgressLog:
+    """Consumer lag per owned partition, and one INFO line per ``every_s`` for a stage: records
+    processed, positions, lag; plus a WARNING naming any partition that is behind but did not
+    move over a whole interval, or that was owned a whole interval without one fetch response.
+    At 3 a.m. this tells a stuck consumer from an idle one without a debugger.
+    """
+
+    def __init__(self, role: str, every_s: float = PROGRESS_LOG_S) -> None:
+        self.role, self.every = role, every_s
+        self._last = time.monotonic()
+        self._processed = 0
+        self._seen: dict[int, int | None] = {}  # positions at the previous line
+
+    def count(self, n: int) -> None:
+        self._processed += n
+
+    def tick(self, positions: dict[int, int | None],
+             highwater: dict[int, int | None]) -> dict[int, int]:
+        """``positions``: next offset per owned partition (None: nothing read yet);
+        ``highwater`` from :func:`highwaters`. Returns the lag of partitions with a reading."""
+        lag = {p: max(0, high - pos) for p, pos in positions.items()
+               if pos is not None and (high := highwater.get(p)) is not None}
+        now = time.monotonic()
+        elapsed = now - self._last
+        if elapsed < self.every:
+            return lag
+        log.info(f"{self.role} progress", extra={
+            "processed": self._processed, "per_s": round(self._processed / elapsed, 1),
+            "positions": positions, "lag": lag})
+        stalled = {p: n for p, n in lag.items() if n > 0 and self._seen.get(p, -1) == positions[p]}
+        unfetched = sorted(p for p in positions if highwater.get(p) is None and p in self._seen)
+        if stalled or unfetched:
+            log.warning(f"{self.role}: owned partitions made no progress for {elapsed:.0f} s",
+                        extra={"behind": stalled, "no_fetch_response": unfetched})
+        self._seen = dict(positions)
+        self._processed = 0
+        self._last = now
+        return lag

@@ -51,6 +51,8 @@ def workers(tmp_path: Path) -> Iterator[list[Worker]]:
     for w in started:
         if w.alive():
             w.kill()
+        # Shown by pytest only when the test fails: what each worker was doing at the end.
+        print(f"--- {w.role} worker on port {w.port}, exit {w.proc.returncode} ---\n{w.log()}")
 
 
 def start(pipe: Pipeline, role: str, tmp_path: Path, workers: list[Worker], *,

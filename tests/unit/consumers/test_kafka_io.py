@@ -1,9 +1,14 @@
 from __future__ import annotations
 
+import logging
 import os
 
+import pytest
 from kafka.record import default_records, util
 from kafka.record._crc32c import crc as pure_python_crc32c
+
+from driftline.consumers import kafka_io
+from driftline.consumers.kafka_io import ProgressLog
 
 
 def test_kafka_python_uses_the_c_crc32c() -> None:
@@ -12,3 +17,57 @@ def test_kafka_python_uses_the_c_crc32c() -> None:
     assert util._crc32c is not pure_python_crc32c
     data = os.urandom(4096)
     assert default_records.calc_crc32c(memoryview(data)) == pure_python_crc32c(data)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _progress(monkeypatch: pytest.MonkeyPatch) -> tuple[ProgressLog, _Clock]:
+    clock = _Clock()
+    monkeypatch.setattr(kafka_io.time, "monotonic", clock)
+    return ProgressLog("embed", every_s=30), clock
+
+
+def test_progress_log_lag_and_one_line_per_interval(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    progress, clock = _progress(monkeypatch)
+    caplog.set_level(logging.INFO, logger=kafka_io.__name__)
+    # partition 2 has nothing read yet; partition 3 has no fetch response: no lag reading
+    lag = progress.tick({0: 10, 1: 7, 2: None, 3: 4}, {0: 15, 1: 7, 2: 9, 3: None})
+    assert lag == {0: 5, 1: 0}
+    assert not caplog.records  # less than an interval: lag only
+    progress.count(12)
+    clock.now = 30.0
+    progress.tick({0: 10, 1: 7, 2: None, 3: 4}, {0: 15, 1: 7, 2: 9, 3: None})
+    [line] = caplog.records
+    assert line.levelno == logging.INFO and line.getMessage() == "embed progress"
+    assert line.processed == 12 and line.per_s == 0.4  # type: ignore[attr-defined]
+
+
+def test_progress_log_warns_about_partitions_that_do_not_move(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    progress, clock = _progress(monkeypatch)
+    caplog.set_level(logging.INFO, logger=kafka_io.__name__)
+    high = {0: 50, 1: 50, 2: 50, 3: None}
+    clock.now = 30.0
+    progress.tick({0: 10, 1: 10, 2: 50, 3: None}, high)  # first line: nothing to compare yet
+    assert [r.levelno for r in caplog.records] == [logging.INFO]
+    caplog.clear()
+    clock.now = 60.0
+    # 0 did not move and is behind; 1 moved; 2 is idle at the log end; 3 never got a response
+    progress.tick({0: 10, 1: 20, 2: 50, 3: None}, high)
+    warning = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warning) == 1
+    assert warning[0].behind == {0: 40}  # type: ignore[attr-defined]
+    assert warning[0].no_fetch_response == [3]  # type: ignore[attr-defined]
+    caplog.clear()
+    clock.now = 90.0
+    progress.tick({0: 11, 1: 30, 2: 50, 3: None}, {0: 50, 1: 50, 2: 50, 3: 0})
+    assert all(r.levelno == logging.INFO for r in caplog.records)
