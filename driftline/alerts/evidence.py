@@ -205,7 +205,8 @@ def build_evidence(root: SliceEvidence, members: Iterable[SliceEvidence],
         exemplars.append(Exemplar(
             event_id=x["event_id"], slice_id=x["slice_id"], cluster=x.get("cluster"),
             distance=x.get("distance"), ts=utc(x["ts"]) if x.get("ts") is not None else None,
-            ood=x.get("ood"), reference_exemplars=list((desc or {}).get("exemplars", []))[:3]))
+            ood=x.get("ood"), reference_exemplars=list((desc or {}).get("exemplars", []))[:3],
+            source_partition=x.get("source_partition"), source_offset=x.get("source_offset")))
     counts = root.counts or {}
     return Evidence(slice_id=root.ref.slice_id, n=int(counts.get("n") or 0),
                     truncated=bool(counts.get("truncated")), clusters=shifts,

@@ -139,6 +139,8 @@ class Exemplar(_Model):
     ts: datetime | None = None
     ood: bool | None = None
     reference_exemplars: list[str] = Field(default_factory=list)
+    source_partition: int | None = Field(None, description="the event's events-topic partition")
+    source_offset: int | None = Field(None, description="the event's offset there")
 
 
 class Evidence(_Model):

@@ -21,7 +21,9 @@ from driftline.schema import parse_slice_id
 log = logging.getLogger(__name__)
 
 EXEMPLARS = 8
-EXEMPLAR_FIELDS = ("event_id", "cluster", "distance", "ts", "ood")
+# source partition and offset in the events topic: where the API reads the image for a thumbnail
+EXEMPLAR_FIELDS = ("event_id", "cluster", "distance", "ts", "ood", "source_partition",
+                   "source_offset")
 Exemplar = tuple[Any, ...]
 # Gauges read cluster shares and OOD rate over the last hour of event time.
 GAUGE_WINDOW_S = 3600.0
@@ -133,7 +135,8 @@ class SliceState:
             else:
                 alarms = self._update(upd, t, cluster=True)
             ex = self.exemplars
-            ex.append((upd.event_id, cluster, upd.distance, t, upd.ood))
+            ex.append((upd.event_id, cluster, upd.distance, t, upd.ood, upd.source_partition,
+                       upd.source_offset))
             if len(ex) > EXEMPLARS:
                 del ex[0]
             version = upd.model_version
@@ -231,8 +234,16 @@ class SliceState:
         obj = cls(snap["slice_id"], snap["template"], SliceDetectors.restore(snap["detectors"]),
                   baselines, autoresolve_events)
         obj.open = snap["open"]
-        obj.exemplars = [tuple(e[f] for f in EXEMPLAR_FIELDS) if isinstance(e, dict)  # v1
-                         else tuple(e) for e in snap["exemplars"]]
+        obj.exemplars = [_exemplar(e) for e in snap["exemplars"]]
         obj.versions = snap["versions"]
         obj.last_time = snap["last_time"]
         return obj
+
+
+def _exemplar(saved: dict[str, Any] | list[Any]) -> Exemplar:
+    """An exemplar from a checkpoint: a dict (format v1) or a list, which before thumbnails had
+    no source partition and offset (those read as None)."""
+    if isinstance(saved, dict):
+        return tuple(saved.get(f) for f in EXEMPLAR_FIELDS)
+    return (*saved, *(None,) * (len(EXEMPLAR_FIELDS) - len(saved)))
+

@@ -19,6 +19,7 @@ from driftline.reference.artifact import ReferenceError
 from driftline.reference.index import Reference, load_reference
 from driftline.service.keys import BOOK_PREFIX
 from driftline.service.recent import RecentIndex
+from driftline.service.thumbnails import Thumbnails
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class ServiceContext:
     _reference_loaded: bool = False
     _recent: RecentIndex | None = None
     _ref_clusters: dict[str, int] | None = None
+    _thumbnails: Thumbnails | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -86,6 +88,15 @@ class ServiceContext:
             self._ref_clusters = {} if ref is None else dict(
                 zip(ref.event_ids, (int(c) for c in ref.clusters), strict=True))
         return self._ref_clusters
+
+    def thumbnails(self) -> Thumbnails:
+        """Exemplar thumbnails, read from the events topic and cached as long as incidents."""
+        if self._thumbnails is None:
+            s = self.settings
+            self._thumbnails = Thumbnails(
+                self.redis, s.kafka_bootstrap, s.events_topic,
+                ttl_s=s.retention_resolved_days * 86400, max_event_bytes=s.max_event_bytes)
+        return self._thumbnails
 
     @property
     def reference_problem(self) -> str | None:

@@ -6,7 +6,10 @@ detect stage's checkpoint store and the incident processor), in Redis database 9
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,13 +17,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from kafka import KafkaProducer
+from PIL import Image
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from driftline.config import Settings, load_settings
+from driftline.consumers.kafka_io import ensure_topics
 from driftline.service.app import create_app
 from driftline.service.keys import ACTIVE_REFERENCE_KEY, RECENT_KEY
 from tests.unit.service.populate import Populated, build_references, populate
@@ -66,14 +73,37 @@ def auth(role: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+def colour(i: int) -> tuple[int, int, int]:
+    return (i * 37 % 256, i * 11 % 256, 255 - i * 5 % 256)
+
+
+def produce_image_events(bootstrap: str, topic: str, event_ids: list[str]) -> None:
+    """The events populate's slice-updates came from: event i at partition 0, offset i, each a
+    small JPEG of one colour, so a thumbnail shows whether the right event was read."""
+    ensure_topics(bootstrap, {topic: 1})
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20)
+    for i, eid in enumerate(event_ids):
+        buf = io.BytesIO()
+        Image.new("RGB", (320, 240), colour(i)).save(buf, format="JPEG", quality=95)
+        doc = {"event_id": eid, "ts": "2026-11-02T06:00:00+00:00", "station": "s1",
+               "shift": "day", "lot": "L0", "image": base64.b64encode(buf.getvalue()).decode()}
+        producer.send(topic, json.dumps(doc).encode(), partition=0)
+    producer.flush()
+    producer.close()
+
+
 @pytest.fixture(scope="module")
-def api(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+def api(redis_url: str, kafka_bootstrap: str,
+        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     url = db_url(redis_url)
     r = redis.Redis.from_url(url)
     r.flushdb()
     refs = build_references(tmp_path_factory.mktemp("refs"))
     data = populate(r, refs[0])
-    app = create_app(CollectorRegistry(), None, make_settings(url, refs[0]))
+    topic = f"api-{uuid.uuid4().hex[:8]}.events"
+    produce_image_events(kafka_bootstrap, topic, data.event_ids)
+    app = create_app(CollectorRegistry(), None, make_settings(
+        url, refs[0], kafka_bootstrap=kafka_bootstrap, events_topic=topic))
     with TestClient(app) as client:
         yield Api(client, data, r, refs, url)
     r.close()
@@ -148,8 +178,24 @@ def test_detail_evidence_exemplars_and_thumbnails(api: Api) -> None:
     assert ex and all(x["in_recent_buffer"] for x in ex)
     assert all(x["exemplar"]["reference_exemplars"] for x in ex)
     event = ex[0]["exemplar"]["event_id"]
+    assert (ex[0]["exemplar"]["source_partition"], ex[0]["exemplar"]["source_offset"]) == (
+        0, api.data.event_ids.index(event))
     thumb = api.get(f"/api/v1/incidents/{s3['id']}/exemplars/{event}/thumbnail")
-    assert thumb.status_code == 404 and "thumbnails are not stored" in thumb.json()["detail"]
+    assert thumb.status_code == 200, thumb.text
+    assert thumb.headers["content-type"] == "image/jpeg"
+    img = Image.open(io.BytesIO(thumb.content))
+    assert img.format == "JPEG" and max(img.size) == 160 and img.size == (160, 120)
+    # the right event's image: its colour survives two JPEG encodings within a few levels
+    mean = np.asarray(img.convert("RGB"), np.float64).reshape(-1, 3).mean(axis=0)
+    assert np.abs(mean - colour(api.data.event_ids.index(event))).max() < 6, mean
+    assert api.r.exists(f"dl:thumb:{event}")  # cached: the next view does not read Kafka
+    again = api.get(f"/api/v1/incidents/{s3['id']}/exemplars/{event}/thumbnail")
+    assert again.status_code == 200 and again.content == thumb.content
+    # an incident from before thumbnails: its exemplars have no events-topic position
+    old = api.get(f"/api/v1/incidents/{api.data.resolved_id}/exemplars").json()
+    eid = old[0]["exemplar"]["event_id"]
+    none = api.get(f"/api/v1/incidents/{api.data.resolved_id}/exemplars/{eid}/thumbnail")
+    assert none.status_code == 404 and "before thumbnails" in none.json()["detail"]
     other = api.get(f"/api/v1/incidents/{s3['id']}/exemplars/nope/thumbnail")
     assert other.status_code == 404 and "not an exemplar" in other.json()["detail"]
     missing = api.get("/api/v1/incidents/DL-999999")

@@ -31,6 +31,7 @@ from driftline.service.schemas.incidents import (
     SliceEffect,
     incident_link,
 )
+from driftline.service.thumbnails import ThumbnailUnavailable
 
 router = APIRouter(prefix="/incidents", tags=["incidents"], responses=COMMON_ERRORS)
 
@@ -39,9 +40,6 @@ IncidentId = Annotated[str, Path(max_length=64, description="incident id",
 Dim = Annotated[str | None, Query(min_length=1, max_length=128)]
 CURSOR_PATTERN = r"^-?[0-9]{1,12}(\.[0-9]{1,9})?:[A-Za-z0-9_-]{1,64}$"
 JSONL = "application/jsonl"
-NO_THUMBNAILS = ("thumbnails are not stored: the failure book keeps each exemplar's event id, "
-                 "cluster, distance and time but no image bytes; fetch the image from the "
-                 "inference host by event id")
 
 
 def _utc(t: datetime | None) -> datetime | None:
@@ -106,16 +104,26 @@ def get_exemplars(incident_id: IncidentId, book: BookDep, ctx: ContextDep,
 
 
 @router.get("/{incident_id}/exemplars/{event_id}/thumbnail", response_class=Response,
-            responses={200: {"content": {"image/jpeg": {}}, "description": "JPEG thumbnail "
-                             "(not returned by this version: thumbnails are not stored)"},
+            responses={200: {"content": {"image/jpeg": {}},
+                             "description": "JPEG thumbnail, at most 160 px on its longest side"},
                        **errors(404)})
 def get_thumbnail(incident_id: IncidentId, event_id: Annotated[str, Path(max_length=200)],
-                  book: BookDep, _: Viewer) -> Response:
+                  book: BookDep, ctx: ContextDep, _: Viewer) -> Response:
+    """The exemplar's image, small. Made from the event in the events topic on first request
+    and kept as long as resolved incidents; 404 with the reason when the event is past the
+    topic's retention or carried an embedding instead of an image."""
     inc = book.get(incident_id)
-    if all(x.event_id != event_id for x in inc.evidence.exemplars):
+    found = [x for x in inc.evidence.exemplars if x.event_id == event_id]
+    if not found:
         raise HTTPException(status.HTTP_404_NOT_FOUND,
                             detail=f"{event_id!r} is not an exemplar of {inc.id}")
-    raise HTTPException(status.HTTP_404_NOT_FOUND, detail=NO_THUMBNAILS)
+    x = found[0]
+    try:
+        jpeg = ctx.thumbnails().get(event_id, x.source_partition, x.source_offset)
+    except ThumbnailUnavailable as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no thumbnail: {exc}") from None
+    return Response(jpeg, media_type="image/jpeg",
+                    headers={"Cache-Control": "private, max-age=86400"})
 
 
 @router.get("/{incident_id}/label-set", response_class=Response,

@@ -188,3 +188,22 @@ def test_checkpoint_records_round_trip_and_read_legacy_json() -> None:
 def test_fast_update_has_every_slice_update_field() -> None:
     # the fast parser fills FastUpdate by hand: a field added to SliceUpdate must be added there
     assert set(FastUpdate.__slots__) == set(SliceUpdate.model_fields)
+
+
+def test_exemplars_carry_their_event_position_and_older_checkpoints_still_read() -> None:
+    stage = _stage()
+    stage.apply_batch(0, [Msg(0, i, _update(i).model_dump_json().encode(), 1)
+                          for i in range(30)])
+    entry = next(iter(stage.parts[0].slices.values()))
+    snap = plain(entry.model.snapshot())
+    newest = snap["exemplars"][-1]
+    upd = next(_update(i) for i in range(30) if _update(i).event_id == newest[0])
+    assert newest[-2:] == [upd.source_partition, upd.source_offset]
+    # written before thumbnails: five fields per exemplar, or dicts (format v1)
+    snap["exemplars"] = [e[:5] for e in snap["exemplars"]]
+    old = SliceState.restore(snap, Baselines(), 20)
+    assert all(len(e) == 7 and e[5:] == (None, None) for e in old.exemplars)
+    snap["exemplars"] = [{"event_id": "e1", "cluster": 2, "distance": 0.1, "ts": 5.0,
+                          "ood": False}]
+    assert SliceState.restore(snap, Baselines(), 20).exemplars == [
+        ("e1", 2, 0.1, 5.0, False, None, None)]
