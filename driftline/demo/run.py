@@ -6,14 +6,16 @@
 4. run the service (embed, detect, failure book, HTTP) against the stack;
 5. stream the plant's next days through Kafka, with three incidents injected at known times;
 6. wait until every event is applied and the book is up to date, then print, per injection, the
-   incident found, its root slice, onset error and detection delay — and any false incident.
+   incident found, its root slice, onset error and detection delay — and any false incident;
+7. fetch each incident's first exemplar thumbnail through the HTTP API, as on-call would.
 
-Exit status 0 only if every injection is found, rooted at the right slice, and nothing else
-opened.
+Exit status 0 only if every injection is found, rooted at the right slice, nothing else opened,
+and every incident's exemplar thumbnail could be viewed.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import socket
@@ -183,6 +185,8 @@ def run_demo(size: str = "small", cache_dir: Path | None = None, hold: float = 0
                      if i.merged_into is None]
         outcomes, false = match(plant.injections, incidents)
         print("\n" + report(outcomes, false, cfg.period_s), flush=True)
+        found = [o.incident for o in outcomes if o.incident is not None]
+        thumbs_ok = all(show_thumbnail(f"http://127.0.0.1:{port}", inc) for inc in found)
         print(f"\n[demo] API http://127.0.0.1:{port}/api/v1/incidents · metrics "
               f"http://127.0.0.1:{port}/metrics · Alertmanager {stack.alertmanager_url}"
               f" · {time.monotonic() - started:.0f} s in all", flush=True)
@@ -191,9 +195,33 @@ def run_demo(size: str = "small", cache_dir: Path | None = None, hold: float = 0
             time.sleep(hold)
         service.stop()
         server.should_exit = True
-    ok = all(o.root_ok for o in outcomes) and not false
+    ok = all(o.root_ok for o in outcomes) and not false and thumbs_ok
     print("[demo] PASS" if ok else "[demo] FAIL", flush=True)
     return 0 if ok else 1
+
+
+def show_thumbnail(api: str, incident: dict[str, Any]) -> bool:
+    """GET the incident's first exemplar thumbnail from the API and say what came back."""
+    import httpx
+
+    exemplars = incident["evidence"]["exemplars"]
+    if not exemplars:
+        print(f"[demo] {incident['id']}: no exemplars", flush=True)
+        return False
+    eid = exemplars[0]["event_id"]
+    url = f"{api}/api/v1/incidents/{incident['id']}/exemplars/{eid}/thumbnail"
+    resp = httpx.get(url, timeout=30)
+    if resp.status_code != 200:
+        print(f"[demo] {incident['id']} exemplar {eid}: no thumbnail ({resp.status_code} "
+              f"{resp.text[:200]})", flush=True)
+        return False
+    from PIL import Image
+
+    with Image.open(io.BytesIO(resp.content)) as img:
+        size = f"{img.width}x{img.height} {img.format}"
+    print(f"[demo] {incident['id']} exemplar {eid}: thumbnail {size}, "
+          f"{len(resp.content) / 1000:.1f} kB at {url}", flush=True)
+    return True
 
 
 def _outbox_len(processor: Any) -> int:

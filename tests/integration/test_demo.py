@@ -32,4 +32,7 @@ def test_small_demo_finds_each_injection_in_the_right_slice(
     out = capsys.readouterr().out
     assert "false incidents: 0" in out, out
     assert "MISSED" not in out and "(WRONG)" not in out, out
+    # on-call's view: every incident's exemplar thumbnail, served by the API from the topic
+    assert len(re.findall(r"exemplar \S+: thumbnail \d+x\d+ JPEG", out)) >= 3, out
     assert status == 0, out
+    print(out)
