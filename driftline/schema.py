@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
+import pybase64
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MAX_ID_CHARS = 200
@@ -113,7 +114,7 @@ class Event(BaseModel):
     def _base64(cls, value: str | None) -> str | None:
         if value is not None:
             try:
-                base64.b64decode(value, validate=True)
+                pybase64.b64decode(value, validate=True)
             except (binascii.Error, ValueError):
                 raise ValueError("is not valid base64") from None
         return value
@@ -136,7 +137,7 @@ class Event(BaseModel):
         return "inference" if has_payload or self.embedding is not None else "label"
 
     def image_bytes(self) -> bytes | None:
-        return base64.b64decode(self.image) if self.image is not None else None
+        return pybase64.b64decode(self.image) if self.image is not None else None
 
 
 def _reason_for(err: ValidationError) -> tuple[RejectReason, str]:

@@ -16,7 +16,6 @@ Every failure is a typed :class:`ImageError` whose ``reason`` is the dead-letter
 
 from __future__ import annotations
 
-import base64
 import binascii
 import io
 import os
@@ -27,6 +26,7 @@ from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
 import numpy as np
+import pybase64
 import simplejpeg
 from numpy.typing import NDArray
 from PIL import Image, UnidentifiedImageError
@@ -86,7 +86,7 @@ class Base64Image:
         if len(self.text) * 3 // 4 > limits.max_bytes + 2:
             raise ImageTooLargeError(f"~{len(self.text) * 3 // 4} bytes > max {limits.max_bytes}")
         try:
-            return base64.b64decode(self.text)  # as Event.image_bytes: validated when parsed
+            return pybase64.b64decode(self.text)  # as Event.image_bytes: validated when parsed
         except (binascii.Error, ValueError) as exc:
             raise ImageDecodeError(f"invalid base64: {exc}") from None
 
