@@ -796,7 +796,7 @@ def embed_part(stack: Any, work: Path, sizes: Sizes, threads: int,
 
     legs: dict[str, Callable[[], None]] = {
         "bare": run_bare, "embedder": run_embedder, "stage": stage_per(batch),
-        "stage_x4": stage_per(POLL_BATCHES * batch)}
+        "stage_poll": stage_per(POLL_BATCHES * batch)}
     for fn in legs.values():  # warm-up: thread pools, allocator, page cache
         fn()
     rates: dict[str, list[float]] = {k: [] for k in legs}
@@ -813,7 +813,7 @@ def embed_part(stack: Any, work: Path, sizes: Sizes, threads: int,
         note(f"embed: repeat {rep + 1}: " + ", ".join(
             f"{k} {v[-1]:.1f} img/s" for k, v in rates.items()))
     prof = cProfile.Profile()
-    prof.runcall(legs["stage_x4"])
+    prof.runcall(legs["stage_poll"])
     prof_rows, _ = profile_table(prof, EMBED_PROFILE_ROWS)
     emb.close()
     stage.producer.close()
@@ -822,14 +822,14 @@ def embed_part(stack: Any, work: Path, sizes: Sizes, threads: int,
     produced = registry.get_sample_value("driftline_embed_slice_updates_total") or 0.0
     med = {k: statistics.median(v) for k, v in rates.items()}
     cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
-    ratio = med["stage_x4"] / med["bare"]
+    ratio = med["stage_poll"] / med["bare"]
     paired = {k: statistics.median(s / b for s, b in zip(rates[k], rates["bare"], strict=True))
               for k in legs}
     labels = {
         "bare": "bare onnxruntime on pre-made tensors",
         "embedder": "embedder alone, all images in one call (decode one batch ahead)",
         "stage": f"embed stage `process` + `producer.flush` per {batch} events",
-        "stage_x4": f"**embed stage** per {POLL_BATCHES * batch} events, as `run` polls under "
+        "stage_poll": f"**embed stage** per {POLL_BATCHES * batch} events, as `run` polls under "
                     "a backlog (the embedder decodes the next batch while the model runs)"}
     report += [
         "## 2. Embed stage vs bare onnxruntime", "",
@@ -850,8 +850,8 @@ def embed_part(stack: Any, work: Path, sizes: Sizes, threads: int,
         *[f"| {labels[k]} | {med[k]:.1f} ({min(rates[k]):.1f}–{max(rates[k]):.1f}) | "
           f"{med[k] / med['bare']:.2f} | {paired[k]:.2f} | {statistics.median(cpu[k]):.1f} |"
           for k in legs], "",
-        f"**Ratio embed stage / bare = {ratio:.2f}** (paired {paired['stage_x4']:.2f}; CPU per "
-        f"image bare / stage {cpu_med['bare'] / cpu_med['stage_x4']:.2f}) — target ≥ "
+        f"**Ratio embed stage / bare = {ratio:.2f}** (paired {paired['stage_poll']:.2f}; CPU per "
+        f"image bare / stage {cpu_med['bare'] / cpu_med['stage_poll']:.2f}) — target ≥ "
         f"{EMBED_TARGET}: **{'met' if ratio >= EMBED_TARGET else 'NOT met'}**.", "",
         "CPU ms/img counts every thread of this process (onnxruntime's spin-waiting "
         "included). cProfile of one more stage pass, main thread (decode runs in the "

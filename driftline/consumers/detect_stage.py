@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from pydantic_core import from_json
 
 from driftline.consumers.checkpoint import CheckpointStore, Fenced
-from driftline.consumers.kafka_io import ProgressLog, highwaters, wait_for_topic
+from driftline.consumers.kafka_io import ProgressLog, forget_lag, highwaters, wait_for_topic
 from driftline.consumers.slice_state import UpdateView
 from driftline.metrics import ConsumerMetrics, DetectMetrics
 from driftline.schema import SliceUpdate
@@ -115,6 +115,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
             self._checkpoint_safely()
         for tp in revoked:
             self.parts.pop(tp.partition, None)
+        forget_lag(self.cmetrics, "detect", (tp.partition for tp in revoked))
         self._refresh_gauges()
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:

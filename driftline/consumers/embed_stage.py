@@ -29,7 +29,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 
 from driftline.consumers.checkpoint import retry_redis
 from driftline.consumers.imaging import Base64Image, ImageError, ImageSource
-from driftline.consumers.kafka_io import ProgressLog, highwaters, wait_for_topic
+from driftline.consumers.kafka_io import ProgressLog, forget_lag, highwaters, wait_for_topic
 from driftline.metrics import ConsumerMetrics, EmbedMetrics
 from driftline.schema import (
     DeadLetter,
@@ -319,6 +319,9 @@ class _LogAssignments(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def on_partitions_revoked(self, revoked: list[Any]) -> None:
         log.info("embed partitions revoked", extra={"partitions": [tp.partition for tp in revoked]})
+        for tp in revoked:  # another worker moves it on: our offset would read as lag later
+            self.stage._next.pop(tp, None)
+        forget_lag(self.stage.cmetrics, "embed", (tp.partition for tp in revoked))
 
     def on_partitions_assigned(self, assigned: list[Any]) -> None:
         log.info("embed partitions assigned",

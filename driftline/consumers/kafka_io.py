@@ -119,6 +119,18 @@ def highwaters(consumer: KafkaConsumer, topic: str, partitions: Any) -> dict[int
     return out
 
 
+def forget_lag(metrics: Any, stage: str, partitions: Any) -> None:
+    """Drop the lag gauges of partitions this worker no longer owns: their new owner reports
+    them, and a stale series would be summed with its."""
+    if metrics is None:
+        return
+    for p in partitions:
+        try:
+            metrics.lag.remove(stage, str(p))
+        except KeyError:  # never reported
+            pass
+
+
 class ProgressLog:
     """Consumer lag per owned partition, and one INFO line per ``every_s`` for a stage: records
     processed, positions, lag; plus a WARNING naming any partition that is behind but did not
@@ -131,6 +143,7 @@ class ProgressLog:
         self._last = time.monotonic()
         self._processed = 0
         self._seen: dict[int, int | None] = {}  # positions at the previous line
+        self._high: dict[int, int | None] = {}  # and high watermarks
 
     def count(self, n: int) -> None:
         self._processed += n
@@ -148,12 +161,16 @@ class ProgressLog:
         log.info(f"{self.role} progress", extra={
             "processed": self._processed, "per_s": round(self._processed / elapsed, 1),
             "positions": positions, "lag": lag})
-        stalled = {p: n for p, n in lag.items() if n > 0 and self._seen.get(p, -1) == positions[p]}
+        # behind and not moving; a lag of 1 on a quiet log can be a transaction marker that
+        # is never returned as a record, so it counts only once the log end moved on
+        stalled = {p: n for p, n in lag.items()
+                   if self._seen.get(p, -1) == positions[p]
+                   and (n > 1 or (n == 1 and self._high.get(p) != highwater.get(p)))}
         unfetched = sorted(p for p in positions if highwater.get(p) is None and p in self._seen)
         if stalled or unfetched:
             log.warning(f"{self.role}: owned partitions made no progress for {elapsed:.0f} s",
                         extra={"behind": stalled, "no_fetch_response": unfetched})
-        self._seen = dict(positions)
+        self._seen, self._high = dict(positions), dict(highwater)
         self._processed = 0
         self._last = now
         return lag

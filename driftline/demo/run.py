@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from kafka import KafkaProducer
 
@@ -186,7 +187,7 @@ def run_demo(size: str = "small", cache_dir: Path | None = None, hold: float = 0
         outcomes, false = match(plant.injections, incidents)
         print("\n" + report(outcomes, false, cfg.period_s), flush=True)
         found = [o.incident for o in outcomes if o.incident is not None]
-        thumbs_ok = all(show_thumbnail(f"http://127.0.0.1:{port}", inc) for inc in found)
+        thumbs_ok = all([show_thumbnail(f"http://127.0.0.1:{port}", inc) for inc in found])
         print(f"\n[demo] API http://127.0.0.1:{port}/api/v1/incidents · metrics "
               f"http://127.0.0.1:{port}/metrics · Alertmanager {stack.alertmanager_url}"
               f" · {time.monotonic() - started:.0f} s in all", flush=True)
@@ -209,7 +210,7 @@ def show_thumbnail(api: str, incident: dict[str, Any]) -> bool:
         print(f"[demo] {incident['id']}: no exemplars", flush=True)
         return False
     eid = exemplars[0]["event_id"]
-    url = f"{api}/api/v1/incidents/{incident['id']}/exemplars/{eid}/thumbnail"
+    url = f"{api}/api/v1/incidents/{incident['id']}/exemplars/{quote(eid, safe='')}/thumbnail"
     resp = httpx.get(url, timeout=30)
     if resp.status_code != 200:
         print(f"[demo] {incident['id']} exemplar {eid}: no thumbnail ({resp.status_code} "

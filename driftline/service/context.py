@@ -90,13 +90,14 @@ class ServiceContext:
         return self._ref_clusters
 
     def thumbnails(self) -> Thumbnails:
-        """Exemplar thumbnails, read from the events topic and cached as long as incidents."""
-        if self._thumbnails is None:
-            s = self.settings
-            self._thumbnails = Thumbnails(
-                self.redis, s.kafka_bootstrap, s.events_topic,
-                ttl_s=s.retention_resolved_days * 86400, max_event_bytes=s.max_event_bytes)
-        return self._thumbnails
+        """Exemplar thumbnails, read from the events topic and cached in Redis."""
+        with self._lock:
+            if self._thumbnails is None:
+                s = self.settings
+                self._thumbnails = Thumbnails(
+                    self.redis, s.kafka_bootstrap, s.events_topic,
+                    ttl_s=s.retention_resolved_days * 86400, max_event_bytes=s.max_event_bytes)
+            return self._thumbnails
 
     @property
     def reference_problem(self) -> str | None:

@@ -7,8 +7,8 @@
                                        ``consumers.checkpoint.encode_record`` (JSON + arrays)
     dl:recent                  stream  recent events: ``meta`` JSON and ``vec`` float32 bytes
     dl:reference:active        string  JSON {reference_id, path, who, at}, set by the API
-    dl:thumb:{event_id}        string  an exemplar's JPEG thumbnail, made and cached by the API
-                                       (:mod:`driftline.service.thumbnails`), with a TTL
+    dl:thumb:{p}:{offset}:{id} string  an exemplar's JPEG thumbnail, made and cached by the API
+                                       (:mod:`driftline.service.thumbnails`); TTL renewed on view
     dl:book:*                  the failure book (:mod:`driftline.alerts.store`); the API
                                writes only its lifecycle steps
 """

@@ -30,6 +30,7 @@ from driftline.config import Settings, load_settings
 from driftline.consumers.kafka_io import ensure_topics
 from driftline.service.app import create_app
 from driftline.service.keys import ACTIVE_REFERENCE_KEY, RECENT_KEY
+from tests.integration.pipeline_support import free_port
 from tests.unit.service.populate import Populated, build_references, populate
 
 pytestmark = pytest.mark.integration
@@ -188,9 +189,20 @@ def test_detail_evidence_exemplars_and_thumbnails(api: Api) -> None:
     # the right event's image: its colour survives two JPEG encodings within a few levels
     mean = np.asarray(img.convert("RGB"), np.float64).reshape(-1, 3).mean(axis=0)
     assert np.abs(mean - colour(api.data.event_ids.index(event))).max() < 6, mean
-    assert api.r.exists(f"dl:thumb:{event}")  # cached: the next view does not read Kafka
-    again = api.get(f"/api/v1/incidents/{s3['id']}/exemplars/{event}/thumbnail")
-    assert again.status_code == 200 and again.content == thumb.content
+    assert api.r.exists(f"dl:thumb:0:{api.data.event_ids.index(event)}:{event}")
+    # cached: the next view does not read Kafka (which is now out of reach)
+    thumbs = api.client.app.state.ctx.thumbnails()  # type: ignore[attr-defined]
+    bootstrap, thumbs.bootstrap = thumbs.bootstrap, f"127.0.0.1:{free_port()}"
+    timeout, thumbs.timeout_s = thumbs.timeout_s, 2.0
+    try:
+        again = api.get(f"/api/v1/incidents/{s3['id']}/exemplars/{event}/thumbnail")
+        assert again.status_code == 200 and again.content == thumb.content
+        uncached = next(x["exemplar"]["event_id"] for x in ex[1:]
+                        if not api.r.keys(f"dl:thumb:*:{x['exemplar']['event_id']}"))
+        down = api.get(f"/api/v1/incidents/{s3['id']}/exemplars/{uncached}/thumbnail")
+        assert down.status_code == 503 and "could not be read" in down.json()["detail"]
+    finally:
+        thumbs.bootstrap, thumbs.timeout_s = bootstrap, timeout
     # an incident from before thumbnails: its exemplars have no events-topic position
     old = api.get(f"/api/v1/incidents/{api.data.resolved_id}/exemplars").json()
     eid = old[0]["exemplar"]["event_id"]

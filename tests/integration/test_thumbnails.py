@@ -7,6 +7,8 @@ import base64
 import io
 import json
 import re
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +16,6 @@ from typing import Any
 import pytest
 import redis
 from kafka import KafkaAdminClient, KafkaProducer, TopicPartition
-from kafka.errors import KafkaConnectionError, KafkaTimeoutError
 from PIL import Image
 
 from driftline.consumers.kafka_io import ensure_topics
@@ -73,7 +74,11 @@ def test_thumbnails_keep_aspect_and_are_cached_with_a_ttl(
                               ("late", 4, (64, 48))):  # small images are not enlarged
         img = Image.open(io.BytesIO(t.get(eid, 0, offset)))
         assert img.format == "JPEG" and img.size == size, (eid, img.size)
-        assert 0 < cache.ttl(THUMB_KEY.format(eid)) <= 3600
+        key = THUMB_KEY.format(0, offset, eid)
+        assert 0 < cache.ttl(key) <= 3600
+        cache.expire(key, 5)
+        t.get(eid, 0, offset)  # a view renews the expiry
+        assert cache.ttl(key) > 5
 
 
 @pytest.mark.parametrize(("eid", "offset", "reason"), [
@@ -84,9 +89,10 @@ def test_thumbnails_keep_aspect_and_are_cached_with_a_ttl(
 ])
 def test_no_thumbnail_says_why(cache: redis.Redis, kafka_bootstrap: str, topic: str,
                                eid: str, offset: int | None, reason: str) -> None:
-    with pytest.raises(ThumbnailUnavailable, match=re.escape(reason)):
+    with pytest.raises(ThumbnailUnavailable, match=re.escape(reason)) as err:
         thumbs(cache, kafka_bootstrap, topic).get(eid, 0, offset)
-    assert not cache.exists(THUMB_KEY.format(eid))
+    assert not err.value.transient  # trying again would not help: the API answers 404
+    assert not cache.keys("dl:thumb:*")
 
 
 def test_event_past_retention_is_named(cache: redis.Redis, kafka_bootstrap: str,
@@ -96,16 +102,22 @@ def test_event_past_retention_is_named(cache: redis.Redis, kafka_bootstrap: str,
         admin.delete_records({TopicPartition(topic, 0): 3})
     finally:
         admin.close()
-    with pytest.raises(ThumbnailUnavailable, match="no longer in Kafka.*oldest kept is 3"):
+    with pytest.raises(ThumbnailUnavailable, match="no longer in Kafka.*oldest kept is 3") as err:
         thumbs(cache, kafka_bootstrap, topic).get("tall", 0, 0)
+    assert not err.value.transient
     img = Image.open(io.BytesIO(thumbs(cache, kafka_bootstrap, topic).get("late", 0, 4)))
     assert img.size == (64, 48)
 
 
-def test_unreachable_broker_is_a_clear_error(cache: redis.Redis) -> None:
+def test_unreachable_broker_is_transient_and_leaves_no_thread(cache: redis.Redis) -> None:
+    before = {t.ident for t in threading.enumerate()}
     t = Thumbnails(cache, f"127.0.0.1:{free_port()}", "nowhere", ttl_s=60,
                    max_event_bytes=1 << 20, timeout_s=2)
-    with pytest.raises(ThumbnailUnavailable, match=r"cannot reach Kafka to read nowhere\[0\]") \
-            as err:
-        t.get("x", 0, 0)
-    assert isinstance(err.value.__cause__, KafkaTimeoutError | KafkaConnectionError), err.value
+    for _ in range(3):
+        with pytest.raises(ThumbnailUnavailable, match=r"nowhere\[0\] offset 0 could not be read "
+                           r"within 2 s \(is Kafka at 127\.0\.0\.1:\d+ up\?\)") as err:
+            t.get("x", 0, 0)
+        assert err.value.transient  # the API answers 503: worth trying again
+    time.sleep(0.5)
+    left = [th.name for th in threading.enumerate() if th.ident not in before]
+    assert not left, left  # each read's Kafka client is closed, its I/O thread gone

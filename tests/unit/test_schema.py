@@ -80,6 +80,11 @@ def test_late_label_without_payload_is_a_label_event() -> None:
         (raw({**GOOD, "embedding": []}), RejectReason.invalid_field),
         (raw({**GOOD, "embedding": ["x"]}), RejectReason.invalid_field),
         (raw({**GOOD, "embedding": None, "image": "###"}), RejectReason.invalid_field),
+        # padding after a complete group, missing padding, whitespace: not strict base64 (the
+        # stdlib's validate=True let the first through; pybase64 does not)
+        (raw({**GOOD, "embedding": None, "image": "QUJD="}), RejectReason.invalid_field),
+        (raw({**GOOD, "embedding": None, "image": "QUI"}), RejectReason.invalid_field),
+        (raw({**GOOD, "embedding": None, "image": "QU JD"}), RejectReason.invalid_field),
         (raw({**GOOD, "image_uri": "http://x/y.jpg", "embedding": None}),
          RejectReason.invalid_field),
         (raw({**GOOD, "prediction": {"label": "ok", "score": 1.5}}), RejectReason.invalid_field),

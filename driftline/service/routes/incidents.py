@@ -110,8 +110,9 @@ def get_exemplars(incident_id: IncidentId, book: BookDep, ctx: ContextDep,
 def get_thumbnail(incident_id: IncidentId, event_id: Annotated[str, Path(max_length=200)],
                   book: BookDep, ctx: ContextDep, _: Viewer) -> Response:
     """The exemplar's image, small. Made from the event in the events topic on first request
-    and kept as long as resolved incidents; 404 with the reason when the event is past the
-    topic's retention or carried an embedding instead of an image."""
+    and kept as long as resolved incidents after its last view; 404 with the reason when the
+    event is past the topic's retention or carried an embedding instead of an image, 503 when
+    Kafka cannot be read right now."""
     inc = book.get(incident_id)
     found = [x for x in inc.evidence.exemplars if x.event_id == event_id]
     if not found:
@@ -121,7 +122,8 @@ def get_thumbnail(incident_id: IncidentId, event_id: Annotated[str, Path(max_len
     try:
         jpeg = ctx.thumbnails().get(event_id, x.source_partition, x.source_offset)
     except ThumbnailUnavailable as exc:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no thumbnail: {exc}") from None
+        code = status.HTTP_503_SERVICE_UNAVAILABLE if exc.transient else status.HTTP_404_NOT_FOUND
+        raise HTTPException(code, detail=f"no thumbnail: {exc}") from None
     return Response(jpeg, media_type="image/jpeg",
                     headers={"Cache-Control": "private, max-age=86400"})
 

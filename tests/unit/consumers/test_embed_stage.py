@@ -109,3 +109,53 @@ def test_batch_produces_updates_dead_letters_and_counts_per_batch() -> None:
     assert sample("driftline_embed_station_last_event_timestamp_seconds", station="s1") == (
         1795420805.0)  # e5, the last event of s1 in the batch
     assert sample("driftline_embed_dead_letters_total", reason="image_undecodable") == 1
+
+
+class LagConsumer:
+    """What ``_report_lag`` reads of a consumer: its assignment and the fetched high marks."""
+
+    def __init__(self) -> None:
+        self.owned: set[Any] = set()
+        self.high: dict[Any, int] = {}
+
+    def assignment(self) -> set[Any]:
+        return self.owned
+
+    def highwater(self, tp: Any) -> int | None:
+        return self.high.get(tp)
+
+
+def test_lag_forgets_a_partition_once_it_moves_to_another_worker() -> None:
+    from kafka import TopicPartition
+    from prometheus_client import CollectorRegistry
+
+    from driftline.consumers.embed_stage import _LogAssignments
+    from driftline.metrics import ConsumerMetrics
+
+    registry = CollectorRegistry()
+    consumer = LagConsumer()
+    stage = EmbedStage(
+        consumer, Producer(), events_topic="ev", updates_topic="up",  # type: ignore[arg-type]
+        dlq_topic="dlq", embedder=Embedder(), reference=Reference(), templates=["station"],
+        metrics=EmbedMetrics(registry), consumer_metrics=ConsumerMetrics(registry))
+    tp = TopicPartition("ev", 0)
+    listener = _LogAssignments(stage)
+
+    def lag() -> float | None:
+        stage._last_lag = 0.0
+        stage._report_lag()
+        return registry.get_sample_value("driftline_kafka_consumer_lag_messages",
+                                         {"stage": "embed", "partition": "0"})
+
+    consumer.owned, consumer.high, stage._next[tp] = {tp}, {tp: 150}, 100
+    assert lag() == 50
+    listener.on_partitions_revoked([tp])
+    consumer.owned = set()
+    assert lag() is None  # not ours now: its new owner reports it, no stale series to sum
+    # another worker takes it to 200; it comes back idle: nothing read here yet, no false lag
+    consumer.owned, consumer.high = {tp}, {tp: 200}
+    listener.on_partitions_assigned([tp])
+    assert tp not in stage._next
+    assert lag() is None
+    stage._next[tp] = 200
+    assert lag() == 0

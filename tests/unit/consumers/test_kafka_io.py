@@ -71,3 +71,19 @@ def test_progress_log_warns_about_partitions_that_do_not_move(
     clock.now = 90.0
     progress.tick({0: 11, 1: 30, 2: 50, 3: None}, {0: 50, 1: 50, 2: 50, 3: 0})
     assert all(r.levelno == logging.INFO for r in caplog.records)
+
+
+def test_progress_log_lag_of_one_on_a_quiet_log_is_not_a_stall(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a transaction's commit marker sits at the log end and is never returned as a record
+    progress, clock = _progress(monkeypatch)
+    caplog.set_level(logging.INFO, logger=kafka_io.__name__)
+    for now in (30.0, 60.0, 90.0):
+        clock.now = now
+        progress.tick({0: 41}, {0: 42})
+    assert all(r.levelno == logging.INFO for r in caplog.records)
+    clock.now = 120.0  # the log moved on and we did not: stuck after all
+    progress.tick({0: 41}, {0: 43})
+    assert [r.behind for r in caplog.records if r.levelno == logging.WARNING] == [  # type: ignore[attr-defined]
+        {0: 2}]
