@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from urllib.parse import quote
 
 import numpy as np
 
@@ -45,13 +46,19 @@ def label_set(exemplars: Sequence[Exemplar],
 
 
 def label_set_jsonl(incident: Incident, embeddings: Mapping[str, Sequence[float]] | None = None,
-                    radius: float = 0.3) -> str:
-    """The label set as JSON Lines, one sample per line, for a labeling tool."""
+                    radius: float = 0.3, incident_url: str | None = None) -> str:
+    """The label set as JSON Lines, one sample per line, for a labeling tool: where each event
+    is in the events topic and, given the incident's API URL, its thumbnail's URL."""
     lines = []
     for x, covers in label_set(incident.evidence.exemplars, embeddings, radius):
+        known = x.source_partition is not None and x.source_offset is not None
         row = {"incident_id": incident.id, "event_id": x.event_id, "slice_id": x.slice_id,
                "cluster": x.cluster, "ood": x.ood, "distance": x.distance,
                "ts": x.ts.isoformat() if x.ts else None, "covers": covers,
-               "reference_exemplars": x.reference_exemplars}
+               "reference_exemplars": x.reference_exemplars,
+               "source": {"partition": x.source_partition, "offset": x.source_offset}
+               if known else None,
+               "thumbnail": f"{incident_url}/exemplars/{quote(x.event_id, safe='')}/thumbnail"
+               if known and incident_url else None}
         lines.append(json.dumps(row, sort_keys=True))
     return "".join(line + "\n" for line in lines)

@@ -223,6 +223,12 @@ def test_label_set_is_jsonl_covering_every_exemplar(api: Api) -> None:
     n = len(api.get(f"/api/v1/incidents/{s3['id']}/exemplars").json())
     assert rows and sum(r["covers"] for r in rows) == n
     assert {r["incident_id"] for r in rows} == {s3["id"]}
+    for r in rows:  # where a labeler finds each sample: the topic position and the thumbnail
+        assert r["source"] == {"partition": 0, "offset": api.data.event_ids.index(r["event_id"])}
+        assert r["thumbnail"] == (f"{PUBLIC}/api/v1/incidents/{s3['id']}/exemplars/"
+                                  f"{r['event_id']}/thumbnail")
+    old = api.get(f"/api/v1/incidents/{api.data.resolved_id}/label-set").text.splitlines()
+    assert old and all(json.loads(r)["thumbnail"] is None for r in old)  # no known position
 
 
 def test_recurrence_links_the_past_incident(api: Api) -> None:

@@ -132,7 +132,8 @@ def get_thumbnail(incident_id: IncidentId, event_id: Annotated[str, Path(max_len
             responses={200: {"content": {JSONL: {"schema": {"type": "string"}}},
                              "description": "one JSON object per line: event_id, slice_id, "
                                             "cluster, ood, distance, ts, covers, "
-                                            "reference_exemplars"}, **errors(404)})
+                                            "reference_exemplars, source {partition, offset}, "
+                                            "thumbnail (URL)"}, **errors(404)})
 def get_label_set(incident_id: IncidentId, book: BookDep, ctx: ContextDep,
                   _: Viewer) -> Response:
     """The smallest set of exemplars covering the incident in embedding space, as JSON Lines
@@ -144,7 +145,8 @@ def get_label_set(incident_id: IncidentId, book: BookDep, ctx: ContextDep,
     if ids and all(i in snap.rows for i in ids):
         embeddings = {i: np.asarray(snap.vectors[snap.rows[i]], np.float64).tolist()
                       for i in ids}
-    return Response(label_set_jsonl(inc, embeddings), media_type=JSONL, headers={
+    url = incident_link(ctx.settings.public_url, inc.id)
+    return Response(label_set_jsonl(inc, embeddings, incident_url=url), media_type=JSONL, headers={
         "Content-Disposition": f'attachment; filename="{inc.id}-label-set.jsonl"'})
 
 
