@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -82,7 +83,7 @@ def run(
     """Run pipeline stages with probes and /metrics over HTTP until SIGTERM."""
     import uvicorn
 
-    from driftline.runner import ROLES, Service
+    from driftline.runner import ROLES, Service, watch_stages
     from driftline.service.app import create_app
 
     settings = settings_or_exit()
@@ -96,20 +97,34 @@ def run(
     # and /metrics only.
     api_settings = settings if role == "all" else None
     server = uvicorn.Server(uvicorn.Config(
-        create_app(service.registry, service.readiness, api_settings), host=settings.api_host,
+        create_app(service.registry, service.readiness, api_settings,
+                   liveness=service.liveness), host=settings.api_host,
         port=port if port is not None else settings.api_port, log_level="warning"))
+    stopping = threading.Event()
+    died: list[str] = []
+
     # uvicorn turns SIGTERM/SIGINT into a graceful HTTP shutdown and then re-raises the signal
     # to the handler installed before it: ours asks the stages to stop, and they finish the
     # batch, checkpoint and commit before the process exits.
     def request_stop(signum: int, _frame: object) -> None:
+        stopping.set()
         for stage in service.stages.values():
             stage.stop()
         server.should_exit = True
 
+    def on_dead(dead: list[str]) -> None:
+        died.extend(dead)
+        request_stop(0, None)
+
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    threading.Thread(target=watch_stages, args=(service, stopping, on_dead), name="stage-watch",
+                     daemon=True).start()
     server.run()
+    stopping.set()
     service.stop()
+    if died:
+        raise typer.Exit(1)
 
 
 @app.command("serve")

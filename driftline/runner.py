@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,6 +206,18 @@ class Service:
         for thread in self.threads:
             thread.join(timeout)
 
+    def liveness(self) -> dict[str, bool]:
+        """Per stage: its thread runs and its loop turned within ``stage_stall_timeout_s``
+        (a loop parked in a call — a broker request that never returns — fails it, and the
+        orchestrator's liveness probe restarts the process)."""
+        now, limit = time.monotonic(), self.settings.stage_stall_timeout_s
+        return {f"{name}_loop": thread.is_alive() and now - getattr(stage, "beat", now) < limit
+                for (name, stage), thread in zip(self.stages.items(), self.threads, strict=False)}
+
+    def dead_stages(self) -> list[str]:
+        return [name for name, thread in zip(self.stages, self.threads, strict=False)
+                if not thread.is_alive()]
+
     def readiness(self) -> dict[str, bool]:
         checks = {"reference_loaded": self.reference is not None}
         for role in ("embed", "detect"):
@@ -214,4 +227,18 @@ class Service:
         checks.update({f"{n}_running": t.is_alive() for n, t in zip(
             self.stages, self.threads, strict=False)})
         return checks
+
+
+def watch_stages(service: Service, stopping: threading.Event,
+                 on_dead: Callable[[list[str]], None], every_s: float = 1.0) -> None:
+    """Until ``stopping``: a stage thread that ended on its own (it logged why) is reported to
+    ``on_dead`` once. ``driftline run`` then exits with status 1, so that its supervisor
+    restarts the process instead of leaving a worker running without that stage."""
+    while not stopping.wait(every_s):
+        dead = service.dead_stages()
+        if dead and not stopping.is_set():
+            log.error("stage stopped unexpectedly; exiting so the supervisor restarts the "
+                      "process", extra={"stages": dead})
+            on_dead(dead)
+            return
 

@@ -93,6 +93,7 @@ class IncidentProcessor:
         self.clock = clock
         self.last: dict[str, float] = {}
         self.stop_event = threading.Event()
+        self.beat = time.monotonic()  # last turn of run()'s loop (see Service.liveness)
         self.check_trimmed()
 
     def check_trimmed(self) -> int:
@@ -148,6 +149,7 @@ class IncidentProcessor:
     def run(self) -> None:
         """Step until :meth:`stop`; a Redis outage is logged and retried, never fatal."""
         while not self.stop_event.is_set():
+            self.beat = time.monotonic()  # liveness: the loop turns
             try:
                 self.step()
             except redis.RedisError as exc:

@@ -103,6 +103,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self.parts: dict[int, PartitionState] = {}
         self.outbox: list[dict[str, Any]] = []
         self.stop_event = threading.Event()
+        self.beat = time.monotonic()  # last turn of run()'s loop (see Service.liveness)
         self.assigned_once = threading.Event()
         self.last_checkpoint = time.monotonic()
         self._closed = False
@@ -140,6 +141,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self.consumer.subscribe([self.topic], listener=self)
         try:
             while not self.stop_event.is_set():
+                self.beat = time.monotonic()  # liveness: the loop turns
                 batch = self.consumer.poll(timeout_ms=POLL_TIMEOUT_MS,
                                            max_records=MAX_POLL_RECORDS)
                 for tp, messages in batch.items():

@@ -101,6 +101,7 @@ class EmbedStage:
         self.max_event_bytes = max_event_bytes
         self.recent_size = recent_size
         self.stop_event = threading.Event()
+        self.beat = time.monotonic()  # last turn of run()'s loop (see Service.liveness)
         self.assigned_once = threading.Event()
         self._tally = _Tally()
         self.progress = ProgressLog("embed")
@@ -114,6 +115,7 @@ class EmbedStage:
         self._subscribe()
         try:
             while not self.stop_event.is_set():
+                self.beat = time.monotonic()  # liveness: the loop turns
                 polled = self.consumer.poll(timeout_ms=self.batch_timeout_ms,
                                             max_records=POLL_BATCHES * self.batch_size)
                 msgs = [m for part in polled.values() for m in part]

@@ -29,8 +29,10 @@ API_PREFIX = "/api/v1"
 
 def create_app(registry: CollectorRegistry, readiness: Readiness | None = None,
                settings: Settings | None = None, *,
-               redis_client: redis.Redis | None = None) -> FastAPI:
-    """Build the HTTP app. ``readiness`` returns named checks; all must be true for /readyz.
+               redis_client: redis.Redis | None = None,
+               liveness: Readiness | None = None) -> FastAPI:
+    """Build the HTTP app. ``readiness`` returns named checks; all must be true for /readyz;
+    ``liveness`` likewise for /healthz (no checks: the process answers).
 
     With ``settings`` the triage API is mounted (Redis from ``settings.redis_url`` unless
     ``redis_client`` is given) and the probes need a viewer token unless
@@ -50,10 +52,13 @@ def create_app(registry: CollectorRegistry, readiness: Readiness | None = None,
     probes = APIRouter(tags=["probes"], dependencies=guard,
                        responses=errors(401, 403) if guard else None)
 
-    @probes.get("/healthz")
-    def healthz() -> dict[str, str]:
-        """Liveness: the process answers."""
-        return {"status": "ok"}
+    @probes.get("/healthz", responses={503: {"description": "a stage is dead or stuck"}})
+    def healthz() -> JSONResponse:
+        """Liveness: the process answers and every stage's loop turns (restart it if not)."""
+        got = liveness() if liveness is not None else {}
+        ok = all(got.values())
+        return JSONResponse({"status": "ok" if ok else "stuck", "checks": got},
+                            status_code=200 if ok else 503)
 
     @probes.get("/readyz", responses={503: {"description": "not ready"}})
     def readyz() -> JSONResponse:

@@ -1,0 +1,103 @@
+"""Liveness of a worker process: /healthz fails when a stage's loop stops turning, and
+``driftline run`` learns of a stage thread that ended on its own."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+
+from driftline.config import load_settings
+from driftline.runner import Service, watch_stages
+from driftline.service.app import create_app
+
+
+class LoopStage:
+    """Turns its loop (sets ``beat``) until told to stop, or parks as a hung call would."""
+
+    def __init__(self, hang_after: int | None = None, crash: bool = False) -> None:
+        self.beat = time.monotonic()
+        self.stop_event = threading.Event()
+        self.hang_after, self.crash = hang_after, crash
+
+    def run(self) -> None:
+        turns = 0
+        while not self.stop_event.is_set():
+            self.beat = time.monotonic()
+            turns += 1
+            if self.crash:
+                raise RuntimeError("boom")
+            if self.hang_after is not None and turns >= self.hang_after:
+                self.stop_event.wait()  # parked, as in a broker call that never returns
+            self.stop_event.wait(0.01)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+
+def service_with(stages: dict[str, LoopStage], stall_s: float = 30.0) -> Service:
+    service = Service(load_settings(stage_stall_timeout_s=stall_s), roles=list(stages))
+    service.stages = dict(stages)
+    for name, stage in stages.items():
+        thread = threading.Thread(target=service._run, args=(name, stage), daemon=True)
+        thread.start()
+        service.threads.append(thread)
+    return service
+
+
+def test_healthz_fails_when_a_stage_loop_stops_turning() -> None:
+    busy, stuck = LoopStage(), LoopStage(hang_after=1)
+    service = service_with({"embed": busy, "detect": stuck})
+    app = create_app(CollectorRegistry(), service.readiness, liveness=service.liveness)
+    try:
+        with TestClient(app) as client:
+            ok = client.get("/healthz")
+            assert ok.status_code == 200, ok.json()
+            assert ok.json()["checks"] == {"embed_loop": True, "detect_loop": True}
+            stuck.beat -= 31  # as if parked for longer than the stall timeout
+            bad = client.get("/healthz")
+            assert bad.status_code == 503
+            assert bad.json() == {"status": "stuck",
+                                  "checks": {"embed_loop": True, "detect_loop": False}}
+    finally:
+        for s in (busy, stuck):
+            s.stop()
+        service.stop(5)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_stage_thread_that_ends_on_its_own_is_reported_once() -> None:
+    healthy, crashing = LoopStage(), LoopStage(crash=True)
+    service = service_with({"detect": healthy, "book": crashing})
+    stopping, reported = threading.Event(), []
+
+    def on_dead(dead: list[str]) -> None:
+        reported.append(dead)
+        stopping.set()
+
+    watcher = threading.Thread(target=watch_stages, args=(service, stopping, on_dead, 0.02))
+    watcher.start()
+    watcher.join(10)
+    try:
+        assert not watcher.is_alive() and reported == [["book"]]
+        assert service.liveness() == {"detect_loop": True, "book_loop": False}
+    finally:
+        healthy.stop()
+        service.stop(5)
+
+
+def test_a_requested_stop_is_not_a_death() -> None:
+    stage = LoopStage()
+    service = service_with({"embed": stage})
+    stopping, reported = threading.Event(), []
+    watcher = threading.Thread(target=watch_stages,
+                               args=(service, stopping, reported.append, 0.02))
+    watcher.start()
+    stopping.set()  # as on SIGTERM: the flag first, then the stages stop
+    stage.stop()
+    service.stop(5)
+    watcher.join(5)
+    assert not watcher.is_alive() and reported == []
