@@ -65,7 +65,12 @@ from driftline.consumers.detect_stage import (
     parse_update,
 )
 from driftline.consumers.embed_stage import POLL_BATCHES
-from driftline.consumers.kafka_io import ensure_topics, make_consumer, make_producer
+from driftline.consumers.kafka_io import (
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    subscribe_when_ready,
+)
 from driftline.core.snapshot import pack
 from driftline.reference.build import build_reference
 from driftline.reference.index import Reference, load_reference
@@ -300,28 +305,12 @@ def retrying(what: str, fn: Callable[[str], Run], group: str, tries: int = 3) ->
     raise RuntimeError(f"{what} stalled {tries} times")
 
 
-def subscribe_with_metadata(consumer: KafkaConsumer, topic: str, listener: Any = None) -> None:
-    """Subscribe, then wait until the client holds the topic's metadata, before any poll.
-
-    kafka-python 3.0.12's group leader assigns nothing when it lacks the topic's metadata, then
-    rejoins; fetching all topics' metadata first (``partitions_for_topic``) also ends in a
-    rejoin (the metadata snapshot shrinks to the subscription). Sometimes that second join never
-    completes and the consumer sits without partitions (seen in this benchmark; see the
-    report). With the subscription's metadata in before the first poll, the group forms once.
-    """
-    consumer.subscribe([topic], listener=listener)
-    cluster = consumer._client.cluster  # no public way to wait for it without joining
-    deadline = time.monotonic() + 10.0
-    while cluster.partitions_for_topic(topic) is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-
-
 def run_bare(bootstrap: str, topic: str, ends: dict[int, int], group: str,
              kind: str = "bare") -> Run:
     """A plain consume loop: same consumer settings as the stage, touch every value."""
     consumer = make_consumer(bootstrap, group)
     stamp = _Stamp()
-    subscribe_with_metadata(consumer, topic, stamp)
+    subscribe_when_ready(consumer, topic, stamp)
     t0, c0 = time.perf_counter(), cpu_seconds()
     remaining = {p for p, end in ends.items() if end > 0}
     n = touched = 0
@@ -381,8 +370,6 @@ def run_detect(settings: Settings, ref: Reference, ends: dict[int, int], group: 
                                     else functools.partial(profile.runcall, stage.run))
     thread = threading.Thread(target=target, name="detect", daemon=True)
     total = sum(ends.values())
-    # the stage subscribes again in run(): same topic, so the subscription is unchanged
-    subscribe_with_metadata(stage.consumer, stage.topic)
     offsets_key = f"{stage.store.prefix}:offsets"
     t0, c0 = time.perf_counter(), cpu_seconds()
     thread.start()
@@ -651,11 +638,10 @@ def detect_part(stack: Any, work: Path, sizes: Sizes, report: list[str]) -> dict
         "CRC-32C (the basis of the target, as in earlier runs), `_c` legs with the C one; "
         f"rates from partition assignment to the end; load average (1/5/15 min) before each "
         f"run: {', '.join(loads)}",
-        "- both consumers subscribe and wait for the topic's metadata before their first poll, "
-        "so the group forms in one join: kafka-python 3.0.12 otherwise assigns nothing at "
-        "first and rejoins, and while writing this benchmark that rejoin three times never "
-        "completed "
-        "(the consumer sat without partitions; the stage would too)",
+        "- both consumers subscribe through `kafka_io.subscribe_when_ready` (the stage's own "
+        "path), so the group forms in one join: with kafka-python 3.0.12's stale metadata "
+        "snapshot the leader rebalanced again right after the first assignment, and such a "
+        "rejoin sometimes never completed (seen here and in CI)",
         f"- runs that stalled (no progress for {STALL_S:.0f} s) and were retried in a new "
         f"group: {len(STALLS)}{''.join(f'; {x}' for x in STALLS)}", "",
         "| run | updates/s median (min–max) | CPU µs/update (this process) | join s |",

@@ -38,3 +38,6 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("kafka").setLevel(max(logging.WARNING, root.level))
+    # group membership (joins, assignments, rebalances) is rare and what one reads first when
+    # a worker owns nothing: keep kafka-python's coordinator at the service's level
+    logging.getLogger("kafka.coordinator").setLevel(root.level)

@@ -32,7 +32,12 @@ from pydantic import ValidationError
 from pydantic_core import from_json
 
 from driftline.consumers.checkpoint import CheckpointStore, Fenced
-from driftline.consumers.kafka_io import ProgressLog, forget_lag, highwaters, wait_for_topic
+from driftline.consumers.kafka_io import (
+    ProgressLog,
+    forget_lag,
+    highwaters,
+    subscribe_when_ready,
+)
 from driftline.consumers.slice_state import UpdateView
 from driftline.metrics import ConsumerMetrics, DetectMetrics
 from driftline.schema import SliceUpdate
@@ -137,8 +142,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
     # --- main loop -----------------------------------------------------------------------
     def run(self) -> None:
         """Poll, apply and checkpoint until :meth:`stop`; then checkpoint and close."""
-        wait_for_topic(self.consumer, self.topic)
-        self.consumer.subscribe([self.topic], listener=self)
+        subscribe_when_ready(self.consumer, self.topic, self)
         try:
             while not self.stop_event.is_set():
                 self.beat = time.monotonic()  # liveness: the loop turns

@@ -29,7 +29,12 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 
 from driftline.consumers.checkpoint import retry_redis
 from driftline.consumers.imaging import Base64Image, ImageError, ImageSource
-from driftline.consumers.kafka_io import ProgressLog, forget_lag, highwaters, wait_for_topic
+from driftline.consumers.kafka_io import (
+    ProgressLog,
+    forget_lag,
+    highwaters,
+    subscribe_when_ready,
+)
 from driftline.metrics import ConsumerMetrics, EmbedMetrics
 from driftline.schema import (
     DeadLetter,
@@ -133,8 +138,7 @@ class EmbedStage:
             self.consumer.close(autocommit=False)
 
     def _subscribe(self) -> None:
-        wait_for_topic(self.consumer, self.events_topic)
-        self.consumer.subscribe([self.events_topic], listener=_LogAssignments(self))
+        subscribe_when_ready(self.consumer, self.events_topic, _LogAssignments(self))
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -103,6 +103,28 @@ def wait_for_topic(consumer: KafkaConsumer, topic: str, timeout_s: float = BROKE
         time.sleep(0.2)
 
 
+def subscribe_when_ready(consumer: KafkaConsumer, topic: str, listener: Any,
+                         timeout_s: float = BROKER_WAIT_S) -> None:
+    """Subscribe to ``topic`` once its partitions are known, so the first join assigns them.
+
+    Also hands the consumer's group coordinator the current metadata: kafka-python 3.0.12
+    snapshots the subscribed topics' partitions only when a metadata response arrives, and the
+    one that :func:`wait_for_topic` caused arrived before the subscription. Joining with that
+    empty snapshot makes the leader rebalance again as soon as the next response arrives —
+    an extra rebalance at every start, and in CI such a rejoin twice never completed (the
+    worker sat without partitions for minutes).
+    """
+    wait_for_topic(consumer, topic, timeout_s)
+    consumer.subscribe([topic], listener=listener)
+    coordinator = getattr(consumer, "_coordinator", None)
+    refresh = getattr(coordinator, "_handle_metadata_update", None)
+    cluster = getattr(coordinator, "_cluster", None)
+    if refresh is not None and cluster is not None:
+        refresh(cluster)
+    else:  # another kafka-python: the extra rebalance costs time, not correctness
+        log.debug("no coordinator metadata hook; the first join may rebalance twice")
+
+
 def highwaters(consumer: KafkaConsumer, topic: str, partitions: Any) -> dict[int, int | None]:
     """The high watermark each partition's last fetch response carried (None: no response yet).
 
