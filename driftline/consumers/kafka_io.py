@@ -111,7 +111,7 @@ def subscribe_when_ready(consumer: KafkaConsumer, topic: str, listener: Any,
     snapshots the subscribed topics' partitions only when a metadata response arrives, and the
     one that :func:`wait_for_topic` caused arrived before the subscription. Joining with that
     empty snapshot makes the leader rebalance again as soon as the next response arrives —
-    an extra rebalance at every start, and in CI such a rejoin twice never completed (the
+    an extra rebalance at most starts, and in CI such a rejoin once never completed (the
     worker sat without partitions for minutes).
     """
     wait_for_topic(consumer, topic, timeout_s)
@@ -157,7 +157,8 @@ class ProgressLog:
     """Consumer lag per owned partition, and one INFO line per ``every_s`` for a stage: records
     processed, positions, lag; plus a WARNING naming any partition that is behind but did not
     move over a whole interval, or that was owned a whole interval without one fetch response.
-    At 3 a.m. this tells a stuck consumer from an idle one without a debugger.
+    At 3 a.m. this tells a consumer that polls but gets nothing from an idle one; the lines come
+    from the poll loop, so a loop parked in a call shows as lines that stop.
     """
 
     def __init__(self, role: str, every_s: float = PROGRESS_LOG_S) -> None:
