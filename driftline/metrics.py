@@ -76,7 +76,8 @@ class DetectMetrics:
             registry=registry)
         self.e2e_latency = Histogram(
             "driftline_pipeline_end_to_end_latency_seconds",
-            "From the event's arrival in Kafka to its effect on the detectors",
+            "From the event's arrival in Kafka to its effect on the detectors (one slice-update "
+            "in 16)",
             buckets=_LATENCY_BUCKETS, registry=registry)
 
 

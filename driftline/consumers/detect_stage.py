@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 POLL_TIMEOUT_MS = 200
 MAX_POLL_RECORDS = 2000
+# End-to-end latency is observed for one slice-update in this many: a histogram observation
+# costs ~1 µs, against ~20 µs to apply an update; 1 in 16 is a fair sample at < 0.1 µs each.
+E2E_SAMPLE_EVERY = 16
 
 
 class SliceModel(Protocol):
@@ -113,6 +116,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self.last_checkpoint = time.monotonic()
         self._closed = False
         self.progress = ProgressLog("detect")
+        self._e2e_next = 0  # index in the next batch of the next latency sample
 
     # --- rebalance -----------------------------------------------------------------------
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
@@ -163,8 +167,8 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self.stop_event.set()
 
     def apply_batch(self, partition: int, messages: list[Any]) -> None:
-        """Step 1 for one partition's polled messages, in offset order; metrics once per call
-        (the end-to-end latency of the newest message stands for the batch)."""
+        """Step 1 for one partition's polled messages, in offset order; counters once per call,
+        end-to-end latency for every ``E2E_SAMPLE_EVERY``-th message across calls."""
         part = self.parts.get(partition)
         if part is None or not messages:  # revoked while the batch was in flight
             return
@@ -181,9 +185,13 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
             self.metrics.updates.inc(applied)
         if duplicates:
             self.metrics.duplicates.inc(duplicates)
-        stamp = messages[-1].timestamp
-        if stamp and stamp > 0:
-            self.metrics.e2e_latency.observe(max(0.0, time.time() - stamp / 1000))
+        k, now = self._e2e_next, time.time()
+        while k < len(messages):  # a fair sample of messages, whatever the batch sizes
+            stamp = messages[k].timestamp
+            if stamp and stamp > 0:
+                self.metrics.e2e_latency.observe(max(0.0, now - stamp / 1000))
+            k += E2E_SAMPLE_EVERY
+        self._e2e_next = k - len(messages)
 
     def _apply(self, part: PartitionState, msg: Any) -> bool | None:
         """Apply one slice-update: True if applied, False for a replayed duplicate, None if

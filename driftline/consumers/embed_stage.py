@@ -256,6 +256,9 @@ class EmbedStage:
         ood = None if item.distance is None else bool(item.distance > base.ood_threshold)
         item.ood, item.ood_p0 = ood, base.ood_rate
         dims = {"station": ev.station, "shift": ev.shift, "lot": ev.lot}
+        # the event's own Kafka timestamp rides on: the detect stage's end-to-end latency then
+        # starts at the event's arrival, not at this stage's send
+        stamp = msg.timestamp if isinstance(msg.timestamp, int) and msg.timestamp > 0 else None
         for template in self.templates:
             sid = slice_id(template, dims)
             upd = SliceUpdate(
@@ -265,7 +268,7 @@ class EmbedStage:
                 distance=item.distance, ood=ood, model_version=ev.model_version,
                 prediction=ev.prediction, label=label, loss=loss, error=error)
             self.producer.send(self.updates_topic, key=sid.encode(),
-                               value=upd.model_dump_json().encode())
+                               value=upd.model_dump_json().encode(), timestamp_ms=stamp)
         self._tally.add(ev.station, ev.ts.timestamp(), len(self.templates))
 
     # --- late labels ---------------------------------------------------------------------

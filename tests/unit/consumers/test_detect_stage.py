@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -207,3 +208,20 @@ def test_exemplars_carry_their_event_position_and_older_checkpoints_still_read()
                           "ood": False}]
     assert SliceState.restore(snap, Baselines(), 20).exemplars == [
         ("e1", 2, 0.1, 5.0, False, None, None)]
+
+
+def test_end_to_end_latency_is_a_fair_one_in_16_sample_across_polls() -> None:
+    from driftline.consumers.detect_stage import E2E_SAMPLE_EVERY
+
+    stage = _stage()
+    now_ms = int(time.time() * 1000)
+    sizes, offset = [1, 5, 40, 3, 16, 17, 100], 0
+    for n in sizes:  # polls of very different sizes, as under a changing load
+        stage.apply_batch(0, [Msg(0, offset + i, _update(offset + i).model_dump_json().encode(),
+                                  now_ms - 2000) for i in range(n)])
+        offset += n
+    hist = stage.metrics.e2e_latency
+    count = sum(s.value for m in hist.collect() for s in m.samples if s.name.endswith("_count"))
+    total = sum(s.value for m in hist.collect() for s in m.samples if s.name.endswith("_sum"))
+    assert count == -(-sum(sizes) // E2E_SAMPLE_EVERY)  # messages 0, 16, 32, … of the stream
+    assert 2.0 <= total / count < 3.0  # two seconds since the events arrived

@@ -24,14 +24,18 @@ class Msg(NamedTuple):
     offset: int
     key: bytes | None
     value: bytes
+    timestamp: int = -1
 
 
 class Producer:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes | None, bytes]] = []
+        self.stamps: list[int | None] = []
 
-    def send(self, topic: str, key: bytes | None = None, value: bytes = b"") -> None:
+    def send(self, topic: str, key: bytes | None = None, value: bytes = b"",
+             timestamp_ms: int | None = None) -> None:
         self.sent.append((topic, key, value))
+        self.stamps.append(timestamp_ms)
 
 
 class Embedder:
@@ -87,7 +91,8 @@ def test_batch_produces_updates_dead_letters_and_counts_per_batch() -> None:
         _event(4, "s1", embedding=[1.0, 0.0, 0.0]),
         _event(5, "s1", image=_jpeg((10, 10, 200))),
     ]
-    stage.process([Msg("ev", 0, n, b"k", v) for n, v in enumerate(values)])
+    arrived = 1_795_420_000_000  # the events' Kafka timestamps (ms)
+    stage.process([Msg("ev", 0, n, b"k", v, arrived + n) for n, v in enumerate(values)])
 
     updates = [json.loads(v) for t, _, v in producer.sent if t == "up"]
     assert [(u["event_id"], u["slice_id"]) for u in updates] == [
@@ -95,6 +100,10 @@ def test_batch_produces_updates_dead_letters_and_counts_per_batch() -> None:
         for s in (f"station={'s2' if e == 'e1' else 's1'}",
                   f"station={'s2' if e == 'e1' else 's1'}|shift=day")]
     assert all(u["ood"] is True and u["source_offset"] in (0, 1, 4, 5) for u in updates)
+    # each slice-update carries its event's Kafka timestamp (end-to-end latency starts there)
+    stamps = [st for (t, _, _), st in zip(producer.sent, producer.stamps, strict=True)
+              if t == "up"]
+    assert stamps == [arrived + u["source_offset"] for u in updates]
     dead = {json.loads(v)["offset"]: json.loads(v)["reason"]
             for t, _, v in producer.sent if t == "dlq"}
     assert dead == {2: "image_undecodable", 3: "malformed_json"}
