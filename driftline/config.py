@@ -68,8 +68,10 @@ class Settings(BaseSettings):
     detect_group: str = Field("driftline-detect", description="Detect-stage consumer group")
     topic_partitions: int = Field(4, ge=1, le=1024, description="Partitions for created topics")
     kafka_session_timeout_ms: int = Field(
-        10_000, ge=6_000, le=1_800_000,
-        description="How long a group waits for a crashed worker before moving its partitions")
+        20_000, ge=6_000, le=1_800_000,
+        description="How long a group waits for a crashed worker before moving its partitions "
+                    "(keep it above a partition hand-over: heartbeats wait while a detect "
+                    "worker restores a partition's slices)")
     # Stores and peers
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Failure book and state")
     alertmanager_url: str | None = Field(None, description="Alertmanager base URL (push alerts)")

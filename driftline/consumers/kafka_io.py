@@ -65,13 +65,16 @@ def make_producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
 
 
 @_retry_broker
-def make_consumer(bootstrap: str, group: str, session_timeout_ms: int = 10_000,
+def make_consumer(bootstrap: str, group: str, session_timeout_ms: int = 20_000,
                   **overrides: Any) -> KafkaConsumer:
     """A consumer with manual commits; callers subscribe with their rebalance listener.
 
     ``session_timeout_ms`` is how long the group waits for a member that stopped heartbeating
     (a crashed or SIGKILLed worker) before handing its partitions to the others; heartbeats go
-    every third of it.
+    every third of it. kafka-python runs rebalance listeners on its I/O loop, so heartbeats also
+    wait while the detect stage restores an assigned partition's slices (~1–2 s for 10,000):
+    20 s leaves room for that and still moves a crashed worker's partitions in well under the
+    45 s of kafka-python's default.
     """
     config: dict[str, Any] = dict(
         bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
