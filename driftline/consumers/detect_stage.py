@@ -35,6 +35,7 @@ from driftline.consumers.checkpoint import CheckpointStore, Fenced
 from driftline.consumers.kafka_io import (
     ProgressLog,
     forget_lag,
+    group_state,
     highwaters,
     subscribe_when_ready,
 )
@@ -309,7 +310,8 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         applied and no stored offset has no reading: offset 0 would count a retention-trimmed
         log's whole history, and ``position()`` may call the broker."""
         positions = {p: part.next_offset for p, part in self.parts.items()}
-        lag = self.progress.tick(positions, highwaters(self.consumer, self.topic, positions))
+        lag = self.progress.tick(positions, highwaters(self.consumer, self.topic, positions),
+                                 group_state(self.consumer))
         for p, n in lag.items():
             self.cmetrics.lag.labels("detect", str(p)).set(n)
 

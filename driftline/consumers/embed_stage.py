@@ -32,6 +32,7 @@ from driftline.consumers.imaging import Base64Image, ImageError, ImageSource
 from driftline.consumers.kafka_io import (
     ProgressLog,
     forget_lag,
+    group_state,
     highwaters,
     subscribe_when_ready,
 )
@@ -159,7 +160,8 @@ class EmbedStage:
         positions: dict[int, int | None] = {
             tp.partition: n for tp, n in self._next.items() if tp.partition in assigned}
         positions.update({p: None for p in assigned - positions.keys()})
-        lag = self.progress.tick(positions, highwaters(self.consumer, self.events_topic, assigned))
+        lag = self.progress.tick(positions, highwaters(self.consumer, self.events_topic, assigned),
+                                 group_state(self.consumer))
         if self.cmetrics is not None:
             self.cmetrics.assigned.labels("embed").set(len(assigned))
             for p, n in lag.items():

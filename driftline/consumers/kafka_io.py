@@ -144,6 +144,13 @@ def highwaters(consumer: KafkaConsumer, topic: str, partitions: Any) -> dict[int
     return out
 
 
+def group_state(consumer: KafkaConsumer) -> str | None:
+    """kafka-python's view of this member: ``<stable>``, ``<rebalancing>`` or ``<unjoined>``
+    (None if this kafka-python does not say). A read of one attribute, no request."""
+    state = getattr(getattr(consumer, "_coordinator", None), "state", None)
+    return state if isinstance(state, str) else None
+
+
 def forget_lag(metrics: Any, stage: str, partitions: Any) -> None:
     """Drop the lag gauges of partitions this worker no longer owns: their new owner reports
     them, and a stale series would be summed with its."""
@@ -170,14 +177,16 @@ class ProgressLog:
         self._processed = 0
         self._seen: dict[int, int | None] = {}  # positions at the previous line
         self._high: dict[int, int | None] = {}  # and high watermarks
+        self._unsettled = False  # group membership was not stable at the previous line
 
     def count(self, n: int) -> None:
         self._processed += n
 
-    def tick(self, positions: dict[int, int | None],
-             highwater: dict[int, int | None]) -> dict[int, int]:
+    def tick(self, positions: dict[int, int | None], highwater: dict[int, int | None],
+             group: str | None = None) -> dict[int, int]:
         """``positions``: next offset per owned partition (None: nothing read yet);
-        ``highwater`` from :func:`highwaters`. Returns the lag of partitions with a reading."""
+        ``highwater`` from :func:`highwaters`; ``group`` from :func:`group_state`. Returns the
+        lag of partitions with a reading."""
         lag = {p: max(0, high - pos) for p, pos in positions.items()
                if pos is not None and (high := highwater.get(p)) is not None}
         now = time.monotonic()
@@ -186,7 +195,13 @@ class ProgressLog:
             return lag
         log.info(f"{self.role} progress", extra={
             "processed": self._processed, "per_s": round(self._processed / elapsed, 1),
-            "positions": positions, "lag": lag})
+            "positions": positions, "lag": lag, "group": group})
+        unsettled = group is not None and group != "<stable>"
+        if unsettled and self._unsettled:  # two lines in a row: a join that does not finish
+            log.warning(f"{self.role}: consumer group membership not stable for {elapsed:.0f} s "
+                        "or more; kafka-python's coordinator log says which step it waits on",
+                        extra={"group": group})
+        self._unsettled = unsettled
         # behind and not moving; a lag of 1 on a quiet log can be a transaction marker that
         # is never returned as a record, so it counts only once the log end moved on
         stalled = {p: n for p, n in lag.items()

@@ -11,7 +11,12 @@ from typing import Any
 import pytest
 from kafka import ConsumerRebalanceListener
 
-from driftline.consumers.kafka_io import ensure_topics, make_consumer, subscribe_when_ready
+from driftline.consumers.kafka_io import (
+    ensure_topics,
+    group_state,
+    make_consumer,
+    subscribe_when_ready,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -41,6 +46,8 @@ def test_a_new_group_is_assigned_once(kafka_bootstrap: str, trial: int) -> None:
         deadline = time.monotonic() + 4.0  # past several metadata round trips
         while time.monotonic() < deadline:
             consumer.poll(timeout_ms=100)
+        # what the progress log reports: kafka-python's own view of the membership
+        assert group_state(consumer) == "<stable>"
     finally:
         consumer.close(autocommit=False)
     assert moves.assigned[:1] == [{0, 1, 2}], moves.assigned

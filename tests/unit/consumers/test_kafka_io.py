@@ -87,3 +87,19 @@ def test_progress_log_lag_of_one_on_a_quiet_log_is_not_a_stall(
     progress.tick({0: 41}, {0: 43})
     assert [r.behind for r in caplog.records if r.levelno == logging.WARNING] == [  # type: ignore[attr-defined]
         {0: 2}]
+
+
+def test_progress_log_warns_about_a_join_that_does_not_finish(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    progress, clock = _progress(monkeypatch)
+    caplog.set_level(logging.INFO, logger=kafka_io.__name__)
+    states = ["<stable>", "<rebalancing>", "<stable>", "<rebalancing>", "<rebalancing>", None]
+    warned = []
+    for i, state in enumerate(states, start=1):
+        clock.now = 30.0 * i
+        caplog.clear()
+        progress.tick({}, {}, state)
+        warned.append(any(r.levelno == logging.WARNING for r in caplog.records))
+    # a rebalance seen at one line is normal; at two lines in a row it is not finishing
+    assert warned == [False, False, False, False, True, False]
