@@ -119,6 +119,7 @@ class Msg(NamedTuple):
     key: bytes | None
     value: bytes
     timestamp: int
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 def cpu_model() -> str:

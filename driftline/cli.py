@@ -99,7 +99,10 @@ def run(
     server = uvicorn.Server(uvicorn.Config(
         create_app(service.registry, service.readiness, api_settings,
                    liveness=service.liveness), host=settings.api_host,
-        port=port if port is not None else settings.api_port, log_level="warning"))
+        port=port if port is not None else settings.api_port, log_level="warning",
+        # uvicorn runs our SIGTERM handler only after its own shutdown: do not let a slow
+        # request hold the stages' last batch and checkpoint past the orchestrator's grace
+        timeout_graceful_shutdown=5))
     stopping = threading.Event()
     died: list[str] = []
 
@@ -120,9 +123,11 @@ def run(
     signal.signal(signal.SIGINT, request_stop)
     threading.Thread(target=watch_stages, args=(service, stopping, on_dead), name="stage-watch",
                      daemon=True).start()
-    server.run()
-    stopping.set()
-    service.stop()
+    try:
+        server.run()
+    finally:  # also when the port cannot be bound: stop the stages, checkpoint, commit
+        stopping.set()
+        service.stop()
     if died:
         raise typer.Exit(1)
 

@@ -109,7 +109,7 @@ class Settings(BaseSettings):
     )
     checkpoint_interval_ms: int = Field(1000, ge=10, description="Detect checkpoint period")
     stage_stall_timeout_s: float = Field(
-        600.0, ge=30, description="A stage loop that has not turned this long fails /healthz")
+        600.0, ge=120, description="A stage loop that has not turned this long fails /healthz")
     # Failure book and alert routing
     incident_group_window_s: float = Field(
         3600.0, gt=0, description="Event-time window in which alarms join one incident")

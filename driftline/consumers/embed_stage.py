@@ -38,6 +38,8 @@ from driftline.consumers.kafka_io import (
 )
 from driftline.metrics import ConsumerMetrics, EmbedMetrics
 from driftline.schema import (
+    LATENCY_SAMPLE_EVERY,
+    SOURCE_TS_HEADER,
     DeadLetter,
     Event,
     EventRejected,
@@ -94,6 +96,7 @@ class EmbedStage:
         redis_client: redis.Redis | None = None, consumer_metrics: ConsumerMetrics | None = None,
         batch_size: int = 32,
         batch_timeout_ms: int = 200, max_event_bytes: int = 8 << 20, recent_size: int = 5000,
+        latency_sample_every: int = LATENCY_SAMPLE_EVERY,
     ) -> None:
         self.consumer, self.producer = consumer, producer
         self._next: dict[Any, int] = {}  # partition -> next offset to process (for lag)
@@ -111,6 +114,7 @@ class EmbedStage:
         self.assigned_once = threading.Event()
         self._tally = _Tally()
         self.progress = ProgressLog("embed")
+        self.latency_sample_every, self._sent = latency_sample_every, 0
         # faiss splits each small search over an OpenMP team whose spin-waits fight onnxruntime's
         # threads for the same cores: ~20 ms instead of ~1 ms per batch of 32 on two busy cores
         faiss.omp_set_num_threads(1)
@@ -258,8 +262,6 @@ class EmbedStage:
         ood = None if item.distance is None else bool(item.distance > base.ood_threshold)
         item.ood, item.ood_p0 = ood, base.ood_rate
         dims = {"station": ev.station, "shift": ev.shift, "lot": ev.lot}
-        # the event's own Kafka timestamp rides on: the detect stage's end-to-end latency then
-        # starts at the event's arrival, not at this stage's send
         stamp = msg.timestamp if isinstance(msg.timestamp, int) and msg.timestamp > 0 else None
         for template in self.templates:
             sid = slice_id(template, dims)
@@ -269,8 +271,15 @@ class EmbedStage:
                 shift=ev.shift, lot=ev.lot, baseline=base.key, cluster=item.cluster,
                 distance=item.distance, ood=ood, model_version=ev.model_version,
                 prediction=ev.prediction, label=label, loss=loss, error=error)
+            self._sent += 1
+            # one slice-update in LATENCY_SAMPLE_EVERY carries its event's Kafka timestamp in a
+            # header, for the detect stage's end-to-end latency (a header, not the record's
+            # timestamp: retention and broker timestamp checks work on that one)
+            headers = ([(SOURCE_TS_HEADER, b"%d" % stamp)]
+                       if stamp is not None and self._sent % self.latency_sample_every == 0
+                       else None)
             self.producer.send(self.updates_topic, key=sid.encode(),
-                               value=upd.model_dump_json().encode(), timestamp_ms=stamp)
+                               value=upd.model_dump_json().encode(), headers=headers)
         self._tally.add(ev.station, ev.ts.timestamp(), len(self.templates))
 
     # --- late labels ---------------------------------------------------------------------

@@ -123,7 +123,11 @@ def subscribe_when_ready(consumer: KafkaConsumer, topic: str, listener: Any,
     refresh = getattr(coordinator, "_handle_metadata_update", None)
     cluster = getattr(coordinator, "_cluster", None)
     if refresh is not None and cluster is not None:
-        refresh(cluster)
+        try:
+            refresh(cluster)
+        except Exception as exc:  # an optimisation only: the join still works, maybe twice
+            log.warning("could not refresh the group coordinator's metadata snapshot",
+                        extra={"error": repr(exc)})
     else:  # another kafka-python: the extra rebalance costs time, not correctness
         log.debug("no coordinator metadata hook; the first join may rebalance twice")
 
@@ -198,9 +202,9 @@ class ProgressLog:
             "positions": positions, "lag": lag, "group": group})
         unsettled = group is not None and group != "<stable>"
         if unsettled and self._unsettled:  # two lines in a row: a join that does not finish
-            log.warning(f"{self.role}: consumer group membership not stable for {elapsed:.0f} s "
-                        "or more; kafka-python's coordinator log says which step it waits on",
-                        extra={"group": group})
+            log.warning(f"{self.role}: consumer group membership not stable at two progress "
+                        "lines in a row; kafka-python's coordinator log says which step it "
+                        "waits on", extra={"group": group})
         self._unsettled = unsettled
         # behind and not moving; a lag of 1 on a quiet log can be a transaction marker that
         # is never returned as a record, so it counts only once the log end moved on

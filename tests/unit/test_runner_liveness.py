@@ -38,7 +38,7 @@ class LoopStage:
         self.stop_event.set()
 
 
-def service_with(stages: dict[str, LoopStage], stall_s: float = 30.0) -> Service:
+def service_with(stages: dict[str, LoopStage], stall_s: float = 120.0) -> Service:
     service = Service(load_settings(stage_stall_timeout_s=stall_s), roles=list(stages))
     service.stages = dict(stages)
     for name, stage in stages.items():
@@ -57,7 +57,7 @@ def test_healthz_fails_when_a_stage_loop_stops_turning() -> None:
             ok = client.get("/healthz")
             assert ok.status_code == 200, ok.json()
             assert ok.json()["checks"] == {"embed_loop": True, "detect_loop": True}
-            stuck.beat -= 31  # as if parked for longer than the stall timeout
+            stuck.beat -= 121  # as if parked for longer than the stall timeout
             bad = client.get("/healthz")
             assert bad.status_code == 503
             assert bad.json() == {"status": "stuck",

@@ -36,6 +36,7 @@ class Msg(NamedTuple):
     offset: int
     value: bytes
     timestamp: int
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 class Baselines:
@@ -210,18 +211,21 @@ def test_exemplars_carry_their_event_position_and_older_checkpoints_still_read()
         ("e1", 2, 0.1, 5.0, False, None, None)]
 
 
-def test_end_to_end_latency_is_a_fair_one_in_16_sample_across_polls() -> None:
-    from driftline.consumers.detect_stage import E2E_SAMPLE_EVERY
+def test_end_to_end_latency_is_observed_for_applied_updates_carrying_their_event_time() -> None:
+    from driftline.schema import SOURCE_TS_HEADER
 
     stage = _stage()
-    now_ms = int(time.time() * 1000)
-    sizes, offset = [1, 5, 40, 3, 16, 17, 100], 0
-    for n in sizes:  # polls of very different sizes, as under a changing load
-        stage.apply_batch(0, [Msg(0, offset + i, _update(offset + i).model_dump_json().encode(),
-                                  now_ms - 2000) for i in range(n)])
-        offset += n
+    arrived = int(time.time() * 1000) - 2000  # the events reached Kafka two seconds ago
+
+    def msg(i: int, sampled: bool) -> Msg:
+        headers = ((SOURCE_TS_HEADER, b"%d" % arrived),) if sampled else ()
+        return Msg(0, i, _update(i).model_dump_json().encode(), 1, headers)
+
+    stage.apply_batch(0, [msg(i, i % 4 == 0) for i in range(40)])  # 10 carry the header
+    stage.apply_batch(0, [msg(i, True) for i in range(8, 12)])  # replays: not observed
+    stage.apply_batch(0, [Msg(0, 40, b"not json", 1, ((SOURCE_TS_HEADER, b"1"),))])
     hist = stage.metrics.e2e_latency
     count = sum(s.value for m in hist.collect() for s in m.samples if s.name.endswith("_count"))
     total = sum(s.value for m in hist.collect() for s in m.samples if s.name.endswith("_sum"))
-    assert count == -(-sum(sizes) // E2E_SAMPLE_EVERY)  # messages 0, 16, 32, … of the stream
-    assert 2.0 <= total / count < 3.0  # two seconds since the events arrived
+    assert count == 10
+    assert 2.0 <= total / count < 3.0

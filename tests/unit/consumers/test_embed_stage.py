@@ -30,12 +30,12 @@ class Msg(NamedTuple):
 class Producer:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes | None, bytes]] = []
-        self.stamps: list[int | None] = []
+        self.headers: list[Any] = []
 
     def send(self, topic: str, key: bytes | None = None, value: bytes = b"",
-             timestamp_ms: int | None = None) -> None:
+             headers: Any = None) -> None:
         self.sent.append((topic, key, value))
-        self.stamps.append(timestamp_ms)
+        self.headers.append(headers)
 
 
 class Embedder:
@@ -82,7 +82,8 @@ def test_batch_produces_updates_dead_letters_and_counts_per_batch() -> None:
     stage = EmbedStage(
         None, producer, events_topic="ev", updates_topic="up",  # type: ignore[arg-type]
         dlq_topic="dlq", embedder=Embedder(), reference=Reference(),
-        templates=["station", "station+shift"], metrics=EmbedMetrics(registry))
+        templates=["station", "station+shift"], metrics=EmbedMetrics(registry),
+        latency_sample_every=3)
     values = [
         _event(0, "s1", image=_jpeg((200, 10, 10))),
         _event(1, "s2", image=_jpeg((10, 200, 10))),
@@ -100,10 +101,11 @@ def test_batch_produces_updates_dead_letters_and_counts_per_batch() -> None:
         for s in (f"station={'s2' if e == 'e1' else 's1'}",
                   f"station={'s2' if e == 'e1' else 's1'}|shift=day")]
     assert all(u["ood"] is True and u["source_offset"] in (0, 1, 4, 5) for u in updates)
-    # each slice-update carries its event's Kafka timestamp (end-to-end latency starts there)
-    stamps = [st for (t, _, _), st in zip(producer.sent, producer.stamps, strict=True)
-              if t == "up"]
-    assert stamps == [arrived + u["source_offset"] for u in updates]
+    # every 3rd slice-update (this stage's sample rate) carries its event's Kafka timestamp
+    sent = [h for (t, _, _), h in zip(producer.sent, producer.headers, strict=True) if t == "up"]
+    assert [h for i, h in enumerate(sent) if (i + 1) % 3] == [None] * 6
+    assert [h for i, h in enumerate(sent) if not (i + 1) % 3] == [
+        [("dl-src-ts", str(arrived + updates[i]["source_offset"]).encode())] for i in (2, 5)]
     dead = {json.loads(v)["offset"]: json.loads(v)["reason"]
             for t, _, v in producer.sent if t == "dlq"}
     assert dead == {2: "image_undecodable", 3: "malformed_json"}
