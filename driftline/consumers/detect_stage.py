@@ -34,9 +34,6 @@ from pydantic_core import from_json
 from driftline.consumers.checkpoint import CheckpointStore, Fenced
 from driftline.consumers.kafka_io import (
     ProgressLog,
-    forget_lag,
-    group_state,
-    highwaters,
     subscribe_when_ready,
 )
 from driftline.consumers.slice_state import UpdateView
@@ -113,7 +110,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self.assigned_once = threading.Event()
         self.last_checkpoint = time.monotonic()
         self._closed = False
-        self.progress = ProgressLog("detect")
+        self.progress = ProgressLog("detect", metrics=consumer_metrics)
 
     # --- rebalance -----------------------------------------------------------------------
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
@@ -122,7 +119,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
             self._checkpoint_safely()
         for tp in revoked:
             self.parts.pop(tp.partition, None)
-        forget_lag(self.cmetrics, "detect", (tp.partition for tp in revoked))
+        self.progress.forget(tp.partition for tp in revoked)
         self._refresh_gauges()
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
@@ -302,7 +299,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         except Fenced as exc:
             self.metrics.checkpoints.labels("fenced").inc()
             log.warning("checkpoint fenced; dropping stale partitions", extra={"error": str(exc)})
-            forget_lag(self.cmetrics, "detect", list(self.parts))
+            self.progress.forget(list(self.parts))
             self.parts.clear()
             self.outbox = []
 
@@ -311,11 +308,8 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         next offset to apply; no broker request) and the progress log. A partition with nothing
         applied and no stored offset has no reading: offset 0 would count a retention-trimmed
         log's whole history, and ``position()`` may call the broker."""
-        positions = {p: part.next_offset for p, part in self.parts.items()}
-        lag = self.progress.tick(positions, highwaters(self.consumer, self.topic, positions),
-                                 group_state(self.consumer))
-        for p, n in lag.items():
-            self.cmetrics.lag.labels("detect", str(p)).set(n)
+        self.progress.report(self.consumer, self.topic,
+                             {p: part.next_offset for p, part in self.parts.items()})
 
     def _refresh_gauges(self) -> None:
         self.cmetrics.assigned.labels("detect").set(len(self.parts))

@@ -31,9 +31,6 @@ from driftline.consumers.checkpoint import retry_redis
 from driftline.consumers.imaging import Base64Image, ImageError, ImageSource
 from driftline.consumers.kafka_io import (
     ProgressLog,
-    forget_lag,
-    group_state,
-    highwaters,
     subscribe_when_ready,
 )
 from driftline.metrics import ConsumerMetrics, EmbedMetrics
@@ -104,7 +101,6 @@ class EmbedStage:
             events_topic, updates_topic, dlq_topic)
         self.embedder, self.reference, self.templates = embedder, reference, list(templates)
         self.metrics, self.redis = metrics, redis_client
-        self.cmetrics = consumer_metrics
         self._last_lag = 0.0
         self.batch_size, self.batch_timeout_ms = batch_size, batch_timeout_ms
         self.max_event_bytes = max_event_bytes
@@ -113,7 +109,7 @@ class EmbedStage:
         self.beat = time.monotonic()  # last turn of run()'s loop (see Service.liveness)
         self.assigned_once = threading.Event()
         self._tally = _Tally()
-        self.progress = ProgressLog("embed")
+        self.progress = ProgressLog("embed", metrics=consumer_metrics)
         self.latency_sample_every, self._sent = latency_sample_every, 0
         # faiss splits each small search over an OpenMP team whose spin-waits fight onnxruntime's
         # threads for the same cores: ~20 ms instead of ~1 ms per batch of 32 on two busy cores
@@ -161,15 +157,10 @@ class EmbedStage:
             return
         self._last_lag = now
         assigned = {tp.partition for tp in self.consumer.assignment()}
-        positions: dict[int, int | None] = {
-            tp.partition: n for tp, n in self._next.items() if tp.partition in assigned}
-        positions.update({p: None for p in assigned - positions.keys()})
-        lag = self.progress.tick(positions, highwaters(self.consumer, self.events_topic, assigned),
-                                 group_state(self.consumer))
-        if self.cmetrics is not None:
-            self.cmetrics.assigned.labels("embed").set(len(assigned))
-            for p, n in lag.items():
-                self.cmetrics.lag.labels("embed", str(p)).set(n)
+        positions: dict[int, int | None] = {p: None for p in assigned}
+        positions.update({tp.partition: n for tp, n in self._next.items()
+                          if tp.partition in assigned})
+        self.progress.report(self.consumer, self.events_topic, positions)
 
     def _commit(self) -> None:
         """Commit input offsets; a failure (broker restarting, rebalance) only means the batch
@@ -341,7 +332,7 @@ class _LogAssignments(ConsumerRebalanceListener):  # type: ignore[misc]
         log.info("embed partitions revoked", extra={"partitions": [tp.partition for tp in revoked]})
         for tp in revoked:  # another worker moves it on: our offset would read as lag later
             self.stage._next.pop(tp, None)
-        forget_lag(self.stage.cmetrics, "embed", (tp.partition for tp in revoked))
+        self.stage.progress.forget(tp.partition for tp in revoked)
 
     def on_partitions_assigned(self, assigned: list[Any]) -> None:
         log.info("embed partitions assigned",

@@ -14,6 +14,8 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaConnectionError, RetriableError, TopicAlreadyExistsError
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
+from driftline.metrics import ConsumerMetrics
+
 log = logging.getLogger(__name__)
 
 # Waiting this long for a broker covers a broker restart or a slow container start; past it the
@@ -155,18 +157,6 @@ def group_state(consumer: KafkaConsumer) -> str | None:
     return state if isinstance(state, str) else None
 
 
-def forget_lag(metrics: Any, stage: str, partitions: Any) -> None:
-    """Drop the lag gauges of partitions this worker no longer owns: their new owner reports
-    them, and a stale series would be summed with its."""
-    if metrics is None:
-        return
-    for p in partitions:
-        try:
-            metrics.lag.remove(stage, str(p))
-        except KeyError:  # never reported
-            pass
-
-
 class ProgressLog:
     """Consumer lag per owned partition, and one INFO line per ``every_s`` for a stage: records
     processed, positions, lag; plus a WARNING naming any partition that is behind but did not
@@ -175,8 +165,9 @@ class ProgressLog:
     from the poll loop, so a loop parked in a call shows as lines that stop.
     """
 
-    def __init__(self, role: str, every_s: float = PROGRESS_LOG_S) -> None:
-        self.role, self.every = role, every_s
+    def __init__(self, role: str, every_s: float = PROGRESS_LOG_S,
+                 metrics: ConsumerMetrics | None = None) -> None:
+        self.role, self.every, self.metrics = role, every_s, metrics
         self._last = time.monotonic()
         self._processed = 0
         self._seen: dict[int, int | None] = {}  # positions at the previous line
@@ -185,6 +176,27 @@ class ProgressLog:
 
     def count(self, n: int) -> None:
         self._processed += n
+
+    def report(self, consumer: KafkaConsumer, topic: str,
+               positions: dict[int, int | None]) -> None:
+        """The stage's call: read what the last fetch responses and the coordinator say (no
+        broker request), :meth:`tick`, and set the lag and assignment gauges."""
+        lag = self.tick(positions, highwaters(consumer, topic, positions), group_state(consumer))
+        if self.metrics is not None:
+            self.metrics.assigned.labels(self.role).set(len(positions))
+            for p, n in lag.items():
+                self.metrics.lag.labels(self.role, str(p)).set(n)
+
+    def forget(self, partitions: Any) -> None:
+        """Drop the lag gauges of partitions this worker no longer owns: their new owner reports
+        them, and a stale series would be summed with its."""
+        if self.metrics is None:
+            return
+        for p in partitions:
+            try:
+                self.metrics.lag.remove(self.role, str(p))
+            except KeyError:  # never reported
+                pass
 
     def tick(self, positions: dict[int, int | None], highwater: dict[int, int | None],
              group: str | None = None) -> dict[int, int]:
