@@ -70,8 +70,8 @@ class Settings(BaseSettings):
     kafka_session_timeout_ms: int = Field(
         20_000, ge=6_000, le=1_800_000,
         description="How long a group waits for a crashed worker before moving its partitions "
-                    "(keep it above a partition hand-over: heartbeats wait while a detect "
-                    "worker restores a partition's slices)")
+                    "(heartbeats wait while a detect worker writes its checkpoint of revoked "
+                    "partitions; it gives up on an unreachable Redis after a quarter of this)")
     # Stores and peers
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Failure book and state")
     alertmanager_url: str | None = Field(None, description="Alertmanager base URL (push alerts)")
@@ -109,7 +109,8 @@ class Settings(BaseSettings):
     )
     checkpoint_interval_ms: int = Field(1000, ge=10, description="Detect checkpoint period")
     stage_stall_timeout_s: float = Field(
-        600.0, ge=120, description="A stage loop that has not turned this long fails /healthz")
+        600.0, ge=120, description="A stage loop that has not turned this long, or a consumer "
+                                   "not settled in its group this long, fails /healthz")
     # Failure book and alert routing
     incident_group_window_s: float = Field(
         3600.0, gt=0, description="Event-time window in which alarms join one incident")

@@ -72,7 +72,7 @@ class DetectMetrics:
             "driftline_detect_checkpoint_age_seconds", "Seconds since the last checkpoint",
             registry=registry)
         self.checkpoints = Counter(
-            "driftline_detect_checkpoints_total", "Checkpoints written", ["outcome"],
+            "driftline_detect_checkpoints_total", "Checkpoint attempts by outcome", ["outcome"],
             registry=registry)
         self.e2e_latency = Histogram(
             "driftline_pipeline_end_to_end_latency_seconds",

@@ -19,7 +19,7 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from driftline.config import Settings
-from driftline.consumers.checkpoint import CheckpointStore
+from driftline.consumers.checkpoint import CheckpointStore, store_client
 from driftline.consumers.detect_stage import DetectStage
 from driftline.consumers.embed_stage import EmbedStage
 from driftline.consumers.kafka_io import ensure_topics, make_consumer, make_producer
@@ -31,6 +31,7 @@ from driftline.reference.index import Reference, load_reference
 
 log = logging.getLogger(__name__)
 ROLES = ("embed", "detect", "book")
+DETECT_REDIS_WAIT_S = 5.0
 
 
 class ReferenceBaselines:
@@ -129,10 +130,13 @@ def build_detect_stage(settings: Settings, registry: CollectorRegistry, ref: Ref
         make_consumer(settings.kafka_bootstrap, settings.detect_group,
                       session_timeout_ms=settings.kafka_session_timeout_ms),
         settings.slice_updates_topic,
-        CheckpointStore(redis.Redis.from_url(settings.redis_url)),
+        # a few seconds per call: the loop retries at its next turn (see detect_stage)
+        CheckpointStore(store_client(settings.redis_url), wait_s=DETECT_REDIS_WAIT_S),
         new_slice, restore_slice, DetectMetrics(registry),
         consumer_metrics or ConsumerMetrics(registry),
-        checkpoint_interval_s=settings.checkpoint_interval_ms / 1000)
+        checkpoint_interval_s=settings.checkpoint_interval_ms / 1000,
+        # the revoke listener blocks heartbeats: give up well within the session
+        revoke_wait_s=settings.kafka_session_timeout_ms / 4000)
 
 
 def build_book_processor(settings: Settings, registry: CollectorRegistry) -> Any:
@@ -207,12 +211,21 @@ class Service:
             thread.join(timeout)
 
     def liveness(self) -> dict[str, bool]:
-        """Per stage: its thread runs and its loop turned within ``stage_stall_timeout_s``
-        (a loop parked in a call — a broker request that never returns — fails it, and the
-        orchestrator's liveness probe restarts the process)."""
+        """Per stage: its thread runs and its loop turned within ``stage_stall_timeout_s`` (a
+        loop parked in a call — a broker request that never returns — fails it, and the
+        orchestrator's liveness probe restarts the process); and, for Kafka stages, the
+        consumer's group membership was not unsettled at every progress line for that long (a
+        join that never finishes leaves a loop turning over no partitions; a broker down that
+        long fails it too, and a restart does no harm then)."""
         now, limit = time.monotonic(), self.settings.stage_stall_timeout_s
-        return {f"{name}_loop": thread.is_alive() and now - getattr(stage, "beat", now) < limit
-                for (name, stage), thread in zip(self.stages.items(), self.threads, strict=False)}
+        checks = {}
+        for (name, stage), thread in zip(self.stages.items(), self.threads, strict=False):
+            checks[f"{name}_loop"] = thread.is_alive() and now - getattr(stage, "beat", now) < limit
+            progress = getattr(stage, "progress", None)
+            if progress is not None:
+                since = progress.unsettled_since
+                checks[f"{name}_group"] = since is None or now - since < limit
+        return checks
 
     def dead_stages(self) -> list[str]:
         return [name for name, thread in zip(self.stages, self.threads, strict=False)

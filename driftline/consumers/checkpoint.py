@@ -27,14 +27,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
-from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
+from redis.retry import Retry
+from tenacity import RetryCallState, retry, retry_if_exception_type, wait_exponential
 
 from driftline.core.snapshot import is_packed, pack, unpack
 
@@ -45,12 +48,32 @@ log = logging.getLogger(__name__)
 REDIS_WAIT_S = 60
 OUTBOX_MAXLEN = 100_000
 
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)  # BusyLoadingError is a ConnectionError
+
+
+def _wait_over(state: RetryCallState) -> bool:
+    """Stop retrying after ``REDIS_WAIT_S``, or the caller's ``wait_s`` (see
+    :meth:`CheckpointStore.waiting_at_most`)."""
+    wait_s = getattr(state.args[0], "wait_s", REDIS_WAIT_S) if state.args else REDIS_WAIT_S
+    return (state.seconds_since_start or 0.0) >= wait_s
+
+
 retry_redis = retry(
-    retry=retry_if_exception_type((RedisConnectionError, RedisTimeoutError)),
+    retry=retry_if_exception_type(REDIS_ERRORS),
     wait=wait_exponential(multiplier=0.1, max=2),
-    stop=stop_after_delay(REDIS_WAIT_S),
+    stop=_wait_over,
     reraise=True,
 )
+
+
+def store_client(url: str, socket_timeout_s: float = 10.0) -> redis.Redis:
+    """A Redis client for :class:`CheckpointStore`: socket timeouts turn a Redis that stops
+    answering into the error a restart gives (not a call that hangs), and redis-py's own
+    retries are off — they take ~8 s per call against a refused connection, which would
+    outlast a short :meth:`CheckpointStore.waiting_at_most` — since the store retries."""
+    return redis.Redis.from_url(url, socket_timeout=socket_timeout_s,
+                                socket_connect_timeout=socket_timeout_s,
+                                retry=Retry(NoBackoff(), 0))
 
 
 def encode_record(record: dict[str, Any]) -> bytes:
@@ -72,9 +95,21 @@ class Fenced(RuntimeError):
 class CheckpointStore:
     """Reads and writes detect-stage checkpoints for one consumer group."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "dl:detect") -> None:
+    def __init__(self, client: redis.Redis, prefix: str = "dl:detect",
+                 wait_s: float = REDIS_WAIT_S) -> None:
         self.r = client
         self.prefix = prefix
+        self.wait_s = wait_s  # how long a call retries an unreachable Redis
+
+    @contextmanager
+    def waiting_at_most(self, seconds: float) -> Iterator[None]:
+        """Calls in the block retry an unreachable Redis for at most ``seconds`` (where waiting
+        longer would cost more than failing: inside a rebalance listener)."""
+        before, self.wait_s = self.wait_s, min(self.wait_s, seconds)
+        try:
+            yield
+        finally:
+            self.wait_s = before
 
     def _k(self, *parts: object) -> str:
         return ":".join([self.prefix, *map(str, parts)])

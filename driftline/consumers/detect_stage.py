@@ -14,11 +14,25 @@ On assignment a worker claims the partition's epoch, loads its slices and seeks 
 offset stored in Redis, so Redis — not Kafka's committed offset — is the truth: a crash between
 steps 2 and 3 does not re-apply anything, and a crash before step 2 loses only in-memory work that
 is read again.
+
+Redis outages: the loop never waits on Redis for long, so the worker keeps polling (its group
+membership and any rebalance go on) and resumes by itself when Redis is back.
+
+- A checkpoint that cannot reach Redis within the store's wait (a few seconds) is retried at the
+  next turn; updates go on being applied in memory meanwhile (``checkpoint_age_seconds`` grows
+  and pages), and the first checkpoint after the outage writes them all.
+- kafka-python runs rebalance listeners on its I/O loop, where heartbeats wait, so
+  ``on_partitions_assigned`` only pauses the new partitions; the loop claims and loads them,
+  retrying at each turn, and then resumes them. ``on_partitions_revoked`` tries its last
+  checkpoint for ``revoke_wait_s``; if Redis stays unreachable it drops the uncommitted work
+  (the next owner reads it again from the last checkpoint).
+- A stop (SIGTERM) with Redis unreachable likewise leaves the uncommitted work to be read again.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -31,7 +45,7 @@ from kafka.structs import OffsetAndMetadata
 from pydantic import ValidationError
 from pydantic_core import from_json
 
-from driftline.consumers.checkpoint import CheckpointStore, Fenced
+from driftline.consumers.checkpoint import REDIS_ERRORS, CheckpointStore, Fenced
 from driftline.consumers.kafka_io import (
     ProgressLog,
     subscribe_when_ready,
@@ -43,6 +57,7 @@ from driftline.schema import SOURCE_TS_HEADER, SliceUpdate
 log = logging.getLogger(__name__)
 
 POLL_TIMEOUT_MS = 200
+REDIS_WARN_EVERY_S = 30.0
 MAX_POLL_RECORDS = 2000
 
 
@@ -94,6 +109,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         metrics: DetectMetrics,
         consumer_metrics: ConsumerMetrics,
         checkpoint_interval_s: float = 1.0,
+        revoke_wait_s: float = 5.0,
     ) -> None:
         self.consumer = consumer
         self.topic = topic
@@ -103,7 +119,9 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self.metrics = metrics
         self.cmetrics = consumer_metrics
         self.interval = checkpoint_interval_s
+        self.revoke_wait_s = revoke_wait_s
         self.parts: dict[int, PartitionState] = {}
+        self.pending: set[int] = set()  # assigned and paused, not yet claimed and loaded
         self.outbox: list[dict[str, Any]] = []
         self.stop_event = threading.Event()
         self.beat = time.monotonic()  # last turn of run()'s loop (see Service.liveness)
@@ -111,31 +129,92 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self.last_checkpoint = time.monotonic()
         self._closed = False
         self.progress = ProgressLog("detect", metrics=consumer_metrics)
+        self._redis_down: tuple[float, float] | None = None  # (since, last warning) monotonic
 
     # --- rebalance -----------------------------------------------------------------------
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         # On close kafka-python revokes everything after run() has already checkpointed.
         if revoked and not self._closed:
-            self._checkpoint_safely()
+            with self.store.waiting_at_most(self.revoke_wait_s):
+                if not self._checkpoint_safely():
+                    self._drop_uncommitted({tp.partition for tp in revoked})
         for tp in revoked:
             self.parts.pop(tp.partition, None)
+            self.pending.discard(tp.partition)
         self.progress.forget(tp.partition for tp in revoked)
         self._refresh_gauges()
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        epochs = self.store.claim(tp.partition for tp in assigned)
-        for tp in assigned:
-            offset, records, seen = self.store.load(tp.partition)
-            slices = {sid: SliceEntry(self.restore_slice(rec["state"]),
-                                      {int(p): o for p, o in rec["applied"].items()})
-                      for sid, rec in records.items()}
-            self.parts[tp.partition] = PartitionState(epochs[tp.partition], offset, slices, seen)
-            if offset is not None:
-                self.consumer.seek(tp, offset)
-            log.info("partition assigned", extra={"partition": tp.partition, "offset": offset,
-                                                  "slices": len(slices)})
+        """Pause the new partitions; :meth:`_restore_pending` claims and loads them from the
+        poll loop (see the module docstring)."""
+        tps = list(assigned)
+        if tps:
+            self.consumer.pause(*tps)
+            self.pending.update(tp.partition for tp in tps)
+            log.info("partitions assigned", extra={"partitions": sorted(self.pending)})
+        else:
+            self.assigned_once.set()  # a member with nothing to own is ready too
+        self._refresh_gauges()
+
+    def _restore_pending(self) -> None:
+        """Claim the pending partitions' epochs, load their slices, seek to the stored input
+        offsets and resume them, one by one; with Redis unreachable the rest stay paused and
+        pending for the next turn of the loop."""
+        try:
+            parts = sorted(self.pending)
+            epochs = self.store.claim(parts)
+            for p in parts:
+                offset, records, seen = self.store.load(p)
+                slices = {sid: SliceEntry(self.restore_slice(rec["state"]),
+                                          {int(src): o for src, o in rec["applied"].items()})
+                          for sid, rec in records.items()}
+                self.parts[p] = PartitionState(epochs[p], offset, slices, seen)
+                tp = TopicPartition(self.topic, p)
+                if offset is not None:
+                    self.consumer.seek(tp, offset)
+                self.consumer.resume(tp)
+                self.pending.discard(p)
+                log.info("partition restored", extra={"partition": p, "offset": offset,
+                                                      "slices": len(slices)})
+        except REDIS_ERRORS as exc:
+            self._redis_unreachable("partitions not restored yet", exc)
+            return
+        self._redis_reachable()
         self.assigned_once.set()
         self._refresh_gauges()
+
+    def _drop_uncommitted(self, revoked: set[int]) -> None:
+        """Redis stayed unreachable for a revoke's checkpoint: forget every partition's
+        in-memory work since the last checkpoint (the outbox belongs to all of them) and reload
+        the partitions this worker keeps, as on assignment."""
+        kept = sorted(set(self.parts) - revoked)
+        log.warning("checkpoint at revoke failed: uncommitted work dropped, it is read again "
+                    "from the last checkpoint", extra={"kept_partitions": kept})
+        self.metrics.checkpoints.labels("dropped").inc()
+        self.parts.clear()
+        self.outbox = []
+        if kept:
+            self.consumer.pause(*(TopicPartition(self.topic, p) for p in kept))
+            self.pending.update(kept)
+
+    def _redis_unreachable(self, what: str, exc: BaseException) -> None:
+        """Log an outage at its start, then every ``PROGRESS_LOG_S`` while it lasts."""
+        now = time.monotonic()
+        since, warned = self._redis_down or (now, -math.inf)
+        if now - warned >= REDIS_WARN_EVERY_S:
+            log.warning(f"Redis unreachable: {what}; retrying at each turn of the loop",
+                        extra={"error": repr(exc), "down_s": round(now - since, 1),
+                               "pending_partitions": sorted(self.pending),
+                               "uncommitted_slices": sum(len(p.dirty)
+                                                         for p in self.parts.values())})
+            warned = now
+        self._redis_down = (since, warned)
+
+    def _redis_reachable(self) -> None:
+        if self._redis_down is not None:
+            log.info("Redis reachable again",
+                     extra={"down_s": round(time.monotonic() - self._redis_down[0], 1)})
+            self._redis_down = None
 
     # --- main loop -----------------------------------------------------------------------
     def run(self) -> None:
@@ -146,6 +225,8 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                 self.beat = time.monotonic()  # liveness: the loop turns
                 batch = self.consumer.poll(timeout_ms=POLL_TIMEOUT_MS,
                                            max_records=MAX_POLL_RECORDS)
+                if self.pending:  # assigned in that poll (paused: the batch has none of theirs)
+                    self._restore_pending()
                 for tp, messages in batch.items():
                     self.apply_batch(tp.partition, messages)
                 if time.monotonic() - self.last_checkpoint >= self.interval:
@@ -153,7 +234,9 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                     self._report_lag()
                 self.metrics.checkpoint_age.set(time.monotonic() - self.last_checkpoint)
         finally:
-            self._checkpoint_safely()
+            if not self._checkpoint_safely():
+                log.warning("stopping without a last checkpoint: the uncommitted work is read "
+                            "again from the last one")
             self._closed = True
             self.consumer.close(autocommit=False)
 
@@ -293,7 +376,9 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         except Exception as exc:  # Kafka's offsets are advisory; Redis holds the truth
             log.warning("kafka offset commit failed", extra={"error": str(exc)})
 
-    def _checkpoint_safely(self) -> None:
+    def _checkpoint_safely(self) -> bool:
+        """Checkpoint; False if Redis stayed unreachable for the store's wait (the work stays
+        in memory for the next try)."""
         try:
             self.checkpoint()
         except Fenced as exc:
@@ -302,6 +387,12 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
             self.progress.forget(list(self.parts))
             self.parts.clear()
             self.outbox = []
+        except REDIS_ERRORS as exc:
+            self.metrics.checkpoints.labels("failed").inc()
+            self._redis_unreachable("checkpoint not written", exc)
+            return False
+        self._redis_reachable()
+        return True
 
     def _report_lag(self) -> None:
         """Lag per owned partition (the high watermark the last fetch response carried minus the
@@ -312,7 +403,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                              {p: part.next_offset for p, part in self.parts.items()})
 
     def _refresh_gauges(self) -> None:
-        self.cmetrics.assigned.labels("detect").set(len(self.parts))
+        self.cmetrics.assigned.labels("detect").set(len(self.parts) + len(self.pending))
         self.metrics.live_slices.set(sum(len(p.slices) for p in self.parts.values()))
 
     @property

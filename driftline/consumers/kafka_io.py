@@ -74,9 +74,10 @@ def make_consumer(bootstrap: str, group: str, session_timeout_ms: int = 20_000,
     ``session_timeout_ms`` is how long the group waits for a member that stopped heartbeating
     (a crashed or SIGKILLed worker) before handing its partitions to the others; heartbeats go
     every third of it. kafka-python runs rebalance listeners on its I/O loop, so heartbeats also
-    wait while the detect stage restores an assigned partition's slices (~1–2 s for 10,000):
-    20 s leaves room for that and still moves a crashed worker's partitions in well under the
-    45 s of kafka-python's default.
+    wait while a listener runs: the detect stage's revoke checkpoint (a few seconds for 10,000
+    dirty slices at most; it gives up on Redis after a quarter of the session) — its loads on
+    assignment run in the poll loop. 20 s leaves room for that and still moves a crashed
+    worker's partitions in well under the 45 s of kafka-python's default.
     """
     config: dict[str, Any] = dict(
         bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
@@ -173,6 +174,9 @@ class ProgressLog:
         self._seen: dict[int, int | None] = {}  # positions at the previous line
         self._high: dict[int, int | None] = {}  # and high watermarks
         self._unsettled = False  # group membership was not stable at the previous line
+        # first progress line of the current run of lines with the membership not stable:
+        # liveness fails a worker whose join never finishes (see ``Service.liveness``)
+        self.unsettled_since: float | None = None
 
     def count(self, n: int) -> None:
         self._processed += n
@@ -218,6 +222,10 @@ class ProgressLog:
                         "lines in a row; kafka-python's coordinator log says which step it "
                         "waits on", extra={"group": group})
         self._unsettled = unsettled
+        if not unsettled:
+            self.unsettled_since = None
+        elif self.unsettled_since is None:
+            self.unsettled_since = now
         # behind and not moving; a lag of 1 on a quiet log can be a transaction marker that
         # is never returned as a record, so it counts only once the log end moved on
         stalled = {p: n for p, n in lag.items()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -297,3 +298,45 @@ def test_redis_and_broker_restarts_mid_stream_lose_nothing(
     wait_detected(pipe, workers, len(docs), timeout=300)
     assert counts(states(pipe)) == expected_counts(docs)
     assert w.alive(), w.log()
+
+
+def _assignments(w: Worker) -> int:
+    """How many times the group handed this worker partitions (its whole log)."""
+    return w.log_path.read_text(errors="replace").count("partitions assigned")
+
+
+def test_hand_over_during_a_redis_outage_evicts_no_one(
+    stack: Stack, pipe: Pipeline, tmp_path: Path, workers: list[Worker]
+) -> None:
+    """Redis goes down, events keep coming, and one of two detect workers is SIGKILLed: the
+    survivor keeps polling (checkpoints retried, updates applied in memory), takes the dead
+    worker's partitions in one rebalance although their state cannot be loaded yet (listeners
+    do not wait on Redis: heartbeats would), stays in the group while Redis is down for twice
+    the session, and once Redis is back every update counts exactly once."""
+    if stack.is_external("redis"):
+        pytest.skip("needs the stack's own Redis to stop it")
+    session = {"DRIFTLINE_KAFKA_SESSION_TIMEOUT_MS": "6000"}
+    docs = Stream(n=1600, seed=21).events()
+    start(pipe, "embed", tmp_path, workers)
+    survivor = start(pipe, "detect", tmp_path, workers, **session)
+    doomed = start(pipe, "detect", tmp_path, workers, **session)
+    pipe.produce(docs[:800])
+    wait_detected(pipe, workers, 800)
+    before = _assignments(survivor)  # at its start and when the other one joined
+    stack.stop_service("redis")
+    try:
+        pipe.produce(docs[800:1200])
+        time.sleep(3)  # the survivor applies some in memory, its checkpoints failing
+        doomed.kill()
+        wait_for(lambda: _assignments(survivor) > before, 60, "the dead worker's partitions")
+        time.sleep(12)  # two sessions with Redis down and the partitions not loaded
+        assert survivor.alive(), survivor.log()
+    finally:
+        stack.start_service("redis")
+    pipe.produce(docs[1200:])
+    wait_detected(pipe, [survivor], len(docs))
+    assert counts(states(pipe)) == expected_counts(docs)
+    log = survivor.log_path.read_text(errors="replace")
+    assert _assignments(survivor) == before + 1, log[-6000:]
+    assert "Redis unreachable" in log and "Redis reachable again" in log
+    assert survivor.alive()

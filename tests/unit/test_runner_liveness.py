@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from driftline.config import load_settings
+from driftline.consumers.kafka_io import ProgressLog
 from driftline.runner import Service, watch_stages
 from driftline.service.app import create_app
 
@@ -22,6 +23,7 @@ class LoopStage:
         self.beat = time.monotonic()
         self.stop_event = threading.Event()
         self.hang_after, self.crash = hang_after, crash
+        self.progress: ProgressLog | None = None  # a Kafka stage's (see Service.liveness)
 
     def run(self) -> None:
         turns = 0
@@ -65,6 +67,28 @@ def test_healthz_fails_when_a_stage_loop_stops_turning() -> None:
     finally:
         for s in (busy, stuck):
             s.stop()
+        service.stop(5)
+
+
+def test_healthz_fails_when_a_stage_never_settles_in_its_consumer_group() -> None:
+    """A join that never finishes leaves the loop turning over no partitions: the progress
+    log's ``unsettled_since`` older than the stall timeout fails liveness."""
+    turning = LoopStage()
+    turning.progress = progress = ProgressLog("detect")
+    service = service_with({"detect": turning})
+    app = create_app(CollectorRegistry(), service.readiness, liveness=service.liveness)
+    try:
+        with TestClient(app) as client:
+            assert client.get("/healthz").json()["checks"] == {"detect_loop": True,
+                                                               "detect_group": True}
+            progress.unsettled_since = time.monotonic() - 60
+            assert client.get("/healthz").status_code == 200
+            progress.unsettled_since = time.monotonic() - 121
+            bad = client.get("/healthz")
+            assert bad.status_code == 503
+            assert bad.json()["checks"] == {"detect_loop": True, "detect_group": False}
+    finally:
+        turning.stop()
         service.stop(5)
 
 

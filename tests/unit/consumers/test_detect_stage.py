@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -14,10 +15,17 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kafka import TopicPartition
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
-from driftline.consumers.checkpoint import decode_record, encode_record
+from driftline.consumers.checkpoint import (
+    REDIS_WAIT_S,
+    CheckpointStore,
+    decode_record,
+    encode_record,
+    store_client,
+)
 from driftline.consumers.detect_stage import DetectStage, FastUpdate, PartitionState, parse_update
 from driftline.consumers.slice_state import SliceState, UpdateView
 from driftline.core.slices import SliceDetectors
@@ -229,3 +237,41 @@ def test_end_to_end_latency_is_observed_for_applied_updates_carrying_their_event
     total = sum(s.value for m in hist.collect() for s in m.samples if s.name.endswith("_sum"))
     assert count == 10
     assert 2.0 <= total / count < 3.0
+
+
+class _PauseRecorder:
+    """The consumer calls a revoke makes: pause and resume (no broker needed)."""
+
+    def __init__(self) -> None:
+        self.paused: set[int] = set()
+
+    def pause(self, *tps: TopicPartition) -> None:
+        self.paused.update(tp.partition for tp in tps)
+
+    def resume(self, *tps: TopicPartition) -> None:
+        self.paused.difference_update(tp.partition for tp in tps)
+
+
+def test_revoke_with_redis_unreachable_gives_up_in_time_and_reloads_what_it_keeps() -> None:
+    """The revoke listener blocks kafka-python's heartbeats: with Redis refusing connections
+    the final checkpoint is given up after ``revoke_wait_s`` (not the store's minute), the
+    uncommitted work of every partition is dropped (one outbox serves them all) and the kept
+    partition is paused to be loaded again from the last checkpoint."""
+    stage = _stage()
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    stage.store = CheckpointStore(store_client(f"redis://127.0.0.1:{port}/0"))
+    stage.consumer = _PauseRecorder()  # type: ignore[assignment]
+    stage.revoke_wait_s = 0.5
+    stage.parts[1] = PartitionState(epoch=1, next_offset=None, slices={})
+    stage.apply_batch(0, [Msg(0, i, _update(i).model_dump_json().encode(), 0) for i in range(20)])
+    stage.outbox.append({"kind": "alarm"})
+    t0 = time.monotonic()
+    stage.on_partitions_revoked([TopicPartition("t", 0)])
+    assert time.monotonic() - t0 < 5
+    assert stage.parts == {} and stage.outbox == []
+    assert stage.pending == {1} and stage.consumer.paused == {1}
+    assert stage.store.wait_s == REDIS_WAIT_S  # the short wait was for the revoke only
+    assert [s.value for m in stage.metrics.checkpoints.collect() for s in m.samples
+            if s.name.endswith("_total") and s.labels == {"outcome": "dropped"}] == [1.0]

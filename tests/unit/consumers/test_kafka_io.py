@@ -103,3 +103,19 @@ def test_progress_log_warns_about_a_join_that_does_not_finish(
         warned.append(any(r.levelno == logging.WARNING for r in caplog.records))
     # a rebalance seen at one line is normal; at two lines in a row it is not finishing
     assert warned == [False, False, False, False, True, False]
+
+
+def test_progress_log_says_since_when_the_membership_is_unsettled(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    progress, clock = _progress(monkeypatch)
+    since = []
+    for i, state in enumerate(["<stable>", "<rebalancing>", "<unjoined>", "<rebalancing>",
+                               "<stable>", "<unjoined>"], start=1):
+        clock.now = 30.0 * i
+        progress.tick({}, {}, state)
+        since.append(progress.unsettled_since)
+    clock.now = 200.0
+    progress.tick({}, {}, "<unjoined>")  # between lines: nothing changes
+    assert since == [None, 60.0, 60.0, 60.0, None, 180.0]
+    assert progress.unsettled_since == 180.0
