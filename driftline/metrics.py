@@ -25,6 +25,10 @@ class EmbedMetrics:
         self.dead_letters = Counter(
             "driftline_embed_dead_letters_total", "Events sent to the dead-letter topic",
             ["reason"], registry=registry)
+        self.redis_skipped = Counter(
+            "driftline_embed_redis_skipped_total",
+            "Events whose prediction (for late labels) and recent embedding were not stored: "
+            "Redis unreachable", registry=registry)
         self.batch_size = Histogram(
             "driftline_embed_batch_size_events", "Events per embed batch",
             buckets=_BATCH_BUCKETS, registry=registry)

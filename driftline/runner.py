@@ -107,7 +107,7 @@ def build_embed_stage(settings: Settings, registry: CollectorRegistry, ref: Refe
         events_topic=settings.events_topic, updates_topic=settings.slice_updates_topic,
         dlq_topic=settings.dlq_topic, embedder=embedder, reference=ref,
         templates=settings.slice_templates, metrics=EmbedMetrics(registry),
-        redis_client=redis.Redis.from_url(settings.redis_url),
+        redis_client=store_client(settings.redis_url),
         consumer_metrics=consumer_metrics or ConsumerMetrics(registry),
         batch_size=settings.embed_batch_size, batch_timeout_ms=settings.embed_batch_timeout_ms,
         max_event_bytes=settings.max_event_bytes, recent_size=settings.recent_buffer_size)

@@ -44,6 +44,7 @@ class RejectReason(StrEnum):
     embedding_dim = "embedding_dim"
     unknown_reference = "unknown_reference"
     unknown_event = "unknown_event"
+    store_unavailable = "store_unavailable"
 
 
 class EventRejected(ValueError):

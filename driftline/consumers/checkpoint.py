@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -52,7 +54,8 @@ REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)  # BusyLoadingError is 
 
 
 def _wait_over(state: RetryCallState) -> bool:
-    """Stop retrying after ``REDIS_WAIT_S``, or the caller's ``wait_s`` (see
+    """Stop retrying after ``REDIS_WAIT_S``, or the ``wait_s`` of the object whose method is
+    retried (:class:`CheckpointStore`, the embed stage; see
     :meth:`CheckpointStore.waiting_at_most`)."""
     wait_s = getattr(state.args[0], "wait_s", REDIS_WAIT_S) if state.args else REDIS_WAIT_S
     return (state.seconds_since_start or 0.0) >= wait_s
@@ -67,10 +70,10 @@ retry_redis = retry(
 
 
 def store_client(url: str, socket_timeout_s: float = 10.0) -> redis.Redis:
-    """A Redis client for :class:`CheckpointStore`: socket timeouts turn a Redis that stops
-    answering into the error a restart gives (not a call that hangs), and redis-py's own
-    retries are off — they take ~8 s per call against a refused connection, which would
-    outlast a short :meth:`CheckpointStore.waiting_at_most` — since the store retries."""
+    """A Redis client for the stages, which retry with :data:`retry_redis` for a bounded wait:
+    socket timeouts turn a Redis that stops answering into the error a restart gives (not a
+    call that hangs), and redis-py's own retries are off — they take ~8 s per call against a
+    refused connection, which would outlast a wait of a few seconds."""
     return redis.Redis.from_url(url, socket_timeout=socket_timeout_s,
                                 socket_connect_timeout=socket_timeout_s,
                                 retry=Retry(NoBackoff(), 0))
@@ -86,6 +89,32 @@ def decode_record(raw: bytes) -> dict[str, Any]:
     versions too."""
     doc: dict[str, Any] = unpack(raw) if is_packed(raw) else json.loads(raw)
     return doc
+
+
+class RedisOutage:
+    """Logs an outage as a stage sees it: a WARNING when it starts and every ``every_s`` while
+    it lasts (how long, and what the stage holds back), an INFO line when Redis answers again."""
+
+    def __init__(self, stage: str, every_s: float = 30.0) -> None:
+        self.stage, self.every = stage, every_s
+        self._since: float | None = None
+        self._warned = -math.inf
+
+    def down(self, what: str, exc: BaseException, **extra: Any) -> None:
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+        if now - self._warned >= self.every:
+            log.warning(f"{self.stage}: Redis unreachable: {what}",
+                        extra={"error": repr(exc), "down_s": round(now - self._since, 1),
+                               **extra})
+            self._warned = now
+
+    def up(self) -> None:
+        if self._since is not None:
+            log.info(f"{self.stage}: Redis reachable again",
+                     extra={"down_s": round(time.monotonic() - self._since, 1)})
+            self._since, self._warned = None, -math.inf
 
 
 class Fenced(RuntimeError):

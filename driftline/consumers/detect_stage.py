@@ -32,7 +32,6 @@ membership and any rebalance go on) and resumes by itself when Redis is back.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -45,7 +44,7 @@ from kafka.structs import OffsetAndMetadata
 from pydantic import ValidationError
 from pydantic_core import from_json
 
-from driftline.consumers.checkpoint import REDIS_ERRORS, CheckpointStore, Fenced
+from driftline.consumers.checkpoint import REDIS_ERRORS, CheckpointStore, Fenced, RedisOutage
 from driftline.consumers.kafka_io import (
     ProgressLog,
     subscribe_when_ready,
@@ -57,7 +56,6 @@ from driftline.schema import SOURCE_TS_HEADER, SliceUpdate
 log = logging.getLogger(__name__)
 
 POLL_TIMEOUT_MS = 200
-REDIS_WARN_EVERY_S = 30.0
 MAX_POLL_RECORDS = 2000
 
 
@@ -129,7 +127,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self.last_checkpoint = time.monotonic()
         self._closed = False
         self.progress = ProgressLog("detect", metrics=consumer_metrics)
-        self._redis_down: tuple[float, float] | None = None  # (since, last warning) monotonic
+        self.outage = RedisOutage("detect")
 
     # --- rebalance -----------------------------------------------------------------------
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
@@ -177,9 +175,10 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                 log.info("partition restored", extra={"partition": p, "offset": offset,
                                                       "slices": len(slices)})
         except REDIS_ERRORS as exc:
-            self._redis_unreachable("partitions not restored yet", exc)
+            self.outage.down("partitions not restored yet; retrying at each turn", exc,
+                             pending_partitions=sorted(self.pending))
             return
-        self._redis_reachable()
+        self.outage.up()
         self.assigned_once.set()
         self._refresh_gauges()
 
@@ -196,25 +195,6 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         if kept:
             self.consumer.pause(*(TopicPartition(self.topic, p) for p in kept))
             self.pending.update(kept)
-
-    def _redis_unreachable(self, what: str, exc: BaseException) -> None:
-        """Log an outage at its start, then every ``PROGRESS_LOG_S`` while it lasts."""
-        now = time.monotonic()
-        since, warned = self._redis_down or (now, -math.inf)
-        if now - warned >= REDIS_WARN_EVERY_S:
-            log.warning(f"Redis unreachable: {what}; retrying at each turn of the loop",
-                        extra={"error": repr(exc), "down_s": round(now - since, 1),
-                               "pending_partitions": sorted(self.pending),
-                               "uncommitted_slices": sum(len(p.dirty)
-                                                         for p in self.parts.values())})
-            warned = now
-        self._redis_down = (since, warned)
-
-    def _redis_reachable(self) -> None:
-        if self._redis_down is not None:
-            log.info("Redis reachable again",
-                     extra={"down_s": round(time.monotonic() - self._redis_down[0], 1)})
-            self._redis_down = None
 
     # --- main loop -----------------------------------------------------------------------
     def run(self) -> None:
@@ -389,9 +369,11 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
             self.outbox = []
         except REDIS_ERRORS as exc:
             self.metrics.checkpoints.labels("failed").inc()
-            self._redis_unreachable("checkpoint not written", exc)
+            self.outage.down("checkpoint not written; retrying at each turn, updates are applied "
+                             "in memory meanwhile", exc,
+                             uncommitted_slices=sum(len(p.dirty) for p in self.parts.values()))
             return False
-        self._redis_reachable()
+        self.outage.up()
         return True
 
     def _report_lag(self) -> None:

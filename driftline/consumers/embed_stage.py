@@ -10,6 +10,11 @@ adding consumers to the ``driftline-embed`` group. Per batch:
 4. produce one slice-update per slice template, keyed by slice id, carrying the source
    partition/offset (the detect stage skips replays by it);
 5. flush the producer, then commit the input offsets (at-least-once; duplicates are harmless).
+
+Redis holds only the prediction cache and the recent-embeddings buffer, so an outage does not
+stop the stream: each write waits ``redis_wait_s`` at most and is then skipped (logged; late
+labels for those events will find no prediction), and a late label that cannot be looked up
+goes to the dead-letter topic as ``store_unavailable``, to be replayed.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 import redis
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 
-from driftline.consumers.checkpoint import retry_redis
+from driftline.consumers.checkpoint import REDIS_ERRORS, RedisOutage, retry_redis
 from driftline.consumers.imaging import Base64Image, ImageError, ImageSource
 from driftline.consumers.kafka_io import (
     ProgressLog,
@@ -93,7 +98,7 @@ class EmbedStage:
         redis_client: redis.Redis | None = None, consumer_metrics: ConsumerMetrics | None = None,
         batch_size: int = 32,
         batch_timeout_ms: int = 200, max_event_bytes: int = 8 << 20, recent_size: int = 5000,
-        latency_sample_every: int = LATENCY_SAMPLE_EVERY,
+        latency_sample_every: int = LATENCY_SAMPLE_EVERY, redis_wait_s: float = 2.0,
     ) -> None:
         self.consumer, self.producer = consumer, producer
         self._next: dict[Any, int] = {}  # partition -> next offset to process (for lag)
@@ -101,6 +106,8 @@ class EmbedStage:
             events_topic, updates_topic, dlq_topic)
         self.embedder, self.reference, self.templates = embedder, reference, list(templates)
         self.metrics, self.redis = metrics, redis_client
+        self.wait_s = redis_wait_s  # how long @retry_redis methods retry an unreachable Redis
+        self.outage = RedisOutage("embed")
         self._last_lag = 0.0
         self.batch_size, self.batch_timeout_ms = batch_size, batch_timeout_ms
         self.max_event_bytes = max_event_bytes
@@ -195,9 +202,22 @@ class EmbedStage:
         try:
             for item in items:
                 self._emit(item, item.event.label, item.event.loss, _error_of(item.event))
-            self._remember(items, vectors)
+            try:
+                self._remember(items, vectors)
+                self.outage.up()
+            except REDIS_ERRORS as exc:
+                self.metrics.redis_skipped.inc(len(items))
+                self.outage.down("predictions for late labels and recent embeddings not "
+                                 "stored", exc, events=len(items))
             for item in labels:
-                self._emit_late_label(item)
+                try:
+                    self._emit_late_label(item)
+                except REDIS_ERRORS as exc:
+                    self.outage.down("late labels dead-lettered as store_unavailable", exc)
+                    self._dead_letter(item.msg, EventRejected(
+                        RejectReason.store_unavailable,
+                        f"Redis unreachable, the prediction of {item.event.event_id!r} could "
+                        "not be read; replay this label"), item.event.event_id)
         finally:
             self._tally.flush(self.metrics)
 

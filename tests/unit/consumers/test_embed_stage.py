@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import socket
+import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -12,6 +14,7 @@ import numpy as np
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
+from driftline.consumers.checkpoint import store_client
 from driftline.consumers.embed_stage import EmbedStage
 from driftline.consumers.imaging import ImageError, ImageSource, load_image
 from driftline.metrics import EmbedMetrics
@@ -170,3 +173,30 @@ def test_lag_forgets_a_partition_once_it_moves_to_another_worker() -> None:
     assert lag() is None
     stage._next[tp] = 200
     assert lag() == 0
+
+
+def test_redis_unreachable_skips_the_cache_and_dead_letters_late_labels() -> None:
+    """Redis refusing connections costs the embed stage at most ``redis_wait_s`` per call: the
+    batch's slice-updates still go out, the prediction cache is skipped (counted), and a late
+    label, which needs it, goes to the dead-letter topic as ``store_unavailable``."""
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    registry = CollectorRegistry()
+    producer = Producer()
+    stage = EmbedStage(
+        None, producer, events_topic="ev", updates_topic="up",  # type: ignore[arg-type]
+        dlq_topic="dlq", embedder=Embedder(), reference=Reference(), templates=["station"],
+        metrics=EmbedMetrics(registry), redis_client=store_client(f"redis://127.0.0.1:{port}/0"),
+        redis_wait_s=0.3)
+    values = [_event(0, "s1", embedding=[1.0, 0.0, 0.0]),
+              _event(1, "s2", image=_jpeg((10, 200, 10))),
+              json.dumps({"event_id": "e0", "ts": "2026-11-23T09:00:00Z", "station": "s1",
+                          "shift": "day", "lot": "L1", "label": "scratch"}).encode()]
+    started = time.monotonic()
+    stage.process([Msg("ev", 0, n, b"k", v) for n, v in enumerate(values)])
+    assert time.monotonic() - started < 5  # two calls of 0.3 s each, not redis-py's 8 s
+    assert [json.loads(v)["event_id"] for t, _, v in producer.sent if t == "up"] == ["e0", "e1"]
+    dead = [json.loads(v) for t, _, v in producer.sent if t == "dlq"]
+    assert [(d["offset"], d["reason"]) for d in dead] == [(2, "store_unavailable")]
+    assert registry.get_sample_value("driftline_embed_redis_skipped_total") == 2
