@@ -82,6 +82,7 @@ def run(
 ) -> None:
     """Run pipeline stages with probes and /metrics over HTTP until SIGTERM."""
     import uvicorn
+    from kafka.errors import KafkaError
 
     from driftline.runner import ROLES, Service, watch_stages
     from driftline.service.app import create_app
@@ -92,7 +93,12 @@ def run(
         typer.echo(f"driftline: unknown role {role!r}; use embed, detect, book or all", err=True)
         raise typer.Exit(2)
     service = Service(settings, roles)
-    service.start()
+    try:
+        service.start()  # waits for the broker (kafka_io.BROKER_WAIT_S) and Redis
+    except KafkaError as exc:
+        typer.echo(f"driftline: Kafka at {settings.kafka_bootstrap} (DRIFTLINE_KAFKA_BOOTSTRAP) "
+                   f"failed at start-up: {exc!r}", err=True)
+        raise typer.Exit(1) from None
     # A process running every role also serves the triage API; a single stage serves probes
     # and /metrics only.
     api_settings = settings if role == "all" else None

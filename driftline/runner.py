@@ -17,9 +17,16 @@ from typing import Any
 import numpy as np
 import redis
 from prometheus_client import CollectorRegistry
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from driftline.config import Settings
-from driftline.consumers.checkpoint import CheckpointStore, store_client
+from driftline.consumers.checkpoint import REDIS_ERRORS, CheckpointStore, store_client
 from driftline.consumers.detect_stage import DetectStage
 from driftline.consumers.embed_stage import EmbedStage
 from driftline.consumers.kafka_io import ensure_topics, make_consumer, make_producer
@@ -32,6 +39,8 @@ from driftline.reference.index import Reference, load_reference
 log = logging.getLogger(__name__)
 ROLES = ("embed", "detect", "book")
 DETECT_REDIS_WAIT_S = 5.0
+# At start-up, like a broker (kafka_io.BROKER_WAIT_S): a restart or a slow container start.
+STARTUP_REDIS_WAIT_S = 120.0
 
 
 class ReferenceBaselines:
@@ -69,7 +78,25 @@ def load_active_reference(settings: Settings) -> Reference:
     """The reference activated through the API (if still intact), else the configured one."""
     from driftline.service.references_store import active_reference_dir
 
-    ref_dir = active_reference_dir(settings, redis.Redis.from_url(settings.redis_url))
+    client = store_client(settings.redis_url)
+    kw = client.connection_pool.connection_kwargs  # no password in logs
+    where = kw.get("path") or f"{kw.get('host')}:{kw.get('port')}/{kw.get('db', 0)}"
+
+    def waiting(state: RetryCallState) -> None:
+        log.warning("waiting for Redis to read the active reference",
+                    extra={"redis": where, "waited_s": round(state.seconds_since_start or 0, 1),
+                           "error": repr(state.outcome.exception() if state.outcome else None)})
+
+    try:
+        for attempt in Retrying(retry=retry_if_exception_type(REDIS_ERRORS),
+                                wait=wait_exponential(multiplier=0.2, max=5),
+                                stop=stop_after_delay(STARTUP_REDIS_WAIT_S),
+                                before_sleep=waiting, reraise=True):
+            with attempt:
+                ref_dir = active_reference_dir(settings, client)
+    except REDIS_ERRORS as exc:
+        raise SystemExit(f"driftline: Redis at {where} (DRIFTLINE_REDIS_URL) unreachable for "
+                         f"{STARTUP_REDIS_WAIT_S:.0f} s at start-up: {exc}") from None
     if ref_dir is None:
         raise SystemExit("driftline: DRIFTLINE_REFERENCE_DIR is not set; build one with "
                          "`driftline reference build` and point the setting at it")

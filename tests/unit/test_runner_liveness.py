@@ -1,8 +1,9 @@
 """Liveness of a worker process: /healthz fails when a stage's loop stops turning, and
-``driftline run`` learns of a stage thread that ended on its own."""
+``driftline run`` learns of a stage thread that ended on its own; start-up waits for Redis."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -10,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
+from driftline import runner
 from driftline.config import load_settings
 from driftline.consumers.kafka_io import ProgressLog
 from driftline.runner import Service, watch_stages
@@ -125,3 +127,21 @@ def test_a_requested_stop_is_not_a_death() -> None:
     service.stop(5)
     watcher.join(5)
     assert not watcher.is_alive() and reported == []
+
+
+def test_start_up_waits_for_redis_then_names_the_setting(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker started while Redis is down waits (logging why) and then exits with a message
+    naming DRIFTLINE_REDIS_URL, without the password in it."""
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setattr(runner, "STARTUP_REDIS_WAIT_S", 0.5)
+    settings = load_settings(redis_url=f"redis://:s3cret@127.0.0.1:{port}/2")
+    with pytest.raises(SystemExit) as exited:
+        runner.load_active_reference(settings)
+    message = str(exited.value)
+    assert f"Redis at 127.0.0.1:{port}/2 (DRIFTLINE_REDIS_URL) unreachable" in message
+    assert "s3cret" not in message and "s3cret" not in caplog.text
+    assert "waiting for Redis to read the active reference" in caplog.text
