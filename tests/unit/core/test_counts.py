@@ -102,3 +102,24 @@ def test_restores_v1_json_snapshots() -> None:
     assert c.bucket_keys() == [0, 1] and c.since(60.0).n == 3
     c.update(1, np.array([0.5, 0.5]), ood=False, ood_p0=0.01, time=70.0)
     assert c.since(60.0).n == 4
+
+
+@settings(max_examples=80, deadline=None)
+@given(evs=events, since=st.floats(-10.0, 3000.0), pools=st.integers(1, 12),
+       buckets=st.integers(1, 40))
+def test_since_equals_the_totals_path_bit_for_bit(
+    evs: list[tuple[int, int, bool, float, bool, str]], since: float, pools: int, buckets: int
+) -> None:
+    """since()'s lean path for per-baseline rings gives what the general _totals path gives."""
+    c = SliceCounts(K, 100.0, max_buckets=buckets)
+    for ev in evs:
+        _feed(c, (ev[0], ev[1] % pools, *ev[2:]))
+        for t in (since, None):
+            got = c.since(t)
+            first = None if t is None else math.floor(t / c.bucket_seconds)
+            want = c._since_totals(first, got.truncated)
+            assert got == want
+            assert [type(x) for x in got.clusters + got.expected] == [
+                type(x) for x in want.clusters + want.expected]
+            assert [math.copysign(1.0, x) for x in got.expected] == [
+                math.copysign(1.0, x) for x in want.expected]
