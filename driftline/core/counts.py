@@ -355,7 +355,7 @@ class SliceCounts:
             "max_buckets": self.max_buckets,
             "keys": self._keys[:u].copy(),
             "counts": self._cnt[:u].copy(),
-            "baselines": (np.stack(self._ps) if self._ps
+            "baselines": (np.array(self._ps, np.float64) if self._ps
                           else np.zeros((0, self.n_clusters))),
             "ood_p0": list(self._p0s),
             "per_baseline": self._kp[:u].copy(),
