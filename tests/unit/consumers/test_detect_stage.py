@@ -24,6 +24,7 @@ from driftline.consumers.checkpoint import (
     CheckpointStore,
     decode_record,
     encode_record,
+    encode_summary,
     store_client,
 )
 from driftline.consumers.detect_stage import DetectStage, FastUpdate, PartitionState, parse_update
@@ -275,3 +276,12 @@ def test_revoke_with_redis_unreachable_gives_up_in_time_and_reloads_what_it_keep
     assert stage.store.wait_s == REDIS_WAIT_S  # the short wait was for the revoke only
     assert [s.value for m in stage.metrics.checkpoints.collect() for s in m.samples
             if s.name.endswith("_total") and s.labels == {"outcome": "dropped"}] == [1.0]
+
+
+def test_summaries_are_stored_as_json_that_reads_back_as_written() -> None:
+    for summary in ({"template": "station", "dims": {"station": "Stätion-1"}, "n": 3,
+                     "last_time": 1793603363.5, "ratios": {"cluster_mix": 0.1 + 0.2},
+                     "ood_ratio": 1e-05, "open": ["ood_rate"]},
+                    {"template": "lot", "dims": {"lot": "bad\ud800"}, "n": 0, "last_time": None,
+                     "ratios": {}, "ood_ratio": None, "open": []}):
+        assert json.loads(encode_summary(summary)) == json.loads(json.dumps(summary))
