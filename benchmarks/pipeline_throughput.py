@@ -55,7 +55,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from driftline.config import Settings
-from driftline.consumers.checkpoint import encode_record
+from driftline.consumers.checkpoint import encode_record, encode_summary
 from driftline.consumers.detect_stage import (
     MAX_POLL_RECORDS,
     POLL_TIMEOUT_MS,
@@ -534,7 +534,7 @@ def micro_benchmark(settings: Settings, ref: Reference, values: list[bytes]) -> 
         def snapshot_all() -> None:
             for entry in entries.values():
                 encode_record({"state": entry.model.snapshot(), "applied": entry.applied})
-                json.dumps(_summary(entry.model, entry.model.gauges()))
+                encode_summary(_summary(entry.model, entry.model.gauges()))
 
         snapshot_us = _cpu_us(snapshot_all, len(entries))
     finally:
