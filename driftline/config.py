@@ -71,7 +71,7 @@ class Settings(BaseSettings):
         20_000, ge=6_000, le=1_800_000,
         description="How long a group waits for a crashed worker before moving its partitions "
                     "(heartbeats wait while a detect worker writes its checkpoint of revoked "
-                    "partitions; it gives up on an unreachable Redis after a quarter of this)")
+                    "partitions; it gives up on an unreachable Redis within half of this)")
     # Stores and peers
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Failure book and state")
     alertmanager_url: str | None = Field(None, description="Alertmanager base URL (push alerts)")

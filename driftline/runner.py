@@ -153,17 +153,22 @@ def build_detect_stage(settings: Settings, registry: CollectorRegistry, ref: Ref
     def restore_slice(snap: dict[str, Any]) -> SliceState:
         return SliceState.restore(snap, baselines, autoresolve)
 
+    # the revoke listener blocks heartbeats: give up well within the session
+    revoke_wait_s = settings.kafka_session_timeout_ms / 4000
     return DetectStage(
         make_consumer(settings.kafka_bootstrap, settings.detect_group,
                       session_timeout_ms=settings.kafka_session_timeout_ms),
         settings.slice_updates_topic,
-        # a few seconds per call: the loop retries at its next turn (see detect_stage)
-        CheckpointStore(store_client(settings.redis_url), wait_s=DETECT_REDIS_WAIT_S),
+        # a few seconds per call: the loop retries at a later turn (see detect_stage); one
+        # attempt takes at most the revoke's wait, so the revoke listener, which blocks
+        # heartbeats, ends within half the session
+        CheckpointStore(store_client(settings.redis_url,
+                                     socket_timeout_s=min(DETECT_REDIS_WAIT_S, revoke_wait_s)),
+                        wait_s=DETECT_REDIS_WAIT_S),
         new_slice, restore_slice, DetectMetrics(registry),
         consumer_metrics or ConsumerMetrics(registry),
         checkpoint_interval_s=settings.checkpoint_interval_ms / 1000,
-        # the revoke listener blocks heartbeats: give up well within the session
-        revoke_wait_s=settings.kafka_session_timeout_ms / 4000)
+        revoke_wait_s=revoke_wait_s)
 
 
 def build_book_processor(settings: Settings, registry: CollectorRegistry) -> Any:

@@ -31,14 +31,15 @@ import math
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import redis
 from pydantic_core import PydanticSerializationError, to_json
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.exceptions import WatchError
 from redis.retry import Retry
 from tenacity import RetryCallState, retry, retry_if_exception_type, wait_exponential
 
@@ -46,20 +47,31 @@ from driftline.core.snapshot import is_packed, pack, unpack
 
 log = logging.getLogger(__name__)
 
-# A Redis restart (AOF replay included) takes seconds; a minute of retries rides it out while
-# Kafka keeps our partitions (max.poll.interval is 5 min). Beyond that the worker exits loudly.
+# How long a call retries an unreachable Redis unless its object says otherwise (``wait_s``):
+# a restart with AOF replay takes seconds. The stages set a few seconds and retry at the next
+# turn of their loops instead (see detect_stage).
 REDIS_WAIT_S = 60
 OUTBOX_MAXLEN = 100_000
 
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)  # BusyLoadingError is a ConnectionError
+# What an outage looks like: a refused or dropped connection, a timeout, a server still loading
+# (BusyLoadingError is a ConnectionError), a failover's read-only replica, or a full memory.
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMemoryError)
+
+# A deadline (monotonic) for the calls made inside ``CheckpointStore.waiting_at_most``, in this
+# thread (or task).
+_deadline: ContextVar[float | None] = ContextVar("redis_deadline", default=None)
 
 
 def _wait_over(state: RetryCallState) -> bool:
-    """Stop retrying after ``REDIS_WAIT_S``, or the ``wait_s`` of the object whose method is
-    retried (:class:`CheckpointStore`, the embed stage; see
-    :meth:`CheckpointStore.waiting_at_most`)."""
+    """Stop before a retry would start past the wait: ``REDIS_WAIT_S`` or the ``wait_s`` of the
+    object whose method is retried (:class:`CheckpointStore`, the embed stage) since the call
+    began, or the deadline of :meth:`CheckpointStore.waiting_at_most`. Each call makes one
+    attempt at least, bounded by the client's socket timeouts (:func:`store_client`)."""
     wait_s = getattr(state.args[0], "wait_s", REDIS_WAIT_S) if state.args else REDIS_WAIT_S
-    return (state.seconds_since_start or 0.0) >= wait_s
+    if (state.seconds_since_start or 0.0) + state.upcoming_sleep >= wait_s:
+        return True
+    deadline = _deadline.get()
+    return deadline is not None and time.monotonic() + state.upcoming_sleep >= deadline
 
 
 retry_redis = retry(
@@ -70,13 +82,14 @@ retry_redis = retry(
 )
 
 
-def store_client(url: str, socket_timeout_s: float = 10.0) -> redis.Redis:
+def store_client(url: str, socket_timeout_s: float = 5.0,
+                 connect_timeout_s: float = 1.0) -> redis.Redis:
     """A Redis client for the stages, which retry with :data:`retry_redis` for a bounded wait:
     socket timeouts turn a Redis that stops answering into the error a restart gives (not a
-    call that hangs), and redis-py's own retries are off — they take ~8 s per call against a
-    refused connection, which would outlast a wait of a few seconds."""
+    call that hangs: one attempt takes at most ``socket_timeout_s``), and redis-py's own retries
+    are off — they take ~8 s per call against a refused connection."""
     return redis.Redis.from_url(url, socket_timeout=socket_timeout_s,
-                                socket_connect_timeout=socket_timeout_s,
+                                socket_connect_timeout=min(connect_timeout_s, socket_timeout_s),
                                 retry=Retry(NoBackoff(), 0))
 
 
@@ -121,6 +134,10 @@ class RedisOutage:
                                **extra})
             self._warned = now
 
+    @property
+    def active(self) -> bool:
+        return self._since is not None
+
     def up(self) -> None:
         if self._since is not None:
             log.info(f"{self.stage}: Redis reachable again",
@@ -129,7 +146,12 @@ class RedisOutage:
 
 
 class Fenced(RuntimeError):
-    """Another worker claimed one of our partitions since we did; our state is stale."""
+    """Another worker claimed some of our partitions since we did (``stale``); our state for
+    them is stale."""
+
+    def __init__(self, stale: Iterable[int], detail: str) -> None:
+        self.stale = frozenset(stale)
+        super().__init__(f"partitions {sorted(self.stale)} {detail}")
 
 
 class CheckpointStore:
@@ -141,15 +163,18 @@ class CheckpointStore:
         self.prefix = prefix
         self.wait_s = wait_s  # how long a call retries an unreachable Redis
 
+    @staticmethod
     @contextmanager
-    def waiting_at_most(self, seconds: float) -> Iterator[None]:
-        """Calls in the block retry an unreachable Redis for at most ``seconds`` (where waiting
-        longer would cost more than failing: inside a rebalance listener)."""
-        before, self.wait_s = self.wait_s, min(self.wait_s, seconds)
+    def waiting_at_most(seconds: float) -> Iterator[None]:
+        """Calls made by this thread in the block start no retry more than ``seconds`` after
+        the block began (0: one attempt each), where waiting longer costs more than failing:
+        in a rebalance listener, or during an outage the loop already retries. A block ends
+        within ``seconds`` + one attempt's socket timeout, as a failed call ends it."""
+        token = _deadline.set(time.monotonic() + seconds)
         try:
             yield
         finally:
-            self.wait_s = before
+            _deadline.reset(token)
 
     def _k(self, *parts: object) -> str:
         return ":".join([self.prefix, *map(str, parts)])
@@ -216,10 +241,9 @@ class CheckpointStore:
                 if epoch_keys:
                     pipe.watch(*epoch_keys)  # type: ignore[no-untyped-call]
                     current: list[bytes | None] = pipe.mget(epoch_keys)  # type: ignore[assignment]
-                    stale = [p for p, cur in zip(parts, current, strict=True)
-                             if cur is None or int(cur) != epochs.get(p)]
+                    stale = _stale(parts, current, epochs)
                     if stale:
-                        raise Fenced(f"partitions {stale} were claimed by another worker")
+                        raise Fenced(stale, "were claimed by another worker")
                 pipe.multi()
                 for p, slices in states.items():
                     if slices:
@@ -238,10 +262,21 @@ class CheckpointStore:
                     pipe.xadd(self.outbox_key, {"alarm": json.dumps(alarm)},
                               maxlen=OUTBOX_MAXLEN, approximate=True)
                 pipe.execute()
-            except WatchError:
-                raise Fenced("an epoch changed during the checkpoint") from None
+            except WatchError as exc:
+                # redis-py also raises WatchError when the connection drops while watching:
+                # that is an outage (retried), not a fence
+                if isinstance(exc.__context__, REDIS_ERRORS):
+                    raise exc.__context__ from None
+                now: list[bytes | None] = self.r.mget(epoch_keys)  # type: ignore[assignment]
+                raise Fenced(_stale(parts, now, epochs) or parts,
+                             "changed epoch during the checkpoint") from None
 
     def reset(self) -> None:
         """Delete every key of this store (tests and `driftline … --reset`)."""
         for key in self.r.scan_iter(match=f"{self.prefix}:*"):
             self.r.delete(key)
+
+
+def _stale(parts: list[int], current: list[bytes | None], epochs: Mapping[int, int]) -> list[int]:
+    return [p for p, cur in zip(parts, current, strict=True)
+            if cur is None or int(cur) != epochs.get(p)]

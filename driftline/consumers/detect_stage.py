@@ -18,15 +18,21 @@ is read again.
 Redis outages: the loop never waits on Redis for long, so the worker keeps polling (its group
 membership and any rebalance go on) and resumes by itself when Redis is back.
 
-- A checkpoint that cannot reach Redis within the store's wait (a few seconds) is retried at the
-  next turn; updates go on being applied in memory meanwhile (``checkpoint_age_seconds`` grows
-  and pages), and the first checkpoint after the outage writes them all.
+- A checkpoint that cannot reach Redis within the store's wait (a few seconds) is retried at a
+  later turn — during an outage one attempt per try, with a backoff of up to
+  ``REDIS_BACKOFF_MAX_S`` between tries; updates go on being applied in memory meanwhile
+  (``checkpoint_age_seconds`` grows and pages), and the first checkpoint after the outage
+  writes them all. A connection lost mid-transaction is an outage, not a fence.
 - kafka-python runs rebalance listeners on its I/O loop, where heartbeats wait, so
-  ``on_partitions_assigned`` only pauses the new partitions; the loop claims and loads them,
-  retrying at each turn, and then resumes them. ``on_partitions_revoked`` tries its last
-  checkpoint for ``revoke_wait_s``; if Redis stays unreachable it drops the uncommitted work
-  (the next owner reads it again from the last checkpoint).
-- A stop (SIGTERM) with Redis unreachable likewise leaves the uncommitted work to be read again.
+  ``on_partitions_assigned`` only pauses the new partitions; the loop claims and loads them
+  (unless the group has moved on to another generation meanwhile) and then resumes them.
+  ``on_partitions_revoked`` starts no Redis retry after ``revoke_wait_s`` (one attempt is bounded
+  by the client's socket timeout); if Redis stays unreachable it drops the uncommitted work:
+  the next owner reads it again from the last checkpoint, and the partitions this worker keeps
+  are sent back to it (or to their first applied update, if never checkpointed) and reloaded.
+- A fence (another worker claimed some partitions) drops those partitions, paused until the
+  group reassigns them, and reloads the others likewise.
+- A stop (SIGTERM) with Redis unreachable leaves the uncommitted work to be read again.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from driftline.schema import SOURCE_TS_HEADER, SliceUpdate
 log = logging.getLogger(__name__)
 
 POLL_TIMEOUT_MS = 200
+REDIS_BACKOFF_MAX_S = 5.0
 MAX_POLL_RECORDS = 2000
 
 
@@ -92,6 +99,9 @@ class PartitionState:
     slices: dict[str, SliceEntry]
     control_seen: str = "0-0"
     dirty: set[str] = field(default_factory=set)
+    # where to read again if the work since the last checkpoint is dropped: the stored input
+    # offset, or (never checkpointed) the first offset applied since the load
+    rewind: int | None = None
 
 
 class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -128,13 +138,15 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self._closed = False
         self.progress = ProgressLog("detect", metrics=consumer_metrics)
         self.outage = RedisOutage("detect")
+        self._redis_backoff, self._redis_retry_at = 0.0, 0.0  # between turns, during an outage
+        self._generation: int | None = None  # the group generation of the last assignment
 
     # --- rebalance -----------------------------------------------------------------------
-    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         # On close kafka-python revokes everything after run() has already checkpointed.
         if revoked and not self._closed:
-            with self.store.waiting_at_most(self.revoke_wait_s):
-                if not self._checkpoint_safely():
+            with self.store.waiting_at_most(0.0 if self.outage.active else self.revoke_wait_s):
+                if not self._checkpoint_safely(in_listener=True):
                     self._drop_uncommitted({tp.partition for tp in revoked})
         for tp in revoked:
             self.parts.pop(tp.partition, None)
@@ -142,45 +154,72 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self.progress.forget(tp.partition for tp in revoked)
         self._refresh_gauges()
 
-    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         """Pause the new partitions; :meth:`_restore_pending` claims and loads them from the
         poll loop (see the module docstring)."""
         tps = list(assigned)
+        self._generation = _generation(self.consumer)
         if tps:
             self.consumer.pause(*tps)
             self.pending.update(tp.partition for tp in tps)
-            log.info("partitions assigned", extra={"partitions": sorted(self.pending)})
+            log.info("partitions assigned",
+                     extra={"partitions": sorted(tp.partition for tp in tps),
+                            "generation": self._generation})
         else:
             self.assigned_once.set()  # a member with nothing to own is ready too
         self._refresh_gauges()
 
     def _restore_pending(self) -> None:
         """Claim the pending partitions' epochs, load their slices, seek to the stored input
-        offsets and resume them, one by one; with Redis unreachable the rest stay paused and
-        pending for the next turn of the loop."""
-        try:
-            parts = sorted(self.pending)
-            epochs = self.store.claim(parts)
-            for p in parts:
-                offset, records, seen = self.store.load(p)
-                slices = {sid: SliceEntry(self.restore_slice(rec["state"]),
-                                          {int(src): o for src, o in rec["applied"].items()})
-                          for sid, rec in records.items()}
-                self.parts[p] = PartitionState(epochs[p], offset, slices, seen)
-                tp = TopicPartition(self.topic, p)
-                if offset is not None:
-                    self.consumer.seek(tp, offset)
-                self.consumer.resume(tp)
-                self.pending.discard(p)
-                log.info("partition restored", extra={"partition": p, "offset": offset,
-                                                      "slices": len(slices)})
-        except REDIS_ERRORS as exc:
-            self.outage.down("partitions not restored yet; retrying at each turn", exc,
-                             pending_partitions=sorted(self.pending))
+        offsets and resume them; with Redis unreachable the rest stay paused and pending for a
+        later turn of the loop. Nothing is claimed once the group moved on from the generation
+        that assigned them (a member evicted during an outage must not fence the new owner):
+        the coming rebalance revokes or assigns them again."""
+        generation = _generation(self.consumer)
+        if generation != self._generation:
+            log.info("not claiming: the group moved on since the assignment",
+                     extra={"assigned_in": self._generation, "now": generation})
             return
-        self.outage.up()
+        try:
+            with self._redis_attempt():
+                parts = sorted(self.pending)
+                epochs = self.store.claim(parts)
+                for p in parts:
+                    offset, records, seen = self.store.load(p)
+                    slices = {sid: SliceEntry(self.restore_slice(rec["state"]),
+                                              {int(src): o for src, o in rec["applied"].items()})
+                              for sid, rec in records.items()}
+                    self.parts[p] = PartitionState(epochs[p], offset, slices, seen,
+                                                   rewind=offset)
+                    tp = TopicPartition(self.topic, p)
+                    if offset is not None:
+                        self.consumer.seek(tp, offset)
+                    self.consumer.resume(tp)
+                    self.pending.discard(p)
+                    log.info("partition restored", extra={"partition": p, "offset": offset,
+                                                          "slices": len(slices)})
+        except REDIS_ERRORS as exc:
+            self._redis_failed("partitions not restored yet", exc,
+                               pending_partitions=sorted(self.pending))
+            return
+        self._redis_ok()
         self.assigned_once.set()
         self._refresh_gauges()
+
+    def _park(self, partitions: list[int]) -> None:
+        """Forget ``partitions``' in-memory state and load them again, as on assignment: read
+        again from where their last checkpoint left off (or, never checkpointed, from the first
+        update applied), paused until loaded."""
+        tps = []
+        for p in partitions:
+            part = self.parts.pop(p, None)
+            tp = TopicPartition(self.topic, p)
+            if part is not None and part.rewind is not None:
+                self.consumer.seek(tp, part.rewind)
+            tps.append(tp)
+        if tps:
+            self.consumer.pause(*tps)
+            self.pending.update(partitions)
 
     def _drop_uncommitted(self, revoked: set[int]) -> None:
         """Redis stayed unreachable for a revoke's checkpoint: forget every partition's
@@ -190,11 +229,27 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         log.warning("checkpoint at revoke failed: uncommitted work dropped, it is read again "
                     "from the last checkpoint", extra={"kept_partitions": kept})
         self.metrics.checkpoints.labels("dropped").inc()
-        self.parts.clear()
         self.outbox = []
-        if kept:
-            self.consumer.pause(*(TopicPartition(self.topic, p) for p in kept))
-            self.pending.update(kept)
+        self._park(kept)
+        self.parts.clear()
+
+    # --- Redis outages -------------------------------------------------------------------
+    def _redis_attempt(self) -> Any:
+        """During an outage one attempt per call: the loop retries at a later turn."""
+        return self.store.waiting_at_most(0.0 if self.outage.active else self.store.wait_s)
+
+    def _redis_due(self) -> bool:
+        return time.monotonic() >= self._redis_retry_at
+
+    def _redis_failed(self, what: str, exc: BaseException, **extra: Any) -> None:
+        self.outage.down(f"{what}; retrying, updates are applied in memory meanwhile", exc,
+                         **extra)
+        self._redis_backoff = min(REDIS_BACKOFF_MAX_S, max(0.5, 2 * self._redis_backoff))
+        self._redis_retry_at = time.monotonic() + self._redis_backoff
+
+    def _redis_ok(self) -> None:
+        self.outage.up()
+        self._redis_backoff, self._redis_retry_at = 0.0, 0.0
 
     # --- main loop -----------------------------------------------------------------------
     def run(self) -> None:
@@ -205,18 +260,21 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                 self.beat = time.monotonic()  # liveness: the loop turns
                 batch = self.consumer.poll(timeout_ms=POLL_TIMEOUT_MS,
                                            max_records=MAX_POLL_RECORDS)
-                if self.pending:  # assigned in that poll (paused: the batch has none of theirs)
+                # assigned in that poll (paused: the batch has none of theirs), or left over
+                if self.pending and self._redis_due():
                     self._restore_pending()
                 for tp, messages in batch.items():
                     self.apply_batch(tp.partition, messages)
-                if time.monotonic() - self.last_checkpoint >= self.interval:
+                if (time.monotonic() - self.last_checkpoint >= self.interval
+                        and self._redis_due()):
                     self._checkpoint_safely()
                     self._report_lag()
                 self.metrics.checkpoint_age.set(time.monotonic() - self.last_checkpoint)
         finally:
-            if not self._checkpoint_safely():
-                log.warning("stopping without a last checkpoint: the uncommitted work is read "
-                            "again from the last one")
+            with self._redis_attempt():
+                if not self._checkpoint_safely():
+                    log.warning("stopping without a last checkpoint: the uncommitted work is "
+                                "read again from the last one")
             self._closed = True
             self.consumer.close(autocommit=False)
 
@@ -240,6 +298,8 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                     sampled.append(msg.headers)
             elif done is not None:
                 duplicates += 1
+        if part.rewind is None:
+            part.rewind = messages[0].offset
         part.next_offset = messages[-1].offset + 1
         self.progress.count(len(messages))
         if applied:
@@ -324,8 +384,11 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                     part.dirty.add(sid)
                     log.info("slice reset on request", extra={"slice": sid})
 
-    def checkpoint(self) -> None:
-        """Steps 2 and 3 of the module docstring (after applying reset requests)."""
+    def checkpoint(self, in_listener: bool = False) -> bool:
+        """Steps 2 and 3 of the module docstring (after applying reset requests). Returns
+        whether Redis was reached (not when this worker holds no loaded partition).
+        ``in_listener``: called from a rebalance listener, on kafka-python's I/O thread, where
+        only an asynchronous Kafka commit is possible."""
         self._apply_control()
         states = {p: {sid: {"state": part.slices[sid].model.snapshot(),
                             "applied": part.slices[sid].applied} for sid in part.dirty}
@@ -338,10 +401,13 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         summaries = {sid: _summary(part.slices[sid].model, gauges[sid])
                      for part in self.parts.values() for sid in part.dirty}
         if not offsets and not self.outbox:
-            self.last_checkpoint = time.monotonic()
-            return
+            if not self.pending:  # partitions waiting to be loaded keep the age growing
+                self.last_checkpoint = time.monotonic()
+            return bool(self.parts)
         self.store.commit(epochs, states, offsets, self.outbox, summaries,
                           {p: part.control_seen for p, part in self.parts.items()})
+        for p, o in offsets.items():
+            self.parts[p].rewind = o
         for part in self.parts.values():
             for sid in part.dirty:
                 self._publish_gauges(part.slices[sid].model, gauges[sid])
@@ -352,37 +418,58 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         commit = {TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1)
                   for p, o in offsets.items()}
         try:
-            self.consumer.commit(commit)
+            if in_listener:
+                self.consumer.commit_async(commit)
+            else:
+                self.consumer.commit(commit)
         except Exception as exc:  # Kafka's offsets are advisory; Redis holds the truth
             log.warning("kafka offset commit failed", extra={"error": str(exc)})
+        return True
 
-    def _checkpoint_safely(self) -> bool:
-        """Checkpoint; False if Redis stayed unreachable for the store's wait (the work stays
-        in memory for the next try)."""
+    def _checkpoint_safely(self, in_listener: bool = False) -> bool:
+        """Checkpoint; False if Redis stayed unreachable (the work stays in memory for a later
+        try)."""
         try:
-            self.checkpoint()
+            reached = self.checkpoint(in_listener)
         except Fenced as exc:
-            self.metrics.checkpoints.labels("fenced").inc()
-            log.warning("checkpoint fenced; dropping stale partitions", extra={"error": str(exc)})
-            self.progress.forget(list(self.parts))
-            self.parts.clear()
-            self.outbox = []
+            self._on_fenced(exc)
+            reached = True
         except REDIS_ERRORS as exc:
             self.metrics.checkpoints.labels("failed").inc()
-            self.outage.down("checkpoint not written; retrying at each turn, updates are applied "
-                             "in memory meanwhile", exc,
-                             uncommitted_slices=sum(len(p.dirty) for p in self.parts.values()))
+            self._redis_failed("checkpoint not written", exc, uncommitted_slices=sum(
+                len(p.dirty) for p in self.parts.values()))
             return False
-        self.outage.up()
+        if reached:
+            self._redis_ok()
         return True
+
+    def _on_fenced(self, exc: Fenced) -> None:
+        """Another worker claimed some partitions: their state here is stale, so they are
+        dropped and paused until the group reassigns them. The in-memory work of the others is
+        dropped too (the outbox serves them all) and they are loaded again."""
+        stale = sorted(exc.stale & set(self.parts))
+        kept = sorted(set(self.parts) - exc.stale)
+        self.metrics.checkpoints.labels("fenced").inc()
+        log.warning("checkpoint fenced: partitions claimed by another worker are dropped; the "
+                    "others are loaded again from their last checkpoint",
+                    extra={"stale": stale, "kept": kept, "error": str(exc)})
+        self.outbox = []
+        for p in stale:
+            del self.parts[p]
+        if stale:
+            self.consumer.pause(*(TopicPartition(self.topic, p) for p in stale))
+        self.progress.forget(stale)
+        self._park(kept)
+        self._refresh_gauges()
 
     def _report_lag(self) -> None:
         """Lag per owned partition (the high watermark the last fetch response carried minus the
         next offset to apply; no broker request) and the progress log. A partition with nothing
         applied and no stored offset has no reading: offset 0 would count a retention-trimmed
         log's whole history, and ``position()`` may call the broker."""
-        self.progress.report(self.consumer, self.topic,
-                             {p: part.next_offset for p, part in self.parts.items()})
+        positions: dict[int, int | None] = dict.fromkeys(self.pending)  # loading: no reading
+        positions.update({p: part.next_offset for p, part in self.parts.items()})
+        self.progress.report(self.consumer, self.topic, positions)
 
     def _refresh_gauges(self) -> None:
         self.cmetrics.assigned.labels("detect").set(len(self.parts) + len(self.pending))
@@ -470,3 +557,11 @@ def _summary(model: SliceModel, g: dict[str, Any] | None = None) -> dict[str, An
     return {"template": model.template, "dims": model.dims, "n": model.n,
             "last_time": getattr(model, "last_time", None), "ratios": g.get("ratios", {}),
             "ood_ratio": g.get("ood_ratio"), "open": sorted(getattr(model, "open", {}))}
+
+
+def _generation(consumer: Any) -> int | None:
+    """The consumer's group generation (None if it cannot say, e.g. a test double)."""
+    try:
+        return int(consumer.group_metadata().generation_id)
+    except Exception:  # noqa: BLE001 - an attribute read, never worth failing the stage
+        return None

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 BROKER_WAIT_S = 120
 # New topics and partitions are noticed within this long (kafka-python's default is 5 min).
 METADATA_MAX_AGE_MS = 30_000
-# A detect batch may wait on Redis while it restarts; poll intervals above this rebalance us out.
+# A turn of a stage's loop waits on Redis a few seconds at most; poll intervals above this
+# rebalance us out.
 MAX_POLL_INTERVAL_MS = 300_000
 # Each stage logs one progress line this often, and warns about partitions that do not move.
 PROGRESS_LOG_S = 30.0
@@ -75,7 +76,7 @@ def make_consumer(bootstrap: str, group: str, session_timeout_ms: int = 20_000,
     (a crashed or SIGKILLed worker) before handing its partitions to the others; heartbeats go
     every third of it. kafka-python runs rebalance listeners on its I/O loop, so heartbeats also
     wait while a listener runs: the detect stage's revoke checkpoint (a few seconds for 10,000
-    dirty slices at most; it gives up on Redis after a quarter of the session) — its loads on
+    dirty slices at most; it gives up on Redis within half the session) — its loads on
     assignment run in the poll loop. 20 s leaves room for that and still moves a crashed
     worker's partitions in well under the 45 s of kafka-python's default.
     """

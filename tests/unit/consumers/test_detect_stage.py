@@ -9,6 +9,7 @@ import logging
 import socket
 import time
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -22,6 +23,7 @@ from pydantic import ValidationError
 from driftline.consumers.checkpoint import (
     REDIS_WAIT_S,
     CheckpointStore,
+    Fenced,
     decode_record,
     encode_record,
     encode_summary,
@@ -240,11 +242,14 @@ def test_end_to_end_latency_is_observed_for_applied_updates_carrying_their_event
     assert 2.0 <= total / count < 3.0
 
 
-class _PauseRecorder:
-    """The consumer calls a revoke makes: pause and resume (no broker needed)."""
+class _Consumer:
+    """What the stage asks of its consumer around rebalances (no broker): pause, resume, seek,
+    commits and the group generation."""
 
-    def __init__(self) -> None:
+    def __init__(self, generation: int = 4) -> None:
         self.paused: set[int] = set()
+        self.seeks: dict[int, int] = {}
+        self.generation = generation
 
     def pause(self, *tps: TopicPartition) -> None:
         self.paused.update(tp.partition for tp in tps)
@@ -252,30 +257,104 @@ class _PauseRecorder:
     def resume(self, *tps: TopicPartition) -> None:
         self.paused.difference_update(tp.partition for tp in tps)
 
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.seeks[tp.partition] = offset
+
+    def commit(self, offsets: Any) -> None:
+        pass
+
+    def commit_async(self, offsets: Any) -> None:
+        pass
+
+    def group_metadata(self) -> Any:
+        return SimpleNamespace(generation_id=self.generation)
+
+
+def _unreachable_store() -> CheckpointStore:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return CheckpointStore(store_client(f"redis://127.0.0.1:{port}/0", socket_timeout_s=0.5),
+                           wait_s=REDIS_WAIT_S)
+
+
+def _batch(partition: int, first: int, n: int) -> list[Msg]:
+    return [Msg(partition, first + i, _update(first + i).model_dump_json().encode(), 0)
+            for i in range(n)]
+
+
+def _outcomes(stage: DetectStage) -> dict[str, float]:
+    return {s.labels["outcome"]: s.value for m in stage.metrics.checkpoints.collect()
+            for s in m.samples if s.name.endswith("_total")}
+
 
 def test_revoke_with_redis_unreachable_gives_up_in_time_and_reloads_what_it_keeps() -> None:
     """The revoke listener blocks kafka-python's heartbeats: with Redis refusing connections
     the final checkpoint is given up after ``revoke_wait_s`` (not the store's minute), the
     uncommitted work of every partition is dropped (one outbox serves them all) and the kept
-    partition is paused to be loaded again from the last checkpoint."""
+    partition — never checkpointed — is sent back to the first update it applied and paused,
+    to be loaded again."""
     stage = _stage()
-    with socket.socket() as sock:  # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    stage.store = CheckpointStore(store_client(f"redis://127.0.0.1:{port}/0"))
-    stage.consumer = _PauseRecorder()  # type: ignore[assignment]
-    stage.revoke_wait_s = 0.5
+    stage.store = _unreachable_store()
+    stage.consumer = _Consumer()  # type: ignore[assignment]
+    stage.revoke_wait_s = 0.5  # against the store's minute
     stage.parts[1] = PartitionState(epoch=1, next_offset=None, slices={})
-    stage.apply_batch(0, [Msg(0, i, _update(i).model_dump_json().encode(), 0) for i in range(20)])
+    stage.apply_batch(0, _batch(0, 0, 20))
+    stage.apply_batch(1, _batch(1, 100, 20))
     stage.outbox.append({"kind": "alarm"})
     t0 = time.monotonic()
-    stage.on_partitions_revoked([TopicPartition("t", 0)])
+    stage.on_partitions_revoked({TopicPartition("t", 0)})
     assert time.monotonic() - t0 < 5
     assert stage.parts == {} and stage.outbox == []
     assert stage.pending == {1} and stage.consumer.paused == {1}
-    assert stage.store.wait_s == REDIS_WAIT_S  # the short wait was for the revoke only
-    assert [s.value for m in stage.metrics.checkpoints.collect() for s in m.samples
-            if s.name.endswith("_total") and s.labels == {"outcome": "dropped"}] == [1.0]
+    assert stage.consumer.seeks == {1: 100}  # read again, not lost
+    assert _outcomes(stage) == {"failed": 1.0, "dropped": 1.0}
+
+
+class _FencingStore:
+    """A store whose commit finds partition 0 claimed by another worker."""
+
+    wait_s = 1.0
+    waiting_at_most = staticmethod(CheckpointStore.waiting_at_most)
+
+    def control_after(self, after: str) -> list[tuple[str, str]]:
+        return []
+
+    def commit(self, epochs: Any, *args: Any) -> None:
+        raise Fenced({0}, "were claimed by another worker")
+
+
+def test_a_fenced_checkpoint_drops_the_stale_partition_and_reloads_the_others() -> None:
+    stage = _stage()
+    stage.store = _FencingStore()  # type: ignore[assignment]
+    stage.consumer = _Consumer()  # type: ignore[assignment]
+    stage.parts[1] = PartitionState(epoch=1, next_offset=None, slices={}, rewind=None)
+    stage.apply_batch(0, _batch(0, 0, 10))
+    stage.apply_batch(1, _batch(1, 50, 10))
+    assert stage._checkpoint_safely() is True
+    assert stage.parts == {} and stage.outbox == []
+    assert stage.pending == {1}  # ours still: loaded again from its checkpoint
+    assert stage.consumer.paused == {0, 1}  # 0 waits for the group to reassign it
+    assert stage.consumer.seeks == {1: 50}
+    assert _outcomes(stage) == {"fenced": 1.0}
+
+
+def test_partitions_are_not_claimed_once_the_group_moved_on() -> None:
+    """A member evicted during an outage learns it from its heartbeats (generation reset):
+    it must not claim, or it would fence the partitions' new owner."""
+    stage = _stage()
+    stage.parts = {}
+    stage.store = _unreachable_store()
+    stage.store.wait_s = 0.5
+    stage.consumer = consumer = _Consumer(generation=4)  # type: ignore[assignment]
+    stage.on_partitions_assigned({TopicPartition("t", 2)})
+    assert stage.pending == {2} and consumer.paused == {2}
+    consumer.generation = -1
+    stage._restore_pending()
+    assert not stage.outage.active and stage.pending == {2}  # no Redis call was made
+    consumer.generation = 4
+    stage._restore_pending()
+    assert stage.outage.active and stage.pending == {2}  # tried: Redis is down
 
 
 def test_summaries_are_stored_as_json_that_reads_back_as_written() -> None:

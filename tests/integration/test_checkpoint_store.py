@@ -1,0 +1,50 @@
+"""The detect stage's checkpoint store against a real Redis: fencing names the stale
+partitions, and a Redis that stops answering mid-transaction is an outage, not a fence."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+import redis
+
+from driftline.consumers.checkpoint import REDIS_ERRORS, CheckpointStore, Fenced, store_client
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def url(redis_url: str) -> str:
+    base = re.sub(r"/\d+$", "", redis_url.rstrip("/"))
+    client = redis.Redis.from_url(f"{base}/14")
+    client.flushdb()
+    return f"{base}/14"
+
+
+def test_fenced_names_the_partitions_another_worker_claimed(url: str) -> None:
+    mine, theirs = CheckpointStore(store_client(url)), CheckpointStore(store_client(url))
+    epochs = mine.claim([0, 1])
+    theirs.claim([1])
+    with pytest.raises(Fenced) as fenced:
+        mine.commit(epochs, {0: {}, 1: {}}, {0: 10, 1: 20})
+    assert fenced.value.stale == {1}
+    assert mine.load(0)[0] is None  # nothing written: the transaction is all or nothing
+
+
+def test_a_redis_that_stops_answering_mid_checkpoint_is_an_outage_not_a_fence(url: str) -> None:
+    """redis-py turns a timeout while a key is WATCHed into WatchError; the store must not read
+    that as another worker's claim (which would drop every partition)."""
+    store = CheckpointStore(store_client(url, socket_timeout_s=0.3), wait_s=0.0)
+    epochs = store.claim([0])
+    admin = redis.Redis.from_url(url)
+    admin.execute_command("CLIENT", "PAUSE", "1500", "WRITE")  # reads answer, writes wait
+    try:
+        with pytest.raises(REDIS_ERRORS) as failed:
+            store.commit(epochs, {0: {}}, {0: 42})
+        assert not isinstance(failed.value, Fenced)
+    finally:
+        admin.execute_command("CLIENT", "UNPAUSE")
+    time.sleep(0.1)
+    store.commit(epochs, {0: {}}, {0: 42})  # the epoch still holds: the next try succeeds
+    assert store.load(0)[0] == 42
