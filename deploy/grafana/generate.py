@@ -310,8 +310,11 @@ def pipeline() -> Dashboard:
         series("Checkpoints by outcome",
                target("sum by (outcome) (rate(driftline_detect_checkpoints_total[5m]))",
                       "{{outcome}}"), unit="ops",
-               description="fenced: a worker lost its partitions to a newer owner and dropped "
-                           "its stale state (expected briefly during rebalances)."),
+               description="failed: Redis unreachable, retried while updates are applied in "
+                           "memory. fenced: a worker lost partitions to a newer owner and "
+                           "dropped its stale state (expected briefly during rebalances). "
+                           "dropped: Redis unreachable when partitions were revoked; the work "
+                           "is read again from the last checkpoint."),
         series("Checkpoint age per worker",
                target("driftline_detect_checkpoint_age_seconds", "{{instance}}"), unit="s"),
         series("Live slices per worker",
