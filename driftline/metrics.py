@@ -95,3 +95,7 @@ class ConsumerMetrics:
         self.assigned = Gauge(
             "driftline_kafka_assigned_partitions", "Partitions assigned to this worker",
             ["stage"], registry=registry)
+        self.forced_rejoins = Counter(
+            "driftline_kafka_forced_rejoins_total",
+            "Group joins kafka-python finished but never applied, rejoined by driftline",
+            ["stage"], registry=registry)

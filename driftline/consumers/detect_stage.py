@@ -52,6 +52,7 @@ from pydantic_core import from_json
 
 from driftline.consumers.checkpoint import REDIS_ERRORS, CheckpointStore, Fenced, RedisOutage
 from driftline.consumers.kafka_io import (
+    JoinWatch,
     ProgressLog,
     subscribe_when_ready,
 )
@@ -137,6 +138,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self.last_checkpoint = time.monotonic()
         self._closed = False
         self.progress = ProgressLog("detect", metrics=consumer_metrics)
+        self.join_watch = JoinWatch("detect", metrics=consumer_metrics)
         self.outage = RedisOutage("detect")
         self._redis_backoff, self._redis_retry_at = 0.0, 0.0  # between turns, during an outage
         self._generation: int | None = None  # the group generation of the last assignment
@@ -260,6 +262,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                 self.beat = time.monotonic()  # liveness: the loop turns
                 batch = self.consumer.poll(timeout_ms=POLL_TIMEOUT_MS,
                                            max_records=MAX_POLL_RECORDS)
+                self.join_watch.check(self.consumer)
                 # assigned in that poll (paused: the batch has none of theirs), or left over
                 if self.pending and self._redis_due():
                     self._restore_pending()

@@ -35,6 +35,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 from driftline.consumers.checkpoint import REDIS_ERRORS, RedisOutage, retry_redis
 from driftline.consumers.imaging import Base64Image, ImageError, ImageSource
 from driftline.consumers.kafka_io import (
+    JoinWatch,
     ProgressLog,
     subscribe_when_ready,
 )
@@ -117,6 +118,7 @@ class EmbedStage:
         self.assigned_once = threading.Event()
         self._tally = _Tally()
         self.progress = ProgressLog("embed", metrics=consumer_metrics)
+        self.join_watch = JoinWatch("embed", metrics=consumer_metrics)
         self.latency_sample_every, self._sent = latency_sample_every, 0
         # faiss splits each small search over an OpenMP team whose spin-waits fight onnxruntime's
         # threads for the same cores: ~20 ms instead of ~1 ms per batch of 32 on two busy cores
@@ -131,6 +133,7 @@ class EmbedStage:
                 self.beat = time.monotonic()  # liveness: the loop turns
                 polled = self.consumer.poll(timeout_ms=self.batch_timeout_ms,
                                             max_records=POLL_BATCHES * self.batch_size)
+                self.join_watch.check(self.consumer)
                 msgs = [m for part in polled.values() for m in part]
                 for tp, part in polled.items():
                     if part:

@@ -152,6 +152,57 @@ def highwaters(consumer: KafkaConsumer, topic: str, partitions: Any) -> dict[int
     return out
 
 
+class JoinWatch:
+    """Notices a group join whose result kafka-python 3.0.12 never applies, and rejoins.
+
+    kafka-python runs JoinGroup → SyncGroup as a task on its I/O thread (``_join_task``) and
+    applies the result (assignment, state ``<stable>``, heartbeats) only in a ``poll()`` that is
+    awaiting that task; a ``poll(timeout_ms=…)`` that times out leaves the task running, and the
+    next ``poll()`` awaits it again only while ``need_rejoin()`` says so. When the leader rejoins
+    because its metadata snapshot changed (new partitions on the topic; at start-up, the empty
+    snapshot :func:`subscribe_when_ready` avoids), ``need_rejoin()`` turns False as soon as the
+    task performs the assignment, so a task that ends between two polls is never applied: the
+    member stays ``<rebalancing>`` with heartbeats off and no partitions, the broker drops it after
+    the session timeout, and nothing joins again. (A rebalance that another member starts is
+    not affected: the broker's REBALANCE_IN_PROGRESS sets a flag that stays until applied.)
+
+    Call :meth:`check` after each ``poll()``: once that state has lasted ``grace_s`` it asks for
+    a rejoin — one more rebalance — and logs a warning. It only reads attributes; with another
+    kafka-python, which lacks them, it does nothing.
+    """
+
+    def __init__(self, stage: str, grace_s: float = 1.0,
+                 metrics: ConsumerMetrics | None = None) -> None:
+        self.stage, self.grace_s, self.metrics = stage, grace_s, metrics
+        self._since: float | None = None
+
+    def check(self, consumer: KafkaConsumer) -> bool:
+        """True if it asked for a rejoin."""
+        coordinator = getattr(consumer, "_coordinator", None)
+        try:
+            task = coordinator._join_task  # type: ignore[union-attr]
+            stalled = bool(task is not None and task.is_done
+                           and coordinator.state != "<stable>"  # type: ignore[union-attr]
+                           and not coordinator.need_rejoin())  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - another kafka-python: nothing to watch
+            return False
+        if not stalled:
+            self._since = None
+            return False
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+        if now - self._since < self.grace_s:
+            return False
+        self._since = None
+        log.warning(f"{self.stage}: kafka-python finished a group join but never applied it; "
+                    "rejoining", extra={"group": coordinator.state})  # type: ignore[union-attr]
+        coordinator.request_rejoin()  # type: ignore[union-attr]
+        if self.metrics is not None:
+            self.metrics.forced_rejoins.labels(self.stage).inc()
+        return True
+
+
 def group_state(consumer: KafkaConsumer) -> str | None:
     """kafka-python's view of this member: ``<stable>``, ``<rebalancing>`` or ``<unjoined>``
     (None if this kafka-python does not say). A read of one attribute, no request."""

@@ -2,13 +2,16 @@ from __future__ import annotations
 
 import logging
 import os
+from types import SimpleNamespace
 
 import pytest
 from kafka.record import default_records, util
 from kafka.record._crc32c import crc as pure_python_crc32c
+from prometheus_client import CollectorRegistry
 
 from driftline.consumers import kafka_io
 from driftline.consumers.kafka_io import ProgressLog
+from driftline.metrics import ConsumerMetrics
 
 
 def test_kafka_python_uses_the_c_crc32c() -> None:
@@ -119,3 +122,54 @@ def test_progress_log_says_since_when_the_membership_is_unsettled(
     progress.tick({}, {}, "<unjoined>")  # between lines: nothing changes
     assert since == [None, 60.0, 60.0, 60.0, None, 180.0]
     assert progress.unsettled_since == 180.0
+
+
+class _Task:
+    def __init__(self, done: bool) -> None:
+        self.is_done = done
+
+
+class _Coordinator:
+    """The attributes of kafka-python 3.0.12's coordinator that JoinWatch reads."""
+
+    def __init__(self) -> None:
+        self.state = "<stable>"
+        self._join_task: _Task | None = None
+        self.rejoin_needed = False
+        self.snapshot_differs = False
+
+    def need_rejoin(self) -> bool:
+        return self.rejoin_needed or self.snapshot_differs
+
+    def request_rejoin(self) -> None:
+        self.rejoin_needed = True
+
+
+def test_join_watch_rejoins_only_a_finished_join_left_unapplied(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(kafka_io.time, "monotonic", clock)
+    registry = CollectorRegistry()
+    watch = kafka_io.JoinWatch("detect", grace_s=1.0, metrics=ConsumerMetrics(registry))
+    coordinator = _Coordinator()
+    consumer = SimpleNamespace(_coordinator=coordinator)
+    seen = []
+    for t, state, task, differs in [
+        (0.0, "<stable>", _Task(True), False),        # settled
+        (1.0, "<rebalancing>", _Task(False), True),   # a join under way
+        (3.0, "<rebalancing>", _Task(True), True),    # done, and the next poll will apply it
+        (4.0, "<rebalancing>", _Task(True), False),   # done, never to be applied...
+        (4.5, "<rebalancing>", _Task(True), False),   # ...within the grace
+        (5.0, "<rebalancing>", _Task(True), False),   # past it: rejoin
+    ]:
+        clock.now = t
+        coordinator.state, coordinator._join_task, coordinator.snapshot_differs = (
+            state, task, differs)
+        seen.append(watch.check(consumer))  # type: ignore[arg-type]
+    assert seen == [False, False, False, False, False, True]
+    assert coordinator.rejoin_needed
+    assert registry.get_sample_value("driftline_kafka_forced_rejoins_total",
+                                     {"stage": "detect"}) == 1
+    assert "never applied" in caplog.text
+    assert watch.check(SimpleNamespace()) is False  # another client: nothing to watch
