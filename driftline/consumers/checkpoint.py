@@ -220,7 +220,6 @@ class CheckpointStore:
         return ((int(offset) if offset is not None else None), slices,
                 seen.decode() if seen else "0-0")
 
-    @retry_redis
     def commit(
         self,
         epochs: Mapping[int, int],
@@ -232,8 +231,43 @@ class CheckpointStore:
     ) -> None:
         """Write states, input offsets and alarms atomically, if our epochs still hold.
 
-        Raises :class:`Fenced` when another worker claimed a partition we write for.
+        Raises :class:`Fenced` when another worker claimed a partition we write for. Retried
+        on an outage like the other calls; a transaction whose reply was lost may have landed,
+        so before writing alarms again a retry checks whether the input offsets already read as
+        ours (every alarm comes from an update that moved some partition's offset since the last
+        checkpoint): if so it landed, and writing again would put its alarms twice in the
+        outbox.
         """
+        alarms = list(outbox)
+        tried = False
+
+        @retry_redis
+        def attempt(store: CheckpointStore) -> None:
+            nonlocal tried
+            if tried and alarms and offsets and store._offsets_read(offsets):
+                log.info("checkpoint had landed before its reply was lost; not written again")
+                return
+            tried = True
+            store._commit_once(epochs, states, offsets, alarms, summaries, control_seen)
+
+        attempt(self)
+
+    def _offsets_read(self, offsets: Mapping[int, int]) -> bool:
+        parts = sorted(offsets)
+        stored: list[bytes | None] = self.r.hmget(  # type: ignore[assignment]
+            self._k("offsets"), [str(p) for p in parts])
+        return all(v is not None and int(v) == offsets[p]
+                   for p, v in zip(parts, stored, strict=True))
+
+    def _commit_once(
+        self,
+        epochs: Mapping[int, int],
+        states: Mapping[int, Mapping[str, dict[str, Any]]],
+        offsets: Mapping[int, int],
+        outbox: list[dict[str, Any]],
+        summaries: Mapping[str, dict[str, Any]] | None,
+        control_seen: Mapping[int, str] | None,
+    ) -> None:
         parts = sorted(set(states) | set(offsets))
         epoch_keys = [self._k("epoch", p) for p in parts]
         with self.r.pipeline(transaction=True) as pipe:

@@ -30,8 +30,10 @@ membership and any rebalance go on) and resumes by itself when Redis is back.
   by the client's socket timeout); if Redis stays unreachable it drops the uncommitted work:
   the next owner reads it again from the last checkpoint, and the partitions this worker keeps
   are sent back to it (or to their first applied update, if never checkpointed) and reloaded.
-- A fence (another worker claimed some partitions) drops those partitions, paused until the
-  group reassigns them, and reloads the others likewise.
+- A fence (another worker claimed some partitions) drops those partitions, pauses them and asks
+  the group to rebalance (a fence is none), and reloads the others likewise. A partition never
+  checkpointed is read from the beginning of the topic when loaded: Redis, not a position kept
+  by the consumer across a rebalance, says where to read.
 - A stop (SIGTERM) with Redis unreachable leaves the uncommitted work to be read again.
 """
 
@@ -54,6 +56,7 @@ from driftline.consumers.checkpoint import REDIS_ERRORS, CheckpointStore, Fenced
 from driftline.consumers.kafka_io import (
     JoinWatch,
     ProgressLog,
+    request_rejoin,
     subscribe_when_ready,
 )
 from driftline.consumers.slice_state import UpdateView
@@ -142,25 +145,32 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self.outage = RedisOutage("detect")
         self._redis_backoff, self._redis_retry_at = 0.0, 0.0  # between turns, during an outage
         self._generation: int | None = None  # the group generation of the last assignment
+        self._skipped_generation: int | None = None
+        self.fenced: set[int] = set()  # claimed by another worker; paused until reassigned
 
     # --- rebalance -----------------------------------------------------------------------
     def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         # On close kafka-python revokes everything after run() has already checkpointed.
-        if revoked and not self._closed:
-            with self.store.waiting_at_most(0.0 if self.outage.active else self.revoke_wait_s):
-                if not self._checkpoint_safely(in_listener=True):
-                    self._drop_uncommitted({tp.partition for tp in revoked})
-        for tp in revoked:
-            self.parts.pop(tp.partition, None)
-            self.pending.discard(tp.partition)
-        self.progress.forget(tp.partition for tp in revoked)
-        self._refresh_gauges()
+        try:
+            if revoked and not self._closed:
+                with self.store.waiting_at_most(
+                        0.0 if self.outage.active else self.revoke_wait_s):
+                    if not self._checkpoint_safely(in_listener=True):
+                        self._drop_uncommitted({tp.partition for tp in revoked})
+        finally:
+            for tp in revoked:
+                self.parts.pop(tp.partition, None)
+                self.pending.discard(tp.partition)
+                self.fenced.discard(tp.partition)
+            self.progress.forget(tp.partition for tp in revoked)
+            self._refresh_gauges()
 
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         """Pause the new partitions; :meth:`_restore_pending` claims and loads them from the
         poll loop (see the module docstring)."""
         tps = list(assigned)
         self._generation = _generation(self.consumer)
+        self.fenced.difference_update(tp.partition for tp in tps)
         if tps:
             self.consumer.pause(*tps)
             self.pending.update(tp.partition for tp in tps)
@@ -179,8 +189,10 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         the coming rebalance revokes or assigns them again."""
         generation = _generation(self.consumer)
         if generation != self._generation:
-            log.info("not claiming: the group moved on since the assignment",
-                     extra={"assigned_in": self._generation, "now": generation})
+            if generation != self._skipped_generation:  # once per generation seen
+                log.info("not claiming: the group moved on since the assignment",
+                         extra={"assigned_in": self._generation, "now": generation})
+                self._skipped_generation = generation
             return
         try:
             with self._redis_attempt():
@@ -196,6 +208,8 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                     tp = TopicPartition(self.topic, p)
                     if offset is not None:
                         self.consumer.seek(tp, offset)
+                    else:  # never checkpointed: Redis, not a kept position, says where to read
+                        self.consumer.seek_to_beginning(tp)
                     self.consumer.resume(tp)
                     self.pending.discard(p)
                     log.info("partition restored", extra={"partition": p, "offset": offset,
@@ -270,7 +284,8 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                     self.apply_batch(tp.partition, messages)
                 if (time.monotonic() - self.last_checkpoint >= self.interval
                         and self._redis_due()):
-                    self._checkpoint_safely()
+                    with self._redis_attempt():
+                        self._checkpoint_safely()
                     self._report_lag()
                 self.metrics.checkpoint_age.set(time.monotonic() - self.last_checkpoint)
         finally:
@@ -391,8 +406,10 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         """Steps 2 and 3 of the module docstring (after applying reset requests). Returns
         whether Redis was reached (not when this worker holds no loaded partition).
         ``in_listener``: called from a rebalance listener, on kafka-python's I/O thread, where
-        only an asynchronous Kafka commit is possible."""
-        self._apply_control()
+        only an asynchronous Kafka commit is possible, and reset requests wait for the next
+        checkpoint (or the partition's next owner) so that one Redis call is made."""
+        if not in_listener:
+            self._apply_control()
         states = {p: {sid: {"state": part.slices[sid].model.snapshot(),
                             "applied": part.slices[sid].applied} for sid in part.dirty}
                   for p, part in self.parts.items()}
@@ -461,6 +478,10 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
             del self.parts[p]
         if stale:
             self.consumer.pause(*(TopicPartition(self.topic, p) for p in stale))
+            self.fenced.update(stale)
+            # a fence is no rebalance: ask for one, or they could stay paused for good (an
+            # epoch lost with Redis's data, a claimant that died before rejoining)
+            request_rejoin(self.consumer)
         self.progress.forget(stale)
         self._park(kept)
         self._refresh_gauges()
@@ -470,12 +491,14 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         next offset to apply; no broker request) and the progress log. A partition with nothing
         applied and no stored offset has no reading: offset 0 would count a retention-trimmed
         log's whole history, and ``position()`` may call the broker."""
-        positions: dict[int, int | None] = dict.fromkeys(self.pending)  # loading: no reading
+        # loading, or fenced and waiting to be reassigned: owned, no reading
+        positions: dict[int, int | None] = dict.fromkeys(self.pending | self.fenced)
         positions.update({p: part.next_offset for p, part in self.parts.items()})
         self.progress.report(self.consumer, self.topic, positions)
 
     def _refresh_gauges(self) -> None:
-        self.cmetrics.assigned.labels("detect").set(len(self.parts) + len(self.pending))
+        self.cmetrics.assigned.labels("detect").set(
+            len(self.parts) + len(self.pending) + len(self.fenced))
         self.metrics.live_slices.set(sum(len(p.slices) for p in self.parts.values()))
 
     @property

@@ -167,8 +167,9 @@ class JoinWatch:
     not affected: the broker's REBALANCE_IN_PROGRESS sets a flag that stays until applied.)
 
     Call :meth:`check` after each ``poll()``: once that state has lasted ``grace_s`` it asks for
-    a rejoin — one more rebalance — and logs a warning. It only reads attributes; with another
-    kafka-python, which lacks them, it does nothing.
+    a rejoin — one more rebalance — and logs a warning. It reads coordinator attributes and sets
+    the coordinator's rejoin flag (:func:`request_rejoin`); with another kafka-python, which lacks
+    them, it does nothing.
     """
 
     def __init__(self, stage: str, grace_s: float = 1.0,
@@ -197,10 +198,21 @@ class JoinWatch:
         self._since = None
         log.warning(f"{self.stage}: kafka-python finished a group join but never applied it; "
                     "rejoining", extra={"group": coordinator.state})  # type: ignore[union-attr]
-        coordinator.request_rejoin()  # type: ignore[union-attr]
+        request_rejoin(consumer)
         if self.metrics is not None:
             self.metrics.forced_rejoins.labels(self.stage).inc()
         return True
+
+
+def request_rejoin(consumer: KafkaConsumer) -> bool:
+    """Ask kafka-python's coordinator to rejoin the group at the next ``poll()`` (one more
+    rebalance; a flag write, safe from the polling thread). False if this kafka-python has no
+    such hook."""
+    hook = getattr(getattr(consumer, "_coordinator", None), "request_rejoin", None)
+    if hook is None:
+        return False
+    hook()
+    return True
 
 
 def group_state(consumer: KafkaConsumer) -> str | None:

@@ -48,3 +48,26 @@ def test_a_redis_that_stops_answering_mid_checkpoint_is_an_outage_not_a_fence(ur
     time.sleep(0.1)
     store.commit(epochs, {0: {}}, {0: 42})  # the epoch still holds: the next try succeeds
     assert store.load(0)[0] == 42
+
+
+def test_a_checkpoint_whose_reply_was_lost_is_not_written_twice(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The transaction lands but its reply is lost (a connection dropped after EXEC): the
+    retry must see that the offsets already read as ours and not add the alarms again."""
+    store = CheckpointStore(store_client(url), wait_s=5.0)
+    epochs = store.claim([0])
+    real = CheckpointStore._commit_once
+    calls = []
+
+    def lands_then_loses_the_reply(self: CheckpointStore, *args: object) -> None:
+        real(self, *args)  # type: ignore[arg-type]
+        calls.append(1)
+        if len(calls) == 1:
+            raise redis.ConnectionError("connection lost after EXEC")
+
+    monkeypatch.setattr(CheckpointStore, "_commit_once", lands_then_loses_the_reply)
+    store.commit(epochs, {0: {}}, {0: 10}, [{"kind": "alarm", "slice_id": "station=s1"}])
+    assert calls == [1]  # retried, but found it had landed
+    assert store.r.xlen(store.outbox_key) == 1
+    assert store.load(0)[0] == 10

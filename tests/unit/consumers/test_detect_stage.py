@@ -249,7 +249,16 @@ class _Consumer:
     def __init__(self, generation: int = 4) -> None:
         self.paused: set[int] = set()
         self.seeks: dict[int, int] = {}
+        self.from_start: set[int] = set()
         self.generation = generation
+        self.rejoins = 0
+        self._coordinator = SimpleNamespace(request_rejoin=self._rejoin)
+
+    def _rejoin(self) -> None:
+        self.rejoins += 1
+
+    def seek_to_beginning(self, tp: TopicPartition) -> None:
+        self.from_start.add(tp.partition)
 
     def pause(self, *tps: TopicPartition) -> None:
         self.paused.update(tp.partition for tp in tps)
@@ -334,9 +343,44 @@ def test_a_fenced_checkpoint_drops_the_stale_partition_and_reloads_the_others() 
     assert stage._checkpoint_safely() is True
     assert stage.parts == {} and stage.outbox == []
     assert stage.pending == {1}  # ours still: loaded again from its checkpoint
-    assert stage.consumer.paused == {0, 1}  # 0 waits for the group to reassign it
+    assert stage.consumer.paused == {0, 1}  # 0 waits for the group to reassign it...
+    assert stage.fenced == {0} and stage.consumer.rejoins == 1  # ...which is asked for
     assert stage.consumer.seeks == {1: 50}
     assert _outcomes(stage) == {"fenced": 1.0}
+
+
+class _EmptyStore:
+    """A reachable store that has never checkpointed anything."""
+
+    wait_s = 1.0
+    waiting_at_most = staticmethod(CheckpointStore.waiting_at_most)
+
+    def claim(self, partitions: Any) -> dict[int, int]:
+        return dict.fromkeys(partitions, 7)
+
+    def load(self, partition: int) -> tuple[None, dict[str, Any], str]:
+        return None, {}, "0-0"
+
+
+def test_work_dropped_at_a_revoke_is_read_again_when_the_partitions_come_back() -> None:
+    """EAGER rebalancing revokes every partition; with Redis down their never-checkpointed
+    work is dropped, and when the group hands them back kafka-python keeps its read position:
+    the restore must send them to the beginning (Redis has no offset), or that work is lost."""
+    stage = _stage()
+    stage.store = _unreachable_store()
+    stage.consumer = consumer = _Consumer()  # type: ignore[assignment]
+    stage.revoke_wait_s = 0.2
+    stage.parts[1] = PartitionState(epoch=1, next_offset=None, slices={})
+    stage.apply_batch(0, _batch(0, 0, 10))
+    stage.apply_batch(1, _batch(1, 100, 10))
+    stage.on_partitions_revoked({TopicPartition("t", 0), TopicPartition("t", 1)})
+    assert stage.parts == {} and stage.pending == set()
+    stage.on_partitions_assigned({TopicPartition("t", 0), TopicPartition("t", 1)})
+    stage.store = _EmptyStore()  # type: ignore[assignment]
+    stage._redis_retry_at = 0.0
+    stage._restore_pending()
+    assert consumer.from_start == {0, 1} and consumer.paused == set()
+    assert sorted(stage.parts) == [0, 1] and stage.pending == set()
 
 
 def test_partitions_are_not_claimed_once_the_group_moved_on() -> None:
