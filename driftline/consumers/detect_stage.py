@@ -29,7 +29,7 @@ membership and any rebalance go on) and resumes by itself when Redis is back.
   ``on_partitions_revoked`` starts no Redis retry after ``revoke_wait_s`` (one attempt is bounded
   by the client's socket timeout); if Redis stays unreachable it drops the uncommitted work:
   the next owner reads it again from the last checkpoint, and the partitions this worker keeps
-  are sent back to it (or to their first applied update, if never checkpointed) and reloaded.
+  are reloaded likewise.
 - A fence (another worker claimed some partitions) drops those partitions, pauses them and asks
   the group to rebalance (a fence is none), and reloads the others likewise. A partition never
   checkpointed is read from the beginning of the topic when loaded: Redis, not a position kept
@@ -103,9 +103,6 @@ class PartitionState:
     slices: dict[str, SliceEntry]
     control_seen: str = "0-0"
     dirty: set[str] = field(default_factory=set)
-    # where to read again if the work since the last checkpoint is dropped: the stored input
-    # offset, or (never checkpointed) the first offset applied since the load
-    rewind: int | None = None
 
 
 class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -203,8 +200,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                     slices = {sid: SliceEntry(self.restore_slice(rec["state"]),
                                               {int(src): o for src, o in rec["applied"].items()})
                               for sid, rec in records.items()}
-                    self.parts[p] = PartitionState(epochs[p], offset, slices, seen,
-                                                   rewind=offset)
+                    self.parts[p] = PartitionState(epochs[p], offset, slices, seen)
                     tp = TopicPartition(self.topic, p)
                     if offset is not None:
                         self.consumer.seek(tp, offset)
@@ -223,18 +219,12 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self._refresh_gauges()
 
     def _park(self, partitions: list[int]) -> None:
-        """Forget ``partitions``' in-memory state and load them again, as on assignment: read
-        again from where their last checkpoint left off (or, never checkpointed, from the first
-        update applied), paused until loaded."""
-        tps = []
+        """Forget ``partitions``' in-memory state and load them again, as on assignment (the
+        load seeks to where their last checkpoint left off), paused until then."""
         for p in partitions:
-            part = self.parts.pop(p, None)
-            tp = TopicPartition(self.topic, p)
-            if part is not None and part.rewind is not None:
-                self.consumer.seek(tp, part.rewind)
-            tps.append(tp)
-        if tps:
-            self.consumer.pause(*tps)
+            del self.parts[p]
+        if partitions:
+            self.consumer.pause(*(TopicPartition(self.topic, p) for p in partitions))
             self.pending.update(partitions)
 
     def _drop_uncommitted(self, revoked: set[int]) -> None:
@@ -316,8 +306,6 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                     sampled.append(msg.headers)
             elif done is not None:
                 duplicates += 1
-        if part.rewind is None:
-            part.rewind = messages[0].offset
         part.next_offset = messages[-1].offset + 1
         self.progress.count(len(messages))
         if applied:
@@ -426,8 +414,6 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
             return bool(self.parts)
         self.store.commit(epochs, states, offsets, self.outbox, summaries,
                           {p: part.control_seen for p, part in self.parts.items()})
-        for p, o in offsets.items():
-            self.parts[p].rewind = o
         for part in self.parts.values():
             for sid in part.dirty:
                 self._publish_gauges(part.slices[sid].model, gauges[sid])
@@ -465,8 +451,8 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def _on_fenced(self, exc: Fenced) -> None:
         """Another worker claimed some partitions: their state here is stale, so they are
-        dropped and paused until the group reassigns them. The in-memory work of the others is
-        dropped too (the outbox serves them all) and they are loaded again."""
+        dropped, paused and a rebalance asked for. The in-memory work of the others is dropped
+        too (the outbox serves them all) and they are loaded again."""
         stale = sorted(exc.stale & set(self.parts))
         kept = sorted(set(self.parts) - exc.stale)
         self.metrics.checkpoints.labels("fenced").inc()

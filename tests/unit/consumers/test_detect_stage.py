@@ -297,12 +297,24 @@ def _outcomes(stage: DetectStage) -> dict[str, float]:
             for s in m.samples if s.name.endswith("_total")}
 
 
+class _EmptyStore:
+    """A reachable store that has never checkpointed anything."""
+
+    wait_s = 1.0
+    waiting_at_most = staticmethod(CheckpointStore.waiting_at_most)
+
+    def claim(self, partitions: Any) -> dict[int, int]:
+        return dict.fromkeys(partitions, 7)
+
+    def load(self, partition: int) -> tuple[None, dict[str, Any], str]:
+        return None, {}, "0-0"
+
+
 def test_revoke_with_redis_unreachable_gives_up_in_time_and_reloads_what_it_keeps() -> None:
     """The revoke listener blocks kafka-python's heartbeats: with Redis refusing connections
     the final checkpoint is given up after ``revoke_wait_s`` (not the store's minute), the
     uncommitted work of every partition is dropped (one outbox serves them all) and the kept
-    partition — never checkpointed — is sent back to the first update it applied and paused,
-    to be loaded again."""
+    partition — never checkpointed — is paused, to be loaded again and read from the start."""
     stage = _stage()
     stage.store = _unreachable_store()
     stage.consumer = _Consumer()  # type: ignore[assignment]
@@ -316,7 +328,11 @@ def test_revoke_with_redis_unreachable_gives_up_in_time_and_reloads_what_it_keep
     assert time.monotonic() - t0 < 5
     assert stage.parts == {} and stage.outbox == []
     assert stage.pending == {1} and stage.consumer.paused == {1}
-    assert stage.consumer.seeks == {1: 100}  # read again, not lost
+    stage.store = _EmptyStore()  # type: ignore[assignment]
+    stage._redis_retry_at = 0.0
+    stage._generation = 4  # the generation that assigned partition 1 (the consumer's)
+    stage._restore_pending()
+    assert stage.consumer.from_start == {1} and stage.consumer.paused == set()  # not lost
     assert _outcomes(stage) == {"failed": 1.0, "dropped": 1.0}
 
 
@@ -337,7 +353,7 @@ def test_a_fenced_checkpoint_drops_the_stale_partition_and_reloads_the_others() 
     stage = _stage()
     stage.store = _FencingStore()  # type: ignore[assignment]
     stage.consumer = _Consumer()  # type: ignore[assignment]
-    stage.parts[1] = PartitionState(epoch=1, next_offset=None, slices={}, rewind=None)
+    stage.parts[1] = PartitionState(epoch=1, next_offset=None, slices={})
     stage.apply_batch(0, _batch(0, 0, 10))
     stage.apply_batch(1, _batch(1, 50, 10))
     assert stage._checkpoint_safely() is True
@@ -345,21 +361,7 @@ def test_a_fenced_checkpoint_drops_the_stale_partition_and_reloads_the_others() 
     assert stage.pending == {1}  # ours still: loaded again from its checkpoint
     assert stage.consumer.paused == {0, 1}  # 0 waits for the group to reassign it...
     assert stage.fenced == {0} and stage.consumer.rejoins == 1  # ...which is asked for
-    assert stage.consumer.seeks == {1: 50}
     assert _outcomes(stage) == {"fenced": 1.0}
-
-
-class _EmptyStore:
-    """A reachable store that has never checkpointed anything."""
-
-    wait_s = 1.0
-    waiting_at_most = staticmethod(CheckpointStore.waiting_at_most)
-
-    def claim(self, partitions: Any) -> dict[int, int]:
-        return dict.fromkeys(partitions, 7)
-
-    def load(self, partition: int) -> tuple[None, dict[str, Any], str]:
-        return None, {}, "0-0"
 
 
 def test_work_dropped_at_a_revoke_is_read_again_when_the_partitions_come_back() -> None:
