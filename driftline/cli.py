@@ -20,6 +20,8 @@ config_app = typer.Typer(help="Configuration", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(config_app, name="config")
 app.add_typer(reference_app, name="reference")
+detect_app = typer.Typer(help="Detect-stage maintenance", no_args_is_help=True)
+app.add_typer(detect_app, name="detect")
 
 CacheDir = Annotated[Path | None, typer.Option(help="Cache dir (default DRIFTLINE_CACHE_DIR)")]
 
@@ -136,6 +138,62 @@ def run(
         service.stop()
     if died:
         raise typer.Exit(1)
+
+
+@detect_app.command("repartition")
+def detect_repartition(
+    partitions: Annotated[int, typer.Option(min=1, help="Partitions the slice-updates topic "
+                                                        "should have")],
+) -> None:
+    """Grow the slice-updates topic to PARTITIONS and move each slice's stored state to the
+    partition its id now hashes to. Run it with the embed and detect stages stopped and the
+    detect stage caught up (it checks both)."""
+    from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+    from kafka.admin import NewPartitions
+
+    from driftline.consumers.checkpoint import CheckpointStore, store_client
+    from driftline.consumers.repartition import move_state, undrained
+
+    settings = settings_or_exit()
+    topic = settings.slice_updates_topic
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
+                             client_id="driftline-repartition")
+    try:
+        groups = admin.describe_groups([settings.embed_group, settings.detect_group])
+        for group, info in groups.items():
+            if info.get("members"):
+                _fail(f"consumer group {group!r} has {len(info['members'])} member(s): stop "
+                      "the embed and detect stages first")
+        consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+        try:
+            current = sorted(consumer.partitions_for_topic(topic) or [])
+            if not current:
+                _fail(f"topic {topic!r} (DRIFTLINE_SLICE_UPDATES_TOPIC) does not exist")
+            if partitions < len(current):
+                _fail(f"{topic!r} has {len(current)} partitions; Kafka cannot shrink a topic")
+            ends = {tp.partition: n for tp, n in consumer.end_offsets(
+                [TopicPartition(topic, p) for p in current]).items()}
+        finally:
+            consumer.close()
+        store = CheckpointStore(store_client(settings.redis_url))
+        stored = {int(k): int(v) for k, v in store.r.hgetall(  # type: ignore[union-attr]
+            store._k("offsets")).items()}
+        behind = undrained(stored, ends)
+        if behind:
+            _fail(f"the detect stage has not checkpointed every update (lag per partition: "
+                  f"{behind}): run it alone until its lag is 0, stop it, and try again")
+        if partitions > len(current):
+            admin.create_partitions({topic: NewPartitions(partitions)})
+    finally:
+        admin.close()
+    moved = move_state(store, partitions)
+    typer.echo(f"{topic}: {len(current)} -> {partitions} partitions; slice state moved for "
+               f"{moved.records} slices, {moved.kept} stayed. Start the stages again.")
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"driftline: {message}", err=True)
+    raise typer.Exit(2)
 
 
 @app.command("serve")

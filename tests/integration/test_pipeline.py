@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -13,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from driftline.consumers.repartition import partition_for
 from driftline.localstack import Stack
 from tests.integration.pipeline_support import (
     STEP,
@@ -340,3 +343,42 @@ def test_hand_over_during_a_redis_outage_evicts_no_one(
     assert _assignments(survivor) == before + 1, log[-6000:]
     assert "Redis unreachable" in log and "Redis reachable again" in log
     assert survivor.alive()
+
+
+def _repartition(pipe: Pipeline, partitions: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "driftline.cli", "detect", "repartition",
+         "--partitions", str(partitions)],
+        env=pipe.env(), capture_output=True, text=True, timeout=120)
+
+
+def test_growing_the_slice_updates_topic_keeps_every_slice_whole(
+    pipe: Pipeline, tmp_path: Path, workers: list[Worker]
+) -> None:
+    """`driftline detect repartition` refuses while a stage runs, then grows the topic and
+    moves each slice's state to its new partition: afterwards every slice is one record in the
+    partition its id hashes to, and counts are exact across the change."""
+    docs = Stream(n=1200, seed=23).events()
+    embed = start(pipe, "embed", tmp_path, workers)
+    detect = start(pipe, "detect", tmp_path, workers)
+    pipe.produce(docs[:600])
+    wait_detected(pipe, workers, 600)
+    refused = _repartition(pipe, 6)
+    assert refused.returncode == 2 and "stop the embed and detect stages" in refused.stderr
+    assert embed.terminate() == 0 and detect.terminate() == 0
+    done = _repartition(pipe, 6)
+    assert done.returncode == 0, done.stderr
+    assert len(pipe.end_offsets(pipe.updates_topic)) == 6
+    start(pipe, "embed", tmp_path, workers)
+    start(pipe, "detect", tmp_path, workers)
+    pipe.produce(docs[600:])
+    wait_detected(pipe, workers, len(docs))
+    r = pipe.redis()
+    where: dict[str, list[int]] = {}
+    for key in r.scan_iter(match="dl:detect:state:*"):
+        for sid in r.hkeys(key):
+            where.setdefault(sid.decode(), []).append(int(key.decode().rsplit(":", 1)[1]))
+    assert all(len(ps) == 1 for ps in where.values()), where  # no slice split in two
+    assert {sid: ps[0] for sid, ps in where.items()} == {
+        sid: partition_for(sid, 6) for sid in where}
+    assert counts(states(pipe)) == expected_counts(docs)
