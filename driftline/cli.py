@@ -148,13 +148,26 @@ def detect_repartition(
     """Grow the slice-updates topic to PARTITIONS and move each slice's stored state to the
     partition its id now hashes to. Run it with the embed and detect stages stopped and the
     detect stage caught up (it checks both)."""
+    from kafka.errors import KafkaError
+
+    from driftline.consumers.checkpoint import REDIS_ERRORS
+
+    settings = settings_or_exit()
+    try:
+        _repartition(settings, partitions)
+    except KafkaError as exc:
+        _fail(f"Kafka at {settings.kafka_bootstrap} (DRIFTLINE_KAFKA_BOOTSTRAP): {exc!r}")
+    except REDIS_ERRORS as exc:
+        _fail(f"Redis unreachable (DRIFTLINE_REDIS_URL): {exc}")
+
+
+def _repartition(settings: Settings, partitions: int) -> None:
     from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
     from kafka.admin import NewPartitions
 
     from driftline.consumers.checkpoint import CheckpointStore, store_client
     from driftline.consumers.repartition import move_state, undrained
 
-    settings = settings_or_exit()
     topic = settings.slice_updates_topic
     admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
                              client_id="driftline-repartition")
