@@ -189,9 +189,7 @@ def _repartition(settings: Settings, partitions: int) -> None:
         finally:
             consumer.close()
         store = CheckpointStore(store_client(settings.redis_url))
-        stored = {int(k): int(v) for k, v in store.r.hgetall(  # type: ignore[union-attr]
-            store._k("offsets")).items()}
-        behind = undrained(stored, ends)
+        behind = undrained(store.stored_offsets(), ends)
         if behind:
             _fail(f"the detect stage has not checkpointed every update (lag per partition: "
                   f"{behind}): run it alone until its lag is 0, stop it, and try again")

@@ -252,6 +252,12 @@ class CheckpointStore:
 
         attempt(self)
 
+    @retry_redis
+    def stored_offsets(self) -> dict[int, int]:
+        """The next input offset checkpointed per partition."""
+        raw: dict[bytes, bytes] = self.r.hgetall(self._k("offsets"))  # type: ignore[assignment]
+        return {int(k): int(v) for k, v in raw.items()}
+
     def _offsets_read(self, offsets: Mapping[int, int]) -> bool:
         parts = sorted(offsets)
         stored: list[bytes | None] = self.r.hmget(  # type: ignore[assignment]

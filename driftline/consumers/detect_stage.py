@@ -52,6 +52,7 @@ from kafka.structs import OffsetAndMetadata
 from pydantic import ValidationError
 from pydantic_core import from_json
 
+from driftline.alerts.store import stream_id
 from driftline.consumers.checkpoint import REDIS_ERRORS, CheckpointStore, Fenced, RedisOutage
 from driftline.consumers.kafka_io import (
     JoinWatch,
@@ -378,10 +379,10 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         """Reset the slices whose incident on-call resolved (the failure book's requests)."""
         if not self.parts:
             return
-        after = min((p.control_seen for p in self.parts.values()), key=_stream_id)
+        after = min((p.control_seen for p in self.parts.values()), key=stream_id)
         for eid, sid in self.store.control_after(after):
             for part in self.parts.values():
-                if _stream_id(eid) <= _stream_id(part.control_seen):
+                if stream_id(eid) <= stream_id(part.control_seen):
                     continue
                 part.control_seen = eid
                 entry = part.slices.get(sid)
@@ -555,11 +556,6 @@ def parse_update(raw: bytes) -> UpdateView:
         return u
     except (ValueError, TypeError, KeyError):
         return SliceUpdate.model_validate_json(raw)
-
-
-def _stream_id(eid: str) -> tuple[int, int]:
-    ms, _, seq = eid.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def _summary(model: SliceModel, g: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from kafka.partitioner import murmur2
 
+from driftline.alerts.store import stream_id
 from driftline.consumers.checkpoint import CheckpointStore
-from driftline.consumers.detect_stage import _stream_id
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def move_state(store: CheckpointStore, partitions: int) -> Moved:
     r = store.r
     moved = kept = 0
     seen: dict[bytes, bytes] = r.hgetall(store._k("control_seen"))  # type: ignore[assignment]
-    latest = max((v.decode() for v in seen.values()), key=_stream_id, default=None)
+    latest = max((v.decode() for v in seen.values()), key=stream_id, default=None)
     prefix = store._k("state", "")
     for key in list(r.scan_iter(match=f"{prefix}*")):
         old = int(key.decode()[len(prefix):])
