@@ -11,9 +11,11 @@ from __future__ import annotations
 import builtins
 import json
 import logging
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, Literal, Unpack, overload
 
 import redis
@@ -37,6 +39,9 @@ from driftline.alerts.store import (
 
 log = logging.getLogger(__name__)
 
+# How long a committed on-call step's token is kept: longer than any retry of its call.
+OP_TOKEN_TTL_S = 600
+
 
 class IncidentNotFound(KeyError):
     """No incident with that id (never existed, or removed by retention)."""
@@ -44,6 +49,14 @@ class IncidentNotFound(KeyError):
 
 class InvalidTransition(ValueError):
     """The lifecycle does not allow that step (e.g. acknowledging a resolved incident)."""
+
+
+class _Unappliable(Exception):
+    """Grouping failed on outbox entry ``entry_id`` (``None``: on the batch as a whole)."""
+
+    def __init__(self, entry_id: str | None) -> None:
+        super().__init__(entry_id)
+        self.entry_id = entry_id
 
 
 @dataclass(frozen=True)
@@ -118,13 +131,22 @@ class FailureBook(BookStore):
     # --- on-call actions -----------------------------------------------------------------
     def _mutate(self, incident_id: str, step: Callable[[Incident, datetime, Batch], Change]
                 ) -> Incident:
+        """Apply one on-call step exactly once. The transaction also writes a one-off token:
+        when it is retried because its reply was lost (a Redis restart, a timeout right after
+        ``EXEC``), the token shows it committed, so a note is not added twice and an
+        acknowledgement is not refused as a conflict with itself."""
+        token = self.k("op", uuid.uuid4().hex)
+
         def fn(batch: Batch) -> Incident:
             found = batch.load([incident_id])
             if not found:
                 raise IncidentNotFound(incident_id)
             inc = found[0]
+            if batch.pipe.exists(token):  # an earlier attempt of this call committed
+                return inc
             batch.changes.append(step(inc, self.clock(), batch))
             batch.saves[inc.id] = inc
+            batch.ops.append(lambda p: p.set(token, 1, ex=OP_TOKEN_TTL_S))
             return inc
         return self.transact(fn)
 
@@ -173,28 +195,56 @@ class FailureBook(BookStore):
     def ingest(self, entries: Sequence[tuple[str, Mapping[str, Any] | None]],
                summary: Mapping[str, SliceStatus]) -> builtins.list[Change]:
         """Apply outbox entries ``(stream id, message or None if unreadable)`` after the
-        stored cursor, and move the cursor to the last one, in one transaction."""
-        def fn(batch: Batch) -> builtins.list[Change]:
-            raw = batch.pipe.get(self.k("cursor"))
-            cur = stream_id(raw.decode()) if raw is not None else (-1, -1)
-            fresh = [(eid, m) for eid, m in entries if stream_id(eid) > cur]
-            if not fresh:
-                return []
-            g = self._grouper(batch, summary)
-            for eid, msg in fresh:
-                if msg is None:
+        stored cursor, and move the cursor to the last one, in one transaction.
+
+        An entry that makes the grouping fail (a bug or a message from another version) is
+        skipped, logged with its id, and the batch applied again without it, so one entry
+        cannot stop the book: the failed transaction wrote nothing, and the grouper's state is
+        built afresh. When the failure comes at the end of the batch, the batch is cut to its
+        first usable entry to find the one to blame."""
+        todo = builtins.list(entries)
+        while True:
+            try:
+                return self.transact(partial(self._ingest, entries=todo, summary=summary))
+            except _Unappliable as bad:
+                if bad.entry_id is None:  # narrow down: up to the first usable entry
+                    first = next(n for n, (_, m) in enumerate(todo) if m is not None)
+                    todo = todo[:first + 1]
                     continue
+                log.error("outbox entry skipped: the book cannot apply it",
+                          extra={"id": bad.entry_id, "error": repr(bad.__cause__)})
+                todo = [(eid, None if eid == bad.entry_id else m) for eid, m in todo]
+
+    def _ingest(self, batch: Batch, *, entries: Sequence[tuple[str, Mapping[str, Any] | None]],
+                summary: Mapping[str, SliceStatus]) -> builtins.list[Change]:
+        raw = batch.pipe.get(self.k("cursor"))
+        cur = stream_id(raw.decode()) if raw is not None else (-1, -1)
+        fresh = [(eid, m) for eid, m in entries if stream_id(eid) > cur]
+        if not fresh:
+            return []
+        g = self._grouper(batch, summary)
+        for eid, msg in fresh:
+            if msg is not None:
                 try:
                     g.apply(msg)
-                except (KeyError, TypeError, ValueError) as exc:
-                    log.error("outbox message skipped", extra={"id": eid, "error": repr(exc)})
+                except redis.RedisError:
+                    raise
+                except Exception as exc:
+                    raise _Unappliable(eid) from exc
+        try:
             g.finish()
-            self._stage(batch, g)
-            last = fresh[-1][0]
-            batch.ops.append(lambda p: p.set(self.k("cursor"), last))
-            batch.ops.append(lambda p: p.incrby(self.k("applied"), len(fresh)))
-            return g.changes
-        return self.transact(fn)
+        except redis.RedisError:
+            raise
+        except Exception as exc:
+            usable = [eid for eid, m in fresh if m is not None]
+            if not usable:  # the book's own state, not an entry: the processor logs it
+                raise
+            raise _Unappliable(usable[0] if len(usable) == 1 else None) from exc
+        self._stage(batch, g)
+        last = fresh[-1][0]
+        batch.ops.append(lambda p: p.set(self.k("cursor"), last))
+        batch.ops.append(lambda p: p.incrby(self.k("applied"), len(fresh)))
+        return g.changes
 
     def reattribute(self, summary: Mapping[str, SliceStatus]) -> builtins.list[Change]:
         """Attribute the active incidents again with a fresh slice summary (re-rooting)."""

@@ -56,10 +56,14 @@ from driftline.alerts.model import (
     Incident,
     SliceEvidence,
     Status,
+    TimelineEntry,
     utc,
 )
 
 log = logging.getLogger(__name__)
+
+# Timeline entries written by on-call (the API), carried over when incidents merge.
+ON_CALL_ACTIONS = ("acknowledged", "annotated")
 
 
 @dataclass(frozen=True)
@@ -332,12 +336,26 @@ class Grouper:
             keep.detectors.extend(gone.detectors)
             for sid, n in gone.baseline_n.items():
                 keep.baseline_n[sid] = min(n, keep.baseline_n.get(sid, n))
+            self._carry_on_call(gone, keep)
             gone.status, gone.resolved_at, gone.merged_into = Status.resolved, self.now, keep.id
             self._record(gone, "merged", f"into {keep.id}")
             self._touch(keep, gone.last_activity)
             self._attribute(keep, mark=True)
             self._record(keep, "related_added", f"merged {gone.id}")
             inc = keep
+
+    def _carry_on_call(self, gone: Incident, keep: Incident) -> None:
+        """On-call's acknowledgements and notes on a merged incident go with it: the kept one
+        is acknowledged if either was, and its timeline shows who did what, and where."""
+        carried = [TimelineEntry(at=e.at, who=e.who, action=e.action,
+                                 note=f"on {gone.id}" + (f": {e.note}" if e.note else ""))
+                   for e in gone.timeline if e.action in ON_CALL_ACTIONS]
+        if not carried:
+            return
+        keep.timeline = sorted([*keep.timeline, *carried], key=lambda e: e.at)
+        del keep.timeline[1:max(1, len(keep.timeline) - self.policy.max_timeline + 1)]
+        if gone.status is Status.acknowledged and keep.status is Status.open:
+            keep.status = Status.acknowledged
 
     def _mergeable(self, a: Incident, b: Incident) -> bool:
         lo, hi = self._window(a)

@@ -30,6 +30,7 @@ import redis
 from driftline.alerts.attribution import SliceStatus
 from driftline.alerts.book import FailureBook
 from driftline.alerts.routing import RESEND_INTERVAL_S, AlertMetrics, Router
+from driftline.alerts.store import text
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,10 @@ RETENTION_INTERVAL_S = 300.0
 _REQUIRED = {"alarm": ("detector", "statistic", "threshold", "time", "dims", "evidence"),
              "update": ("detector", "statistic", "threshold", "time", "dims", "evidence"),
              "clear": ("detector", "time")}
+_TYPES: dict[str, tuple[type, ...]] = {
+    "detector": (str,), "statistic": (int, float), "threshold": (int, float),
+    "time": (int, float), "dims": (dict,), "evidence": (dict,), "argmax": (dict,),
+    "slice_n": (int,)}
 
 
 def parse_outbox(fields: Mapping[bytes, bytes]) -> dict[str, Any] | None:
@@ -52,8 +57,11 @@ def parse_outbox(fields: Mapping[bytes, bytes]) -> dict[str, Any] | None:
         missing = [f for f in need if msg.get(f) is None]
         if missing:
             raise KeyError(", ".join(missing))
-        if not isinstance(msg.get("dims", {}), dict):
-            raise TypeError("dims")
+        wrong = [f for f, types in _TYPES.items()
+                 if msg.get(f) is not None and (not isinstance(msg[f], types)
+                                                or isinstance(msg[f], bool) and bool not in types)]
+        if wrong:
+            raise TypeError(f"wrong type: {', '.join(wrong)}")
         return dict(msg)
     except (KeyError, TypeError, ValueError) as exc:
         log.error("unusable outbox entry skipped", extra={"error": repr(exc)})
@@ -118,7 +126,7 @@ class IncidentProcessor:
         block = self.block_ms if block_ms is None else block_ms
         resp = self.r.xread({self.outbox_key: cur}, count=self.batch_size,
                             block=block if block > 0 else None)
-        entries = [(_s(eid), parse_outbox(fields))
+        entries = [(text(eid), parse_outbox(fields))
                    for _, rows in (resp or []) for eid, fields in rows]
         if entries:
             changes = self.book.ingest(entries, read_summary(self.r, self.summary_key))
@@ -147,7 +155,9 @@ class IncidentProcessor:
         return False
 
     def run(self) -> None:
-        """Step until :meth:`stop`; a Redis outage is logged and retried, never fatal."""
+        """Step until :meth:`stop`; a Redis outage or any other failure of a step is logged
+        and retried, never fatal (the thread dying would stop Alertmanager re-sends, and the
+        pages would resolve themselves while the drift goes on)."""
         while not self.stop_event.is_set():
             self.beat = time.monotonic()  # liveness: the loop turns
             try:
@@ -155,10 +165,9 @@ class IncidentProcessor:
             except redis.RedisError as exc:
                 log.warning("incident processor step failed", extra={"error": repr(exc)})
                 self.stop_event.wait(1.0)
+            except Exception:  # noqa: BLE001 - a bug must not stop paging: log, back off, retry
+                log.exception("incident processor step failed unexpectedly; retrying")
+                self.stop_event.wait(5.0)
 
     def stop(self) -> None:
         self.stop_event.set()
-
-
-def _s(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from tenacity import (
     Retrying,
@@ -33,8 +34,8 @@ from tenacity import (
 
 from driftline.alerts.book import FailureBook, IncidentNotFound
 from driftline.alerts.changes import Change
-from driftline.alerts.model import SEVERITY_ORDER, Incident
-from driftline.alerts.store import stream_id
+from driftline.alerts.model import SEVERITY_ORDER, Incident, Status
+from driftline.alerts.store import stream_id, text
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +44,17 @@ RESEND_INTERVAL_S = 60.0  # < Alertmanager's default resolve_timeout of 5 min
 HTTP_TIMEOUT_S = 5.0
 KAFKA_TIMEOUT_S = 10.0
 BATCH = 200
+ACTIVE_STATUSES = (Status.open, Status.acknowledged)
 
 
 class AlertMetrics:
-    """``driftline_incidents_open{severity}``, ``driftline_incidents_total{severity}``,
+    """``driftline_incidents_open{severity,status}``, ``driftline_incidents_total{severity}``,
     ``driftline_alerts_pushes_total{target,outcome}``."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.open = Gauge("driftline_incidents_open", "Open and acknowledged incidents",
-                          ["severity"], registry=registry)
+        self.open = Gauge("driftline_incidents_open",
+                          "Active incidents: status open (unacknowledged) or acknowledged",
+                          ["severity", "status"], registry=registry)
         self.total = Counter("driftline_incidents_total", "Incidents opened", ["severity"],
                              registry=registry)
         self.pushes = Counter("driftline_alerts_pushes_total", "Deliveries to alert targets",
@@ -64,11 +67,13 @@ class AlertMetrics:
                 self.total.labels(c.incident["severity"]).inc()
 
     def set_open(self, incidents: Iterable[Incident]) -> None:
-        counts = dict.fromkeys((s.value for s in SEVERITY_ORDER), 0)
+        """Active incidents by severity and status (``open``: nobody acknowledged it yet)."""
+        counts = dict.fromkeys(((sev.value, st.value) for sev in SEVERITY_ORDER
+                                for st in ACTIVE_STATUSES), 0)
         for inc in incidents:
-            counts[inc.severity.value] += 1
-        for sev, n in counts.items():
-            self.open.labels(sev).set(n)
+            counts[inc.severity.value, inc.status.value] += 1
+        for (sev, st), n in counts.items():
+            self.open.labels(sev, st).set(n)
 
 
 def _iso(t: datetime) -> str:
@@ -100,32 +105,57 @@ class Router:
             self.targets["kafka"] = self._to_kafka
         if webhook_url:
             self.targets["webhook"] = self._to_webhook
+        self._start_new_targets()
 
     def link(self, incident_id: str) -> str:
         return f"{self.public_url}/api/v1/incidents/{incident_id}"
 
     # --- the change stream ---------------------------------------------------------------
+    def _start_new_targets(self) -> None:
+        """A target without a cursor (newly configured, or its cursor lost) starts at the end
+        of the change stream: it is sent what changes from now on, not the book's whole
+        history (up to ``CHANGES_MAXLEN`` old changes); Alertmanager learns the active
+        incidents from :meth:`resend`. Done at construction, before this process ingests."""
+        try:
+            end = text(self.r.xinfo_stream(self.book.changes_key)["last-generated-id"])
+        except redis.ResponseError:  # no change stream yet: from its first change
+            end = "0-0"
+        for target in self.targets:
+            if self.r.hsetnx(f"{self.prefix}:cursor", target, end):
+                log.info("alert target starts at the end of the change stream",
+                         extra={"target": target, "cursor": end})
+
     def deliver(self) -> int:
-        """Deliver pending changes to every target; return how many deliveries succeeded."""
+        """Deliver up to ``BATCH`` pending changes to every target; return how many deliveries
+        succeeded. A backlog drains over successive calls, so it does not hold back the
+        processor's other work (ingesting alarms, re-sending alerts). A target that fails in
+        an unexpected way is logged and counted, and holds back only itself; Redis errors
+        propagate (the processor retries the step)."""
         done = 0
         for target, send in self.targets.items():
-            while True:
-                cur = self.r.hget(f"{self.prefix}:cursor", target)
-                rows = self.r.xrange(self.book.changes_key,
-                                     f"({cur.decode()}" if cur else "-", "+", count=BATCH)
-                changes = [(i.decode(), json.loads(f[b"change"])) for i, f in rows]
-                routed = [(cid, c) for cid, c in changes if c.get("routed")]
-                sent = send(routed) if routed else 0
-                done += sent
-                # Past every unrouted change and every routed one the target accepted.
-                failed = stream_id(routed[sent][0]) if sent < len(routed) else None
-                passed = [cid for cid, _ in changes
-                          if failed is None or stream_id(cid) < failed]
-                if passed:
-                    self.r.hset(f"{self.prefix}:cursor", target, passed[-1])
-                if failed is not None or len(changes) < BATCH:
-                    break
+            try:
+                done += self._deliver_batch(target, send)
+            except redis.RedisError:
+                raise
+            except Exception:  # noqa: BLE001 - one target's failure must not stop the others
+                log.exception("alert delivery failed", extra={"target": target})
+                self.metrics.pushes.labels(target, "error").inc()
         return done
+
+    def _deliver_batch(self, target: str,
+                       send: Callable[[list[tuple[str, dict[str, Any]]]], int]) -> int:
+        cur = self.r.hget(f"{self.prefix}:cursor", target)
+        rows = self.r.xrange(self.book.changes_key, f"({cur.decode()}" if cur else "-", "+",
+                             count=BATCH)
+        changes = [(i.decode(), json.loads(f[b"change"])) for i, f in rows]
+        routed = [(cid, c) for cid, c in changes if c.get("routed")]
+        sent = send(routed) if routed else 0
+        # Past every unrouted change and every routed one the target accepted.
+        failed = stream_id(routed[sent][0]) if sent < len(routed) else None
+        passed = [cid for cid, _ in changes if failed is None or stream_id(cid) < failed]
+        if passed:
+            self.r.hset(f"{self.prefix}:cursor", target, passed[-1])
+        return sent
 
     def _message(self, cid: str, change: dict[str, Any]) -> dict[str, Any]:
         return {**change, "change_id": cid,
@@ -133,10 +163,15 @@ class Router:
 
     def _to_kafka(self, routed: list[tuple[str, dict[str, Any]]]) -> int:
         producer: Any = self.producer
-        futures = [producer.send(self.topic, key=c["incident_id"].encode(),
-                                      value=json.dumps(self._message(cid, c)).encode())
-                   for cid, c in routed]
-        producer.flush(timeout=KAFKA_TIMEOUT_S)
+        try:  # with the broker down, send (no metadata) and flush raise KafkaTimeoutError
+            futures = [producer.send(self.topic, key=c["incident_id"].encode(),
+                                     value=json.dumps(self._message(cid, c)).encode())
+                       for cid, c in routed]
+            producer.flush(timeout=KAFKA_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - retried on the next round, from the cursor
+            log.warning("kafka alert delivery failed", extra={"error": repr(exc)})
+            self.metrics.pushes.labels("kafka", "error").inc()
+            return 0
         ok = 0
         for fut in futures:
             try:

@@ -61,6 +61,11 @@ def stream_id(sid: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+def text(v: bytes | str) -> str:
+    """A Redis reply as text (clients are built without ``decode_responses``)."""
+    return v.decode() if isinstance(v, bytes) else v
+
+
 def now_utc() -> datetime:
     return datetime.now(UTC)
 
