@@ -189,7 +189,10 @@ def build_book_processor(settings: Settings, registry: CollectorRegistry) -> Any
     book = FailureBook(client, policy=policy, retention=Retention(
         max_resolved=s.retention_resolved_count, max_age_s=s.retention_resolved_days * DAY))
     router = Router(book, AlertMetrics(registry), public_url=s.public_url,
-                    alertmanager_url=s.alertmanager_url, producer=make_producer(s.kafka_bootstrap),
+                    alertmanager_url=s.alertmanager_url,
+                    # a send with the broker down waits at most 10 s (not 60), so a step that
+                    # also re-sends to Alertmanager is never held long
+                    producer=make_producer(s.kafka_bootstrap, max_block_ms=10_000),
                     topic=s.alerts_topic, webhook_url=s.alert_webhook_url,
                     webhook_attempts=s.alert_webhook_attempts)
     return IncidentProcessor(client, book, router=router)
