@@ -39,16 +39,18 @@ membership and any rebalance go on) and resumes by itself when Redis is back.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
+from prometheus_client import Gauge
 from pydantic import ValidationError
 from pydantic_core import from_json
 
@@ -69,6 +71,8 @@ log = logging.getLogger(__name__)
 POLL_TIMEOUT_MS = 200
 REDIS_BACKOFF_MAX_S = 5.0
 MAX_POLL_RECORDS = 2000
+# Slices with per-slice gauges: their labels (station, shift) are bounded; lots are not.
+GAUGED_TEMPLATES = ("station", "station+shift")
 
 
 class SliceModel(Protocol):
@@ -156,6 +160,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                     if not self._checkpoint_safely(in_listener=True):
                         self._drop_uncommitted({tp.partition for tp in revoked})
         finally:
+            self._forget_gauges(tp.partition for tp in revoked)
             for tp in revoked:
                 self.parts.pop(tp.partition, None)
                 self.pending.discard(tp.partition)
@@ -237,6 +242,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                     "from the last checkpoint", extra={"kept_partitions": kept})
         self.metrics.checkpoints.labels("dropped").inc()
         self.outbox = []
+        self._forget_gauges(revoked)
         self._park(kept)
         self.parts.clear()
 
@@ -361,18 +367,33 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def _publish_gauges(self, model: SliceModel, g: dict[str, Any]) -> None:
         """Gauges for station and station+shift slices (bounded labels), at checkpoint time."""
-        template = model.template
-        if template not in ("station", "station+shift"):
+        for gauge, labels, value in self._gauge_series(model, g):
+            gauge.labels(*labels).set(value)
+
+    def _forget_gauges(self, partitions: Iterable[int]) -> None:
+        """Drop the gauges of slices this worker no longer owns: their new owner exports
+        them, and a frozen copy here would outlive the drift (``max by`` in the rules and
+        dashboards would show a resolved slice in alarm)."""
+        for p in partitions:
+            part = self.parts.get(p)
+            for entry in part.slices.values() if part is not None else ():
+                if entry.model.template in GAUGED_TEMPLATES:
+                    for gauge, labels, _ in self._gauge_series(entry.model, entry.model.gauges()):
+                        with contextlib.suppress(KeyError):  # never published
+                            gauge.remove(*labels)
+
+    def _gauge_series(self, model: SliceModel, g: dict[str, Any]
+                      ) -> Iterator[tuple[Gauge, tuple[str, ...], float]]:
+        if model.template not in GAUGED_TEMPLATES:
             return
-        dims = model.dims
-        station, shift = dims["station"], dims.get("shift", "all")
+        station, shift = model.dims["station"], model.dims.get("shift", "all")
         for detector, ratio in g.get("ratios", {}).items():
-            self.metrics.ratio.labels(station, shift, detector).set(ratio)
+            yield self.metrics.ratio, (station, shift, detector), ratio
         if "ood_ratio" in g:
-            self.metrics.ood_ratio.labels(station, shift).set(g["ood_ratio"])
-        if template == "station":
+            yield self.metrics.ood_ratio, (station, shift), g["ood_ratio"]
+        if model.template == "station":
             for cluster, share in g.get("cluster_shares", {}).items():
-                self.metrics.cluster_share.labels(station, str(cluster)).set(share)
+                yield self.metrics.cluster_share, (station, str(cluster)), share
 
     # --- checkpoint ----------------------------------------------------------------------
     def _apply_control(self) -> None:
@@ -461,6 +482,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                     "others are loaded again from their last checkpoint",
                     extra={"stale": stale, "kept": kept, "error": str(exc)})
         self.outbox = []
+        self._forget_gauges(stale)
         for p in stale:
             del self.parts[p]
         if stale:

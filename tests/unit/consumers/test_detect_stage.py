@@ -410,3 +410,37 @@ def test_summaries_are_stored_as_json_that_reads_back_as_written() -> None:
                     {"template": "lot", "dims": {"lot": "bad\ud800"}, "n": 0, "last_time": None,
                      "ratios": {}, "ood_ratio": None, "open": []}):
         assert json.loads(encode_summary(summary)) == json.loads(json.dumps(summary))
+
+
+class _CommittingStore(_FencingStore):
+    def commit(self, epochs: Any, *args: Any) -> None:
+        pass
+
+
+def _series(stage: DetectStage) -> set[tuple[str, ...]]:
+    metrics = stage.metrics
+    return {(s.name, *s.labels.values())
+            for g in (metrics.ratio, metrics.ood_ratio, metrics.cluster_share)
+            for m in g.collect() for s in m.samples}
+
+
+@pytest.mark.parametrize("redis_up", [True, False])
+def test_gauges_of_slices_handed_to_another_worker_are_dropped(redis_up: bool) -> None:
+    """The new owner exports them; a frozen copy here would keep a resolved slice "in alarm"
+    under ``max by`` in the rules and dashboards. Whether or not the revoke's checkpoint
+    reaches Redis."""
+    stage = _stage()
+    stage.store = _CommittingStore() if redis_up else _unreachable_store()  # type: ignore[assignment]
+    stage.consumer = _Consumer()  # type: ignore[assignment]
+    stage.revoke_wait_s = 0.2
+    stage.parts[1] = PartitionState(epoch=1, next_offset=None, slices={})
+    for p in (0, 1):  # station s1's updates on partition 0, s2's on partition 1
+        stage.apply_batch(p, [Msg(p, i, _update(i).model_dump_json().encode(), 0)
+                              for i in range(p, 40, 2)])
+    for part in stage.parts.values():
+        for entry in part.slices.values():
+            stage._publish_gauges(entry.model, entry.model.gauges())
+    before = _series(stage)
+    assert {s[1] for s in before} == {"s1", "s2"}
+    stage.on_partitions_revoked({TopicPartition("t", 0)})
+    assert _series(stage) == {s for s in before if s[1] == "s2"}
