@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import numpy as np
 import pytest
@@ -26,11 +26,14 @@ from PIL import Image
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
+from driftline.alerts.attribution import SliceStatus
+from driftline.alerts.book import FailureBook
 from driftline.config import Settings, load_settings
 from driftline.consumers.kafka_io import ensure_topics
 from driftline.service.app import create_app
-from driftline.service.keys import ACTIVE_REFERENCE_KEY, RECENT_KEY
+from driftline.service.keys import ACTIVE_REFERENCE_KEY, BOOK_PREFIX, RECENT_KEY, SUMMARY_KEY
 from tests.integration.pipeline_support import free_port
+from tests.unit.alerts.synthetic import ONSET, alarm, fleet, summary_entry
 from tests.unit.service.populate import Populated, build_references, populate
 
 pytestmark = pytest.mark.integration
@@ -475,3 +478,80 @@ def test_recent_index_follows_the_bounded_buffer(api: Api) -> None:
     assert len(after) == n and "late-2" in after.rows and oldest not in after.rows
     res = api.get("/api/v1/similar/events/late-0", params={"k": 3}).json()
     assert res["recent"][0]["distance"] < 1e-3  # late-1 and late-2 carry the same vector
+
+
+# --- ids holding '/' -------------------------------------------------------------------------
+SLASHED_DB = 11
+SLASHED_EVENT = "line3/cam2/000123"
+# The second id, once %2F is decoded, reads as the first one's timeline path.
+SLASHED_SLICES = ("lot=2024/07/L7", "lot=2024/07/L7/timeline")
+
+
+@pytest.fixture(scope="module")
+def slashed(redis_url: str, kafka_bootstrap: str) -> Iterator[tuple[TestClient, str]]:
+    """An app over a book whose incident has an exemplar with '/' in its event id (its image
+    in a real topic), slices whose lot holds '/', and that event in the recent buffer."""
+    url = db_url(redis_url, SLASHED_DB)
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    docs = {**fleet(), **{sid: summary_entry(sid, 1000) for sid in SLASHED_SLICES}}
+    for sid, doc in docs.items():
+        r.hset(SUMMARY_KEY, sid, json.dumps(doc))
+    rng = np.random.default_rng(0)
+    for i, eid in enumerate((SLASHED_EVENT, "e-1", "e-2", "e-3")):
+        vec = rng.normal(size=16)
+        meta = {"event_id": eid, "ts": ONSET + i, "station": "press-3", "shift": "day",
+                "lot": "L7"}
+        r.xadd(RECENT_KEY, {"meta": json.dumps(meta),
+                            "vec": (vec / np.linalg.norm(vec)).astype(np.float32).tobytes()})
+    topic = f"api-slash-{uuid.uuid4().hex[:8]}.events"
+    produce_image_events(kafka_bootstrap, topic, [SLASHED_EVENT])
+    ex = [{"event_id": SLASHED_EVENT, "cluster": 0, "distance": 0.4, "ts": ONSET + 500,
+           "ood": False, "source_partition": 0, "source_offset": 0}]
+    book = FailureBook(r, prefix=BOOK_PREFIX)
+    book.ingest([("1-0", alarm("station=press-3", 1.0, exemplars=ex))],
+                {sid: SliceStatus.from_summary(sid, doc) for sid, doc in docs.items()})
+    (inc,) = book.active()
+    app = create_app(CollectorRegistry(), None, make_settings(
+        url, None, kafka_bootstrap=kafka_bootstrap, events_topic=topic))
+    with TestClient(app) as client:
+        yield client, inc.id
+    r.close()
+
+
+def test_label_set_thumbnail_link_works_for_an_event_id_with_slashes(
+        slashed: tuple[TestClient, str]) -> None:
+    client, inc = slashed
+    (row,) = [json.loads(line) for line in client.get(
+        f"/api/v1/incidents/{inc}/label-set", headers=auth("viewer")).text.splitlines()]
+    assert row["event_id"] == SLASHED_EVENT
+    link = row["thumbnail"]
+    assert link == (f"{PUBLIC}/api/v1/incidents/{inc}/exemplars/"
+                    f"{quote(SLASHED_EVENT, safe='')}/thumbnail")
+    thumb = client.get(link.removeprefix(PUBLIC), headers=auth("viewer"))
+    assert thumb.status_code == 200, thumb.text
+    assert thumb.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(thumb.content)).size == (160, 120)
+
+
+def test_slice_ids_with_slashes_are_told_apart_from_the_timeline(
+        slashed: tuple[TestClient, str]) -> None:
+    client, _ = slashed
+    first, second = SLASHED_SLICES
+    for sid in SLASHED_SLICES:
+        resp = client.get(f"/api/v1/slices/{quote(sid, safe='')}", headers=auth("viewer"))
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["slice_id"] == sid and "state_found" in resp.json()
+    tl = client.get(f"/api/v1/slices/{quote(first, safe='')}/timeline", headers=auth("viewer"),
+                    params={"since": "2023-01-01T00:00:00Z"})  # its query still accepted
+    assert tl.status_code == 200, tl.text
+    assert tl.json()["slice_id"] == first and "bucket_seconds" in tl.json()
+
+
+def test_similar_to_an_event_id_with_slashes(slashed: tuple[TestClient, str]) -> None:
+    client, _ = slashed
+    resp = client.get(f"/api/v1/similar/events/{quote(SLASHED_EVENT, safe='')}",
+                      headers=auth("viewer"), params={"k": 2})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["query"]["event_ids"] == [SLASHED_EVENT] and len(body["recent"]) == 2

@@ -17,6 +17,7 @@ from driftline.alerts.book import IncidentNotFound
 from driftline.alerts.labelset import label_set_jsonl
 from driftline.alerts.model import Incident, Severity, Status
 from driftline.service.deps import BookDep, ContextDep, Operator, SettingsDep, Viewer
+from driftline.service.routes import EncodedSlashRoute
 from driftline.service.schemas.common import COMMON_ERRORS, errors
 from driftline.service.schemas.incidents import (
     AcknowledgeRequest,
@@ -33,10 +34,12 @@ from driftline.service.schemas.incidents import (
 )
 from driftline.service.thumbnails import ThumbnailUnavailable
 
-router = APIRouter(prefix="/incidents", tags=["incidents"], responses=COMMON_ERRORS)
+router = APIRouter(prefix="/incidents", tags=["incidents"], responses=COMMON_ERRORS,
+                   route_class=EncodedSlashRoute)
 
 IncidentId = Annotated[str, Path(max_length=64, description="incident id",
                                  examples=["DL-000001"])]
+EventId = Annotated[str, Path(max_length=200, description="event id ('/' sent as %2F)")]
 Dim = Annotated[str | None, Query(min_length=1, max_length=128)]
 CURSOR_PATTERN = r"^-?[0-9]{1,12}(\.[0-9]{1,9})?:[A-Za-z0-9_-]{1,64}$"
 JSONL = "application/jsonl"
@@ -107,7 +110,7 @@ def get_exemplars(incident_id: IncidentId, book: BookDep, ctx: ContextDep,
             responses={200: {"content": {"image/jpeg": {}},
                              "description": "JPEG thumbnail, at most 160 px on its longest side"},
                        **errors(404)})
-def get_thumbnail(incident_id: IncidentId, event_id: Annotated[str, Path(max_length=200)],
+def get_thumbnail(incident_id: IncidentId, event_id: EventId,
                   book: BookDep, ctx: ContextDep, _: Viewer) -> Response:
     """The exemplar's image, small. Made from the event in the events topic on first request
     and kept as long as resolved incidents after its last view; 404 with the reason when the

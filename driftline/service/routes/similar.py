@@ -16,6 +16,7 @@ from fastapi import APIRouter, HTTPException, Path, Query, status
 from driftline.alerts.model import utc
 from driftline.service.deps import BookDep, ContextDep, Viewer
 from driftline.service.recent import Snapshot
+from driftline.service.routes import EncodedSlashRoute
 from driftline.service.schemas.analysis import (
     RecentNeighbour,
     ReferenceNeighbour,
@@ -24,7 +25,8 @@ from driftline.service.schemas.analysis import (
 )
 from driftline.service.schemas.common import COMMON_ERRORS, errors
 
-router = APIRouter(prefix="/similar", tags=["similar"], responses=COMMON_ERRORS)
+router = APIRouter(prefix="/similar", tags=["similar"], responses=COMMON_ERRORS,
+                   route_class=EncodedSlashRoute)
 
 K = Annotated[int, Query(ge=1, le=100, description="neighbours of each kind")]
 
@@ -72,7 +74,9 @@ def _result(ctx: ContextDep, snap: Snapshot, query: SimilarQuery, k: int) -> Sim
 
 
 @router.get("/events/{event_id}", response_model=SimilarResult, responses=errors(404))
-def similar_to_event(event_id: Annotated[str, Path(max_length=200, examples=["e-000123"])],
+def similar_to_event(event_id: Annotated[str, Path(
+                         max_length=200, examples=["e-000123"],
+                         description="event id ('/' sent as %2F)")],
                      ctx: ContextDep, _: Viewer, k: K = 10) -> SimilarResult:
     """Nearest recent and reference events to one event of the recent buffer."""
     snap = ctx.recent().snapshot()

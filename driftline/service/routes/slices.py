@@ -9,6 +9,7 @@ from fastapi import APIRouter, HTTPException, Path, Query, status
 
 from driftline.alerts.model import utc
 from driftline.service.deps import RedisDep, Viewer
+from driftline.service.routes import EncodedSlashRoute
 from driftline.service.schemas.common import COMMON_ERRORS, errors
 from driftline.service.schemas.slices import (
     DetectorView,
@@ -22,9 +23,10 @@ from driftline.service.schemas.slices import (
 from driftline.service.slice_data import SliceData, counts_of, detectors_of
 from driftline.service.timeline import buckets, replay, shares
 
-router = APIRouter(prefix="/slices", tags=["slices"], responses=COMMON_ERRORS)
+router = APIRouter(prefix="/slices", tags=["slices"], responses=COMMON_ERRORS,
+                   route_class=EncodedSlashRoute)
 
-SliceId = Annotated[str, Path(max_length=600, description="slice id",
+SliceId = Annotated[str, Path(max_length=600, description="slice id ('/' sent as %2F)",
                               examples=["station=press-3|shift=night"])]
 Dim = Annotated[str | None, Query(min_length=1, max_length=128)]
 
