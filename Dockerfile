@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # One image for every driftline role; the role is the command:
-#   docker run driftline run all | run embed | run detect | serve
+#   docker run driftline run all | run embed | run detect | run book | serve
 # Build from the repository root:  docker build -t driftline:0.1.0 .
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -46,10 +46,12 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends libgomp1 \
     && rm -rf /var/lib/apt/lists/*
 
+# /var/lib/driftline/references: the reference volume's mount point (compose, k8s). Created
+# here so that a new Docker volume mounted on it takes its owner, the service user.
 RUN groupadd --system --gid 10001 driftline \
     && useradd --system --uid 10001 --gid driftline --home-dir /var/lib/driftline \
        --create-home --shell /usr/sbin/nologin driftline \
-    && mkdir -p /var/lib/driftline/reference \
+    && mkdir -p /var/lib/driftline/references \
     && chown -R driftline:driftline /var/lib/driftline
 
 # Root-owned and read-only for the service user: the image content never changes at run time.

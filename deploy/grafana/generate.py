@@ -79,15 +79,17 @@ def red_above_zero() -> list[dict[str, object]]:
 
 
 def layout(rows: Iterable[tuple[str, int, list[Panel]]]) -> list[Panel]:
-    """Place panels left to right in titled rows; a row's panels share its height."""
+    """Place panels left to right in titled rows; a row's panels share its height and fill its
+    width (when the grid does not divide evenly, some panels are one column wider)."""
     placed: list[Panel] = []
     y = 0
     for title, height, panels in rows:
         placed.append(RowPanel(title=title, gridPos=GridPos(h=1, w=WIDTH, x=0, y=y)))
         y += 1
-        width = WIDTH // len(panels)
+        n = len(panels)
         for i, panel in enumerate(panels):
-            panel.gridPos = GridPos(h=height, w=width, x=i * width, y=y)
+            x = WIDTH * i // n
+            panel.gridPos = GridPos(h=height, w=WIDTH * (i + 1) // n - x, x=x, y=y)
             placed.append(panel)
         y += height
     return placed
@@ -127,11 +129,8 @@ def fleet() -> Dashboard:
              description="Stations with a detector statistic at or above its threshold now "
                          "(detectors restart after an alarm: see the incidents for open ones).",
              steps=red_above_zero()),
-        stat("Open critical incidents", 'sum(driftline:incidents_open:max{severity="critical"})',
-             description="From the failure book.", steps=red_above_zero()),
-        stat("Open warning incidents", 'sum(driftline:incidents_open:max{severity="warning"})',
-             description="From the failure book.",
-             steps=[{"color": "green", "value": None}, {"color": "orange", "value": 1}]),
+        *(incidents_stat(severity, color) for severity, color in (
+            ("critical", "red"), ("major", "orange"), ("warning", "yellow"))),
         stat("Live slices", "sum(driftline_detect_live_slices)",
              description="Slices held in memory by the detect workers."),
     ]
@@ -169,6 +168,16 @@ def fleet() -> Dashboard:
          ("Alarms and incidents", 8, alarms)],
         annotations=[incidents_annotation()],
     )
+
+
+def incidents_stat(severity: str, color: str) -> Stat:
+    """Active incidents of one severity: open (unacknowledged) and acknowledged alike."""
+    return stat(f"Active {severity} incidents",
+                f'sum(driftline:incidents_open:max{{severity="{severity}"}})',
+                description="Open and acknowledged incidents in the failure book, until they "
+                            "are resolved. The alerts page only for the unacknowledged ones: "
+                            "GET /api/v1/incidents?status=open lists them.",
+                steps=[{"color": "green", "value": None}, {"color": color, "value": 1}])
 
 
 # --- station drill-down ------------------------------------------------------------------------

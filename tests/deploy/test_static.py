@@ -18,15 +18,21 @@ import subprocess
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from types import ModuleType, SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
+import driftline.alerts.routing
 import driftline.metrics
+import driftline.runner
+import driftline.service.observe
+from driftline.alerts.model import Incident, Severity
+from driftline.alerts.routing import ALERTNAME, Router
 from driftline.config import ENV_PREFIX, Settings, parse_tokens
+from driftline.consumers.kafka_io import BROKER_WAIT_S
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is a dev dependency")
 
@@ -36,13 +42,14 @@ PROM = DEPLOY / "prometheus"
 GRAFANA = DEPLOY / "grafana"
 K8S = DEPLOY / "k8s"
 
-# Metrics the failure book will export (issue #8); not in driftline.metrics yet.
-PENDING_METRICS: dict[str, tuple[str, ...]] = {
-    "driftline_incidents_open": ("severity",),
-    "driftline_incidents_total": ("severity",),
-}
+# Modules whose *Metrics classes define every metric driftline exports: the stages', the
+# failure book's (incidents, alert deliveries) and the API's.
+METRIC_MODULES = (driftline.metrics, driftline.alerts.routing, driftline.service.observe)
 TARGET_LABELS = {"job", "instance"}  # added by Prometheus at scrape time
-ROLES = {("run", "embed"), ("run", "detect"), ("run", "all"), ("serve",)}
+# `driftline run ROLE` for each pipeline role, `run all`, and the triage API.
+STAGE_ROLES = {("run", role) for role in driftline.runner.ROLES}
+ROLES = STAGE_ROLES | {("run", "all"), ("serve",)}
+DRIFTLINE_JOBS = {f"driftline-{role}" for role in (*driftline.runner.ROLES, "api")}
 
 
 def load_yaml(path: Path) -> Any:
@@ -129,7 +136,7 @@ def test_scrape_jobs_match_the_jobs_the_rules_and_compose_name() -> None:
     assert named <= jobs
     services = set(load_yaml(DEPLOY / "compose.yaml")["services"])
     driftline_jobs = {job for job in jobs if job.startswith("driftline-")}
-    assert driftline_jobs == {"driftline-embed", "driftline-detect", "driftline-api"}
+    assert driftline_jobs == DRIFTLINE_JOBS
     assert driftline_jobs <= services
     assert config["rule_files"] == ["rules.yml"]
 
@@ -138,11 +145,38 @@ def test_alertmanager_config_and_routes() -> None:
     amtool = tool("amtool", "prometheus-alertmanager")
     config = str(DEPLOY / "alertmanager/alertmanager.yml")
     run(amtool, "check-config", config)
-    for labels, receiver in (("severity=critical", "oncall-pager"),
-                             ("severity=warning", "oncall-ticket"),
-                             ("alertname=DriftlineChangePoint", "oncall-ticket")):
-        out = run(amtool, "config", "routes", "test", f"--config.file={config}", labels)
+    for labels, receiver in ((["severity=critical"], "oncall-pager"),
+                             (["severity=warning"], "oncall-ticket"),
+                             ([f"alertname={ALERTNAME}", "severity=critical"], "oncall-pager"),
+                             ([f"alertname={ALERTNAME}", "severity=major"], "oncall-ticket")):
+        out = run(amtool, "config", "routes", "test", f"--config.file={config}", *labels)
         assert out.stdout.split() == [receiver], (labels, out.stdout)
+
+
+def pushed_alert_labels() -> set[str]:
+    """Label names of the failure book's DriftlineIncident alerts (Router.labels)."""
+    root = SimpleNamespace(template="station_shift", dims={"station": "s1", "shift": "night"})
+    incident = SimpleNamespace(id="inc-1", severity=Severity.major, root=root)
+    return set(Router.labels(cast(Router, None), cast(Incident, incident)))
+
+
+def rule_alert_labels() -> set[str]:
+    """Label names the rules' alerts can carry: their own, aggregation labels, target labels."""
+    names = set(TARGET_LABELS)
+    for rule in alerts():
+        names |= set(rule["labels"]) | {"alertname"}
+        for group in re.findall(r"\bby \(([^)]*)\)", rule["expr"]):
+            names |= {label.strip() for label in group.split(",")}
+    return names
+
+
+def test_alertmanager_groups_by_labels_that_alerts_carry() -> None:
+    route = load_yaml(DEPLOY / "alertmanager/alertmanager.yml")["route"]
+    pushed = pushed_alert_labels()
+    assert {"incident_id", "root_template", "severity"} <= pushed
+    assert set(route["group_by"]) <= pushed | rule_alert_labels(), (
+        set(route["group_by"]) - pushed - rule_alert_labels())
+    assert "incident_id" in route["group_by"], "one notification per incident"
 
 
 # --- metrics referenced by rules and dashboards -----------------------------------------------
@@ -158,19 +192,19 @@ def known_metrics() -> dict[str, frozenset[str]]:
                 "histogram": ("_bucket", "_sum", "_count", "_created"),
                 "summary": ("", "_sum", "_count", "_created")}
     out: dict[str, frozenset[str]] = {}
-    for name, cls in inspect.getmembers(driftline.metrics, inspect.isclass):
-        if not name.endswith("Metrics") or cls.__module__ != driftline.metrics.__name__:
-            continue
-        for metric in vars(cls(registry)).values():
-            labels = frozenset(metric._labelnames)  # no public accessor in client_python
-            for suffix in suffixes[metric._type]:
-                extra = {"le"} if suffix == "_bucket" else set()
-                out[metric._name + suffix] = labels | extra
+    for module in METRIC_MODULES:
+        for name, cls in inspect.getmembers(module, inspect.isclass):
+            if not name.endswith("Metrics") or cls.__module__ != module.__name__:
+                continue
+            for metric in vars(cls(registry)).values():
+                labels = frozenset(metric._labelnames)  # no public accessor in client_python
+                for suffix in suffixes[metric._type]:
+                    extra = {"le"} if suffix == "_bucket" else set()
+                    out[metric._name + suffix] = labels | extra
     assert {"driftline_embed_events_total", "driftline_kafka_consumer_lag_messages",
-            "driftline_detect_statistic_ratio"} <= set(out)
-    for name, labels in PENDING_METRICS.items():
-        assert out.get(name, frozenset(labels)) == frozenset(labels), name
-        out.setdefault(name, frozenset(labels))
+            "driftline_detect_statistic_ratio", "driftline_incidents_total",
+            "driftline_alerts_pushes_total", "driftline_api_requests_total"} <= set(out)
+    assert out["driftline_incidents_open"] == {"severity", "status"}
     return out
 
 
@@ -301,9 +335,9 @@ def test_compose_services_are_wired() -> None:
     assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
     redis = services["redis"]["command"]
     assert redis[redis.index("--appendonly") + 1] == "yes"
-    for role, command in (("embed", ["run", "embed"]), ("detect", ["run", "detect"]),
-                          ("api", ["serve"])):
-        service = services[f"driftline-{role}"]
+    commands = {f"driftline-{role}": ["run", role] for role in driftline.runner.ROLES}
+    for name, command in {**commands, "driftline-api": ["serve"]}.items():
+        service = services[name]
         assert service["command"] == command
         assert service["build"] == {"context": "..", "dockerfile": "Dockerfile"}
         env = service["environment"]
@@ -374,7 +408,7 @@ def manifests() -> list[dict[str, Any]]:
 def test_k8s_deployments_have_probes_resources_and_run_as_non_root() -> None:
     docs = manifests()
     kinds = {(doc["kind"], doc["metadata"]["name"]) for doc in docs}
-    assert {("Deployment", f"driftline-{r}") for r in ("embed", "detect", "api")} <= kinds
+    assert {("Deployment", f"driftline-{r}") for r in (*driftline.runner.ROLES, "api")} <= kinds
     assert ("Service", "driftline-api") in kinds
     assert ("ConfigMap", "driftline-config") in kinds
     roles = set()
@@ -395,13 +429,71 @@ def test_k8s_deployments_have_probes_resources_and_run_as_non_root() -> None:
         assert refs == {"driftline-config", "driftline-secrets"}
         assert doc["spec"]["selector"]["matchLabels"].items() <= (
             doc["spec"]["template"]["metadata"]["labels"].items())
-    assert roles == {("run", "embed"), ("run", "detect"), ("serve",)}
+    assert roles == STAGE_ROLES | {("serve",)}, "one Deployment per role"
     assert roles <= ROLES
     service = next(d for d in docs if d["kind"] == "Service")
     api = next(d for d in docs if d["metadata"]["name"] == "driftline-api"
                and d["kind"] == "Deployment")
     assert service["spec"]["selector"].items() <= (
         api["spec"]["template"]["metadata"]["labels"].items())
+
+
+def deployment(name: str) -> dict[str, Any]:
+    return next(d for d in manifests() if d["kind"] == "Deployment"
+                and d["metadata"]["name"] == name)
+
+
+def test_k8s_book_runs_once_and_is_scraped() -> None:
+    book = deployment("driftline-book")
+    # A second processor delivers every change twice (driftline/alerts/processor.py).
+    assert book["spec"]["replicas"] == 1
+    assert book["spec"]["strategy"] == {"type": "Recreate"}
+    template = book["spec"]["template"]
+    assert template["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    (container,) = template["spec"]["containers"]
+    assert container["args"] == ["run", "book"]
+    port = int(template["metadata"]["annotations"]["prometheus.io/port"])
+    assert port in {p["containerPort"] for p in container["ports"]}
+    budgets = [d for d in manifests() if d["kind"] == "PodDisruptionBudget"]
+    assert not [b for b in budgets if b["spec"]["selector"]["matchLabels"].items()
+                <= template["metadata"]["labels"].items()], "one replica: a PDB only blocks drains"
+
+
+def test_k8s_startup_probes_outlast_the_start_up_waits() -> None:
+    """`driftline run` waits for the broker and Redis before serving probes, then exits with a
+    message naming the setting; the kubelet must not kill the pod before that message."""
+    wait = max(BROKER_WAIT_S, driftline.runner.STARTUP_REDIS_WAIT_S)
+    for role in driftline.runner.ROLES:
+        (container,) = deployment(f"driftline-{role}")["spec"]["template"]["spec"]["containers"]
+        probe = container["startupProbe"]
+        budget = probe["periodSeconds"] * probe["failureThreshold"]
+        assert budget >= wait + 60, (role, budget, wait)
+
+
+def test_reference_dir_is_inside_the_reference_volume() -> None:
+    """write_artifact renames a sibling temporary directory onto DRIFTLINE_REFERENCE_DIR, and
+    activation candidates are its siblings: it must be a directory below the mount point."""
+    config = next(d for d in manifests() if d["kind"] == "ConfigMap")["data"]
+    ref_dir = Path(config["DRIFTLINE_REFERENCE_DIR"])
+    for doc in manifests():
+        if doc["kind"] != "Deployment":
+            continue
+        spec = doc["spec"]["template"]["spec"]
+        claims = {v["name"] for v in spec["volumes"]
+                  if v.get("persistentVolumeClaim", {}).get("claimName") == "driftline-reference"}
+        (container,) = spec["containers"]
+        mounts = {m["mountPath"] for m in container["volumeMounts"] if m["name"] in claims}
+        assert mounts == {str(ref_dir.parent)}, (doc["metadata"]["name"], mounts, ref_dir)
+    compose = load_yaml(DEPLOY / "compose.yaml")["services"]
+    for role in (*driftline.runner.ROLES, "api"):
+        service = compose[f"driftline-{role}"]
+        ref_dir = Path(service["environment"]["DRIFTLINE_REFERENCE_DIR"])
+        mounts = {m.split(":")[1] for m in service["volumes"]
+                  if m.split(":")[0] == "driftline-reference"}
+        assert mounts == {str(ref_dir.parent)}, (role, mounts, ref_dir)
+    # A new Docker volume takes the owner of the image's directory at its mount point.
+    runs = " ".join(args for word, args in dockerfile() if word == "RUN")
+    assert f"mkdir -p {ref_dir.parent} " in runs
 
 
 def test_k8s_config_names_only_real_settings_and_the_example_secret_is_refused() -> None:
