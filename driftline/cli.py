@@ -39,9 +39,9 @@ def settings_or_exit() -> Settings:
 
 @config_app.command("show")
 def config_show() -> None:
-    """Print the effective settings (secrets masked)."""
+    """Print the effective settings (secrets and URL passwords masked)."""
     settings = settings_or_exit()
-    for name, value in settings.model_dump().items():
+    for name, value in settings.shown().items():
         typer.echo(f"DRIFTLINE_{name.upper()}={value}")
 
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -20,6 +22,9 @@ ENV_PREFIX = "DRIFTLINE_"
 ROLES = ("viewer", "operator", "admin")
 SLICE_DIMENSIONS = ("station", "shift", "lot")
 _PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "password", "token", "xxx", "todo"}
+# Kafka's own rule (kafka.common.internals.Topic): at most 249 of these, and not "." or "..".
+_TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+_QUERY_PASSWORD = re.compile(r"((?:^|&)password=)[^&]*", re.IGNORECASE)
 
 
 def default_cache_dir() -> Path:
@@ -182,11 +187,55 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
 
+    @field_validator("events_topic", "slice_updates_topic", "alerts_topic", "dlq_topic")
+    @classmethod
+    def _check_topic(cls, value: str) -> str:
+        if not _TOPIC_NAME.fullmatch(value) or value in (".", ".."):
+            raise ValueError(f"{value!r} is not a Kafka topic name: 1 to 249 of a-z A-Z 0-9 "
+                             "'.' '_' '-'")
+        return value
+
+    @field_validator("embed_group", "detect_group", "api_host")
+    @classmethod
+    def _check_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str) -> str:
+        return _http_url(value)
+
+    @field_validator("alertmanager_url", "alert_webhook_url")
+    @classmethod
+    def _check_optional_url(cls, value: str | None) -> str | None:
+        return _http_url(value) if value else None  # empty: not configured
+
+    @field_validator("onnx_providers")
+    @classmethod
+    def _check_providers(cls, value: list[str]) -> list[str]:
+        import onnxruntime  # here, not at the top: importing the settings stays light
+
+        available = ", ".join(onnxruntime.get_available_providers())
+        if not value:
+            raise ValueError(f"name at least one; this onnxruntime has {available}")
+        unknown = [p for p in value if p not in onnxruntime.get_available_providers()]
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)} not available (onnxruntime would quietly "
+                             f"fall back to CPU); this onnxruntime has {available}")
+        return value
+
     @field_validator("api_tokens")
     @classmethod
     def _check_tokens(cls, value: SecretStr | None) -> SecretStr | None:
         parse_tokens(value)  # raises ValueError naming the bad entry
         return value
+
+    def shown(self) -> dict[str, Any]:
+        """The settings to print: secrets masked, and so are the passwords in URLs."""
+        return {name: mask_url(value) if isinstance(value, str) and "://" in value else value
+                for name, value in self.model_dump().items()}
 
     def tokens(self) -> list[ApiToken]:
         """The configured bearer tokens (hashed)."""
@@ -194,6 +243,40 @@ class Settings(BaseSettings):
 
     def resolved_model_path(self) -> Path:
         return self.model_path or self.cache_dir / "mobilenet_v2_demo.onnx"
+
+
+def _http_url(value: str) -> str:
+    try:
+        parts = urlsplit(value)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and (
+            value == value.strip())
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number in range
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{mask_url(value)!r} is not an http:// or https:// URL with a host")
+    return value
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its passwords as ``***``: the userinfo's (``scheme://user:pw@host``) and a
+    ``password`` query parameter (redis-py reads one: ``unix:///run/redis.sock?password=``).
+    Works on the text, so the rest of the URL is shown exactly as configured."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    # the host starts after the last '@' before the query, even if a password has a raw '/'
+    start = rest.partition("?")[0].partition("#")[0].rfind("@") + 1
+    end = min((i for i in (rest.find(c, start) for c in "/?#") if i >= 0), default=len(rest))
+    netloc, tail = rest[:end], rest[end:]
+    userinfo, at, host = netloc.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if at and colon:
+        netloc = f"{user}:***@{host}"
+    path, question, query = tail.partition("?")
+    query, hash_, fragment = query.partition("#")
+    query = _QUERY_PASSWORD.sub(r"\1***", query)
+    return f"{scheme}://{netloc}{path}{question}{query}{hash_}{fragment}"
 
 
 def parse_tokens(secret: SecretStr | None) -> list[ApiToken]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from typer.testing import CliRunner
 
-from driftline.config import ConfigError, Settings, load_settings
+from driftline.cli import app
+from driftline.config import ConfigError, Settings, load_settings, mask_url
 
 
 def test_defaults_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -40,6 +42,23 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
         ("DRIFTLINE_API_TOKENS", "ana:admin:changeme", "placeholder"),
         ("DRIFTLINE_API_TOKENS", "ana:root:0123456789abcdef0123", "role"),
         ("DRIFTLINE_BUDGET_PERIOD_DAYS", "-1", "greater than"),
+        # accepted once, then every push failed with httpx's UnsupportedProtocol
+        ("DRIFTLINE_ALERTMANAGER_URL", "not-a-url", "http:// or https://"),
+        ("DRIFTLINE_PUBLIC_URL", "garbage", "http:// or https://"),
+        ("DRIFTLINE_ALERT_WEBHOOK_URL", "foo", "http:// or https://"),
+        ("DRIFTLINE_ALERT_WEBHOOK_URL", "ftp://hooks.example/x", "http:// or https://"),
+        ("DRIFTLINE_ALERTMANAGER_URL", "http://", "with a host"),
+        ("DRIFTLINE_ALERTMANAGER_URL", "http://am:port", "with a host"),
+        ("DRIFTLINE_PUBLIC_URL", "", "http:// or https://"),
+        ("DRIFTLINE_EVENTS_TOPIC", "", "topic name"),
+        ("DRIFTLINE_ALERTS_TOPIC", "driftline alerts", "topic name"),
+        ("DRIFTLINE_DLQ_TOPIC", "..", "topic name"),
+        ("DRIFTLINE_SLICE_UPDATES_TOPIC", "t" * 250, "topic name"),
+        ("DRIFTLINE_DETECT_GROUP", " ", "empty"),
+        ("DRIFTLINE_API_HOST", "", "empty"),
+        # accepted once, then onnxruntime quietly ran on the CPU
+        ("DRIFTLINE_ONNX_PROVIDERS", "Bogus", "CPUExecutionProvider"),
+        ("DRIFTLINE_ONNX_PROVIDERS", "", "CPUExecutionProvider"),
     ],
 )
 def test_bad_values_name_the_variable(
@@ -59,3 +78,45 @@ def test_every_setting_is_documented_in_the_readme() -> None:
     missing = [f"DRIFTLINE_{name.upper()}" for name in Settings.model_fields
                if f"DRIFTLINE_{name.upper()}" not in readme]
     assert not missing, f"README configuration table lacks {missing}"
+
+
+def test_legal_urls_topics_and_providers_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DRIFTLINE_ALERTMANAGER_URL", "https://am.example:9093/prefix")
+    monkeypatch.setenv("DRIFTLINE_ALERT_WEBHOOK_URL", "")  # empty: no webhook
+    monkeypatch.setenv("DRIFTLINE_EVENTS_TOPIC", "plant-7.events_v2")
+    monkeypatch.setenv("DRIFTLINE_ONNX_PROVIDERS", "CPUExecutionProvider")
+    settings = load_settings()
+    assert settings.alertmanager_url == "https://am.example:9093/prefix"
+    assert settings.alert_webhook_url is None
+    assert settings.events_topic == "plant-7.events_v2"
+
+
+def test_a_bad_value_stops_the_cli_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DRIFTLINE_ALERTMANAGER_URL", "http://:pw@")
+    result = CliRunner().invoke(app, ["config", "show"])
+    assert result.exit_code == 2
+    assert "DRIFTLINE_ALERTMANAGER_URL" in result.output and "pw" not in result.output
+
+
+def test_config_show_masks_passwords_in_urls(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DRIFTLINE_REDIS_URL", "redis://:s3cret-pw@redis.plant:6379/0")
+    monkeypatch.setenv("DRIFTLINE_ALERTMANAGER_URL", "https://bot:am-pass@am.plant/")
+    monkeypatch.setenv("DRIFTLINE_API_TOKENS", "ana:operator:0123456789abcdef0123")
+    result = CliRunner().invoke(app, ["config", "show"])
+    assert result.exit_code == 0, result.output
+    assert "s3cret-pw" not in result.output and "am-pass" not in result.output
+    assert "0123456789abcdef" not in result.output
+    assert "DRIFTLINE_REDIS_URL=redis://:***@redis.plant:6379/0" in result.output
+    assert "DRIFTLINE_ALERTMANAGER_URL=https://bot:***@am.plant/" in result.output
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://user:p%40ss@h:6379/1", "redis://user:***@h:6379/1"),
+    ("rediss://:pa@ss@h/0", "rediss://:***@h/0"),  # a raw '@' in the password
+    ("redis://:pa/ss@h/0", "redis://:***@h/0"),  # a raw '/' in the password
+    ("unix:///run/redis.sock?db=2&password=pw&x=1", "unix:///run/redis.sock?db=2&password=***&x=1"),
+    ("redis://h:6379/0", "redis://h:6379/0"),
+    ("http://h/a@b", "http://h/a@b"),
+])
+def test_mask_url(url: str, shown: str) -> None:
+    assert mask_url(url) == shown
