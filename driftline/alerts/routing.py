@@ -8,8 +8,8 @@ dead target holds back only itself. Kafka messages carry ``change_id`` for consu
 deduplicate.
 
 Alertmanager identifies an alert by its label set. Each push sends the incident's *current*
-state; when its labels change (severity escalated, root moved) the previous label set is ended
-in the same push. Active incidents are re-sent by :meth:`Router.resend` every
+state; when its labels change (severity escalated, root moved, acknowledged) the previous label
+set is ended in the same push. Active incidents are re-sent by :meth:`Router.resend` every
 ``RESEND_INTERVAL_S``, well under Alertmanager's ``resolve_timeout`` (5 min by default), which
 ends an alert that is not re-sent; a resolved incident is pushed once more with ``endsAt``.
 """
@@ -215,8 +215,14 @@ class Router:
 
     # --- Alertmanager --------------------------------------------------------------------
     def labels(self, inc: Incident) -> dict[str, str]:
+        """The alert's identity in Alertmanager. ``status`` (open, acknowledged) is one of them,
+        so an acknowledgement ends the open alert and starts an acknowledged one, which
+        Alertmanager can route away from the pager (deploy/alertmanager/alertmanager.yml)."""
+        status = inc.status if inc.active else (  # resolved: the label set it is ending
+            Status.acknowledged if any(e.action == "acknowledged" for e in inc.timeline)
+            else Status.open)
         return {"alertname": ALERTNAME, "incident_id": inc.id, "severity": inc.severity.value,
-                "root_template": inc.root.template, **inc.root.dims}
+                "status": status.value, "root_template": inc.root.template, **inc.root.dims}
 
     def alert(self, inc: Incident) -> dict[str, Any]:
         now = self.clock()

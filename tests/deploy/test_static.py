@@ -29,7 +29,7 @@ import driftline.alerts.routing
 import driftline.metrics
 import driftline.runner
 import driftline.service.observe
-from driftline.alerts.model import Incident, Severity
+from driftline.alerts.model import Incident, Severity, Status
 from driftline.alerts.routing import ALERTNAME, Router
 from driftline.config import ENV_PREFIX, Settings, parse_tokens
 from driftline.consumers.kafka_io import BROKER_WAIT_S
@@ -147,7 +147,10 @@ def test_alertmanager_config_and_routes() -> None:
     run(amtool, "check-config", config)
     for labels, receiver in ((["severity=critical"], "oncall-pager"),
                              (["severity=warning"], "oncall-ticket"),
-                             ([f"alertname={ALERTNAME}", "severity=critical"], "oncall-pager"),
+                             ([f"alertname={ALERTNAME}", "severity=critical", "status=open"],
+                              "oncall-pager"),
+                             ([f"alertname={ALERTNAME}", "severity=critical",
+                               "status=acknowledged"], "oncall-ticket"),  # not paged again
                              ([f"alertname={ALERTNAME}", "severity=major"], "oncall-ticket")):
         out = run(amtool, "config", "routes", "test", f"--config.file={config}", *labels)
         assert out.stdout.split() == [receiver], (labels, out.stdout)
@@ -156,7 +159,8 @@ def test_alertmanager_config_and_routes() -> None:
 def pushed_alert_labels() -> set[str]:
     """Label names of the failure book's DriftlineIncident alerts (Router.labels)."""
     root = SimpleNamespace(template="station_shift", dims={"station": "s1", "shift": "night"})
-    incident = SimpleNamespace(id="inc-1", severity=Severity.major, root=root)
+    incident = SimpleNamespace(id="inc-1", severity=Severity.major, root=root,
+                               status=Status.open, active=True, timeline=[])
     return set(Router.labels(cast(Router, None), cast(Incident, incident)))
 
 

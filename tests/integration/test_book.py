@@ -267,8 +267,8 @@ def test_alertmanager_lists_the_alert_while_open_and_not_after_resolve(
     assert len(alerts) == 1
     labels = alerts[0]["labels"]
     assert labels == {"alertname": "DriftlineIncident", "incident_id": inc.id,
-                      "severity": inc.severity.value, "root_template": "station",
-                      "station": "press-3"}
+                      "severity": inc.severity.value, "status": "open",
+                      "root_template": "station", "station": "press-3"}
     assert alerts[0]["annotations"]["link"] == f"{PUBLIC_URL}/api/v1/incidents/{inc.id}"
     assert "press-3" in alerts[0]["annotations"]["summary"]
     assert alerts[0]["annotations"]["onset"].startswith("2023-11-14T22:13:20")
@@ -285,7 +285,10 @@ def test_alertmanager_lists_the_alert_while_open_and_not_after_resolve(
 
     book.acknowledge(inc.id, "alice")
     router.deliver()
-    assert _am_alerts(alertmanager_url, inc.id)[0]["annotations"]["status"] == "acknowledged"
+    # the open alert is ended and an acknowledged one replaces it (routed off the pager)
+    wait_for(lambda: [(a["labels"]["status"], a["annotations"]["status"])
+                      for a in _am_alerts(alertmanager_url, inc.id)]
+             == [("acknowledged", "acknowledged")], 20, "only the acknowledged alert")
     router.resend()  # acknowledged: still active, no longer "open" (the page rules use that)
     assert (active("open"), active("acknowledged")) == (0, 1)
     book.resolve(inc.id, RootCause.optics, None, "bob")
