@@ -65,10 +65,11 @@ class DetectMetrics:
             ["station", "shift", "detector"], registry=registry)
         self.ood_ratio = Gauge(
             "driftline_detect_ood_ratio",
-            "Out-of-distribution rate since the slice's last reset / reference rate",
+            "Out-of-distribution rate over the last hour of event time / reference rate",
             ["station", "shift"], registry=registry)
         self.cluster_share = Gauge(
-            "driftline_detect_cluster_share_ratio", "Share of recent events per cluster",
+            "driftline_detect_cluster_share_ratio",
+            "Share of the last hour's events (event time) per reference cluster",
             ["station", "cluster"], registry=registry)
         self.live_slices = Gauge(
             "driftline_detect_live_slices", "Slices held by this worker", registry=registry)
