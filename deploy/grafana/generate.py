@@ -148,8 +148,9 @@ def fleet() -> Dashboard:
                target("driftline:embed_station_events:rate5m", "{{station}}"), unit="reqps"),
         series("OOD rate / reference rate per station",
                target('driftline_detect_ood_ratio{shift="all"}', "{{station}}"),
-               description="Share of out-of-distribution events since the slice's last "
-                           "reset, over the reference exceedance rate (1 = as in reference)."),
+               description="Share of out-of-distribution events over the last hour of "
+                           "event time, over the reference exceedance rate (1 = as in "
+                           "reference)."),
     ]
     alarms = [
         series("Detector alarms (per hour)",
