@@ -158,16 +158,20 @@ class IncidentProcessor:
         """Step until :meth:`stop`; a Redis outage or any other failure of a step is logged
         and retried, never fatal (the thread dying would stop Alertmanager re-sends, and the
         pages would resolve themselves while the drift goes on)."""
-        while not self.stop_event.is_set():
-            self.beat = time.monotonic()  # liveness: the loop turns
-            try:
-                self.step()
-            except redis.RedisError as exc:
-                log.warning("incident processor step failed", extra={"error": repr(exc)})
-                self.stop_event.wait(1.0)
-            except Exception:  # noqa: BLE001 - a bug must not stop paging: log, back off, retry
-                log.exception("incident processor step failed unexpectedly; retrying")
-                self.stop_event.wait(5.0)
+        try:
+            while not self.stop_event.is_set():
+                self.beat = time.monotonic()  # liveness: the loop turns
+                try:
+                    self.step()
+                except redis.RedisError as exc:
+                    log.warning("incident processor step failed", extra={"error": repr(exc)})
+                    self.stop_event.wait(1.0)
+                except Exception:  # noqa: BLE001 - a bug must not stop paging: log, retry
+                    log.exception("incident processor step failed unexpectedly; retrying")
+                    self.stop_event.wait(5.0)
+        finally:
+            if self.router is not None:
+                self.router.close()
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -276,7 +276,10 @@ class Router:
         return self.push(active)
 
     def close(self) -> None:
+        """Close the HTTP client and the producer (the router owns both)."""
         self.http.close()
+        if self.producer is not None:
+            self.producer.close(timeout=KAFKA_TIMEOUT_S)
 
 
 def _evidence_line(inc: Incident) -> str:

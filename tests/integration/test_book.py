@@ -481,6 +481,9 @@ class _BrokerDown:
     def flush(self, timeout: float | None = None) -> None:
         raise KafkaTimeoutError("Timeout waiting for future")
 
+    def close(self, timeout: float | None = None) -> None:
+        pass
+
 
 def test_a_broker_outage_holds_back_kafka_only_and_alertmanager_still_gets_resends(
         env: Env) -> None:
