@@ -244,3 +244,7 @@ class SliceUpdate(BaseModel):
     label: str | None = None
     loss: float | None = None
     error: bool | None = None
+    late_label: bool = Field(
+        default=False,
+        description="a label or loss that arrived after its event: it updates the error "
+                    "detectors only (``cluster`` is the event's, counted when it was embedded)")

@@ -523,7 +523,7 @@ class FastUpdate:
 
     __slots__ = ("slice_id", "template", "event_id", "ts", "source_partition", "source_offset",
                  "station", "shift", "lot", "baseline", "cluster", "distance", "ood",
-                 "model_version", "prediction", "label", "loss", "error")
+                 "model_version", "prediction", "label", "loss", "error", "late_label")
 
     slice_id: str
     template: str
@@ -543,6 +543,7 @@ class FastUpdate:
     label: str | None
     loss: float | None
     error: bool | None
+    late_label: bool
 
 
 def parse_update(raw: bytes) -> UpdateView:
@@ -568,12 +569,13 @@ def parse_update(raw: bytes) -> UpdateView:
         u.cluster, u.distance, u.ood, u.model_version = c, x, o, m = (
             d.get("cluster"), d.get("distance"), d.get("ood"), d.get("model_version"))
         u.label, u.loss, u.error = lb, ls, e = d.get("label"), d.get("loss"), d.get("error")
+        u.late_label = late = d.get("late_label", False)
         if ((c is not None and type(c) is not int) or (o is not None and type(o) is not bool)
                 or (x is not None and type(x) is not float and type(x) is not int)
                 or (m is not None and type(m) is not str)
                 or (lb is not None and type(lb) is not str)
                 or (ls is not None and type(ls) is not float and type(ls) is not int)
-                or (e is not None and type(e) is not bool)):
+                or (e is not None and type(e) is not bool) or type(late) is not bool):
             raise TypeError("needs validation")
         return u
     except (ValueError, TypeError, KeyError):

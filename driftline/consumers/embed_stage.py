@@ -270,7 +270,7 @@ class EmbedStage:
         return [items[n] for n in kept], vectors[kept]
 
     def _emit(self, item: _Item, label: str | None, loss: float | None,
-              error: bool | None) -> None:
+              error: bool | None, *, late: bool = False) -> None:
         ev, msg = item.event, item.msg
         base = self.reference.baseline_for(ev.station, ev.shift)
         ood = None if item.distance is None else bool(item.distance > base.ood_threshold)
@@ -284,7 +284,7 @@ class EmbedStage:
                 source_partition=msg.partition, source_offset=msg.offset, station=ev.station,
                 shift=ev.shift, lot=ev.lot, baseline=base.key, cluster=item.cluster,
                 distance=item.distance, ood=ood, model_version=ev.model_version,
-                prediction=ev.prediction, label=label, loss=loss, error=error)
+                prediction=ev.prediction, label=label, loss=loss, error=error, late_label=late)
             self._sent += 1
             # one slice-update in LATENCY_SAMPLE_EVERY carries its event's Kafka timestamp in a
             # header, for the detect stage's end-to-end latency (a header, not the record's
@@ -333,7 +333,7 @@ class EmbedStage:
         doc = json.loads(known)
         item.cluster = doc["cluster"]
         error = None if doc["pred"] is None or ev.label is None else doc["pred"] != ev.label
-        self._emit(item, ev.label, ev.loss, error)
+        self._emit(item, ev.label, ev.loss, error, late=True)
 
     def _dead_letter(self, msg: Any, exc: EventRejected, event_id: str | None = None) -> None:
         record = DeadLetter.from_rejection(

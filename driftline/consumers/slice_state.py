@@ -59,6 +59,8 @@ class UpdateView(Protocol):
     def label(self) -> str | None: ...
     @property
     def error(self) -> bool | None: ...
+    @property
+    def late_label(self) -> bool: ...
 
 
 class Baselines(Protocol):
@@ -122,7 +124,9 @@ class SliceState:
         anything."""
         t = upd.ts.timestamp()
         cluster = upd.cluster
-        if cluster is not None and upd.label is None:
+        # a late label (records written before ``late_label`` existed: a label, no distance)
+        late = upd.late_label or (upd.label is not None and upd.distance is None)
+        if cluster is not None and not late:
             key = upd.baseline
             p = self.baselines.cluster_mix(key)
             if not 0 <= cluster < p.size:

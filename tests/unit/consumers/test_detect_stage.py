@@ -39,7 +39,7 @@ from driftline.schema import SliceUpdate
 T0 = datetime(2026, 11, 2, 6, 0, tzinfo=UTC)
 FIELDS = ("slice_id", "template", "event_id", "ts", "source_partition", "source_offset",
           "station", "shift", "lot", "baseline", "cluster", "distance", "ood", "model_version",
-          "prediction", "label", "loss", "error")
+          "prediction", "label", "loss", "error", "late_label")
 
 
 class Msg(NamedTuple):
@@ -98,13 +98,13 @@ def _states(stage: DetectStage) -> dict[str, Any]:
 @given(i=st.integers(0, 10_000), cluster=st.none() | st.integers(0, 2),
        ood=st.none() | st.booleans(), label=st.none() | st.just("scratch"),
        error=st.none() | st.booleans(), loss=st.none() | st.floats(0, 5),
-       version=st.none() | st.just("v2"))
+       version=st.none() | st.just("v2"), late=st.booleans())
 def test_fast_parse_reads_what_pydantic_reads(
     i: int, cluster: int | None, ood: bool | None, label: str | None, error: bool | None,
-    loss: float | None, version: str | None
+    loss: float | None, version: str | None, late: bool
 ) -> None:
     upd = _update(i, cluster=cluster, ood=ood, label=label, error=error, loss=loss,
-                  model_version=version)
+                  model_version=version, late_label=late)
     raw = upd.model_dump_json().encode()
     fast = parse_update(raw)
     assert isinstance(fast, FastUpdate)
@@ -444,3 +444,28 @@ def test_gauges_of_slices_handed_to_another_worker_are_dropped(redis_up: bool) -
     assert {s[1] for s in before} == {"s1", "s2"}
     stage.on_partitions_revoked({TopicPartition("t", 0)})
     assert _series(stage) == {s for s in before if s[1] == "s2"}
+
+
+def test_an_event_sent_with_its_label_counts_for_drift_and_a_late_label_does_not() -> None:
+    """DESIGN §2 lets an inference event carry its label: its cluster and OOD flag must reach
+    the cluster-mix and OOD detectors like any event's (they were skipped as if it were a late
+    label). A late label carries its event's cluster for the expected error only."""
+    plain, labelled = _stage(), _stage()
+    for i in range(0, 300, 2):  # station s1
+        plain.apply_batch(0, [Msg(0, i, _update(i).model_dump_json().encode(), 0)])
+        labelled.apply_batch(0, [Msg(0, i, _update(
+            i, label="scratch", error=i % 3 == 0).model_dump_json().encode(), 0)])
+
+    def seen(stage: DetectStage) -> tuple[Any, ...]:
+        model = stage.parts[0].slices["station=s1"].model
+        det = model.det.detectors
+        counts = model.det.counts.since(0.0)
+        return (counts.n, tuple(counts.clusters), counts.ood, det["cluster_mix"].statistic,
+                det["ood_rate"].statistic)
+
+    assert seen(labelled) == seen(plain) and seen(plain)[0] == 150
+    assert "error_rate" in labelled.parts[0].slices["station=s1"].model.det.detectors
+    before = seen(labelled)
+    late = _update(300, label="scratch", error=True, distance=None, ood=None, late_label=True)
+    labelled.apply_batch(0, [Msg(0, 300, late.model_dump_json().encode(), 0)])
+    assert seen(labelled) == before  # the event was counted when it was embedded

@@ -1,0 +1,43 @@
+"""The embed stage's labels against a real Redis (its prediction cache): a label sent with its
+event and one that arrives later reach the detect stage marked apart."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+import redis
+from prometheus_client import CollectorRegistry
+
+from driftline.consumers.embed_stage import EmbedStage
+from driftline.metrics import EmbedMetrics
+from tests.unit.consumers.test_embed_stage import Embedder, Msg, Producer, Reference, _event
+
+pytestmark = pytest.mark.integration
+
+
+def test_inline_and_late_labels_are_told_apart(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    producer = Producer()
+    stage = EmbedStage(
+        None, producer, events_topic="ev", updates_topic="up",  # type: ignore[arg-type]
+        dlq_topic="dlq", embedder=Embedder(), reference=Reference(), templates=["station"],
+        metrics=EmbedMetrics(CollectorRegistry()), redis_client=client)
+    tag = uuid.uuid4().hex[:8]
+    pred = {"label": "ok", "score": 0.9}
+    stage.process([
+        Msg("ev", 0, 0, b"k", _event(0, "s1", event_id=f"{tag}-0", embedding=[1.0, 0.0, 0.0],
+                                     prediction=pred, label="scratch")),
+        Msg("ev", 0, 1, b"k", _event(1, "s1", event_id=f"{tag}-1", embedding=[0.0, 1.0, 0.0],
+                                     prediction=pred))])
+    stage.process([Msg("ev", 0, 2, b"k", json.dumps({
+        "event_id": f"{tag}-1", "ts": "2026-11-23T09:00:00Z", "station": "s1", "shift": "day",
+        "lot": "L1", "label": "scratch"}).encode())])
+    updates = [json.loads(v) for t, _, v in producer.sent if t == "up"]
+    got = [(u["event_id"], u["label"], u["error"], u["late_label"], u["distance"] is not None)
+           for u in updates]
+    assert got == [(f"{tag}-0", "scratch", True, False, True),  # counted for drift too
+                   (f"{tag}-1", None, None, False, True),
+                   (f"{tag}-1", "scratch", True, True, False)]  # the error detectors only
+    client.close()
