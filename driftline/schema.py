@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 MAX_ID_CHARS = 200
 MAX_SLICE_CHARS = 128
 MAX_EMBEDDING_DIM = 16_384
+FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max
 DEFAULT_MAX_EVENT_BYTES = 8 << 20
 
 SliceValue = Annotated[
@@ -42,6 +43,7 @@ class RejectReason(StrEnum):
     image_undecodable = "image_undecodable"
     image_too_large = "image_too_large"
     embedding_dim = "embedding_dim"
+    embedding_not_finite = "embedding_not_finite"
     unknown_reference = "unknown_reference"
     unknown_event = "unknown_event"
     store_unavailable = "store_unavailable"
@@ -106,8 +108,11 @@ class Event(BaseModel):
     @field_validator("embedding")
     @classmethod
     def _finite_embedding(cls, value: list[float] | None) -> list[float] | None:
-        if value is not None and not all(math.isfinite(x) for x in value):
-            raise ValueError("must contain only finite numbers")
+        # embeddings are float32 (faiss): a larger value would become inf there
+        if value is not None and not all(math.isfinite(x) and abs(x) <= FLOAT32_MAX
+                                         for x in value):
+            raise ValueError(f"must contain only finite numbers of at most {FLOAT32_MAX:.4g} "
+                             "in magnitude (float32)")
         return value
 
     @field_validator("image")

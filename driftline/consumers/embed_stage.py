@@ -260,8 +260,15 @@ class EmbedStage:
                     f"embedding has {len(vec)} dimensions, the reference {self.reference.dim}"),
                     item.event.event_id)
                 continue
-            v = np.asarray(vec, np.float32)
+            v = np.asarray(vec, np.float64)  # float64: squares of large values stay finite
             vectors[n] = v / max(float(np.linalg.norm(v)), 1e-12)
+        for n in np.flatnonzero(~np.isfinite(vectors).all(axis=1)).tolist():
+            if ok[n]:  # e.g. a model exported in float16 overflowing on some input
+                ok[n] = False
+                self._dead_letter(items[n].msg, EventRejected(
+                    RejectReason.embedding_not_finite,
+                    "the model's embedding of this image holds NaN or infinite values"),
+                    items[n].event.event_id)
         kept = [n for n in range(len(items)) if ok[n]]
         if kept:
             clusters, dists = self.reference.assign(vectors[kept])

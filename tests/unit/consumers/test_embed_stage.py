@@ -200,3 +200,29 @@ def test_redis_unreachable_skips_the_cache_and_dead_letters_late_labels() -> Non
     dead = [json.loads(v) for t, _, v in producer.sent if t == "dlq"]
     assert [(d["offset"], d["reason"]) for d in dead] == [(2, "store_unavailable")]
     assert registry.get_sample_value("driftline_embed_redis_skipped_total") == 2
+
+
+class _OverflowingEmbedder(Embedder):
+    """Like a model exported in float16 that overflows on bright images."""
+
+    def embed_images(self, sources: Sequence[ImageSource]) -> tuple[Any, list[Any]]:
+        out, errors = super().embed_images(sources)
+        out[out[:, 0] > 100] = np.inf
+        return out, errors
+
+
+def test_embeddings_that_are_not_finite_in_float32_are_dead_lettered_alone() -> None:
+    producer = Producer()
+    stage = EmbedStage(
+        None, producer, events_topic="ev", updates_topic="up",  # type: ignore[arg-type]
+        dlq_topic="dlq", embedder=_OverflowingEmbedder(), reference=Reference(),
+        templates=["station"], metrics=EmbedMetrics(CollectorRegistry()))
+    values = [_event(0, "s1", embedding=[1e39, 0.0, 0.0]),  # finite, but not in float32
+              _event(1, "s1", embedding=[3e38, 3e38, 0.0]),  # float32, its norm is not
+              _event(2, "s1", image=_jpeg((250, 10, 10))),  # the model overflows
+              _event(3, "s1", image=_jpeg((10, 10, 10)))]
+    stage.process([Msg("ev", 0, n, b"k", v) for n, v in enumerate(values)])
+    dead = [json.loads(v) for t, _, v in producer.sent if t == "dlq"]
+    assert [(d["offset"], d["reason"]) for d in dead] == [(0, "invalid_field"),
+                                                         (2, "embedding_not_finite")]
+    assert [json.loads(v)["event_id"] for t, _, v in producer.sent if t == "up"] == ["e1", "e3"]
