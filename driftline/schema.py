@@ -47,6 +47,7 @@ class RejectReason(StrEnum):
     unknown_reference = "unknown_reference"
     unknown_event = "unknown_event"
     store_unavailable = "store_unavailable"
+    processing_failed = "processing_failed"
 
 
 class EventRejected(ValueError):

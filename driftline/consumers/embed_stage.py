@@ -31,6 +31,7 @@ import faiss
 import numpy as np
 import redis
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaError
 
 from driftline.consumers.checkpoint import REDIS_ERRORS, RedisOutage, retry_redis
 from driftline.consumers.imaging import Base64Image, ImageError, ImageSource
@@ -53,6 +54,8 @@ from driftline.schema import (
 )
 
 log = logging.getLogger(__name__)
+# Failures of the worker, not of an event: never dead-letter events over them.
+STAGE_FATAL = (KafkaError, MemoryError)
 
 # Late labels arrive within hours in a plant; a week covers weekend relabelling campaigns.
 PREDICTION_TTL_S = 7 * 24 * 3600
@@ -140,7 +143,7 @@ class EmbedStage:
                         self._next[tp] = part[-1].offset + 1
                 if msgs:
                     self.progress.count(len(msgs))
-                    self.process(msgs)
+                    self.process_guarded(msgs)
                     self.producer.flush()
                     self._commit()
                 self._report_lag()
@@ -182,6 +185,37 @@ class EmbedStage:
                         extra={"error": repr(exc)})
 
     # --- one batch -----------------------------------------------------------------------
+    def process_guarded(self, msgs: Sequence[Any]) -> None:
+        """:meth:`process`, guarded against an event that breaks it in an unforeseen way (a
+        bug, a library error on odd input): the batch is processed again one event at a time
+        and the events that fail alone go to the dead-letter topic as ``processing_failed``
+        with the error, instead of the worker dying on the same offset after every restart.
+        Updates already sent for the batch may go again; the detect stage skips them by source
+        offset. Kafka errors, and a batch whose every event fails alone (the fault is not in
+        the events), still stop the worker, so its supervisor restarts it."""
+        try:
+            self.process(msgs)
+            return
+        except STAGE_FATAL:
+            raise
+        except Exception:
+            log.exception("batch failed; processing its events one at a time",
+                          extra={"events": len(msgs)})
+        failed: list[tuple[Any, Exception]] = []
+        for msg in msgs:
+            try:
+                self.process([msg])
+            except STAGE_FATAL:
+                raise
+            except Exception as exc:  # noqa: BLE001 - dead-lettered with its error below
+                failed.append((msg, exc))
+        if len(msgs) > 1 and len(failed) == len(msgs):
+            raise RuntimeError(f"all {len(msgs)} events of the batch failed one by one: the "
+                               "fault is not in the events") from failed[0][1]
+        for msg, error in failed:
+            self._dead_letter(msg, EventRejected(RejectReason.processing_failed,
+                                                 f"{type(error).__name__}: {error}"))
+
     def process(self, msgs: Sequence[Any]) -> None:
         """Steps 2–4 of the module docstring for one polled batch."""
         self.metrics.batch_size.observe(len(msgs))

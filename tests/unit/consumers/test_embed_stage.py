@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
+import pytest
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
@@ -226,3 +227,40 @@ def test_embeddings_that_are_not_finite_in_float32_are_dead_lettered_alone() -> 
     assert [(d["offset"], d["reason"]) for d in dead] == [(0, "invalid_field"),
                                                          (2, "embedding_not_finite")]
     assert [json.loads(v)["event_id"] for t, _, v in producer.sent if t == "up"] == ["e1", "e3"]
+
+
+class _FragileReference(Reference):
+    """Breaks, as a library could on odd input, on embeddings with a large second value."""
+
+    def assign(self, emb: Any) -> tuple[Any, Any]:
+        if (np.asarray(emb)[:, 1] > 0.5).any():
+            raise RuntimeError("index: unexpected input")
+        return super().assign(emb)
+
+
+def _fragile_stage(producer: Producer) -> EmbedStage:
+    return EmbedStage(
+        None, producer, events_topic="ev", updates_topic="up",  # type: ignore[arg-type]
+        dlq_topic="dlq", embedder=Embedder(), reference=_FragileReference(),
+        templates=["station"], metrics=EmbedMetrics(CollectorRegistry()))
+
+
+def test_an_event_that_breaks_the_batch_is_dead_lettered_and_the_rest_go_on() -> None:
+    producer = Producer()
+    values = [_event(n, "s1", embedding=[1.0, 7.0 if n == 2 else 0.0, 0.0]) for n in range(4)]
+    _fragile_stage(producer).process_guarded(
+        [Msg("ev", 0, n, b"k", v) for n, v in enumerate(values)])
+    dead = [json.loads(v) for t, _, v in producer.sent if t == "dlq"]
+    assert [(d["offset"], d["reason"]) for d in dead] == [(2, "processing_failed")]
+    assert "RuntimeError: index: unexpected input" in dead[0]["detail"]
+    assert sorted({json.loads(v)["event_id"] for t, _, v in producer.sent if t == "up"}) == [
+        "e0", "e1", "e3"]
+
+
+def test_a_batch_whose_every_event_fails_alone_stops_the_worker() -> None:
+    producer = Producer()
+    values = [_event(n, "s1", embedding=[1.0, 7.0, 0.0]) for n in range(3)]
+    with pytest.raises(RuntimeError, match="the fault is not in the events"):
+        _fragile_stage(producer).process_guarded(
+            [Msg("ev", 0, n, b"k", v) for n, v in enumerate(values)])
+    assert [t for t, _, _ in producer.sent if t == "dlq"] == []
