@@ -149,6 +149,7 @@ class EmbedStage:
                 self._report_lag()
         finally:
             self.producer.flush()
+            self.producer.close(timeout=10)  # the stage owns it: its sender thread ends too
             self.consumer.close(autocommit=False)
 
     def _subscribe(self) -> None:
