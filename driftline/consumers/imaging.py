@@ -10,8 +10,22 @@ then decides whether the bytes are bad. libjpeg-turbo's 3/8 scale (288×216, the
 up) would save another ~0.2 ms but moves the embeddings (cosine ≈ 0.993 to these), and so every
 reference's distances: not worth it. Huffman decoding (~1.2 ms for 110 kB) no scale can avoid.
 
+What the model sees, whatever the file holds:
+
+- EXIF orientation is applied (as :func:`PIL.ImageOps.exif_transpose` does), on both paths: the
+  fast path reads the tag from the JPEG's APP1 segment itself (a few µs, no PIL) and decodes at
+  the scale that covers the target once turned.
+- 16-bit and float pixels are scaled to 8 bits by a fixed range, never per image (a darker
+  frame must stay darker): ``I;16*`` by its full range (v / 257, so 12-bit data in a 16-bit
+  container comes out at 1/16 brightness, in the reference as live); ``I`` (32-bit integers,
+  which Pillow also uses for some 16-bit files) likewise, clipped to 0–65535; ``F`` as 0–1,
+  clipped, NaN as 0. Without this ``convert("RGB")`` clips them, and nearly every frame is white.
+- Alpha is dropped: each pixel's stored colour is used whatever its opacity (not composited on
+  any background), and a palette's transparency likewise.
+
 Every failure is a typed :class:`ImageError` whose ``reason`` is the dead-letter
-:class:`~driftline.schema.RejectReason`; nothing here raises anything else for bad input.
+:class:`~driftline.schema.RejectReason`: any exception while decoding one image's bytes (Pillow
+has raised ``TypeError`` on a fuzzed TIFF) is that image's :class:`ImageDecodeError`.
 """
 
 from __future__ import annotations
@@ -19,6 +33,7 @@ from __future__ import annotations
 import binascii
 import io
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,7 +44,7 @@ import numpy as np
 import pybase64
 import simplejpeg
 from numpy.typing import NDArray
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from driftline.schema import RejectReason
 
@@ -56,6 +71,13 @@ class ImageTooLargeError(ImageError):
     """Encoded bytes or decoded pixel count above the configured limit."""
 
     reason = RejectReason.image_too_large
+
+
+class ImageProcessingError(ImageError):
+    """An unforeseen failure while preparing one image that no decode guard names (a bug, a
+    library error); ``detail`` holds the error."""
+
+    reason = RejectReason.processing_failed
 
 
 @dataclass(frozen=True)
@@ -105,27 +127,105 @@ def decode_image(
     """
     if len(data) > limits.max_bytes:
         raise ImageTooLargeError(f"{len(data)} bytes > max {limits.max_bytes}")
-    height, width = size
-    if data[:3] == _JPEG_SOI and "JPEG" in limits.formats:
-        decoded = _decode_jpeg(data, width, height, limits)
-        if decoded is not None:
-            return np.asarray(_resize(Image.fromarray(decoded), width, height, fit), np.uint8)
     try:
-        with Image.open(io.BytesIO(data), formats=limits.formats) as img:
-            if img.width * img.height > limits.max_pixels:
-                raise ImageTooLargeError(
-                    f"{img.width}x{img.height} pixels > max {limits.max_pixels}")
-            if img.format == "JPEG":
-                img.draft("RGB", (width, height))
-            rgb = img.convert("RGB") if img.mode != "RGB" else img
-            rgb.load()
-            return np.asarray(_resize(rgb, width, height, fit), dtype=np.uint8)
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(str(exc)) from None
+        return _decode(data, size, fit, limits)
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - whatever the decoder raises, these bytes are bad
         raise ImageDecodeError(f"{type(exc).__name__}: {exc}"[:500]) from None
+
+
+def _decode(data: bytes, size: tuple[int, int], fit: Fit,
+            limits: ImageLimits) -> NDArray[np.uint8]:
+    height, width = size
+    if data[:3] == _JPEG_SOI and "JPEG" in limits.formats:
+        turn = _TRANSPOSE.get(_jpeg_orientation(data))
+        decoded = _decode_jpeg(data, *_stored_target(width, height, turn), limits)
+        if decoded is not None:
+            img = Image.fromarray(decoded)
+            return np.asarray(_resize(_turned(img, turn), width, height, fit), np.uint8)
+    with Image.open(io.BytesIO(data), formats=limits.formats) as img:
+        if img.width * img.height > limits.max_pixels:
+            raise ImageTooLargeError(f"{img.width}x{img.height} pixels > max {limits.max_pixels}")
+        if img.format == "JPEG":
+            img.draft("RGB", _stored_target(width, height, _turn_of(img)))
+        img.load()  # Pillow's TIFF loader turns the image itself, and drops the tag
+        rgb = _turned(_to_rgb(img), _turn_of(img))
+        return np.asarray(_resize(rgb, width, height, fit), dtype=np.uint8)
+
+
+_ORIENTATION = 0x0112
+# EXIF orientation → the transpose that shows the image upright (as ImageOps.exif_transpose)
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90,
+}
+_QUARTER_TURNS = (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270,
+                  Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90)
+
+
+def _stored_target(width: int, height: int, turn: Image.Transpose | None) -> tuple[int, int]:
+    """The target ``(width, height)`` in the stored image's axes (swapped by a quarter turn)."""
+    return (height, width) if turn in _QUARTER_TURNS else (width, height)
+
+
+def _turn_of(img: Image.Image) -> Image.Transpose | None:
+    orientation = img.getexif().get(_ORIENTATION)
+    return _TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+
+
+def _turned(img: Image.Image, turn: Image.Transpose | None) -> Image.Image:
+    return img if turn is None else img.transpose(turn)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, with 16-bit and float pixels scaled by a fixed range first (module docstring)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        px = np.asarray(img, np.float64)
+        if img.mode == "F":
+            px = np.nan_to_num(px, nan=0.0) * 255.0
+        else:
+            px = px / 257.0  # 65535 → 255
+        img = Image.fromarray(np.clip(np.rint(px), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
+def _jpeg_orientation(data: bytes) -> int:
+    """The EXIF orientation in a JPEG's APP1 segment (1, upright, if none or unreadable)."""
+    pos, end = 2, len(data)
+    while pos + 4 <= end and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xDA, 0xD9) or 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return 1  # start of scan or of frame: the EXIF segment comes before both
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        if marker == 0xE1 and data[pos + 4:pos + 10] == b"Exif\0\0":
+            return _tiff_orientation(data[pos + 10:pos + 2 + length])
+        pos += 2 + length
+    return 1
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    """Orientation (tag 0x0112, SHORT) from IFD0 of the TIFF structure inside an EXIF segment."""
+    order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return 1
+    (ifd,) = struct.unpack_from(order + "I", tiff, 4)
+    if ifd + 2 > len(tiff):
+        return 1
+    (count,) = struct.unpack_from(order + "H", tiff, ifd)
+    for at in range(ifd + 2, min(ifd + 2 + 12 * count, len(tiff) - 11), 12):
+        tag, kind, _, value = struct.unpack_from(order + "HHIH", tiff, at)
+        if tag == _ORIENTATION:
+            return value if kind == 3 else 1
+    return 1
 
 
 _JPEG_SOI = b"\xff\xd8\xff"
