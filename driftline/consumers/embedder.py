@@ -9,11 +9,20 @@ onnxruntime's images/s, decoding each batch on every core between two runs 0.78 
 is 0.80). So then batches alternate: decode on all cores, infer on all cores. onnxruntime's
 workers do not spin-wait by default: alone it was no slower (197 vs 196 images/s), and spinning
 workers keep the cores from the decoder after ``run`` returns (0.69 instead of 0.78).
+
+A tensor of more than two dimensions is pooled over the axes its ``output_layout`` names: the
+spatial axes of ``NCHW``/``NHWC`` maps, the tokens of ``NLC`` (``[N, tokens, hidden]``, as
+transformers give: a hidden-size embedding, any class token averaged in with the others) or the
+length of ``NCL``. ``"auto"`` takes a 4-D tensor in the input's layout only when its shape says
+so — its spatial axes in that layout keep the input's aspect ratio (to within an output pixel)
+and in the other layout do not — and refuses to guess otherwise, 3-D tensors included: pooling
+the wrong axes gives an embedding that looks fine and means nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -24,12 +33,21 @@ from typing import Any, Literal, Self
 import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
-from driftline.consumers.imaging import Fit, ImageError, ImageLimits, ImageSource, load_image
+from driftline.consumers.imaging import (
+    Fit,
+    ImageError,
+    ImageLimits,
+    ImageProcessingError,
+    ImageSource,
+    load_image,
+)
 from driftline.consumers.onnx_graph import expose_tensor, list_tensors
 
 __all__ = ["Embedder", "EmbedderConfig", "expose_tensor", "list_tensors"]
+
+log = logging.getLogger(__name__)
 
 F32 = NDArray[np.float32]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -38,6 +56,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # for the free core; more would preempt onnxruntime's threads (see the module docstring).
 OVERLAP_DECODE_TASKS = 1
 
+OutputLayout = Literal["auto", "NC", "NCHW", "NHWC", "NLC", "NCL"]
+# per layout: the tensor's rank and the axes pooled (batch axis 0 included in the count)
+_OUTPUT_RANK = {"NC": 2, "NCHW": 4, "NHWC": 4, "NLC": 3, "NCL": 3}
+_POOL_AXES: dict[str, tuple[int, ...]] = {
+    "NC": (), "NCHW": (2, 3), "NHWC": (1, 2), "NLC": (1,), "NCL": (2,)}
+
 
 class EmbedderConfig(BaseModel):
     """How to turn an image into the model's input and its output into an embedding.
@@ -45,6 +69,7 @@ class EmbedderConfig(BaseModel):
     ``output_name`` is a graph output or any intermediate tensor (``None``: first output).
     ``input_size`` (h, w) and ``layout`` default to what the model's input shape declares.
     Pixels go ``x * scale``, then ``(x - mean) / std`` per channel, in ``color_order``.
+    ``output_layout`` names the axes of that tensor, for ``pooling`` (module docstring).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -52,15 +77,16 @@ class EmbedderConfig(BaseModel):
     model_path: Path
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     input_name: str | None = None
-    input_size: tuple[int, int] | None = None
+    input_size: tuple[PositiveInt, PositiveInt] | None = None
     layout: Literal["NCHW", "NHWC"] | None = None
     color_order: Literal["RGB", "BGR"] = "RGB"
-    scale: float = 1.0 / 255.0
+    scale: PositiveFloat = 1.0 / 255.0
     mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = IMAGENET_STD
     fit: Fit = "stretch"
     output_name: str | None = None
     pooling: Literal["avg", "max", "none"] = "avg"
+    output_layout: OutputLayout = "auto"
     l2_normalize: bool = True
     batch_size: int = Field(default=32, ge=1)
     intra_op_threads: int = Field(default=0, ge=0, description="0: onnxruntime's default")
@@ -77,7 +103,11 @@ class EmbedderConfig(BaseModel):
         """Rebuild the preprocessing recorded by :meth:`Embedder.describe` (e.g. in a reference)."""
         keys = ("input_name", "input_size", "layout", "color_order", "scale", "mean", "std",
                 "fit", "output_name", "pooling", "l2_normalize")
-        return cls(model_path=model_path, **{k: desc[k] for k in keys}, **runtime)
+        # references built before output_layout was recorded pooled as "auto" now does, or
+        # pooled the wrong axes: "auto" refuses those
+        layout = desc.get("output_layout", "auto")
+        return cls(model_path=model_path, **{k: desc[k] for k in keys}, output_layout=layout,
+                   **runtime)
 
 
 class Embedder:
@@ -110,6 +140,9 @@ class Embedder:
         self.overlap_decode = 0 < config.intra_op_threads < cores and self._pool is not None
         raw = self._raw(np.zeros(self._alloc(self._fixed_batch or 1).shape, np.float32))
         self.output_shape: tuple[int, ...] = raw.shape[1:]
+        self.output_layout: OutputLayout = _output_layout(
+            self.output_name, self.output_shape, config.output_layout, config.pooling,
+            self.layout, self.input_size)
         self.dim = int(self._pool_output(raw).shape[1])
 
     def close(self) -> None:
@@ -125,7 +158,8 @@ class Embedder:
             "layout": self.layout, "color_order": c.color_order, "scale": c.scale,
             "mean": list(c.mean), "std": list(c.std), "fit": c.fit,
             "output_name": self.output_name, "output_shape": list(self.output_shape),
-            "pooling": c.pooling, "l2_normalize": c.l2_normalize, "dim": self.dim,
+            "output_layout": self.output_layout, "pooling": c.pooling,
+            "l2_normalize": c.l2_normalize, "dim": self.dim,
         }
 
     def preprocess(self, images: NDArray[np.uint8]) -> F32:
@@ -153,6 +187,8 @@ class Embedder:
 
         Returns ``(embeddings [N, dim], errors)``: a failed item has a NaN row and its
         :class:`ImageError` (whose ``reason`` is the dead-letter reason) at the same index.
+        An item that fails in an unforeseen way gets an :class:`ImageProcessingError`, unless
+        no item succeeds: then the fault may not be in the images, and that error is raised.
         """
         out = np.full((len(sources), self.dim), np.nan, np.float32)
         errors: list[ImageError | None] = [None] * len(sources)
@@ -169,6 +205,9 @@ class Embedder:
             if ok.any():
                 rows = np.flatnonzero(ok) + start
                 out[rows] = self._infer(tensor if ok.all() else tensor[ok])
+        unforeseen = [e for e in errors if isinstance(e, ImageProcessingError)]
+        if unforeseen and all(e is not None for e in errors):
+            raise unforeseen[0].__cause__ or unforeseen[0]
         return out, errors
 
     def _submit(self, sources: Sequence[ImageSource], start: int, errors: list[ImageError | None],
@@ -178,13 +217,17 @@ class Embedder:
 
         def work(lo: int, hi: int) -> None:
             for i in range(lo, hi):
-                try:
+                try:  # one image's failure, whatever it is, is that image's, not the batch's
                     img = load_image(sources[i], self.input_size, fit=self.config.fit,
                                      limits=self._limits)
+                    self._normalise_into(img, tensor[i - start])
                 except ImageError as exc:
                     errors[i] = exc
-                    continue
-                self._normalise_into(img, tensor[i - start])
+                except Exception as exc:  # noqa: BLE001 - a bug or library error: kept with it
+                    log.exception("unforeseen failure preparing an image")
+                    error = ImageProcessingError(f"{type(exc).__name__}: {exc}"[:500])
+                    error.__cause__ = exc
+                    errors[i] = error
 
         if self._pool is None:
             work(start, stop)
@@ -226,9 +269,8 @@ class Embedder:
         return np.asarray(raw, np.float32)
 
     def _pool_output(self, raw: F32) -> F32:
-        if raw.ndim > 2 and self.config.pooling != "none":
-            axes = tuple(range(2, raw.ndim)) if self.layout == "NCHW" or raw.ndim == 3 \
-                else tuple(range(1, raw.ndim - 1))
+        axes = _POOL_AXES.get(self.output_layout, ())
+        if axes and self.config.pooling != "none":
             raw = raw.mean(axis=axes) if self.config.pooling == "avg" else raw.max(axis=axes)
         emb = raw.reshape(len(raw), -1).astype(np.float32, copy=False)
         if self.config.l2_normalize:
@@ -271,7 +313,8 @@ def _pick_input(session: ort.InferenceSession, name: str | None) -> Any:
     for inp in inputs:
         if inp.name == name:
             return inp
-    raise ValueError(f"input {name!r} not in model inputs {[i.name for i in inputs]}")
+    raise ValueError(f"input_name {name!r} is not one of the model's inputs "
+                     f"{[i.name for i in inputs]}")
 
 
 def _input_geometry(
@@ -289,3 +332,47 @@ def _input_geometry(
             raise ValueError(f"input shape {shape} has dynamic spatial dims; set input_size")
         size = (int(spatial[0]), int(spatial[1]))
     return ("NCHW" if layout == "NCHW" else "NHWC"), size
+
+
+def _output_layout(
+    name: str, shape: tuple[int, ...], wanted: OutputLayout, pooling: str,
+    input_layout: str, input_size: tuple[int, int],
+) -> OutputLayout:
+    """The layout of output ``name`` (``shape`` without the batch axis); refuses to guess."""
+    dims = f"{name!r} [N, {', '.join(map(str, shape))}]"
+    rank = len(shape) + 1
+    if wanted != "auto":
+        if rank != _OUTPUT_RANK[wanted]:
+            raise ValueError(f"output_layout {wanted} is for {_OUTPUT_RANK[wanted]}-D tensors; "
+                             f"{dims} is {rank}-D")
+        return wanted
+    if rank == 2:
+        return "NC"
+    if pooling == "none":
+        return "auto"  # flattened as it is: no axis to choose
+    if rank == 3:
+        raise ValueError(f"cannot tell which axis of {dims} to pool: set output_layout to NLC "
+                         "([N, tokens, hidden]: pooled over tokens) or NCL ([N, channels, "
+                         "length]), or pooling to none")
+    if rank != 4:
+        raise ValueError(f"{dims} is {rank}-D; pooling takes 3-D (output_layout NLC or NCL) "
+                         "or 4-D (NCHW or NHWC) tensors: set pooling to none to flatten it")
+    fits = [lay for lay in ("NCHW", "NHWC") if _keeps_aspect(shape, lay, input_size)]
+    if fits == [input_layout]:
+        return "NCHW" if input_layout == "NCHW" else "NHWC"
+    if not fits:
+        why = "its shape fits neither NCHW nor NHWC"
+    elif len(fits) == 2:
+        why = "its shape reads as both NCHW and NHWC"
+    else:
+        why = f"its shape reads as {fits[0]} but the input is {input_layout}"
+    raise ValueError(f"cannot tell the channel axis of {dims}: {why}; set output_layout to "
+                     "NCHW or NHWC")
+
+
+def _keeps_aspect(shape: tuple[int, ...], layout: str, input_size: tuple[int, int]) -> bool:
+    """Whether ``shape`` [C, H, W] (NCHW) or [H, W, C] has the input's aspect ratio, to within
+    one output pixel on each axis (strided layers round each side by less than one)."""
+    h, w = shape[1:3] if layout == "NCHW" else shape[0:2]
+    h_in, w_in = input_size
+    return abs(h * w_in - w * h_in) < h_in + w_in
