@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from pydantic import ValidationError
@@ -30,6 +31,34 @@ def read_manifest(path: Path) -> Iterator[Event]:
                 raise ReferenceError(f"{path}:{number}: {where}: {first['msg']}") from None
 
 
+def _numbers(text: str | None, flag: str, cast: type[float] | type[int], example: str) -> Any:
+    """The numbers of one option's value, written like ``example``, or None if not given."""
+    if text is None:
+        return None
+    sep = "x" if "x" in example else ","
+    try:
+        values = tuple(cast(p) for p in text.lower().replace(sep, " ").split())
+    except ValueError:
+        values = ()
+    if len(values) != len(example.split(sep)):
+        raise typer.BadParameter(f"{text!r}: write it like {example}", param_hint=f"'{flag}'")
+    return values
+
+
+# EmbedderConfig fields set by flags of other names; the others are --field-name
+_FLAG_OF = {"output_name": "--embedding-layer", "intra_op_threads": "--threads"}
+
+
+def _flag(field: str) -> str:
+    return _FLAG_OF.get(field, "--" + field.replace("_", "-"))
+
+
+def _with_flags(message: str) -> str:
+    """An embedder error naming a setting (``set input_size``) also names its flag."""
+    return re.sub(r"\b(input_name|input_size|layout|output_layout|pooling)\b",
+                  lambda m: f"{m[1]} ({_flag(m[1])})", message)
+
+
 def _default_model() -> Path:
     from driftline.config import load_settings
 
@@ -45,7 +74,33 @@ def build(
     k: Annotated[int | None, typer.Option(help="Clusters (default round(sqrt(n/10)))")] = None,
     embedding_layer: Annotated[str | None, typer.Option(
         help="Graph output or intermediate tensor used as the embedding")] = None,
-    pooling: Annotated[str, typer.Option(help="avg | max | none, for >2-D tensors")] = "avg",
+    pooling: Annotated[Literal["avg", "max", "none"], typer.Option(
+        help="How a >2-D tensor becomes a vector (none: flattened)")] = "avg",
+    output_layout: Annotated[Literal["auto", "NC", "NCHW", "NHWC", "NLC", "NCL"], typer.Option(
+        help="Axes of the embedding tensor, for pooling: NCHW/NHWC maps, NLC tokens×hidden "
+             "(pooled over tokens), NCL; auto refuses to guess")] = "auto",
+    input_name: Annotated[str | None, typer.Option(
+        help="Model input fed the image (default: the only input)")] = None,
+    input_size: Annotated[str | None, typer.Option(
+        help="HxW, e.g. 224x224 (default: from the model; needed if its dims are dynamic)")
+    ] = None,
+    layout: Annotated[Literal["NCHW", "NHWC"] | None, typer.Option(
+        help="Input layout (default: from the model's input shape)")] = None,
+    color_order: Annotated[Literal["RGB", "BGR"] | None, typer.Option(
+        help="Channel order the model expects [default: RGB]")] = None,
+    scale: Annotated[float | None, typer.Option(
+        help="Pixels are multiplied by this first [default: 1/255]")] = None,
+    mean: Annotated[str | None, typer.Option(
+        help="Per-channel mean subtracted after scaling, e.g. 0.485,0.456,0.406 "
+             "[default: ImageNet's]")] = None,
+    std: Annotated[str | None, typer.Option(
+        help="Per-channel divisor after the mean, e.g. 0.229,0.224,0.225 [default: ImageNet's]")
+    ] = None,
+    fit: Annotated[Literal["stretch", "center_crop"] | None, typer.Option(
+        help="Resize the whole frame, or keep aspect and crop the centre [default: stretch]")
+    ] = None,
+    l2_normalize: Annotated[bool, typer.Option(
+        help="L2-normalise each embedding")] = True,
     pca_dim: Annotated[int | None, typer.Option(help="Reduce to this many PCA axes")] = None,
     quantile: Annotated[float, typer.Option(help="OOD threshold quantile")] = 0.99,
     min_count: Annotated[int, typer.Option(help="Fewest samples for a baseline")] = 200,
@@ -61,15 +116,31 @@ def build(
     from driftline.consumers.embedder import Embedder, EmbedderConfig
     from driftline.reference.build import build_reference
 
+    given = {"input_name": input_name, "layout": layout, "color_order": color_order,
+             "scale": scale, "fit": fit,
+             "input_size": _numbers(input_size, "--input-size", int, "224x224"),
+             "mean": _numbers(mean, "--mean", float, "0.485,0.456,0.406"),
+             "std": _numbers(std, "--std", float, "0.229,0.224,0.225")}
+    try:  # checked before the manifest is read; the model path is resolved when images need it
+        config = EmbedderConfig.model_validate({
+            "model_path": model or Path("model.onnx"), "batch_size": batch_size,
+            "output_name": embedding_layer, "pooling": pooling, "output_layout": output_layout,
+            "l2_normalize": l2_normalize, "intra_op_threads": threads,
+            **{k: v for k, v in given.items() if v is not None}})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise typer.BadParameter(first["msg"],
+                                 param_hint=f"'{_flag(str(first['loc'][0]))}'") from None
     events = read_manifest(manifest)
     try:
         head = list(itertools.islice(events, 1))
         embedder = None
         if head and head[0].embedding is None:
-            embedder = Embedder(EmbedderConfig.model_validate({
-                "model_path": model or _default_model(), "batch_size": batch_size,
-                "output_name": embedding_layer, "pooling": pooling,
-                "intra_op_threads": threads}))
+            try:
+                embedder = Embedder(config.model_copy(
+                    update={"model_path": model or _default_model()}))
+            except ValueError as exc:
+                raise ValueError(_with_flags(str(exc))) from None
         ref = build_reference(itertools.chain(head, events), embedder, out, k=k, pca_dim=pca_dim,
                               quantile=quantile, min_count=min_count, alpha=alpha,
                               exclude_within_s=exclude_window, seed=seed, overwrite=overwrite,
@@ -116,7 +187,8 @@ def summary(m: dict[str, Any]) -> str:
     if emb["model"] is not None:
         d = emb["model"]
         lines.append(f"model {d['model_file']} sha256 {d['model_sha256'][:12]}…  layer "
-                     f"{d['output_name']} {d['output_shape']} pooling {d['pooling']}  input "
+                     f"{d['output_name']} {d['output_shape']} {d.get('output_layout', 'auto')} "
+                     f"pooling {d['pooling']}  input "
                      f"{d['input_size'][0]}x{d['input_size'][1]} {d['layout']} {d['color_order']}")
     else:
         lines.append("precomputed embeddings, model versions: "
