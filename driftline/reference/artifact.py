@@ -13,12 +13,20 @@ Layout of a reference directory::
 
 The directory is written under a temporary name and renamed into place, so a reader never sees
 half an artifact. Arrays are loaded with ``allow_pickle=False``.
+
+``reference_id`` is a content hash of the whole manifest — clusters, baselines, OOD thresholds
+and rates, build parameters, and the sha256 of every array — except :data:`VOLATILE` fields
+(``created_at``): two builds that differ in anything a detector reads get different ids, the
+same build repeated gets the same id, and a manifest edited after the build is refused on load.
+Format 1 artifacts (whose id covered the arrays only) are still read, with a warning: their
+arrays are checked, their manifest cannot be.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -29,9 +37,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 FORMAT = "driftline-reference"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: reference_id covered the arrays only, the manifest unchecked
 MANIFEST = "manifest.json"
 REQUIRED_ARRAYS = ("centroids", "embeddings", "clusters", "distances", "event_ids")
+VOLATILE = ("created_at",)  # left out of reference_id: a rebuild of the same content is the same
+
+log = logging.getLogger(__name__)
 
 
 class ReferenceError(Exception):  # shadows the builtin on purpose: the name driftline uses
@@ -45,6 +57,20 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def content_id(manifest: dict[str, Any]) -> str:
+    """``reference_id`` of a (format 2) manifest: sha256 of its canonical JSON, 16 hex digits,
+    without ``reference_id`` itself and the :data:`VOLATILE` fields.
+
+    The manifest is taken through JSON first, so the id computed when writing equals the one
+    recomputed from the file (tuples become lists, float reprs round-trip exactly).
+    """
+    doc = json.loads(json.dumps(manifest))
+    for key in ("reference_id", *VOLATILE):
+        doc.pop(key, None)
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def write_artifact(out_dir: Path, manifest: dict[str, Any], arrays: dict[str, NDArray[Any]],
@@ -62,10 +88,9 @@ def write_artifact(out_dir: Path, manifest: dict[str, Any], arrays: dict[str, ND
             np.save(path, arr, allow_pickle=False)
             entries[name] = {"file": path.name, "sha256": file_sha256(path),
                              "shape": list(arr.shape), "dtype": arr.dtype.str}
-        content_hash = hashlib.sha256(json.dumps(
-            {n: e["sha256"] for n, e in sorted(entries.items())}).encode()).hexdigest()
-        full = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                "reference_id": content_hash[:16], **manifest, "arrays": entries}
+        full = {"format": FORMAT, "format_version": FORMAT_VERSION, "reference_id": "",
+                **manifest, "arrays": entries}
+        full["reference_id"] = content_id(full)
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=False) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -87,9 +112,18 @@ def read_artifact(ref_dir: Path) -> tuple[dict[str, Any], dict[str, NDArray[Any]
         raise ReferenceError(f"{ref_dir / MANIFEST} is unreadable: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ReferenceError(f"{ref_dir / MANIFEST} is not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ReferenceError(f"{ref_dir}: format version {manifest.get('format_version')!r} "
-                             f"is not supported (this driftline reads {FORMAT_VERSION})")
+    version = manifest.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise ReferenceError(f"{ref_dir}: format version {version!r} is not supported (this "
+                             f"driftline reads {', '.join(map(str, READABLE_VERSIONS))})")
+    if version == 1:
+        log.warning("reference %s is format 1: its manifest (baselines, thresholds) cannot be "
+                    "verified; rebuild it to get a content-hashed id", ref_dir)
+    elif content_id(manifest) != manifest.get("reference_id"):
+        raise ReferenceError(
+            f"{ref_dir / MANIFEST} was modified after the build: its content hashes to "
+            f"{content_id(manifest)}, not to its reference_id {manifest.get('reference_id')!r} "
+            "(rebuild the reference rather than editing its manifest)")
     entries = manifest.get("arrays", {})
     missing = [n for n in REQUIRED_ARRAYS if n not in entries]
     if missing:
