@@ -6,7 +6,9 @@
 4. run the service (embed, detect, failure book, HTTP) against the stack;
 5. stream the plant's next days through Kafka, with three incidents injected at known times;
 6. wait until every event is applied and the book is up to date, then print, per injection, the
-   incident found, its root slice, onset error and detection delay — and any false incident;
+   incident found, its root slice, onset error and detection delay — and any false incident —
+   and, per incident, what changed: the detectors that fired, the clusters whose share moved
+   most (with the reference's description of each) and the OOD rate against the reference's;
 7. fetch each incident's first exemplar thumbnail through the HTTP API, as on-call would.
 
 Exit status 0 only if every injection is found, rooted at the right slice, nothing else opened,
@@ -31,6 +33,7 @@ from kafka import KafkaProducer
 
 from driftline.alerts.book import FailureBook
 from driftline.config import load_settings
+from driftline.demo.explain import what_changed
 from driftline.demo.plant import STATIONS, Injection, Plant, PlantConfig, load_pools
 from driftline.localstack import start_stack
 from driftline.runner import ROLES, Service
@@ -84,7 +87,8 @@ def match(injections: list[Injection], incidents: list[dict[str, Any]]) -> tuple
     return outcomes, left
 
 
-def report(outcomes: list[Outcome], false: list[dict[str, Any]], period_s: float) -> str:
+def report(outcomes: list[Outcome], false: list[dict[str, Any]], period_s: float,
+           clusters: dict[int, dict[str, Any]] | None = None) -> str:
     rows = ["| injected | expected root | root found | onset error | delay (events) | "
             "delay (min, event time) | incident |", "|---|---|---|---|---|---|---|"]
     for o in outcomes:
@@ -104,12 +108,17 @@ def report(outcomes: list[Outcome], false: list[dict[str, Any]], period_s: float
             f"{delay_s / period_s:.0f} | {delay_s / 60:.1f} | {inc['id']} |")
     rows.append(f"\nfalse incidents: {len(false)}"
                 + "".join(f"\n  - {f['id']} rooted at {f['root']['slice_id']}" for f in false))
+    shown = [o.incident for o in outcomes if o.incident is not None] + false
     rows.append("\nincidents (root first; per slice: per-event strength, events since onset):")
-    for inc in [o.incident for o in outcomes if o.incident] + false:
+    for inc in shown:
         parts = [f"{sid} s={ev['strength']:.2f} n={ev['n_since_onset']}"
                  for sid, ev in sorted(inc["slices"].items(), key=lambda kv: kv[0] != inc[
                      "root"]["slice_id"])]
         rows.append(f"  {inc['id']} onset {inc['onset']}: " + "; ".join(parts))
+    rows.append("\nwhat changed (detectors fired as statistic/threshold; the root slice's "
+                "cluster shares and OOD rate since onset, against its reference):")
+    for shown_inc in shown:
+        rows += [f"  {line}" for line in what_changed(shown_inc, clusters)]
     return "\n".join(rows)
 
 
@@ -185,7 +194,8 @@ def run_demo(size: str = "small", cache_dir: Path | None = None, hold: float = 0
         incidents = [json.loads(i.model_dump_json()) for i in book.list(limit=1000).items
                      if i.merged_into is None]
         outcomes, false = match(plant.injections, incidents)
-        print("\n" + report(outcomes, false, cfg.period_s), flush=True)
+        clusters = {int(c["id"]): c for c in reference.manifest["clusters"]["items"]}
+        print("\n" + report(outcomes, false, cfg.period_s, clusters), flush=True)
         found = [o.incident for o in outcomes if o.incident is not None]
         thumbs_ok = all([show_thumbnail(f"http://127.0.0.1:{port}", inc) for inc in found])
         print(f"\n[demo] API http://127.0.0.1:{port}/api/v1/incidents · metrics "
