@@ -9,21 +9,6 @@ Cluster distributions are smoothed toward the parent's distribution (toward unif
 ``global``) with ``alpha`` pseudo-counts per cluster, so no cluster has ``p = 0`` — the
 cluster-mix CUSUM's increment ``ln((1-ε) + ε/p_k)`` needs ``p_k > 0`` — and a station that
 saw a cluster rarely inherits the fleet's idea of how rare it is rather than a guess.
-
-OOD thresholds are quantiles of each baseline's own leave-one-out distances, so each keeps its
-station's and shift's distance scale (one camera's images lie closer together than another's).
-A threshold with ``k`` of ``n`` samples beyond it is exceeded by a new exchangeable sample with
-probability ``(k+1)/(n+1)`` on average over references (the conformal rank argument), but for
-one reference its true rate is Beta(k+1, n−k) distributed, relative spread ``1/sqrt(k+1)``: at
-200 samples and the 99th percentile (k = 1) a stated 1 % is, 90 % of the time, anywhere from
-0.2 % to 2.3 %. A Bernoulli CUSUM whose reference rate is 1.44 times too low no longer drifts
-down (its ρ = 2 member), so it raises false incidents and dates onsets too early. Hence a
-baseline uses ``quantile`` only if at least ``min_tail`` (:data:`MIN_TAIL`) samples lie beyond
-it, ``n·(1 − quantile) ≥ min_tail``; a smaller one puts its threshold at the ``(min_tail+1)``-th
-largest distance, so its rate is higher (about ``min_tail/n``) but known to about ±22 % (one
-sd). Keeping the parent's threshold instead would keep the 99 % but lose the scale: in the demo
-plant, no reference sample of the surface stations exceeds the fleet's threshold, and their own
-is 30 % lower.
 """
 
 from __future__ import annotations
@@ -36,8 +21,6 @@ import numpy as np
 from numpy.typing import NDArray
 
 GLOBAL = "global"
-MIN_TAIL = 20
-"""Fewest reference samples beyond a baseline's OOD threshold (its rate then known to ±22 %)."""
 
 
 def choose_k(n: int, *, k_min: int = 2, k_max: int = 32, min_per_cluster: int = 20) -> int:
@@ -96,7 +79,6 @@ class Baseline:
     ood_threshold: float
     ood_rate: float
     ood_exceed: int
-    ood_quantile: float  # ``quantile``, or lower for a small baseline (``min_tail`` beyond it)
 
 
 def station_key(station: str) -> str:
@@ -110,24 +92,12 @@ def station_shift_key(station: str, shift: str) -> str:
 def build_baselines(
     clusters: NDArray[np.integer], distances: NDArray[np.floating], stations: Sequence[str],
     shifts: Sequence[str], k: int, *, min_count: int = 200, alpha: float = 0.5,
-    quantile: float = 0.99, min_tail: float = MIN_TAIL,
+    quantile: float = 0.99,
 ) -> dict[str, Baseline]:
     """Global, per-station and per-station×shift baselines with at least ``min_count`` samples.
 
     ``clusters[i]`` and ``distances[i]`` (leave-one-out distance to the nearest other reference
-    sample) describe reference sample ``i`` of ``stations[i]`` in ``shifts[i]``. A baseline
-    with ``n·(1 − quantile) < min_tail`` lowers its threshold's quantile until ``min_tail``
-    samples lie beyond it (module docstring).
-
-    >>> rng = np.random.default_rng(0)
-    >>> b = build_baselines(np.zeros(3000, int), rng.random(3000), ["a"] * 2000 + ["b"] * 1000,
-    ...                     ["day", "night"] * 1500, 1)
-    >>> [(key, v.n, round(v.ood_quantile, 3), v.ood_exceed) for key, v in b.items()]
-    ... # doctest: +NORMALIZE_WHITESPACE
-    [('global', 3000, 0.99, 29), ('station=a', 2000, 0.99, 19),
-     ('station=a|shift=day', 1000, 0.98, 20), ('station=a|shift=night', 1000, 0.98, 20),
-     ('station=b', 1000, 0.98, 20), ('station=b|shift=day', 500, 0.96, 20),
-     ('station=b|shift=night', 500, 0.96, 20)]
+    sample) describe reference sample ``i`` of ``stations[i]`` in ``shifts[i]``.
     """
     st = np.asarray(stations, dtype=object)
     sh = np.asarray(shifts, dtype=object)
@@ -136,15 +106,10 @@ def build_baselines(
     def add(key: str, parent: str | None, mask: NDArray[np.bool_]) -> None:
         counts = np.bincount(clusters[mask], minlength=k).astype(np.int64)
         prior = np.asarray(out[parent].p) if parent is not None else np.full(k, 1.0 / k)
-        d = distances[mask]
-        n = len(d)
-        q = quantile
-        if n * (1.0 - quantile) < min_tail - 1e-9 and n > 1:
-            q = max(0.0, (n - 1 - min_tail) / (n - 1))  # the (min_tail+1)-th largest
-        t, rate, exceed = ood_threshold(d, q)
+        t, rate, exceed = ood_threshold(distances[mask], quantile)
         out[key] = Baseline(key, parent, int(mask.sum()), tuple(int(c) for c in counts),
                             tuple(float(x) for x in smoothed(counts, prior, alpha)),
-                            t, rate, exceed, q)
+                            t, rate, exceed)
 
     add(GLOBAL, None, np.ones(len(clusters), bool))
     for station in sorted(set(st.tolist())):

@@ -13,7 +13,7 @@ import numpy as np
 
 from driftline import __version__
 from driftline.consumers.embedder import Embedder
-from driftline.core.baselines import MIN_TAIL, build_baselines, choose_k
+from driftline.core.baselines import build_baselines, choose_k
 from driftline.reference.artifact import ReferenceError, write_artifact
 from driftline.reference.describe import exemplars, metadata_lift, performance
 from driftline.reference.index import Reference, load_reference, unit_rows
@@ -100,8 +100,7 @@ def _with_late(ev: Event, late: Event | None) -> Event:
 def build_reference(
     events: Iterable[Event], embedder: Embedder | None, out_dir: Path, *,
     k: int | None = None, pca_dim: int | None = None, quantile: float = 0.99,
-    min_count: int = 200, alpha: float = 0.5, min_tail: float = MIN_TAIL,
-    aggressor_alpha: float = 0.01,
+    min_count: int = 200, alpha: float = 0.5, aggressor_alpha: float = 0.01,
     exclude_within_s: float | None = None, seed: int = 0, overwrite: bool = False,
     source_name: str | None = None,
 ) -> Reference:
@@ -109,8 +108,7 @@ def build_reference(
 
     ``k=None`` picks :func:`~driftline.core.baselines.choose_k`; ``min_count`` is the fewest
     samples a station or station×shift baseline needs, else it falls back to its parent;
-    ``quantile`` sets each baseline's OOD threshold on its leave-one-out distances, lowered for
-    a baseline too small to have ``min_tail`` samples beyond it (see ``core/baselines.py``).
+    ``quantile`` sets each baseline's OOD threshold on leave-one-out distances.
     """
     if Path(out_dir).exists() and any(Path(out_dir).iterdir()) and not overwrite:
         raise ReferenceError(f"{out_dir} exists and is not empty (pass overwrite=True)")
@@ -136,7 +134,7 @@ def build_reference(
     dist = loo_distances(x, stations, times, exclude_within_s)
     baselines = build_baselines(clusters, dist, [e.station for e in evs],
                                 [e.shift for e in evs], k, min_count=min_count, alpha=alpha,
-                                quantile=quantile, min_tail=min_tail)
+                                quantile=quantile)
     perf = performance(clusters, k, _errors(evs), np.array(
         [np.nan if e.loss is None else e.loss for e in evs]), alpha=aggressor_alpha)
     ids = [e.event_id for e in evs]
@@ -163,17 +161,13 @@ def build_reference(
                               spread[clusters == c])), 4) if sizes[c] else None,
                           "exemplars": exem[c], "lift": lift[c],
                           "performance": perf["clusters"][c]} for c in range(k)]},
-        "ood": {"quantile": quantile, "min_tail": min_tail, "exclude_within_s": exclude_within_s,
+        "ood": {"quantile": quantile, "exclude_within_s": exclude_within_s,
                 "distance": "euclidean between unit vectors, to the nearest reference sample; "
-                            "leave-one-out at build time",
-                "threshold_rule": "each baseline's ood_quantile of its own distances: quantile "
-                                  "if n·(1 − quantile) ≥ min_tail, else the (min_tail+1)-th "
-                                  "largest; ood_rate = (ood_exceed + 1) / (n + 1)"},
+                            "leave-one-out at build time"},
         "baselines": {"min_count": min_count, "alpha": alpha, "items": {
             key: {"parent": b.parent, "n": b.n, "counts": list(b.counts), "p": list(b.p),
                   "ood_threshold": b.ood_threshold, "ood_rate": b.ood_rate,
-                  "ood_exceed": b.ood_exceed, "ood_quantile": b.ood_quantile}
-            for key, b in baselines.items()}},
+                  "ood_exceed": b.ood_exceed} for key, b in baselines.items()}},
         "performance": {key: v for key, v in perf.items() if key != "clusters"},
     }
     arrays |= {"centroids": centroids, "embeddings": x, "clusters": clusters,
