@@ -1,12 +1,10 @@
 from __future__ import annotations
 
 import base64
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from driftline.consumers.embedder import Embedder, EmbedderConfig, list_tensors
 from driftline.consumers.imaging import (
@@ -16,7 +14,7 @@ from driftline.consumers.imaging import (
     ImageTooLargeError,
     decode_image,
 )
-from tests.unit.consumers.tiny_onnx import build_tiny_model
+from tests.unit.consumers.tiny_onnx import build_tiny_model, png, random_images
 
 RNG = np.random.default_rng(7)
 
@@ -27,13 +25,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _images(n: int, size: int = 16) -> np.ndarray:
-    return RNG.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-
-
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
+    return random_images(RNG, n, size)
 
 
 def test_defaults_come_from_the_model(tiny: Path) -> None:
@@ -97,11 +89,11 @@ def test_wrong_array_shape_is_refused(tiny: Path) -> None:
 @pytest.mark.parametrize("threads", [0, 1, 2, None])
 def test_embed_images_batches_and_errors(tiny: Path, threads: int | None, ort_threads: int) -> None:
     x = _images(11)
-    sources: list[ImageSource] = [_png(a) for a in x]
+    sources: list[ImageSource] = [png(a) for a in x]
     sources[3] = b"garbage"
-    sources[5] = Base64Image(base64.b64encode(_png(x[5])).decode())
+    sources[5] = Base64Image(base64.b64encode(png(x[5])).decode())
     sources[6] = Base64Image("not base64!")
-    sources[8] = _png(_images(1, size=64)[0])  # valid, resized to 16×16
+    sources[8] = png(_images(1, size=64)[0])  # valid, resized to 16×16
     sources[9] = "file:///nonexistent/x.png"
     emb = Embedder(EmbedderConfig(model_path=tiny, batch_size=4, decode_threads=threads,
                                   intra_op_threads=ort_threads, max_image_pixels=32 * 32))
@@ -138,6 +130,6 @@ def test_description_round_trip(tiny: Path) -> None:
                                 color_order="BGR", pooling="max"))
     b = Embedder(EmbedderConfig.from_description(a.describe(), tiny, batch_size=3))
     assert b.describe() == a.describe()
-    data = _png(_images(1, size=40)[0])
+    data = png(_images(1, size=40)[0])
     np.testing.assert_array_equal(a.embed_images([data])[0], b.embed_images([data])[0])
     assert decode_image(data, (16, 16), fit="center_crop").shape == (16, 16, 3)

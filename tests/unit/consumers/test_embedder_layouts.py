@@ -21,7 +21,7 @@ from driftline.consumers.imaging import (
     ImageSource,
 )
 from driftline.schema import RejectReason
-from tests.unit.consumers.tiny_onnx import build_tiny_model
+from tests.unit.consumers.tiny_onnx import build_tiny_model, png, random_images
 
 RNG = np.random.default_rng(11)
 HIDDEN = 8
@@ -29,13 +29,7 @@ PLAIN = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "decode_threads": 0}
 
 
 def _images(n: int, size: int = 16) -> np.ndarray:
-    return RNG.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-
-
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
+    return random_images(RNG, n, size)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +134,7 @@ def test_a_corrupt_tiff_fails_alone(tmp_path: Path, threads: int) -> None:
     emb = Embedder(EmbedderConfig(model_path=build_tiny_model(tmp_path / "m.onnx"),
                                   decode_threads=threads))
     x = _images(3)
-    out, errors = emb.embed_images([_png(x[0]), _bad_tiff(), _png(x[2])])
+    out, errors = emb.embed_images([png(x[0]), _bad_tiff(), png(x[2])])
     assert isinstance(errors[1], ImageDecodeError) and errors[0] is errors[2] is None
     np.testing.assert_allclose(out[[0, 2]], emb.embed_arrays(x[[0, 2]]), atol=1e-5)
 
@@ -160,7 +154,7 @@ def test_an_unforeseen_failure_is_that_images_unless_all_fail(
 
     monkeypatch.setattr(embedder_module, "load_image", flaky)
     x = _images(3)
-    out, errors = emb.embed_images([_png(x[0]), b"boom", _png(x[2])])
+    out, errors = emb.embed_images([png(x[0]), b"boom", png(x[2])])
     err = errors[1]
     assert isinstance(err, ImageProcessingError) and "KeyError" in err.detail
     assert err.reason == RejectReason.processing_failed

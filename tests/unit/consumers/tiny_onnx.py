@@ -1,12 +1,26 @@
-"""A tiny conv net written with ``onnx.helper``: conv → relu → global pool → (embedding, logits)."""
+"""A tiny conv net written with ``onnx.helper``: conv → relu → global pool → (embedding, logits);
+and random test images for it."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+
+def random_images(rng: np.random.Generator, n: int, size: int = 16) -> np.ndarray:
+    """``n`` random RGB images, ``[n, size, size, 3]`` uint8."""
+    return rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def build_tiny_model(
