@@ -123,6 +123,7 @@ class EmbedStage:
         self.progress = ProgressLog("embed", metrics=consumer_metrics)
         self.join_watch = JoinWatch("embed", metrics=consumer_metrics)
         self.latency_sample_every, self._sent = latency_sample_every, 0
+        self._held: list[tuple[tuple[int, int], str, dict[str, Any]]] | None = None
         # faiss splits each small search over an OpenMP team whose spin-waits fight onnxruntime's
         # threads for the same cores: ~20 ms instead of ~1 ms per batch of 32 on two busy cores
         faiss.omp_set_num_threads(1)
@@ -188,12 +189,13 @@ class EmbedStage:
     # --- one batch -----------------------------------------------------------------------
     def process_guarded(self, msgs: Sequence[Any]) -> None:
         """:meth:`process`, guarded against an event that breaks it in an unforeseen way (a
-        bug, a library error on odd input): the batch is processed again one event at a time
-        and the events that fail alone go to the dead-letter topic as ``processing_failed``
-        with the error, instead of the worker dying on the same offset after every restart.
-        Updates already sent for the batch may go again; the detect stage skips them by source
-        offset. Kafka errors, and a batch whose every event fails alone (the fault is not in
-        the events), still stop the worker, so its supervisor restarts it."""
+        bug, a library error on odd input), which would otherwise stop the worker on the same
+        offset after every restart. The failed batch sent nothing; it is processed again one
+        event at a time. An event that fails alone goes to the dead-letter topic as
+        ``processing_failed`` with its error only if another event of its kind (image,
+        precomputed embedding, label) went through: otherwise the fault may be the worker's
+        (a broken model session), and the error stops the worker so that its supervisor
+        restarts it — as Kafka errors do. (Counters of the failed pass are not taken back.)"""
         try:
             self.process(msgs)
             return
@@ -203,22 +205,52 @@ class EmbedStage:
             log.exception("batch failed; processing its events one at a time",
                           extra={"events": len(msgs)})
         failed: list[tuple[Any, Exception]] = []
+        worked: set[str] = set()
         for msg in msgs:
             try:
                 self.process([msg])
+                worked.add(self._kind(msg))
             except STAGE_FATAL:
                 raise
-            except Exception as exc:  # noqa: BLE001 - dead-lettered with its error below
+            except Exception as exc:  # noqa: BLE001 - judged below
                 failed.append((msg, exc))
-        if len(msgs) > 1 and len(failed) == len(msgs):
-            raise RuntimeError(f"all {len(msgs)} events of the batch failed one by one: the "
-                               "fault is not in the events") from failed[0][1]
+        unexplained = [(m, e) for m, e in failed if self._kind(m) not in worked]
+        if unexplained:
+            first, cause = unexplained[0]
+            raise RuntimeError(
+                f"event at {first.topic}[{first.partition}]@{first.offset} fails alone and no "
+                f"other {self._kind(first)} event of its batch went through: the fault may be "
+                "the worker's") from cause
         for msg, error in failed:
             self._dead_letter(msg, EventRejected(RejectReason.processing_failed,
                                                  f"{type(error).__name__}: {error}"))
 
+    def _kind(self, msg: Any) -> str:
+        try:
+            event = parse_event(msg.value, max_bytes=self.max_event_bytes)
+        except EventRejected:
+            return "rejected"
+        if event.kind != "inference":
+            return "label"
+        return "embedding" if event.embedding is not None else "image"
+
     def process(self, msgs: Sequence[Any]) -> None:
-        """Steps 2–4 of the module docstring for one polled batch."""
+        """Steps 2–4 of the module docstring for one polled batch. What it produces is held
+        until the batch is done, then sent in source order (partition, offset): late labels
+        are looked up after the batch's inference events, and the detect stage, which skips
+        an update at or below a slice's highest applied source offset, would take a label
+        sent after a later event for a replay. A batch that fails sends nothing."""
+        self._held = []
+        try:
+            self._process(msgs)
+        except BaseException:
+            self._held = None
+            raise
+        held, self._held = self._held, None
+        for _, topic, record in sorted(held, key=lambda h: h[0]):  # stable: templates in order
+            self.producer.send(topic, **record)
+
+    def _process(self, msgs: Sequence[Any]) -> None:
         self.metrics.batch_size.observe(len(msgs))
         items: list[_Item] = []
         labels: list[_Item] = []
@@ -334,8 +366,8 @@ class EmbedStage:
             headers = ([(SOURCE_TS_HEADER, b"%d" % stamp)]
                        if stamp is not None and self._sent % self.latency_sample_every == 0
                        else None)
-            self.producer.send(self.updates_topic, key=sid.encode(),
-                               value=upd.model_dump_json().encode(), headers=headers)
+            self._send(msg, self.updates_topic, key=sid.encode(),
+                       value=upd.model_dump_json().encode(), headers=headers)
         self._tally.add(ev.station, ev.ts.timestamp(), len(self.templates))
 
     # --- late labels ---------------------------------------------------------------------
@@ -377,11 +409,18 @@ class EmbedStage:
         error = None if doc["pred"] is None or ev.label is None else doc["pred"] != ev.label
         self._emit(item, ev.label, ev.loss, error, late=True)
 
+    def _send(self, source: Any, topic: str, **record: Any) -> None:
+        """Send, or hold until the batch is done (:meth:`process`)."""
+        if self._held is None:
+            self.producer.send(topic, **record)
+        else:
+            self._held.append(((source.partition, source.offset), topic, record))
+
     def _dead_letter(self, msg: Any, exc: EventRejected, event_id: str | None = None) -> None:
         record = DeadLetter.from_rejection(
             exc, topic=msg.topic, partition=msg.partition, offset=msg.offset, key=msg.key,
             value=msg.value, event_id=event_id)
-        self.producer.send(self.dlq_topic, key=msg.key, value=record.model_dump_json().encode())
+        self._send(msg, self.dlq_topic, key=msg.key, value=record.model_dump_json().encode())
         self.metrics.dead_letters.labels(exc.reason.value).inc()
         log.info("dead-lettered", extra={"reason": exc.reason.value, "partition": msg.partition,
                                          "offset": msg.offset, "detail": exc.detail[:200]})

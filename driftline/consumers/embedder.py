@@ -39,7 +39,6 @@ from driftline.consumers.imaging import (
     Fit,
     ImageError,
     ImageLimits,
-    ImageProcessingError,
     ImageSource,
     load_image,
 )
@@ -187,8 +186,9 @@ class Embedder:
 
         Returns ``(embeddings [N, dim], errors)``: a failed item has a NaN row and its
         :class:`ImageError` (whose ``reason`` is the dead-letter reason) at the same index.
-        An item that fails in an unforeseen way gets an :class:`ImageProcessingError`, unless
-        no item succeeds: then the fault may not be in the images, and that error is raised.
+        Any other exception (a bug, a broken session) is raised: the embed stage decides
+        whether one event or the worker is at fault
+        (:meth:`~driftline.consumers.embed_stage.EmbedStage.process_guarded`).
         """
         out = np.full((len(sources), self.dim), np.nan, np.float32)
         errors: list[ImageError | None] = [None] * len(sources)
@@ -205,9 +205,6 @@ class Embedder:
             if ok.any():
                 rows = np.flatnonzero(ok) + start
                 out[rows] = self._infer(tensor if ok.all() else tensor[ok])
-        unforeseen = [e for e in errors if isinstance(e, ImageProcessingError)]
-        if unforeseen and all(e is not None for e in errors):
-            raise unforeseen[0].__cause__ or unforeseen[0]
         return out, errors
 
     def _submit(self, sources: Sequence[ImageSource], start: int, errors: list[ImageError | None],
@@ -217,17 +214,12 @@ class Embedder:
 
         def work(lo: int, hi: int) -> None:
             for i in range(lo, hi):
-                try:  # one image's failure, whatever it is, is that image's, not the batch's
+                try:
                     img = load_image(sources[i], self.input_size, fit=self.config.fit,
                                      limits=self._limits)
                     self._normalise_into(img, tensor[i - start])
                 except ImageError as exc:
                     errors[i] = exc
-                except Exception as exc:  # noqa: BLE001 - a bug or library error: kept with it
-                    log.exception("unforeseen failure preparing an image")
-                    error = ImageProcessingError(f"{type(exc).__name__}: {exc}"[:500])
-                    error.__cause__ = exc
-                    errors[i] = error
 
         if self._pool is None:
             work(start, stop)

@@ -73,13 +73,6 @@ class ImageTooLargeError(ImageError):
     reason = RejectReason.image_too_large
 
 
-class ImageProcessingError(ImageError):
-    """An unforeseen failure while preparing one image that no decode guard names (a bug, a
-    library error); ``detail`` holds the error."""
-
-    reason = RejectReason.processing_failed
-
-
 @dataclass(frozen=True)
 class ImageLimits:
     """Bounds that keep one hostile or broken image from exhausting a worker.
@@ -133,6 +126,8 @@ def decode_image(
         raise
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(str(exc)) from None
+    except MemoryError:  # the worker's trouble, not these bytes'
+        raise
     except Exception as exc:  # noqa: BLE001 - whatever the decoder raises, these bytes are bad
         raise ImageDecodeError(f"{type(exc).__name__}: {exc}"[:500]) from None
 
