@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Sequence
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -215,15 +216,10 @@ class Settings(BaseSettings):
     @field_validator("onnx_providers")
     @classmethod
     def _check_providers(cls, value: list[str]) -> list[str]:
-        import onnxruntime  # here, not at the top: importing the settings stays light
-
-        available = ", ".join(onnxruntime.get_available_providers())
+        # whether this onnxruntime has them is checked where a model is loaded
+        # (unknown_onnx_providers): an API or book pod sharing the config needs none
         if not value:
-            raise ValueError(f"name at least one; this onnxruntime has {available}")
-        unknown = [p for p in value if p not in onnxruntime.get_available_providers()]
-        if unknown:
-            raise ValueError(f"{', '.join(unknown)} not available (onnxruntime would quietly "
-                             f"fall back to CPU); this onnxruntime has {available}")
+            raise ValueError("name at least one, e.g. CPUExecutionProvider")
         return value
 
     @field_validator("api_tokens")
@@ -319,3 +315,16 @@ def load_settings(**overrides: Any) -> Settings:
 def get_settings() -> Settings:
     """The process-wide settings (cached); tests call :func:`load_settings` instead."""
     return load_settings()
+
+
+def unknown_onnx_providers(providers: Sequence[str]) -> str | None:
+    """Why ``providers`` (``DRIFTLINE_ONNX_PROVIDERS``) cannot be used by this onnxruntime, or
+    ``None``: onnxruntime itself would quietly fall back to the CPU."""
+    import onnxruntime  # only where a model is loaded
+
+    available = onnxruntime.get_available_providers()
+    unknown = [p for p in providers if p not in available]
+    if not unknown:
+        return None
+    return (f"DRIFTLINE_ONNX_PROVIDERS: {', '.join(unknown)} not available (onnxruntime would "
+            f"quietly fall back to CPU); this onnxruntime has {', '.join(available)}")

@@ -25,7 +25,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from driftline.config import Settings
+from driftline.config import Settings, unknown_onnx_providers
 from driftline.consumers.checkpoint import REDIS_ERRORS, CheckpointStore, store_client
 from driftline.consumers.detect_stage import DetectStage
 from driftline.consumers.embed_stage import EmbedStage
@@ -111,6 +111,9 @@ def make_embedder(settings: Settings, ref: Reference) -> Any:
         return None
     from driftline.consumers.embedder import Embedder, EmbedderConfig
 
+    problem = unknown_onnx_providers(settings.onnx_providers)
+    if problem:
+        raise SystemExit(f"driftline: {problem}")
     config = EmbedderConfig.from_description(
         desc, settings.resolved_model_path(), providers=tuple(settings.onnx_providers),
         batch_size=settings.embed_batch_size, intra_op_threads=settings.onnx_threads,

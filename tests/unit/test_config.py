@@ -56,8 +56,6 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
         ("DRIFTLINE_SLICE_UPDATES_TOPIC", "t" * 250, "topic name"),
         ("DRIFTLINE_DETECT_GROUP", " ", "empty"),
         ("DRIFTLINE_API_HOST", "", "empty"),
-        # accepted once, then onnxruntime quietly ran on the CPU
-        ("DRIFTLINE_ONNX_PROVIDERS", "Bogus", "CPUExecutionProvider"),
         ("DRIFTLINE_ONNX_PROVIDERS", "", "CPUExecutionProvider"),
     ],
 )
@@ -120,3 +118,18 @@ def test_config_show_masks_passwords_in_urls(monkeypatch: pytest.MonkeyPatch) ->
 ])
 def test_mask_url(url: str, shown: str) -> None:
     assert mask_url(url) == shown
+
+
+def test_unavailable_onnx_providers_are_named_where_a_model_is_loaded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Accepted once, then onnxruntime quietly ran on the CPU. Checked where a model is loaded,
+    not in the settings: an API or book pod sharing a GPU config needs no provider."""
+    from driftline.config import unknown_onnx_providers
+
+    monkeypatch.setenv("DRIFTLINE_ONNX_PROVIDERS", "Bogus,CPUExecutionProvider")
+    settings = load_settings()  # every role reads the settings
+    problem = unknown_onnx_providers(settings.onnx_providers)
+    assert problem is not None
+    assert "DRIFTLINE_ONNX_PROVIDERS: Bogus not available" in problem
+    assert "CPUExecutionProvider" in problem.split("this onnxruntime has")[1]
+    assert unknown_onnx_providers(["CPUExecutionProvider"]) is None
