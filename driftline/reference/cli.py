@@ -135,6 +135,11 @@ def build(
     try:
         head = list(itertools.islice(events, 1))
         embedder = None
+        if head and head[0].embedding is not None:
+            ignored = [_flag(k) for k, v in given.items() if v is not None]
+            if ignored:  # refused rather than validated and then silently ignored
+                raise ValueError(f"the manifest carries precomputed embeddings: "
+                                 f"{', '.join(ignored)} apply only to images the model embeds")
         if head and head[0].embedding is None:
             try:
                 embedder = Embedder(config.model_copy(

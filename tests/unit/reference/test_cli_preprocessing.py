@@ -109,3 +109,18 @@ def test_flags_are_checked_before_the_manifest_is_read(tmp_path: Path) -> None:
     result = runner.invoke(app, ["build", "--manifest", "/dev/null", "--out", str(tmp_path),
                                  "--std", "1,0,1"])
     assert result.exit_code == 2 and "--std" in result.output, result.output
+
+
+def test_preprocessing_flags_are_refused_for_precomputed_embeddings(tmp_path: Path) -> None:
+    """Validated, then silently ignored, they would let a user believe they applied."""
+    from tests.unit.reference.synthetic import reference_events
+
+    events, _ = reference_events()
+    manifest = tmp_path / "ref.jsonl"
+    manifest.write_text("\n".join(e.model_dump_json() for e in events) + "\n")
+    result = runner.invoke(app, ["build", "--manifest", str(manifest), "--out",
+                                 str(tmp_path / "ref"), "--color-order", "BGR", "--scale", "1"])
+    assert result.exit_code == 2
+    assert "precomputed embeddings" in result.output
+    assert "--color-order" in result.output and "--scale" in result.output
+    assert not (tmp_path / "ref").exists()
