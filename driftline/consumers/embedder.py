@@ -22,7 +22,6 @@ the wrong axes gives an embedding that looks fine and means nothing.
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 import os
 from collections.abc import Sequence
@@ -46,7 +45,6 @@ from driftline.consumers.onnx_graph import expose_tensor, list_tensors
 
 __all__ = ["Embedder", "EmbedderConfig", "expose_tensor", "list_tensors"]
 
-log = logging.getLogger(__name__)
 
 F32 = NDArray[np.float32]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
