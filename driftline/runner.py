@@ -21,6 +21,7 @@ from tenacity import (
     RetryCallState,
     Retrying,
     retry_if_exception_type,
+    stop_after_attempt,
     stop_after_delay,
     wait_exponential,
 )
@@ -41,6 +42,7 @@ ROLES = ("embed", "detect", "book")
 DETECT_REDIS_WAIT_S = 5.0
 # At start-up, like a broker (kafka_io.BROKER_WAIT_S): a restart or a slow container start.
 STARTUP_REDIS_WAIT_S = 120.0
+BOOK_BOOTSTRAP_MS = 5_000  # one attempt of the book's producer to reach the broker
 
 
 class ReferenceBaselines:
@@ -171,13 +173,16 @@ def build_detect_stage(settings: Settings, registry: CollectorRegistry, ref: Ref
         new_slice, restore_slice, DetectMetrics(registry),
         consumer_metrics or ConsumerMetrics(registry),
         checkpoint_interval_s=settings.checkpoint_interval_ms / 1000,
-        revoke_wait_s=revoke_wait_s)
+        revoke_wait_s=revoke_wait_s, reference_id=ref.reference_id)
 
 
-def build_book_processor(settings: Settings, registry: CollectorRegistry) -> Any:
-    """Outbox → failure book → Alertmanager, the alerts topic (and a webhook if configured)."""
+def build_book_processor(settings: Settings, registry: CollectorRegistry,
+                         ref: Reference | None = None) -> Any:
+    """Outbox → failure book → Alertmanager, the alerts topic (and a webhook if configured);
+    incidents describe their clusters from ``ref`` (the active reference)."""
     from driftline.alerts.attribution import AttributionPolicy
     from driftline.alerts.book import FailureBook, Retention
+    from driftline.alerts.evidence import ClusterCatalog
     from driftline.alerts.grouping import BookPolicy
     from driftline.alerts.processor import IncidentProcessor
     from driftline.alerts.routing import AlertMetrics, Router
@@ -190,15 +195,27 @@ def build_book_processor(settings: Settings, registry: CollectorRegistry) -> Any
         attribution=AttributionPolicy(tolerance=s.attribution_tolerance,
                                       clean_events=s.attribution_clean_events))
     book = FailureBook(client, policy=policy, retention=Retention(
-        max_resolved=s.retention_resolved_count, max_age_s=s.retention_resolved_days * DAY))
+        max_resolved=s.retention_resolved_count, max_age_s=s.retention_resolved_days * DAY),
+        catalog=ClusterCatalog.from_manifest(ref.manifest) if ref is not None else None)
     router = Router(book, AlertMetrics(registry), public_url=s.public_url,
                     alertmanager_url=s.alertmanager_url,
-                    # a send with the broker down waits at most 10 s (not 60), so a step that
-                    # also re-sends to Alertmanager is never held long
-                    producer=make_producer(s.kafka_bootstrap, max_block_ms=10_000),
+                    producer_factory=lambda: alerts_producer(s),
                     topic=s.alerts_topic, webhook_url=s.alert_webhook_url,
                     webhook_attempts=s.alert_webhook_attempts)
     return IncidentProcessor(client, book, router=router)
+
+
+def alerts_producer(settings: Settings) -> Any:
+    """The book's producer to the alerts topic, in one bounded attempt (the router tries again
+    at its next delivery): the book needs no broker to start, ingest alarms and page through
+    Alertmanager — re-sends keep open pages from resolving themselves during a broker outage.
+    A send with the broker down waits at most 10 s (not 60), so a step that also re-sends to
+    Alertmanager is never held long."""
+    once = stop_after_attempt(1)
+    ensure_topics.retry_with(stop=once)(settings.kafka_bootstrap, {settings.alerts_topic: 1},
+                                        bootstrap_timeout_ms=BOOK_BOOTSTRAP_MS)
+    return make_producer.retry_with(stop=once)(
+        settings.kafka_bootstrap, max_block_ms=10_000, bootstrap_timeout_ms=BOOK_BOOTSTRAP_MS)
 
 
 @dataclass
@@ -214,9 +231,10 @@ class Service:
 
     def start(self) -> None:
         s = self.settings
-        ensure_topics(s.kafka_bootstrap, {
-            s.events_topic: s.topic_partitions, s.slice_updates_topic: s.topic_partitions,
-            s.dlq_topic: 1, s.alerts_topic: 1})
+        if {"embed", "detect"} & set(self.roles):  # the book makes its topic when it sends
+            ensure_topics(s.kafka_bootstrap, {
+                s.events_topic: s.topic_partitions, s.slice_updates_topic: s.topic_partitions,
+                s.dlq_topic: 1, s.alerts_topic: 1})
         self.reference = load_active_reference(s)
         cmetrics = ConsumerMetrics(self.registry)  # one set of lag gauges, labelled by stage
         if "embed" in self.roles:
@@ -226,7 +244,7 @@ class Service:
             self.stages["detect"] = build_detect_stage(s, self.registry, self.reference,
                                                        cmetrics)
         if "book" in self.roles:
-            self.stages["book"] = build_book_processor(s, self.registry)
+            self.stages["book"] = build_book_processor(s, self.registry, self.reference)
         for name, stage in self.stages.items():
             thread = threading.Thread(target=self._run, args=(name, stage), name=name,
                                       daemon=True)

@@ -45,18 +45,28 @@ MIX_DETECTORS = ("cluster_mix", "ood_rate")
 
 @dataclass(frozen=True)
 class ClusterCatalog:
-    """Cluster descriptions (exemplars, metadata lift, performance) and aggressor clusters."""
+    """Cluster descriptions (exemplars, metadata lift, performance) and aggressor clusters of
+    one reference (``reference_id``; None: whatever reference an alarm came from)."""
 
     descriptions: Mapping[int, dict[str, Any]] = field(default_factory=dict)
     aggressors: frozenset[int] = frozenset()
+    reference_id: str | None = None
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any]) -> ClusterCatalog:
         """From a reference artifact's ``manifest.json`` (``driftline.reference``)."""
         items = manifest.get("clusters", {}).get("items", [])
         aggr = manifest.get("performance", {}).get("aggressors", [])
+        rid = manifest.get("reference_id")
         return cls({int(c["id"]): dict(c) for c in items},
-                   frozenset(int(a["cluster"]) for a in aggr))
+                   frozenset(int(a["cluster"]) for a in aggr),
+                   str(rid) if rid is not None else None)
+
+    def describes(self, reference_id: str | None) -> bool:
+        """Whether cluster ids of that reference's alarms are this catalog's: after another
+        reference is activated, workers restart one by one, and an alarm of the old reference
+        must not be described with the new one's clusters."""
+        return self.reference_id is None or reference_id == self.reference_id
 
 
 def effect(counts: Mapping[str, Any] | None) -> tuple[float, float, float]:
@@ -133,7 +143,8 @@ def slice_evidence(msg: Mapping[str, Any], counts: Mapping[str, Any] | None = No
         counts=dict(counts) if counts else None, signature=signature(counts),
         exemplars=[{**x, "slice_id": msg["slice_id"]} for x in ev.get("exemplars", [])],
         model_versions=dict(ev.get("model_versions") or {}),
-        onset=onset, first_time=utc(msg["time"]), last_time=utc(msg["time"]))
+        reference_id=msg.get("reference_id"), onset=onset, first_time=utc(msg["time"]),
+        last_time=utc(msg["time"]))
 
 
 def cluster_shifts(counts: Mapping[str, Any] | None, catalog: ClusterCatalog,
@@ -187,7 +198,10 @@ def cosine(a: Sequence[float], b: Sequence[float]) -> float:
 
 def build_evidence(root: SliceEvidence, members: Iterable[SliceEvidence],
                    catalog: ClusterCatalog, max_exemplars: int) -> Evidence:
-    """The incident's evidence: the root's counts, exemplars of the changed clusters first."""
+    """The incident's evidence: the root's counts, exemplars of the changed clusters first
+    (cluster descriptions only when ``catalog`` is of the root alarm's reference)."""
+    if not catalog.describes(root.reference_id):
+        catalog = ClusterCatalog()
     shifts = cluster_shifts(root.counts, catalog)
     gained = {s.cluster for s in shifts if s.delta > 0}
     seen: set[str] = set()

@@ -105,6 +105,7 @@ class SliceEvidence(_Model):
     counts: dict[str, Any] | None = None
     exemplars: list[dict[str, Any]] = Field(default_factory=list)
     model_versions: dict[str, int] = Field(default_factory=dict)
+    reference_id: str | None = Field(None, description="the reference the alarm was raised on")
     onset: datetime | None = None
     first_time: datetime | None = Field(None, description="event time of the first crossing")
     last_time: datetime | None = None

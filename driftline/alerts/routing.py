@@ -85,6 +85,7 @@ class Router:
 
     def __init__(self, book: FailureBook, metrics: AlertMetrics, *, public_url: str,
                  alertmanager_url: str | None = None, producer: Any | None = None,
+                 producer_factory: Callable[[], Any] | None = None,
                  topic: str = "driftline.alerts", webhook_url: str | None = None,
                  webhook_attempts: int = 4, http: httpx.Client | None = None,
                  prefix: str = "dl:alerts",
@@ -93,7 +94,9 @@ class Router:
         self.metrics = metrics
         self.public_url = public_url.rstrip("/")
         self.am_url = alertmanager_url.rstrip("/") if alertmanager_url else None
-        self.producer, self.topic = producer, topic
+        # ``producer_factory``: the producer is made at the first send, and again after a
+        # failed attempt, so that the book starts and pages with the broker down
+        self.producer, self.producer_factory, self.topic = producer, producer_factory, topic
         self.webhook_url, self.webhook_attempts = webhook_url, webhook_attempts
         self.http = http or httpx.Client(timeout=HTTP_TIMEOUT_S)
         self.prefix = prefix
@@ -101,7 +104,7 @@ class Router:
         self.targets: dict[str, Callable[[list[tuple[str, dict[str, Any]]]], int]] = {}
         if self.am_url:
             self.targets["alertmanager"] = self._to_alertmanager
-        if producer is not None:
+        if producer is not None or producer_factory is not None:
             self.targets["kafka"] = self._to_kafka
         if webhook_url:
             self.targets["webhook"] = self._to_webhook
@@ -162,8 +165,10 @@ class Router:
                 "incident": {**change["incident"], "link": self.link(change["incident_id"])}}
 
     def _to_kafka(self, routed: list[tuple[str, dict[str, Any]]]) -> int:
-        producer: Any = self.producer
         try:  # with the broker down, send (no metadata) and flush raise KafkaTimeoutError
+            if self.producer is None and self.producer_factory is not None:
+                self.producer = self.producer_factory()
+            producer: Any = self.producer
             futures = [producer.send(self.topic, key=c["incident_id"].encode(),
                                      value=json.dumps(self._message(cid, c)).encode())
                        for cid, c in routed]

@@ -124,6 +124,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         consumer_metrics: ConsumerMetrics,
         checkpoint_interval_s: float = 1.0,
         revoke_wait_s: float = 5.0,
+        reference_id: str | None = None,
     ) -> None:
         self.consumer = consumer
         self.topic = topic
@@ -134,6 +135,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self.cmetrics = consumer_metrics
         self.interval = checkpoint_interval_s
         self.revoke_wait_s = revoke_wait_s
+        self.reference_id = reference_id  # on every outbox message: the book describes its clusters
         self.parts: dict[int, PartitionState] = {}
         self.pending: set[int] = set()  # assigned and paused, not yet claimed and loaded
         self.outbox: list[dict[str, Any]] = []
@@ -362,7 +364,8 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                 self.metrics.alarms.labels(upd.template, out["detector"]).inc()
                 log.info("alarm", extra={"slice": upd.slice_id, "detector": out["detector"],
                                          "onset_time": out["onset_time"]})
-            self.outbox.append({**out, "slice_id": upd.slice_id, "template": upd.template})
+            self.outbox.append({**out, "slice_id": upd.slice_id, "template": upd.template,
+                                "reference_id": self.reference_id})
         return True
 
     def _publish_gauges(self, model: SliceModel, g: dict[str, Any]) -> None:

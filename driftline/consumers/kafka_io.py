@@ -38,10 +38,12 @@ _retry_broker = retry(
 
 
 @_retry_broker
-def ensure_topics(bootstrap: str, topics: dict[str, int]) -> None:
+def ensure_topics(bootstrap: str, topics: dict[str, int], **overrides: Any) -> None:
     """Create missing topics with the given partition counts (replication 1 is the local default;
-    production clusters create topics with their own policy)."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="driftline-admin")
+    production clusters create topics with their own policy); ``overrides``: admin client
+    settings."""
+    admin = KafkaAdminClient(**{"bootstrap_servers": bootstrap, "client_id": "driftline-admin",
+                                **overrides})
     try:
         existing = set(admin.list_topics())
         new = [NewTopic(name, num_partitions=n, replication_factor=1)

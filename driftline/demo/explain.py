@@ -1,11 +1,10 @@
 """What changed, per incident, as the demo prints it: detectors that fired, the clusters whose
 share moved most (with the reference's description of each), and the OOD rate against the
-reference's. Reads the incident as the API serves it (``Incident`` as JSON); cluster
-descriptions come from the incident or, where it has none, from the reference's manifest."""
+reference's. Reads the incident as the API serves it (``Incident`` as JSON), cluster
+descriptions included (the book takes them from the reference the alarm was raised on)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 TOP_CLUSTERS = 2
@@ -41,12 +40,11 @@ def firings(incident: dict[str, Any], top: int = TOP_FIRINGS) -> str:
     return (", ".join(out) + more) if out else "none recorded"
 
 
-def cluster_lines(evidence: dict[str, Any], clusters: Mapping[int, dict[str, Any]] | None = None,
-                  top: int = TOP_CLUSTERS) -> list[str]:
+def cluster_lines(evidence: dict[str, Any], top: int = TOP_CLUSTERS) -> list[str]:
     """The clusters whose share moved most since the onset, gains and losses alike."""
     out = []
     for c in evidence.get("clusters", [])[:top]:
-        desc = c.get("description") or (clusters or {}).get(int(c["cluster"]))
+        desc = c.get("description")
         verb = "gained" if c["delta"] > 0 else "lost"
         flag = ", an aggressor (error slice)" if c.get("aggressor") else ""
         out.append(f"cluster {c['cluster']} {verb}: {_pct(c['p_ref'])} of events expected → "
@@ -63,15 +61,13 @@ def ood_line(evidence: dict[str, Any]) -> str | None:
             f"{_pct(ood['reference_rate'])} in the reference{ratio}")
 
 
-def what_changed(incident: dict[str, Any],
-                 clusters: Mapping[int, dict[str, Any]] | None = None) -> list[str]:
-    """Lines saying what changed in ``incident``, where and since when; ``clusters``: the
-    reference's cluster descriptions by id (its manifest's ``clusters.items``)."""
+def what_changed(incident: dict[str, Any]) -> list[str]:
+    """Lines saying what changed in ``incident``, where and since when."""
     ev = incident.get("evidence") or {}
     head = (f"{incident['id']} at {incident['root']['slice_id']} since {incident['onset']}, "
             f"{ev.get('n', 0)} events since onset")
     lines = [head, f"  detectors: {firings(incident)}"]
-    lines += [f"  {line}" for line in cluster_lines(ev, clusters)]
+    lines += [f"  {line}" for line in cluster_lines(ev)]
     ood = ood_line(ev)
     if ood is not None:
         lines.append(f"  {ood}")

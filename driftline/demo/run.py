@@ -87,8 +87,7 @@ def match(injections: list[Injection], incidents: list[dict[str, Any]]) -> tuple
     return outcomes, left
 
 
-def report(outcomes: list[Outcome], false: list[dict[str, Any]], period_s: float,
-           clusters: dict[int, dict[str, Any]] | None = None) -> str:
+def report(outcomes: list[Outcome], false: list[dict[str, Any]], period_s: float) -> str:
     rows = ["| injected | expected root | root found | onset error | delay (events) | "
             "delay (min, event time) | incident |", "|---|---|---|---|---|---|---|"]
     for o in outcomes:
@@ -118,7 +117,7 @@ def report(outcomes: list[Outcome], false: list[dict[str, Any]], period_s: float
     rows.append("\nwhat changed (detectors fired as statistic/threshold; the root slice's "
                 "cluster shares and OOD rate since onset, against its reference):")
     for shown_inc in shown:
-        rows += [f"  {line}" for line in what_changed(shown_inc, clusters)]
+        rows += [f"  {line}" for line in what_changed(shown_inc)]
     return "\n".join(rows)
 
 
@@ -194,8 +193,7 @@ def run_demo(size: str = "small", cache_dir: Path | None = None, hold: float = 0
         incidents = [json.loads(i.model_dump_json()) for i in book.list(limit=1000).items
                      if i.merged_into is None]
         outcomes, false = match(plant.injections, incidents)
-        clusters = {int(c["id"]): c for c in reference.manifest["clusters"]["items"]}
-        print("\n" + report(outcomes, false, cfg.period_s, clusters), flush=True)
+        print("\n" + report(outcomes, false, cfg.period_s), flush=True)
         found = [o.incident for o in outcomes if o.incident is not None]
         thumbs_ok = all([show_thumbnail(f"http://127.0.0.1:{port}", inc) for inc in found])
         print(f"\n[demo] API http://127.0.0.1:{port}/api/v1/incidents · metrics "

@@ -15,7 +15,7 @@ import pytest
 import redis
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError
+from kafka.errors import TopicAlreadyExistsError
 from prometheus_client import CollectorRegistry
 from redis.client import Pipeline
 
@@ -23,7 +23,10 @@ from driftline.alerts.book import FailureBook, IncidentNotFound, InvalidTransiti
 from driftline.alerts.model import RootCause, Severity, Status
 from driftline.alerts.processor import IncidentProcessor
 from driftline.alerts.routing import AlertMetrics, Router
+from driftline.config import load_settings
 from driftline.localstack import Stack
+from driftline.runner import alerts_producer
+from tests.integration.pipeline_support import free_port
 from tests.unit.alerts.synthetic import STATIONS, alarm, clear, fleet
 
 pytestmark = pytest.mark.integration
@@ -472,49 +475,61 @@ def test_processor_runs_until_stopped_and_reports_a_trimmed_outbox(env: Env) -> 
     assert env.processor().check_trimmed() == 6  # ten new entries, four left
 
 
-class _BrokerDown:
-    """kafka-python's producer with the broker down: ``send`` and ``flush`` time out."""
-
-    def send(self, *args: Any, **kwargs: Any) -> Any:
-        raise KafkaTimeoutError("Failed to update metadata after 10.0 secs.")
-
-    def flush(self, timeout: float | None = None) -> None:
-        raise KafkaTimeoutError("Timeout waiting for future")
-
-    def close(self, timeout: float | None = None) -> None:
-        pass
-
-
-def test_a_broker_outage_holds_back_kafka_only_and_alertmanager_still_gets_resends(
-        env: Env) -> None:
+def test_the_book_pages_with_the_broker_down_and_sends_to_kafka_once_it_is_back(
+        env: Env, kafka_bootstrap: str) -> None:
+    """The book's producer is made at its first send (``runner.alerts_producer``, the
+    runner's own factory), with kafka-python against an address where no broker listens: the
+    processor lives, Alertmanager gets the opening push and re-sends, the Kafka target holds
+    its cursor; when the broker is reachable, the held change goes out."""
     pushed: list[list[dict[str, Any]]] = []
 
     def am(request: httpx.Request) -> httpx.Response:
         pushed.append(json.loads(request.content))
         return httpx.Response(200)
 
+    topic = f"t{env.tag}.alerts"  # made by the factory once the broker is reachable
+    broker = [f"127.0.0.1:{free_port()}"]  # no broker listens: one that is down
     registry = CollectorRegistry()
     book = env.book()
     router = Router(book, AlertMetrics(registry), public_url=PUBLIC_URL,
-                    alertmanager_url="http://am.test", producer=_BrokerDown(),
+                    alertmanager_url="http://am.test", topic=topic,
+                    producer_factory=lambda: alerts_producer(load_settings(
+                        kafka_bootstrap=broker[0], alerts_topic=topic)),
                     http=httpx.Client(transport=httpx.MockTransport(am)),
                     prefix=f"t{env.tag}:alerts")
     proc = env.processor(book, router, resend_interval_s=0.0)
     env.feed(alarm("station=press-3", 1.0))
     worker = threading.Thread(target=proc.run)
     worker.start()
+    cursor = f"t{env.tag}:alerts:cursor"
     try:
-        wait_for(lambda: len(pushed) >= 3, 20, "the opening push and two re-sends")
+        wait_for(lambda: len(pushed) >= 3 and registry.get_sample_value(
+            "driftline_alerts_pushes_total", {"target": "kafka", "outcome": "error"}),
+            90, "the opening push, two re-sends and a failed Kafka delivery")
+        assert worker.is_alive() and router.producer is None
+        # The Kafka target has not moved past the change it could not send.
+        assert env.r.hget(cursor, "kafka") in (None, b"0-0")
+        (inc,) = book.active()
+        assert {a["labels"]["incident_id"] for batch in pushed for a in batch} == {inc.id}
+
+        broker[0] = kafka_bootstrap  # the broker is back
+        wait_for(lambda: env.r.hget(cursor, "kafka") not in (None, b"0-0"), 60,
+                 "the held change sent to Kafka")
         assert worker.is_alive()
     finally:
         proc.stop()
-        worker.join(10)
-    (inc,) = book.active()
-    assert {a["labels"]["incident_id"] for batch in pushed for a in batch} == {inc.id}
-    assert registry.get_sample_value("driftline_alerts_pushes_total",
-                                     {"target": "kafka", "outcome": "error"}) >= 1
-    # The Kafka target's cursor has not moved past the change it could not send.
-    assert env.r.hget(f"t{env.tag}:alerts:cursor", "kafka") in (None, b"0-0")
+        worker.join(30)
+        router.close()
+    consumer = KafkaConsumer(topic, bootstrap_servers=kafka_bootstrap,
+                             auto_offset_reset="earliest", enable_auto_commit=False,
+                             consumer_timeout_ms=10_000)
+    sent = [json.loads(r.value) for r in consumer]
+    consumer.close()
+    changes = [(i.decode(), json.loads(f[b"change"]))
+               for i, f in env.r.xrange(book.changes_key, "-", "+")]
+    assert [(m["incident_id"], m["action"], m["change_id"]) for m in sent] == [
+        (c["incident_id"], c["action"], i) for i, c in changes if c["routed"]]
+    assert sent[0]["action"] == "opened"
 
 
 def test_an_entry_the_book_cannot_apply_is_skipped_and_the_rest_applied(env: Env) -> None:

@@ -34,5 +34,7 @@ def test_small_demo_finds_each_injection_in_the_right_slice(
     assert "MISSED" not in out and "(WRONG)" not in out, out
     # on-call's view: every incident's exemplar thumbnail, served by the API from the topic
     assert len(re.findall(r"exemplar \S+: thumbnail \d+x\d+ JPEG", out)) >= 3, out
+    # what changed: the book describes each shifted cluster from the alarm's reference
+    assert "gained: " in out and "no description in the reference" not in out, out
     assert status == 0, out
     print(out)

@@ -24,6 +24,7 @@ from tests.integration.pipeline_support import (
     Stream,
     Worker,
     detect_done,
+    free_port,
     make_reference,
     outbox,
     states,
@@ -280,6 +281,27 @@ def test_reset_request_from_the_book_restarts_the_slice(
     seen = {v.decode() for v in pipe.redis().hgetall("dl:detect:control_seen").values()}
     assert eid in seen
     assert states(pipe)["station=s3"]["state"]["detectors"]["n"] == after["detectors"]["n"] + 100
+
+
+def test_the_book_starts_and_opens_incidents_with_the_broker_down(
+    pipe: Pipeline, tmp_path: Path, workers: list[Worker]
+) -> None:
+    """``driftline run book`` needs no broker: it pages through Alertmanager from Redis's
+    outbox, and its producer to the alerts topic is made at its first send."""
+    from driftline.alerts.book import FailureBook
+    from tests.unit.alerts.synthetic import alarm
+
+    down = f"127.0.0.1:{free_port()}"
+    w = start(pipe, "book", tmp_path, workers, DRIFTLINE_KAFKA_BOOTSTRAP=down,
+              DRIFTLINE_ALERTMANAGER_URL="")
+    pipe.redis().xadd("dl:detect:outbox", {"alarm": json.dumps(alarm("station=s3", 1.0))})
+    book = FailureBook(pipe.redis())
+    wait_for(lambda: [i.root.slice_id for i in book.active()] == ["station=s3"], 60,
+             "the incident")
+    wait_for(lambda: "kafka alert delivery failed" in w.log(), 60,
+             "a delivery to Kafka tried (and to be tried again)")
+    assert w.alive(), w.log()
+    assert w.terminate() == 0, w.log()
 
 
 def test_redis_and_broker_restarts_mid_stream_lose_nothing(

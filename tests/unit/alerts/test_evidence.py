@@ -66,3 +66,20 @@ def test_severity_grows_with_effect_detector_persistence_and_reach() -> None:
                 for s in ("press-1", "press-2")]
     assert severity(big, [_firing("station=press-3", "error_rate", crossings=5)],
                     stations) is Severity.critical
+
+
+def test_clusters_are_described_only_from_the_alarm_s_own_reference() -> None:
+    """After another reference is activated, an alarm raised on the old one keeps its cluster
+    shifts but gets no description from the new reference's clusters of the same ids."""
+    catalog = ClusterCatalog.from_manifest({**MANIFEST, "reference_id": "new"})
+    for rid, described in (("new", True), ("old", False), (None, False)):
+        root = slice_evidence({**alarm("station=press-3", 1.0), "reference_id": rid})
+        ev = build_evidence(root, [root], catalog, max_exemplars=2)
+        assert ev.clusters and ev.clusters[0].cluster == 0
+        assert (ev.clusters[0].description is not None) is described, rid
+        assert ev.clusters[0].aggressor is described
+        assert bool(ev.exemplars[0].reference_exemplars) is described
+    # a catalog that does not know its reference (hand-made) describes any alarm
+    root = slice_evidence({**alarm("station=press-3", 1.0), "reference_id": "old"})
+    assert build_evidence(root, [root], ClusterCatalog.from_manifest(MANIFEST), 2
+                          ).clusters[0].description is not None
