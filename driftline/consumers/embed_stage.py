@@ -23,7 +23,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -124,6 +124,7 @@ class EmbedStage:
         self.join_watch = JoinWatch("embed", metrics=consumer_metrics)
         self.latency_sample_every, self._sent = latency_sample_every, 0
         self._held: list[tuple[tuple[int, int], str, dict[str, Any]]] | None = None
+        self._held_counts: list[tuple[Callable[[float], None], float]] | None = None
         # faiss splits each small search over an OpenMP team whose spin-waits fight onnxruntime's
         # threads for the same cores: ~20 ms instead of ~1 ms per batch of 32 on two busy cores
         faiss.omp_set_num_threads(1)
@@ -195,7 +196,7 @@ class EmbedStage:
         ``processing_failed`` with its error only if another event of its kind (image,
         precomputed embedding, label) went through: otherwise the fault may be the worker's
         (a broken model session), and the error stops the worker so that its supervisor
-        restarts it — as Kafka errors do. (Counters of the failed pass are not taken back.)"""
+        restarts it — as Kafka errors do. The failed pass counted nothing either."""
         try:
             self.process(msgs)
             return
@@ -222,6 +223,8 @@ class EmbedStage:
                 f"other {self._kind(first)} event of its batch went through: the fault may be "
                 "the worker's") from cause
         for msg, error in failed:
+            self.metrics.events_in.labels("label" if self._kind(msg) == "label"
+                                          else "inference").inc()
             self._dead_letter(msg, EventRejected(RejectReason.processing_failed,
                                                  f"{type(error).__name__}: {error}"))
 
@@ -239,19 +242,32 @@ class EmbedStage:
         until the batch is done, then sent in source order (partition, offset): late labels
         are looked up after the batch's inference events, and the detect stage, which skips
         an update at or below a slice's highest applied source offset, would take a label
-        sent after a later event for a replay. A batch that fails sends nothing."""
-        self._held = []
+        sent after a later event for a replay. A batch that fails sends nothing and counts
+        nothing (its one-at-a-time replay counts its events once)."""
+        self._held, self._held_counts = [], []
         try:
             self._process(msgs)
         except BaseException:
-            self._held = None
+            self._held = self._held_counts = None
+            self._tally = _Tally()
             raise
         held, self._held = self._held, None
+        counts, self._held_counts = self._held_counts, None
         for _, topic, record in sorted(held, key=lambda h: h[0]):  # stable: templates in order
             self.producer.send(topic, **record)
+        for op, value in counts:
+            op(value)
+        self._tally.flush(self.metrics)
+
+    def _count(self, op: Callable[[float], None], value: float) -> None:
+        """A metric's ``inc``/``observe``, or held until the batch is done, as sends are."""
+        if self._held_counts is None:
+            op(value)
+        else:
+            self._held_counts.append((op, value))
 
     def _process(self, msgs: Sequence[Any]) -> None:
-        self.metrics.batch_size.observe(len(msgs))
+        self._count(self.metrics.batch_size.observe, len(msgs))
         items: list[_Item] = []
         labels: list[_Item] = []
         for msg in msgs:
@@ -262,34 +278,31 @@ class EmbedStage:
                 continue
             (items if event.kind == "inference" else labels).append(_Item(msg, event))
         if items:
-            self.metrics.events_in.labels("inference").inc(len(items))
+            self._count(self.metrics.events_in.labels("inference").inc, len(items))
         if labels:
-            self.metrics.events_in.labels("label").inc(len(labels))
+            self._count(self.metrics.events_in.labels("label").inc, len(labels))
         started = time.perf_counter()
         items, vectors = self._embed(items)
         if items:
-            self.metrics.embed_latency.observe(time.perf_counter() - started)
+            self._count(self.metrics.embed_latency.observe, time.perf_counter() - started)
+        for item in items:
+            self._emit(item, item.event.label, item.event.loss, _error_of(item.event))
         try:
-            for item in items:
-                self._emit(item, item.event.label, item.event.loss, _error_of(item.event))
+            self._remember(items, vectors)
+            self.outage.up()
+        except REDIS_ERRORS as exc:
+            self._count(self.metrics.redis_skipped.inc, len(items))
+            self.outage.down("predictions for late labels and recent embeddings not "
+                             "stored", exc, events=len(items))
+        for item in labels:
             try:
-                self._remember(items, vectors)
-                self.outage.up()
+                self._emit_late_label(item)
             except REDIS_ERRORS as exc:
-                self.metrics.redis_skipped.inc(len(items))
-                self.outage.down("predictions for late labels and recent embeddings not "
-                                 "stored", exc, events=len(items))
-            for item in labels:
-                try:
-                    self._emit_late_label(item)
-                except REDIS_ERRORS as exc:
-                    self.outage.down("late labels dead-lettered as store_unavailable", exc)
-                    self._dead_letter(item.msg, EventRejected(
-                        RejectReason.store_unavailable,
-                        f"Redis unreachable, the prediction of {item.event.event_id!r} could "
-                        "not be read; replay this label"), item.event.event_id)
-        finally:
-            self._tally.flush(self.metrics)
+                self.outage.down("late labels dead-lettered as store_unavailable", exc)
+                self._dead_letter(item.msg, EventRejected(
+                    RejectReason.store_unavailable,
+                    f"Redis unreachable, the prediction of {item.event.event_id!r} could "
+                    "not be read; replay this label"), item.event.event_id)
 
     def _embed(self, items: list[_Item]) -> tuple[list[_Item], np.ndarray]:
         images = [i for i in items if i.event.embedding is None]
@@ -421,7 +434,7 @@ class EmbedStage:
             exc, topic=msg.topic, partition=msg.partition, offset=msg.offset, key=msg.key,
             value=msg.value, event_id=event_id)
         self._send(msg, self.dlq_topic, key=msg.key, value=record.model_dump_json().encode())
-        self.metrics.dead_letters.labels(exc.reason.value).inc()
+        self._count(self.metrics.dead_letters.labels(exc.reason.value).inc, 1)
         log.info("dead-lettered", extra={"reason": exc.reason.value, "partition": msg.partition,
                                          "offset": msg.offset, "detail": exc.detail[:200]})
 

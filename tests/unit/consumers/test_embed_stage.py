@@ -238,18 +238,25 @@ class _FragileReference(Reference):
         return super().assign(emb)
 
 
-def _fragile_stage(producer: Producer) -> EmbedStage:
+def _fragile_stage(producer: Producer, registry: CollectorRegistry | None = None) -> EmbedStage:
     return EmbedStage(
         None, producer, events_topic="ev", updates_topic="up",  # type: ignore[arg-type]
         dlq_topic="dlq", embedder=Embedder(), reference=_FragileReference(),
-        templates=["station"], metrics=EmbedMetrics(CollectorRegistry()))
+        templates=["station"], metrics=EmbedMetrics(registry or CollectorRegistry()))
 
 
 def test_an_event_that_breaks_the_batch_is_dead_lettered_and_the_rest_go_on() -> None:
-    producer = Producer()
+    producer, registry = Producer(), CollectorRegistry()
     values = [_event(n, "s1", embedding=[1.0, 7.0 if n == 2 else 0.0, 0.0]) for n in range(4)]
-    _fragile_stage(producer).process_guarded(
+    values.append(b"{not json")
+    _fragile_stage(producer, registry).process_guarded(
         [Msg("ev", 0, n, b"k", v) for n, v in enumerate(values)])
+    # the failed pass counted nothing: every event is counted once, by its replay
+    value = registry.get_sample_value
+    assert value("driftline_embed_events_total", {"kind": "inference"}) == 4
+    assert value("driftline_embed_slice_updates_total") == 3
+    assert value("driftline_embed_dead_letters_total", {"reason": "malformed_json"}) == 1
+    assert value("driftline_embed_dead_letters_total", {"reason": "processing_failed"}) == 1
     dead = [json.loads(v) for t, _, v in producer.sent if t == "dlq"]
     assert [(d["offset"], d["reason"]) for d in dead] == [(2, "processing_failed")]
     assert "RuntimeError: index: unexpected input" in dead[0]["detail"]
