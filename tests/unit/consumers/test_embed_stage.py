@@ -257,8 +257,10 @@ def test_an_event_that_breaks_the_batch_is_dead_lettered_and_the_rest_go_on() ->
     assert value("driftline_embed_slice_updates_total") == 3
     assert value("driftline_embed_dead_letters_total", {"reason": "malformed_json"}) == 1
     assert value("driftline_embed_dead_letters_total", {"reason": "processing_failed"}) == 1
-    dead = [json.loads(v) for t, _, v in producer.sent if t == "dlq"]
-    assert [(d["offset"], d["reason"]) for d in dead] == [(2, "processing_failed")]
+    dead = sorted((json.loads(v) for t, _, v in producer.sent if t == "dlq"),
+                  key=lambda d: d["offset"])
+    assert [(d["offset"], d["reason"]) for d in dead] == [(2, "processing_failed"),
+                                                         (4, "malformed_json")]
     assert "RuntimeError: index: unexpected input" in dead[0]["detail"]
     # the failed batch sent nothing: each good event's update goes once
     assert [json.loads(v)["event_id"] for t, _, v in producer.sent if t == "up"] == [
