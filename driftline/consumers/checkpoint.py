@@ -36,9 +36,16 @@ from typing import Any
 
 import redis
 from pydantic_core import PydanticSerializationError, to_json
+from redis._parsers.base import BaseParser
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ReadOnlyError, WatchError
+from redis.exceptions import (
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    WatchError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 from tenacity import RetryCallState, retry, retry_if_exception_type, wait_exponential
@@ -53,9 +60,21 @@ log = logging.getLogger(__name__)
 REDIS_WAIT_S = 60
 OUTBOX_MAXLEN = 100_000
 
+
+
+class CannotPersistError(ResponseError):
+    """``MISCONF``: Redis cannot persist (a full disk, a failed snapshot or AOF write) and
+    refuses writes until it can. redis-py raises a bare ``ResponseError`` for it; registering
+    the prefix makes it an exception class of its own, so that it reads as an outage."""
+
+
+BaseParser.EXCEPTION_CLASSES.setdefault("MISCONF", CannotPersistError)
+
 # What an outage looks like: a refused or dropped connection, a timeout, a server still loading
-# (BusyLoadingError is a ConnectionError), a failover's read-only replica, or a full memory.
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMemoryError)
+# (BusyLoadingError is a ConnectionError), a failover's read-only replica or one whose master is
+# down, a full memory, or a server that cannot write to its disk.
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMemoryError,
+                MasterDownError, CannotPersistError)
 
 # A deadline (monotonic) for the calls made inside ``CheckpointStore.waiting_at_most``, in this
 # thread (or task).

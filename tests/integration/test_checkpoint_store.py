@@ -4,12 +4,14 @@ partitions, and a Redis that stops answering mid-transaction is an outage, not a
 from __future__ import annotations
 
 import re
+import shutil
 import time
 
 import pytest
 import redis
 
 from driftline.consumers.checkpoint import REDIS_ERRORS, CheckpointStore, Fenced, store_client
+from driftline.localstack import start_stack
 
 pytestmark = pytest.mark.integration
 
@@ -71,3 +73,30 @@ def test_a_checkpoint_whose_reply_was_lost_is_not_written_twice(
     assert calls == [1]  # retried, but found it had landed
     assert store.r.xlen(store.outbox_key) == 1
     assert store.load(0)[0] == 10
+
+
+def test_a_redis_that_cannot_write_to_its_disk_is_an_outage() -> None:
+    """``MISCONF`` (a full disk, a failed snapshot): Redis refuses writes until it can persist.
+    The stages must wait it out as an outage, not crash on every restart. A Redis of its own,
+    whose data directory disappears under it, so that its next snapshot fails."""
+    with start_stack(["redis"]) as own:
+        if own.is_external("redis"):
+            pytest.skip("DRIFTLINE_REDIS_URL names a server this test must not break")
+        admin = redis.Redis.from_url(own.redis_url)
+        store = CheckpointStore(store_client(own.redis_url), wait_s=0.0)
+        epochs = store.claim([0])
+        shutil.rmtree(str(admin.config_get("dir")["dir"]))
+        admin.config_set("save", "3600 1")  # refuses writes only where snapshots are configured
+        admin.config_set("stop-writes-on-bgsave-error", "yes")
+        admin.bgsave()
+        deadline = time.monotonic() + 30
+        while admin.info("persistence")["rdb_last_bgsave_status"] != "err":
+            assert time.monotonic() < deadline, "the snapshot did not fail"
+            time.sleep(0.1)
+        with pytest.raises(REDIS_ERRORS, match="unable to persist"):
+            store.commit(epochs, {0: {}}, {0: 42})
+        with pytest.raises(REDIS_ERRORS, match="unable to persist"):
+            store.claim([1])  # a worker restarting meanwhile
+        admin.config_set("stop-writes-on-bgsave-error", "no")  # the disk is fixed
+        store.commit(epochs, {0: {}}, {0: 42})
+        assert store.load(0)[0] == 42
