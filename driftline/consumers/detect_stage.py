@@ -64,7 +64,7 @@ from driftline.consumers.kafka_io import (
 )
 from driftline.consumers.slice_state import UpdateView
 from driftline.metrics import ConsumerMetrics, DetectMetrics
-from driftline.schema import SOURCE_TS_HEADER, SliceUpdate
+from driftline.schema import SOURCE_TS_HEADER, SliceUpdate, parse_slice_id
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,9 @@ class SliceModel(Protocol):
 class SliceEntry:
     model: SliceModel
     applied: dict[int, int] = field(default_factory=dict)  # source partition -> offset
+    # the gauge series published for this slice (gauged templates): what to remove when the
+    # slice's gauges change or its partition moves away
+    series: tuple[tuple[Gauge, tuple[str, ...]], ...] = ()
 
 
 @dataclass
@@ -207,7 +210,8 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                     offset, records, seen = self.store.load(p)
                     slices = {sid: SliceEntry(self.restore_slice(rec["state"]),
                                               {int(src): o for src, o in rec["applied"].items()})
-                              for sid, rec in records.items()}
+                              for sid, rec in records.items()
+                              if self._well_formed(sid, rec["state"].get("template"), p)}
                     self.parts[p] = PartitionState(epochs[p], offset, slices, seen)
                     tp = TopicPartition(self.topic, p)
                     if offset is not None:
@@ -343,6 +347,9 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
             return None
         entry = part.slices.get(upd.slice_id)
         if entry is None:
+            if not self._well_formed(upd.slice_id, upd.template, msg.partition, msg.offset):
+                self.metrics.skipped.labels("unreadable").inc()
+                return None
             entry = part.slices[upd.slice_id] = SliceEntry(self.new_slice(upd))
         src = upd.source_partition
         if upd.source_offset <= entry.applied.get(src, -1):
@@ -368,10 +375,36 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                                 "reference_id": self.reference_id})
         return True
 
-    def _publish_gauges(self, model: SliceModel, g: dict[str, Any]) -> None:
-        """Gauges for station and station+shift slices (bounded labels), at checkpoint time."""
-        for gauge, labels, value in self._gauge_series(model, g):
+    @staticmethod
+    def _well_formed(sid: str, template: Any, partition: int, offset: int | None = None
+                     ) -> bool:
+        """Whether a slice id names exactly its template's dimensions (``station=s1|shift=A``
+        for ``station+shift``). The embed stage writes nothing else; a foreign or damaged
+        record must not become a slice that fails every checkpoint and rebalance (its
+        summary and gauges read the dimensions from the id)."""
+        try:
+            dims = parse_slice_id(sid)
+            ok = isinstance(template, str) and list(dims) == template.split("+") and all(
+                dims.values())
+        except ValueError:
+            ok = False
+        if not ok:
+            log.error("slice-update skipped: its slice id does not match its template",
+                      extra={"partition": partition, "offset": offset, "slice": sid,
+                             "template": template})
+        return ok
+
+    def _publish_gauges(self, entry: SliceEntry, g: dict[str, Any]) -> None:
+        """Gauges for station and station+shift slices (bounded labels), at checkpoint time;
+        series the slice no longer has (an emptied window) are removed, not left frozen."""
+        series = []
+        for gauge, labels, value in self._gauge_series(entry.model, g):
             gauge.labels(*labels).set(value)
+            series.append((gauge, labels))
+        for gauge, labels in set(entry.series) - set(series):
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
+        entry.series = tuple(series)
 
     def _forget_gauges(self, partitions: Iterable[int]) -> None:
         """Drop the gauges of slices this worker no longer owns: their new owner exports
@@ -380,10 +413,10 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         for p in partitions:
             part = self.parts.get(p)
             for entry in part.slices.values() if part is not None else ():
-                if entry.model.template in GAUGED_TEMPLATES:
-                    for gauge, labels, _ in self._gauge_series(entry.model, entry.model.gauges()):
-                        with contextlib.suppress(KeyError):  # never published
-                            gauge.remove(*labels)
+                for gauge, labels in entry.series:
+                    with contextlib.suppress(KeyError):  # already gone
+                        gauge.remove(*labels)
+                entry.series = ()
 
     def _gauge_series(self, model: SliceModel, g: dict[str, Any]
                       ) -> Iterator[tuple[Gauge, tuple[str, ...], float]]:
@@ -441,11 +474,12 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                           {p: part.control_seen for p, part in self.parts.items()})
         for part in self.parts.values():
             for sid in part.dirty:
-                self._publish_gauges(part.slices[sid].model, gauges[sid])
+                self._publish_gauges(part.slices[sid], gauges[sid])
             part.dirty.clear()
         self.outbox = []
         self.last_checkpoint = time.monotonic()
         self.metrics.checkpoints.labels("ok").inc()
+        self._refresh_gauges()  # live slices grow between rebalances
         commit = {TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1)
                   for p, o in offsets.items()}
         try:

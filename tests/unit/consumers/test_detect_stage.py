@@ -439,7 +439,7 @@ def test_gauges_of_slices_handed_to_another_worker_are_dropped(redis_up: bool) -
                               for i in range(p, 40, 2)])
     for part in stage.parts.values():
         for entry in part.slices.values():
-            stage._publish_gauges(entry.model, entry.model.gauges())
+            stage._publish_gauges(entry, entry.model.gauges())
     before = _series(stage)
     assert {s[1] for s in before} == {"s1", "s2"}
     stage.on_partitions_revoked({TopicPartition("t", 0)})
@@ -469,3 +469,33 @@ def test_an_event_sent_with_its_label_counts_for_drift_and_a_late_label_does_not
     late = _update(300, label="scratch", error=True, distance=None, ood=None, late_label=True)
     labelled.apply_batch(0, [Msg(0, 300, late.model_dump_json().encode(), 0)])
     assert seen(labelled) == before  # the event was counted when it was embedded
+
+
+@pytest.mark.parametrize(("sid", "template"), [
+    ("s1", "station"), ("lot=L1", "station"), ("station=s1|lot=L1", "station"),
+    ("station=", "station")])
+def test_a_slice_id_that_does_not_match_its_template_is_skipped(sid: str, template: str) -> None:
+    """Such a record (foreign, or damaged) became a slice whose summary and gauges failed every
+    checkpoint, and, restored, every revoke: the worker crash-looped."""
+    stage = _stage()
+    stage.store = _CommittingStore()  # type: ignore[assignment]
+    stage.consumer = _Consumer()  # type: ignore[assignment]
+    bad = _update(0, slice_id=sid, template=template).model_dump_json().encode()
+    stage.apply_batch(0, [Msg(0, 0, bad, 0), Msg(0, 1, _update(1).model_dump_json().encode(), 0)])
+    assert list(stage.parts[0].slices) == ["station=s2"]
+    skips = {s.labels["reason"]: s.value for m in stage.metrics.skipped.collect()
+             for s in m.samples if s.name.endswith("_total")}
+    assert skips == {"unreadable": 1.0}
+    assert stage.checkpoint()
+    assert stage._well_formed("station=s1|shift=A", "station+shift", 0)
+
+
+def test_live_slices_follow_the_slices_created_between_rebalances() -> None:
+    stage = _stage()
+    stage.store = _CommittingStore()  # type: ignore[assignment]
+    stage.consumer = _Consumer()  # type: ignore[assignment]
+    stage.apply_batch(0, [Msg(0, i, _update(i, slice_id=f"lot=L{i}", template="lot", lot=f"L{i}")
+                              .model_dump_json().encode(), 0) for i in range(50)])
+    stage.checkpoint()
+    live = next(s.value for m in stage.metrics.live_slices.collect() for s in m.samples)
+    assert live == 50
