@@ -107,16 +107,23 @@ class SliceState:
         return bool((mix is not None and getattr(mix, "n_categories", k) != k)
                     or (counts is not None and counts.n_clusters != k))
 
-    def _restart_for_new_reference(self, k: int) -> None:
+    def _restart_for_new_reference(self, k: int, t: float) -> list[dict[str, Any]]:
         """The active reference now has ``k`` clusters: this slice's cluster statistics, counts,
-        open alarms and exemplars describe the old clusters, so start them afresh."""
+        open alarms and exemplars describe the old clusters, so start them afresh. Open alarms
+        are cleared (returned as ``clear`` messages), so that their incidents can resolve."""
         old, d = self.det.counts, self.det
         log.warning("reference cluster count changed: slice detectors restarted",
-                    extra={"slice": self.slice_id, "clusters": k,
+                    extra={"slice": self.slice_id, "clusters": k, "open": sorted(self.open),
                            "previous": None if old is None else old.n_clusters, "events": d.n})
+        cleared = [self._clear(name, state, t) for name, state in self.open.items()]
         self.det = SliceDetectors(d.arl0, d.thresholds, d.bucket_seconds, d.max_buckets)
         self.open = {}
         self.exemplars.clear()
+        return cleared
+
+    def _clear(self, name: str, state: dict[str, Any], t: float) -> dict[str, Any]:
+        return {"kind": "clear", "detector": name, "time": t, "onset_time": state["onset_time"],
+                "dims": self.dims, "slice_n": self.n}
 
     def update(self, upd: UpdateView) -> list[dict[str, Any]]:
         """Apply one slice-update; return the outbox messages it raises. Raises ``KeyError``
@@ -126,14 +133,14 @@ class SliceState:
         cluster = upd.cluster
         # a late label (records written before ``late_label`` existed: a label, no distance)
         late = upd.late_label or (upd.label is not None and upd.distance is None)
+        restarted: list[dict[str, Any]] = []
         if cluster is not None and not late:
             key = upd.baseline
             p = self.baselines.cluster_mix(key)
             if not 0 <= cluster < p.size:
                 raise ValueError(f"cluster {cluster} outside the reference's 0..{p.size - 1}")
             if self._clusters_changed(p.size):
-                self._restart_for_new_reference(p.size)
-            self.last_time = t
+                restarted = self._restart_for_new_reference(p.size, t)
             if upd.ood is not None and upd.error is None:  # the usual event: one fast call
                 alarms = self.det.observe(cluster, p, upd.ood, self.baselines.ood_rate(key), t)
             else:
@@ -151,15 +158,19 @@ class SliceState:
                 else:
                     versions[sys.intern(version)] = 1
         else:
+            alarms = self._update(upd, t, cluster=False, label_only=late)
+        # the newest event time seen (the gauges' window ends there): events only, never back
+        if not late and (self.last_time is None or t > self.last_time):
             self.last_time = t
-            alarms = self._update(upd, t, cluster=False)
         if not alarms and not self.open:
-            return []
-        out = [self._on_alarm(a.as_dict(), t) for a in alarms]
-        out.extend(self._quiet_tick(t, fired={a.detector for a in alarms}))
+            return restarted
+        out = restarted + [self._on_alarm(a.as_dict(), t) for a in alarms]
+        if not late:  # quiet means events without an alarm; a late label is not an event
+            out.extend(self._quiet_tick(t, fired={a.detector for a in alarms}))
         return out
 
-    def _update(self, upd: UpdateView, t: float, cluster: bool) -> list[Alarm]:
+    def _update(self, upd: UpdateView, t: float, cluster: bool, label_only: bool = False
+                ) -> list[Alarm]:
         """Every other kind of update (labels, errors, missing parts) through ``EventUpdate``."""
         expected_error = (self.baselines.expected_error(upd.cluster)
                           if upd.error is not None and upd.cluster is not None else None)
@@ -168,7 +179,7 @@ class SliceState:
             baseline=self.baselines.cluster_mix(upd.baseline) if cluster else None,
             ood=upd.ood if cluster else None,
             ood_p0=self.baselines.ood_rate(upd.baseline) if cluster else None,
-            time=t, error=upd.error, expected_error=expected_error))
+            time=t, error=upd.error, expected_error=expected_error, label_only=label_only))
 
     def _on_alarm(self, alarm: dict[str, Any], t: float) -> dict[str, Any]:
         name = alarm["detector"]
@@ -192,9 +203,7 @@ class SliceState:
             state["quiet"] += 1
             if state["quiet"] >= self.autoresolve:
                 del self.open[name]
-                cleared.append({"kind": "clear", "detector": name, "time": t,
-                                "onset_time": state["onset_time"], "dims": self.dims,
-                                "slice_n": self.n})
+                cleared.append(self._clear(name, state, t))
         return cleared
 
     def reset(self) -> None:

@@ -31,7 +31,8 @@ class EventUpdate:
     ``ood_p0`` that baseline's OOD exceedance rate; ``prediction_baseline`` the reference mix of
     predicted labels; ``low_confidence_p0`` the quantile level defining "low confidence";
     ``expected_error`` the reference error rate of the event's cluster. ``time`` is event time
-    in seconds (e.g. a POSIX timestamp).
+    in seconds (e.g. a POSIX timestamp). ``label_only``: a late label or loss for an event
+    counted when it was embedded — it feeds the error detector and is not another event.
     """
 
     cluster: int | None = None
@@ -45,6 +46,7 @@ class EventUpdate:
     low_confidence_p0: float | None = None
     error: bool | None = None
     expected_error: float | None = None
+    label_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,8 @@ class SliceDetectors:
                     ood_p0=u.ood_p0,
                     time=float(self.n) if t is None else t,
                 )
-        self.n += 1
+        if not u.label_only:
+            self.n += 1
         return [self._alarm(name, not before) for name, before in fed if self.detectors[name].alarm]
 
     def observe(self, cluster: int, baseline: FloatArray, ood: bool, ood_p0: float,

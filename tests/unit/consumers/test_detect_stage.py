@@ -499,3 +499,47 @@ def test_live_slices_follow_the_slices_created_between_rebalances() -> None:
     stage.checkpoint()
     live = next(s.value for m in stage.metrics.live_slices.collect() for s in m.samples)
     assert live == 50
+
+
+def _feed(stage: DetectStage, first: int, n: int, **over: Any) -> None:
+    """``n`` updates of station s1 (even event numbers) from offset ``first``."""
+    stage.apply_batch(0, [Msg(0, first + j, _update(2 * (first + j), **over)
+                              .model_dump_json().encode(), 0) for j in range(n)])
+
+
+def test_a_reference_with_other_clusters_clears_the_slice_s_open_alarms() -> None:
+    """Its open alarms were forgotten without a ``clear``, so their incident never resolved."""
+    stage = _stage()
+    _feed(stage, 0, 40, cluster=2)  # cluster 2 (p = 0.1) floods in: alarms
+    model = stage.parts[0].slices["station=s1"].model
+    opened = sorted(model.open)
+    assert opened and [m["detector"] for m in stage.outbox if m["kind"] == "alarm"] == opened
+    stage.outbox.clear()
+    model.baselines.p["s1"] = np.full(5, 0.2)  # a reference rebuilt with K = 5
+    _feed(stage, 40, 1, cluster=4, ood=False)
+    assert [(m["kind"], m["detector"]) for m in stage.outbox] == [
+        ("clear", name) for name in opened]
+    assert not model.open
+
+
+def test_late_labels_are_not_events_and_do_not_move_the_gauge_window() -> None:
+    """A late label for an old event set the slice's last event time back (the last-hour
+    gauges then read some old hour), and counted as one more event (the summary's ``n``, the
+    quiet count that auto-resolves an alarm)."""
+    stage = _stage()
+    for minute in range(180):  # three hours; the last one all cluster 2
+        _feed(stage, minute, 1, ts=T0 + timedelta(minutes=minute), ood=False,
+              cluster=2 if minute >= 120 else (0, 0, 0, 1, 2)[minute % 5])
+    model = stage.parts[0].slices["station=s1"].model
+    before, n, last = model.gauges(), model.n, model.last_time
+    late = _update(0, ts=T0 + timedelta(minutes=10), source_offset=9999, label="scratch",
+                   error=True, distance=None, ood=None, late_label=True)
+    stage.apply_batch(0, [Msg(0, 180, late.model_dump_json().encode(), 0)])
+    after = model.gauges()
+    assert model.last_time == last and after["cluster_shares"] == before["cluster_shares"]
+    assert after["cluster_shares"][2] == 1.0  # the last hour, all cluster 2
+    assert model.n == n == 180
+    assert "error_rate" in model.det.detectors  # the label was applied
+    # an event older than the newest does not move the window back either
+    _feed(stage, 181, 1, ts=T0, ood=False)
+    assert model.last_time == last and model.n == 181
