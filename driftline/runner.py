@@ -49,6 +49,7 @@ class ReferenceBaselines:
     """Adapts a :class:`Reference` to what the detectors need per event (cached arrays)."""
 
     def __init__(self, ref: Reference) -> None:
+        self.reference_id = ref.reference_id
         items = ref.manifest["baselines"]["items"]
         self._p = {k: np.asarray(v["p"], np.float64) for k, v in items.items()}
         self._ood = {k: float(v["ood_rate"]) for k, v in items.items()}

@@ -254,3 +254,7 @@ class SliceUpdate(BaseModel):
         default=False,
         description="a label or loss that arrived after its event: it updates the error "
                     "detectors only (``cluster`` is the event's, counted when it was embedded)")
+    reference_id: str | None = Field(
+        default=None,
+        description="the reference the event was judged against (its clusters, baseline and "
+                    "OOD threshold); None in records written before the field")

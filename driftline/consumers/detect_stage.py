@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -138,7 +139,11 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self.cmetrics = consumer_metrics
         self.interval = checkpoint_interval_s
         self.revoke_wait_s = revoke_wait_s
-        self.reference_id = reference_id  # on every outbox message: the book describes its clusters
+        # checked on every slice-update, and written on every outbox message (the book
+        # describes the clusters of alarms raised on the reference it knows)
+        self.reference_id = reference_id
+        self._other_reference: dict[str, int] = {}  # skipped since the last log line
+        self._other_logged = -math.inf
         self.parts: dict[int, PartitionState] = {}
         self.pending: set[int] = set()  # assigned and paused, not yet claimed and loaded
         self.outbox: list[dict[str, Any]] = []
@@ -325,6 +330,12 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
             self.metrics.updates.inc(applied)
         if duplicates:
             self.metrics.duplicates.inc(duplicates)
+        if self._other_reference and time.monotonic() - self._other_logged >= 60.0:
+            self._other_logged = time.monotonic()
+            log.warning("slice-updates of another reference skipped: restart every embed and "
+                        "detect worker after activating a reference", extra={
+                            "reference": self.reference_id, "skipped": self._other_reference})
+            self._other_reference = {}
         now = time.time()
         for headers in sampled:
             for key, value in headers:
@@ -344,6 +355,13 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
             log.error("unreadable slice-update skipped",
                       extra={"partition": msg.partition, "offset": msg.offset,
                              "error": str(exc)})
+            return None
+        ref = upd.reference_id
+        if ref is not None and self.reference_id is not None and ref != self.reference_id:
+            # embedded against another reference (a rolling restart after an activation):
+            # its cluster and OOD flag mean nothing against this one's baselines
+            self.metrics.skipped.labels("other_reference").inc()
+            self._other_reference[ref] = self._other_reference.get(ref, 0) + 1
             return None
         entry = part.slices.get(upd.slice_id)
         if entry is None:
@@ -560,7 +578,8 @@ class FastUpdate:
 
     __slots__ = ("slice_id", "template", "event_id", "ts", "source_partition", "source_offset",
                  "station", "shift", "lot", "baseline", "cluster", "distance", "ood",
-                 "model_version", "prediction", "label", "loss", "error", "late_label")
+                 "model_version", "prediction", "label", "loss", "error", "late_label",
+                 "reference_id")
 
     slice_id: str
     template: str
@@ -581,6 +600,7 @@ class FastUpdate:
     loss: float | None
     error: bool | None
     late_label: bool
+    reference_id: str | None
 
 
 def parse_update(raw: bytes) -> UpdateView:
@@ -607,7 +627,9 @@ def parse_update(raw: bytes) -> UpdateView:
             d.get("cluster"), d.get("distance"), d.get("ood"), d.get("model_version"))
         u.label, u.loss, u.error = lb, ls, e = d.get("label"), d.get("loss"), d.get("error")
         u.late_label = late = d.get("late_label", False)
-        if ((c is not None and type(c) is not int) or (o is not None and type(o) is not bool)
+        u.reference_id = r = d.get("reference_id")
+        if ((r is not None and type(r) is not str)
+                or (c is not None and type(c) is not int) or (o is not None and type(o) is not bool)
                 or (x is not None and type(x) is not float and type(x) is not int)
                 or (m is not None and type(m) is not str)
                 or (lb is not None and type(lb) is not str)

@@ -77,6 +77,9 @@ class EmbedderLike(Protocol):
 class ReferenceLike(Protocol):
     dim: int
 
+    @property
+    def reference_id(self) -> str: ...
+
     def assign(self, emb: Any) -> tuple[Any, Any]: ...
 
     def baseline_for(self, station: str, shift: str) -> Any: ...
@@ -371,7 +374,8 @@ class EmbedStage:
                 source_partition=msg.partition, source_offset=msg.offset, station=ev.station,
                 shift=ev.shift, lot=ev.lot, baseline=base.key, cluster=item.cluster,
                 distance=item.distance, ood=ood, model_version=ev.model_version,
-                prediction=ev.prediction, label=label, loss=loss, error=error, late_label=late)
+                prediction=ev.prediction, label=label, loss=loss, error=error, late_label=late,
+                reference_id=self.reference.reference_id)
             self._sent += 1
             # one slice-update in LATENCY_SAMPLE_EVERY carries its event's Kafka timestamp in a
             # header, for the detect stage's end-to-end latency (a header, not the record's

@@ -61,6 +61,8 @@ class UpdateView(Protocol):
     def error(self) -> bool | None: ...
     @property
     def late_label(self) -> bool: ...
+    @property
+    def reference_id(self) -> str | None: ...
 
 
 class Baselines(Protocol):
@@ -81,7 +83,7 @@ class SliceState:
     """
 
     __slots__ = ("slice_id", "template", "det", "baselines", "autoresolve", "open", "exemplars",
-                 "versions", "last_time")
+                 "versions", "last_time", "reference_id")
 
     def __init__(self, slice_id: str, template: str, detectors: SliceDetectors,
                  baselines: Baselines, autoresolve_events: int) -> None:
@@ -93,6 +95,8 @@ class SliceState:
         self.exemplars: list[Exemplar] = []  # the newest EXEMPLARS, oldest first
         self.versions: dict[str, int] = {}
         self.last_time: float | None = None
+        # the reference its statistics are about (None: baselines that do not say)
+        self.reference_id: str | None = getattr(baselines, "reference_id", None)
 
     @property
     def dims(self) -> dict[str, str]:
@@ -102,23 +106,31 @@ class SliceState:
     def n(self) -> int:
         return self.det.n
 
-    def _clusters_changed(self, k: int) -> bool:
+    def _reference_changed(self, k: int) -> bool:
+        """Whether this slice's statistics are about another reference than the active one
+        (another id, or, for baselines without one, another cluster count)."""
+        if self.reference_id != getattr(self.baselines, "reference_id", None):
+            return True
         mix, counts = self.det.detectors.get("cluster_mix"), self.det.counts
         return bool((mix is not None and getattr(mix, "n_categories", k) != k)
                     or (counts is not None and counts.n_clusters != k))
 
     def _restart_for_new_reference(self, k: int, t: float) -> list[dict[str, Any]]:
-        """The active reference now has ``k`` clusters: this slice's cluster statistics, counts,
-        open alarms and exemplars describe the old clusters, so start them afresh. Open alarms
-        are cleared (returned as ``clear`` messages), so that their incidents can resolve."""
+        """Another reference is active (``k`` clusters): this slice's cluster statistics,
+        counts, open alarms and exemplars describe the old clusters — ids that mean other
+        clusters now, even with the same count — so start them afresh. Open alarms are cleared
+        (returned as ``clear`` messages), so that their incidents can resolve."""
         old, d = self.det.counts, self.det
-        log.warning("reference cluster count changed: slice detectors restarted",
+        new_id = getattr(self.baselines, "reference_id", None)
+        log.warning("reference changed: slice detectors restarted",
                     extra={"slice": self.slice_id, "clusters": k, "open": sorted(self.open),
+                           "reference": new_id, "previous_reference": self.reference_id,
                            "previous": None if old is None else old.n_clusters, "events": d.n})
         cleared = [self._clear(name, state, t) for name, state in self.open.items()]
         self.det = SliceDetectors(d.arl0, d.thresholds, d.bucket_seconds, d.max_buckets)
         self.open = {}
         self.exemplars.clear()
+        self.reference_id = new_id
         return cleared
 
     def _clear(self, name: str, state: dict[str, Any], t: float) -> dict[str, Any]:
@@ -139,7 +151,7 @@ class SliceState:
             p = self.baselines.cluster_mix(key)
             if not 0 <= cluster < p.size:
                 raise ValueError(f"cluster {cluster} outside the reference's 0..{p.size - 1}")
-            if self._clusters_changed(p.size):
+            if self._reference_changed(p.size):
                 restarted = self._restart_for_new_reference(p.size, t)
             if upd.ood is not None and upd.error is None:  # the usual event: one fast call
                 alarms = self.det.observe(cluster, p, upd.ood, self.baselines.ood_rate(key), t)
@@ -239,7 +251,7 @@ class SliceState:
         return {"slice_id": self.slice_id, "template": self.template,
                 "detectors": self.det.snapshot(), "open": self.open,
                 "exemplars": [list(e) for e in self.exemplars], "versions": self.versions,
-                "last_time": self.last_time}
+                "last_time": self.last_time, "reference_id": self.reference_id}
 
     @classmethod
     def restore(cls, snap: dict[str, Any], baselines: Baselines,
@@ -250,6 +262,9 @@ class SliceState:
         obj.exemplars = [_exemplar(e) for e in snap["exemplars"]]
         obj.versions = snap["versions"]
         obj.last_time = snap["last_time"]
+        # a checkpoint written before the field: taken to be of the active reference
+        saved = snap.get("reference_id")
+        obj.reference_id = sys.intern(saved) if saved else obj.reference_id
         return obj
 
 

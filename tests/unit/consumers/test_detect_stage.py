@@ -39,7 +39,7 @@ from driftline.schema import SliceUpdate
 T0 = datetime(2026, 11, 2, 6, 0, tzinfo=UTC)
 FIELDS = ("slice_id", "template", "event_id", "ts", "source_partition", "source_offset",
           "station", "shift", "lot", "baseline", "cluster", "distance", "ood", "model_version",
-          "prediction", "label", "loss", "error", "late_label")
+          "prediction", "label", "loss", "error", "late_label", "reference_id")
 
 
 class Msg(NamedTuple):
@@ -98,13 +98,14 @@ def _states(stage: DetectStage) -> dict[str, Any]:
 @given(i=st.integers(0, 10_000), cluster=st.none() | st.integers(0, 2),
        ood=st.none() | st.booleans(), label=st.none() | st.just("scratch"),
        error=st.none() | st.booleans(), loss=st.none() | st.floats(0, 5),
-       version=st.none() | st.just("v2"), late=st.booleans())
+       version=st.none() | st.just("v2"), late=st.booleans(),
+       ref=st.none() | st.just("3f9c2a7b1d4e8f60"))
 def test_fast_parse_reads_what_pydantic_reads(
     i: int, cluster: int | None, ood: bool | None, label: str | None, error: bool | None,
-    loss: float | None, version: str | None, late: bool
+    loss: float | None, version: str | None, late: bool, ref: str | None
 ) -> None:
     upd = _update(i, cluster=cluster, ood=ood, label=label, error=error, loss=loss,
-                  model_version=version, late_label=late)
+                  model_version=version, late_label=late, reference_id=ref)
     raw = upd.model_dump_json().encode()
     fast = parse_update(raw)
     assert isinstance(fast, FastUpdate)
@@ -543,3 +544,41 @@ def test_late_labels_are_not_events_and_do_not_move_the_gauge_window() -> None:
     # an event older than the newest does not move the window back either
     _feed(stage, 181, 1, ts=T0, ood=False)
     assert model.last_time == last and model.n == 181
+
+
+def test_updates_embedded_against_another_reference_are_skipped(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A rolling restart after an activation: an embed worker on the new reference while this
+    detect worker runs the old one (or the reverse). Their cluster ids name other clusters."""
+    stage = _stage()
+    stage.reference_id = "old"
+    with caplog.at_level(logging.WARNING):
+        for ref in ("old", None, "new", "new", "old"):  # None: written before the field
+            _feed(stage, stage.parts[0].next_offset or 0, 1, reference_id=ref)
+    assert stage.parts[0].slices["station=s1"].model.n == 3
+    skips = {s.labels["reason"]: s.value for m in stage.metrics.skipped.collect()
+             for s in m.samples if s.name.endswith("_total")}
+    assert skips == {"other_reference": 2.0}
+    (line,) = [r for r in caplog.records if "another reference" in r.getMessage()]
+    assert line.__dict__["skipped"] == {"new": 1}  # once a minute, with what was skipped
+
+
+def test_a_slice_restored_under_another_reference_restarts_even_with_as_many_clusters() -> None:
+    """Cluster 2 of a rebuilt reference is another cluster: statistics and counts of the old
+    one must not go on (they raised alarms fleet-wide after an activation)."""
+    stage = _stage()
+    baselines = stage.new_slice.__closure__[0].cell_contents  # type: ignore[attr-defined]
+    baselines.reference_id = "old"
+    _feed(stage, 0, 40, cluster=2)  # alarms on the old reference
+    model = stage.parts[0].slices["station=s1"].model
+    opened = sorted(model.open)
+    assert opened and model.reference_id == "old"
+    saved = decode_record(encode_record({"state": model.snapshot(), "applied": {}}))
+    restored = SliceState.restore(saved["state"], baselines, 20)
+    assert restored.reference_id == "old"
+    baselines.reference_id = "new"  # the worker restarted on the rebuilt reference, K = 3
+    stage.parts[0].slices["station=s1"].model = restored
+    stage.outbox.clear()
+    _feed(stage, 40, 1, cluster=0, ood=False)
+    assert [(m["kind"], m["detector"]) for m in stage.outbox] == [("clear", d) for d in opened]
+    assert restored.n == 1 and restored.reference_id == "new" and not restored.open

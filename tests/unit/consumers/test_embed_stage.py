@@ -61,6 +61,7 @@ class Embedder:
 
 class Reference:
     dim = 3
+    reference_id = "ref-test"
 
     def assign(self, emb: Any) -> tuple[Any, Any]:
         return np.zeros(len(emb), np.int64), np.full(len(emb), 0.5, np.float32)
@@ -105,6 +106,7 @@ def test_batch_produces_updates_dead_letters_and_counts_per_batch() -> None:
         for s in (f"station={'s2' if e == 'e1' else 's1'}",
                   f"station={'s2' if e == 'e1' else 's1'}|shift=day")]
     assert all(u["ood"] is True and u["source_offset"] in (0, 1, 4, 5) for u in updates)
+    assert {u["reference_id"] for u in updates} == {"ref-test"}  # what they were judged against
     # every 3rd slice-update (this stage's sample rate) carries its event's Kafka timestamp
     sent = [h for (t, _, _), h in zip(producer.sent, producer.headers, strict=True) if t == "up"]
     assert [h for i, h in enumerate(sent) if (i + 1) % 3] == [None] * 6
