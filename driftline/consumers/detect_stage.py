@@ -228,7 +228,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                     log.info("partition restored", extra={"partition": p, "offset": offset,
                                                           "slices": len(slices)})
         except REDIS_ERRORS as exc:
-            self._redis_failed("partitions not restored yet", exc,
+            self._redis_failed("partitions not restored yet (paused until they are)", exc,
                                pending_partitions=sorted(self.pending))
             return
         self._redis_ok()
@@ -266,8 +266,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         return time.monotonic() >= self._redis_retry_at
 
     def _redis_failed(self, what: str, exc: BaseException, **extra: Any) -> None:
-        self.outage.down(f"{what}; retrying, updates are applied in memory meanwhile", exc,
-                         **extra)
+        self.outage.down(f"{what}; retrying", exc, **extra)
         self._redis_backoff = min(REDIS_BACKOFF_MAX_S, max(0.5, 2 * self._redis_backoff))
         self._redis_retry_at = time.monotonic() + self._redis_backoff
 
@@ -519,7 +518,8 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
             reached = True
         except REDIS_ERRORS as exc:
             self.metrics.checkpoints.labels("failed").inc()
-            self._redis_failed("checkpoint not written", exc, uncommitted_slices=sum(
+            self._redis_failed("checkpoint not written (updates applied in memory meanwhile)",
+                               exc, uncommitted_slices=sum(
                 len(p.dirty) for p in self.parts.values()))
             return False
         if reached:
