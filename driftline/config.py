@@ -111,7 +111,9 @@ class Settings(BaseSettings):
         2.0, gt=0, description="Expected events/s per station, for the budget"
     )
     autoresolve_events: int = Field(
-        500, ge=1, description="Events at the no-drift level before an incident auto-resolves"
+        500, ge=1, description="Events without a re-crossing before a slice's alarm clears "
+        "(and its incident can auto-resolve): at least this many, at least 3x the events its "
+        "slowest crossing took, and with the detector back near its no-drift level"
     )
     checkpoint_interval_ms: int = Field(1000, ge=10, description="Detect checkpoint period")
     stage_stall_timeout_s: float = Field(

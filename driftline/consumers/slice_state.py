@@ -27,6 +27,15 @@ EXEMPLAR_FIELDS = ("event_id", "cluster", "distance", "ts", "ood", "source_parti
 Exemplar = tuple[Any, ...]
 # Gauges read cluster shares and OOD rate over the last hour of event time.
 GAUGE_WINDOW_S = 3600.0
+# An open alarm clears after events without a crossing — at least ``autoresolve_events``, and at
+# least RECROSS_FACTOR times the events its slowest crossing took from the excursion's start —
+# once its detector is back near the no-drift level (statistic below QUIET_RATIO of the
+# threshold, where it stays but for rare excursions when nothing changed). After each crossing
+# the detector restarts from zero, so a change that persists climbs again and crosses after
+# about as many events as it took before: a moderate change detected in 1,800 events was
+# cleared after 500 quiet ones and alarmed again, one incident every 15 minutes.
+RECROSS_FACTOR = 3
+QUIET_RATIO = 0.25
 
 
 class UpdateView(Protocol):
@@ -201,6 +210,9 @@ class SliceState:
             state = self.open[name] = {"onset_time": alarm["onset_time"], "alarms": 0}
         state["quiet"] = 0
         state["alarms"] += 1
+        det = self.det.detectors[name]
+        took = det.n - (alarm.get("onset_index") or 0)  # events from the excursion's start
+        state["hold"] = max(state.get("hold", 0), RECROSS_FACTOR * took)
         onset = state["onset_time"]
         msg = {"kind": kind, **alarm, "onset_time": onset, "time": t, "slice_n": self.n,
                "dims": self.dims, "evidence": self.evidence(onset)}
@@ -213,7 +225,8 @@ class SliceState:
             if name in fired:
                 continue
             state["quiet"] += 1
-            if state["quiet"] >= self.autoresolve:
+            if (state["quiet"] >= max(self.autoresolve, state.get("hold", 0))
+                    and self.det.detectors[name].ratio < QUIET_RATIO):
                 del self.open[name]
                 cleared.append(self._clear(name, state, t))
         return cleared
