@@ -54,7 +54,8 @@ class DetectMetrics:
             registry=registry)
         self.skipped = Counter(
             "driftline_detect_skipped_total",
-            "Slice-updates skipped: unreadable record, or unusable with the loaded reference",
+            "Slice-updates skipped: unreadable record, unusable with the loaded reference, "
+            "embedded against another reference, or for a retired slice",
             ["reason"], registry=registry)
         self.alarms = Counter(
             "driftline_detect_alarms_total", "Detector alarms", ["template", "detector"],
@@ -71,6 +72,10 @@ class DetectMetrics:
             "driftline_detect_cluster_share_ratio",
             "Share of the last hour's events (event time) per reference cluster",
             ["station", "cluster"], registry=registry)
+        self.retired = Counter(
+            "driftline_detect_slices_retired_total",
+            "Idle slices retired: removed from memory and Redis, or started afresh when "
+            "their updates came back after the horizon", registry=registry)
         self.live_slices = Gauge(
             "driftline_detect_live_slices", "Slices held by this worker", registry=registry)
         self.checkpoint_age = Gauge(

@@ -174,7 +174,8 @@ def build_detect_stage(settings: Settings, registry: CollectorRegistry, ref: Ref
         new_slice, restore_slice, DetectMetrics(registry),
         consumer_metrics or ConsumerMetrics(registry),
         checkpoint_interval_s=settings.checkpoint_interval_ms / 1000,
-        revoke_wait_s=revoke_wait_s, reference_id=ref.reference_id)
+        revoke_wait_s=revoke_wait_s, reference_id=ref.reference_id,
+        retire_after_s=settings.slice_retire_after_days * DAY)
 
 
 def build_book_processor(settings: Settings, registry: CollectorRegistry,

@@ -9,6 +9,8 @@ Redis layout (``prefix`` defaults to ``dl:detect``)::
     {prefix}:epoch:{partition}   int   bumped by each worker that takes the partition
     {prefix}:outbox              stream of alarms, written with the state that raised them
     {prefix}:summary             hash  slice_id -> JSON summary (n, ratios, open detectors)
+                                       (a retired slice's fields in ``state:{partition}`` and
+                                       ``summary`` are deleted by the commit that retires it)
     {prefix}:control             stream of {"reset": slice_id} from the failure book (on-call
                                  resolved an incident: start the slice's detectors afresh)
     {prefix}:control_seen        hash  input partition -> last control entry applied
@@ -247,8 +249,10 @@ class CheckpointStore:
         outbox: Iterable[dict[str, Any]] = (),
         summaries: Mapping[str, dict[str, Any]] | None = None,
         control_seen: Mapping[int, str] | None = None,
+        retired: Mapping[int, Iterable[str]] | None = None,
     ) -> None:
-        """Write states, input offsets and alarms atomically, if our epochs still hold.
+        """Write states, input offsets and alarms, and delete the state and summary fields of
+        the ``retired`` slices (partition -> slice ids), atomically, if our epochs still hold.
 
         Raises :class:`Fenced` when another worker claimed a partition we write for. Retried
         on an outage like the other calls; a transaction whose reply was lost may have landed,
@@ -258,6 +262,7 @@ class CheckpointStore:
         outbox.
         """
         alarms = list(outbox)
+        gone = {p: list(sids) for p, sids in (retired or {}).items()}
         tried = False
 
         @retry_redis
@@ -267,7 +272,7 @@ class CheckpointStore:
                 log.info("checkpoint had landed before its reply was lost; not written again")
                 return
             tried = True
-            store._commit_once(epochs, states, offsets, alarms, summaries, control_seen)
+            store._commit_once(epochs, states, offsets, alarms, summaries, control_seen, gone)
 
         attempt(self)
 
@@ -292,8 +297,10 @@ class CheckpointStore:
         outbox: list[dict[str, Any]],
         summaries: Mapping[str, dict[str, Any]] | None,
         control_seen: Mapping[int, str] | None,
+        retired: Mapping[int, list[str]] | None = None,
     ) -> None:
-        parts = sorted(set(states) | set(offsets))
+        retired = {p: sids for p, sids in (retired or {}).items() if sids}
+        parts = sorted(set(states) | set(offsets) | set(retired))
         epoch_keys = [self._k("epoch", p) for p in parts]
         with self.r.pipeline(transaction=True) as pipe:
             try:
@@ -304,6 +311,12 @@ class CheckpointStore:
                     if stale:
                         raise Fenced(stale, "were claimed by another worker")
                 pipe.multi()
+                # deletions first: a field both deleted and written ends up written
+                for p, sids in retired.items():
+                    pipe.hdel(self._k("state", p), *sids)
+                if retired:
+                    pipe.hdel(self.summary_key, *(sid for sids in retired.values()
+                                                  for sid in sids))
                 for p, slices in states.items():
                     if slices:
                         pipe.hset(self._k("state", p),

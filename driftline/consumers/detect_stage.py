@@ -35,6 +35,38 @@ membership and any rebalance go on) and resumes by itself when Redis is back.
   checkpointed is read from the beginning of the topic when loaded: Redis, not a position kept
   by the consumer across a rebalance, says where to read.
 - A stop (SIGTERM) with Redis unreachable leaves the uncommitted work to be read again.
+
+Slice retirement (``retire_after_s`` > 0, ``DRIFTLINE_SLICE_RETIRE_AFTER_DAYS``): a new slice id
+makes a new slice — one per production lot with the ``lot`` template — so idle slices are
+retired, or a worker would hold every lot it ever saw. Idleness is measured in event time, never
+wall time: a slice is *retirable* when its newest event (``last_time``; a slice that has only
+late labels has none) is more than the horizon older than the newest event its partition has
+applied (the *cutoff*), and it has no open alarm (a drifted lot stays until its alarm clears or
+on-call resolves it). The rule is a function of the partition's log (and of the reset requests
+applied), not of when checkpoints run, so a replay makes the same decisions:
+
+- an update for a retirable slice retires it and starts the slice afresh, whether or not the
+  sweep below has removed it yet (a returning lot is judged on its new events, not on a state
+  frozen weeks ago);
+- an update that would start a slice (none held, or a retirable one) is skipped, counted as
+  ``skipped{reason="retired"}``, when it is a late label or an event older than the cutoff: its
+  slice was retired, or it would be at once;
+- the sweep — at checkpoints, every ``retire_sweep_s`` of wall time per partition, so that the
+  checkpoint's hot path does not scan every slice each second — removes retirable slices from
+  memory, and step 2 deletes their state and summary fields (``HDEL``) in the same fenced
+  transaction as the partition's input offsets. Their gauges go once that has landed.
+
+Why this keeps the effect exactly-once: every update a retired slice applied came from below the
+input offsets committed with its deletion, so no replay from Redis's offsets reads them again;
+a crash before that transaction lands leaves the slice, and the offsets it was built up to, in
+Redis, and the replay applies the same updates to it and reaches the same decisions. The
+residual case is a duplicate the embed stage emits after a crash of its own (the same source
+offset, at a higher input offset) for a slice retired since: the applied source offsets that
+would catch it went with the slice, but the duplicate carries its event's time, no later than
+the retired slice's newest event, so it is older than the cutoff (which only grows) and the
+second rule skips it instead of starting the slice again with it. A duplicate that arrives
+after the slice started afresh on a new event from another source partition is applied to the
+new slice: counted once in the statistics that exist, never twice in one slice's.
 """
 
 from __future__ import annotations
@@ -44,7 +76,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -63,7 +95,7 @@ from driftline.consumers.kafka_io import (
     request_rejoin,
     subscribe_when_ready,
 )
-from driftline.consumers.slice_state import UpdateView
+from driftline.consumers.slice_state import UpdateView, is_late_label
 from driftline.metrics import ConsumerMetrics, DetectMetrics
 from driftline.schema import SOURCE_TS_HEADER, SliceUpdate, parse_slice_id
 
@@ -74,6 +106,10 @@ REDIS_BACKOFF_MAX_S = 5.0
 MAX_POLL_RECORDS = 2000
 # Slices with per-slice gauges: their labels (station, shift) are bounded; lots are not.
 GAUGED_TEMPLATES = ("station", "station+shift")
+# How often a partition's slices are scanned for retirement (wall time): the horizon is days of
+# event time, so minutes of delay cost nothing; a scan of 10,000 slices takes ~0.6 ms
+# (benchmarks/slice_retirement.py), which every checkpoint (each second) need not pay.
+RETIRE_SWEEP_S = 300.0
 
 
 class SliceModel(Protocol):
@@ -86,6 +122,12 @@ class SliceModel(Protocol):
 
     @property
     def n(self) -> int: ...
+
+    @property
+    def last_time(self) -> float | None: ...  # event time of its newest event
+
+    @property
+    def open(self) -> Mapping[str, Any]: ...  # open alarms by detector
 
     def update(self, upd: UpdateView) -> list[dict[str, Any]]: ...
 
@@ -112,6 +154,13 @@ class PartitionState:
     slices: dict[str, SliceEntry]
     control_seen: str = "0-0"
     dirty: set[str] = field(default_factory=set)
+    # the newest event time applied, and the retirement cutoff it sets (-inf: none, or off)
+    newest: float = -math.inf
+    cutoff: float = -math.inf
+    # retired since the last checkpoint: deleted from Redis by the next one, unless a slice of
+    # the same id has started afresh meanwhile (its record then overwrites the old one)
+    retired: dict[str, SliceEntry] = field(default_factory=dict)
+    swept_at: float = -math.inf  # monotonic time of the last retirement sweep
 
 
 class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -129,6 +178,8 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         checkpoint_interval_s: float = 1.0,
         revoke_wait_s: float = 5.0,
         reference_id: str | None = None,
+        retire_after_s: float = 0.0,
+        retire_sweep_s: float = RETIRE_SWEEP_S,
     ) -> None:
         self.consumer = consumer
         self.topic = topic
@@ -142,6 +193,9 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         # checked on every slice-update, and written on every outbox message (the book
         # describes the clusters of alarms raised on the reference it knows)
         self.reference_id = reference_id
+        # event-time horizon after which an idle slice is retired (0: never; module docstring)
+        self.retire_after_s = retire_after_s
+        self.retire_sweep_s = retire_sweep_s
         self._other_reference: dict[str, int] = {}  # skipped since the last log line
         self._other_logged = -math.inf
         self.parts: dict[int, PartitionState] = {}
@@ -217,7 +271,11 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                                               {int(src): o for src, o in rec["applied"].items()})
                               for sid, rec in records.items()
                               if self._well_formed(sid, rec["state"].get("template"), p)}
-                    self.parts[p] = PartitionState(epochs[p], offset, slices, seen)
+                    part = self.parts[p] = PartitionState(epochs[p], offset, slices, seen)
+                    # the newest event applied: a retired slice's are older than the cutoff
+                    self._saw(part, max((t for e in slices.values()
+                                         if (t := e.model.last_time) is not None),
+                                        default=-math.inf))
                     tp = TopicPartition(self.topic, p)
                     if offset is not None:
                         self.consumer.seek(tp, offset)
@@ -363,11 +421,12 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
             self._other_reference[ref] = self._other_reference.get(ref, 0) + 1
             return None
         entry = part.slices.get(upd.slice_id)
-        if entry is None:
-            if not self._well_formed(upd.slice_id, upd.template, msg.partition, msg.offset):
-                self.metrics.skipped.labels("unreadable").inc()
+        # a slice not held, or (rarely) one idle past the horizon: the module docstring's rules
+        if entry is None or (((last := entry.model.last_time) is None or last < part.cutoff)
+                             and self.retire_after_s > 0 and not entry.model.open):
+            entry = self._start_slice(part, upd, msg, entry)
+            if entry is None:
                 return None
-            entry = part.slices[upd.slice_id] = SliceEntry(self.new_slice(upd))
         src = upd.source_partition
         if upd.source_offset <= entry.applied.get(src, -1):
             return False
@@ -383,6 +442,8 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
             return None
         entry.applied[src] = upd.source_offset
         part.dirty.add(upd.slice_id)
+        if (last := entry.model.last_time) is not None and last > part.newest:
+            self._saw(part, last)
         for out in messages:
             if out["kind"] == "alarm":
                 self.metrics.alarms.labels(upd.template, out["detector"]).inc()
@@ -391,6 +452,35 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
             self.outbox.append({**out, "slice_id": upd.slice_id, "template": upd.template,
                                 "reference_id": self.reference_id})
         return True
+
+    def _start_slice(self, part: PartitionState, upd: UpdateView, msg: Any,
+                     idle: SliceEntry | None) -> SliceEntry | None:
+        """A new slice for ``upd``, whose slice is not held or is ``idle`` (retirable: it is
+        retired, and deleted from Redis at the next checkpoint unless this one is written over
+        it); None if the update is skipped — unreadable, or one that must not start a slice
+        (a late label, an event older than the cutoff)."""
+        sid = upd.slice_id
+        if self.retire_after_s > 0 and (is_late_label(upd) or upd.ts.timestamp() < part.cutoff):
+            self.metrics.skipped.labels("retired").inc()
+            return None
+        if not self._well_formed(sid, upd.template, msg.partition, msg.offset):
+            self.metrics.skipped.labels("unreadable").inc()
+            return None
+        if idle is not None:
+            del part.slices[sid]
+            part.dirty.discard(sid)
+            part.retired[sid] = idle
+        entry = part.slices[sid] = SliceEntry(self.new_slice(upd))
+        gone = part.retired.get(sid) if part.retired else None
+        if gone is not None:  # the same gauge labels: the new slice's publishing takes them on
+            entry.series, gone.series = gone.series, ()
+        return entry
+
+    def _saw(self, part: PartitionState, newest: float) -> None:
+        """The partition applied an event at ``newest``, later than any before."""
+        part.newest = newest
+        if self.retire_after_s > 0:
+            part.cutoff = newest - self.retire_after_s
 
     @staticmethod
     def _well_formed(sid: str, template: Any, partition: int, offset: int | None = None
@@ -429,7 +519,8 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         dashboards would show a resolved slice in alarm)."""
         for p in partitions:
             part = self.parts.get(p)
-            for entry in part.slices.values() if part is not None else ():
+            entries = [*part.slices.values(), *part.retired.values()] if part is not None else []
+            for entry in entries:
                 for gauge, labels in entry.series:
                     with contextlib.suppress(KeyError):  # already gone
                         gauge.remove(*labels)
@@ -465,14 +556,56 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                     part.dirty.add(sid)
                     log.info("slice reset on request", extra={"slice": sid})
 
+    def _sweep(self) -> None:
+        """Retire every retirable slice of the partitions not swept for ``retire_sweep_s`` (a
+        partition just loaded is swept at its first checkpoint): out of memory now, out of
+        Redis with the checkpoint's transaction."""
+        if self.retire_after_s <= 0:
+            return
+        now = time.monotonic()
+        for part in self.parts.values():
+            if now - part.swept_at < self.retire_sweep_s:
+                continue
+            part.swept_at = now
+            cutoff = part.cutoff
+            idle = [sid for sid, e in part.slices.items()
+                    if ((t := e.model.last_time) is None or t < cutoff) and not e.model.open]
+            for sid in idle:
+                part.retired[sid] = part.slices.pop(sid)
+                part.dirty.discard(sid)
+
+    def _retirements_committed(self) -> None:
+        """After the transaction that deleted them: the retired slices' gauges go, and one line
+        and the counter say how many were retired (not one line per slice)."""
+        by_partition, afresh = {}, 0
+        for p, part in self.parts.items():
+            if not part.retired:
+                continue
+            for sid, entry in part.retired.items():
+                afresh += sid in part.slices
+                for gauge, labels in entry.series:
+                    with contextlib.suppress(KeyError):
+                        gauge.remove(*labels)
+            by_partition[p] = len(part.retired)
+            part.retired = {}
+        if by_partition:
+            retired = sum(by_partition.values())
+            self.metrics.retired.inc(retired)
+            log.info("idle slices retired", extra={
+                "retired": retired, "started_afresh": afresh, "by_partition": by_partition,
+                "horizon_days": round(self.retire_after_s / 86400, 3),
+                "live_slices": sum(len(p.slices) for p in self.parts.values())})
+
     def checkpoint(self, in_listener: bool = False) -> bool:
-        """Steps 2 and 3 of the module docstring (after applying reset requests). Returns
-        whether Redis was reached (not when this worker holds no loaded partition).
+        """Steps 2 and 3 of the module docstring (after applying reset requests and the
+        retirement sweep). Returns whether Redis was reached (not when this worker holds no
+        loaded partition).
         ``in_listener``: called from a rebalance listener, on kafka-python's I/O thread, where
-        only an asynchronous Kafka commit is possible, and reset requests wait for the next
-        checkpoint (or the partition's next owner) so that one Redis call is made."""
+        only an asynchronous Kafka commit is possible, and reset requests and the sweep wait for
+        the next checkpoint (or the partition's next owner) so that one Redis call is made."""
         if not in_listener:
             self._apply_control()
+            self._sweep()
         states = {p: {sid: {"state": part.slices[sid].model.snapshot(),
                             "applied": part.slices[sid].applied} for sid in part.dirty}
                   for p, part in self.parts.items()}
@@ -483,16 +616,21 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                   for part in self.parts.values() for sid in part.dirty}
         summaries = {sid: _summary(part.slices[sid].model, gauges[sid])
                      for part in self.parts.values() for sid in part.dirty}
+        # a slice started afresh since its retirement is written over its old record instead
+        retired = {p: gone for p, part in self.parts.items()
+                   if part.retired and (gone := [sid for sid in part.retired
+                                                 if sid not in part.slices])}
         if not offsets and not self.outbox:
             if not self.pending:  # partitions waiting to be loaded keep the age growing
                 self.last_checkpoint = time.monotonic()
             return bool(self.parts)
         self.store.commit(epochs, states, offsets, self.outbox, summaries,
-                          {p: part.control_seen for p, part in self.parts.items()})
+                          {p: part.control_seen for p, part in self.parts.items()}, retired)
         for part in self.parts.values():
             for sid in part.dirty:
                 self._publish_gauges(part.slices[sid], gauges[sid])
             part.dirty.clear()
+        self._retirements_committed()
         self.outbox = []
         self.last_checkpoint = time.monotonic()
         self.metrics.checkpoints.labels("ok").inc()

@@ -74,6 +74,12 @@ class UpdateView(Protocol):
     def reference_id(self) -> str | None: ...
 
 
+def is_late_label(upd: UpdateView) -> bool:
+    """A label that arrived after its event (records written before ``late_label`` existed: a
+    label without a distance): it is not an event, and counts for the error rate only."""
+    return upd.late_label or (upd.label is not None and upd.distance is None)
+
+
 class Baselines(Protocol):
     """What the detect stage needs of a reference (see ``driftline.reference``)."""
 
@@ -152,8 +158,7 @@ class SliceState:
         anything."""
         t = upd.ts.timestamp()
         cluster = upd.cluster
-        # a late label (records written before ``late_label`` existed: a label, no distance)
-        late = upd.late_label or (upd.label is not None and upd.distance is None)
+        late = is_late_label(upd)
         restarted: list[dict[str, Any]] = []
         if cluster is not None and not late:
             key = upd.baseline

@@ -57,6 +57,11 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
         ("DRIFTLINE_DETECT_GROUP", " ", "empty"),
         ("DRIFTLINE_API_HOST", "", "empty"),
         ("DRIFTLINE_ONNX_PROVIDERS", "", "CPUExecutionProvider"),
+        ("DRIFTLINE_SLICE_RETIRE_AFTER_DAYS", "a fortnight", "valid number"),
+        ("DRIFTLINE_SLICE_RETIRE_AFTER_DAYS", "-1", "greater than or equal to 0"),
+        ("DRIFTLINE_SLICE_RETIRE_AFTER_DAYS", "inf", "finite"),
+        # a horizon of minutes would restart slices across ordinary gaps between events
+        ("DRIFTLINE_SLICE_RETIRE_AFTER_DAYS", "0.001", "at least 1 hour"),
     ],
 )
 def test_bad_values_name_the_variable(
@@ -133,3 +138,13 @@ def test_unavailable_onnx_providers_are_named_where_a_model_is_loaded(
     assert "DRIFTLINE_ONNX_PROVIDERS: Bogus not available" in problem
     assert "CPUExecutionProvider" in problem.split("this onnxruntime has")[1]
     assert unknown_onnx_providers(["CPUExecutionProvider"]) is None
+
+
+def test_slice_retirement_is_on_by_default_and_0_turns_it_off(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DRIFTLINE_SLICE_RETIRE_AFTER_DAYS", raising=False)
+    assert load_settings().slice_retire_after_days == 14.0
+    monkeypatch.setenv("DRIFTLINE_SLICE_RETIRE_AFTER_DAYS", "0")
+    assert load_settings().slice_retire_after_days == 0.0
+    monkeypatch.setenv("DRIFTLINE_SLICE_RETIRE_AFTER_DAYS", "0.5")
+    assert load_settings().slice_retire_after_days == 0.5

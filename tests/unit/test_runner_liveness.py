@@ -145,3 +145,17 @@ def test_start_up_waits_for_redis_then_names_the_setting(
     assert f"Redis at 127.0.0.1:{port}/2 (DRIFTLINE_REDIS_URL) unreachable" in message
     assert "s3cret" not in message and "s3cret" not in caplog.text
     assert "waiting for Redis to read the active reference" in caplog.text
+
+
+def test_the_detect_stage_retires_slices_after_the_configured_days(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(runner, "make_consumer", lambda *args, **kw: None)
+    ref = SimpleNamespace(reference_id="r1", manifest={"baselines": {"items": {}}})
+    settings = load_settings(slice_retire_after_days=3.5)
+    stage = runner.build_detect_stage(settings, CollectorRegistry(), ref)  # type: ignore[arg-type]
+    assert stage.retire_after_s == 3.5 * 86400
+    off = runner.build_detect_stage(load_settings(slice_retire_after_days=0), CollectorRegistry(),
+                                    ref)  # type: ignore[arg-type]
+    assert off.retire_after_s == 0.0

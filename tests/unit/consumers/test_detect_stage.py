@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import socket
 import time
 from datetime import UTC, datetime, timedelta
@@ -14,6 +15,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
+import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kafka import TopicPartition
@@ -582,3 +584,207 @@ def test_a_slice_restored_under_another_reference_restarts_even_with_as_many_clu
     _feed(stage, 40, 1, cluster=0, ood=False)
     assert [(m["kind"], m["detector"]) for m in stage.outbox] == [("clear", d) for d in opened]
     assert restored.n == 1 and restored.reference_id == "new" and not restored.open
+
+
+# --- slice retirement ----------------------------------------------------------------------
+
+DAY = 86400.0
+
+
+class _RecordingStore(_CommittingStore):
+    """A reachable store that keeps what each checkpoint wrote; ``fail`` commits first fail
+    as an outage would."""
+
+    def __init__(self, fail: int = 0) -> None:
+        self.commits: list[SimpleNamespace] = []
+        self.fail = fail
+
+    def commit(self, epochs: Any, states: Any, offsets: Any, outbox: Any = (),  # type: ignore[override]
+               summaries: Any = None, control_seen: Any = None, retired: Any = None) -> None:
+        if self.fail:
+            self.fail -= 1
+            raise redis.ConnectionError("Redis is down")
+        self.commits.append(SimpleNamespace(
+            states={p: set(s) for p, s in states.items()}, offsets=dict(offsets),
+            summaries=set(summaries or ()),
+            retired={p: sorted(s) for p, s in (retired or {}).items()}))
+
+
+def _retiring(days: float = 1.0, fail: int = 0) -> DetectStage:
+    """A stage that retires slices idle for ``days`` and sweeps at every checkpoint."""
+    stage = _stage()
+    stage.store = _RecordingStore(fail)  # type: ignore[assignment]
+    stage.consumer = _Consumer()  # type: ignore[assignment]
+    stage.retire_after_s, stage.retire_sweep_s = days * DAY, 0.0
+    return stage
+
+
+def _lot(offset: int, lot: str, day: float, **over: Any) -> Msg:
+    """A lot slice's update at input offset ``offset``, ``day`` days of event time after T0."""
+    upd = _update(offset, **{"slice_id": f"lot={lot}", "template": "lot", "lot": lot,
+                             "ts": T0 + timedelta(days=day, seconds=offset), **over})
+    return Msg(0, offset, upd.model_dump_json().encode(), 0)
+
+
+def _retired_total(stage: DetectStage) -> float:
+    return sum(s.value for m in stage.metrics.retired.collect() for s in m.samples
+               if s.name.endswith("_total"))
+
+
+def _skips(stage: DetectStage) -> dict[str, float]:
+    return {s.labels["reason"]: s.value for m in stage.metrics.skipped.collect()
+            for s in m.samples if s.name.endswith("_total")}
+
+
+def test_idle_slices_are_retired_in_the_checkpoint_unless_an_alarm_is_open(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """One slice per lot, for good: a lot idle past the horizon (event time, against the
+    newest event of its partition) goes from memory and, in the checkpoint's transaction, from
+    its state and summary fields; a lot with an open alarm stays."""
+    stage = _retiring(days=1.0)
+    old = [_lot(i, "L-old", 0.0) for i in range(20)]
+    # cluster 2 of baseline s1 (p = 0.1) floods in: an alarm, still open at the lot's end
+    alarmed = [_lot(i, "L-alarm", 0.0, cluster=2, baseline="s1") for i in range(20, 60)]
+    stage.apply_batch(0, old + alarmed)
+    assert stage.checkpoint()  # nothing idle yet: the partition's newest event is day 0
+    assert stage.store.commits[-1].retired == {}  # type: ignore[attr-defined]
+    assert stage.parts[0].slices["lot=L-alarm"].model.open
+    stage.apply_batch(0, [_lot(i, "L-new", 2.0) for i in range(60, 65)])  # two days on
+    with caplog.at_level(logging.INFO):
+        assert stage.checkpoint()
+    commit = stage.store.commits[-1]  # type: ignore[attr-defined]
+    assert commit.retired == {0: ["lot=L-old"]} and commit.offsets == {0: 65}
+    assert "lot=L-old" not in commit.states[0] | commit.summaries
+    assert sorted(stage.parts[0].slices) == ["lot=L-alarm", "lot=L-new"]
+    assert stage.parts[0].retired == {}
+    assert _retired_total(stage) == 1.0
+    (line,) = [r for r in caplog.records if r.getMessage() == "idle slices retired"]
+    assert line.__dict__["retired"] == 1 and line.__dict__["by_partition"] == {0: 1}
+    assert line.__dict__["live_slices"] == 2
+    stage.apply_batch(0, [_lot(65, "L-new", 2.5)])
+    assert stage.checkpoint() and stage.store.commits[-1].retired == {}  # type: ignore[attr-defined]
+
+
+def test_a_retirement_waits_for_a_checkpoint_that_lands() -> None:
+    """Redis down at the checkpoint that retires: the slice is out of memory already, and the
+    next checkpoint that reaches Redis deletes it (and counts it), with its offsets."""
+    stage = _retiring(days=1.0, fail=1)
+    stage.apply_batch(0, [_lot(0, "L1", 0.0), _lot(1, "L2", 3.0)])
+    assert stage._checkpoint_safely() is False
+    assert list(stage.parts[0].slices) == ["lot=L2"] and list(stage.parts[0].retired) == [
+        "lot=L1"]
+    assert _retired_total(stage) == 0.0
+    stage._redis_retry_at = 0.0
+    assert stage._checkpoint_safely() is True
+    commit = stage.store.commits[-1]  # type: ignore[attr-defined]
+    assert commit.retired == {0: ["lot=L1"]} and commit.offsets == {0: 2}
+    assert _retired_total(stage) == 1.0 and stage.parts[0].retired == {}
+
+
+def test_updates_for_a_retired_slice_do_not_bring_its_old_events_back() -> None:
+    """The applied source offsets that caught embed-stage duplicates went with the slice: a
+    duplicate of one of its events (same source offset, later input offset), or a late label
+    for one, is older than the cutoff and is skipped; a new event starts the lot afresh."""
+    stage = _retiring(days=1.0)
+    stage.apply_batch(0, [_lot(i, "L1", 0.0) for i in range(10)])
+    stage.apply_batch(0, [_lot(10, "L2", 2.0)])
+    assert stage.checkpoint() and "lot=L1" not in stage.parts[0].slices
+    again = _update(3, slice_id="lot=L1", template="lot", lot="L1",
+                    ts=T0 + timedelta(seconds=3))  # the embed stage's replay of event 3
+    label = _update(4, slice_id="lot=L1", template="lot", lot="L1", ts=T0 + timedelta(seconds=4),
+                    source_offset=99, label="scratch", error=True, distance=None, ood=None,
+                    late_label=True)
+    stage.apply_batch(0, [Msg(0, 11, again.model_dump_json().encode(), 0),
+                          Msg(0, 12, label.model_dump_json().encode(), 0)])
+    assert "lot=L1" not in stage.parts[0].slices
+    assert _skips(stage) == {"retired": 2.0}
+    stage.apply_batch(0, [_lot(13, "L1", 2.0)])  # the lot runs again
+    assert stage.parts[0].slices["lot=L1"].model.n == 1
+
+
+def test_an_idle_slice_is_retired_when_its_updates_come_back_whether_or_not_swept() -> None:
+    """The sweep runs on wall time; the outcome must not: an update for a slice idle past the
+    horizon starts it afresh even if the sweep has not removed it yet. Without sweeping, the
+    old slice (n = 10) would go on."""
+    stage = _retiring(days=1.0)
+    stage.retire_sweep_s = math.inf  # never swept
+    stage.apply_batch(0, [_lot(i, "L1", 0.0) for i in range(10)])
+    stage.apply_batch(0, [_lot(10, "L2", 2.0), _lot(11, "L1", 2.0)])
+    assert stage.parts[0].slices["lot=L1"].model.n == 1
+    assert list(stage.parts[0].retired) == ["lot=L1"]
+    assert stage.checkpoint()
+    commit = stage.store.commits[-1]  # type: ignore[attr-defined]
+    assert commit.retired == {} and "lot=L1" in commit.states[0]  # the new record replaces it
+    assert _retired_total(stage) == 1.0
+
+
+@settings(max_examples=25, deadline=None)
+@given(cuts=st.lists(st.integers(1, 119), max_size=10))
+def test_what_is_retired_does_not_depend_on_when_checkpoints_sweep(cuts: list[int]) -> None:
+    """A stream where lots stop, come back past the horizon, and get embed-stage duplicates and
+    late labels for their old events: the slices held and their states are the same whether a
+    sweeping checkpoint follows every poll or only the end of the stream."""
+    msgs: list[Msg] = []
+
+    def add(lot: str, day: float, **over: Any) -> None:
+        msgs.append(_lot(len(msgs), lot, day, **over))
+
+    for k in range(40):  # L-steady advances the partition's event time over four days
+        add("L-steady", k / 10)
+        if k < 8:
+            add("L-gone", k / 100)  # stops at day 0.07
+        if k < 5 or 30 <= k < 35:
+            add("L-back", k / 100 if k < 5 else k / 10)  # day 0 to 0.04, then from day 3
+        if k in (25, 36):  # the embed stage's replay of L-gone's first event; a late label
+            msgs.append(Msg(0, len(msgs), _update(
+                len(msgs), slice_id="lot=L-gone", template="lot", lot="L-gone", ts=T0,
+                source_partition=0, source_offset=0, label="scratch" if k == 36 else None,
+                late_label=k == 36).model_dump_json().encode(), 0))
+    assert len(msgs) <= 120
+    each, once = _retiring(days=1.0), _retiring(days=1.0)
+    edges = [0, *sorted(set(cuts)), len(msgs)]
+    for a, b in zip(edges, edges[1:], strict=False):
+        if a < b:
+            each.apply_batch(0, msgs[a:b])
+            assert each.checkpoint()
+    once.apply_batch(0, msgs)
+    assert once.checkpoint()
+    assert sorted(once.parts[0].slices) == ["lot=L-back", "lot=L-steady"]
+    assert _states(each) == _states(once)
+    assert once.parts[0].slices["lot=L-back"].model.n == 5  # afresh: its five events of day 3
+    assert _skips(each) == _skips(once) == {"retired": 2.0}
+
+
+def test_retired_slices_gauges_are_removed_and_a_returning_one_keeps_its_own() -> None:
+    """Per-slice gauges of a retired station go (a frozen copy would read as the station's
+    present state); a station that comes back after the horizon publishes under its labels
+    again, and the retirement of its old slice must not remove them."""
+    stage = _retiring(days=1.0)
+    stage.apply_batch(0, [Msg(0, i, _update(i).model_dump_json().encode(), 0)
+                          for i in range(40)])  # stations s1 and s2, day 0
+    assert stage.checkpoint()
+    assert {s[1] for s in _series(stage)} == {"s1", "s2"}
+    _feed(stage, 40, 5, ts=T0 + timedelta(days=2))  # station s1 only, two days on
+    assert stage.checkpoint()
+    assert {s[1] for s in _series(stage)} == {"s1"}
+    assert sorted(stage.parts[0].slices) == ["station=s1"]
+    stage.retire_sweep_s = math.inf  # s1 idles past the horizon and comes back unswept
+    stage.apply_batch(0, [Msg(0, 45, _update(1, ts=T0 + timedelta(days=4))
+                              .model_dump_json().encode(), 0)])  # s2, days later
+    _feed(stage, 46, 1, ts=T0 + timedelta(days=4))  # s1, idle since day 2: afresh
+    assert stage.parts[0].slices["station=s1"].model.n == 1
+    assert stage.checkpoint()
+    assert {s[1] for s in _series(stage)} == {"s1", "s2"}
+    assert _retired_total(stage) == 2.0
+
+
+def test_with_retirement_off_nothing_is_retired() -> None:
+    stage = _retiring(days=0.0)
+    stage.apply_batch(0, [_lot(0, "L1", 0.0), _lot(1, "L2", 300.0)])
+    late = _update(2, slice_id="lot=L3", template="lot", lot="L3", ts=T0, label="scratch",
+                   error=True, distance=None, ood=None, late_label=True)
+    stage.apply_batch(0, [Msg(0, 2, late.model_dump_json().encode(), 0), _lot(3, "L1", 300.0)])
+    assert stage.checkpoint()
+    assert sorted(stage.parts[0].slices) == ["lot=L1", "lot=L2", "lot=L3"]
+    assert stage.parts[0].slices["lot=L1"].model.n == 2
+    assert stage.store.commits[-1].retired == {} and _retired_total(stage) == 0.0  # type: ignore[attr-defined]
