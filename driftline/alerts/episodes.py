@@ -53,14 +53,21 @@ def episode_split(f: Firing, msg: Mapping[str, Any], delta: dict[str, Any] | Non
     before climbing again (its ``onset_index``), the change had stopped and this is a new
     one: its onset is interpolated from the events between the two messages, its evidence
     is the difference of their counts. So is a re-crossing ``gap_s`` of event time
-    after the last one (a slice that only sees events on the night shift: each night is an
-    episode, which rejoins the incident while that is open)."""
+    after the last one when the slice's events paused in between (fewer than half what the
+    episode's pace gives: a slice that only sees events on the night shift, each night an
+    episode, which rejoins the incident while that is open) — not when they kept coming, as
+    for a slow slice whose detector takes longer than ``gap_s`` to cross again."""
     oi, n_now, n_then = msg.get("onset_index"), msg.get("slice_n"), f.episode.slice_n
     at = utc(msg["time"])
-    if (at - f.last_detected).total_seconds() >= gap_s:
+    elapsed = at - f.last_detected
+    n_ep = int((f.episode.counts or {}).get("n") or 0)
+    pace = (f.last_detected - f.onset) / n_ep if f.onset and n_ep > 0 else None
+    # a pause is a gap in the slice's events, not a long climb of a slow slice's detector:
+    # events kept coming at half the episode's pace or more, so its stream went on
+    streamed = (pace is not None and n_now is not None and n_then is not None
+                and (n_now - n_then) * pace >= elapsed / 2)
+    if elapsed.total_seconds() >= gap_s and not streamed:
         # Events resumed after a pause: back from now by the climb, at the old pace.
-        n_ep = int((f.episode.counts or {}).get("n") or 0)
-        pace = (f.last_detected - f.onset) / n_ep if f.onset and n_ep > 0 else None
         climb = (n_now - n_then - (oi or 0)) if n_now is not None and n_then is not None \
             else None
         onset = at - climb * pace if pace is not None and climb and climb > 0 else at

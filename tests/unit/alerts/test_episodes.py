@@ -48,6 +48,14 @@ def test_a_re_crossing_after_a_long_pause_starts_a_new_episode() -> None:
     assert got is not None and utc(ONSET + 600.0) <= got[0] <= utc(ONSET + 4000.0)
 
 
+def test_a_slow_slice_re_crossing_after_a_long_climb_continues_the_episode() -> None:
+    """An event every 1.5 s, 3,400 s between crossings: the events kept coming, so it is one
+    change, not a pause (a 9-hour change at 10 s per event became 3 incidents)."""
+    msg = {**alarm("station=press-3", 1.0, kind="update", t=ONSET + 4000.0),
+           "onset_index": 2, "slice_n": 1000 + 2200}
+    assert episode_split(_firing(), msg, {"n": 2200}, gap_events=50, gap_s=600.0) is None
+
+
 def test_a_new_episode_elsewhere_ends_the_old_firing_and_gets_its_own_evidence() -> None:
     g = grouper()
     first = alarm("station=press-3", 1.0, n=400, detector="ood_rate")
