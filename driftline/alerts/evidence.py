@@ -65,8 +65,9 @@ class ClusterCatalog:
     def describes(self, reference_id: str | None) -> bool:
         """Whether cluster ids of that reference's alarms are this catalog's: after another
         reference is activated, workers restart one by one, and an alarm of the old reference
-        must not be described with the new one's clusters."""
-        return self.reference_id is None or reference_id == self.reference_id
+        must not be described with the new one's clusters. An alarm that does not say (written
+        before the field) is taken to be of this catalog's reference."""
+        return None in (self.reference_id, reference_id) or reference_id == self.reference_id
 
 
 def effect(counts: Mapping[str, Any] | None) -> tuple[float, float, float]:
