@@ -33,6 +33,7 @@ from driftline.consumers.embed_stage import EmbedStage
 from driftline.consumers.kafka_io import ensure_topics, make_consumer, make_producer
 from driftline.consumers.slice_state import SliceState, UpdateView
 from driftline.core.budget import DAY, Budget
+from driftline.core.error_rates import shrunk_error_rates
 from driftline.core.slices import SliceDetectors
 from driftline.metrics import ConsumerMetrics, DetectMetrics, EmbedMetrics
 from driftline.reference.index import Reference, load_reference
@@ -53,8 +54,12 @@ class ReferenceBaselines:
         items = ref.manifest["baselines"]["items"]
         self._p = {k: np.asarray(v["p"], np.float64) for k, v in items.items()}
         self._ood = {k: float(v["ood_rate"]) for k, v in items.items()}
-        perf = ref.manifest.get("performance", {}).get("clusters") or []
-        self._err = {int(c["cluster"]): c.get("error_rate") for c in perf}
+        self._err = expected_errors(ref.manifest)
+
+    @property
+    def detectors(self) -> tuple[str, ...]:
+        """The detectors this reference can feed (what the false-alarm budget is split over)."""
+        return ("cluster_mix", "ood_rate") + (("error_rate",) if self._err else ())
 
     def cluster_mix(self, key: str) -> np.ndarray:
         return self._p[key]
@@ -63,15 +68,33 @@ class ReferenceBaselines:
         return self._ood[key]
 
     def expected_error(self, cluster: int) -> float | None:
-        rate = self._err.get(cluster)
-        return None if rate is None else float(rate)
+        return self._err.get(cluster)
 
 
-def detector_arl0(settings: Settings) -> float:
-    """Per-detector ARL0 target γ from the operator's false-alarm budget."""
+def expected_errors(manifest: dict[str, Any]) -> dict[int, float]:
+    """Per cluster, the reference rate the error-rate detector judges labelled events against:
+    the build's ``error_p0``; for a reference built before it was recorded, the same posterior
+    quantile of its per-cluster counts (its raw ``error_rate`` of 0 made every error an alarm)."""
+    # the per-cluster rows live with each cluster (the top-level "performance" has none: read
+    # from there, as before, no cluster had an error reference and the detector never ran)
+    clusters = (manifest.get("clusters") or {}).get("items") or []
+    rows = [c["performance"] for c in clusters if c.get("performance")]
+    if all("error_p0" in r for r in rows):
+        return {int(r["cluster"]): float(r["error_p0"]) for r in rows
+                if r["error_p0"] is not None}
+    shrunk = shrunk_error_rates(np.array([r.get("errors", 0) for r in rows], np.float64),
+                                np.array([r.get("labelled", 0) for r in rows], np.float64))
+    if shrunk is None:
+        return {}
+    return {int(r["cluster"]): float(e) for r, e in zip(rows, shrunk.p0, strict=True)}
+
+
+def detector_arl0(settings: Settings, detectors: int = 2) -> float:
+    """Per-detector ARL0 target γ from the operator's false-alarm budget, split over the
+    ``detectors`` each slice runs."""
     budget = Budget(false_incidents=settings.budget_false_incidents,
                     period_s=settings.budget_period_days * DAY,
-                    n_slices=settings.budget_slices, detectors_per_slice=2,
+                    n_slices=settings.budget_slices, detectors_per_slice=detectors,
                     event_rate=settings.budget_event_rate)
     log.info("false-alarm budget", extra={"budget": budget.describe()})
     return budget.arl0()
@@ -149,7 +172,7 @@ def build_embed_stage(settings: Settings, registry: CollectorRegistry, ref: Refe
 def build_detect_stage(settings: Settings, registry: CollectorRegistry, ref: Reference,
                        consumer_metrics: ConsumerMetrics | None = None) -> DetectStage:
     baselines = ReferenceBaselines(ref)
-    arl0 = detector_arl0(settings)
+    arl0 = detector_arl0(settings, len(baselines.detectors))
     autoresolve = settings.autoresolve_events
 
     def new_slice(upd: UpdateView) -> SliceState:

@@ -14,6 +14,7 @@ import numpy as np
 from driftline import __version__
 from driftline.consumers.embedder import Embedder
 from driftline.core.baselines import build_baselines, choose_k
+from driftline.core.error_rates import P0_QUANTILE
 from driftline.reference.artifact import ReferenceError, write_artifact
 from driftline.reference.describe import exemplars, metadata_lift, performance
 from driftline.reference.index import Reference, load_reference, unit_rows
@@ -102,13 +103,16 @@ def build_reference(
     k: int | None = None, pca_dim: int | None = None, quantile: float = 0.99,
     min_count: int = 200, alpha: float = 0.5, aggressor_alpha: float = 0.01,
     exclude_within_s: float | None = None, seed: int = 0, overwrite: bool = False,
-    source_name: str | None = None,
+    source_name: str | None = None, error_quantile: float = P0_QUANTILE,
 ) -> Reference:
     """Embed the reference events and write the artifact to ``out_dir`` (see ``artifact.py``).
 
     ``k=None`` picks :func:`~driftline.core.baselines.choose_k`; ``min_count`` is the fewest
     samples a station or station×shift baseline needs, else it falls back to its parent;
-    ``quantile`` sets each baseline's OOD threshold on leave-one-out distances.
+    ``quantile`` sets each baseline's OOD threshold on leave-one-out distances. Where events
+    carry labels, each cluster's error rate is shrunk toward the overall one and the error-rate
+    detector's reference rate is the posterior's ``error_quantile``
+    (:mod:`driftline.core.error_rates`).
     """
     if Path(out_dir).exists() and any(Path(out_dir).iterdir()) and not overwrite:
         raise ReferenceError(f"{out_dir} exists and is not empty (pass overwrite=True)")
@@ -136,7 +140,8 @@ def build_reference(
                                 [e.shift for e in evs], k, min_count=min_count, alpha=alpha,
                                 quantile=quantile)
     perf = performance(clusters, k, _errors(evs), np.array(
-        [np.nan if e.loss is None else e.loss for e in evs]), alpha=aggressor_alpha)
+        [np.nan if e.loss is None else e.loss for e in evs]), alpha=aggressor_alpha,
+        error_quantile=error_quantile)
     ids = [e.event_id for e in evs]
     lift = metadata_lift(clusters, k, {
         "station": [e.station for e in evs], "shift": [e.shift for e in evs],

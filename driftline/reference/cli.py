@@ -105,6 +105,9 @@ def build(
     quantile: Annotated[float, typer.Option(help="OOD threshold quantile")] = 0.99,
     min_count: Annotated[int, typer.Option(help="Fewest samples for a baseline")] = 200,
     alpha: Annotated[float, typer.Option(help="Smoothing pseudo-counts per cluster")] = 0.5,
+    error_quantile: Annotated[float, typer.Option(
+        help="Error-rate detector's reference rate: this quantile of each cluster's "
+             "posterior error rate")] = 0.9,
     exclude_window: Annotated[float | None, typer.Option(
         help="Seconds: leave out same-station neighbours this close in time (video)")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per model call")] = 32,
@@ -116,6 +119,9 @@ def build(
     from driftline.consumers.embedder import Embedder, EmbedderConfig
     from driftline.reference.build import build_reference
 
+    if not 0.5 < error_quantile < 1.0:
+        raise typer.BadParameter(f"{error_quantile}: must be between 0.5 and 1",
+                                 param_hint="'--error-quantile'")
     given = {"input_name": input_name, "layout": layout, "color_order": color_order,
              "scale": scale, "fit": fit,
              "input_size": _numbers(input_size, "--input-size", int, "224x224"),
@@ -149,7 +155,7 @@ def build(
         ref = build_reference(itertools.chain(head, events), embedder, out, k=k, pca_dim=pca_dim,
                               quantile=quantile, min_count=min_count, alpha=alpha,
                               exclude_within_s=exclude_window, seed=seed, overwrite=overwrite,
-                              source_name=manifest.name)
+                              source_name=manifest.name, error_quantile=error_quantile)
     except (ReferenceError, ValueError, FileNotFoundError) as exc:
         typer.echo(f"driftline reference build: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -204,15 +210,18 @@ def summary(m: dict[str, Any]) -> str:
     perf = m["performance"]
     aggressors = {a["cluster"]: a for a in perf["aggressors"]}
     lines += ["", f"clusters: K={m['clusters']['k']} ({m['clusters']['k_rule']})",
-              f"  {'id':>3} {'size':>6} {'share':>6} {'errors':>7} {'loss':>7}  top lift"]
+              f"  {'id':>3} {'size':>6} {'share':>6} {'errors':>7} {'expect':>6} {'p0':>6} "
+              f"{'loss':>7}  top lift"]
     for c in m["clusters"]["items"]:
         p = c["performance"]
         lift = ", ".join(f"{r['field']}={r['value']} ×{r['lift']:.1f} ({r['count']})"
                          for r in c["lift"][:3]) or "-"
         loss = "-" if p["mean_loss"] is None else f"{p['mean_loss']:.3g}"
         flag = "  AGGRESSOR" if c["id"] in aggressors else ""
-        lines.append(f"  {c['id']:>3} {c['size']:>6} {_pct(c['share']):>6} "
-                     f"{_pct(p['error_rate']):>7} {loss:>7}  {lift}{flag}")
+        errors = "-" if p["error_rate"] is None else f"{p['errors']}/{p['labelled']}"
+        lines.append(f"  {c['id']:>3} {c['size']:>6} {_pct(c['share']):>6} {errors:>7} "
+                     f"{_pct(p.get('expected_error')):>6} {_pct(p.get('error_p0')):>6} "
+                     f"{loss:>7}  {lift}{flag}")
     b = m["baselines"]
     lines += ["", f"baselines (min {b['min_count']} samples, alpha {b['alpha']}, OOD quantile "
                   f"{m['ood']['quantile']}):",
@@ -225,4 +234,10 @@ def summary(m: dict[str, Any]) -> str:
                   + (", ".join(f"cluster {c} ({'+'.join(a['reasons'])}, error "
                                f"{_pct(a['error_rate'])})" for c, a in aggressors.items())
                      or "none")]
+    prior = perf.get("error_prior")
+    if prior:
+        lines.append(f"expected error per cluster (expect): errors shrunk toward "
+                     f"{_pct(prior['rate'])} with a prior worth {prior['strength']:.0f} "
+                     f"labelled events; the error-rate detector's reference (p0): its "
+                     f"{prior['p0_quantile']:g} quantile")
     return "\n".join(lines)

@@ -12,6 +12,8 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import stats
 
+from driftline.core.error_rates import P0_QUANTILE, shrunk_error_rates
+
 I64 = NDArray[np.int64]
 
 
@@ -69,13 +71,18 @@ def _holm(pvalues: NDArray[np.float64]) -> NDArray[np.float64]:
 
 
 def performance(clusters: I64, k: int, errors: NDArray[np.float64], losses: NDArray[np.float64],
-                *, alpha: float = 0.01) -> dict[str, Any]:
+                *, alpha: float = 0.01, error_quantile: float = P0_QUANTILE) -> dict[str, Any]:
     """Per-cluster error rate and mean loss, and the **aggressor** clusters.
 
     ``errors[i]`` is 1.0 (prediction ≠ label), 0.0, or NaN (unlabelled); ``losses[i]`` NaN if
     absent. A cluster is an aggressor when its error rate is above the rest of the reference
     (one-sided Fisher exact test) or its losses are stochastically larger (one-sided
     Mann–Whitney U), at family-wise level ``alpha`` over clusters (Holm).
+
+    Per cluster, ``expected_error`` is its counts shrunk toward the overall rate (the
+    posterior mean of :mod:`driftline.core.error_rates`, never 0) and ``error_p0`` the rate the
+    error-rate detector judges its events against (the posterior's ``error_quantile``);
+    ``error_prior`` records the prior.
     """
     has_err, has_loss = ~np.isnan(errors), ~np.isnan(losses)
     rows: list[dict[str, Any]] = []
@@ -93,6 +100,12 @@ def performance(clusters: I64, k: int, errors: NDArray[np.float64], losses: NDAr
             "cluster": c, "labelled": int(len(e_in)), "errors": int(e_in.sum()),
             "error_rate": float(e_in.mean()) if len(e_in) else None,
             "with_loss": int(len(l_in)), "mean_loss": float(l_in.mean()) if len(l_in) else None})
+    shrunk = shrunk_error_rates(np.array([r["errors"] for r in rows], np.float64),
+                                np.array([r["labelled"] for r in rows], np.float64),
+                                quantile=error_quantile)
+    for c, row in enumerate(rows):
+        row["expected_error"] = None if shrunk is None else float(shrunk.expected[c])
+        row["error_p0"] = None if shrunk is None else float(shrunk.p0[c])
     adj_err, adj_loss = _holm(p_err), _holm(p_loss)
     aggressors = []
     for c, row in enumerate(rows):
@@ -106,5 +119,12 @@ def performance(clusters: I64, k: int, errors: NDArray[np.float64], losses: NDAr
         "error_rate": float(errors[has_err].mean()) if has_err.any() else None,
         "mean_loss": float(losses[has_loss].mean()) if has_loss.any() else None,
         "alpha": alpha, "test": "one-sided Fisher exact (errors), Mann-Whitney U (loss); Holm",
+        "error_prior": None if shrunk is None else {
+            "rate": shrunk.prior.rate, "strength": shrunk.prior.strength,
+            "rho": shrunk.prior.rho, "p0_quantile": shrunk.quantile,
+            "method": "posterior Beta(errors + m·rate, labelled - errors + m·(1 - rate)): "
+                      "prior at the Jeffreys overall rate, m from the clusters' intraclass "
+                      "correlation (m = 1/rho - 1) within [2/rate, labelled]; expected_error "
+                      "its mean, error_p0 its p0_quantile"},
         "clusters": rows, "aggressors": aggressors,
     }
