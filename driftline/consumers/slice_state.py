@@ -15,16 +15,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from driftline.consumers.exemplars import EXEMPLAR_FIELDS, ExemplarRing
 from driftline.core.slices import Alarm, EventUpdate, SliceDetectors
 from driftline.schema import parse_slice_id
 
 log = logging.getLogger(__name__)
 
-EXEMPLARS = 8
-# source partition and offset in the events topic: where the API reads the image for a thumbnail
-EXEMPLAR_FIELDS = ("event_id", "cluster", "distance", "ts", "ood", "source_partition",
-                   "source_offset")
-Exemplar = tuple[Any, ...]
 # Gauges read cluster shares and OOD rate over the last hour of event time.
 GAUGE_WINDOW_S = 3600.0
 # An open alarm clears after events without a crossing — at least ``autoresolve_events``, and at
@@ -93,8 +89,8 @@ class Baselines(Protocol):
 class SliceState:
     """Detectors, alarm lifecycle and exemplars of one slice (implements ``SliceModel``).
 
-    Kept small, since a worker holds thousands: slots, exemplars as tuples
-    ``(event_id, cluster, distance, ts, ood)`` in a short list, dims parsed from the id on use.
+    Kept small, since a worker holds thousands: slots, exemplars in a packed ring
+    (:class:`~driftline.consumers.exemplars.ExemplarRing`), dims parsed from the id on use.
     """
 
     __slots__ = ("slice_id", "template", "det", "baselines", "autoresolve", "open", "exemplars",
@@ -107,7 +103,7 @@ class SliceState:
         self.baselines = baselines
         self.autoresolve = autoresolve_events
         self.open: dict[str, dict[str, Any]] = {}  # detector -> {onset_time, quiet, alarms}
-        self.exemplars: list[Exemplar] = []  # the newest EXEMPLARS, oldest first
+        self.exemplars = ExemplarRing()  # the newest exemplars, oldest first
         self.versions: dict[str, int] = {}
         self.last_time: float | None = None
         # the reference its statistics are about (None: baselines that do not say)
@@ -171,11 +167,8 @@ class SliceState:
                 alarms = self.det.observe(cluster, p, upd.ood, self.baselines.ood_rate(key), t)
             else:
                 alarms = self._update(upd, t, cluster=True)
-            ex = self.exemplars
-            ex.append((upd.event_id, cluster, upd.distance, t, upd.ood, upd.source_partition,
-                       upd.source_offset))
-            if len(ex) > EXEMPLARS:
-                del ex[0]
+            self.exemplars.add(upd.event_id, cluster, upd.distance, t, upd.ood,
+                               upd.source_partition, upd.source_offset)
             version = upd.model_version
             if version:
                 versions = self.versions
@@ -277,19 +270,10 @@ class SliceState:
         obj = cls(snap["slice_id"], snap["template"], SliceDetectors.restore(snap["detectors"]),
                   baselines, autoresolve_events)
         obj.open = snap["open"]
-        obj.exemplars = [_exemplar(e) for e in snap["exemplars"]]
+        obj.exemplars = ExemplarRing.restore(snap["exemplars"])
         obj.versions = snap["versions"]
         obj.last_time = snap["last_time"]
         # a checkpoint written before the field: taken to be of the active reference
         saved = snap.get("reference_id")
         obj.reference_id = sys.intern(saved) if saved else obj.reference_id
         return obj
-
-
-def _exemplar(saved: dict[str, Any] | list[Any]) -> Exemplar:
-    """An exemplar from a checkpoint: a dict (format v1) or a list, which before thumbnails had
-    no source partition and offset (those read as None)."""
-    if isinstance(saved, dict):
-        return tuple(saved.get(f) for f in EXEMPLAR_FIELDS)
-    return (*saved, *(None,) * (len(EXEMPLAR_FIELDS) - len(saved)))
-

@@ -38,6 +38,7 @@ SNAPSHOT_VERSION = 2
 # The bound adds one rounded sum per event where S adds two: a few ulps of h per event at most.
 _BOUND_SLACK = 1e-6
 _EXACT_EVERY = 4096
+_thresholds: dict[float, float] = {}
 
 
 def union_threshold(arl0: float, bank_size: int) -> float:
@@ -66,7 +67,9 @@ class CusumBank:
     def __init__(self, bank_size: int, threshold: float) -> None:
         if not threshold > 0.0:
             raise ValueError("threshold must be positive")
-        self._h = float(threshold)
+        h = float(threshold)
+        # banks of one kind share a threshold: one float object, not 24 B in each bank
+        self._h: float = _thresholds.setdefault(h, h) if len(_thresholds) < 1024 else h
         self._s: FloatArray = np.zeros(bank_size)
         # Per member, the stamp of the last step that started from S = 0: event index + 1j·time
         # (NaN: no time). One complex array, so that stamping is one masked store.

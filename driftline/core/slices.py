@@ -21,6 +21,7 @@ _KINDS: dict[str, type[CusumBank]] = {
     cls.kind: cls for cls in (ClusterMixCusum, PredictionMixCusum, BernoulliCusum, ErrorRateCusum)
 }
 SNAPSHOT_VERSION = 2
+_NO_THRESHOLDS: dict[str, float] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +98,8 @@ class SliceDetectors:
         max_buckets: int = 48,
     ) -> None:
         self.arl0 = float(arl0)
-        self.thresholds = dict(thresholds or {})
+        # most slices have none: they share one empty dict (never written to) instead of 64 B each
+        self.thresholds = dict(thresholds) if thresholds else _NO_THRESHOLDS
         self.bucket_seconds = float(bucket_seconds)
         self.max_buckets = int(max_buckets)
         self.detectors: dict[str, CusumBank] = {}

@@ -219,9 +219,10 @@ def test_exemplars_carry_their_event_position_and_older_checkpoints_still_read()
     snap["exemplars"] = [e[:5] for e in snap["exemplars"]]
     old = SliceState.restore(snap, Baselines(), 20)
     assert all(len(e) == 7 and e[5:] == (None, None) for e in old.exemplars)
+    assert len(old.exemplars) == len(snap["exemplars"]) == 8
     snap["exemplars"] = [{"event_id": "e1", "cluster": 2, "distance": 0.1, "ts": 5.0,
                           "ood": False}]
-    assert SliceState.restore(snap, Baselines(), 20).exemplars == [
+    assert list(SliceState.restore(snap, Baselines(), 20).exemplars) == [
         ("e1", 2, 0.1, 5.0, False, None, None)]
 
 
