@@ -36,7 +36,7 @@ from driftline.core.budget import DAY, Budget
 from driftline.core.error_rates import shrunk_error_rates
 from driftline.core.slices import SliceDetectors
 from driftline.metrics import ConsumerMetrics, DetectMetrics, EmbedMetrics
-from driftline.reference.index import Reference, load_reference
+from driftline.reference.index import PredictionView, Reference, load_reference, prediction_views
 
 log = logging.getLogger(__name__)
 ROLES = ("embed", "detect", "book")
@@ -54,18 +54,24 @@ class ReferenceBaselines:
         items = ref.manifest["baselines"]["items"]
         self._p = {k: np.asarray(v["p"], np.float64) for k, v in items.items()}
         self._ood = {k: float(v["ood_rate"]) for k, v in items.items()}
+        self._predictions = prediction_views(ref.manifest)
         self._err = expected_errors(ref.manifest)
 
     @property
     def detectors(self) -> tuple[str, ...]:
         """The detectors this reference can feed (what the false-alarm budget is split over)."""
-        return ("cluster_mix", "ood_rate") + (("error_rate",) if self._err else ())
+        return (("cluster_mix", "ood_rate")
+                + (("prediction_mix", "confidence") if self._predictions else ())
+                + (("error_rate",) if self._err else ()))
 
     def cluster_mix(self, key: str) -> np.ndarray:
         return self._p[key]
 
     def ood_rate(self, key: str) -> float:
         return self._ood[key]
+
+    def prediction(self, key: str) -> PredictionView | None:
+        return self._predictions.get(key)
 
     def expected_error(self, cluster: int) -> float | None:
         return self._err.get(cluster)

@@ -79,7 +79,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
@@ -97,7 +97,7 @@ from driftline.consumers.kafka_io import (
 )
 from driftline.consumers.slice_state import UpdateView, is_late_label
 from driftline.metrics import ConsumerMetrics, DetectMetrics
-from driftline.schema import SOURCE_TS_HEADER, SliceUpdate, parse_slice_id
+from driftline.schema import MAX_SLICE_CHARS, SOURCE_TS_HEADER, SliceUpdate, parse_slice_id
 
 log = logging.getLogger(__name__)
 
@@ -711,8 +711,16 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         return {sid: e.model.n for part in self.parts.values() for sid, e in part.slices.items()}
 
 
+class FastPrediction(NamedTuple):
+    """A slice-update's prediction read without pydantic (label and score, as validated)."""
+
+    label: str
+    score: float
+
+
 class FastUpdate:
-    """A slice-update read without pydantic: the fields of :class:`SliceUpdate`, same types."""
+    """A slice-update read without pydantic: the fields of :class:`SliceUpdate`, same types
+    (``prediction`` a :class:`FastPrediction`)."""
 
     __slots__ = ("slice_id", "template", "event_id", "ts", "source_partition", "source_offset",
                  "station", "shift", "lot", "baseline", "cluster", "distance", "ood",
@@ -733,7 +741,7 @@ class FastUpdate:
     distance: float | None
     ood: bool | None
     model_version: str | None
-    prediction: None
+    prediction: FastPrediction | None
     label: str | None
     loss: float | None
     error: bool | None
@@ -746,7 +754,8 @@ def parse_update(raw: bytes) -> UpdateView:
     record takes a fast path: JSON parse and exact type checks, half the cost of pydantic's
     validation. Anything else (coercible values, predictions, or garbage) goes through
     :class:`SliceUpdate` validation, which raises :class:`~pydantic.ValidationError` for what
-    is truly malformed."""
+    is truly malformed. A prediction takes the fast path too (most events carry one): exactly
+    a label of 1 to ``MAX_SLICE_CHARS`` characters and a score in [0, 1]."""
     try:
         d = from_json(raw, cache_strings="keys")
         u = FastUpdate()
@@ -757,10 +766,19 @@ def parse_update(raw: bytes) -> UpdateView:
         if not (type(u.slice_id) is type(u.template) is type(u.event_id) is type(u.station)
                 is type(u.shift) is type(u.lot) is type(u.baseline) is type(ts) is str
                 and type(u.source_partition) is type(u.source_offset) is int
-                and len(ts) >= 19 and d.get("prediction") is None):
+                and len(ts) >= 19):
             raise TypeError("needs validation")
         u.ts = datetime.fromisoformat(ts)
-        u.prediction = None
+        pr = d.get("prediction")
+        if pr is None:
+            u.prediction = None
+        else:
+            label, score = pr["label"], pr["score"]
+            if not (type(pr) is dict and len(pr) == 2 and type(label) is str
+                    and 0 < len(label) <= MAX_SLICE_CHARS
+                    and (type(score) is float or type(score) is int) and 0 <= score <= 1):
+                raise TypeError("needs validation")
+            u.prediction = FastPrediction(label, float(score))
         u.cluster, u.distance, u.ood, u.model_version = c, x, o, m = (
             d.get("cluster"), d.get("distance"), d.get("ood"), d.get("model_version"))
         u.label, u.loss, u.error = lb, ls, e = d.get("label"), d.get("loss"), d.get("error")

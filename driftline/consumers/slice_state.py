@@ -34,6 +34,16 @@ RECROSS_FACTOR = 3
 QUIET_RATIO = 0.25
 
 
+class PredictionLike(Protocol):
+    """A slice-update's prediction: :class:`~driftline.schema.Prediction`, or the detect
+    stage's lighter tuple."""
+
+    @property
+    def label(self) -> str: ...
+    @property
+    def score(self) -> float: ...
+
+
 class UpdateView(Protocol):
     """What a slice reads of a slice-update: :class:`~driftline.schema.SliceUpdate`, or the
     detect stage's lighter :class:`~driftline.consumers.detect_stage.FastUpdate`."""
@@ -61,6 +71,8 @@ class UpdateView(Protocol):
     @property
     def model_version(self) -> str | None: ...
     @property
+    def prediction(self) -> PredictionLike | None: ...
+    @property
     def label(self) -> str | None: ...
     @property
     def error(self) -> bool | None: ...
@@ -76,12 +88,32 @@ def is_late_label(upd: UpdateView) -> bool:
     return upd.late_label or (upd.label is not None and upd.distance is None)
 
 
+class PredictionBaseline(Protocol):
+    """A baseline's expected prediction mix over ``labels`` plus *other* (the last of ``p``)
+    and its low-confidence cut (``score < cut``) and rate (see
+    :class:`driftline.reference.index.PredictionView`)."""
+
+    @property
+    def labels(self) -> tuple[str, ...]: ...
+    @property
+    def p(self) -> np.ndarray: ...
+    @property
+    def low_confidence_cut(self) -> float: ...
+    @property
+    def low_confidence_rate(self) -> float: ...
+
+    def category(self, label: str) -> int: ...
+
+
 class Baselines(Protocol):
     """What the detect stage needs of a reference (see ``driftline.reference``)."""
 
     def cluster_mix(self, key: str) -> np.ndarray: ...
 
     def ood_rate(self, key: str) -> float: ...
+
+    def prediction(self, key: str) -> PredictionBaseline | None:
+        """None for a reference without predictions: the prediction detectors do not run."""
 
     def expected_error(self, cluster: int) -> float | None: ...
 
@@ -163,10 +195,21 @@ class SliceState:
                 raise ValueError(f"cluster {cluster} outside the reference's 0..{p.size - 1}")
             if self._reference_changed(p.size):
                 restarted = self._restart_for_new_reference(p.size, t)
+            pred = upd.prediction
+            pb = self.baselines.prediction(key) if pred is not None else None
+            if pb is not None and self._labels_changed(pb.p.size):
+                restarted += self._restart_predictions(pb.p.size, t)
             if upd.ood is not None and upd.error is None:  # the usual event: one fast call
-                alarms = self.det.observe(cluster, p, upd.ood, self.baselines.ood_rate(key), t)
+                if pred is None or pb is None:
+                    alarms = self.det.observe(cluster, p, upd.ood, self.baselines.ood_rate(key),
+                                              t)
+                else:
+                    alarms = self.det.observe(
+                        cluster, p, upd.ood, self.baselines.ood_rate(key), t,
+                        pb.category(pred.label), pb.p, pred.score < pb.low_confidence_cut,
+                        pb.low_confidence_rate)
             else:
-                alarms = self._update(upd, t, cluster=True)
+                alarms = self._update(upd, t, cluster=True, pb=pb)
             self.exemplars.add(upd.event_id, cluster, upd.distance, t, upd.ood,
                                upd.source_partition, upd.source_offset)
             version = upd.model_version
@@ -177,28 +220,50 @@ class SliceState:
                 else:
                     versions[sys.intern(version)] = 1
         else:
+            pb = None
             alarms = self._update(upd, t, cluster=False, label_only=late)
         # the newest event time seen (the gauges' window ends there): events only, never back
         if not late and (self.last_time is None or t > self.last_time):
             self.last_time = t
         if not alarms and not self.open:
             return restarted
-        out = restarted + [self._on_alarm(a.as_dict(), t) for a in alarms]
+        out = restarted + [self._on_alarm(_named(a.as_dict(), pb), t) for a in alarms]
         if not late:  # quiet means events without an alarm; a late label is not an event
             out.extend(self._quiet_tick(t, fired={a.detector for a in alarms}))
         return out
 
-    def _update(self, upd: UpdateView, t: float, cluster: bool, label_only: bool = False
-                ) -> list[Alarm]:
+    def _labels_changed(self, size: int) -> bool:
+        mix = self.det.detectors.get("prediction_mix")
+        return mix is not None and getattr(mix, "n_categories", size) != size
+
+    def _restart_predictions(self, size: int, t: float) -> list[dict[str, Any]]:
+        """The active baselines predict over another label vocabulary (baselines that do not
+        name their reference; another reference restarts the whole slice): the prediction-mix
+        statistics describe the old categories, so that detector starts afresh, its open alarm
+        cleared (the others, confidence included, go on)."""
+        log.warning("reference label vocabulary changed: prediction-mix detector restarted",
+                    extra={"slice": self.slice_id, "categories": size})
+        del self.det.detectors["prediction_mix"]
+        state = self.open.pop("prediction_mix", None)
+        return [] if state is None else [self._clear("prediction_mix", state, t)]
+
+    def _update(self, upd: UpdateView, t: float, cluster: bool, label_only: bool = False,
+                pb: PredictionBaseline | None = None) -> list[Alarm]:
         """Every other kind of update (labels, errors, missing parts) through ``EventUpdate``."""
         expected_error = (self.baselines.expected_error(upd.cluster)
                           if upd.error is not None and upd.cluster is not None else None)
+        pred = upd.prediction if cluster and pb is not None else None
         return self.det.update(EventUpdate(
             cluster=upd.cluster if cluster else None,
             baseline=self.baselines.cluster_mix(upd.baseline) if cluster else None,
             ood=upd.ood if cluster else None,
             ood_p0=self.baselines.ood_rate(upd.baseline) if cluster else None,
-            time=t, error=upd.error, expected_error=expected_error, label_only=label_only))
+            time=t, error=upd.error, expected_error=expected_error, label_only=label_only,
+            prediction=None if pred is None or pb is None else pb.category(pred.label),
+            prediction_baseline=None if pred is None or pb is None else pb.p,
+            low_confidence=(None if pred is None or pb is None
+                            else pred.score < pb.low_confidence_cut),
+            low_confidence_p0=None if pred is None or pb is None else pb.low_confidence_rate))
 
     def _on_alarm(self, alarm: dict[str, Any], t: float) -> dict[str, Any]:
         name = alarm["detector"]
@@ -277,3 +342,12 @@ class SliceState:
         saved = snap.get("reference_id")
         obj.reference_id = sys.intern(saved) if saved else obj.reference_id
         return obj
+
+
+def _named(alarm: dict[str, Any], pb: PredictionBaseline | None) -> dict[str, Any]:
+    """A prediction-mix alarm names the label whose share moved, not only its category."""
+    if alarm["detector"] == "prediction_mix" and pb is not None:
+        k = alarm["argmax"].get("category")
+        if isinstance(k, int):
+            alarm["argmax"]["label"] = pb.labels[k] if k < len(pb.labels) else "(other)"
+    return alarm

@@ -89,6 +89,39 @@ def station_shift_key(station: str, shift: str) -> str:
     return f"station={station}|shift={shift}"
 
 
+def baseline_cells(
+    stations: Sequence[str], shifts: Sequence[str], *, min_count: int = 200,
+) -> dict[str, tuple[str | None, NDArray[np.bool_]]]:
+    """Which reference samples each baseline covers: per key, its parent and a mask.
+
+    ``global`` always; each station and each station×shift with at least ``min_count`` samples,
+    in parent-before-child order (a station×shift's parent is its station when the station has
+    a baseline, else ``global``).
+
+    >>> cells = baseline_cells(["a"] * 3 + ["b"], ["x", "x", "y", "x"], min_count=2)
+    >>> {k: (parent, mask.tolist()) for k, (parent, mask) in cells.items()}
+    ... # doctest: +NORMALIZE_WHITESPACE
+    {'global': (None, [True, True, True, True]),
+     'station=a': ('global', [True, True, True, False]),
+     'station=a|shift=x': ('station=a', [True, True, False, False])}
+    """
+    st = np.asarray(stations, dtype=object)
+    sh = np.asarray(shifts, dtype=object)
+    out: dict[str, tuple[str | None, NDArray[np.bool_]]] = {
+        GLOBAL: (None, np.ones(len(st), bool))}
+    for station in sorted(set(st.tolist())):
+        in_station = st == station
+        parent = GLOBAL
+        if in_station.sum() >= min_count:
+            out[station_key(station)] = (GLOBAL, in_station)
+            parent = station_key(station)
+        for shift in sorted(set(sh[in_station].tolist())):
+            cell = in_station & (sh == shift)
+            if cell.sum() >= min_count:
+                out[station_shift_key(station, shift)] = (parent, cell)
+    return out
+
+
 def build_baselines(
     clusters: NDArray[np.integer], distances: NDArray[np.floating], stations: Sequence[str],
     shifts: Sequence[str], k: int, *, min_count: int = 200, alpha: float = 0.5,
@@ -99,29 +132,14 @@ def build_baselines(
     ``clusters[i]`` and ``distances[i]`` (leave-one-out distance to the nearest other reference
     sample) describe reference sample ``i`` of ``stations[i]`` in ``shifts[i]``.
     """
-    st = np.asarray(stations, dtype=object)
-    sh = np.asarray(shifts, dtype=object)
     out: dict[str, Baseline] = {}
-
-    def add(key: str, parent: str | None, mask: NDArray[np.bool_]) -> None:
+    for key, (parent, mask) in baseline_cells(stations, shifts, min_count=min_count).items():
         counts = np.bincount(clusters[mask], minlength=k).astype(np.int64)
         prior = np.asarray(out[parent].p) if parent is not None else np.full(k, 1.0 / k)
         t, rate, exceed = ood_threshold(distances[mask], quantile)
         out[key] = Baseline(key, parent, int(mask.sum()), tuple(int(c) for c in counts),
                             tuple(float(x) for x in smoothed(counts, prior, alpha)),
                             t, rate, exceed)
-
-    add(GLOBAL, None, np.ones(len(clusters), bool))
-    for station in sorted(set(st.tolist())):
-        in_station = st == station
-        parent = GLOBAL
-        if in_station.sum() >= min_count:
-            add(station_key(station), GLOBAL, in_station)
-            parent = station_key(station)
-        for shift in sorted(set(sh[in_station].tolist())):
-            cell = in_station & (sh == shift)
-            if cell.sum() >= min_count:
-                add(station_shift_key(station, shift), parent, cell)
     return out
 
 

@@ -13,13 +13,22 @@ import numpy as np
 
 from driftline import __version__
 from driftline.consumers.embedder import Embedder
-from driftline.core.baselines import build_baselines, choose_k
+from driftline.core.baselines import baseline_cells, build_baselines, choose_k
 from driftline.core.error_rates import P0_QUANTILE
+from driftline.core.predictions import (
+    build_prediction_baselines,
+    label_codes,
+    label_vocabulary,
+)
 from driftline.reference.artifact import ReferenceError, write_artifact
 from driftline.reference.describe import exemplars, metadata_lift, performance
 from driftline.reference.index import Reference, load_reference, unit_rows
 from driftline.reference.space import fit_pca, loo_distances, spherical_kmeans
 from driftline.schema import Event
+
+# Predicted labels with a category of their own (the rest share "other"): a defect classifier
+# has a handful; the bound keeps a slice's prediction-mix bank small whatever the model.
+MAX_LABELS = 7
 
 
 @dataclass
@@ -103,16 +112,19 @@ def build_reference(
     k: int | None = None, pca_dim: int | None = None, quantile: float = 0.99,
     min_count: int = 200, alpha: float = 0.5, aggressor_alpha: float = 0.01,
     exclude_within_s: float | None = None, seed: int = 0, overwrite: bool = False,
-    source_name: str | None = None, error_quantile: float = P0_QUANTILE,
+    source_name: str | None = None, max_labels: int = MAX_LABELS,
+    confidence_quantile: float = 0.05, error_quantile: float = P0_QUANTILE,
 ) -> Reference:
     """Embed the reference events and write the artifact to ``out_dir`` (see ``artifact.py``).
 
     ``k=None`` picks :func:`~driftline.core.baselines.choose_k`; ``min_count`` is the fewest
     samples a station or station×shift baseline needs, else it falls back to its parent;
-    ``quantile`` sets each baseline's OOD threshold on leave-one-out distances. Where events
-    carry labels, each cluster's error rate is shrunk toward the overall one and the error-rate
-    detector's reference rate is the posterior's ``error_quantile``
-    (:mod:`driftline.core.error_rates`).
+    ``quantile`` sets each baseline's OOD threshold on leave-one-out distances. When events
+    carry predictions, each baseline also gets a prediction mix over the ``max_labels`` most
+    frequent labels plus *other*, and a low-confidence cut at ``confidence_quantile`` of its
+    scores (:mod:`driftline.core.predictions`). Where events carry labels, each cluster's
+    error rate is shrunk toward the overall one and the error-rate detector's reference rate is
+    the posterior's ``error_quantile`` (:mod:`driftline.core.error_rates`).
     """
     if Path(out_dir).exists() and any(Path(out_dir).iterdir()) and not overwrite:
         raise ReferenceError(f"{out_dir} exists and is not empty (pass overwrite=True)")
@@ -139,6 +151,8 @@ def build_reference(
     baselines = build_baselines(clusters, dist, [e.station for e in evs],
                                 [e.shift for e in evs], k, min_count=min_count, alpha=alpha,
                                 quantile=quantile)
+    predictions = _prediction_baselines(evs, min_count=min_count, alpha=alpha,
+                                        max_labels=max_labels, quantile=confidence_quantile)
     perf = performance(clusters, k, _errors(evs), np.array(
         [np.nan if e.loss is None else e.loss for e in evs]), alpha=aggressor_alpha,
         error_quantile=error_quantile)
@@ -173,12 +187,39 @@ def build_reference(
             key: {"parent": b.parent, "n": b.n, "counts": list(b.counts), "p": list(b.p),
                   "ood_threshold": b.ood_threshold, "ood_rate": b.ood_rate,
                   "ood_exceed": b.ood_exceed} for key, b in baselines.items()}},
+        "predictions": predictions,
         "performance": {key: v for key, v in perf.items() if key != "clusters"},
     }
     arrays |= {"centroids": centroids, "embeddings": x, "clusters": clusters,
                "distances": dist, "event_ids": np.array(ids, dtype=str)}
     write_artifact(out_dir, manifest, arrays, overwrite=overwrite)
     return load_reference(out_dir)
+
+
+def _prediction_baselines(evs: list[Event], *, min_count: int, alpha: float, max_labels: int,
+                          quantile: float) -> dict[str, Any] | None:
+    """The manifest's ``predictions`` section, or None when no reference event has one."""
+    labels = [e.prediction.label if e.prediction else None for e in evs]
+    if all(lb is None for lb in labels):
+        return None
+    vocab = label_vocabulary((lb for lb in labels if lb is not None), max_labels)
+    codes = label_codes(labels, vocab)
+    scores = np.array([e.prediction.score if e.prediction else np.nan for e in evs])
+    cells = baseline_cells([e.station for e in evs], [e.shift for e in evs],
+                           min_count=min_count)
+    items = build_prediction_baselines(codes, scores, cells, len(vocab) + 1,
+                                       min_count=min_count, alpha=alpha, quantile=quantile)
+    if not items:  # fewer than MIN_GLOBAL predictions in the whole reference
+        return None
+    return {"labels": list(vocab), "other": True, "max_labels": max_labels,
+            "events": int((codes >= 0).sum()), "min_count": min_count, "alpha": alpha,
+            "low_confidence_quantile": quantile,
+            "low_confidence": "score < cut; rate (#{s < cut} + 1)/(n + 1)",
+            "items": {key: {"parent": b.parent, "n": b.n, "counts": list(b.counts),
+                            "p": list(b.p), "low_confidence_cut": b.low_confidence_cut,
+                            "low_confidence_rate": b.low_confidence_rate,
+                            "low_confidence_count": b.low_confidence_count}
+                      for key, b in items.items()}}
 
 
 def _errors(evs: list[Event]) -> np.ndarray:

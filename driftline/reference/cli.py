@@ -105,6 +105,10 @@ def build(
     quantile: Annotated[float, typer.Option(help="OOD threshold quantile")] = 0.99,
     min_count: Annotated[int, typer.Option(help="Fewest samples for a baseline")] = 200,
     alpha: Annotated[float, typer.Option(help="Smoothing pseudo-counts per cluster")] = 0.5,
+    max_labels: Annotated[int, typer.Option(
+        min=1, help="Predicted labels with their own category; the rest share 'other'")] = 7,
+    confidence_quantile: Annotated[float, typer.Option(
+        help="Low confidence: a score below this quantile of the baseline's scores")] = 0.05,
     error_quantile: Annotated[float, typer.Option(
         help="Error-rate detector's reference rate: this quantile of each cluster's "
              "posterior error rate")] = 0.9,
@@ -119,6 +123,9 @@ def build(
     from driftline.consumers.embedder import Embedder, EmbedderConfig
     from driftline.reference.build import build_reference
 
+    if not 0.0 < confidence_quantile < 1.0:
+        raise typer.BadParameter(f"{confidence_quantile}: must be between 0 and 1",
+                                 param_hint="'--confidence-quantile'")
     if not 0.5 < error_quantile < 1.0:
         raise typer.BadParameter(f"{error_quantile}: must be between 0.5 and 1",
                                  param_hint="'--error-quantile'")
@@ -155,7 +162,9 @@ def build(
         ref = build_reference(itertools.chain(head, events), embedder, out, k=k, pca_dim=pca_dim,
                               quantile=quantile, min_count=min_count, alpha=alpha,
                               exclude_within_s=exclude_window, seed=seed, overwrite=overwrite,
-                              source_name=manifest.name, error_quantile=error_quantile)
+                              source_name=manifest.name, max_labels=max_labels,
+                              confidence_quantile=confidence_quantile,
+                              error_quantile=error_quantile)
     except (ReferenceError, ValueError, FileNotFoundError) as exc:
         typer.echo(f"driftline reference build: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -229,6 +238,7 @@ def summary(m: dict[str, Any]) -> str:
     for key, item in b["items"].items():
         lines.append(f"  {key:<36} {item['n']:>6} {item['ood_threshold']:>9.4f} "
                      f"{_pct(item['ood_rate']):>8}  {item['parent'] or '-'}")
+    lines += _predictions(m.get("predictions"))
     lines += ["", f"performance: {perf['labelled']} labelled, error rate {_pct(perf['error_rate'])}"
                   f"; aggressors (alpha {perf['alpha']}): "
                   + (", ".join(f"cluster {c} ({'+'.join(a['reasons'])}, error "
@@ -241,3 +251,21 @@ def summary(m: dict[str, Any]) -> str:
                      f"labelled events; the error-rate detector's reference (p0): its "
                      f"{prior['p0_quantile']:g} quantile")
     return "\n".join(lines)
+
+
+def _predictions(section: dict[str, Any] | None) -> list[str]:
+    """The prediction baselines: label mix and low-confidence cut per baseline."""
+    if not section:
+        return ["", "predictions: none in the reference (prediction-mix and confidence "
+                    "detectors do not run)"]
+    labels = [*section["labels"], "(other)"]
+    lines = ["", f"predictions: {section['events']} events, labels {', '.join(labels)} "
+                 f"(at most {section['max_labels']} + other); low confidence: score below the "
+                 f"{section['low_confidence_quantile']:g} quantile (min {section['min_count']} "
+                 f"predictions, alpha {section['alpha']}):",
+             f"  {'key':<36} {'n':>6} {'cut':>7} {'low':>6}  label mix  falls back to"]
+    for key, item in section["items"].items():
+        mix = " ".join(f"{lb}={_pct(p)}" for lb, p in zip(labels, item["p"], strict=True))
+        lines.append(f"  {key:<36} {item['n']:>6} {item['low_confidence_cut']:>7.4f} "
+                     f"{_pct(item['low_confidence_rate']):>6}  {mix}  {item['parent'] or '-'}")
+    return lines

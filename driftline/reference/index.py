@@ -27,6 +27,47 @@ class BaselineView(NamedTuple):
     ood_rate: float
 
 
+class PredictionView(NamedTuple):
+    """What an event's predictions are judged against: the label mix ``p`` over ``labels``
+    plus *other* (the last category), and the low-confidence cut (``score < cut``) with its
+    reference rate. ``key`` is the baseline that holds them (the event's own, or an ancestor's
+    when its own had too few predictions)."""
+
+    key: str
+    labels: tuple[str, ...]
+    codes: dict[str, int]
+    p: NDArray[np.float64]
+    low_confidence_cut: float
+    low_confidence_rate: float
+
+    def category(self, label: str) -> int:
+        """The label's category: its index in ``labels``, else *other*."""
+        return self.codes.get(label, len(self.labels))
+
+
+def prediction_views(manifest: dict[str, Any]) -> dict[str, PredictionView]:
+    """Per cluster-baseline key, the prediction baseline its events use (its own, else its
+    nearest ancestor's); empty for a reference without predictions (built before they were
+    recorded, or from events that carried none). Keys that share a view share its arrays."""
+    section = manifest.get("predictions")
+    if not section:
+        return {}
+    labels = tuple(str(lb) for lb in section["labels"])
+    codes = {lb: i for i, lb in enumerate(labels)}
+    own = {key: PredictionView(key, labels, codes, np.asarray(b["p"], np.float64),
+                               float(b["low_confidence_cut"]), float(b["low_confidence_rate"]))
+           for key, b in section["items"].items()}
+    parents = {key: b["parent"] for key, b in manifest["baselines"]["items"].items()}
+    out = {}
+    for key in parents:
+        at: str | None = key
+        while at is not None and at not in own:
+            at = parents.get(at)
+        if at is not None:
+            out[key] = own[at]
+    return out
+
+
 def unit_rows(x: NDArray[Any]) -> F32:
     x = np.asarray(x, np.float32)
     return np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
@@ -56,6 +97,7 @@ class Reference:
             key: BaselineView(key, np.asarray(b["p"], np.float64), float(b["ood_threshold"]),
                               float(b["ood_rate"]))
             for key, b in manifest["baselines"]["items"].items()}
+        self._predictions = prediction_views(manifest)
         self._centroid_index = faiss.IndexFlatIP(self.space_dim)
         self._centroid_index.add(self.centroids)
         self._sample_index = faiss.IndexFlatL2(self.space_dim)
@@ -105,6 +147,10 @@ class Reference:
     def baseline_for(self, station: str, shift: str) -> BaselineView:
         """The most specific baseline for an event: station×shift, else station, else global."""
         return self._baselines[resolve(self._baselines.keys(), station, shift)]
+
+    def prediction_for(self, key: str) -> PredictionView | None:
+        """The prediction baseline of cluster baseline ``key``; None without predictions."""
+        return self._predictions.get(key)
 
     def embedder_config(self, model_path: Path, **runtime: Any) -> EmbedderConfig:
         """Embedder settings with this reference's preprocessing and layer (``runtime``: threads,

@@ -65,6 +65,9 @@ class Baselines:
     def expected_error(self, cluster: int) -> float | None:
         return 0.1
 
+    def prediction(self, key: str) -> None:  # a reference without prediction baselines
+        return None
+
 
 def _update(i: int, **over: Any) -> SliceUpdate:
     station = ("s1", "s2")[i % 2]
@@ -96,30 +99,51 @@ def _states(stage: DetectStage) -> dict[str, Any]:
             for sid, e in stage.parts[0].slices.items()}
 
 
+def _fields(upd: UpdateView) -> dict[str, Any]:
+    pred = upd.prediction
+    return {f: getattr(upd, f) for f in FIELDS} | {
+        "prediction": None if pred is None else (pred.label, pred.score)}
+
+
 @settings(max_examples=60, deadline=None)
 @given(i=st.integers(0, 10_000), cluster=st.none() | st.integers(0, 2),
        ood=st.none() | st.booleans(), label=st.none() | st.just("scratch"),
        error=st.none() | st.booleans(), loss=st.none() | st.floats(0, 5),
        version=st.none() | st.just("v2"), late=st.booleans(),
-       ref=st.none() | st.just("3f9c2a7b1d4e8f60"))
+       ref=st.none() | st.just("3f9c2a7b1d4e8f60"),
+       prediction=st.none() | st.fixed_dictionaries({
+           "label": st.text(min_size=1, max_size=128), "score": st.floats(0, 1)}))
 def test_fast_parse_reads_what_pydantic_reads(
     i: int, cluster: int | None, ood: bool | None, label: str | None, error: bool | None,
-    loss: float | None, version: str | None, late: bool, ref: str | None
+    loss: float | None, version: str | None, late: bool, ref: str | None,
+    prediction: dict[str, Any] | None
 ) -> None:
     upd = _update(i, cluster=cluster, ood=ood, label=label, error=error, loss=loss,
-                  model_version=version, late_label=late, reference_id=ref)
+                  model_version=version, late_label=late, reference_id=ref,
+                  prediction=prediction)
     raw = upd.model_dump_json().encode()
     fast = parse_update(raw)
     assert isinstance(fast, FastUpdate)
-    assert {f: getattr(fast, f) for f in FIELDS} == {f: getattr(upd, f) for f in FIELDS}
+    assert _fields(fast) == _fields(upd)
 
 
 def test_parse_falls_back_to_validation() -> None:
     doc = json.loads(_update(3).model_dump_json())
     coerced = parse_update(json.dumps({**doc, "cluster": "2", "source_offset": 3.0}).encode())
     assert isinstance(coerced, SliceUpdate) and coerced.cluster == 2
-    with_prediction = {**doc, "prediction": {"label": "ok", "score": 0.9}}
-    assert isinstance(parse_update(json.dumps(with_prediction).encode()), SliceUpdate)
+    with_prediction = {**doc, "prediction": {"label": "ok", "score": 1}}
+    fast = parse_update(json.dumps(with_prediction).encode())
+    assert isinstance(fast, FastUpdate) and fast.prediction == ("ok", 1.0)
+    for score, read in (("0.5", 0.5), (True, 1.0)):  # pydantic coerces these
+        slow = parse_update(json.dumps({**doc, "prediction": {"label": "ok", "score": score}})
+                            .encode())
+        assert isinstance(slow, SliceUpdate) and slow.prediction is not None
+        assert slow.prediction.score == read
+    for pred in ({"label": "ok", "score": 1.5}, {"label": "", "score": 0.5},
+                 {"label": "ok", "score": 0.5, "extra": 1}, {"label": "ok"}, ["ok", 0.5],
+                 {"label": "x" * 129, "score": 0.5}):
+        with pytest.raises(ValidationError):
+            parse_update(json.dumps({**doc, "prediction": pred}).encode())
     for bad in (b"{not json", b"\xff\xfe", b"[1, 2]", json.dumps({**doc, "ts": "yesterday"}),
                 json.dumps({k: v for k, v in doc.items() if k != "baseline"}),
                 json.dumps({**doc, "source_offset": "x"}), json.dumps({**doc, "ood": "maybe"})):
