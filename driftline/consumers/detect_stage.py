@@ -435,6 +435,9 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         except (KeyError, ValueError) as exc:  # raised before the slice changed anything
             if not entry.applied:
                 del part.slices[upd.slice_id]
+                gone = part.retired.get(upd.slice_id)
+                if gone is not None:  # the gauges it took over go with the retired slice
+                    gone.series, entry.series = entry.series, ()
             self.metrics.skipped.labels("unusable").inc()
             log.error("unusable slice-update skipped",
                       extra={"partition": msg.partition, "offset": msg.offset,
