@@ -9,6 +9,30 @@ Cluster distributions are smoothed toward the parent's distribution (toward unif
 ``global``) with ``alpha`` pseudo-counts per cluster, so no cluster has ``p = 0`` — the
 cluster-mix CUSUM's increment ``ln((1-ε) + ε/p_k)`` needs ``p_k > 0`` — and a station that
 saw a cluster rarely inherits the fleet's idea of how rare it is rather than a guess.
+
+**Stated rates and the detectors' rates.** ``p`` and ``ood_rate`` are point estimates from a
+finite reference sample: what the reference *states*, shown as evidence ("26 % expected → 43 %
+seen"). A detector that took them as the exact pre-change law would pay for their sampling error
+in false alarms: a CUSUM set for ``ARL0 = γ ≈ 10⁹`` drifts up as soon as the true rate is a
+little above the stated one, and with 120 reference samples it usually is for some cell
+(Jensen et al. 2006 review the effect for control charts). So each baseline also carries the
+law its detectors judge against, the least favourable one within a confidence set of the
+reference sample (:func:`ood_rate_bound`, :func:`mix_bounds`), chosen so that every bank
+member's likelihood ratio stays a supermartingale for every true law in the set: the
+``ln γ + ln M`` guarantee then holds for the reference actually drawn with probability at least
+``confidence`` (a guaranteed-conditional-performance design in the sense of Gandy & Kvaløy 2013,
+with the robust CUSUM's least favourable laws of Unnikrishnan, Veeravalli & Meyn 2011).
+
+References
+----------
+C. J. Clopper, E. S. Pearson, "The use of confidence or fiducial limits illustrated in the case
+of the binomial", Biometrika 26, 1934.
+W. A. Jensen, L. A. Jones-Farmer, C. W. Champ, W. H. Woodall, "Effects of parameter estimation
+on control chart properties: a literature review", J. Quality Technology 38, 2006.
+A. Gandy, J. T. Kvaløy, "Guaranteed conditional performance of control charts via bootstrap
+methods", Scand. J. Statistics 40, 2013.
+J. Unnikrishnan, V. V. Veeravalli, S. P. Meyn, "Minimax robust quickest change detection",
+IEEE Trans. Information Theory 57, 2011.
 """
 
 from __future__ import annotations
@@ -16,11 +40,17 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
+from scipy.stats import beta
 
 GLOBAL = "global"
+# Probability, over the reference sample, that every bound of a baseline holds: the detectors'
+# false-alarm guarantee is then that of the budget. 0.999 keeps the expected false alarms of a
+# 120-sample station×shift cell within ~3x of the budget (benchmarks/results/calibration.md).
+DEFAULT_CONFIDENCE = 0.999
 
 
 def choose_k(n: int, *, k_min: int = 2, k_max: int = 32, min_per_cluster: int = 20) -> int:
@@ -67,9 +97,125 @@ def ood_threshold(distances: NDArray[np.floating], quantile: float) -> tuple[flo
     return t, (exceed + 1) / (len(distances) + 1), exceed
 
 
+def ood_rate_bound(n: int, exceed: int, confidence: float = DEFAULT_CONFIDENCE) -> float:
+    """Upper ``confidence`` bound of the true exceedance rate of a threshold that ``exceed`` of
+    ``n`` reference distances exceed: the OOD detector's pre-change rate ``p0``.
+
+    For a threshold at an order statistic of ``n`` exchangeable distances, the probability
+    ``U`` that a new one exceeds it is distributed ``Beta(k + 1, n - k)`` over reference samples
+    (the coverage of an order statistic; its mean is the stated ``(k + 1)/(n + 1)``), whatever
+    the distances' law. With ``p0`` at that law's upper quantile, ``U <= p0`` with probability
+    ``confidence``, and then every member of the Bernoulli bank (an increase ``ρ·p0``) has a
+    likelihood ratio whose mean under ``U`` is at most 1 (the mean grows with ``U`` and is 1 at
+    ``U = p0``), which is all the ``ln γ + ln M`` threshold needs.
+
+    Parameters
+    ----------
+    n
+        Reference distances the threshold was set on.
+    exceed
+        How many of them exceed it (``0 <= exceed < n``).
+    confidence
+        Probability, over reference samples, that the bound holds.
+
+    Examples
+    --------
+    The 99th percentile of 120 distances (one beyond it) states 1.65 %; its true rate lies
+    anywhere from 0.1 % to 7 %:
+
+    >>> round(2 / 121, 4), round(ood_rate_bound(120, 1, 0.999), 4)
+    (0.0165, 0.0744)
+    >>> round(ood_rate_bound(10_000, 99, 0.999), 4)  # a large baseline pays little
+    0.0134
+
+    References
+    ----------
+    H. A. David, H. N. Nagaraja, *Order Statistics*, 3rd ed., Wiley, 2003, §2.5 (coverages).
+    """
+    if not 0 <= exceed < n or not 0.0 < confidence < 1.0:
+        raise ValueError("need 0 <= exceed < n and 0 < confidence < 1")
+    return float(beta.isf(1.0 - confidence, exceed + 1, n - exceed))
+
+
+def mix_bounds(counts: NDArray[np.integer], prior: NDArray[np.float64], alpha: float,
+               confidence: float = DEFAULT_CONFIDENCE
+               ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Per-cluster lower and upper bounds of a baseline's true cluster mix, simultaneous at
+    ``confidence``: what the cluster-mix detector judges against.
+
+    Member "mass ``ε`` into cluster ``k``" of :mod:`driftline.core.mix` has a likelihood ratio
+    of mean ``(1 - ε) + ε·q_k/p_k`` under a true mix ``q``, at most 1 exactly when
+    ``q_k <= p_k``; "a fraction ``f`` out of ``k``" has mean ``1 - f·(q_k - p_k)/(1 - p_k)``,
+    at most 1 exactly when ``q_k >= p_k``. So the least favourable mix in a confidence set for
+    ``q`` gives "into k" members ``p_k`` at its **upper** bound and "out of k" members ``p_k``
+    at its **lower** bound (each member's other clusters renormalised, which leaves its
+    increments unchanged): each member is then a likelihood ratio against a law at least as
+    favourable to it as the truth, and ``ln γ + ln M`` keeps ``ARL0 >= γ`` (a robust CUSUM:
+    Unnikrishnan, Veeravalli & Meyn 2011).
+
+    The ``2K`` one-sided bounds are each taken at ``δ = (1 - confidence)/(2K)`` (Bonferroni),
+    so all hold together with probability ``>= confidence``. Each is the wider of two: the
+    exact Clopper–Pearson bound of ``counts[k]`` of ``n`` (the true mix taken as fixed), and
+    the quantile of the marginal ``Beta(a_k, A - a_k)`` of the Dirichlet posterior whose mean
+    is the smoothed ``p`` (``a = counts + alpha·K·prior``; the true mix taken as drawn from the
+    build's own model), so the guarantee holds under either reading.
+
+    Parameters
+    ----------
+    counts
+        Reference samples per cluster.
+    prior
+        The parent's smoothed mix (uniform for ``global``), as in :func:`smoothed`.
+    alpha
+        Smoothing pseudo-counts per cluster, as in :func:`smoothed`.
+    confidence
+        Probability, over reference samples, that every bound holds.
+
+    Returns
+    -------
+    lower, upper
+        Arrays of shape ``(K,)`` with ``lower <= smoothed(counts, prior, alpha) <= upper``.
+
+    Examples
+    --------
+    A 16-cluster mix seen through 120 samples (7 or 8 per cluster) bounds a cluster's share of
+    6 % to 0.7–19 %; through 10,000 samples, to 5.3–7.3 %:
+
+    >>> counts, prior = np.array([8, 7] * 8), np.full(16, 1 / 16)
+    >>> lo, hi = mix_bounds(counts, prior, 0.5)
+    >>> p = smoothed(counts, prior, 0.5)
+    >>> [round(float(x[1]), 3) for x in (lo, p, hi)]
+    [0.007, 0.059, 0.19]
+    >>> lo, hi = mix_bounds(np.full(16, 625), np.full(16, 1 / 16), 0.5)
+    >>> round(float(lo[0]), 3), round(float(hi[0]), 3)
+    (0.053, 0.073)
+
+    References
+    ----------
+    C. J. Clopper, E. S. Pearson, Biometrika 26, 1934.
+    J. Unnikrishnan, V. V. Veeravalli, S. P. Meyn, IEEE Trans. Information Theory 57, 2011.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError("need 0 < confidence < 1")
+    c = np.asarray(counts, np.float64)
+    k, n = c.size, float(c.sum())
+    delta = (1.0 - confidence) / (2 * k)
+    a = c + alpha * k * np.asarray(prior, np.float64)
+    b = (n + alpha * k) - a
+    with np.errstate(invalid="ignore", divide="ignore"):
+        upper = np.fmax(beta.isf(delta, a, b), beta.isf(delta, c + 1.0, n - c))
+        lower = np.fmin(beta.ppf(delta, a, b), beta.ppf(delta, c, n - c + 1.0))
+    # degenerate Beta laws: every sample in k (upper 1), none (Clopper–Pearson lower 0)
+    upper = np.where(np.isnan(upper) | (c >= n), 1.0, upper)
+    lower = np.where(np.isnan(lower) | (c <= 0), np.fmin(np.nan_to_num(lower), 0.0), lower)
+    return np.asarray(lower, np.float64), np.asarray(upper, np.float64)
+
+
 @dataclass(frozen=True)
 class Baseline:
-    """The reference an event is judged against."""
+    """The reference an event is judged against: stated rates (``p``, ``ood_rate``: point
+    estimates, shown as evidence) and the detectors' (``p_lower``/``p_upper``,
+    ``ood_rate_bound``: the least favourable laws at ``confidence``)."""
 
     key: str
     parent: str | None
@@ -79,6 +225,21 @@ class Baseline:
     ood_threshold: float
     ood_rate: float
     ood_exceed: int
+    p_lower: tuple[float, ...] = ()
+    p_upper: tuple[float, ...] = ()
+    ood_rate_bound: float = math.nan
+
+
+class DetectorBaseline(NamedTuple):
+    """One baseline as the detect stage uses it: the stated mix ``p`` and OOD rate (evidence,
+    gauges) and what the detectors judge against — ``bounds`` (``(2, K)``: lower, upper; see
+    :mod:`driftline.core.mix`) and ``ood_bound``. One array object per baseline, so detectors
+    find their increment tables by identity."""
+
+    p: NDArray[np.float64]
+    bounds: NDArray[np.float64]
+    ood_rate: float
+    ood_bound: float
 
 
 def station_key(station: str) -> str:
@@ -125,21 +286,26 @@ def baseline_cells(
 def build_baselines(
     clusters: NDArray[np.integer], distances: NDArray[np.floating], stations: Sequence[str],
     shifts: Sequence[str], k: int, *, min_count: int = 200, alpha: float = 0.5,
-    quantile: float = 0.99,
+    quantile: float = 0.99, confidence: float = DEFAULT_CONFIDENCE,
 ) -> dict[str, Baseline]:
     """Global, per-station and per-station×shift baselines with at least ``min_count`` samples.
 
     ``clusters[i]`` and ``distances[i]`` (leave-one-out distance to the nearest other reference
-    sample) describe reference sample ``i`` of ``stations[i]`` in ``shifts[i]``.
+    sample) describe reference sample ``i`` of ``stations[i]`` in ``shifts[i]``. ``confidence``
+    sets the detectors' bounds (:func:`mix_bounds`, :func:`ood_rate_bound`).
     """
     out: dict[str, Baseline] = {}
     for key, (parent, mask) in baseline_cells(stations, shifts, min_count=min_count).items():
         counts = np.bincount(clusters[mask], minlength=k).astype(np.int64)
         prior = np.asarray(out[parent].p) if parent is not None else np.full(k, 1.0 / k)
         t, rate, exceed = ood_threshold(distances[mask], quantile)
-        out[key] = Baseline(key, parent, int(mask.sum()), tuple(int(c) for c in counts),
+        n = int(mask.sum())
+        lower, upper = mix_bounds(counts, prior, alpha, confidence)
+        out[key] = Baseline(key, parent, n, tuple(int(c) for c in counts),
                             tuple(float(x) for x in smoothed(counts, prior, alpha)),
-                            t, rate, exceed)
+                            t, rate, exceed, tuple(float(x) for x in lower),
+                            tuple(float(x) for x in upper),
+                            ood_rate_bound(n, exceed, confidence))
     return out
 
 

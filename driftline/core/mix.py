@@ -12,6 +12,14 @@ event's baseline distribution ``p`` (which may differ from event to event):
 
 The statistic is the bank's maximum, which is the CUSUM form of a GLR over the finite family
 (Page 1954; Lorden 1971; Tartakovsky, Nikiforov & Basseville 2014, §8.3 on banks and mixtures).
+
+A baseline known only through a reference sample is given as **bounds** instead of ``p``: an
+array of shape ``(2, K)``, the lower and upper confidence bounds of each category's share
+(:func:`driftline.core.baselines.mix_bounds`). "Into k" members then judge against ``p_k`` at
+its upper bound and "out of k" members against its lower bound — each member's least favourable
+law — so the bank's threshold keeps its guarantee whenever the true mix is within the bounds
+(a robust CUSUM; Unnikrishnan, Veeravalli & Meyn 2011). The increments are still one table per
+baseline, looked up per event. ``p`` itself is the case ``lower = upper = p``.
 """
 
 from __future__ import annotations
@@ -48,18 +56,35 @@ def mix_tables(
     """Per-event increments for baseline ``p``: ``(base, diff)``, each of shape ``(K, E+F)``.
 
     An event in category ``c`` adds ``base`` to every member and ``diff[c]`` to row ``c``.
+    ``p`` is a probability vector, or bounds of shape ``(2, K)`` (lower, upper; see the module
+    docstring): "into" members then use the upper row, "out of" members the lower one.
+
+    >>> p = np.full(4, 0.25)
+    >>> exact = mix_tables(p, [0.1], [0.5])
+    >>> same = mix_tables(np.stack([p, p]), [0.1], [0.5])
+    >>> all(np.array_equal(a, b) for a, b in zip(exact, same))
+    True
+    >>> base, diff = mix_tables(np.array([[0.2] * 4, [0.3] * 4]), [0.1], [0.5])
+    >>> bool((base + diff)[0, 0] < exact[0][0, 0] + exact[1][0, 0])  # a smaller "into" step
+    True
     """
-    p = np.clip(np.asarray(p, dtype=np.float64), _P_FLOOR, 1.0 - _P_FLOOR)
-    if p.ndim != 1 or abs(float(p.sum()) - 1.0) > 1e-6:
+    p = np.asarray(p, dtype=np.float64)
+    if p.ndim == 2:
+        if p.shape[0] != 2 or not ((p[0] >= 0.0) & (p[0] <= p[1]) & (p[1] <= 1.0)).all():
+            raise ValueError("bounds must be (lower, upper) rows with 0 <= lower <= upper <= 1")
+        lower, upper = (np.clip(row, _P_FLOOR, 1.0 - _P_FLOOR) for row in p)
+    elif p.ndim != 1 or abs(float(p.sum()) - 1.0) > 1e-6:
         raise ValueError("baseline must be a probability vector")
+    else:
+        lower = upper = np.clip(p, _P_FLOOR, 1.0 - _P_FLOOR)
     eps = np.asarray(epsilons, dtype=np.float64)
     frac = np.asarray(fractions, dtype=np.float64)
-    pk = p[:, None]
+    hi, lo = upper[:, None], lower[:, None]
     with np.errstate(divide="ignore"):
-        into_hit = np.log((1.0 - eps) + eps / pk)
+        into_hit = np.log((1.0 - eps) + eps / hi)
         into_base = np.broadcast_to(np.log1p(-eps), into_hit.shape)
-        out_hit = np.broadcast_to(np.log1p(-frac), (p.size, frac.size))
-        out_base = np.log1p(frac * (pk / (1.0 - pk)))
+        out_hit = np.broadcast_to(np.log1p(-frac), (upper.size, frac.size))
+        out_base = np.log1p(frac * (lo / (1.0 - lo)))
     base = np.concatenate([into_base, out_base], axis=1)
     diff = np.concatenate([into_hit, out_hit], axis=1) - base
     return base, diff
@@ -70,7 +95,8 @@ def _shared_tables(
 ) -> _Tables:
     """Per category ``c``, the whole bank's increment for an event in ``c`` (``base``, with row
     ``c`` replaced by ``base[c] + diff[c]``), flattened: shape ``(K, K·(E+F))``; and its
-    largest element (the bank's bound step). Shared by every bank judging against ``p``."""
+    largest element (the bank's bound step). Shared by every bank judging against ``p`` (a
+    baseline or its bounds: the same array object, so the table is found by identity)."""
     key = (id(p), epsilons, fractions)
     hit = _cache.get(key)
     if hit is not None and hit[0]() is p:
@@ -121,6 +147,8 @@ class ClusterMixCusum(CusumBank):
     E. S. Page, "Continuous inspection schemes", Biometrika 41, 1954.
     G. Lorden, "Procedures for reacting to a change in distribution", Ann. Math. Stat. 42, 1971.
     A. Tartakovsky, I. Nikiforov, M. Basseville, *Sequential Analysis*, CRC Press, 2014.
+    J. Unnikrishnan, V. V. Veeravalli, S. P. Meyn, "Minimax robust quickest change detection",
+    IEEE Trans. Information Theory 57, 2011.
     """
 
     __slots__ = ("epsilons", "fractions", "n_categories", "_arl0", "_width", "_last_p",
@@ -154,10 +182,12 @@ class ClusterMixCusum(CusumBank):
         self._hi: list[float] = []
 
     def update(self, category: int, baseline: FloatArray, time: float | None = None) -> bool:
-        """Feed one event in ``category`` judged against ``baseline``; True while alarming."""
+        """Feed one event in ``category`` judged against ``baseline`` (a probability vector, or
+        its ``(2, K)`` lower/upper bounds: see the module docstring); True while alarming."""
         if baseline is not self._last_p:
-            if baseline.shape != (self.n_categories,):
-                raise ValueError(f"baseline must have shape ({self.n_categories},)")
+            if baseline.shape not in ((self.n_categories,), (2, self.n_categories)):
+                raise ValueError(f"baseline must have shape ({self.n_categories},) or "
+                                 f"(2, {self.n_categories})")
             self._inc, self._hi = _shared_tables(baseline, self.epsilons, self.fractions)
             self._last_p = baseline
         if not 0 <= category < self.n_categories:

@@ -138,10 +138,14 @@ def simulate(
     passed every threshold in its model's grid, or ``horizon`` events.
 
     Outcomes are drawn from ``probs`` before event ``change_at`` and from ``post`` (if given)
-    from then on. Deterministic for a given ``seed``.
+    from then on. Either may also hold one law per run, shape ``(n_runs, O)`` — e.g. true laws
+    drawn from what a reference sample allows. Deterministic for a given ``seed``.
     """
     rng = np.random.default_rng(seed)
-    cum = [np.cumsum(probs)] + ([np.cumsum(post)] if post is not None else [])
+    laws = [probs] + ([post] if post is not None else [])
+    cum = [np.cumsum(np.asarray(law, np.float64), axis=-1) for law in laws]
+    if any(c.ndim == 2 and c.shape[0] != n_runs for c in cum):
+        raise ValueError("per-run laws need one row per run")
     runs = [
         _Runs(m, np.asarray(g, dtype=np.float64), n_runs, onset)
         for m, g in zip(models, grids, strict=True)
@@ -153,7 +157,11 @@ def simulate(
         if not any(r.act.size for r in runs):
             break
         c = cum[1] if post is not None and t >= change_at else cum[0]
-        outcomes = np.minimum(np.searchsorted(c, u[t % _CHUNK], side="right"), c.size - 1)
+        ut = u[t % _CHUNK]
+        if c.ndim == 1:
+            outcomes = np.minimum(np.searchsorted(c, ut, side="right"), c.size - 1)
+        else:  # the same rule row by row: how many of the run's cumulative sums are <= u
+            outcomes = np.minimum((c <= ut[:, None]).sum(axis=1), c.shape[1] - 1)
         for r in runs:
             if r.act.size:
                 r.step(t, outcomes)

@@ -29,11 +29,14 @@ class EventUpdate:
     """What one event contributes to its slice; optional parts feed optional detectors.
 
     ``baseline`` is the event's own reference cluster distribution (its station/shift baseline),
-    ``ood_p0`` that baseline's OOD exceedance rate; ``prediction_baseline`` the reference mix of
-    predicted labels; ``low_confidence_p0`` the quantile level defining "low confidence";
-    ``expected_error`` the reference error rate of the event's cluster. ``time`` is event time
-    in seconds (e.g. a POSIX timestamp). ``label_only``: a late label or loss for an event
-    counted when it was embedded — it feeds the error detector and is not another event.
+    ``ood_p0`` that baseline's OOD exceedance rate: the stated rates, which the counts (evidence)
+    compare against. ``baseline_bounds`` (``(2, K)`` lower/upper) and ``ood_p0_bound``, when
+    given, are what the detectors judge against instead — the least favourable laws that the
+    reference sample allows (:mod:`driftline.core.baselines`). ``prediction_baseline`` is the
+    reference mix of predicted labels; ``low_confidence_p0`` the quantile level defining "low
+    confidence"; ``expected_error`` the reference error rate of the event's cluster. ``time`` is
+    event time in seconds (e.g. a POSIX timestamp). ``label_only``: a late label or loss for an
+    event counted when it was embedded — it feeds the error detector and is not another event.
     """
 
     cluster: int | None = None
@@ -48,6 +51,8 @@ class EventUpdate:
     error: bool | None = None
     expected_error: float | None = None
     label_only: bool = False
+    baseline_bounds: FloatArray | None = None
+    ood_p0_bound: float | None = None
 
 
 @dataclass(frozen=True)
@@ -132,11 +137,12 @@ class SliceDetectors:
         if u.cluster is not None and u.baseline is not None:
             det = self._get("cluster_mix", u.baseline.size)
             fed.append(("cluster_mix", det.alarm))
-            det.update(u.cluster, u.baseline, t)
+            det.update(u.cluster, u.baseline if u.baseline_bounds is None else u.baseline_bounds,
+                       t)
         if u.ood is not None and u.ood_p0 is not None:
             det = self._get("ood_rate")
             fed.append(("ood_rate", det.alarm))
-            det.update(u.ood, u.ood_p0, t)
+            det.update(u.ood, u.ood_p0 if u.ood_p0_bound is None else u.ood_p0_bound, t)
         if u.prediction is not None and u.prediction_baseline is not None:
             det = self._get("prediction_mix", u.prediction_baseline.size)
             fed.append(("prediction_mix", det.alarm))
@@ -168,16 +174,20 @@ class SliceDetectors:
                 time: float, prediction: int | None = None,
                 prediction_baseline: FloatArray | None = None,
                 low_confidence: bool | None = None,
-                low_confidence_p0: float | None = None) -> list[Alarm]:
+                low_confidence_p0: float | None = None,
+                baseline_bounds: FloatArray | None = None,
+                ood_p0_bound: float | None = None) -> list[Alarm]:
         """The detect stage's common event, cluster and OOD flag, with its prediction's
         category and low-confidence flag if it has one: the same as ``update(EventUpdate(…))``
-        with these fields, faster."""
+        with these fields (``baseline_bounds`` and ``ood_p0_bound`` included), faster."""
         dets = self.detectors
         mix = dets.get("cluster_mix") or self._make("cluster_mix", baseline.size)
         rate = dets.get("ood_rate") or self._make("ood_rate")
         mix_before, rate_before = mix.alarm, rate.alarm
-        mix_alarm = mix.update(cluster, baseline, time)  # type: ignore[attr-defined]
-        rate_alarm = rate.update(ood, ood_p0, time)  # type: ignore[attr-defined]
+        mix_alarm = mix.update(  # type: ignore[attr-defined]
+            cluster, baseline if baseline_bounds is None else baseline_bounds, time)
+        rate_alarm = rate.update(  # type: ignore[attr-defined]
+            ood, ood_p0 if ood_p0_bound is None else ood_p0_bound, time)
         fired: list[tuple[str, bool]] = []
         if prediction is not None and prediction_baseline is not None:
             pmix = (dets.get("prediction_mix")

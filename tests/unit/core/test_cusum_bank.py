@@ -50,6 +50,41 @@ def test_mix_increments_are_log_likelihood_ratios(p: np.ndarray) -> None:
             np.testing.assert_allclose(llr, np.log(q / p), rtol=1e-12, atol=1e-12)
 
 
+@given(p=probs, shrink=st.floats(0.0, 1.0), grow=st.floats(1.0, 3.0))
+def test_bounded_mix_increments_are_least_favourable_likelihood_ratios(
+    p: np.ndarray, shrink: float, grow: float
+) -> None:
+    # Against bounds (lower, upper), member "into k" / "out of k" is the likelihood ratio
+    # against the law with p_k at upper / lower (the rest renormalised): mean exactly 1 under
+    # that law, and at most 1 under any law within the bounds, e.g. p itself.
+    lower, upper = p * shrink, np.minimum(p * grow, 1.0)
+    base, diff = mix_tables(np.stack([lower, upper]), EPS, FRAC)
+    k = p.size
+    for j in range(len(EPS) + len(FRAC)):
+        into = j < len(EPS)
+        for kk in range(k):
+            llr = base[kk, j] + np.eye(k)[kk] * diff[kk, j]
+            edge = upper[kk] if into else lower[kk]
+            if not 1e-9 < edge < 1 - 1e-9:
+                continue
+            worst = p * (1 - edge) / (1 - p[kk]) if p[kk] < 1 else np.zeros(k)
+            worst[kk] = edge
+            assert math.isclose(float(worst @ np.exp(llr)), 1.0, rel_tol=1e-9)
+            assert float(p @ np.exp(llr)) <= 1.0 + 1e-9
+
+
+def test_simulator_draws_one_law_per_run_as_it_draws_a_shared_one() -> None:
+    p = np.array([0.5, 0.3, 0.2])
+    model = mix_model([p], EPS, FRAC)
+    h = union_threshold(200.0, model.base.size)
+    shared = simulate([model], [[h]], p, n_runs=50, horizon=5_000, seed=2)[0]
+    per_run = simulate([model], [[h]], np.tile(p, (50, 1)), n_runs=50, horizon=5_000,
+                       seed=2)[0]
+    np.testing.assert_array_equal(shared.times, per_run.times)
+    with pytest.raises(ValueError, match="one row per run"):
+        simulate([model], [[h]], np.tile(p, (3, 1)), n_runs=50, horizon=10, seed=2)
+
+
 @given(p0=st.floats(1e-6, 0.9), rho=st.floats(1.1, 20.0), delta=st.floats(0.0, 0.3))
 def test_bernoulli_increments_have_unit_mean_likelihood_ratio(
     p0: float, rho: float, delta: float

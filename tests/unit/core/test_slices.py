@@ -74,6 +74,30 @@ def test_optional_detectors_are_created_on_first_use() -> None:
     assert sd.detectors["ood_rate"].threshold == 3.0
 
 
+def test_detectors_judge_against_the_bounds_and_the_counts_against_the_stated_rates() -> None:
+    bounds = np.stack([P * 0.5, np.minimum(P * 1.6, 1.0)])
+    events = [EventUpdate(cluster=e.cluster, baseline=P, ood=e.ood, ood_p0=0.01, time=e.time,
+                          baseline_bounds=bounds, ood_p0_bound=0.03)
+              for e in _events(600, 1, shift_at=300)]
+    slow, fast, exact = (SliceDetectors(arl0=1000.0) for _ in range(3))
+    for e in events:
+        assert e.cluster is not None and e.ood is not None and e.time is not None
+        got = fast.observe(e.cluster, P, e.ood, 0.01, e.time, baseline_bounds=bounds,
+                           ood_p0_bound=0.03)
+        assert slow.update(e) == got
+        exact.update(EventUpdate(cluster=e.cluster, baseline=P, ood=e.ood, ood_p0=0.01,
+                                 time=e.time))
+    assert pack(slow.snapshot()) == pack(fast.snapshot())
+    # against the bounds every member's step is no larger than against the stated rates (and
+    # a CUSUM is monotone in its steps): the statistics are no higher, member by member
+    for name in ("cluster_mix", "ood_rate"):
+        assert (slow.detectors[name].snapshot()["s"]
+                <= exact.detectors[name].snapshot()["s"] + 1e-12).all()
+    assert slow.counts is not None and exact.counts is not None
+    assert slow.counts.since(None) == exact.counts.since(None)  # evidence: the stated rates
+    assert slow.counts.since(None).ood_expected == 600 * 0.01
+
+
 @settings(max_examples=15, deadline=None)
 @given(cut=st.integers(0, 400), seed=st.integers(0, 2**16))
 def test_slice_snapshot_round_trip(cut: int, seed: int) -> None:
