@@ -32,6 +32,12 @@ from driftline.consumers.detect_stage import DetectStage
 from driftline.consumers.embed_stage import EmbedStage
 from driftline.consumers.kafka_io import ensure_topics, make_consumer, make_producer
 from driftline.consumers.slice_state import SliceState, UpdateView
+from driftline.core.baselines import (
+    DEFAULT_CONFIDENCE,
+    DetectorBaseline,
+    mix_bounds,
+    ood_rate_bound,
+)
 from driftline.core.budget import DAY, Budget
 from driftline.core.error_rates import shrunk_error_rates
 from driftline.core.slices import SliceDetectors
@@ -47,13 +53,15 @@ BOOK_BOOTSTRAP_MS = 5_000  # one attempt of the book's producer to reach the bro
 
 
 class ReferenceBaselines:
-    """Adapts a :class:`Reference` to what the detectors need per event (cached arrays)."""
+    """Adapts a :class:`Reference` to what the detectors need per event (cached arrays): per
+    baseline key, the stated mix and OOD rate, and the bounds the detectors judge against
+    (:class:`~driftline.core.baselines.DetectorBaseline`)."""
 
     def __init__(self, ref: Reference) -> None:
         self.reference_id = ref.reference_id
-        items = ref.manifest["baselines"]["items"]
-        self._p = {k: np.asarray(v["p"], np.float64) for k, v in items.items()}
-        self._ood = {k: float(v["ood_rate"]) for k, v in items.items()}
+        section = ref.manifest["baselines"]
+        items = section["items"]
+        self._b = {k: detector_baseline(k, items, section) for k in items}
         self._predictions = prediction_views(ref.manifest)
         self._err = expected_errors(ref.manifest)
 
@@ -65,16 +73,52 @@ class ReferenceBaselines:
                 + (("error_rate",) if self._err else ()))
 
     def cluster_mix(self, key: str) -> np.ndarray:
-        return self._p[key]
+        return self._b[key].p
 
     def ood_rate(self, key: str) -> float:
-        return self._ood[key]
+        return self._b[key].ood_rate
+
+    def detector_baseline(self, key: str) -> DetectorBaseline:
+        return self._b[key]
 
     def prediction(self, key: str) -> PredictionView | None:
         return self._predictions.get(key)
 
     def expected_error(self, cluster: int) -> float | None:
         return self._err.get(cluster)
+
+
+def detector_baseline(key: str, items: dict[str, Any], section: dict[str, Any]
+                      ) -> DetectorBaseline:
+    """A manifest baseline as the detectors use it. A reference built before the detectors'
+    bounds existed (no ``p_lower``/``ood_rate_bound``) gets them computed from its stored counts
+    and exceedance count at :data:`~driftline.core.baselines.DEFAULT_CONFIDENCE`; one without
+    those is judged against its stated rates, with a warning."""
+    item = items[key]
+    p = np.asarray(item["p"], np.float64)
+    confidence = float(section.get("bound_confidence", DEFAULT_CONFIDENCE))
+    if "p_lower" in item and "p_upper" in item:
+        bounds = np.array([item["p_lower"], item["p_upper"]], np.float64)
+    elif item.get("counts") is not None:
+        parent = item.get("parent")
+        prior = (np.asarray(items[parent]["p"], np.float64) if parent in items
+                 else np.full(p.size, 1.0 / p.size))
+        bounds = np.array(mix_bounds(np.asarray(item["counts"], np.int64), prior,
+                                     float(section.get("alpha", 0.5)), confidence), np.float64)
+    else:
+        log.warning("baseline has no counts: its cluster mix is taken as exact",
+                    extra={"baseline": key})
+        bounds = np.array([p, p])
+    ood_rate = float(item["ood_rate"])
+    if "ood_rate_bound" in item:
+        ood_bound = float(item["ood_rate_bound"])
+    elif item.get("n") is not None and item.get("ood_exceed") is not None:
+        ood_bound = ood_rate_bound(int(item["n"]), int(item["ood_exceed"]), confidence)
+    else:
+        log.warning("baseline has no OOD exceedance count: its OOD rate is taken as exact",
+                    extra={"baseline": key})
+        ood_bound = ood_rate
+    return DetectorBaseline(p, bounds, ood_rate, max(ood_bound, ood_rate))
 
 
 def expected_errors(manifest: dict[str, Any]) -> dict[int, float]:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from driftline.consumers.exemplars import EXEMPLAR_FIELDS, ExemplarRing
+from driftline.core.baselines import DetectorBaseline
 from driftline.core.slices import Alarm, EventUpdate, SliceDetectors
 from driftline.schema import parse_slice_id
 
@@ -106,11 +107,14 @@ class PredictionBaseline(Protocol):
 
 
 class Baselines(Protocol):
-    """What the detect stage needs of a reference (see ``driftline.reference``)."""
+    """What the detect stage needs of a reference (see ``driftline.reference``): per baseline
+    key, the stated mix and OOD rate (evidence) and what the detectors judge against."""
 
     def cluster_mix(self, key: str) -> np.ndarray: ...
 
     def ood_rate(self, key: str) -> float: ...
+
+    def detector_baseline(self, key: str) -> DetectorBaseline: ...
 
     def prediction(self, key: str) -> PredictionBaseline | None:
         """None for a reference without predictions: the prediction detectors do not run."""
@@ -190,7 +194,8 @@ class SliceState:
         restarted: list[dict[str, Any]] = []
         if cluster is not None and not late:
             key = upd.baseline
-            p = self.baselines.cluster_mix(key)
+            b = self.baselines.detector_baseline(key)
+            p = b.p
             if not 0 <= cluster < p.size:
                 raise ValueError(f"cluster {cluster} outside the reference's 0..{p.size - 1}")
             if self._reference_changed(p.size):
@@ -201,13 +206,14 @@ class SliceState:
                 restarted += self._restart_predictions(pb.p.size, t)
             if upd.ood is not None and upd.error is None:  # the usual event: one fast call
                 if pred is None or pb is None:
-                    alarms = self.det.observe(cluster, p, upd.ood, self.baselines.ood_rate(key),
-                                              t)
+                    alarms = self.det.observe(cluster, p, upd.ood, b.ood_rate, t,
+                                              baseline_bounds=b.bounds, ood_p0_bound=b.ood_bound)
                 else:
                     alarms = self.det.observe(
-                        cluster, p, upd.ood, self.baselines.ood_rate(key), t,
+                        cluster, p, upd.ood, b.ood_rate, t,
                         pb.category(pred.label), pb.p, pred.score < pb.low_confidence_cut,
-                        pb.low_confidence_rate)
+                        pb.low_confidence_rate, baseline_bounds=b.bounds,
+                        ood_p0_bound=b.ood_bound)
             else:
                 alarms = self._update(upd, t, cluster=True, pb=pb)
             self.exemplars.add(upd.event_id, cluster, upd.distance, t, upd.ood,
@@ -253,11 +259,14 @@ class SliceState:
         expected_error = (self.baselines.expected_error(upd.cluster)
                           if upd.error is not None and upd.cluster is not None else None)
         pred = upd.prediction if cluster and pb is not None else None
+        b = self.baselines.detector_baseline(upd.baseline) if cluster else None
         return self.det.update(EventUpdate(
-            cluster=upd.cluster if cluster else None,
-            baseline=self.baselines.cluster_mix(upd.baseline) if cluster else None,
-            ood=upd.ood if cluster else None,
-            ood_p0=self.baselines.ood_rate(upd.baseline) if cluster else None,
+            cluster=upd.cluster if b is not None else None,
+            baseline=b.p if b is not None else None,
+            ood=upd.ood if b is not None else None,
+            ood_p0=b.ood_rate if b is not None else None,
+            baseline_bounds=b.bounds if b is not None else None,
+            ood_p0_bound=b.ood_bound if b is not None else None,
             time=t, error=upd.error, expected_error=expected_error, label_only=label_only,
             prediction=None if pred is None or pb is None else pb.category(pred.label),
             prediction_baseline=None if pred is None or pb is None else pb.p,

@@ -13,7 +13,12 @@ import numpy as np
 
 from driftline import __version__
 from driftline.consumers.embedder import Embedder
-from driftline.core.baselines import baseline_cells, build_baselines, choose_k
+from driftline.core.baselines import (
+    DEFAULT_CONFIDENCE,
+    baseline_cells,
+    build_baselines,
+    choose_k,
+)
 from driftline.core.error_rates import P0_QUANTILE
 from driftline.core.predictions import (
     build_prediction_baselines,
@@ -114,18 +119,24 @@ def build_reference(
     exclude_within_s: float | None = None, seed: int = 0, overwrite: bool = False,
     source_name: str | None = None, max_labels: int = MAX_LABELS,
     confidence_quantile: float = 0.05, error_quantile: float = P0_QUANTILE,
+    bound_confidence: float = DEFAULT_CONFIDENCE,
 ) -> Reference:
     """Embed the reference events and write the artifact to ``out_dir`` (see ``artifact.py``).
 
     ``k=None`` picks :func:`~driftline.core.baselines.choose_k`; ``min_count`` is the fewest
     samples a station or station×shift baseline needs, else it falls back to its parent;
-    ``quantile`` sets each baseline's OOD threshold on leave-one-out distances. When events
+    ``quantile`` sets each baseline's OOD threshold on leave-one-out distances;
+    ``bound_confidence`` the bounds of each baseline's cluster mix and OOD rate that the
+    detectors judge against (:mod:`driftline.core.baselines`). When events
     carry predictions, each baseline also gets a prediction mix over the ``max_labels`` most
     frequent labels plus *other*, and a low-confidence cut at ``confidence_quantile`` of its
     scores (:mod:`driftline.core.predictions`). Where events carry labels, each cluster's
     error rate is shrunk toward the overall one and the error-rate detector's reference rate is
     the posterior's ``error_quantile`` (:mod:`driftline.core.error_rates`).
     """
+    if not 0.0 < bound_confidence < 1.0:
+        raise ReferenceError(f"bound_confidence {bound_confidence} must lie strictly between 0 "
+                             "and 1")
     if Path(out_dir).exists() and any(Path(out_dir).iterdir()) and not overwrite:
         raise ReferenceError(f"{out_dir} exists and is not empty (pass overwrite=True)")
     got = collect(events, embedder)
@@ -150,7 +161,7 @@ def build_reference(
     dist = loo_distances(x, stations, times, exclude_within_s)
     baselines = build_baselines(clusters, dist, [e.station for e in evs],
                                 [e.shift for e in evs], k, min_count=min_count, alpha=alpha,
-                                quantile=quantile)
+                                quantile=quantile, confidence=bound_confidence)
     predictions = _prediction_baselines(evs, min_count=min_count, alpha=alpha,
                                         max_labels=max_labels, quantile=confidence_quantile)
     perf = performance(clusters, k, _errors(evs), np.array(
@@ -183,10 +194,16 @@ def build_reference(
         "ood": {"quantile": quantile, "exclude_within_s": exclude_within_s,
                 "distance": "euclidean between unit vectors, to the nearest reference sample; "
                             "leave-one-out at build time"},
-        "baselines": {"min_count": min_count, "alpha": alpha, "items": {
+        # p and ood_rate are the stated rates (evidence); p_lower/p_upper and ood_rate_bound,
+        # the bounds at `bound_confidence` that the detectors judge against
+        "baselines": {"min_count": min_count, "alpha": alpha,
+                      "bound_confidence": bound_confidence,
+                      "items": {
             key: {"parent": b.parent, "n": b.n, "counts": list(b.counts), "p": list(b.p),
+                  "p_lower": list(b.p_lower), "p_upper": list(b.p_upper),
                   "ood_threshold": b.ood_threshold, "ood_rate": b.ood_rate,
-                  "ood_exceed": b.ood_exceed} for key, b in baselines.items()}},
+                  "ood_exceed": b.ood_exceed, "ood_rate_bound": b.ood_rate_bound}
+            for key, b in baselines.items()}},
         "predictions": predictions,
         "performance": {key: v for key, v in perf.items() if key != "clusters"},
     }

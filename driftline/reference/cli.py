@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 import typer
 from pydantic import ValidationError
 
+from driftline.core.baselines import DEFAULT_CONFIDENCE, ood_rate_bound
 from driftline.reference.artifact import ReferenceError
 from driftline.schema import Event
 
@@ -112,6 +113,10 @@ def build(
     error_quantile: Annotated[float, typer.Option(
         help="Error-rate detector's reference rate: this quantile of each cluster's "
              "posterior error rate")] = 0.9,
+    bound_confidence: Annotated[float, typer.Option(
+        help="Probability that the bounds of each baseline's cluster mix and OOD rate, which "
+             "the detectors judge against, hold for the reference sample drawn")
+    ] = DEFAULT_CONFIDENCE,
     exclude_window: Annotated[float | None, typer.Option(
         help="Seconds: leave out same-station neighbours this close in time (video)")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per model call")] = 32,
@@ -164,7 +169,7 @@ def build(
                               exclude_within_s=exclude_window, seed=seed, overwrite=overwrite,
                               source_name=manifest.name, max_labels=max_labels,
                               confidence_quantile=confidence_quantile,
-                              error_quantile=error_quantile)
+                              error_quantile=error_quantile, bound_confidence=bound_confidence)
     except (ReferenceError, ValueError, FileNotFoundError) as exc:
         typer.echo(f"driftline reference build: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -232,12 +237,18 @@ def summary(m: dict[str, Any]) -> str:
                      f"{_pct(p.get('expected_error')):>6} {_pct(p.get('error_p0')):>6} "
                      f"{loss:>7}  {lift}{flag}")
     b = m["baselines"]
+    confidence = b.get("bound_confidence", DEFAULT_CONFIDENCE)
     lines += ["", f"baselines (min {b['min_count']} samples, alpha {b['alpha']}, OOD quantile "
-                  f"{m['ood']['quantile']}):",
-              f"  {'key':<36} {'n':>6} {'threshold':>9} {'ood rate':>8}  falls back to"]
+                  f"{m['ood']['quantile']}; detectors judge against bounds at confidence "
+                  f"{confidence}):",
+              f"  {'key':<36} {'n':>6} {'threshold':>9} {'ood rate':>8} {'detector':>8}  "
+              "falls back to"]
     for key, item in b["items"].items():
+        bound = item.get("ood_rate_bound")
+        if bound is None and item.get("ood_exceed") is not None:  # built before the bounds:
+            bound = ood_rate_bound(item["n"], item["ood_exceed"], confidence)  # as detect does
         lines.append(f"  {key:<36} {item['n']:>6} {item['ood_threshold']:>9.4f} "
-                     f"{_pct(item['ood_rate']):>8}  {item['parent'] or '-'}")
+                     f"{_pct(item['ood_rate']):>8} {_pct(bound):>8}  {item['parent'] or '-'}")
     lines += _predictions(m.get("predictions"))
     lines += ["", f"performance: {perf['labelled']} labelled, error rate {_pct(perf['error_rate'])}"
                   f"; aggressors (alpha {perf['alpha']}): "

@@ -77,7 +77,8 @@ def show_reference(reference_id: ReferenceId, settings: SettingsDep, r: RedisDep
             performance=c.get("performance")) for c in items],
         baselines=[BaselineRow(key=k, parent=b.get("parent"), n=b.get("n"),
                                ood_threshold=_num(b.get("ood_threshold")),
-                               ood_rate=_num(b.get("ood_rate")))
+                               ood_rate=_num(b.get("ood_rate")),
+                               ood_rate_bound=_num(b.get("ood_rate_bound")))
                    for k, b in sorted(baselines.items())],
         aggressors=list((m.get("performance") or {}).get("aggressors") or []))
 

@@ -44,7 +44,10 @@ class BaselineRow(BaseModel):
     parent: str | None
     n: int | None
     ood_threshold: float | None
-    ood_rate: float | None
+    ood_rate: float | None = Field(description="stated exceedance rate (k+1)/(n+1): evidence")
+    ood_rate_bound: float | None = Field(
+        None, description="the OOD detector's pre-change rate: the upper confidence bound of "
+                          "the true rate (absent in references built before it)")
 
 
 class ReferenceDetail(ReferenceRow):

@@ -33,6 +33,7 @@ from driftline.consumers.checkpoint import (
 )
 from driftline.consumers.detect_stage import DetectStage, FastUpdate, PartitionState, parse_update
 from driftline.consumers.slice_state import SliceState, UpdateView
+from driftline.core.baselines import DetectorBaseline
 from driftline.core.slices import SliceDetectors
 from driftline.core.snapshot import plain
 from driftline.metrics import ConsumerMetrics, DetectMetrics
@@ -55,12 +56,21 @@ class Msg(NamedTuple):
 class Baselines:
     def __init__(self) -> None:
         self.p = {"s1": np.array([0.6, 0.3, 0.1]), "s2": np.array([0.2, 0.3, 0.5])}
+        self.judged: dict[str, DetectorBaseline] = {}
 
     def cluster_mix(self, key: str) -> np.ndarray:
         return self.p[key]
 
     def ood_rate(self, key: str) -> float:
         return 0.02 if key == "s1" else 0.05
+
+    def detector_baseline(self, key: str) -> DetectorBaseline:
+        """Taken as exact here (bounds = the stated mix and rate), one object per ``p``."""
+        p, b = self.p[key], self.judged.get(key)
+        if b is None or b.p is not p:
+            b = self.judged[key] = DetectorBaseline(p, np.stack([p, p]), self.ood_rate(key),
+                                                    self.ood_rate(key))
+        return b
 
     def expected_error(self, cluster: int) -> float | None:
         return 0.1

@@ -236,3 +236,55 @@ def test_image_reference_records_the_model(tmp_path: Path) -> None:
 def _write(path: Path, data: bytes) -> str:
     path.write_bytes(data)
     return path.as_uri()
+
+
+def test_baselines_carry_the_bounds_their_detectors_judge_against(
+    built: tuple[Path, np.ndarray]
+) -> None:
+    from driftline.core.baselines import DEFAULT_CONFIDENCE, mix_bounds, ood_rate_bound
+
+    section = load_reference(built[0]).manifest["baselines"]
+    assert section["bound_confidence"] == DEFAULT_CONFIDENCE
+    for key, b in section["items"].items():
+        p, lower, upper = (np.array(b[f]) for f in ("p", "p_lower", "p_upper"))
+        assert (lower <= p).all() and (p <= upper).all(), key
+        prior = np.full(6, 1 / 6) if b["parent"] is None else \
+            np.array(section["items"][b["parent"]]["p"])
+        np.testing.assert_allclose(np.stack([lower, upper]),
+                                   mix_bounds(np.array(b["counts"]), prior, 0.5))
+        assert b["ood_rate"] == (b["ood_exceed"] + 1) / (b["n"] + 1)  # stated: evidence
+        assert b["ood_rate_bound"] == ood_rate_bound(b["n"], b["ood_exceed"]) > b["ood_rate"]
+
+
+def test_detect_stage_reads_the_bounds_and_computes_them_for_older_references(
+    built: tuple[Path, np.ndarray], tmp_path: Path
+) -> None:
+    import shutil
+
+    from driftline.reference.artifact import content_id
+    from driftline.runner import ReferenceBaselines
+
+    new = ReferenceBaselines(load_reference(built[0]))
+    old_dir = tmp_path / "old"  # as built before the bounds: the same, without their fields
+    shutil.copytree(built[0], old_dir)
+    doc = json.loads((old_dir / "manifest.json").read_text())
+    del doc["baselines"]["bound_confidence"]
+    for b in doc["baselines"]["items"].values():
+        for field in ("p_lower", "p_upper", "ood_rate_bound"):
+            del b[field]
+    doc["reference_id"] = content_id(doc)
+    (old_dir / "manifest.json").write_text(json.dumps(doc, indent=2))
+    old = ReferenceBaselines(load_reference(old_dir))
+    for key in doc["baselines"]["items"]:
+        a, b = new.detector_baseline(key), old.detector_baseline(key)
+        np.testing.assert_allclose(b.bounds, a.bounds, err_msg=key)
+        assert b.ood_bound == pytest.approx(a.ood_bound) and b.ood_rate == a.ood_rate
+        assert new.cluster_mix(key) is a.p and new.ood_rate(key) == a.ood_rate
+    # one that lacks even the counts is judged against its stated rates, not refused
+    for b in doc["baselines"]["items"].values():
+        del b["counts"], b["ood_exceed"]
+    doc["reference_id"] = content_id(doc)
+    (old_dir / "manifest.json").write_text(json.dumps(doc, indent=2))
+    bare = ReferenceBaselines(load_reference(old_dir)).detector_baseline("global")
+    np.testing.assert_array_equal(bare.bounds, np.stack([bare.p, bare.p]))
+    assert bare.ood_bound == bare.ood_rate
