@@ -11,7 +11,8 @@ summary; the book stores what it marks dirty, in one transaction with the outbox
 * An ``update`` continuing an episode refreshes that slice's evidence and firing. A new
   episode joins an open incident rooted at its slice, else the most recent concurrent incident
   (activity windows within ``group_window_s`` of event time) holding a compatible slice that
-  explains it or that it explains; otherwise it opens an incident.
+  explains it or that it explains and whose change was still being detected when this one
+  began; otherwise it opens an incident.
 * After each batch (:meth:`Grouper.finish`) every touched incident is attributed again, once
   (:mod:`driftline.alerts.attribution`): its root may move (``rerooted``) as evidence arrives,
   slices it no longer explains split off into incidents of their own, and concurrent
@@ -289,9 +290,23 @@ class Grouper:
                     if s.ref.slice_id in live and att.timely(s, ev) and att.timely(ev, s) \
                             and att.same_change(s, ev):
                         return inc
-                elif att.explains(s, ev, alarmed) or att.explains(ev, s, alarmed):
+                elif self._together(s, ev) and (att.explains(s, ev, alarmed)
+                                                or att.explains(ev, s, alarmed)):
                     return inc
         return None
+
+    def _together(self, a: SliceEvidence, b: SliceEvidence) -> bool:
+        """Both changes were under way at one time: neither slice's change was last detected
+        before the other's began. A change that persists re-crosses (the detector restarts
+        after each alarm), so its last detection stays recent; one that ended (a lot that ran
+        out, an episode a slice has moved on from) stops there and is no reason to put a later
+        change in its incident — attribution may still merge the two if one root explains
+        both."""
+        slack = timedelta(seconds=self.policy.attribution.onset_slack_s)
+        return not ((a.last_time is not None and b.onset is not None
+                     and a.last_time < b.onset - slack)
+                    or (b.last_time is not None and a.onset is not None
+                        and b.last_time < a.onset - slack))
 
     def _attribute(self, inc: Incident, *, mark: bool) -> None:
         n_known = len(inc.baseline_n)

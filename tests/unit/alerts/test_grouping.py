@@ -12,7 +12,7 @@ import pytest
 from driftline.alerts.attribution import SliceStatus
 from driftline.alerts.grouping import Grouper
 from driftline.alerts.model import Incident, Status
-from tests.unit.alerts.synthetic import STATIONS, alarm, clear, fleet, summary_entry
+from tests.unit.alerts.synthetic import ONSET, STATIONS, alarm, clear, fleet, summary_entry
 
 NOW = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
 
@@ -148,3 +148,29 @@ def test_updates_after_an_on_call_resolve_wait_for_the_reset() -> None:
     assert not g.incidents
     feed(g, alarm("station=press-3", 1.0, kind="alarm"))
     assert len(g.incidents) == 1 and g.reset_done == {"station=press-3"}
+
+
+def test_a_later_change_does_not_join_an_incident_whose_changes_ended_before_it() -> None:
+    # A lot ran through every station's day shift and out (the demo's bad lot); twenty minutes
+    # later press-3's optics go (a new episode of press-3's OOD detector, weak so far). The
+    # lot's day cells had events since (the summary says so), but their change was last seen
+    # when the lot ran out: the optics are a new incident, not more of the lot's.
+    ood = {"detector": "ood_rate", "eps": 0.0, "ood_shift": 0.8}
+    raw = fleet()
+    g = grouper(summary=raw)
+    feed(g, alarm("lot=L7", 1.0, n=1600, t=ONSET + 300, **ood),
+         *(alarm(f"station={s}|shift=day", 0.5, t=ONSET + 320, **ood) for s in STATIONS),
+         *(alarm(f"station={s}", 0.5, t=ONSET + 320, **ood) for s in STATIONS))
+    (lot,) = active(g)
+    for sid in raw:
+        if sid != "lot=L7":
+            raw[sid]["last_time"] = ONSET + 3000
+    g = grouper(active(g), summary=raw)
+    optics = alarm("station=press-3", 0.3, n=1100, kind="update", t=ONSET + 2000, **ood)
+    optics["onset_index"] = 200  # sat at zero for 200 events before climbing: a new episode
+    feed(g, optics)
+    (new,) = (i for i in active(g) if i.id != lot.id)
+    assert new.root.slice_id == "station=press-3" and new.onset is not None
+    assert new.onset.timestamp() > ONSET + 1000
+    assert lot.root.slice_id == "lot=L7" and lot.slices["station=press-3"].onset == \
+        lot.onset  # the lot's own episode of press-3, unchanged
