@@ -36,6 +36,7 @@ from prometheus_client import CollectorRegistry
 from driftline.consumers.checkpoint import CheckpointStore, store_client
 from driftline.consumers.detect_stage import RETIRE_SWEEP_S, DetectStage, PartitionState
 from driftline.consumers.slice_state import SliceState, UpdateView
+from driftline.core.baselines import DetectorBaseline
 from driftline.core.slices import SliceDetectors
 from driftline.metrics import ConsumerMetrics, DetectMetrics
 from driftline.schema import SliceUpdate
@@ -64,12 +65,16 @@ class Baselines:
 
     def __init__(self) -> None:
         self.p = np.full(K, 1 / K)
+        self.exact = DetectorBaseline(self.p, np.stack([self.p, self.p]), 0.01, 0.01)
 
     def cluster_mix(self, key: str) -> np.ndarray:
         return self.p
 
     def ood_rate(self, key: str) -> float:
         return 0.01
+
+    def detector_baseline(self, key: str) -> DetectorBaseline:
+        return self.exact
 
     def expected_error(self, cluster: int) -> float | None:
         return None

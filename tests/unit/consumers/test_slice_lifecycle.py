@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from driftline.consumers.slice_state import RECROSS_FACTOR, SliceState
+from driftline.core.baselines import DetectorBaseline
 from driftline.core.budget import DAY, Budget
 from driftline.core.slices import SliceDetectors
 from driftline.schema import SliceUpdate
@@ -19,13 +20,20 @@ K = 8
 
 
 class Flat:
+    """A baseline known exactly (the stream is drawn from it): the detectors judge against the
+    stated rates themselves."""
+
     p = np.full(K, 1 / K)
+    exact = DetectorBaseline(p, np.stack([p, p]), 0.01, 0.01)
 
     def cluster_mix(self, key: str) -> np.ndarray:
         return self.p
 
     def ood_rate(self, key: str) -> float:
         return 0.01
+
+    def detector_baseline(self, key: str) -> DetectorBaseline:
+        return self.exact
 
     def expected_error(self, cluster: int) -> float | None:
         return None
