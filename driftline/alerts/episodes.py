@@ -76,7 +76,10 @@ def episode_split(f: Firing, msg: Mapping[str, Any], delta: dict[str, Any] | Non
         return None
     step = ((at - f.last_detected) / (n_now - n_then)
             if n_now is not None and n_then is not None and n_now > n_then else None)
-    return (f.last_detected + oi * step if step is not None else at), delta
+    # Never after this crossing: in a slice that mixes stations (a lot, a shift) event times
+    # go back and forth with the order the stations' partitions are read, so ``at`` may be
+    # earlier than the last crossing, and the interpolation lands between them, after ``at``.
+    return (min(f.last_detected + oi * step, at) if step is not None else at), delta
 
 
 def combine(a: SliceEvidence, b: SliceEvidence) -> SliceEvidence:

@@ -138,14 +138,19 @@ def slice_evidence(msg: Mapping[str, Any], counts: Mapping[str, Any] | None = No
         strength = max(strength, math.sqrt(max(float(msg["statistic"]), 0.0) / n_since / 2))
     if onset is None and msg.get("onset_time") is not None:
         onset = utc(msg["onset_time"])
+    at = utc(msg["time"])
+    if onset is not None and onset > at:
+        # A slice mixing stations (a lot, a shift) sees event times out of order, as the
+        # stations' partitions are read in turns: its excursion's first event may be younger
+        # than the event that crossed. The change was under way by the crossing.
+        onset = at
     return SliceEvidence(
         ref=SliceRef(template=msg["template"], dims=dict(msg["dims"]), slice_id=msg["slice_id"]),
         strength=strength, mix_shift=mix_shift, displaced=displaced, n_since_onset=n_since,
         counts=dict(counts) if counts else None, signature=signature(counts),
         exemplars=[{**x, "slice_id": msg["slice_id"]} for x in ev.get("exemplars", [])],
         model_versions=dict(ev.get("model_versions") or {}),
-        reference_id=msg.get("reference_id"), onset=onset, first_time=utc(msg["time"]),
-        last_time=utc(msg["time"]))
+        reference_id=msg.get("reference_id"), onset=onset, first_time=at, last_time=at)
 
 
 def cluster_shifts(counts: Mapping[str, Any] | None, catalog: ClusterCatalog,

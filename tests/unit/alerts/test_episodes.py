@@ -41,6 +41,16 @@ def test_a_quiet_spell_before_the_re_crossing_starts_a_new_episode() -> None:
     assert onset == utc(ONSET + 600.0) + timedelta(seconds=240) and delta == {"n": 100}
 
 
+def test_a_new_episode_of_a_slice_mixing_stations_begins_no_later_than_its_crossing() -> None:
+    # A lot's events come from several stations' partitions, read in turns: this crossing's
+    # event is 20 s older than the last crossing's. The interpolated onset (between the two)
+    # would come after the crossing itself, and nothing could then explain the episode in time.
+    msg = {**alarm("lot=L7", 1.0, kind="update", t=ONSET + 580.0), "onset_index": 60,
+           "slice_n": 1100}
+    got = episode_split(_firing(), msg, {"n": 100}, gap_events=50, gap_s=600.0)
+    assert got is not None and got[0] == utc(ONSET + 580.0)
+
+
 def test_a_re_crossing_after_a_long_pause_starts_a_new_episode() -> None:
     msg = {**alarm("station=press-3", 1.0, kind="update", t=ONSET + 4000.0),
            "onset_index": 0, "slice_n": 1020}
@@ -86,3 +96,14 @@ def test_the_open_incidents_root_re_alarming_rejoins_it() -> None:
     assert [i.id for i in active(g)] == [inc.id]
     ev = inc.slices["station=press-3"]
     assert ev.onset == utc(ONSET) and ev.n_since_onset == 800
+
+
+def test_an_onset_after_the_crossing_that_dated_it_is_the_crossing() -> None:
+    # The detect stage dates an excursion by its first event; in a lot read from several
+    # partitions in turns that event can be younger than the one that crossed.
+    from driftline.alerts.evidence import slice_evidence
+
+    msg = {**alarm("lot=L7", 1.0, t=ONSET + 600.0), "onset_time": ONSET + 700.0}
+    ev = slice_evidence(msg)
+    assert ev.onset == ev.first_time == utc(ONSET + 600.0)
+    assert slice_evidence(alarm("lot=L7", 1.0, t=ONSET + 600.0)).onset == utc(ONSET)
