@@ -10,9 +10,9 @@ summary; the book stores what it marks dirty, in one transaction with the outbox
   episode's firing ends (an incident whose firings all ended resolves itself).
 * An ``update`` continuing an episode refreshes that slice's evidence and firing. A new
   episode joins an open incident rooted at its slice, else the most recent concurrent incident
-  (activity windows within ``group_window_s`` of event time) holding a compatible slice that
-  explains it or that it explains and whose change was still being detected when this one
-  began; otherwise it opens an incident.
+  (activity windows within ``group_window_s`` of event time) whose root explains it or that it
+  explains, else one holding such a slice — in either case one whose change was still being
+  detected when this one began; otherwise it opens an incident.
 * After each batch (:meth:`Grouper.finish`) every touched incident is attributed again, once
   (:mod:`driftline.alerts.attribution`): its root may move (``rerooted``) as evidence arrives,
   slices it no longer explains split off into incidents of their own, and concurrent
@@ -267,8 +267,14 @@ class Grouper:
 
     def _place(self, ev: SliceEvidence) -> Incident | None:
         """An open incident rooted at ``ev``'s slice, else the most recent concurrent incident
-        with a slice that explains ``ev`` or that ``ev`` explains (a cheap test;
-        :meth:`finish` attributes the whole group)."""
+        whose root explains ``ev`` or that ``ev`` explains, else the most recent one with any
+        slice that does (a cheap test; :meth:`finish` attributes the whole group).
+
+        Roots first: attribution keeps a slice in an incident only if its root explains it,
+        and when two changes run at once (one station's optics, another's lighting) a slice
+        that mixes both (a lot, the shift) explains, by strength, the first one's alarms as
+        well as the second's: joined through it, a station's night cell ended up in a group
+        of its own with the lots of that night, which neither incident's root explains."""
         start = ev.onset or ev.last_time or self.now
         end = ev.last_time or self.now
         # The open incident's own root slice changing again is that incident again.
@@ -276,24 +282,34 @@ class Grouper:
                      and self._concurrent(i, start, end)]
         if same_root:
             return max(same_root, key=lambda i: i.last_activity)
-        for inc in sorted(self._active(), key=lambda i: i.last_activity, reverse=True):
-            if not self._concurrent(inc, start, end):
-                continue
-            near = [s for s in inc.slices.values() if compatible(s.ref, ev.ref)]
-            if not near:
-                continue
-            att = self._attributor(inc, [ev])
-            alarmed = {*inc.slices, ev.ref.slice_id}
-            live = {f.slice_id for f in inc.detectors if f.active}
-            for s in near:
-                if s.ref.slice_id == ev.ref.slice_id:  # another detector of the same slice
-                    if s.ref.slice_id in live and att.timely(s, ev) and att.timely(ev, s) \
-                            and att.same_change(s, ev):
-                        return inc
-                elif self._together(s, ev) and (att.explains(s, ev, alarmed)
-                                                or att.explains(ev, s, alarmed)):
+        candidates = [i for i in sorted(self._active(), key=lambda i: i.last_activity,
+                                        reverse=True) if self._concurrent(i, start, end)]
+        for roots_only in (True, False):
+            for inc in candidates:
+                if self._explained_by(inc, ev, roots_only):
                     return inc
         return None
+
+    def _explained_by(self, inc: Incident, ev: SliceEvidence, roots_only: bool) -> bool:
+        """``inc``'s root (or any of its slices) and ``ev`` explain one another, their
+        changes under way together; or ``ev`` is another detector's alarm on one of its live
+        slices, showing the same change."""
+        near = [s for s in inc.slices.values() if compatible(s.ref, ev.ref)
+                and (not roots_only or s.ref.slice_id == inc.root.slice_id)]
+        if not near:
+            return False
+        att = self._attributor(inc, [ev])
+        alarmed = {*inc.slices, ev.ref.slice_id}
+        live = {f.slice_id for f in inc.detectors if f.active}
+        for s in near:
+            if s.ref.slice_id == ev.ref.slice_id:  # another detector of the same slice
+                if s.ref.slice_id in live and att.timely(s, ev) and att.timely(ev, s) \
+                        and att.same_change(s, ev):
+                    return True
+            elif self._together(s, ev) and (att.explains(s, ev, alarmed)
+                                            or att.explains(ev, s, alarmed)):
+                return True
+        return False
 
     def _together(self, a: SliceEvidence, b: SliceEvidence) -> bool:
         """Both changes were under way at one time: neither slice's change was last detected
