@@ -40,6 +40,7 @@ from driftline.alerts.attribution import (
     SliceStatus,
     SummaryIndex,
     compatible,
+    template_rank,
 )
 from driftline.alerts.changes import Change, record_change
 from driftline.alerts.episodes import add_counts, combine, diff_counts, episode_split
@@ -158,6 +159,7 @@ class Grouper:
         held = self._firing_of(sid, det)
         onset: datetime | None = None
         episode = counts
+        left: Incident | None = None  # an incident this new episode leaves with no live firing
         if held is not None:
             inc, f = held
             delta = diff_counts(counts, f.episode.last) if counts else None
@@ -169,6 +171,7 @@ class Grouper:
                 return
             onset, episode = split
             self._end_firing(inc, f, "new episode")
+            left = None if inc.active else inc
         ev = slice_evidence(msg, episode, onset if held is not None else None)
         firing = Firing(slice_id=sid, detector=det, statistic=msg["statistic"],
                         threshold=msg["threshold"], argmax=msg.get("argmax") or {},
@@ -192,6 +195,11 @@ class Grouper:
             ev = slice_evidence(msg, firing.episode.counts, old.onset)
             ev.first_time = old.first_time
         self._set_evidence(target, ev)
+        if left is not None and left is not target and self._mergeable(target, left):
+            # The slice's first episode had opened an incident of its own (nothing explained it
+            # in time); its next one joined this incident, whose root explains both: one
+            # problem, not a resolved one beside it.
+            self._merge(target, left)
 
     def _continue(self, inc: Incident, f: Firing, msg: Mapping[str, Any],
                   counts: dict[str, Any] | None, delta: dict[str, Any] | None) -> None:
@@ -266,15 +274,16 @@ class Grouper:
         return Attributor(self.summary, inc.baseline_n, self.policy.attribution)
 
     def _place(self, ev: SliceEvidence) -> Incident | None:
-        """An open incident rooted at ``ev``'s slice, else the most recent concurrent incident
-        whose root explains ``ev`` or that ``ev`` explains, else the most recent one with any
-        slice that does (a cheap test; :meth:`finish` attributes the whole group).
+        """An open incident rooted at ``ev``'s slice; else the most recent concurrent incident
+        whose root explains ``ev`` or that ``ev`` explains; else the concurrent incident holding
+        such a slice of the most local template (station+shift, station, lot, shift), the most
+        recent first (a cheap test; :meth:`finish` attributes the whole group).
 
-        Roots first: attribution keeps a slice in an incident only if its root explains it,
-        and when two changes run at once (one station's optics, another's lighting) a slice
-        that mixes both (a lot, the shift) explains, by strength, the first one's alarms as
-        well as the second's: joined through it, a station's night cell ended up in a group
-        of its own with the lots of that night, which neither incident's root explains."""
+        Roots first, and local slices before wide ones, as attribution chooses: when two changes
+        run at once (one station's optics, another's lighting) a slice that mixes both (the
+        shift, a lot) explains the alarms of each; joined through it, a station's night cell
+        ended up in a group of its own with that night's lots, which neither incident's root
+        explained, rather than beside its own station's alarm."""
         start = ev.onset or ev.last_time or self.now
         end = ev.last_time or self.now
         # The open incident's own root slice changing again is that incident again.
@@ -284,32 +293,38 @@ class Grouper:
             return max(same_root, key=lambda i: i.last_activity)
         candidates = [i for i in sorted(self._active(), key=lambda i: i.last_activity,
                                         reverse=True) if self._concurrent(i, start, end)]
-        for roots_only in (True, False):
-            for inc in candidates:
-                if self._explained_by(inc, ev, roots_only):
-                    return inc
-        return None
+        for inc in candidates:
+            if self._explaining(inc, ev, roots_only=True):
+                return inc
+        best: tuple[int, Incident] | None = None
+        for inc in candidates:  # most recent first: it wins ties
+            rank = max((template_rank(s.ref) for s in self._explaining(inc, ev)), default=-1)
+            if rank >= 0 and (best is None or rank > best[0]):
+                best = (rank, inc)
+        return best[1] if best is not None else None
 
-    def _explained_by(self, inc: Incident, ev: SliceEvidence, roots_only: bool) -> bool:
-        """``inc``'s root (or any of its slices) and ``ev`` explain one another, their
-        changes under way together; or ``ev`` is another detector's alarm on one of its live
-        slices, showing the same change."""
+    def _explaining(self, inc: Incident, ev: SliceEvidence,
+                    roots_only: bool = False) -> list[SliceEvidence]:
+        """``inc``'s slices (or its root) that explain ``ev`` or that ``ev`` explains, their
+        changes under way together; or ``ev``'s own slice there, live, another detector's
+        alarm showing the same change."""
         near = [s for s in inc.slices.values() if compatible(s.ref, ev.ref)
                 and (not roots_only or s.ref.slice_id == inc.root.slice_id)]
         if not near:
-            return False
+            return []
         att = self._attributor(inc, [ev])
         alarmed = {*inc.slices, ev.ref.slice_id}
         live = {f.slice_id for f in inc.detectors if f.active}
+        out = []
         for s in near:
             if s.ref.slice_id == ev.ref.slice_id:  # another detector of the same slice
                 if s.ref.slice_id in live and att.timely(s, ev) and att.timely(ev, s) \
                         and att.same_change(s, ev):
-                    return True
+                    out.append(s)
             elif self._together(s, ev) and (att.explains(s, ev, alarmed)
                                             or att.explains(ev, s, alarmed)):
-                return True
-        return False
+                out.append(s)
+        return out
 
     def _together(self, a: SliceEvidence, b: SliceEvidence) -> bool:
         """Both changes were under way at one time: neither slice's change was last detected
@@ -362,18 +377,22 @@ class Grouper:
             if other is None:
                 return
             keep, gone = (inc, other) if _age(inc) <= _age(other) else (other, inc)
-            for sid, ev in gone.slices.items():
-                keep.slices[sid] = combine(keep.slices[sid], ev) if sid in keep.slices else ev
-            keep.detectors.extend(gone.detectors)
-            for sid, n in gone.baseline_n.items():
-                keep.baseline_n[sid] = min(n, keep.baseline_n.get(sid, n))
-            self._carry_on_call(gone, keep)
-            gone.status, gone.resolved_at, gone.merged_into = Status.resolved, self.now, keep.id
-            self._record(gone, "merged", f"into {keep.id}")
-            self._touch(keep, gone.last_activity)
-            self._attribute(keep, mark=True)
-            self._record(keep, "related_added", f"merged {gone.id}")
+            self._merge(keep, gone)
             inc = keep
+
+    def _merge(self, keep: Incident, gone: Incident) -> None:
+        """``gone``'s slices and firings move to ``keep``, which is attributed again."""
+        for sid, ev in gone.slices.items():
+            keep.slices[sid] = combine(keep.slices[sid], ev) if sid in keep.slices else ev
+        keep.detectors.extend(gone.detectors)
+        for sid, n in gone.baseline_n.items():
+            keep.baseline_n[sid] = min(n, keep.baseline_n.get(sid, n))
+        self._carry_on_call(gone, keep)
+        gone.status, gone.resolved_at, gone.merged_into = Status.resolved, self.now, keep.id
+        self._record(gone, "merged", f"into {keep.id}")
+        self._touch(keep, gone.last_activity)
+        self._attribute(keep, mark=True)
+        self._record(keep, "related_added", f"merged {gone.id}")
 
     def _carry_on_call(self, gone: Incident, keep: Incident) -> None:
         """On-call's acknowledgements and notes on a merged incident go with it: the kept one
