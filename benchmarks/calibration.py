@@ -200,7 +200,8 @@ def hot_path(events: int, repeats: int) -> tuple[float, float]:
             t = time.process_time()
             for i, (c, x) in enumerate(zip(clusters, flags, strict=True)):
                 if with_bounds:
-                    det.observe(c, p, x, 0.01, float(i), bounds, 0.01)
+                    det.observe(c, p, x, 0.01, float(i), baseline_bounds=bounds,
+                                ood_p0_bound=0.01)
                 else:
                     det.observe(c, p, x, 0.01, float(i))
             best[name] = min(best[name], (time.process_time() - t) / events * 1e6)
