@@ -82,10 +82,11 @@ def test_the_detect_stage_feeds_label_and_score_to_both_detectors(ref: Reference
                           for i, p in enumerate(preds)])
     got = stage.parts[0].slices["station=s1"].model.det  # type: ignore[attr-defined]
     by_hand = SliceDetectors(arl0=1e4)
-    p, p0 = baselines.cluster_mix(KEY), baselines.ood_rate(KEY)
+    b = baselines.detector_baseline(KEY)  # stated rates, and the bounds the detectors judge by
     for i, (label, score) in enumerate(preds):
         by_hand.update(EventUpdate(
-            cluster=i % 6, baseline=p, ood=False, ood_p0=p0, time=(T0.timestamp() + 2 * i),
+            cluster=i % 6, baseline=b.p, ood=False, ood_p0=b.ood_rate,
+            baseline_bounds=b.bounds, ood_p0_bound=b.ood_bound, time=(T0.timestamp() + 2 * i),
             prediction={"ok": 0, "scrap": 1}.get(label, 2), prediction_baseline=pb.p,
             low_confidence=score < pb.low_confidence_cut,
             low_confidence_p0=pb.low_confidence_rate))
