@@ -45,8 +45,8 @@ from driftline.core.arl import arl_discrete
 from driftline.core.baselines import (
     DEFAULT_CONFIDENCE,
     mix_bounds,
-    ood_rate_bound,
     smoothed,
+    tail_rate_bound,
 )
 from driftline.core.bernoulli import OOD_ALTERNATIVES, bernoulli_table
 from driftline.core.budget import DAY, Budget
@@ -95,7 +95,7 @@ def ood_rows(runs: int) -> list[str]:
     for n in SIZES:
         k = exceed_of(n)
         law = beta(k + 1, n - k)
-        stated, bound = (k + 1) / (n + 1), ood_rate_bound(n, k)
+        stated, bound = (k + 1) / (n + 1), tail_rate_bound(n, k)
 
         def theory(p0: float, lo: float, law: object = law) -> float:
             edges = np.linspace(lo, law.isf(1e-13), 151)  # type: ignore[attr-defined]

@@ -36,7 +36,7 @@ from driftline.core.baselines import (
     DEFAULT_CONFIDENCE,
     DetectorBaseline,
     mix_bounds,
-    ood_rate_bound,
+    tail_rate_bound,
 )
 from driftline.core.budget import DAY, Budget
 from driftline.core.error_rates import shrunk_error_rates
@@ -113,7 +113,7 @@ def detector_baseline(key: str, items: dict[str, Any], section: dict[str, Any]
     if "ood_rate_bound" in item:
         ood_bound = float(item["ood_rate_bound"])
     elif item.get("n") is not None and item.get("ood_exceed") is not None:
-        ood_bound = ood_rate_bound(int(item["n"]), int(item["ood_exceed"]), confidence)
+        ood_bound = tail_rate_bound(int(item["n"]), int(item["ood_exceed"]), confidence)
     else:
         log.warning("baseline has no OOD exceedance count: its OOD rate is taken as exact",
                     extra={"baseline": key})

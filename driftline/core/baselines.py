@@ -17,7 +17,7 @@ in false alarms: a CUSUM set for ``ARL0 = γ ≈ 10⁹`` drifts up as soon as th
 little above the stated one, and with 120 reference samples it usually is for some cell
 (Jensen et al. 2006 review the effect for control charts). So each baseline also carries the
 law its detectors judge against, the least favourable one within a confidence set of the
-reference sample (:func:`ood_rate_bound`, :func:`mix_bounds`), chosen so that every bank
+reference sample (:func:`tail_rate_bound`, :func:`mix_bounds`), chosen so that every bank
 member's likelihood ratio stays a supermartingale for every true law in the set: the
 ``ln γ + ln M`` guarantee then holds for the reference actually drawn with probability at least
 ``confidence`` (a guaranteed-conditional-performance design in the sense of Gandy & Kvaløy 2013,
@@ -97,24 +97,29 @@ def ood_threshold(distances: NDArray[np.floating], quantile: float) -> tuple[flo
     return t, (exceed + 1) / (len(distances) + 1), exceed
 
 
-def ood_rate_bound(n: int, exceed: int, confidence: float = DEFAULT_CONFIDENCE) -> float:
-    """Upper ``confidence`` bound of the true exceedance rate of a threshold that ``exceed`` of
-    ``n`` reference distances exceed: the OOD detector's pre-change rate ``p0``.
+def tail_rate_bound(n: int, beyond: int, confidence: float = DEFAULT_CONFIDENCE) -> float:
+    """Upper ``confidence`` bound of the true rate at which a new value falls beyond a cut that
+    ``beyond`` of ``n`` reference values fall beyond: the pre-change rate ``p0`` of the OOD
+    detector (distances above the OOD threshold) and of the low-confidence detector (scores
+    below the low-confidence cut, :mod:`driftline.core.predictions`).
 
-    For a threshold at an order statistic of ``n`` exchangeable distances, the probability
-    ``U`` that a new one exceeds it is distributed ``Beta(k + 1, n - k)`` over reference samples
-    (the coverage of an order statistic; its mean is the stated ``(k + 1)/(n + 1)``), whatever
-    the distances' law. With ``p0`` at that law's upper quantile, ``U <= p0`` with probability
-    ``confidence``, and then every member of the Bernoulli bank (an increase ``ρ·p0``) has a
-    likelihood ratio whose mean under ``U`` is at most 1 (the mean grows with ``U`` and is 1 at
-    ``U = p0``), which is all the ``ln γ + ln M`` threshold needs.
+    For a cut at an order statistic of ``n`` exchangeable values, the probability ``U`` that a
+    new one falls beyond it is distributed ``Beta(k + 1, n - k)`` over reference samples
+    (``k = beyond``: the coverage of an order statistic; its mean is the stated
+    ``(k + 1)/(n + 1)``), whatever the values' law. Its upper quantile is also the
+    Clopper–Pearson upper bound of ``k`` successes in ``n`` trials, so the bound holds too when
+    ties pin the cut to a value (scores saturating at 1.0) and ``k`` is a plain binomial count.
+    With ``p0`` at that quantile, ``U <= p0`` with probability ``confidence``, and then every
+    member of the Bernoulli bank (an increase ``ρ·p0``) has a likelihood ratio whose mean under
+    ``U`` is at most 1 (the mean grows with ``U`` and is 1 at ``U = p0``), which is all the
+    ``ln γ + ln M`` threshold needs.
 
     Parameters
     ----------
     n
-        Reference distances the threshold was set on.
-    exceed
-        How many of them exceed it (``0 <= exceed < n``).
+        Reference values the cut was set on.
+    beyond
+        How many of them fall beyond it (``0 <= beyond < n``).
     confidence
         Probability, over reference samples, that the bound holds.
 
@@ -123,18 +128,24 @@ def ood_rate_bound(n: int, exceed: int, confidence: float = DEFAULT_CONFIDENCE) 
     The 99th percentile of 120 distances (one beyond it) states 1.65 %; its true rate lies
     anywhere from 0.1 % to 7 %:
 
-    >>> round(2 / 121, 4), round(ood_rate_bound(120, 1, 0.999), 4)
+    >>> round(2 / 121, 4), round(tail_rate_bound(120, 1, 0.999), 4)
     (0.0165, 0.0744)
-    >>> round(ood_rate_bound(10_000, 99, 0.999), 4)  # a large baseline pays little
+    >>> round(tail_rate_bound(10_000, 99, 0.999), 4)  # a large baseline pays little
     0.0134
+
+    A 5 % low-confidence cut on 200 scores (9 below it) states 5 %; the detector takes 11 %:
+
+    >>> round(10 / 201, 4), round(tail_rate_bound(200, 9, 0.999), 4)
+    (0.0498, 0.1095)
 
     References
     ----------
     H. A. David, H. N. Nagaraja, *Order Statistics*, 3rd ed., Wiley, 2003, §2.5 (coverages).
+    C. J. Clopper, E. S. Pearson, Biometrika 26, 1934.
     """
-    if not 0 <= exceed < n or not 0.0 < confidence < 1.0:
-        raise ValueError("need 0 <= exceed < n and 0 < confidence < 1")
-    return float(beta.isf(1.0 - confidence, exceed + 1, n - exceed))
+    if not 0 <= beyond < n or not 0.0 < confidence < 1.0:
+        raise ValueError("need 0 <= beyond < n and 0 < confidence < 1")
+    return float(beta.isf(1.0 - confidence, beyond + 1, n - beyond))
 
 
 def mix_bounds(counts: NDArray[np.integer], prior: NDArray[np.float64], alpha: float,
@@ -292,7 +303,7 @@ def build_baselines(
 
     ``clusters[i]`` and ``distances[i]`` (leave-one-out distance to the nearest other reference
     sample) describe reference sample ``i`` of ``stations[i]`` in ``shifts[i]``. ``confidence``
-    sets the detectors' bounds (:func:`mix_bounds`, :func:`ood_rate_bound`).
+    sets the detectors' bounds (:func:`mix_bounds`, :func:`tail_rate_bound`).
     """
     out: dict[str, Baseline] = {}
     for key, (parent, mask) in baseline_cells(stations, shifts, min_count=min_count).items():
@@ -305,7 +316,7 @@ def build_baselines(
                             tuple(float(x) for x in smoothed(counts, prior, alpha)),
                             t, rate, exceed, tuple(float(x) for x in lower),
                             tuple(float(x) for x in upper),
-                            ood_rate_bound(n, exceed, confidence))
+                            tail_rate_bound(n, exceed, confidence))
     return out
 
 

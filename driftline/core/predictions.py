@@ -16,6 +16,13 @@ When the reference events carry the model's predictions, each baseline of
   (exactly, without ties), and it is never 0. Tied scores (a model saturating at 1.0) make
   the rate lower than the level; the rate, not the level, is what the detector uses.
 
+Both are stated rates, point estimates from the baseline's reference sample (evidence, as the
+cluster mix and the OOD rate of :mod:`driftline.core.baselines` are), and the detectors judge
+against the same kind of bounds as those: per category, lower and upper bounds of the label mix
+(:func:`~driftline.core.baselines.mix_bounds`), and the upper bound of the low-confidence rate
+(:func:`~driftline.core.baselines.tail_rate_bound`, the OOD rate's argument mirrored), at the
+reference's bound confidence (:func:`prediction_bounds`).
+
 A baseline gets its own prediction statistics when it holds at least ``min_count`` reference
 events with a prediction (the global one: at least :data:`MIN_GLOBAL`); otherwise its events
 use the nearest ancestor's. The label distribution is smoothed toward the parent's (toward
@@ -29,6 +36,7 @@ two unseen labels would then make an alarm.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,7 +44,13 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from driftline.core.baselines import GLOBAL, smoothed
+from driftline.core.baselines import (
+    DEFAULT_CONFIDENCE,
+    GLOBAL,
+    mix_bounds,
+    smoothed,
+    tail_rate_bound,
+)
 
 # The global baseline's least number of predictions: at a 5 % cut, one reference score below it.
 MIN_GLOBAL = 20
@@ -86,9 +100,35 @@ def low_confidence_cut(scores: NDArray[np.floating], quantile: float) -> tuple[f
     return cut, (below + 1) / (len(scores) + 1), below
 
 
+def prediction_bounds(counts: NDArray[np.integer], prior: NDArray[np.float64], alpha: float,
+                      p: NDArray[np.float64], below: int,
+                      confidence: float = DEFAULT_CONFIDENCE,
+                      ) -> tuple[NDArray[np.float64], NDArray[np.float64], float]:
+    """What the prediction detectors judge a baseline against: the label mix's per-category
+    lower and upper bounds, and the low-confidence rate's upper bound, at ``confidence``.
+
+    The mix bounds are :func:`~driftline.core.baselines.mix_bounds` of the baseline's label
+    ``counts`` with the prior and ``alpha`` its stated mix ``p`` was smoothed with, widened to
+    hold ``p`` (whose *other* may have been raised to the global rate); the rate's is
+    :func:`~driftline.core.baselines.tail_rate_bound` of the ``below`` of ``sum(counts)``
+    scores under the cut.
+
+    >>> counts, prior = np.array([160, 36, 4]), np.full(3, 1 / 3)
+    >>> p = smoothed(counts, prior, 0.5)
+    >>> lower, upper, low = prediction_bounds(counts, prior, 0.5, p, 9)
+    >>> [round(float(x), 3) for x in (lower[0], p[0], upper[0])], round(low, 3)
+    ([0.684, 0.797, 0.889], 0.109)
+    """
+    lower, upper = mix_bounds(counts, prior, alpha, confidence)
+    return (np.minimum(lower, p), np.maximum(upper, p),
+            tail_rate_bound(int(np.sum(counts)), below, confidence))
+
+
 @dataclass(frozen=True)
 class PredictionBaseline:
-    """Expected prediction mix and low-confidence rate of one baseline.
+    """Expected prediction mix and low-confidence rate of one baseline: stated (``p``,
+    ``low_confidence_rate``; evidence) and the bounds the detectors judge against (``p_lower``,
+    ``p_upper``, ``low_confidence_rate_bound``; :func:`prediction_bounds`).
 
     ``parent`` is the nearest ancestor with its own prediction baseline (``None`` for global);
     ``counts``/``p`` are over the vocabulary's categories, *other* last.
@@ -102,12 +142,16 @@ class PredictionBaseline:
     low_confidence_cut: float
     low_confidence_rate: float
     low_confidence_count: int
+    p_lower: tuple[float, ...] = ()
+    p_upper: tuple[float, ...] = ()
+    low_confidence_rate_bound: float = math.nan
 
 
 def build_prediction_baselines(
     codes: NDArray[np.integer], scores: NDArray[np.floating],
     cells: Mapping[str, tuple[str | None, NDArray[np.bool_]]], n_categories: int, *,
     min_count: int = 200, alpha: float = 0.5, quantile: float = 0.05,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> dict[str, PredictionBaseline]:
     """Prediction baselines for the cluster baselines' ``cells``.
 
@@ -125,6 +169,8 @@ def build_prediction_baselines(
     min_count, alpha, quantile
         Fewest predictions for a station or station×shift baseline, smoothing pseudo-counts per
         category, and the low-confidence quantile level.
+    confidence
+        Of the bounds the detectors judge against (:func:`prediction_bounds`).
 
     Returns
     -------
@@ -139,6 +185,8 @@ def build_prediction_baselines(
     >>> b = build_prediction_baselines(codes, scores, cells, 3, quantile=0.1)["global"]
     >>> b.n, b.counts, [round(x, 3) for x in b.p], round(b.low_confidence_rate, 3)
     (40, (30, 10, 0), [0.735, 0.253, 0.012], 0.122)
+    >>> [round(x, 2) for x in b.p_upper], round(b.low_confidence_rate_bound, 2)  # 40 samples
+    ([0.94, 0.54, 0.2], 0.32)
     """
     has = np.asarray(codes) >= 0
     out: dict[str, PredictionBaseline] = {}
@@ -159,7 +207,10 @@ def build_prediction_baselines(
             p[:-1] *= (1.0 - root.p[-1]) / p[:-1].sum()
             p[-1] = root.p[-1]
         cut, rate, below = low_confidence_cut(np.asarray(scores, np.float64)[cell], quantile)
+        lower, upper, rate_bound = prediction_bounds(counts, prior, alpha, p, below, confidence)
         out[key] = PredictionBaseline(key, inherited, n, tuple(int(c) for c in counts),
-                                      tuple(float(x) for x in p), cut, rate, below)
+                                      tuple(float(x) for x in p), cut, rate, below,
+                                      tuple(float(x) for x in lower),
+                                      tuple(float(x) for x in upper), rate_bound)
         owner[key] = key
     return out

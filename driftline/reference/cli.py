@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 import typer
 from pydantic import ValidationError
 
-from driftline.core.baselines import DEFAULT_CONFIDENCE, ood_rate_bound
+from driftline.core.baselines import DEFAULT_CONFIDENCE, tail_rate_bound
 from driftline.reference.artifact import ReferenceError
 from driftline.schema import Event
 
@@ -246,7 +246,7 @@ def summary(m: dict[str, Any]) -> str:
     for key, item in b["items"].items():
         bound = item.get("ood_rate_bound")
         if bound is None and item.get("ood_exceed") is not None:  # built before the bounds:
-            bound = ood_rate_bound(item["n"], item["ood_exceed"], confidence)  # as detect does
+            bound = tail_rate_bound(item["n"], item["ood_exceed"], confidence)  # as detect does
         lines.append(f"  {key:<36} {item['n']:>6} {item['ood_threshold']:>9.4f} "
                      f"{_pct(item['ood_rate']):>8} {_pct(bound):>8}  {item['parent'] or '-'}")
     lines += _predictions(m.get("predictions"))

@@ -28,9 +28,9 @@ from driftline.core.arl import arl_discrete
 from driftline.core.baselines import (
     DEFAULT_CONFIDENCE,
     mix_bounds,
-    ood_rate_bound,
     ood_threshold,
     smoothed,
+    tail_rate_bound,
 )
 from driftline.core.bernoulli import OOD_ALTERNATIVES, bernoulli_table
 from driftline.core.budget import DAY, Budget
@@ -85,7 +85,7 @@ def test_ood_bound_covers_the_true_rate_at_its_confidence() -> None:
         t, stated, exceed = ood_threshold(rng.exponential(size=n), 0.99)
         u = math.exp(-t)
         true.append(u)
-        covered += u <= ood_rate_bound(n, exceed, confidence)
+        covered += u <= tail_rate_bound(n, exceed, confidence)
     assert exceed == 1 and stated == 2 / 121
     u_mean, u_sd = float(np.mean(true)), float(np.std(true))
     assert abs(u_mean - stated) <= Z * u_sd / math.sqrt(runs)  # the stated rate is the mean...
@@ -115,7 +115,7 @@ def test_ood_false_alarms_per_shift_at_the_fleet_budget() -> None:
     # it, states 2/121 = 1.65 %, and the true rate U is Beta(2, 119) over reference samples.
     n, k = 120, 1
     h = union_threshold(GAMMA, len(OOD_ALTERNATIVES))
-    stated, bound = (k + 1) / (n + 1), ood_rate_bound(n, k)
+    stated, bound = (k + 1) / (n + 1), tail_rate_bound(n, k)
     law = beta(k + 1, n - k)
 
     def mean_p_alarm(p0: float, lo: float) -> float:
@@ -142,7 +142,7 @@ def test_ood_false_alarms_simulated_with_true_rates_drawn_from_the_reference() -
     u = beta.ppf((np.arange(runs) + 0.5) / runs, k + 1, n - k)
     laws = np.stack([1 - u, u], axis=1)
     measured = {}
-    for name, p0 in (("stated", (k + 1) / (n + 1)), ("bound", ood_rate_bound(n, k))):
+    for name, p0 in (("stated", (k + 1) / (n + 1)), ("bound", tail_rate_bound(n, k))):
         res = simulate([bernoulli_model(p0, OOD_ALTERNATIVES)], [[h]], laws, n_runs=runs,
                        horizon=horizon, seed=3)[0]
         measured[name] = float((~res.censored[:, 0]).mean())
@@ -223,7 +223,7 @@ def _bounded_by_best_member(t: np.ndarray, members: list[tuple[float, float]], q
 def test_ood_rate_times_ten_is_still_detected_at_the_fleet_budget() -> None:
     n, k, runs = 120, 1, 300
     h = union_threshold(GAMMA, len(OOD_ALTERNATIVES))
-    stated, bound = (k + 1) / (n + 1), ood_rate_bound(n, k)
+    stated, bound = (k + 1) / (n + 1), tail_rate_bound(n, k)
     post = np.array([1 - 10 * stated, 10 * stated])
     before = _delays(bernoulli_model(stated, OOD_ALTERNATIVES), h, post, runs, 5_000, 5)
     after = _delays(bernoulli_model(bound, OOD_ALTERNATIVES), h, post, runs, 5_000, 5)

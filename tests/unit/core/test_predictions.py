@@ -1,5 +1,6 @@
 """Prediction baselines: bounded vocabulary, fallback to the parent, smoothing, the *other*
-floor, and a low-confidence rate that holds for fresh scores."""
+floor, a low-confidence rate that holds for fresh scores, and bounds that keep the prediction
+detectors' false-alarm promise on a small reference."""
 
 from __future__ import annotations
 
@@ -7,15 +8,26 @@ import math
 
 import numpy as np
 import pytest
+from scipy.stats import beta
 
-from driftline.core.baselines import baseline_cells, smoothed
+from driftline.core.baselines import (
+    DEFAULT_CONFIDENCE,
+    baseline_cells,
+    smoothed,
+    tail_rate_bound,
+)
+from driftline.core.bernoulli import CONFIDENCE_ALTERNATIVES
+from driftline.core.cusum import union_threshold
+from driftline.core.mix import DEFAULT_EPSILONS, DEFAULT_FRACTIONS
 from driftline.core.predictions import (
     MIN_GLOBAL,
     build_prediction_baselines,
     label_codes,
     label_vocabulary,
     low_confidence_cut,
+    prediction_bounds,
 )
+from driftline.core.simulate import bernoulli_model, mix_model, simulate
 
 
 def test_vocabulary_is_bounded_and_the_rest_is_other() -> None:
@@ -97,3 +109,74 @@ def test_tied_scores_state_the_rate_they_have() -> None:
     assert cut == 1.0 and below == 30 and rate == pytest.approx(31 / 1001)
     with pytest.raises(ValueError):
         low_confidence_cut(scores, 1.0)
+
+
+# -- the prediction detectors judge a small reference against its bounds -----------------------
+#
+# As tests/unit/core/test_baseline_bounds.py does for the cluster mix and the OOD rate, by
+# simulation at a small γ with the true law of each run drawn from what the reference allows:
+# whenever the bounds hold, P(alarm within L events) <= L/γ, so over the draws it is at most
+# L/γ + (1 - confidence). Tolerance: Z = 3 binomial standard errors, fixed seeds.
+
+Z = 3.0
+
+
+def _limit_and_se(horizon: int, gamma: float, runs: int) -> tuple[float, float]:
+    limit = horizon / gamma + (1 - DEFAULT_CONFIDENCE)
+    return limit, math.sqrt(limit * (1 - limit) / runs)
+
+
+def test_the_confidence_detector_keeps_the_budget_on_a_small_baseline() -> None:
+    # One 200-score global baseline, cut at 5 %: the true low-confidence rate U is
+    # Beta(k + 1, n - k) over reference samples (k scores below the cut); one run per stratum.
+    rng = np.random.default_rng(8)
+    n, runs, gamma, horizon = 200, 1000, 5e4, 5_000
+    b = build_prediction_baselines(np.zeros(n, np.int64), rng.random(n),
+                                   {"global": (None, np.ones(n, bool))}, 2)["global"]
+    k = b.low_confidence_count
+    assert b.low_confidence_rate_bound == tail_rate_bound(n, k) > b.low_confidence_rate
+    u = beta.ppf((np.arange(runs) + 0.5) / runs, k + 1, n - k)
+    h = union_threshold(gamma, len(CONFIDENCE_ALTERNATIVES))
+    measured = {}
+    for name, p0 in (("stated", b.low_confidence_rate), ("bound", b.low_confidence_rate_bound)):
+        res = simulate([bernoulli_model(p0, CONFIDENCE_ALTERNATIVES)], [[h]],
+                       np.stack([1 - u, u], axis=1), n_runs=runs, horizon=horizon, seed=3)[0]
+        measured[name] = float((~res.censored[:, 0]).mean())
+    limit, se = _limit_and_se(horizon, gamma, runs)
+    assert measured["bound"] <= limit + Z * se, measured  # 0 of 1000 measured
+    assert measured["stated"] > limit + Z * se, measured  # before: 0.171, the promise broken
+
+
+def test_the_prediction_mix_keeps_the_budget_on_a_small_baseline() -> None:
+    # A 200-prediction global baseline of four labels and *other* (never predicted); the true
+    # mix of each run drawn from the Dirichlet posterior whose mean is the stated p.
+    rng = np.random.default_rng(9)
+    n, runs, gamma, horizon, k = 200, 600, 3e4, 3_000, 5
+    codes = rng.choice(k, n, p=[0.8, 0.1, 0.06, 0.04, 0.0])
+    b = build_prediction_baselines(codes, rng.random(n), {"global": (None, np.ones(n, bool))},
+                                   k)["global"]
+    prior = np.full(k, 1 / k)
+    lower, upper, _ = prediction_bounds(np.array(b.counts), prior, 0.5, np.array(b.p),
+                                        b.low_confidence_count)
+    assert b.p_lower == tuple(lower) and b.p_upper == tuple(upper)
+    assert (lower < np.array(b.p)).all() and (np.array(b.p) < upper).all()
+    laws = rng.dirichlet(np.array(b.counts) + 0.5 * k * prior, size=runs)
+    h = union_threshold(gamma, k * (len(DEFAULT_EPSILONS) + len(DEFAULT_FRACTIONS)))
+    measured = {}
+    for name, judged in (("stated", np.array(b.p)), ("bound", np.stack([lower, upper]))):
+        res = simulate([mix_model([judged], DEFAULT_EPSILONS, DEFAULT_FRACTIONS)], [[h]], laws,
+                       n_runs=runs, horizon=horizon, seed=4)[0]
+        measured[name] = float((~res.censored[:, 0]).mean())
+    limit, se = _limit_and_se(horizon, gamma, runs)
+    assert measured["bound"] <= limit + Z * se, measured  # 0 of 600 measured
+    assert measured["stated"] > limit + Z * se, measured  # before: 0.54
+
+
+def test_prediction_bounds_hold_the_stated_mix_with_other_raised_to_the_global_rate() -> None:
+    # a station×shift that never predicted *other*: its p keeps the global rate of other, and
+    # its bounds hold p whatever the Beta quantiles of its own counts say
+    counts, prior = np.array([300, 0]), np.array([0.5, 0.5])
+    p = np.array([0.2, 0.8])  # as if raised far beyond what the counts allow
+    lower, upper, rate = prediction_bounds(counts, prior, 0.5, p, 14)
+    assert (lower <= p).all() and (p <= upper).all() and upper[1] == 0.8
+    assert rate == tail_rate_bound(300, 14)

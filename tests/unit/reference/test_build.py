@@ -241,7 +241,7 @@ def _write(path: Path, data: bytes) -> str:
 def test_baselines_carry_the_bounds_their_detectors_judge_against(
     built: tuple[Path, np.ndarray]
 ) -> None:
-    from driftline.core.baselines import DEFAULT_CONFIDENCE, mix_bounds, ood_rate_bound
+    from driftline.core.baselines import DEFAULT_CONFIDENCE, mix_bounds, tail_rate_bound
 
     section = load_reference(built[0]).manifest["baselines"]
     assert section["bound_confidence"] == DEFAULT_CONFIDENCE
@@ -253,7 +253,7 @@ def test_baselines_carry_the_bounds_their_detectors_judge_against(
         np.testing.assert_allclose(np.stack([lower, upper]),
                                    mix_bounds(np.array(b["counts"]), prior, 0.5))
         assert b["ood_rate"] == (b["ood_exceed"] + 1) / (b["n"] + 1)  # stated: evidence
-        assert b["ood_rate_bound"] == ood_rate_bound(b["n"], b["ood_exceed"]) > b["ood_rate"]
+        assert b["ood_rate_bound"] == tail_rate_bound(b["n"], b["ood_exceed"]) > b["ood_rate"]
 
 
 def test_detect_stage_reads_the_bounds_and_computes_them_for_older_references(
