@@ -126,13 +126,14 @@ def build_reference(
     ``k=None`` picks :func:`~driftline.core.baselines.choose_k`; ``min_count`` is the fewest
     samples a station or station×shift baseline needs, else it falls back to its parent;
     ``quantile`` sets each baseline's OOD threshold on leave-one-out distances;
-    ``bound_confidence`` the bounds of each baseline's cluster mix and OOD rate that the
-    detectors judge against (:mod:`driftline.core.baselines`). When events
-    carry predictions, each baseline also gets a prediction mix over the ``max_labels`` most
-    frequent labels plus *other*, and a low-confidence cut at ``confidence_quantile`` of its
-    scores (:mod:`driftline.core.predictions`). Where events carry labels, each cluster's
-    error rate is shrunk toward the overall one and the error-rate detector's reference rate is
-    the posterior's ``error_quantile`` (:mod:`driftline.core.error_rates`).
+    ``bound_confidence`` the bounds of each baseline's cluster mix, OOD rate, prediction mix
+    and low-confidence rate that the detectors judge against (:mod:`driftline.core.baselines`).
+    When events carry predictions, each baseline also gets a prediction mix over the
+    ``max_labels`` most frequent labels plus *other*, and a low-confidence cut at
+    ``confidence_quantile`` of its scores (:mod:`driftline.core.predictions`). Where events
+    carry labels, each cluster's error rate is shrunk toward the overall one and the error-rate
+    detector's reference rate is the posterior's ``error_quantile``
+    (:mod:`driftline.core.error_rates`).
     """
     if not 0.0 < bound_confidence < 1.0:
         raise ReferenceError(f"bound_confidence {bound_confidence} must lie strictly between 0 "
@@ -163,7 +164,8 @@ def build_reference(
                                 [e.shift for e in evs], k, min_count=min_count, alpha=alpha,
                                 quantile=quantile, confidence=bound_confidence)
     predictions = _prediction_baselines(evs, min_count=min_count, alpha=alpha,
-                                        max_labels=max_labels, quantile=confidence_quantile)
+                                        max_labels=max_labels, quantile=confidence_quantile,
+                                        confidence=bound_confidence)
     perf = performance(clusters, k, _errors(evs), np.array(
         [np.nan if e.loss is None else e.loss for e in evs]), alpha=aggressor_alpha,
         error_quantile=error_quantile)
@@ -214,7 +216,7 @@ def build_reference(
 
 
 def _prediction_baselines(evs: list[Event], *, min_count: int, alpha: float, max_labels: int,
-                          quantile: float) -> dict[str, Any] | None:
+                          quantile: float, confidence: float) -> dict[str, Any] | None:
     """The manifest's ``predictions`` section, or None when no reference event has one."""
     labels = [e.prediction.label if e.prediction else None for e in evs]
     if all(lb is None for lb in labels):
@@ -225,17 +227,24 @@ def _prediction_baselines(evs: list[Event], *, min_count: int, alpha: float, max
     cells = baseline_cells([e.station for e in evs], [e.shift for e in evs],
                            min_count=min_count)
     items = build_prediction_baselines(codes, scores, cells, len(vocab) + 1,
-                                       min_count=min_count, alpha=alpha, quantile=quantile)
+                                       min_count=min_count, alpha=alpha, quantile=quantile,
+                                       confidence=confidence)
     if not items:  # fewer than MIN_GLOBAL predictions in the whole reference
         return None
     return {"labels": list(vocab), "other": True, "max_labels": max_labels,
             "events": int((codes >= 0).sum()), "min_count": min_count, "alpha": alpha,
             "low_confidence_quantile": quantile,
             "low_confidence": "score < cut; rate (#{s < cut} + 1)/(n + 1)",
+            # p and low_confidence_rate are stated (evidence); p_lower/p_upper and
+            # low_confidence_rate_bound, at bound_confidence, what the detectors judge against
+            "bound_confidence": confidence,
             "items": {key: {"parent": b.parent, "n": b.n, "counts": list(b.counts),
-                            "p": list(b.p), "low_confidence_cut": b.low_confidence_cut,
+                            "p": list(b.p), "p_lower": list(b.p_lower),
+                            "p_upper": list(b.p_upper),
+                            "low_confidence_cut": b.low_confidence_cut,
                             "low_confidence_rate": b.low_confidence_rate,
-                            "low_confidence_count": b.low_confidence_count}
+                            "low_confidence_count": b.low_confidence_count,
+                            "low_confidence_rate_bound": b.low_confidence_rate_bound}
                       for key, b in items.items()}}
 
 

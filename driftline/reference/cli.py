@@ -249,7 +249,7 @@ def summary(m: dict[str, Any]) -> str:
             bound = tail_rate_bound(item["n"], item["ood_exceed"], confidence)  # as detect does
         lines.append(f"  {key:<36} {item['n']:>6} {item['ood_threshold']:>9.4f} "
                      f"{_pct(item['ood_rate']):>8} {_pct(bound):>8}  {item['parent'] or '-'}")
-    lines += _predictions(m.get("predictions"))
+    lines += _predictions(m.get("predictions"), confidence)
     lines += ["", f"performance: {perf['labelled']} labelled, error rate {_pct(perf['error_rate'])}"
                   f"; aggressors (alpha {perf['alpha']}): "
                   + (", ".join(f"cluster {c} ({'+'.join(a['reasons'])}, error "
@@ -264,7 +264,7 @@ def summary(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _predictions(section: dict[str, Any] | None) -> list[str]:
+def _predictions(section: dict[str, Any] | None, confidence: float) -> list[str]:
     """The prediction baselines: label mix and low-confidence cut per baseline."""
     if not section:
         return ["", "predictions: none in the reference (prediction-mix and confidence "
@@ -274,9 +274,15 @@ def _predictions(section: dict[str, Any] | None) -> list[str]:
                  f"(at most {section['max_labels']} + other); low confidence: score below the "
                  f"{section['low_confidence_quantile']:g} quantile (min {section['min_count']} "
                  f"predictions, alpha {section['alpha']}):",
-             f"  {'key':<36} {'n':>6} {'cut':>7} {'low':>6}  label mix  falls back to"]
+             f"  {'key':<36} {'n':>6} {'cut':>7} {'low':>6} {'detector':>8}  label mix  "
+             "falls back to"]
+    confidence = section.get("bound_confidence", confidence)
     for key, item in section["items"].items():
         mix = " ".join(f"{lb}={_pct(p)}" for lb, p in zip(labels, item["p"], strict=True))
+        bound = item.get("low_confidence_rate_bound")
+        if bound is None and item.get("low_confidence_count") is not None:  # as detect does
+            bound = tail_rate_bound(item["n"], item["low_confidence_count"], confidence)
         lines.append(f"  {key:<36} {item['n']:>6} {item['low_confidence_cut']:>7.4f} "
-                     f"{_pct(item['low_confidence_rate']):>6}  {mix}  {item['parent'] or '-'}")
+                     f"{_pct(item['low_confidence_rate']):>6} {_pct(bound):>8}  {mix}  "
+                     f"{item['parent'] or '-'}")
     return lines

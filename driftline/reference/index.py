@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -9,13 +10,15 @@ import faiss
 import numpy as np
 from numpy.typing import NDArray
 
-from driftline.core.baselines import resolve
+from driftline.core.baselines import DEFAULT_CONFIDENCE, resolve
+from driftline.core.predictions import prediction_bounds
 from driftline.reference.artifact import ReferenceError, read_artifact
 
 if TYPE_CHECKING:
     from driftline.consumers.embedder import EmbedderConfig
 
 F32 = NDArray[np.float32]
+log = logging.getLogger(__name__)
 
 
 class BaselineView(NamedTuple):
@@ -30,8 +33,10 @@ class BaselineView(NamedTuple):
 class PredictionView(NamedTuple):
     """What an event's predictions are judged against: the label mix ``p`` over ``labels``
     plus *other* (the last category), and the low-confidence cut (``score < cut``) with its
-    reference rate. ``key`` is the baseline that holds them (the event's own, or an ancestor's
-    when its own had too few predictions)."""
+    reference rate — the stated rates (evidence) — and what the detectors judge against:
+    ``bounds`` (``(2, K)`` lower, upper) and ``low_confidence_bound``
+    (:func:`~driftline.core.predictions.prediction_bounds`). ``key`` is the baseline that
+    holds them (the event's own, or an ancestor's when its own had too few predictions)."""
 
     key: str
     labels: tuple[str, ...]
@@ -39,6 +44,8 @@ class PredictionView(NamedTuple):
     p: NDArray[np.float64]
     low_confidence_cut: float
     low_confidence_rate: float
+    bounds: NDArray[np.float64]
+    low_confidence_bound: float
 
     def category(self, label: str) -> int:
         """The label's category: its index in ``labels``, else *other*."""
@@ -48,15 +55,25 @@ class PredictionView(NamedTuple):
 def prediction_views(manifest: dict[str, Any]) -> dict[str, PredictionView]:
     """Per cluster-baseline key, the prediction baseline its events use (its own, else its
     nearest ancestor's); empty for a reference without predictions (built before they were
-    recorded, or from events that carried none). Keys that share a view share its arrays."""
+    recorded, or from events that carried none). Keys that share a view share its arrays.
+
+    A reference built before the prediction detectors' bounds were recorded gets them computed
+    from its stored label counts and low-confidence count at its ``bound_confidence``, as the
+    detect stage does for cluster baselines (``driftline.runner.detector_baseline``); one
+    without those counts is judged against its stated rates, with a warning."""
     section = manifest.get("predictions")
     if not section:
         return {}
     labels = tuple(str(lb) for lb in section["labels"])
     codes = {lb: i for i, lb in enumerate(labels)}
+    confidence = float(section.get("bound_confidence", manifest["baselines"].get(
+        "bound_confidence", DEFAULT_CONFIDENCE)))
+    items = section["items"]
     own = {key: PredictionView(key, labels, codes, np.asarray(b["p"], np.float64),
-                               float(b["low_confidence_cut"]), float(b["low_confidence_rate"]))
-           for key, b in section["items"].items()}
+                               float(b["low_confidence_cut"]), float(b["low_confidence_rate"]),
+                               *_prediction_bounds(key, items, float(section.get("alpha", 0.5)),
+                                                   confidence))
+           for key, b in items.items()}
     parents = {key: b["parent"] for key, b in manifest["baselines"]["items"].items()}
     out = {}
     for key in parents:
@@ -66,6 +83,26 @@ def prediction_views(manifest: dict[str, Any]) -> dict[str, PredictionView]:
         if at is not None:
             out[key] = own[at]
     return out
+
+
+def _prediction_bounds(key: str, items: dict[str, Any], alpha: float, confidence: float
+                       ) -> tuple[NDArray[np.float64], float]:
+    """A prediction baseline's ``(bounds, low_confidence_bound)``: stored, else computed."""
+    b = items[key]
+    p = np.asarray(b["p"], np.float64)
+    if "p_lower" in b and "p_upper" in b and "low_confidence_rate_bound" in b:
+        return (np.array([b["p_lower"], b["p_upper"]], np.float64),
+                max(float(b["low_confidence_rate_bound"]), float(b["low_confidence_rate"])))
+    if b.get("counts") is None or b.get("low_confidence_count") is None:
+        log.warning("prediction baseline has no counts: its label mix and low-confidence rate "
+                    "are taken as exact", extra={"baseline": key})
+        return np.array([p, p]), float(b["low_confidence_rate"])
+    parent = b.get("parent")
+    prior = (np.asarray(items[parent]["p"], np.float64) if parent in items
+             else np.full(p.size, 1.0 / p.size))
+    lower, upper, rate = prediction_bounds(np.asarray(b["counts"], np.int64), prior, alpha, p,
+                                           int(b["low_confidence_count"]), confidence)
+    return np.array([lower, upper], np.float64), max(rate, float(b["low_confidence_rate"]))
 
 
 def unit_rows(x: NDArray[Any]) -> F32:

@@ -149,8 +149,9 @@ def test_a_new_label_vocabulary_restarts_only_the_prediction_mix(
     _feed(state, [_update(i, p) for i, p in enumerate(law(np.random.default_rng(5), 40))])
     pb = baselines.prediction(KEY)
     assert pb is not None
+    p = np.array([0.7, 0.2, 0.05, 0.05])
     wider = pb._replace(labels=("ok", "scrap", "dent"), codes={"ok": 0, "scrap": 1, "dent": 2},
-                        p=np.array([0.7, 0.2, 0.05, 0.05]))
+                        p=p, bounds=np.stack([p, p]))
     baselines._predictions = {KEY: wider}  # the reference was rebuilt with another label
     state.update(_update(40, ("dent", 0.9)))
     assert state.det.detectors["prediction_mix"].n == 1  # afresh, on four categories

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -127,3 +128,79 @@ def test_every_labelled_cluster_has_a_positive_error_reference(tmp_path: Path) -
         del c["performance"]["expected_error"], c["performance"]["error_p0"]
     assert expected_errors(legacy) == pytest.approx(new)
     assert ReferenceBaselines(ref).detectors[-1] == "error_rate"
+
+
+def _rewritten(built: Path, tmp_path: Path, edit: Any) -> Path:
+    """A copy of ``built`` whose manifest ``edit`` changed in place (a new content id)."""
+    out = tmp_path / "edited"
+    out.mkdir(parents=True)
+    for f in built.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    doc = json.loads((out / "manifest.json").read_text())
+    edit(doc)
+    doc["reference_id"] = content_id(doc)
+    (out / "manifest.json").write_text(json.dumps(doc))
+    return out
+
+
+def test_prediction_baselines_carry_the_bounds_their_detectors_judge_against(
+    built: Path
+) -> None:
+    from driftline.core.baselines import DEFAULT_CONFIDENCE, tail_rate_bound
+    from driftline.core.predictions import prediction_bounds
+
+    ref = load_reference(built)
+    section = ref.manifest["predictions"]
+    assert section["bound_confidence"] == DEFAULT_CONFIDENCE
+    items = section["items"]
+    for key, b in items.items():
+        p = np.array(b["p"])
+        prior = np.full(3, 1 / 3) if b["parent"] is None else np.array(items[b["parent"]]["p"])
+        lower, upper, rate = prediction_bounds(np.array(b["counts"]), prior, 0.5, p,
+                                               b["low_confidence_count"])
+        assert b["p_lower"] == lower.tolist() and b["p_upper"] == upper.tolist(), key
+        assert (lower < p).all() and (p < upper).all(), key
+        assert b["low_confidence_rate_bound"] == rate == tail_rate_bound(
+            b["n"], b["low_confidence_count"]) > b["low_confidence_rate"], key
+        view = ref.prediction_for(key)
+        assert view is not None
+        np.testing.assert_array_equal(view.bounds, np.stack([lower, upper]))
+        assert view.low_confidence_bound == rate
+    # the detect stage reads them once per baseline: one bounds array per view, by identity
+    adapter = ReferenceBaselines(ref)
+    night = adapter.prediction("station=s1|shift=night")
+    assert night is not None and night.bounds is adapter.prediction(
+        "station=s1|shift=night").bounds  # type: ignore[union-attr]
+
+
+def test_older_references_get_prediction_bounds_from_their_counts(
+    built: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fields = ("p_lower", "p_upper", "low_confidence_rate_bound")
+
+    def before_bounds(doc: dict[str, Any]) -> None:
+        del doc["predictions"]["bound_confidence"]
+        for b in doc["predictions"]["items"].values():
+            for field in fields:
+                del b[field]
+
+    new = ReferenceBaselines(load_reference(built))
+    old = ReferenceBaselines(load_reference(_rewritten(built, tmp_path, before_bounds)))
+    for key in load_reference(built).manifest["baselines"]["items"]:
+        a, b = new.prediction(key), old.prediction(key)
+        assert a is not None and b is not None
+        np.testing.assert_allclose(b.bounds, a.bounds, err_msg=key)
+        assert b.low_confidence_bound == pytest.approx(a.low_confidence_bound)
+        assert b.low_confidence_rate == a.low_confidence_rate  # stated: unchanged
+
+    def without_counts(doc: dict[str, Any]) -> None:
+        before_bounds(doc)
+        for b in doc["predictions"]["items"].values():
+            del b["counts"], b["low_confidence_count"]
+
+    bare = ReferenceBaselines(load_reference(_rewritten(
+        built, tmp_path / "bare", without_counts))).prediction("global")
+    assert bare is not None  # judged against its stated rates, not refused, with a warning
+    np.testing.assert_array_equal(bare.bounds, np.stack([bare.p, bare.p]))
+    assert bare.low_confidence_bound == bare.low_confidence_rate
+    assert "taken as exact" in caplog.text
