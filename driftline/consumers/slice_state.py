@@ -91,7 +91,8 @@ def is_late_label(upd: UpdateView) -> bool:
 
 class PredictionBaseline(Protocol):
     """A baseline's expected prediction mix over ``labels`` plus *other* (the last of ``p``)
-    and its low-confidence cut (``score < cut``) and rate (see
+    and its low-confidence cut (``score < cut``) and rate — stated — and the ``bounds`` and
+    ``low_confidence_bound`` the detectors judge against (see
     :class:`driftline.reference.index.PredictionView`)."""
 
     @property
@@ -102,6 +103,10 @@ class PredictionBaseline(Protocol):
     def low_confidence_cut(self) -> float: ...
     @property
     def low_confidence_rate(self) -> float: ...
+    @property
+    def bounds(self) -> np.ndarray: ...
+    @property
+    def low_confidence_bound(self) -> float: ...
 
     def category(self, label: str) -> int: ...
 
@@ -213,7 +218,8 @@ class SliceState:
                         cluster, p, upd.ood, b.ood_rate, t,
                         pb.category(pred.label), pb.p, pred.score < pb.low_confidence_cut,
                         pb.low_confidence_rate, baseline_bounds=b.bounds,
-                        ood_p0_bound=b.ood_bound)
+                        ood_p0_bound=b.ood_bound, prediction_bounds=pb.bounds,
+                        low_confidence_p0_bound=pb.low_confidence_bound)
             else:
                 alarms = self._update(upd, t, cluster=True, pb=pb)
             self.exemplars.add(upd.event_id, cluster, upd.distance, t, upd.ood,
@@ -272,7 +278,10 @@ class SliceState:
             prediction_baseline=None if pred is None or pb is None else pb.p,
             low_confidence=(None if pred is None or pb is None
                             else pred.score < pb.low_confidence_cut),
-            low_confidence_p0=None if pred is None or pb is None else pb.low_confidence_rate))
+            low_confidence_p0=None if pred is None or pb is None else pb.low_confidence_rate,
+            prediction_bounds=None if pred is None or pb is None else pb.bounds,
+            low_confidence_p0_bound=(None if pred is None or pb is None
+                                     else pb.low_confidence_bound)))
 
     def _on_alarm(self, alarm: dict[str, Any], t: float) -> dict[str, Any]:
         name = alarm["detector"]

@@ -33,8 +33,10 @@ class EventUpdate:
     compare against. ``baseline_bounds`` (``(2, K)`` lower/upper) and ``ood_p0_bound``, when
     given, are what the detectors judge against instead — the least favourable laws that the
     reference sample allows (:mod:`driftline.core.baselines`). ``prediction_baseline`` is the
-    reference mix of predicted labels; ``low_confidence_p0`` the quantile level defining "low
-    confidence"; ``expected_error`` the reference error rate of the event's cluster. ``time`` is
+    reference mix of predicted labels; ``low_confidence_p0`` the reference rate of "low
+    confidence"; ``prediction_bounds`` and ``low_confidence_p0_bound``, when given, their
+    bounds to judge against instead (:mod:`driftline.core.predictions`); ``expected_error``
+    the reference error rate of the event's cluster. ``time`` is
     event time in seconds (e.g. a POSIX timestamp). ``label_only``: a late label or loss for an
     event counted when it was embedded — it feeds the error detector and is not another event.
     """
@@ -53,6 +55,8 @@ class EventUpdate:
     label_only: bool = False
     baseline_bounds: FloatArray | None = None
     ood_p0_bound: float | None = None
+    prediction_bounds: FloatArray | None = None
+    low_confidence_p0_bound: float | None = None
 
 
 @dataclass(frozen=True)
@@ -146,11 +150,13 @@ class SliceDetectors:
         if u.prediction is not None and u.prediction_baseline is not None:
             det = self._get("prediction_mix", u.prediction_baseline.size)
             fed.append(("prediction_mix", det.alarm))
-            det.update(u.prediction, u.prediction_baseline, t)
+            det.update(u.prediction, u.prediction_baseline if u.prediction_bounds is None
+                       else u.prediction_bounds, t)
         if u.low_confidence is not None and u.low_confidence_p0 is not None:
             det = self._get("confidence")
             fed.append(("confidence", det.alarm))
-            det.update(u.low_confidence, u.low_confidence_p0, t)
+            det.update(u.low_confidence, u.low_confidence_p0 if u.low_confidence_p0_bound is None
+                       else u.low_confidence_p0_bound, t)
         if u.error is not None and u.expected_error is not None:
             det = self._get("error_rate")
             fed.append(("error_rate", det.alarm))
@@ -176,10 +182,12 @@ class SliceDetectors:
                 low_confidence: bool | None = None,
                 low_confidence_p0: float | None = None,
                 baseline_bounds: FloatArray | None = None,
-                ood_p0_bound: float | None = None) -> list[Alarm]:
+                ood_p0_bound: float | None = None,
+                prediction_bounds: FloatArray | None = None,
+                low_confidence_p0_bound: float | None = None) -> list[Alarm]:
         """The detect stage's common event, cluster and OOD flag, with its prediction's
         category and low-confidence flag if it has one: the same as ``update(EventUpdate(…))``
-        with these fields (``baseline_bounds`` and ``ood_p0_bound`` included), faster."""
+        with these fields (the bounds included), faster."""
         dets = self.detectors
         mix = dets.get("cluster_mix") or self._make("cluster_mix", baseline.size)
         rate = dets.get("ood_rate") or self._make("ood_rate")
@@ -193,12 +201,16 @@ class SliceDetectors:
             pmix = (dets.get("prediction_mix")
                     or self._make("prediction_mix", prediction_baseline.size))
             before = pmix.alarm
-            if pmix.update(prediction, prediction_baseline, time):  # type: ignore[attr-defined]
+            if pmix.update(  # type: ignore[attr-defined]
+                    prediction, prediction_baseline if prediction_bounds is None
+                    else prediction_bounds, time):
                 fired.append(("prediction_mix", before))
         if low_confidence is not None and low_confidence_p0 is not None:
             conf = dets.get("confidence") or self._make("confidence")
             before = conf.alarm
-            if conf.update(low_confidence, low_confidence_p0, time):  # type: ignore[attr-defined]
+            if conf.update(  # type: ignore[attr-defined]
+                    low_confidence, low_confidence_p0 if low_confidence_p0_bound is None
+                    else low_confidence_p0_bound, time):
                 fired.append(("confidence", before))
         counts = self.counts
         if counts is None:

@@ -89,7 +89,11 @@ def test_the_detect_stage_feeds_label_and_score_to_both_detectors(ref: Reference
             baseline_bounds=b.bounds, ood_p0_bound=b.ood_bound, time=(T0.timestamp() + 2 * i),
             prediction={"ok": 0, "scrap": 1}.get(label, 2), prediction_baseline=pb.p,
             low_confidence=score < pb.low_confidence_cut,
-            low_confidence_p0=pb.low_confidence_rate))
+            low_confidence_p0=pb.low_confidence_rate, prediction_bounds=pb.bounds,
+            low_confidence_p0_bound=pb.low_confidence_bound))
+    # the prediction detectors judge against the bounds, not the stated rates
+    assert pb.low_confidence_bound > pb.low_confidence_rate
+    assert (pb.bounds[0] < pb.p).all() and (pb.p < pb.bounds[1]).all()
     assert set(got.detectors) == {"cluster_mix", "ood_rate", "prediction_mix", "confidence"}
     assert plain(got.snapshot()) == plain(by_hand.snapshot())
     assert got.detectors["confidence"].n == got.detectors["prediction_mix"].n == 400

@@ -74,6 +74,30 @@ def test_optional_detectors_are_created_on_first_use() -> None:
     assert sd.detectors["ood_rate"].threshold == 3.0
 
 
+def test_prediction_detectors_judge_against_their_bounds_on_either_path() -> None:
+    bounds = np.stack([PRED * 0.8, PRED * 1.2])
+    events = [EventUpdate(cluster=e.cluster, baseline=P, ood=e.ood, ood_p0=0.01, time=e.time,
+                          prediction=e.prediction, prediction_baseline=PRED,
+                          low_confidence=e.low_confidence, low_confidence_p0=0.05,
+                          prediction_bounds=bounds, low_confidence_p0_bound=0.08)
+              for e in _events(600, 2, shift_at=300)]
+    slow, fast, exact = (SliceDetectors(arl0=1000.0) for _ in range(3))
+    for e in events:
+        assert e.cluster is not None and e.ood is not None and e.time is not None
+        assert e.prediction is not None and e.low_confidence is not None
+        got = fast.observe(e.cluster, P, e.ood, 0.01, e.time, e.prediction, PRED,
+                           e.low_confidence, 0.05, prediction_bounds=bounds,
+                           low_confidence_p0_bound=0.08)
+        assert slow.update(e) == got
+        exact.update(EventUpdate(cluster=e.cluster, baseline=P, ood=e.ood, ood_p0=0.01,
+                                 time=e.time, prediction=e.prediction, prediction_baseline=PRED,
+                                 low_confidence=e.low_confidence, low_confidence_p0=0.05))
+    assert pack(slow.snapshot()) == pack(fast.snapshot())
+    for name in ("prediction_mix", "confidence"):  # smaller steps: no higher statistics
+        judged, stated = (d.detectors[name].snapshot()["s"] for d in (slow, exact))
+        assert (judged <= stated + 1e-12).all() and (judged < stated - 1e-9).any(), name
+
+
 def test_detectors_judge_against_the_bounds_and_the_counts_against_the_stated_rates() -> None:
     bounds = np.stack([P * 0.5, np.minimum(P * 1.6, 1.0)])
     events = [EventUpdate(cluster=e.cluster, baseline=P, ood=e.ood, ood_p0=0.01, time=e.time,
