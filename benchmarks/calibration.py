@@ -24,8 +24,20 @@ budget (1 false incident per 30 days over 200 slices × 2 detectors at 2 events/
   (guaranteed ≤ 0.1 + 0.001). *Delay*: mass ε moved into one cluster (DESIGN §8), against a
   typical reference sample (each cluster at its expected count, ``n/16``), 200 runs at the
   fleet ``h``, horizon 20,000 events.
-* **Hot path**: µs per :meth:`SliceDetectors.observe` (one event: cluster mix + OOD) with and
-  without bounds, on bounds equal to the stated rates (the same alarms: overhead only).
+* **Error rate**: 16 clusters × 100 labelled reference events, true rates fixed (1 % in every
+  cluster — the pooled worst case — and 0.5–2 % with a 5 % and a 20 % cluster), the
+  reference's errors drawn (seed 11); each cluster's ``p0`` the posterior mean or a posterior
+  quantile (0.9 before, 0.999 now, and Bonferroni's 1 - 0.001/16). *P(false alarm per
+  shift)* at the fleet threshold: Brook–Evans per member on the 32 outcomes (cluster × error),
+  union over the 6 members, averaged over the reference law. *Simulated*: the same, one run
+  of one shift per sampled reference (1000; 300 with ``--quick``). *Delay*: every rate ×2 and
+  ×3 from the first event, 200 runs (100), horizon 40,000.
+* **Hot path**: µs per :meth:`SliceDetectors.observe` (one event with a prediction: cluster
+  mix, OOD, prediction mix, confidence) with and without bounds, on bounds equal to the
+  stated rates (the same alarms: overhead only). The prediction mix and confidence detectors
+  are the cluster mix's and the OOD rate's banks on other data, judged against the same kind of
+  bounds; their false alarms on a small baseline are checked in tests/unit/core/
+  test_predictions.py.
 
 Run ``python benchmarks/calibration.py [--quick]``; writes ``results/calibration.md``.
 """
@@ -48,9 +60,10 @@ from driftline.core.baselines import (
     smoothed,
     tail_rate_bound,
 )
-from driftline.core.bernoulli import OOD_ALTERNATIVES, bernoulli_table
+from driftline.core.bernoulli import ERROR_ALTERNATIVES, OOD_ALTERNATIVES, bernoulli_table
 from driftline.core.budget import DAY, Budget
 from driftline.core.cusum import union_threshold
+from driftline.core.error_rates import P0_QUANTILE, shrunk_error_rates
 from driftline.core.mix import DEFAULT_EPSILONS, DEFAULT_FRACTIONS, mix_tables
 from driftline.core.simulate import bernoulli_model, mix_model, simulate
 from driftline.core.slices import SliceDetectors
@@ -186,24 +199,135 @@ def mix_rows(runs: int) -> list[str]:
     return rows
 
 
+# The error-rate detector: 16 clusters × 100 labelled reference events each, true rates fixed
+# (the reference sample is what varies); each cluster's p0 is a posterior summary of the
+# empirical-Bayes model of driftline.core.error_rates.
+ERROR_LABELLED = 100
+ERROR_SETTINGS = (
+    ("1 % in every cluster", np.full(K, 0.01)),
+    ("0.5–2 %, one 5 %, one aggressor 20 %",
+     np.concatenate([np.linspace(0.005, 0.02, K - 2), [0.05, 0.20]])),
+)
+ERROR_P0S: tuple[tuple[str, float | None], ...] = (
+    ("posterior mean", None), ("0.9 quantile", 0.9), ("0.99 quantile", 0.99),
+    ("0.999 quantile", 0.999), (f"{1 - (1 - DEFAULT_CONFIDENCE) / K:.5f} (0.999 over 16)",
+                                1 - (1 - DEFAULT_CONFIDENCE) / K))
+
+
+def error_p0(errors: np.ndarray, quantile: float | None) -> np.ndarray:
+    """Per cluster, the error detector's p0 from one reference sample of ``errors``."""
+    r = shrunk_error_rates(errors, np.full(K, float(ERROR_LABELLED)),
+                           quantile=0.9 if quantile is None else quantile)
+    assert r is not None  # noqa: S101 - labelled events exist
+    return r.expected if quantile is None else r.p0
+
+
+def error_tables(p0: np.ndarray) -> np.ndarray:
+    """``(R, K, 2, M)`` increments of the error bank for each reference's per-cluster p0."""
+    return np.stack([[bernoulli_table(float(p), ERROR_ALTERNATIVES) for p in row] for row in p0])
+
+
+def error_first_alarms(tables: np.ndarray, q: np.ndarray, h: float, horizon: int,
+                       seed: int) -> np.ndarray:
+    """Events to the bank's first alarm (0: none within ``horizon``), one run per reference:
+    labelled events from the clusters alike, an error with the cluster's true rate ``q``.
+    The detector's increments (its tables), vectorised over runs."""
+    rng = np.random.default_rng(seed)
+    runs = tables.shape[0]
+    at = np.arange(runs)
+    s = np.zeros((runs, tables.shape[3]))
+    first = np.zeros(runs, np.int64)
+    for t in range(horizon):
+        c = rng.integers(K, size=runs)
+        x = (rng.random(runs) < q[c]).astype(np.int64)
+        s = np.maximum(s + tables[at, c, x], 0.0)
+        first[(first == 0) & (s >= h).any(axis=1)] = t + 1
+        if first.all():
+            break
+    return first
+
+
+def error_p_alarm(table: np.ndarray, q: np.ndarray, h: float, horizon: int) -> float:
+    """Union bound on P(alarm within ``horizon``) of one reference's bank (Brook–Evans)."""
+    probs = np.stack([(1 - q) / K, q / K], axis=1).ravel()
+    total = 0.0
+    for m in range(table.shape[2]):
+        values = table[:, :, m].ravel()
+        if float(values @ probs) < -0.02 * float(np.abs(values).max()):
+            continue
+        arl = arl_discrete(values.tolist(), probs.tolist(), h, cells=600)
+        total += -math.expm1(-horizon / arl) if math.isfinite(arl) and arl > 0 else 0.0
+    return min(total, 1.0)
+
+
+def error_theory(q: np.ndarray, quantile: float | None, errors: np.ndarray, h: float) -> float:
+    """E[P(false alarm in a shift)] over reference samples at the fleet threshold. With one
+    rate everywhere, a sum over the reference's total errors (spread evenly over the clusters:
+    the pooled case, where every p0 follows the total); otherwise a mean over ``errors``."""
+    if np.ptp(q) == 0:
+        n = K * ERROR_LABELLED
+        total = 0.0
+        for x in range(int(n * q[0] + 10 * math.sqrt(n * q[0])) + 1):
+            per = np.full(K, x // K, np.float64)
+            per[: x % K] += 1
+            table = error_tables(error_p0(per, quantile)[None])[0]
+            total += float(binom.pmf(x, n, q[0])) * error_p_alarm(table, q, h, SHIFT)
+        return total
+    tables = error_tables(np.stack([error_p0(x.astype(np.float64), quantile) for x in errors]))
+    return float(np.mean([error_p_alarm(t, q, h, SHIFT) for t in tables]))
+
+
+def error_rows(refs: int, theory_refs: int, delay_runs: int) -> list[str]:
+    h = union_threshold(GAMMA, len(ERROR_ALTERNATIVES))
+    rows = []
+    for label, q in ERROR_SETTINGS:
+        errors = np.random.default_rng(11).binomial(ERROR_LABELLED, q, size=(refs, K))
+        for name, quantile in ERROR_P0S:
+            p0 = np.stack([error_p0(x.astype(np.float64), quantile) for x in errors])
+            tables = error_tables(p0)
+            theory = error_theory(q, quantile, errors[:theory_refs], h)
+            alarms = int((error_first_alarms(tables, q, h, SHIFT, seed=12) > 0).sum())
+            below = float((p0 < q).any(axis=1).mean())
+            delays = []
+            for factor in (2.0, 3.0):
+                first = error_first_alarms(tables[:delay_runs], factor * q, h, 40_000, seed=13)
+                t = first[first > 0].astype(np.float64)
+                cens = int((first == 0).sum())
+                delays.append("none within 40,000" if t.size < 2 else
+                              f"{t.mean():.0f} ± {t.std(ddof=1) / math.sqrt(t.size):.0f}"
+                              + (f" ({cens} censored)" if cens else ""))
+            before = (" (before)" if quantile == 0.9 else
+                      " (now: `P0_QUANTILE`)" if quantile == P0_QUANTILE else "")
+            rows.append(f"| {label} | {name}{before} | {100 * float(np.median(p0[:, 0])):.2f} %"
+                        f" | {below:.3f} | {theory:.2g} | {alarms} of {refs} | "
+                        + " | ".join(delays) + " |")
+    return rows
+
+
 def hot_path(events: int, repeats: int) -> tuple[float, float]:
+    """µs per event of ``observe`` for an event with a prediction (all four detectors), stated
+    rates vs bounds equal to them (the same alarms: the overhead only)."""
     rng = np.random.default_rng(7)
     p = rng.dirichlet(np.full(K, 3.0))
-    bounds = np.stack([p, p])
+    pred = np.array([0.8, 0.12, 0.05, 0.03])
+    bounds, pred_bounds = np.stack([p, p]), np.stack([pred, pred])
     clusters = rng.choice(K, events, p=p).tolist()
     flags = (rng.random(events) < 0.01).tolist()
+    labels = rng.choice(pred.size, events, p=pred).tolist()
+    low = (rng.random(events) < 0.05).tolist()
     best = {"stated": math.inf, "bounds": math.inf}
     for _ in range(repeats):
         for name in best:
             det = SliceDetectors(arl0=GAMMA)
             with_bounds = name == "bounds"
             t = time.process_time()
-            for i, (c, x) in enumerate(zip(clusters, flags, strict=True)):
+            for i, (c, x, lb, lo) in enumerate(zip(clusters, flags, labels, low, strict=True)):
                 if with_bounds:
-                    det.observe(c, p, x, 0.01, float(i), baseline_bounds=bounds,
-                                ood_p0_bound=0.01)
+                    det.observe(c, p, x, 0.01, float(i), lb, pred, lo, 0.05,
+                                baseline_bounds=bounds, ood_p0_bound=0.01,
+                                prediction_bounds=pred_bounds, low_confidence_p0_bound=0.05)
                 else:
-                    det.observe(c, p, x, 0.01, float(i))
+                    det.observe(c, p, x, 0.01, float(i), lb, pred, lo, 0.05)
             best[name] = min(best[name], (time.process_time() - t) / events * 1e6)
     return best["stated"], best["bounds"]
 
@@ -216,6 +340,8 @@ def main() -> None:
     started = time.time()
     ood = ood_rows(300 if args.quick else 1000)
     mix = mix_rows(200 if args.quick else 600)
+    error = error_rows(300 if args.quick else 1000, 100 if args.quick else 300,
+                       100 if args.quick else 200)
     stated_us, bounds_us = hot_path(20_000 if args.quick else 100_000, 3 if args.quick else 7)
     budget = SHIFT / GAMMA
     text = "\n".join([
@@ -251,9 +377,27 @@ def main() -> None:
         "detector false-alarms within a shift (P ≈ 1 for the mix at n ≤ 1000), so its "
         "'delay' there is partly that.",
         "",
+        "## Error rate (16 clusters × 100 labelled reference events; p0 per cluster)",
+        "",
+        "Each cluster's p0 is a summary of its empirical-Bayes posterior "
+        "(`driftline.core.error_rates`); true rates fixed, the reference's errors drawn. "
+        "*P(FA/shift)*: labelled events in one shift (57,600: every event labelled) at the "
+        "fleet threshold, Brook–Evans union over the 6 members, over the reference law (one "
+        "rate everywhere: a sum over the reference's total errors; otherwise a mean over "
+        "sampled references). *Simulated*: one run per sampled reference over the same "
+        "period at the same threshold (the s.e. of a count k of R is about √k/R). *Delay*: "
+        "every cluster's rate ×2 or ×3 from the first event, mean ± s.e. of the runs that "
+        "alarm within 40,000 labelled events.",
+        "",
+        "| true rates | p0 | cluster 0's p0 (median) | P(some cluster's p0 < its rate) "
+        "| P(FA/shift) | sim. false alarms in a shift | delay ×2 | delay ×3 |",
+        "|---|---|---|---|---|---|---|---|",
+        *error,
+        "",
         "## Hot path",
         "",
-        f"`SliceDetectors.observe` (cluster mix K=16 + OOD), best of repeats: {stated_us:.2f} "
+        "`SliceDetectors.observe` for an event with a prediction (cluster mix K=16, OOD, "
+        f"prediction mix over 4 categories, confidence), best of repeats: {stated_us:.2f} "
         f"µs/event with stated rates only, {bounds_us:.2f} µs/event with bounds (same values: "
         "overhead only). The bounds are one more array per baseline; the increment tables are "
         "cached per baseline as before.",

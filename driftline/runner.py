@@ -39,7 +39,7 @@ from driftline.core.baselines import (
     tail_rate_bound,
 )
 from driftline.core.budget import DAY, Budget
-from driftline.core.error_rates import shrunk_error_rates
+from driftline.core.error_rates import P0_QUANTILE, shrunk_error_rates
 from driftline.core.slices import SliceDetectors
 from driftline.metrics import ConsumerMetrics, DetectMetrics, EmbedMetrics
 from driftline.reference.index import PredictionView, Reference, load_reference, prediction_views
@@ -124,7 +124,15 @@ def detector_baseline(key: str, items: dict[str, Any], section: dict[str, Any]
 def expected_errors(manifest: dict[str, Any]) -> dict[int, float]:
     """Per cluster, the reference rate the error-rate detector judges labelled events against:
     the build's ``error_p0``; for a reference built before it was recorded, the same posterior
-    quantile of its per-cluster counts (its raw ``error_rate`` of 0 made every error an alarm)."""
+    quantile of its per-cluster counts (its raw ``error_rate`` of 0 made every error an alarm).
+    A reference built at a lower quantile (the 0.9 default before) keeps it, with a warning:
+    its detector alarms more often than the budget says (``driftline.core.error_rates``)."""
+    prior = (manifest.get("performance") or {}).get("error_prior") or {}
+    if prior.get("p0_quantile", P0_QUANTILE) < P0_QUANTILE:
+        log.warning("reference's error-rate p0 is a lower posterior quantile than the default: "
+                    "the error-rate detector may exceed the false-alarm budget; rebuild the "
+                    "reference to judge against the default",
+                    extra={"p0_quantile": prior["p0_quantile"], "default": P0_QUANTILE})
     # the per-cluster rows live with each cluster (the top-level "performance" has none: read
     # from there, as before, no cluster had an error reference and the detector never ran)
     clusters = (manifest.get("clusters") or {}).get("items") or []

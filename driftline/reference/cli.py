@@ -12,6 +12,7 @@ import typer
 from pydantic import ValidationError
 
 from driftline.core.baselines import DEFAULT_CONFIDENCE, tail_rate_bound
+from driftline.core.error_rates import P0_QUANTILE
 from driftline.reference.artifact import ReferenceError
 from driftline.schema import Event
 
@@ -112,10 +113,11 @@ def build(
         help="Low confidence: a score below this quantile of the baseline's scores")] = 0.05,
     error_quantile: Annotated[float, typer.Option(
         help="Error-rate detector's reference rate: this quantile of each cluster's "
-             "posterior error rate")] = 0.9,
+             "posterior error rate")] = P0_QUANTILE,
     bound_confidence: Annotated[float, typer.Option(
-        help="Probability that the bounds of each baseline's cluster mix and OOD rate, which "
-             "the detectors judge against, hold for the reference sample drawn")
+        help="Probability that the bounds of each baseline's cluster mix, OOD rate, prediction "
+             "mix and low-confidence rate, which the detectors judge against, hold for the "
+             "reference sample drawn")
     ] = DEFAULT_CONFIDENCE,
     exclude_window: Annotated[float | None, typer.Option(
         help="Seconds: leave out same-station neighbours this close in time (video)")] = None,

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from driftline.core.error_rates import P0_QUANTILE
 from driftline.reference import build_reference, load_reference
 from driftline.reference.artifact import content_id
 from driftline.reference.cli import summary
@@ -119,7 +120,7 @@ def test_every_labelled_cluster_has_a_positive_error_reference(tmp_path: Path) -
     rows = [c["performance"] for c in ref.manifest["clusters"]["items"]]
     assert all(0 < r["expected_error"] < r["error_p0"] < 1 for r in rows)
     prior = ref.manifest["performance"]["error_prior"]
-    assert prior["p0_quantile"] == 0.9 and prior["strength"] >= 2 / prior["rate"]
+    assert prior["p0_quantile"] == P0_QUANTILE and prior["strength"] >= 2 / prior["rate"]
     new = expected_errors(ref.manifest)
     assert new == {r["cluster"]: r["error_p0"] for r in rows}
     assert ReferenceBaselines(ref).expected_error(5) == rows[5]["error_p0"]
