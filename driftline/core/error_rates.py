@@ -46,16 +46,17 @@ There the 0.999 quantile makes the whole bank hold with probability 0.999, as a 
 bounds do; Bonferroni over the clusters (1 - 0.001/16) is not needed. Measured
 (``benchmarks/calibration.py``, 16 clusters × 100 labelled events at 1 %, the fleet budget's
 threshold, P(false alarm in 57,600 labelled events) over the reference law, budget 2.8e-5):
-posterior mean 0.15, 0.9 quantile (the earlier default) 0.017 — 600 times the budget, 3 of 300
-simulated references alarmed within one such period —, 0.99 quantile 1.0e-3, 0.999 quantile
-8e-5 (2.9 times the budget, the order the OOD detector keeps on 120 samples), 0.99994 5e-6. The
-price is delay: a tripled error rate takes 9,300 labelled events instead of 3,500, a doubled one
-is mostly not seen within 40,000 (the reference's 0.999 bound of a 1 % rate known from 16
-errors is 2.1 %). Clusters that err unlike each other are shrunk less, so each ``p0`` is wider
-and the bank more conservative than it needs to be (0.5–2 % with a 5 % and a 20 % cluster:
-no false alarm at 0.9 already, and a tripled rate takes 14,000 events instead of 1,300): a
-bound on the pooled rate, not on each cluster's, would recover that; ``--error-quantile``
-lowers it per reference.
+posterior mean 0.15, 0.9 quantile (the earlier default) 0.017 — 600 times the budget, 4 of
+1,000 simulated references alarmed within one such period —, 0.99 quantile 1.0e-3, 0.999
+quantile 8e-5 (2.9 times the budget, the order the OOD detector keeps on 120 samples; 0 of
+1,000), 0.99994 5e-6. The price is delay: a tripled error rate takes about 9,700 labelled
+events instead of 3,700, a doubled one is mostly not seen within 40,000 (the reference's 0.999
+bound of a 1 % rate known from 16 errors is 2.1 %). Clusters that err unlike each other are
+shrunk less, so each ``p0`` is wider and the bank more conservative than it needs to be
+(0.5–2 % with a 5 % and a 20 % cluster: no false alarm at 0.9 already; a tripled rate is seen
+in 1,250 events at 0.9, and at 0.999 within 40,000 in only a quarter of runs): a bound on the
+pooled rate, not on each cluster's, would recover that; ``--error-quantile`` lowers it per
+reference.
 """
 
 from __future__ import annotations
