@@ -23,11 +23,19 @@ Layout (one ring of at most ``max_buckets`` rows per slice; a detect worker hold
 Rows are allocated as buckets fill (a fresh slice holds one). When the ring is full the oldest
 bucket is folded into running totals and ``Counts.truncated`` tells a reader that asked for
 time before it.
+
+**Tallies.** The ring answers "since the onset's bucket, within the last ``max_buckets``": a
+bucket holds events from before the onset too, and an alarm open longer than the ring loses its
+start. While an alarm is open its slice keeps a *tally* (:meth:`SliceCounts.start_tally`): one
+more row in the same layout (int64, so that it does not overflow however long the alarm), seeded
+when the alarm is raised and then counting every event exactly until :meth:`stop_tally`. Each
+event costs a few scalar increments per open tally, nothing when none is open.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,7 +76,8 @@ class SliceCounts:
     """
 
     __slots__ = ("n_clusters", "bucket_seconds", "max_buckets", "_used", "_keys", "_cnt", "_ps",
-                 "_p0s", "_kp", "_k0", "_exp", "_last", "_dropped", "_dropped_until")
+                 "_p0s", "_kp", "_k0", "_exp", "_last", "_dropped", "_dropped_until",
+                 "_tnames", "_ttrunc", "_tcnt", "_tkp", "_tk0", "_texp")
 
     def __init__(self, n_clusters: int, bucket_seconds: float = 300.0, max_buckets: int = 48):
         if bucket_seconds <= 0.0 or max_buckets < 1 or n_clusters < 1:
@@ -89,6 +98,14 @@ class SliceCounts:
         # [n, n_ood, ood_hits, clusters[0..K), expected[0..K), ood_expected]
         self._dropped: FloatArray | None = None
         self._dropped_until: int | None = None
+        # open tallies (rows of the same layout as the ring's, int64), by name
+        self._tnames: list[str] = []
+        self._ttrunc: list[bool] = []
+        # rows as Python ints (unbounded, and a scalar increment costs a third of numpy's)
+        self._tcnt: list[list[int]] = []
+        self._tkp: list[list[int]] = []
+        self._tk0: list[list[int]] = []
+        self._texp: list[FloatArray] | None = None  # dense rows, as the ring's
 
     # -- rows -------------------------------------------------------------------------------
     def _resize(self, rows: int) -> None:
@@ -171,6 +188,8 @@ class SliceCounts:
             return 0
         self._ps.append(p)
         self._kp = np.hstack([self._kp, np.zeros((self._kp.shape[0], 1), np.int32)])
+        for r in self._tkp:
+            r.append(0)
         return len(self._ps) - 1
 
     def _column_0(self, p0: float) -> int:
@@ -181,6 +200,8 @@ class SliceCounts:
             return 0
         self._p0s.append(float(p0))
         self._k0 = np.hstack([self._k0, np.zeros((self._k0.shape[0], 1), np.int32)])
+        for r in self._tk0:
+            r.append(0)
         return len(self._p0s) - 1
 
     def _too_many_columns(self) -> bool:
@@ -197,7 +218,10 @@ class SliceCounts:
             exp[r] = self._totals([r])[3 + k :]
         self._kp = self._kp.sum(axis=1, keepdims=True, dtype=np.int32)
         self._k0 = self._k0.sum(axis=1, keepdims=True, dtype=np.int32)
-        self._exp, self._ps, self._p0s = exp, [], []
+        texp = [self._tally_expected(i) for i in range(len(self._tnames))]
+        self._tkp = [[sum(r)] for r in self._tkp]
+        self._tk0 = [[sum(r)] for r in self._tk0]
+        self._exp, self._texp, self._ps, self._p0s = exp, texp, [], []
 
     # -- updates ----------------------------------------------------------------------------
     def update(
@@ -216,29 +240,39 @@ class SliceCounts:
             row = self._row(key)
         if row < 0:  # older than every bucket of a full ring: straight to the dropped totals
             self._add_dropped(self._event_totals(cluster, baseline, ood, ood_p0), key)
+            if self._tnames:
+                self.tally_event(cluster, baseline, ood=ood, ood_p0=ood_p0)
             return
         exp = self._exp
+        cp = c0 = -1  # the event's columns (-1: no such part)
         if cluster is not None and baseline is not None:
             self._cnt[row, _HITS + cluster] += 1
             if exp is None:
-                col = self._column_p(baseline)  # first: a new column replaces the array
+                cp = self._column_p(baseline)  # first: a new column replaces the array
                 exp = self._exp
             if exp is None:
-                self._kp[row, col] += 1
+                self._kp[row, cp] += 1
             else:
+                cp = 0
                 self._kp[row, 0] += 1
                 exp[row, : self.n_clusters] += baseline
         if ood is not None and ood_p0 is not None:
             if ood:
                 self._cnt[row, 0] += 1
             if exp is None:
-                col = self._column_0(ood_p0)
+                c0 = self._column_0(ood_p0)
                 exp = self._exp
             if exp is None:
-                self._k0[row, col] += 1
+                self._k0[row, c0] += 1
             else:
+                c0 = 0
                 self._k0[row, 0] += 1
                 exp[row, self.n_clusters] += ood_p0
+        if self._tnames:  # an alarm is open: its tally counts the event too, same columns
+            if exp is not None and cp > 0:  # the ring turned dense at the OOD column
+                cp = 0
+            self._tally_add(range(len(self._tnames)), cluster, cp, baseline, bool(ood), c0,
+                            ood_p0)
 
     def _event_totals(self, cluster: int | None, baseline: FloatArray | None,
                       ood: bool | None, ood_p0: float | None) -> FloatArray:
@@ -253,6 +287,99 @@ class SliceCounts:
             out[2] += bool(ood)
             out[-1] += ood_p0
         return out
+
+    # -- tallies ----------------------------------------------------------------------------
+    @property
+    def tallies(self) -> tuple[str, ...]:
+        """Names of the open tallies."""
+        return tuple(self._tnames)
+
+    def start_tally(self, name: str, after: float | None) -> None:
+        """Open tally ``name`` (restarting one of that name), seeded with the whole buckets
+        *after* ``after``'s bucket (every bucket held: ``None``); from now on every event
+        :meth:`update` counts is added to it. Its ``truncated`` is set if the ring had already
+        dropped buckets the seed should hold."""
+        self.stop_tally(name)
+        used = self._used
+        first = None if after is None else math.floor(after / self.bucket_seconds) + 1
+        rows = (np.arange(used) if first is None
+                else np.flatnonzero(self._keys[:used] >= first))
+        self._tcnt.append(self._cnt[rows].sum(axis=0, dtype=np.int64).tolist())
+        self._tkp.append(self._kp[rows].sum(axis=0, dtype=np.int64).tolist())
+        self._tk0.append(self._k0[rows].sum(axis=0, dtype=np.int64).tolist())
+        if self._exp is not None:
+            exp = np.zeros(self.n_clusters + 1)
+            for r in sorted(rows.tolist(), key=lambda r: int(self._keys[r])):  # time order
+                exp += self._exp[r]
+            self._texp = [*(self._texp or []), exp]
+        self._tnames.append(name)
+        self._ttrunc.append(self._dropped_until is not None and (
+            first is None or first <= self._dropped_until))
+
+    def tally_event(self, cluster: int | None, baseline: FloatArray | None, *,
+                    ood: bool | None, ood_p0: float | None, name: str | None = None) -> None:
+        """Add one event to tally ``name`` (every open tally: ``None``), as :meth:`update`
+        adds it to a bucket, without counting it in the ring."""
+        cp = c0 = -1
+        if cluster is not None and baseline is not None:
+            cp = 0 if self._exp is not None else self._column_p(baseline)  # may turn dense
+        if ood is not None and ood_p0 is not None:
+            c0 = 0 if self._exp is not None else self._column_0(ood_p0)
+        if cp >= 0 and self._exp is not None:  # the ring turned dense at the OOD column
+            cp = 0
+        self._tally_add(range(len(self._tnames)) if name is None
+                        else (self._tnames.index(name),), cluster, cp, baseline, bool(ood), c0,
+                        ood_p0)
+
+    def _tally_add(self, tallies: Iterable[int], cluster: int | None, cp: int,
+                   baseline: FloatArray | None, ood: bool, c0: int,
+                   ood_p0: float | None) -> None:
+        """The per-event step: a few integer increments per open tally (``cp``/``c0``: the
+        event's columns, -1 for a part it does not have)."""
+        texp, k = self._texp, self.n_clusters
+        for i in tallies:
+            cnt = self._tcnt[i]
+            if cp >= 0:
+                cnt[_HITS + cluster] += 1  # type: ignore[operator]
+                self._tkp[i][cp] += 1
+                if texp is not None:
+                    texp[i][:k] += baseline  # type: ignore[arg-type]
+            if c0 >= 0:
+                cnt[0] += ood
+                self._tk0[i][c0] += 1
+                if texp is not None:
+                    texp[i][k] += ood_p0
+
+    def _tally_expected(self, i: int) -> FloatArray:
+        """``[expected[0..K), ood_expected]`` of tally ``i``."""
+        out: FloatArray
+        if self._texp is not None:
+            out = self._texp[i].copy()
+            return out
+        out = np.zeros(self.n_clusters + 1)
+        for n, p in zip(self._tkp[i], self._ps, strict=True):
+            out[: self.n_clusters] += n * p
+        out[-1] = math.fsum(n * p0 for n, p0 in zip(self._tk0[i], self._p0s, strict=True))
+        return out
+
+    def tally(self, name: str) -> Counts | None:
+        """The counts of tally ``name``; ``None`` if it is not open."""
+        if name not in self._tnames:
+            return None
+        i = self._tnames.index(name)
+        exp, cnt = self._tally_expected(i), self._tcnt[i]
+        return Counts(n=sum(self._tkp[i]), clusters=cnt[_HITS:],
+                      expected=exp[: self.n_clusters].tolist(), n_ood=sum(self._tk0[i]),
+                      ood=cnt[0], ood_expected=float(exp[-1]), truncated=self._ttrunc[i])
+
+    def stop_tally(self, name: str) -> None:
+        """Close tally ``name`` (nothing if it is not open)."""
+        if name not in self._tnames:
+            return
+        i = self._tnames.index(name)
+        del self._tnames[i], self._ttrunc[i], self._tcnt[i], self._tkp[i], self._tk0[i]
+        if self._texp is not None:
+            del self._texp[i]
 
     # -- reading ----------------------------------------------------------------------------
     def bucket_keys(self) -> list[int]:
@@ -363,6 +490,13 @@ class SliceCounts:
             "expected": None if self._exp is None else self._exp[:u].copy(),
             "dropped": None if self._dropped is None else self._dropped.copy(),
             "dropped_until": self._dropped_until,
+            "tallies": None if not self._tnames else {
+                "names": list(self._tnames), "truncated": list(self._ttrunc),
+                "counts": np.array(self._tcnt, np.int64), "per_baseline": np.array(
+                    self._tkp, np.int64).reshape(len(self._tnames), self._kp.shape[1]),
+                "per_ood_p0": np.array(self._tk0, np.int64).reshape(
+                    len(self._tnames), self._k0.shape[1]),
+                "expected": None if self._texp is None else np.array(self._texp)},
         }
 
     @classmethod
@@ -388,6 +522,18 @@ class SliceCounts:
         if snap["dropped"] is not None:
             obj._dropped = np.asarray(snap["dropped"], np.float64).copy()
         obj._dropped_until = snap["dropped_until"]
+        tallies = snap.get("tallies")  # snapshots written before tallies have none
+        if tallies:
+            a = len(tallies["names"])
+            obj._tnames, obj._ttrunc = list(tallies["names"]), list(tallies["truncated"])
+            obj._tcnt = np.asarray(tallies["counts"], np.int64).reshape(a, _HITS + k).tolist()
+            obj._tkp = np.asarray(tallies["per_baseline"], np.int64).reshape(
+                a, obj._kp.shape[1]).tolist()
+            obj._tk0 = np.asarray(tallies["per_ood_p0"], np.int64).reshape(
+                a, obj._k0.shape[1]).tolist()
+            if dense:
+                obj._texp = list(np.asarray(tallies["expected"], np.float64).reshape(
+                    a, k + 1).copy())
         return obj
 
     def _restore_v1(self, snap: dict[str, Any]) -> SliceCounts:

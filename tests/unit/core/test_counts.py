@@ -123,3 +123,79 @@ def test_since_equals_the_totals_path_bit_for_bit(
                 type(x) for x in want.clusters + want.expected]
             assert [math.copysign(1.0, x) for x in got.expected] == [
                 math.copysign(1.0, x) for x in want.expected]
+
+
+def _want(evs: list[tuple[int, int, bool, float, bool, str]]) -> tuple[int, int, list[int], int,
+                                                                      np.ndarray, float]:
+    mix = [e for e in evs if e[5] != "ood"]
+    ood = [e for e in evs if e[5] != "mix"]
+    return (len(mix), len(ood), np.bincount([e[0] for e in mix], minlength=K).tolist(),
+            sum(e[2] for e in ood),
+            np.sum([POOL[e[1]] for e in mix], axis=0) if mix else np.zeros(K),
+            sum(RATES[e[1]] for e in ood))
+
+
+@settings(max_examples=80, deadline=None)
+@given(evs=events, cut=st.integers(0, 150), after=st.floats(-10.0, 3000.0),
+       pools=st.integers(1, 12), buckets=st.integers(1, 40), at=st.integers(0, 150))
+def test_a_tally_holds_its_seed_buckets_and_every_later_event(
+    evs: list[tuple[int, int, bool, float, bool, str]], cut: int, after: float, pools: int,
+    buckets: int, at: int
+) -> None:
+    """Seeded with the buckets after ``after``'s, then every event exactly — across new
+    baseline columns, the ring turning dense and dropping buckets, and a snapshot round trip
+    (binary or JSON) at any point — against numpy on the same events."""
+    evs = [(c, b % pools, o, t, a, parts) for c, b, o, t, a, parts in evs]
+    width = 100.0
+    c = SliceCounts(K, width, max_buckets=buckets)
+    for ev in evs[:cut]:
+        _feed(c, ev)
+    held = set(c.bucket_keys())
+    seed = [e for e in evs[:cut]
+            if math.floor(e[3] / width) > math.floor(after / width)
+            and math.floor(e[3] / width) in held]
+    truncated = c._dropped_until is not None and c._dropped_until > math.floor(after / width)
+    c.start_tally("a", after=after)
+    for i, ev in enumerate(evs[cut:]):
+        if i == at:
+            snap = c.snapshot()
+            c = SliceCounts.restore(unpack(pack(snap)) if at % 2 else json.loads(
+                json.dumps(plain(snap))))
+        _feed(c, ev)
+    got = c.tally("a")
+    assert got is not None and c.tallies == ("a",)
+    n, n_ood, clusters, hits, expected, ood_expected = _want(seed + evs[cut:])
+    assert (got.n, got.n_ood, got.clusters, got.ood) == (n, n_ood, clusters, hits)
+    np.testing.assert_allclose(got.expected, expected, atol=1e-9)
+    assert math.isclose(got.ood_expected, ood_expected, abs_tol=1e-9)
+    assert got.truncated == truncated
+    c.stop_tally("a")
+    assert c.tally("a") is None and c.tallies == ()
+
+
+def test_tallies_are_kept_apart_and_cost_nothing_once_stopped() -> None:
+    p = np.full(K, 1 / K)
+    c = SliceCounts(K, 60.0, max_buckets=2)
+    c.start_tally("ood_rate", after=None)
+    c.update(1, p, ood=True, ood_p0=0.01, time=0.0)
+    c.start_tally("cluster_mix", after=None)  # seeded with the bucket holding that event
+    for i in range(1, 500):  # 8 min of events: the 2-bucket ring drops, the tallies do not
+        c.update(1, p, ood=False, ood_p0=0.01, time=float(i))
+    a, b = c.tally("ood_rate"), c.tally("cluster_mix")
+    assert a is not None and b is not None
+    assert (a.n, a.ood, b.n, b.ood) == (500, 1, 500, 1)
+    assert not a.truncated and c.since(0.0).truncated
+    c.stop_tally("ood_rate")
+    c.update(2, p, ood=False, ood_p0=0.01, time=500.0)
+    assert c.tallies == ("cluster_mix",) and c.tally("cluster_mix").n == 501  # type: ignore[union-attr]
+
+
+def test_a_snapshot_written_before_tallies_restores_without_one() -> None:
+    p = np.full(K, 1 / K)
+    c = SliceCounts(K, 60.0)
+    c.start_tally("ood_rate", after=None)
+    c.update(1, p, ood=True, ood_p0=0.01, time=0.0)
+    snap = c.snapshot()
+    del snap["tallies"]
+    old = SliceCounts.restore(snap)
+    assert old.tallies == () and old.tally("ood_rate") is None and old.since(0.0).n == 1
