@@ -4,11 +4,15 @@ The alarm lifecycle per detector: the first crossing raises an ``alarm`` message
 and evidence) and restarts that detector, so that while the change persists it crosses again
 (``update`` messages, fresh evidence); once ``autoresolve_events`` events of the slice pass with
 no crossing, a ``clear`` message says the slice is back at its no-drift level.
+
+While a detector's alarm is open its evidence counts come from a tally of the slice's counts
+(:meth:`SliceState._start_tally`): exact from the onset on, however long the alarm stays open.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from datetime import datetime
 from typing import Any, Protocol
@@ -186,6 +190,8 @@ class SliceState:
         return cleared
 
     def _clear(self, name: str, state: dict[str, Any], t: float) -> dict[str, Any]:
+        if self.det.counts is not None:
+            self.det.counts.stop_tally(name)
         return {"kind": "clear", "detector": name, "time": t, "onset_time": state["onset_time"],
                 "dims": self.dims, "slice_n": self.n}
 
@@ -239,7 +245,7 @@ class SliceState:
             self.last_time = t
         if not alarms and not self.open:
             return restarted
-        out = restarted + [self._on_alarm(_named(a.as_dict(), pb), t) for a in alarms]
+        out = restarted + [self._on_alarm(_named(a.as_dict(), pb), t, upd) for a in alarms]
         if not late:  # quiet means events without an alarm; a late label is not an event
             out.extend(self._quiet_tick(t, fired={a.detector for a in alarms}))
         return out
@@ -283,22 +289,68 @@ class SliceState:
             low_confidence_p0_bound=(None if pred is None or pb is None
                                      else pb.low_confidence_bound)))
 
-    def _on_alarm(self, alarm: dict[str, Any], t: float) -> dict[str, Any]:
+    def _on_alarm(self, alarm: dict[str, Any], t: float, upd: UpdateView) -> dict[str, Any]:
         name = alarm["detector"]
         state = self.open.get(name)
         kind = "update" if state else "alarm"
-        if state is None:
-            state = self.open[name] = {"onset_time": alarm["onset_time"], "alarms": 0}
-        state["quiet"] = 0
-        state["alarms"] += 1
         det = self.det.detectors[name]
         took = det.n - (alarm.get("onset_index") or 0)  # events from the excursion's start
+        if state is None:
+            state = self.open[name] = {"onset_time": alarm["onset_time"], "alarms": 0}
+            missed = self._start_tally(name, alarm["onset_time"], took, upd.baseline)
+            if missed is not None:
+                state["missed"] = missed
+        state["quiet"] = 0
+        state["alarms"] += 1
         state["hold"] = max(state.get("hold", 0), RECROSS_FACTOR * took)
         onset = state["onset_time"]
         msg = {"kind": kind, **alarm, "onset_time": onset, "time": t, "slice_n": self.n,
-               "dims": self.dims, "evidence": self.evidence(onset)}
+               "dims": self.dims, "evidence": self.evidence(onset, name)}
         self.det.detectors[name].reset()  # restart: a persisting change crosses again
         return msg
+
+    def _start_tally(self, name: str, onset: float | None, since_onset: int,
+                     key: str) -> int | None:
+        """Start the exact counts of ``name``'s alarm since its ``onset``; return how many of
+        the detector's ``since_onset`` events (from its onset index) the seed leaves out, or
+        None where that is not known (detectors other than cluster mix and OOD rate).
+
+        The seed holds only events known to be from the onset on, none from before it: the
+        ring's whole buckets after the onset's bucket, plus the slice's exemplars (its last
+        :data:`~driftline.consumers.exemplars.EXEMPLARS` events) from the onset's bucket that
+        are among the ``since_onset`` newest and not older than the onset. The rest of the
+        onset's bucket is counted there together with events from before the onset; it is
+        left out (and reported as ``missed``) rather than diluting the share of events that
+        moved by up to a bucket of unchanged events. So an alarm raised within
+        ``EXEMPLARS`` events of its onset starts exact; later events are all counted. The
+        exemplars do not record their baseline: they are taken against the alarming event's
+        (the same for a slice's last few events but across a shift change, or for a lot
+        spread over stations with different baselines)."""
+        counts = self.det.counts
+        if counts is None or onset is None:
+            return None
+        counts.start_tally(name, after=onset)
+        width = counts.bucket_seconds
+        bucket = math.floor(onset / width)
+        try:  # the stated rates, the object the counts got: found by identity
+            b = self.baselines.detector_baseline(key)
+            p: np.ndarray | None = b.p
+            p0: float | None = b.ood_rate
+        except KeyError:
+            p = p0 = None
+        # the newest events of the detector's are from the onset on (an error-rate detector
+        # counts labels, not events: time alone tells)
+        recent = list(self.exemplars)
+        if name != "error_rate":
+            recent = recent[len(recent) - min(max(since_onset, 0), len(recent)):]
+        for _, cluster, _, ts, ood, _, _ in recent:
+            if ts >= onset and math.floor(ts / width) <= bucket:
+                counts.tally_event(cluster, None if cluster is None else p, ood=ood,
+                                   ood_p0=p0, name=name)
+        seeded = counts.tally(name)
+        if seeded is None or name not in ("cluster_mix", "ood_rate"):
+            return None
+        return max(since_onset - (seeded.n if name == "cluster_mix" else seeded.n_ood), 0)
 
     def _quiet_tick(self, t: float, fired: set[str]) -> list[dict[str, Any]]:
         cleared = []
@@ -317,16 +369,30 @@ class SliceState:
         the counts and exemplars stay."""
         for det in self.det.detectors.values():
             det.reset()
+        if self.det.counts is not None:
+            for name in self.det.counts.tallies:
+                self.det.counts.stop_tally(name)
         self.open = {}
 
-    def evidence(self, since: float | None) -> dict[str, Any]:
-        """Counts since ``since`` (cluster mix observed vs expected, OOD), exemplars, versions."""
-        counts = self.det.counts.since(since) if self.det.counts is not None else None
+    def evidence(self, since: float | None, detector: str | None = None) -> dict[str, Any]:
+        """Counts (cluster mix observed vs expected, OOD), exemplars, versions: since the
+        onset of ``detector``'s open alarm from its tally, with ``missed`` events since the
+        onset left out of them where known (see :meth:`_start_tally`); without a tally
+        (another detector, a checkpoint written before tallies) from the ring, since
+        ``since``'s bucket and within its horizon (``truncated`` if it reached back further)."""
+        ring = self.det.counts
+        tally = ring.tally(detector) if ring is not None and detector is not None else None
+        counts = tally or (ring.since(since) if ring is not None else None)
+        out: dict[str, Any] | None = None if counts is None else {
+            "n": counts.n, "clusters": counts.clusters, "expected": counts.expected,
+            "n_ood": counts.n_ood, "ood": counts.ood, "ood_expected": counts.ood_expected,
+            "truncated": counts.truncated}
+        if out is not None and tally is not None and detector is not None:
+            missed = self.open.get(detector, {}).get("missed")
+            if missed is not None:
+                out["missed"] = missed
         return {
-            "counts": None if counts is None else {
-                "n": counts.n, "clusters": counts.clusters, "expected": counts.expected,
-                "n_ood": counts.n_ood, "ood": counts.ood, "ood_expected": counts.ood_expected,
-                "truncated": counts.truncated},
+            "counts": out,
             "exemplars": [dict(zip(EXEMPLAR_FIELDS, e, strict=True)) for e in self.exemplars],
             "model_versions": dict(self.versions),
         }
@@ -353,6 +419,11 @@ class SliceState:
         obj = cls(snap["slice_id"], snap["template"], SliceDetectors.restore(snap["detectors"]),
                   baselines, autoresolve_events)
         obj.open = snap["open"]
+        counts = obj.det.counts
+        if counts is not None:
+            for name in counts.tallies:
+                if name not in obj.open:  # never written so; but a tally lives with its alarm
+                    counts.stop_tally(name)
         obj.exemplars = ExemplarRing.restore(snap["exemplars"])
         obj.versions = snap["versions"]
         obj.last_time = snap["last_time"]
