@@ -3,7 +3,13 @@
 While a slice stays open, the detect stage reports its evidence since the detector's *first*
 onset, across re-crossings. The book differences consecutive messages of a firing to count the
 events in between (:func:`diff_counts`), sums them per episode (:func:`add_counts`), and
-starts a new episode when the change had stopped in between (:func:`episode_split`).
+starts a new episode when the change had stopped in between (:func:`episode_split`), from the
+re-crossing's own counts (:func:`new_episode_counts`).
+
+An open alarm's counts come from a tally (they carry ``missed``): cumulative from a fixed
+start, so consecutive messages difference exactly. Counts without ``missed`` (checkpoints
+written before tallies) are the detect stage's 4-h ring, which drops old buckets: their
+differences are clipped at zero and marked ``truncated``.
 """
 
 from __future__ import annotations
@@ -15,14 +21,19 @@ from typing import Any
 from driftline.alerts.evidence import effect, signature
 from driftline.alerts.model import Firing, SliceEvidence, utc
 
+_SCALARS = ("n", "n_ood", "ood", "ood_expected", "missed")
+
 
 def diff_counts(now: Mapping[str, Any], before: Mapping[str, Any] | None) -> dict[str, Any]:
     """Counts of the events between two messages of one episode (cumulative since the same
-    onset): ``now - before``, clipped at zero where old buckets were dropped."""
+    onset): ``now - before``. Between two counts of one tally that is exact, and complete
+    even when the tally's own start was ``truncated``; ring counts are clipped at zero where
+    old buckets were dropped, and stay ``truncated``."""
     if not before:
         return dict(now)
-    out: dict[str, Any] = {"truncated": bool(now.get("truncated"))}
-    for key in ("n", "n_ood", "ood", "ood_expected"):
+    exact = "missed" in now and "missed" in before
+    out: dict[str, Any] = {"truncated": not exact and bool(now.get("truncated"))}
+    for key in _SCALARS:
         out[key] = max((now.get(key) or 0) - (before.get(key) or 0), 0)
     for key in ("clusters", "expected"):
         a, b = now.get(key) or [], before.get(key) or []
@@ -36,12 +47,20 @@ def add_counts(a: Mapping[str, Any] | None, b: Mapping[str, Any]) -> dict[str, A
     if not a:
         return dict(b)
     out: dict[str, Any] = {"truncated": bool(a.get("truncated") or b.get("truncated"))}
-    for key in ("n", "n_ood", "ood", "ood_expected"):
+    for key in _SCALARS:
         out[key] = (a.get(key) or 0) + (b.get(key) or 0)
     for key in ("clusters", "expected"):
         x, y = a.get(key) or [], b.get(key) or []
         out[key] = [u + v for u, v in zip(x, y, strict=True)] if len(x) == len(y) else list(y)
     return out
+
+
+def new_episode_counts(msg: Mapping[str, Any], delta: dict[str, Any] | None
+                       ) -> dict[str, Any] | None:
+    """A new episode's counts at the re-crossing that starts it: the detect stage's counts
+    since the re-crossing's own onset (``excursion``: none from the quiet spell before it),
+    else ``delta``, the events since the last message (which holds that quiet spell too)."""
+    return (msg.get("evidence") or {}).get("excursion") or delta
 
 
 def episode_split(f: Firing, msg: Mapping[str, Any], delta: dict[str, Any] | None, *,

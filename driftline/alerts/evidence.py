@@ -132,7 +132,10 @@ def slice_evidence(msg: Mapping[str, Any], counts: Mapping[str, Any] | None = No
     if counts is None:
         counts = ev.get("counts")
     strength, mix_shift, displaced = effect(counts)
-    n_since = int((counts or {}).get("n") or msg.get("events_since_onset") or 0)
+    # the events since the onset: those counted, and those the detect stage could not tell
+    # from the events before the onset (its ``missed``)
+    n_since = int((counts or {}).get("n") or msg.get("events_since_onset") or 0) + int(
+        (counts or {}).get("missed") or 0)
     if msg["detector"] not in MIX_DETECTORS and n_since > 0:
         # No counts for this detector: TV <= sqrt(KL/2) (Pinsker) from statistic / events.
         strength = max(strength, math.sqrt(max(float(msg["statistic"]), 0.0) / n_since / 2))

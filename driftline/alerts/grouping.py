@@ -43,7 +43,13 @@ from driftline.alerts.attribution import (
     template_rank,
 )
 from driftline.alerts.changes import Change, record_change
-from driftline.alerts.episodes import add_counts, combine, diff_counts, episode_split
+from driftline.alerts.episodes import (
+    add_counts,
+    combine,
+    diff_counts,
+    episode_split,
+    new_episode_counts,
+)
 from driftline.alerts.evidence import (
     ClusterCatalog,
     build_evidence,
@@ -163,7 +169,8 @@ class Grouper:
         if held is not None:
             inc, f = held
             delta = diff_counts(counts, f.episode.last) if counts else None
-            split = episode_split(f, msg, delta, gap_events=self.policy.episode_gap_events,
+            split = episode_split(f, msg, new_episode_counts(msg, delta),
+                                  gap_events=self.policy.episode_gap_events,
                                   gap_s=self.policy.episode_gap_s) if msg["kind"] == "update" else (
                 f.onset, counts)  # a first crossing while we hold one: the slice restarted
             if split is None:

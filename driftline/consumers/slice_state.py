@@ -21,6 +21,7 @@ import numpy as np
 
 from driftline.consumers.exemplars import EXEMPLAR_FIELDS, ExemplarRing
 from driftline.core.baselines import DetectorBaseline
+from driftline.core.counts import Counts
 from driftline.core.slices import Alarm, EventUpdate, SliceDetectors
 from driftline.schema import parse_slice_id
 
@@ -37,6 +38,7 @@ GAUGE_WINDOW_S = 3600.0
 # cleared after 500 quiet ones and alarmed again, one incident every 15 minutes.
 RECROSS_FACTOR = 3
 QUIET_RATIO = 0.25
+_EXCURSION = "~excursion"  # a tally made and read for one message (no detector's name)
 
 
 class PredictionLike(Protocol):
@@ -297,23 +299,33 @@ class SliceState:
         took = det.n - (alarm.get("onset_index") or 0)  # events from the excursion's start
         if state is None:
             state = self.open[name] = {"onset_time": alarm["onset_time"], "alarms": 0}
-            missed = self._start_tally(name, alarm["onset_time"], took, upd.baseline)
-            if missed is not None:
-                state["missed"] = missed
+            state["missed"] = self._start_tally(name, name, alarm["onset_time"], took,
+                                                upd.baseline)
         state["quiet"] = 0
         state["alarms"] += 1
         state["hold"] = max(state.get("hold", 0), RECROSS_FACTOR * took)
         onset = state["onset_time"]
+        evidence = self.evidence(onset, name)
+        counts = self.det.counts
+        if kind == "update" and counts is not None:
+            # this crossing's own excursion, from its onset: where the book starts a new
+            # episode (the change had stopped in between), its counts hold no quiet events
+            missed = self._start_tally(_EXCURSION, name, alarm["onset_time"], took,
+                                       upd.baseline)
+            excursion = counts.tally(_EXCURSION)
+            counts.stop_tally(_EXCURSION)
+            evidence["excursion"] = None if excursion is None else _counts(excursion, missed)
         msg = {"kind": kind, **alarm, "onset_time": onset, "time": t, "slice_n": self.n,
-               "dims": self.dims, "evidence": self.evidence(onset, name)}
+               "dims": self.dims, "evidence": evidence}
         self.det.detectors[name].reset()  # restart: a persisting change crosses again
         return msg
 
-    def _start_tally(self, name: str, onset: float | None, since_onset: int,
+    def _start_tally(self, tally: str, name: str, onset: float | None, since_onset: int,
                      key: str) -> int | None:
-        """Start the exact counts of ``name``'s alarm since its ``onset``; return how many of
-        the detector's ``since_onset`` events (from its onset index) the seed leaves out, or
-        None where that is not known (detectors other than cluster mix and OOD rate).
+        """Start ``tally``, the exact counts of detector ``name``'s alarm since its ``onset``;
+        return how many of the detector's ``since_onset`` events (from its onset index) the
+        seed leaves out, or None where that is not known (detectors other than cluster mix and
+        OOD rate).
 
         The seed holds only events known to be from the onset on, none from before it: the
         ring's whole buckets after the onset's bucket, plus the slice's exemplars (its last
@@ -329,7 +341,7 @@ class SliceState:
         counts = self.det.counts
         if counts is None or onset is None:
             return None
-        counts.start_tally(name, after=onset)
+        counts.start_tally(tally, after=onset)
         width = counts.bucket_seconds
         bucket = math.floor(onset / width)
         try:  # the stated rates, the object the counts got: found by identity
@@ -346,8 +358,8 @@ class SliceState:
         for _, cluster, _, ts, ood, _, _ in recent:
             if ts >= onset and math.floor(ts / width) <= bucket:
                 counts.tally_event(cluster, None if cluster is None else p, ood=ood,
-                                   ood_p0=p0, name=name)
-        seeded = counts.tally(name)
+                                   ood_p0=p0, name=tally)
+        seeded = counts.tally(tally)
         if seeded is None or name not in ("cluster_mix", "ood_rate"):
             return None
         return max(since_onset - (seeded.n if name == "cluster_mix" else seeded.n_ood), 0)
@@ -375,22 +387,21 @@ class SliceState:
         self.open = {}
 
     def evidence(self, since: float | None, detector: str | None = None) -> dict[str, Any]:
-        """Counts (cluster mix observed vs expected, OOD), exemplars, versions: since the
-        onset of ``detector``'s open alarm from its tally, with ``missed`` events since the
-        onset left out of them where known (see :meth:`_start_tally`); without a tally
-        (another detector, a checkpoint written before tallies) from the ring, since
-        ``since``'s bucket and within its horizon (``truncated`` if it reached back further)."""
+        """Counts (cluster mix observed vs expected, OOD), exemplars, versions.
+
+        The counts of ``detector``'s open alarm come from its tally: since its onset, with
+        ``missed``, the events since the onset left out of them (None: not known; see
+        :meth:`_start_tally`), and ``truncated`` if the ring had dropped events of the seed.
+        Without a tally (another detector, a checkpoint written before tallies) they come from
+        the ring, since ``since``'s bucket and within its horizon (``truncated`` if it reached
+        back further), and carry no ``missed``."""
         ring = self.det.counts
         tally = ring.tally(detector) if ring is not None and detector is not None else None
-        counts = tally or (ring.since(since) if ring is not None else None)
-        out: dict[str, Any] | None = None if counts is None else {
-            "n": counts.n, "clusters": counts.clusters, "expected": counts.expected,
-            "n_ood": counts.n_ood, "ood": counts.ood, "ood_expected": counts.ood_expected,
-            "truncated": counts.truncated}
-        if out is not None and tally is not None and detector is not None:
-            missed = self.open.get(detector, {}).get("missed")
-            if missed is not None:
-                out["missed"] = missed
+        out: dict[str, Any] | None = None
+        if tally is not None and detector is not None:
+            out = _counts(tally, self.open.get(detector, {}).get("missed"))
+        elif ring is not None:
+            out = _counts(ring.since(since))
         return {
             "counts": out,
             "exemplars": [dict(zip(EXEMPLAR_FIELDS, e, strict=True)) for e in self.exemplars],
@@ -431,6 +442,13 @@ class SliceState:
         saved = snap.get("reference_id")
         obj.reference_id = sys.intern(saved) if saved else obj.reference_id
         return obj
+
+
+def _counts(c: Counts, *missed: int | None) -> dict[str, Any]:
+    """Counts as the evidence carries them; ``missed`` only for a tally's."""
+    return {"n": c.n, "clusters": c.clusters, "expected": c.expected, "n_ood": c.n_ood,
+            "ood": c.ood, "ood_expected": c.ood_expected, "truncated": c.truncated,
+            **({"missed": missed[0]} if missed else {})}
 
 
 def _named(alarm: dict[str, Any], pb: PredictionBaseline | None) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from driftline.alerts.episodes import add_counts, diff_counts, episode_split
+from driftline.alerts.episodes import add_counts, diff_counts, episode_split, new_episode_counts
 from driftline.alerts.model import EpisodeCounts, Firing, Status, utc
 from tests.unit.alerts.synthetic import ONSET, alarm, counts
 from tests.unit.alerts.test_grouping import active, feed, grouper
@@ -107,3 +107,24 @@ def test_an_onset_after_the_crossing_that_dated_it_is_the_crossing() -> None:
     ev = slice_evidence(msg)
     assert ev.onset == ev.first_time == utc(ONSET + 600.0)
     assert slice_evidence(alarm("lot=L7", 1.0, t=ONSET + 600.0)).onset == utc(ONSET)
+
+
+def test_tally_counts_difference_exactly_and_ring_counts_say_they_may_not() -> None:
+    """Counts with ``missed`` come from the detect stage's tally of an open alarm: cumulative
+    from one start, so a difference is the events in between, complete even when the tally's
+    start was truncated. Ring counts (checkpoints before tallies) drop old buckets."""
+    a = {**counts(400, 1.0), "missed": 12, "truncated": True}
+    b = {**add_counts(a, counts(600, 0.4)), "missed": 12, "truncated": True}
+    d = diff_counts(b, a)
+    assert (d["n"], d["missed"], d["truncated"]) == (600, 0, False)
+    assert add_counts(a, d) == {**b, "missed": 12}
+    ring = diff_counts({**counts(300, 0.4), "truncated": True}, counts(400, 1.0))
+    assert ring["n"] == 0 and ring["truncated"]
+
+
+def test_a_new_episode_starts_from_the_re_crossing_s_own_counts() -> None:
+    since_first = counts(2000, 0.05)
+    own = {**counts(40, 1.0), "missed": 3}
+    msg = {"evidence": {"counts": since_first, "excursion": own}}
+    assert new_episode_counts(msg, {"n": 2000}) == own
+    assert new_episode_counts({"evidence": {"counts": since_first}}, {"n": 2000}) == {"n": 2000}

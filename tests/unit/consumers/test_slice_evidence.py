@@ -7,6 +7,7 @@ detection they started at the onset's 5-min bucket, diluting the share of events
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -14,7 +15,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from driftline.alerts.attribution import SliceStatus
 from driftline.alerts.evidence import effect
+from driftline.alerts.grouping import Grouper
 from driftline.consumers.checkpoint import decode_record, encode_record
 from driftline.consumers.slice_state import SliceState
 from driftline.core.baselines import DetectorBaseline
@@ -154,6 +157,73 @@ def test_counts_since_onset_cover_an_alarm_open_longer_than_the_ring() -> None:
     clusters, hits = r.truth(onset, i)
     assert 0 <= hits - c["ood"] <= c["missed"]
     assert sum(clusters) - sum(c["clusters"]) == c["missed"]
+
+
+def _book(r: Run) -> Grouper:
+    st = r.state
+    summary = {"station=S": SliceStatus.from_summary("station=S", {
+        "template": "station", "dims": {"station": "S"}, "n": st.n, "last_time": st.last_time,
+        "ratios": {}, "open": sorted(st.open)})}
+    ids = itertools.count(1)
+    g = Grouper([], summary, now=T0 + timedelta(days=1), new_id=lambda: f"DL-{next(ids)}",
+                signatures=dict)
+    for m in r.msgs:
+        g.apply(m)
+        g.finish()
+    return g
+
+
+@pytest.mark.parametrize("every_s,seed", [(e, s) for e in (10.0, 20.0, 30.0) for s in range(3)])
+def test_the_book_counts_every_event_of_a_long_alarm(every_s: float, seed: int) -> None:
+    """The book differences consecutive messages: with the 4-h ring it clipped the negative
+    differences once old buckets dropped, and its incident held ~half the events since the
+    onset (1,703 of 3,231). Now it holds them all, as rates that stay rates."""
+    r = _long(every_s, seed)
+    g = _book(r)
+    (inc,) = g.incidents.values()
+    ev = inc.slices["station=S"]
+    c = ev.counts or {}
+    last = max(i for m, i in zip(r.msgs, r.at, strict=True) if m["kind"] != "clear")
+    assert ev.onset is not None
+    since = last - r.index(ev.onset.timestamp()) + 1
+    assert c["n"] + c["missed"] == since == ev.n_since_onset
+    assert ev.displaced <= 1.0 and ev.strength <= 1.0 and c["ood"] <= c["n_ood"]
+    assert not c["truncated"] and not inc.evidence.truncated
+
+
+def test_a_new_episode_in_an_open_alarm_starts_from_its_own_onset() -> None:
+    """OOD 1 % → 30 % for 10 min, 2,000 events (17 min) back at 1 %, then 30 % again: the
+    alarm stays open (autoresolve 5,000) and the book starts a new episode at the second
+    change. Its counts were the difference since the last message, the quiet spell included:
+    2,058 events, a share moved of 0.03 at the split and 0.13 at the end of the run (true:
+    0.29). Now they are the re-crossing's own, from its onset: 8 events at the split, 0.29 at
+    the end."""
+    every_s = 0.5
+    rng = np.random.default_rng(11)
+    n = 12_000
+    clusters = rng.integers(K, size=n)
+    t = np.arange(n) * every_s
+    changed = ((t >= 3600) & (t < 4200)) | (t >= 5200)
+    ood = rng.random(n) < np.where(changed, 0.3, 0.01)
+    arl0 = Budget(1.0, 30 * DAY, 200, 2, 1.0 / every_s).arl0()
+    st = SliceState("station=S", "station", SliceDetectors(arl0=arl0), Flat(), 5000)
+    msgs: list[dict[str, Any]] = []
+    at: list[int] = []
+    for i in range(n):
+        out = st.update(_update(i, every_s, int(clusters[i]), bool(ood[i])))
+        msgs += [{**m, "slice_id": "station=S", "template": "station"} for m in out]
+        at += [i] * len(out)
+    r = Run(msgs, at, clusters, ood, every_s, st)
+    assert "clear" not in [m["kind"] for m in msgs]  # one open alarm throughout
+    g = _book(r)
+    first, second = sorted(g.incidents.values(), key=lambda inc: inc.id)
+    ev = second.slices["station=S"]
+    assert ev.onset is not None and ev.onset.timestamp() >= T0.timestamp() + 5000
+    k = next(k for k, m in enumerate(msgs) if m["time"] >= T0.timestamp() + 5200)
+    took = msgs[k]["slice_n"] - msgs[k - 1]["slice_n"] - msgs[k]["onset_index"]
+    c = msgs[k]["evidence"]["excursion"]
+    assert c["n"] + c["missed"] == took < 200
+    assert ev.displaced > 0.2 and (ev.counts or {})["n"] < 2000 + at[-1] - at[k]
 
 
 def test_a_tally_lives_with_its_alarm() -> None:
