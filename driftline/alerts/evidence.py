@@ -232,6 +232,7 @@ def build_evidence(root: SliceEvidence, members: Iterable[SliceEvidence],
             source_partition=x.get("source_partition"), source_offset=x.get("source_offset")))
     counts = root.counts or {}
     return Evidence(slice_id=root.ref.slice_id, n=int(counts.get("n") or 0),
+                    missed=int(counts.get("missed") or 0),
                     truncated=bool(counts.get("truncated")), clusters=shifts,
                     ood=ood_evidence(root.counts), exemplars=exemplars,
                     model_versions=root.model_versions, signature=signature(root.counts))

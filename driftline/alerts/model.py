@@ -148,8 +148,11 @@ class Evidence(_Model):
     """The root slice's evidence since onset, with cluster descriptions when known."""
 
     slice_id: str
-    n: int = 0
-    truncated: bool = False
+    n: int = Field(0, description="events counted since onset")
+    missed: int = Field(0, description="events since onset the detect stage could not tell "
+                        "from those before it (in the onset's 5-min bucket), left out of n")
+    truncated: bool = Field(False, description="the counts start after the onset: the detect "
+                            "stage's 4-h count ring had dropped older events")
     clusters: list[ClusterShift] = Field(default_factory=list)
     ood: OodEvidence | None = None
     exemplars: list[Exemplar] = Field(default_factory=list)

@@ -189,6 +189,7 @@ def test_the_book_counts_every_event_of_a_long_alarm(every_s: float, seed: int) 
     assert c["n"] + c["missed"] == since == ev.n_since_onset
     assert ev.displaced <= 1.0 and ev.strength <= 1.0 and c["ood"] <= c["n_ood"]
     assert not c["truncated"] and not inc.evidence.truncated
+    assert (inc.evidence.n, inc.evidence.missed) == (c["n"], c["missed"])  # as the API serves
 
 
 def test_a_new_episode_in_an_open_alarm_starts_from_its_own_onset() -> None:
