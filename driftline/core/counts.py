@@ -441,7 +441,8 @@ class SliceCounts:
         )
 
     def merge(self, other: SliceCounts) -> SliceCounts:
-        """Add ``other``'s counts into this object (same K and bucket width); returns self."""
+        """Add ``other``'s counts into this object (same K and bucket width); returns self.
+        Tallies are not merged: they belong to one owner's open alarms."""
         if (other.n_clusters, other.bucket_seconds) != (self.n_clusters, self.bucket_seconds):
             raise ValueError("can only merge counts with the same clusters and bucket width")
         if other._exp is not None and self._exp is None:
