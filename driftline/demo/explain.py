@@ -64,8 +64,10 @@ def ood_line(evidence: dict[str, Any]) -> str | None:
 def what_changed(incident: dict[str, Any]) -> list[str]:
     """Lines saying what changed in ``incident``, where and since when."""
     ev = incident.get("evidence") or {}
+    n, missed = ev.get("n", 0), ev.get("missed") or 0
     head = (f"{incident['id']} at {incident['root']['slice_id']} since {incident['onset']}, "
-            f"{ev.get('n', 0)} events since onset")
+            f"{n + missed} events since onset"
+            + (f" ({missed} of the onset's 5 min not counted)" if missed else ""))
     lines = [head, f"  detectors: {firings(incident)}"]
     lines += [f"  {line}" for line in cluster_lines(ev)]
     ood = ood_line(ev)

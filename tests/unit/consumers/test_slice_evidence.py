@@ -126,9 +126,10 @@ def test_strength_at_detection_is_the_share_that_moved() -> None:
     """OOD 1 % → 30 % (29 % of events moved), 2 events/s, the change 4 min 50 s into a bucket.
     The counts started at the onset's bucket, ~580 unchanged events before a detection ~30
     events after the onset: ``displaced`` was 0.04 on average over 20 seeds (sd 0.013). From
-    the onset on it is 0.38 on average (sd 0.11 a run: a few dozen events, read where the
-    CUSUM's onset estimate makes them look strongest, hence above 0.29). Over 10 seeds the mean
-    has sd ~0.036, so 0.2 is 5 sd below the fixed value and 12 above the diluted one."""
+    the onset on it is 0.38 on average (sd 0.11 a run: detected within the onset's bucket,
+    the counts are its last 8 events, the exemplars, read where the CUSUM's onset estimate
+    makes them look strongest, hence above 0.29). Over 10 seeds the mean has sd ~0.036, so 0.2
+    is 5 sd below the fixed value and 4 above the diluted one (sd of its mean ~0.004)."""
     vals = []
     for seed in range(10):
         r = _run(seed, every_s=0.5, change_s=3600 + 290, post=0.3, hours=2.0,

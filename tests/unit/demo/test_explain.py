@@ -54,6 +54,13 @@ def _incident(described: bool) -> dict[str, Any]:
     return dict(json.loads(inc.model_dump_json()))
 
 
+def test_what_changed_counts_the_events_since_onset_it_could_not_count_too() -> None:
+    inc = _incident(described=True)
+    inc["evidence"]["missed"] = 21
+    assert what_changed(inc)[0].endswith(
+        ", 350 events since onset (21 of the onset's 5 min not counted)")
+
+
 def test_what_changed_names_detectors_clusters_and_the_ood_rate() -> None:
     lines = what_changed(_incident(described=True))
     assert lines[0] == ("DL-000003 at station=surf-1 since 2026-11-16T06:50:00Z, "
