@@ -24,7 +24,7 @@ import math
 import numpy as np
 from scipy.stats import beta
 
-from driftline.core.arl import arl_discrete
+from driftline.core.arl import arl_discrete, bank_alarm_probability
 from driftline.core.baselines import (
     DEFAULT_CONFIDENCE,
     mix_bounds,
@@ -52,13 +52,7 @@ def _se(p: float, runs: int) -> float:
 def _p_alarm(members: list[tuple[float, float]], q: float, h: float, horizon: int) -> float:
     """Union bound on P(some member alarms within ``horizon``) for two-valued members (hit,
     miss increments) when hits have probability ``q``."""
-    total = 0.0
-    for hit, miss in members:
-        if q * hit + (1 - q) * miss < -0.02 * abs(hit - miss):
-            continue  # clearly negative drift: ARL astronomically beyond any horizon
-        arl = arl_discrete([hit, miss], [q, 1 - q], h, cells=600)
-        total += -math.expm1(-horizon / arl) if math.isfinite(arl) and arl > 0 else 0.0
-    return min(total, 1.0)
+    return bank_alarm_probability(members, [q, 1 - q], h, horizon)
 
 
 def _ood_members(p0: float) -> list[tuple[float, float]]:
