@@ -28,35 +28,37 @@ counts. Here
 
 A cluster with no labelled reference event is expected to err at ``ē``.
 
-The detector's ``p0`` is not that mean but the posterior's upper ``quantile``,
-:data:`P0_QUANTILE` = 0.999, the confidence of the other detectors' bounds
-(:data:`~driftline.core.baselines.DEFAULT_CONFIDENCE`): the highest rate the reference's labels
-make plausible. With a point estimate, a reference that happened to see fewer errors than its
-clusters make (the overall rate of ~16 errors is itself known only to ±25 %) puts ``p0`` below
-the truth, and a CUSUM alarms on that. An alarm thus means the stream errs more than the
-reference can explain, not more than a guess.
+The detector's ``p0`` is not that mean but a **bound**: the highest rates the reference's labels
+make plausible, at :data:`P0_QUANTILE` = 0.999, the confidence of the other detectors' bounds
+(:data:`~driftline.core.baselines.DEFAULT_CONFIDENCE`). With a point estimate, a reference that
+happened to see fewer errors than its clusters make (the overall rate of ~16 errors is itself
+known only to ±25 %) puts ``p0`` below the truth, and a CUSUM alarms on that. An alarm thus
+means the stream errs more than the reference can explain, not more than a guess.
 
-**Why 0.999 per cluster, and not fewer or more.** The bank pools every labelled event of the
-slice, whatever its cluster, so its drift under no change is the event-weighted mean of the
-clusters' increments: one cluster's ``p0`` below its rate is offset by others above theirs, and
-what must hold is the mean ``p0`` against the mean true rate. The worst case is clusters that
-err alike: the prior is then as strong as the reference (``m = N``), every cluster's posterior
-is the pooled one, and the clusters' ``p0`` rise and fall together with the reference's total.
-There the 0.999 quantile makes the whole bank hold with probability 0.999, as a baseline's
-bounds do; Bonferroni over the clusters (1 - 0.001/16) is not needed. Measured
-(``benchmarks/calibration.py``, 16 clusters × 100 labelled events at 1 %, the fleet budget's
-threshold, P(false alarm in 57,600 labelled events) over the reference law, budget 2.8e-5):
-posterior mean 0.15, 0.9 quantile (the earlier default) 0.017 — 600 times the budget, 4 of
-1,000 simulated references alarmed within one such period —, 0.99 quantile 1.0e-3, 0.999
-quantile 8e-5 (2.9 times the budget, the order the OOD detector keeps on 120 samples; 0 of
-1,000), 0.99994 5e-6. The price is delay: a tripled error rate takes about 9,700 labelled
-events instead of 3,700, a doubled one is mostly not seen within 40,000 (the reference's 0.999
-bound of a 1 % rate known from 16 errors is 2.1 %). Clusters that err unlike each other are
-shrunk less, so each ``p0`` is wider and the bank more conservative than it needs to be
-(0.5–2 % with a 5 % and a 20 % cluster: no false alarm at 0.9 already; a tripled rate is seen
-in 1,250 events at 0.9, and at 0.999 within 40,000 in only a quarter of runs): a bound on the
-pooled rate, not on each cluster's, would recover that; ``--error-quantile`` lowers it per
-reference.
+**A bound on the pooled rate, not on each cluster's.** The bank pools every labelled event of
+the slice, whatever its cluster. A member "errors rise to ``ρ·p0``" has a likelihood ratio whose
+mean on an event of cluster ``c`` is ``1 + (ρ - 1)(r_c - p0_c)/(1 - p0_c)`` for a true rate
+``r_c``, so under no change (the stream's clusters in the reference's labelled proportions
+``w_c = n_c/N``) the bank keeps its ``ln γ + ln M`` guarantee when the weighted mean of
+``p0_c`` is at least the weighted mean of ``r_c`` (up to the ``1/(1 - p0_c)`` weights, close to
+1 at the rates that matter): one cluster's ``p0`` below its rate is offset by the others'. So
+``p0_c = s·e_c``, every cluster's posterior mean scaled by one factor ``s = U/ē_w ≥ 1``, where
+``ē_w = Σ w_c e_c`` and ``U`` is the ``quantile`` of the pooled rate's Jeffreys posterior
+``Beta(X + 1/2, N - X + 1/2)``: the weighted mean of ``p0`` is then ``U``, above the true pooled
+rate with probability ``quantile``. It keeps the clusters' differences (an aggressor's high rate
+stays high, a clean cluster's low rate low) and widens all of them only by what the reference's
+total number of errors leaves open.
+
+Measured (``benchmarks/calibration.py``, 16 clusters × 100 labelled events, the fleet budget's
+threshold, P(false alarm in 57,600 labelled events) over the reference law, budget 2.8e-5; see
+``benchmarks/results/calibration.md`` for the table): with every cluster at 1 % — the case where
+the pooled and per-cluster constructions agree, since the prior then pools the clusters —
+posterior mean 0.15, the 0.9 per-cluster quantile (the earlier default) 0.017, 600 times the
+budget, and the 0.999 bound about 8e-5, at the price of delay (a tripled rate about 9,700
+labelled events instead of 3,700; the 0.999 bound of a 1 % rate known from 16 errors is about
+2 %). With clusters that err unlike each other (0.5–2 %, one at 5 %, one at 20 %) the per-cluster
+0.999 quantiles widen each small cluster's rate several times over and a tripled rate went
+mostly unseen within 40,000 events; the pooled bound widens them only by ``s``.
 """
 
 from __future__ import annotations
@@ -71,8 +73,9 @@ from scipy import stats
 from driftline.core.baselines import DEFAULT_CONFIDENCE
 
 MIN_PRIOR_ERRORS = 2.0
-# The error detector's reference rate: this posterior quantile per cluster (module docstring:
-# the confidence of the other detectors' bounds; measured in benchmarks/results/calibration.md).
+_P0_CAP = 0.95
+# The error detector's reference rates average to this quantile of the pooled rate (module
+# docstring: the confidence of the other detectors' bounds; benchmarks/results/calibration.md).
 P0_QUANTILE = DEFAULT_CONFIDENCE
 
 
@@ -145,14 +148,16 @@ def shrunk_error_rates(errors: NDArray[np.floating], labelled: NDArray[np.floati
     labelled event.
 
     The posterior of cluster ``c`` is ``Beta(x_c + m·ē, n_c - x_c + m·(1-ē))``: its mean is
-    ``expected``, its ``quantile`` the detector's ``p0``.
+    ``expected``; the detector's ``p0`` is ``expected`` scaled so that its labelled-weighted mean
+    is the ``quantile`` of the pooled rate (module docstring).
 
     Parameters
     ----------
     errors, labelled
         Per cluster: labelled reference events that were errors, and labelled events.
     quantile
-        Posterior quantile taken as the detector's reference rate (0.5 < quantile < 1).
+        Posterior quantile of the pooled rate that the detector's reference rates average to
+        (0.5 < quantile < 1).
     min_errors
         The prior is worth at least this many pseudo-errors (``m ≥ min_errors/ē``).
 
@@ -165,14 +170,17 @@ def shrunk_error_rates(errors: NDArray[np.floating], labelled: NDArray[np.floati
     >>> r = shrunk_error_rates(x, np.full(16, 100))
     >>> round(r.prior.rate, 4), r.prior.strength, round(float(r.expected[0]), 4)
     (0.0103, 1600.0, 0.0097)
-    >>> round(float(r.p0[0]), 4)  # the 0.999 quantile: what the detector takes as no change
+    >>> round(float(r.p0[0]), 4)  # scaled to the pooled rate's 0.999 bound: the detector's
     0.0187
 
-    An aggressor (40 % against 2 %) keeps its own rate; the others are shrunk a little.
+    An aggressor (40 % against 2 %) keeps its own rate; the others are shrunk a little. The
+    detector's rates keep those differences, all widened by one factor:
 
     >>> r = shrunk_error_rates(np.array([40, 2, 0, 3]), np.array([100, 100, 100, 100]))
     >>> [round(float(e), 3) for e in r.expected], round(r.prior.strength, 1)
     ([0.357, 0.034, 0.017, 0.043], 17.6)
+    >>> [round(float(e), 3) for e in r.p0]
+    [0.531, 0.051, 0.025, 0.063]
     """
     if not 0.5 < quantile < 1.0:
         raise ValueError("quantile must be in (0.5, 1)")
@@ -183,5 +191,11 @@ def shrunk_error_rates(errors: NDArray[np.floating], labelled: NDArray[np.floati
     n = np.asarray(labelled, np.float64)
     a = x + prior.strength * prior.rate
     b = n - x + prior.strength * (1.0 - prior.rate)
-    return ClusterErrorRates(a / (a + b), np.asarray(stats.beta.ppf(quantile, a, b), np.float64),
-                             quantile, prior)
+    expected = a / (a + b)
+    total, wrong = float(n.sum()), float(x.sum())
+    pooled_bound = float(stats.beta.ppf(quantile, wrong + 0.5, total - wrong + 0.5))
+    scale = max(1.0, pooled_bound / float(n @ expected / total))
+    # a rate scaled to 1 or beyond would be no reference at all: keep it below (the bank's
+    # alternatives are capped below 1 too)
+    p0 = np.minimum(expected * scale, np.maximum(expected, _P0_CAP))
+    return ClusterErrorRates(expected, np.asarray(p0, np.float64), quantile, prior)

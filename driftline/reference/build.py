@@ -132,7 +132,7 @@ def build_reference(
     ``max_labels`` most frequent labels plus *other*, and a low-confidence cut at
     ``confidence_quantile`` of its scores (:mod:`driftline.core.predictions`). Where events
     carry labels, each cluster's error rate is shrunk toward the overall one and the error-rate
-    detector's reference rate is the posterior's ``error_quantile``
+    detector's reference rates are those scaled to the pooled rate's ``error_quantile``
     (:mod:`driftline.core.error_rates`).
     """
     if not 0.0 < bound_confidence < 1.0:

@@ -112,8 +112,9 @@ def build(
     confidence_quantile: Annotated[float, typer.Option(
         help="Low confidence: a score below this quantile of the baseline's scores")] = 0.05,
     error_quantile: Annotated[float, typer.Option(
-        help="Error-rate detector's reference rate: this quantile of each cluster's "
-             "posterior error rate")] = P0_QUANTILE,
+        help="Error-rate detector's reference rates: each cluster's posterior mean, all "
+             "scaled so that they average to this quantile of the pooled error rate")
+    ] = P0_QUANTILE,
     bound_confidence: Annotated[float, typer.Option(
         help="Probability that the bounds of each baseline's cluster mix, OOD rate, prediction "
              "mix and low-confidence rate, which the detectors judge against, hold for the "
@@ -261,8 +262,9 @@ def summary(m: dict[str, Any]) -> str:
     if prior:
         lines.append(f"expected error per cluster (expect): errors shrunk toward "
                      f"{_pct(prior['rate'])} with a prior worth {prior['strength']:.0f} "
-                     f"labelled events; the error-rate detector's reference (p0): its "
-                     f"{prior['p0_quantile']:g} quantile")
+                     f"labelled events; the error-rate detector's reference (p0): "
+                     + ("scaled to the pooled rate's " if prior.get("p0_method") == "pooled"
+                        else "its ") + f"{prior['p0_quantile']:g} quantile")
     return "\n".join(lines)
 
 

@@ -81,7 +81,8 @@ def performance(clusters: I64, k: int, errors: NDArray[np.float64], losses: NDAr
 
     Per cluster, ``expected_error`` is its counts shrunk toward the overall rate (the
     posterior mean of :mod:`driftline.core.error_rates`, never 0) and ``error_p0`` the rate the
-    error-rate detector judges its events against (the posterior's ``error_quantile``);
+    error-rate detector judges its events against (the posterior means scaled to the pooled rate's
+    ``error_quantile``);
     ``error_prior`` records the prior.
     """
     has_err, has_loss = ~np.isnan(errors), ~np.isnan(losses)
@@ -121,10 +122,12 @@ def performance(clusters: I64, k: int, errors: NDArray[np.float64], losses: NDAr
         "alpha": alpha, "test": "one-sided Fisher exact (errors), Mann-Whitney U (loss); Holm",
         "error_prior": None if shrunk is None else {
             "rate": shrunk.prior.rate, "strength": shrunk.prior.strength,
-            "rho": shrunk.prior.rho, "p0_quantile": shrunk.quantile,
+            "rho": shrunk.prior.rho, "p0_quantile": shrunk.quantile, "p0_method": "pooled",
             "method": "posterior Beta(errors + m·rate, labelled - errors + m·(1 - rate)): "
                       "prior at the Jeffreys overall rate, m from the clusters' intraclass "
                       "correlation (m = 1/rho - 1) within [2/rate, labelled]; expected_error "
-                      "its mean, error_p0 its p0_quantile"},
+                      "its mean; error_p0 the means scaled by one factor so that their "
+                      "labelled-weighted mean is the p0_quantile of the pooled rate's Jeffreys "
+                      "posterior"},
         "clusters": rows, "aggressors": aggressors,
     }
