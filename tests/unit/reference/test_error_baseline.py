@@ -48,7 +48,7 @@ def test_a_zero_error_cluster_keeps_the_budget_and_a_real_increase_alarms() -> N
 
     * The raw rate (0, floored at 1e-9) alarms after a median of about 170 events in every
       reference — the review measured 156.
-    * The build's ``error_p0`` (the 0.999 posterior quantile, ``P0_QUANTILE``): where it
+    * The build's ``error_p0`` (scaled to the pooled rate's 0.999 bound, ``P0_QUANTILE``): where it
       covers the true rate, no run may alarm within 20,000 events — the budget allows
       ``R·20,000/γ`` ≈ 5e-4 alarms over those runs (0 within three Poisson standard
       deviations). Where it does not (by design about one reference in a thousand; the
