@@ -7,6 +7,8 @@ no crossing, a ``clear`` message says the slice is back at its no-drift level.
 
 While a detector's alarm is open its evidence counts come from a tally of the slice's counts
 (:meth:`SliceState._start_tally`): exact from the onset on, however long the alarm stays open.
+It also counts its events per cell (station × shift × lot, :mod:`driftline.core.cells`) from
+the alarm on, so that the book can tell which alarmed slices share the changed events.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 
 from driftline.consumers.exemplars import EXEMPLAR_FIELDS, ExemplarRing
 from driftline.core.baselines import DetectorBaseline
+from driftline.core.cells import CellTally
 from driftline.core.counts import Counts
 from driftline.core.slices import Alarm, EventUpdate, SliceDetectors
 from driftline.schema import parse_slice_id
@@ -63,6 +66,12 @@ class UpdateView(Protocol):
     def event_id(self) -> str: ...
     @property
     def ts(self) -> datetime: ...
+    @property
+    def station(self) -> str: ...
+    @property
+    def shift(self) -> str: ...
+    @property
+    def lot(self) -> str: ...
     @property
     def source_partition(self) -> int: ...
     @property
@@ -141,7 +150,7 @@ class SliceState:
     """
 
     __slots__ = ("slice_id", "template", "det", "baselines", "autoresolve", "open", "exemplars",
-                 "versions", "last_time", "reference_id")
+                 "versions", "last_time", "reference_id", "cells")
 
     def __init__(self, slice_id: str, template: str, detectors: SliceDetectors,
                  baselines: Baselines, autoresolve_events: int) -> None:
@@ -150,6 +159,7 @@ class SliceState:
         self.baselines = baselines
         self.autoresolve = autoresolve_events
         self.open: dict[str, dict[str, Any]] = {}  # detector -> {onset_time, quiet, alarms}
+        self.cells: dict[str, CellTally] = {}  # open alarm's detector -> its per-cell counts
         self.exemplars = ExemplarRing()  # the newest exemplars, oldest first
         self.versions: dict[str, int] = {}
         self.last_time: float | None = None
@@ -194,6 +204,7 @@ class SliceState:
     def _clear(self, name: str, state: dict[str, Any], t: float) -> dict[str, Any]:
         if self.det.counts is not None:
             self.det.counts.stop_tally(name)
+        self.cells.pop(name, None)
         return {"kind": "clear", "detector": name, "time": t, "onset_time": state["onset_time"],
                 "dims": self.dims, "slice_n": self.n}
 
@@ -230,6 +241,10 @@ class SliceState:
                         low_confidence_p0_bound=pb.low_confidence_bound)
             else:
                 alarms = self._update(upd, t, cluster=True, pb=pb)
+            if self.cells:  # an alarm is open: count the event in its cell
+                cell = (upd.station, upd.shift, upd.lot)
+                for tally in self.cells.values():
+                    tally.update(cell, cluster, p, ood=upd.ood, ood_p0=b.ood_rate)
             self.exemplars.add(upd.event_id, cluster, upd.distance, t, upd.ood,
                                upd.source_partition, upd.source_offset)
             version = upd.model_version
@@ -301,6 +316,7 @@ class SliceState:
             state = self.open[name] = {"onset_time": alarm["onset_time"], "alarms": 0}
             state["missed"] = self._start_tally(name, name, alarm["onset_time"], took,
                                                 upd.baseline)
+            self._start_cells(name, alarm, upd)
         state["quiet"] = 0
         state["alarms"] += 1
         state["hold"] = max(state.get("hold", 0), RECROSS_FACTOR * took)
@@ -319,6 +335,23 @@ class SliceState:
                "dims": self.dims, "evidence": evidence}
         self.det.detectors[name].reset()  # restart: a persisting change crosses again
         return msg
+
+    def _start_cells(self, name: str, alarm: dict[str, Any], upd: UpdateView) -> None:
+        """Count alarm ``name``'s events per cell from now on, the alarming event first (a
+        cluster-mix alarm watches the cluster its crossing CUSUM named)."""
+        argmax = alarm.get("argmax") or {}
+        watch = argmax.get("category") if name == "cluster_mix" else None
+        tally = self.cells[name] = CellTally(watch if isinstance(watch, int) else None,
+                                             argmax.get("direction") if name == "cluster_mix"
+                                             else None)
+        if upd.cluster is None or is_late_label(upd):
+            return
+        try:
+            b = self.baselines.detector_baseline(upd.baseline)
+        except KeyError:
+            return
+        tally.update((upd.station, upd.shift, upd.lot), upd.cluster, b.p, ood=upd.ood,
+                     ood_p0=b.ood_rate)
 
     def _start_tally(self, tally: str, name: str, onset: float | None, since_onset: int,
                      key: str) -> int | None:
@@ -385,6 +418,7 @@ class SliceState:
             for name in self.det.counts.tallies:
                 self.det.counts.stop_tally(name)
         self.open = {}
+        self.cells = {}
 
     def evidence(self, since: float | None, detector: str | None = None) -> dict[str, Any]:
         """Counts (cluster mix observed vs expected, OOD), exemplars, versions.
@@ -402,8 +436,10 @@ class SliceState:
             out = _counts(tally, self.open.get(detector, {}).get("missed"))
         elif ring is not None:
             out = _counts(ring.since(since))
+        cells = self.cells.get(detector) if detector is not None else None
         return {
             "counts": out,
+            **({"cells": cells.as_dict()} if cells is not None else {}),
             "exemplars": [dict(zip(EXEMPLAR_FIELDS, e, strict=True)) for e in self.exemplars],
             "model_versions": dict(self.versions),
         }
@@ -422,7 +458,8 @@ class SliceState:
         return {"slice_id": self.slice_id, "template": self.template,
                 "detectors": self.det.snapshot(), "open": self.open,
                 "exemplars": [list(e) for e in self.exemplars], "versions": self.versions,
-                "last_time": self.last_time, "reference_id": self.reference_id}
+                "last_time": self.last_time, "reference_id": self.reference_id,
+                "cells": {name: c.snapshot() for name, c in self.cells.items()}}
 
     @classmethod
     def restore(cls, snap: dict[str, Any], baselines: Baselines,
@@ -435,6 +472,11 @@ class SliceState:
             for name in counts.tallies:
                 if name not in obj.open:  # never written so; but a tally lives with its alarm
                     counts.stop_tally(name)
+        # checkpoints written before cells have none: those alarms' cells start empty
+        obj.cells = {name: CellTally.restore(c) for name, c in (snap.get("cells") or {}).items()
+                     if name in obj.open}
+        for name in obj.open:
+            obj.cells.setdefault(name, CellTally())
         obj.exemplars = ExemplarRing.restore(snap["exemplars"])
         obj.versions = snap["versions"]
         obj.last_time = snap["last_time"]
