@@ -101,17 +101,30 @@ def episode_split(f: Firing, msg: Mapping[str, Any], delta: dict[str, Any] | Non
     return (min(f.last_detected + oi * step, at) if step is not None else at), delta
 
 
+def _newer_cells(first: SliceEvidence, second: SliceEvidence) -> dict[str, dict[str, Any]]:
+    """Per detector, the cells that counted more events (cumulative since the alarm)."""
+    out = dict(first.cells)
+    for det, doc in second.cells.items():
+        if det not in out or _cells_n(doc) >= _cells_n(out[det]):
+            out[det] = doc
+    return out
+
+
+def _cells_n(doc: Mapping[str, Any]) -> int:
+    return int(sum(r[3] for r in doc.get("cells") or []) + (doc.get("overflow") or [0])[0])
+
+
 def combine(a: SliceEvidence, b: SliceEvidence) -> SliceEvidence:
     """One slice's evidence from two episodes of the same incident."""
     first, second = (a, b) if (a.onset or a.last_time or datetime.max.replace(
         tzinfo=UTC)) <= (b.onset or b.last_time or datetime.max.replace(tzinfo=UTC)) else (b, a)
     if not first.counts or not second.counts:
-        return second
+        return second.model_copy(update={"cells": _newer_cells(first, second)})
     strength, mix, displaced = effect(add_counts(first.counts, second.counts))
     out = second.model_copy(update={
         "counts": add_counts(first.counts, second.counts), "strength": strength,
         "mix_shift": mix, "displaced": displaced, "onset": first.onset,
-        "first_time": first.first_time,
+        "first_time": first.first_time, "cells": _newer_cells(first, second),
         "n_since_onset": first.n_since_onset + second.n_since_onset})
     out.signature = signature(out.counts)
     return out

@@ -151,6 +151,7 @@ def slice_evidence(msg: Mapping[str, Any], counts: Mapping[str, Any] | None = No
         ref=SliceRef(template=msg["template"], dims=dict(msg["dims"]), slice_id=msg["slice_id"]),
         strength=strength, mix_shift=mix_shift, displaced=displaced, n_since_onset=n_since,
         counts=dict(counts) if counts else None, signature=signature(counts),
+        cells={msg["detector"]: ev["cells"]} if ev.get("cells") else {},
         exemplars=[{**x, "slice_id": msg["slice_id"]} for x in ev.get("exemplars", [])],
         model_versions=dict(ev.get("model_versions") or {}),
         reference_id=msg.get("reference_id"), onset=onset, first_time=at, last_time=at)

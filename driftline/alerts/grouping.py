@@ -28,6 +28,7 @@ summary; the book stores what it marks dirty, in one transaction with the outbox
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -43,6 +44,15 @@ from driftline.alerts.attribution import (
     template_rank,
 )
 from driftline.alerts.changes import Change, record_change
+from driftline.alerts.cooccurrence import (
+    CooccurrencePolicy,
+    Plan,
+    direction,
+    persisted,
+    read_cells,
+    totals,
+)
+from driftline.alerts.cooccurrence import attribute as cooccur
 from driftline.alerts.episodes import (
     add_counts,
     combine,
@@ -86,6 +96,7 @@ class BookPolicy:
     episode_gap_events: int = 50
     episode_gap_s: float = 600.0
     attribution: AttributionPolicy = field(default_factory=AttributionPolicy)
+    cooccurrence: CooccurrencePolicy = field(default_factory=CooccurrencePolicy)
 
 
 class Grouper:
@@ -114,6 +125,7 @@ class Grouper:
         self._todo: dict[str, bool] = {}  # incident id -> store even if unchanged
         self._joined: dict[str, list[str]] = {}
         self._created: set[str] = set()
+        self._plan = Plan()  # the co-occurrence attribution of the last finish()
 
     # --- entry points --------------------------------------------------------------------
     def apply(self, msg: Mapping[str, Any]) -> None:
@@ -142,6 +154,7 @@ class Grouper:
         """Attribute the incidents the batch touched (once each), then merge concurrent ones
         that one root explains. Incidents opened and merged within the batch are not routed:
         nobody needs an alert that lived for a few milliseconds."""
+        self._cooccur()
         touched = sorted((self.incidents[i] for i in self._todo), key=_age)
         for inc in touched:
             if inc.active:
@@ -173,6 +186,8 @@ class Grouper:
                                   gap_events=self.policy.episode_gap_events,
                                   gap_s=self.policy.episode_gap_s) if msg["kind"] == "update" else (
                 f.onset, counts)  # a first crossing while we hold one: the slice restarted
+            if split is not None and msg["kind"] == "update" and self._persisted(f, msg):
+                split = None
             if split is None:
                 self._continue(inc, f, msg, counts, delta)
                 return
@@ -186,7 +201,8 @@ class Grouper:
                         last_detected=ev.last_time or self.now,
                         events_at_detection=ev.n_since_onset or None,
                         episode=EpisodeCounts(last=counts, counts=episode,
-                                              slice_n=msg.get("slice_n")))
+                                              slice_n=msg.get("slice_n"),
+                                              cells=totals(ev.cells, det)))
         target = self._place(ev)
         if target is None:
             self._open([ev], [firing], note=None)
@@ -220,13 +236,28 @@ class Grouper:
             f.episode.counts = add_counts(f.episode.counts, delta)
         f.episode.last, f.episode.slice_n = counts, msg.get("slice_n")
         ev = slice_evidence(msg, f.episode.counts, f.onset)
+        f.episode.cells = totals(ev.cells, f.detector) or f.episode.cells
         old = inc.slices.get(f.slice_id)
         ev.first_time = min(f.first_detected, old.first_time or f.first_detected) \
             if old is not None and old.onset == f.onset else f.first_detected
         self._set_evidence(inc, ev)
 
+    def _persisted(self, f: Firing, msg: Mapping[str, Any]) -> bool:
+        """The alarm's cells show its change went on between its last message and this one
+        (an exact test on the events in between, :func:`~driftline.alerts.cooccurrence.
+        persisted`): a re-crossing of the same change, not a new episode — the detector sat
+        near zero only because a moderate change climbs slowly. Without cells: not known."""
+        cells = {f.detector: (msg.get("evidence") or {}).get("cells") or {}}
+        now = totals(cells, f.detector)
+        if now is None or f.episode.cells is None or now[0] <= f.episode.cells[0]:
+            return False
+        return persisted(f.episode.cells, now, direction(cells, f.detector),
+                         self.policy.cooccurrence)
+
     def _set_evidence(self, inc: Incident, ev: SliceEvidence) -> None:
         old = inc.slices.get(ev.ref.slice_id)
+        if old is not None:
+            ev.cells = {**old.cells, **ev.cells}
         if old is not None:  # keep earlier exemplars too, newest first, bounded
             seen = {x["event_id"] for x in ev.exemplars}
             ev.exemplars.extend(x for x in old.exemplars if x["event_id"] not in seen)
@@ -281,6 +312,32 @@ class Grouper:
         return Attributor(self.summary, inc.baseline_n, self.policy.attribution)
 
     def _place(self, ev: SliceEvidence) -> Incident | None:
+        decided, target = self._place_by_cells(ev)
+        return target if decided else self._place_by_totals(ev)
+
+    def _place_by_cells(self, ev: SliceEvidence) -> tuple[bool, Incident | None]:
+        """Where co-occurrence attribution over the active incidents' alarms and ``ev`` puts
+        ``ev`` (:meth:`_cooccur` would move it there): ``(True, the concurrent incident rooted
+        at its root or holding it)``, ``(True, None)`` to open one; ``(False, None)`` when the
+        cells cannot tell (too few events in ``ev``'s, or noise no root is compatible with)."""
+        sid = ev.ref.slice_id
+        if read_cells(ev, self.policy.cooccurrence) is None:
+            return False, None
+        members: dict[str, SliceEvidence] = {}
+        for inc in sorted(self._active(), key=_age):
+            for s, e in inc.slices.items():
+                members.setdefault(s, e)
+        members[sid] = ev
+        root = cooccur(list(members.values()), self.policy.cooccurrence).root_of.get(sid)
+        if root is None:
+            return False, None
+        start, end = ev.onset or ev.last_time or self.now, ev.last_time or self.now
+        live = [i for i in self._active() if self._concurrent(i, start, end)]
+        held = ([i for i in live if i.root.slice_id == root]
+                or ([] if root == sid else [i for i in live if root in i.slices]))
+        return True, max(held, key=lambda i: i.last_activity) if held else None
+
+    def _place_by_totals(self, ev: SliceEvidence) -> Incident | None:
         """An open incident rooted at ``ev``'s slice; else the most recent concurrent incident
         whose root explains ``ev`` or that ``ev`` explains; else the concurrent incident holding
         such a slice of the most local template (station+shift, station, lot, shift), the most
@@ -346,9 +403,107 @@ class Grouper:
                     or (b.last_time is not None and a.onset is not None
                         and b.last_time < a.onset - slack))
 
+    def _cooccur(self) -> None:
+        """Make the active incidents the co-occurrence plan of all their alarms
+        (:mod:`driftline.alerts.cooccurrence`): a function of the alarms and their cells, not of
+        the order they came in. Each root claims an incident — the one rooted there, else the
+        one holding most of its group (the oldest on ties), else a new one split off — and its
+        group's slices move there; an incident left with none of its slices is merged into the
+        one that took most (on-call's acknowledgements go with it). Slices the plan does not
+        read (no cells, too few events) stay, and :meth:`_attribute` places them by totals."""
+        incs = sorted(self._active(), key=_age)
+        owner: dict[str, Incident] = {}
+        for inc in incs:
+            for sid in inc.slices:
+                owner.setdefault(sid, inc)
+        plan = self._plan = cooccur([owner[s].slices[s] for s in owner],
+                                    self.policy.cooccurrence)
+        groups = {r: sorted(s for s, x in plan.root_of.items() if x == r) for r in plan.roots}
+        claimed: dict[str, Incident] = {}
+        for r in plan.roots:
+            free = [i for i in incs if i.id not in {c.id for c in claimed.values()}]
+            mine = next((i for i in free if i.root.slice_id == r), None)
+            if mine is None:
+                held = Counter(owner[s].id for s in groups[r])
+                mine = min((i for i in free if held[i.id]), default=None,
+                           key=lambda i: (-held[i.id], _age(i)))
+            if mine is not None:
+                claimed[r] = mine
+        moves: list[tuple[str, str, str]] = []  # (from, to, slice)
+        for r in plan.roots:
+            dst = claimed.get(r)
+            order = [r, *(s for s in groups[r] if s != r)]
+            if dst is None:
+                src = owner[r]
+                taken = [(owner[s].id, *self._take(owner[s], s)) for s in order]
+                dst = self._open([e for _, e, _ in taken], [f for *_, fs in taken for f in fs],
+                                 note=f"split from {src.id}", baseline_n=dict(src.baseline_n))
+                moves += [(i, dst.id, s) for (i, _, _), s in zip(taken, order, strict=True)]
+                continue
+            for s in order:
+                src = owner[s]
+                if src is dst:
+                    continue
+                ev, firings = self._take(src, s)
+                dst.slices[s] = combine(dst.slices[s], ev) if s in dst.slices else ev
+                dst.detectors.extend(firings)
+                self._joined.setdefault(dst.id, []).append(s)
+                self._touch(dst, ev.last_time)
+                moves.append((src.id, dst.id, s))
+            if dst.root.slice_id != r:
+                old, dst.root = dst.root.slice_id, dst.slices[r].ref
+                self._refresh(dst)
+                self._record(dst, "rerooted", f"{old} → {r}")
+                self._link_recurrence(dst)
+            self._todo[dst.id] = True
+        self._settle_sources(moves)
+
+    def _take(self, inc: Incident, sid: str) -> tuple[SliceEvidence, list[Firing]]:
+        """Remove slice ``sid`` and its firings from ``inc``."""
+        firings = [f for f in inc.detectors if f.slice_id == sid]
+        inc.detectors = [f for f in inc.detectors if f.slice_id != sid]
+        self._todo.setdefault(inc.id, True)
+        self.dirty.add(inc.id)
+        return inc.slices.pop(sid), firings
+
+    def _settle_sources(self, moves: list[tuple[str, str, str]]) -> None:
+        """Incidents that lost slices to :meth:`_cooccur`: ``split`` recorded; one left with
+        no live firing (what it was about moved) is merged into the incident that took most of
+        its slices, the oldest on ties — on-call's acknowledgements go with it."""
+        by_src: dict[str, dict[str, list[str]]] = {}
+        for a, b, s in moves:
+            if a != b:
+                by_src.setdefault(a, {}).setdefault(b, []).append(s)
+        for src_id, to in sorted(by_src.items()):
+            src = self.incidents[src_id]
+            for dst, sids in sorted(to.items()):
+                self._record(src, "split", f"{', '.join(sorted(sids))} → {dst}")
+            if not any(f.active for f in src.detectors):
+                keep = self.incidents[min(to, key=lambda d: (-len(to[d]),
+                                                             _age(self.incidents[d])))]
+                if keep.active:
+                    self._merge(keep, src)
+
+    def _partition(self, inc: Incident) -> list[Group]:
+        """``inc``'s groups: with a co-occurrence root, that root and the slices the plan gives
+        it, plus slices the plan does not read that the root explains by totals; the rest (and
+        every incident without such a root) by totals (:class:`Attributor`)."""
+        att = self._attributor(inc)
+        members = list(inc.slices.values())
+        plan, root = self._plan, inc.root.slice_id
+        if root not in plan.roots or root not in inc.slices:
+            return att.partition(members)
+        r, alarmed = inc.slices[root], set(inc.slices)
+        mine = [m for m in members
+                if plan.root_of.get(m.ref.slice_id) == root and m.ref.slice_id != root]
+        unread = [m for m in members if m.ref.slice_id not in plan.root_of]
+        keep = [m for m in unread if att.explains(r, m, alarmed)]
+        rest = [m for m in members if m is not r and not any(m is x for x in (*mine, *keep))]
+        return [Group(r, mine + keep), *(att.partition(rest) if rest else [])]
+
     def _attribute(self, inc: Incident, *, mark: bool) -> None:
         n_known = len(inc.baseline_n)
-        groups = self._attributor(inc).partition(list(inc.slices.values()))
+        groups = self._partition(inc)
         mark = mark or len(inc.baseline_n) != n_known
         main, rest = groups[0], groups[1:]
         for g in rest:
@@ -398,6 +553,11 @@ class Grouper:
         gone.status, gone.resolved_at, gone.merged_into = Status.resolved, self.now, keep.id
         self._record(gone, "merged", f"into {keep.id}")
         self._touch(keep, gone.last_activity)
+        roots = self._plan.roots
+        if (gone.root.slice_id in roots and keep.root.slice_id not in roots
+                and gone.root.slice_id in keep.slices):
+            old, keep.root = keep.root.slice_id, gone.root
+            self._record(keep, "rerooted", f"{old} → {keep.root.slice_id}")
         self._attribute(keep, mark=True)
         self._record(keep, "related_added", f"merged {gone.id}")
 
@@ -423,6 +583,14 @@ class Grouper:
         ra, rb = a.slices[a.root.slice_id], b.slices[b.root.slice_id]
         att = self._attributor(a, b.slices.values())
         alarmed = {*a.slices, *b.slices}
+        planned = [i for i in (a, b) if i.root.slice_id in self._plan.roots]
+        if len(planned) == 2:  # two roots of the co-occurrence plan: two changes
+            return False
+        if planned:  # one: the other's slices, none read by the plan, all explained by it
+            r = planned[0].slices[planned[0].root.slice_id]
+            other = b if planned[0] is a else a
+            return not (set(other.slices) & self._plan.root_of.keys()) and all(
+                att.explains(r, s, alarmed) for s in other.slices.values())
         if not (att.explains(ra, rb, alarmed) or att.explains(rb, ra, alarmed)):
             return False
         return len(att.partition([*a.slices.values(), *b.slices.values()])) == 1

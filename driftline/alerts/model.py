@@ -73,6 +73,8 @@ class EpisodeCounts(_Model):
     last: dict[str, Any] | None = None
     counts: dict[str, Any] | None = None
     slice_n: int | None = None
+    cells: list[float] | None = Field(
+        None, description="the last message's cell totals [n, x, expected] (persistence)")
 
 
 class Firing(_Model):
@@ -103,6 +105,8 @@ class SliceEvidence(_Model):
     n_since_onset: int = 0
     signature: list[float] = Field(default_factory=list, description="p_obs - p_ref, OOD")
     counts: dict[str, Any] | None = None
+    cells: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per detector: its alarm's per-cell counts")
     exemplars: list[dict[str, Any]] = Field(default_factory=list)
     model_versions: dict[str, int] = Field(default_factory=dict)
     reference_id: str | None = Field(None, description="the reference the alarm was raised on")
