@@ -3,14 +3,18 @@ update messages, bounded, and through the slice's snapshot (``SliceState``; no K
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
 
+from driftline.alerts.attribution import SliceStatus
+from driftline.alerts.grouping import Grouper
 from driftline.consumers.checkpoint import decode_record, encode_record
 from driftline.consumers.slice_state import SliceState
 from driftline.core.baselines import DetectorBaseline
+from driftline.core.budget import DAY, Budget
 from driftline.core.cells import CellTally
 from driftline.core.slices import SliceDetectors
 from driftline.core.snapshot import plain
@@ -107,3 +111,36 @@ def test_no_cells_without_an_open_alarm() -> None:
     st = _state()
     _feed(st, 4, 400)
     assert not st.open and not st.cells
+
+
+def test_one_persistent_moderate_change_is_one_incident() -> None:
+    """Service defaults (2 events/s): OOD 1 % → 3 % from 1 h on, for good. The detector
+    restarts after each crossing and, the change being moderate, sits near zero a while before
+    it climbs again: read from the timing alone each re-crossing was a new episode, and the
+    book opened 8 incidents. The alarm's cells show the change went on in between."""
+    rng = np.random.default_rng(0)
+    every_s = 0.5
+    st = SliceState("station=S", "station",
+                    SliceDetectors(arl0=Budget(1.0, 30 * DAY, 200, 2, 1 / every_s).arl0()),
+                    Flat(), 500)
+    msgs = []
+    for i in range(int(4 * 3600 / every_s)):
+        t = T0 + timedelta(seconds=i * every_s)
+        ood = bool(rng.random() < (0.03 if i * every_s >= 3600 else 0.01))
+        u = SliceUpdate(slice_id="station=S", template="station", event_id=f"e{i}", ts=t,
+                        source_partition=0, source_offset=i, station="S", shift="day",
+                        lot="L", baseline="station=S", cluster=int(rng.integers(K)),
+                        distance=0.1, ood=ood)
+        msgs += [{**m, "slice_id": "station=S", "template": "station"} for m in st.update(u)]
+    summary = {"station=S": SliceStatus.from_summary("station=S", {
+        "template": "station", "dims": {"station": "S"}, "n": st.n, "last_time": st.last_time,
+        "ratios": {}, "open": sorted(st.open)})}
+    ids = itertools.count(1)
+    g = Grouper([], summary, now=T0 + timedelta(days=1), new_id=lambda: f"DL-{next(ids)}",
+                signatures=dict)
+    for m in msgs:
+        g.apply(m)
+        g.finish()
+    kinds = [m["kind"] for m in msgs]
+    assert kinds.count("update") >= 3 and kinds.count("clear") == 0
+    assert len(g.incidents) == 1
