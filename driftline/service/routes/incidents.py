@@ -22,6 +22,7 @@ from driftline.service.schemas.common import COMMON_ERRORS, errors
 from driftline.service.schemas.incidents import (
     AcknowledgeRequest,
     AnnotateRequest,
+    CellsView,
     EvidenceView,
     ExemplarView,
     IncidentDetail,
@@ -89,7 +90,8 @@ def get_evidence(incident_id: IncidentId, book: BookDep, _: Viewer) -> EvidenceV
     effects = [SliceEffect(slice_id=s.ref.slice_id, template=s.ref.template,
                            root=s.ref.slice_id == inc.root.slice_id, strength=s.strength,
                            displaced=s.displaced, n_since_onset=s.n_since_onset, onset=s.onset,
-                           last_time=s.last_time, model_versions=s.model_versions)
+                           last_time=s.last_time, model_versions=s.model_versions,
+                           cells=CellsView.of(s))
                for s in inc.slices.values()]
     effects.sort(key=lambda e: (not e.root, -e.strength))
     return EvidenceView(incident_id=inc.id, evidence=inc.evidence, slices=effects)

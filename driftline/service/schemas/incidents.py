@@ -6,6 +6,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from driftline.alerts.cooccurrence import CooccurrencePolicy, read_cells
 from driftline.alerts.model import (
     Delay,
     Evidence,
@@ -15,6 +16,7 @@ from driftline.alerts.model import (
     Resolution,
     RootCause,
     Severity,
+    SliceEvidence,
     SliceRef,
     Status,
     TimelineEntry,
@@ -114,6 +116,36 @@ class RecurrenceLinkView(BaseModel):
     link: str
 
 
+class AffectedCell(BaseModel):
+    station: str
+    shift: str
+    lot: str
+    events: int = Field(description="the alarm's events in this cell since it was raised")
+    excess: float = Field(description="events moved beyond the reference (OOD hits or "
+                                      "watched-cluster events)")
+
+
+class CellsView(BaseModel):
+    """Where in the slice the change is: its alarm's cells (station × shift × lot) clearly
+    above their reference, as the book's co-occurrence attribution reads them."""
+
+    events: int = Field(description="events the alarm's cells counted since it was raised")
+    pooled: int = Field(description="of those, events beyond the per-alarm cell bound")
+    precision: float = Field(description="share of the events in affected cells")
+    affected: list[AffectedCell] = Field(description="largest excess first")
+
+    @classmethod
+    def of(cls, ev: SliceEvidence) -> CellsView | None:
+        sc = read_cells(ev, CooccurrencePolicy(min_events=1))
+        if sc is None:
+            return None
+        return cls(events=sum(sc.n.values()) + sc.pooled, pooled=sc.pooled,
+                   precision=sc.precision, affected=[
+                       AffectedCell(station=c[0], shift=c[1], lot=c[2], events=sc.n[c],
+                                    excess=x)
+                       for c, x in sorted(sc.affected.items(), key=lambda kv: -kv[1])])
+
+
 class SliceEffect(BaseModel):
     """How strongly one alarmed slice shows the change since its onset."""
 
@@ -126,6 +158,7 @@ class SliceEffect(BaseModel):
     onset: datetime | None
     last_time: datetime | None
     model_versions: dict[str, int]
+    cells: CellsView | None = Field(None, description="none for alarms without cells")
 
 
 class EvidenceView(BaseModel):
