@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.stats import binom
+from scipy.special import bdtr, bdtrc
 
 from driftline.alerts.model import SliceEvidence, SliceRef
 
@@ -123,11 +123,12 @@ def _affected(doc: Mapping[str, Any], policy: CooccurrencePolicy) -> dict[Cell, 
     p0 = np.where(ok, e / np.maximum(n, 1), 0.5).clip(1e-12, 1 - 1e-12)
     rate = x / np.maximum(n, 1)
     level = policy.alpha / len(rows)
+    n_i = n.astype(np.int64)
     if direction == "into":
-        tail = binom.sf(x - 1, n, p0)
+        tail = bdtrc(x - 1, n_i, p0)  # P(X >= x)
         big = rate - p0 >= policy.min_effect
     else:
-        tail = binom.cdf(x, n, p0)
+        tail = bdtr(x, n_i, p0)  # P(X <= x)
         big = p0 - rate >= np.minimum(policy.min_effect, p0 / 2)
     hit = ok & (tail < level) & big
     return {(str(r[0]), str(r[1]), str(r[2])): float(abs(x[i] - e[i]))
@@ -155,11 +156,29 @@ def _compatible(a: SliceRef, b: SliceRef) -> bool:
     return all(b.dims[k] == v for k, v in a.dims.items() if k in b.dims)
 
 
+class CellReader:
+    """:func:`read_cells` remembered per evidence object and its cells (one book batch reads
+    the same alarms once per placement and once per finish)."""
+
+    def __init__(self, policy: CooccurrencePolicy) -> None:
+        self.policy = policy
+        self._seen: dict[int, tuple[SliceEvidence, Any, SliceCells | None]] = {}
+
+    def __call__(self, ev: SliceEvidence) -> SliceCells | None:
+        hit = self._seen.get(id(ev))
+        if hit is not None and hit[0] is ev and hit[1] is ev.cells:
+            return hit[2]
+        sc = read_cells(ev, self.policy)
+        self._seen[id(ev)] = (ev, ev.cells, sc)  # holding ev: its id is not reused meanwhile
+        return sc
+
+
 def attribute(members: Sequence[SliceEvidence],
-              policy: CooccurrencePolicy = CooccurrencePolicy()) -> Plan:
+              policy: CooccurrencePolicy = CooccurrencePolicy(),
+              reader: CellReader | None = None) -> Plan:
     """The roots of ``members`` and where each slice goes (see the module docstring)."""
-    cells = {ev.ref.slice_id: sc for ev in members
-             if (sc := read_cells(ev, policy)) is not None}
+    read = reader or CellReader(policy)
+    cells = {ev.ref.slice_id: sc for ev in members if (sc := read(ev)) is not None}
     plan = Plan(read=set(cells))
     explained: set[Cell] = set()
     while True:
@@ -230,5 +249,6 @@ def persisted(before: Sequence[float], now: Sequence[float], direction: str,
     if n <= 0 or e <= 0:
         return False
     p0 = min(max(e / n, 1e-12), 1 - 1e-12)
-    tail = binom.sf(x - 1, n, p0) if direction != "out" else binom.cdf(x, n, p0)
+    k = int(round(n))
+    tail = float(bdtrc(x - 1, k, p0) if direction != "out" else bdtr(x, k, p0))
     return bool(tail < policy.persist_alpha)

@@ -45,11 +45,11 @@ from driftline.alerts.attribution import (
 )
 from driftline.alerts.changes import Change, record_change
 from driftline.alerts.cooccurrence import (
+    CellReader,
     CooccurrencePolicy,
     Plan,
     direction,
     persisted,
-    read_cells,
     totals,
 )
 from driftline.alerts.cooccurrence import attribute as cooccur
@@ -126,6 +126,7 @@ class Grouper:
         self._joined: dict[str, list[str]] = {}
         self._created: set[str] = set()
         self._plan = Plan()  # the co-occurrence attribution of the last finish()
+        self._cells = CellReader(policy.cooccurrence)
 
     # --- entry points --------------------------------------------------------------------
     def apply(self, msg: Mapping[str, Any]) -> None:
@@ -321,14 +322,15 @@ class Grouper:
         at its root or holding it)``, ``(True, None)`` to open one; ``(False, None)`` when the
         cells cannot tell (too few events in ``ev``'s, or noise no root is compatible with)."""
         sid = ev.ref.slice_id
-        if read_cells(ev, self.policy.cooccurrence) is None:
+        if self._cells(ev) is None:
             return False, None
         members: dict[str, SliceEvidence] = {}
         for inc in sorted(self._active(), key=_age):
             for s, e in inc.slices.items():
                 members.setdefault(s, e)
         members[sid] = ev
-        root = cooccur(list(members.values()), self.policy.cooccurrence).root_of.get(sid)
+        root = cooccur(list(members.values()), self.policy.cooccurrence,
+                       self._cells).root_of.get(sid)
         if root is None:
             return False, None
         start, end = ev.onset or ev.last_time or self.now, ev.last_time or self.now
@@ -417,7 +419,7 @@ class Grouper:
             for sid in inc.slices:
                 owner.setdefault(sid, inc)
         plan = self._plan = cooccur([owner[s].slices[s] for s in owner],
-                                    self.policy.cooccurrence)
+                                    self.policy.cooccurrence, self._cells)
         groups = {r: sorted(s for s, x in plan.root_of.items() if x == r) for r in plan.roots}
         claimed: dict[str, Incident] = {}
         for r in plan.roots:
