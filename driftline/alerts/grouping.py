@@ -422,13 +422,17 @@ class Grouper:
                                     self.policy.cooccurrence, self._cells)
         groups = {r: sorted(s for s, x in plan.root_of.items() if x == r) for r in plan.roots}
         claimed: dict[str, Incident] = {}
+        for r in plan.roots:  # incidents rooted at a root first (the oldest), then the rest
+            mine = next((i for i in incs if i.root.slice_id == r), None)
+            if mine is not None:
+                claimed[r] = mine
         for r in plan.roots:
+            if r in claimed:
+                continue
             free = [i for i in incs if i.id not in {c.id for c in claimed.values()}]
-            mine = next((i for i in free if i.root.slice_id == r), None)
-            if mine is None:
-                held = Counter(owner[s].id for s in groups[r])
-                mine = min((i for i in free if held[i.id]), default=None,
-                           key=lambda i: (-held[i.id], _age(i)))
+            held = Counter(owner[s].id for s in groups[r])
+            mine = min((i for i in free if held[i.id]), default=None,
+                       key=lambda i: (-held[i.id], _age(i)))
             if mine is not None:
                 claimed[r] = mine
         moves: list[tuple[str, str, str]] = []  # (from, to, slice)
@@ -458,7 +462,7 @@ class Grouper:
                 self._record(dst, "rerooted", f"{old} → {r}")
                 self._link_recurrence(dst)
             self._todo[dst.id] = True
-        self._settle_sources(moves)
+        self._settle_sources(moves, {i.id for i in claimed.values()})
 
     def _take(self, inc: Incident, sid: str) -> tuple[SliceEvidence, list[Firing]]:
         """Remove slice ``sid`` and its firings from ``inc``."""
@@ -468,10 +472,11 @@ class Grouper:
         self.dirty.add(inc.id)
         return inc.slices.pop(sid), firings
 
-    def _settle_sources(self, moves: list[tuple[str, str, str]]) -> None:
-        """Incidents that lost slices to :meth:`_cooccur`: ``split`` recorded; one left with
-        no live firing (what it was about moved) is merged into the incident that took most of
-        its slices, the oldest on ties — on-call's acknowledgements go with it."""
+    def _settle_sources(self, moves: list[tuple[str, str, str]], claimed: set[str]) -> None:
+        """Incidents that lost slices to :meth:`_cooccur`: ``split`` recorded; one no root
+        claimed and left with no live firing (what it was about moved) is merged into the
+        incident that took most of its slices, the oldest on ties — on-call's
+        acknowledgements go with it."""
         by_src: dict[str, dict[str, list[str]]] = {}
         for a, b, s in moves:
             if a != b:
@@ -480,7 +485,7 @@ class Grouper:
             src = self.incidents[src_id]
             for dst, sids in sorted(to.items()):
                 self._record(src, "split", f"{', '.join(sorted(sids))} → {dst}")
-            if not any(f.active for f in src.detectors):
+            if src_id not in claimed and not any(f.active for f in src.detectors):
                 keep = self.incidents[min(to, key=lambda d: (-len(to[d]),
                                                              _age(self.incidents[d])))]
                 if keep.active:

@@ -21,7 +21,7 @@ from driftline.alerts.attribution import SliceStatus
 from driftline.alerts.cooccurrence import CooccurrencePolicy, attribute, read_cells
 from driftline.alerts.evidence import slice_evidence
 from driftline.alerts.grouping import Grouper
-from driftline.alerts.model import Incident
+from driftline.alerts.model import Incident, Status, TimelineEntry
 from driftline.schema import parse_slice_id, slice_id
 
 ONSET = 1_700_000_000.0
@@ -166,3 +166,63 @@ def test_without_cells_the_book_places_by_totals() -> None:
     # messages from detect workers that send no cells: the rules by totals place them
     live = replay(messages(0, cells=False), 0)
     assert live and all(not ev.cells for i in live for ev in i.slices.values())
+
+
+def test_cells_reshape_incidents_keeping_ids_and_acknowledgements() -> None:
+    """The first alarms carry no readable cells and are grouped by totals; once the cells
+    fill, the incidents are re-rooted, split and merged to the co-occurrence plan — recorded,
+    the oldest ids kept, and an acknowledgement on a merged incident carried over."""
+    per_slice = messages(0)
+    ids = itertools.count(1)
+    now = datetime(2026, 1, 5, 8, tzinfo=UTC)
+    g = Grouper([], summary(), now=now, new_id=lambda: f"DL-{next(ids):06d}", signatures=dict)
+    for q in per_slice:
+        g.apply(q[0])
+    g.finish()
+    first = {i.id: i for i in g.incidents.values() if i.active}
+    for inc in first.values():
+        inc.status = Status.acknowledged
+        inc.timeline.append(TimelineEntry(at=now, who="alice", action="acknowledged"))
+    g = Grouper(list(first.values()), summary(), now=now,
+                new_id=lambda: f"DL-{next(ids):06d}", signatures=dict)
+    for q in per_slice:
+        g.apply(q[1])
+    g.finish()
+    live = [i for i in g.incidents.values() if i.active]
+    assert sorted(i.root.slice_id for i in live) == sorted(ROOTS)
+    kept = [i for i in live if i.id in first]
+    assert kept  # ids stay where an incident lives on
+    merged = [i for i in g.incidents.values() if i.merged_into]
+    for m in merged:
+        into = g.incidents[m.merged_into]
+        assert into.status is Status.acknowledged
+        assert any(e.action == "acknowledged" and e.note and m.id in e.note
+                   for e in into.timeline)
+    actions = {c.action for c in g.changes}
+    assert actions & {"rerooted", "split", "merged"}
+
+
+def test_a_false_alarm_acknowledged_alone_ends_related_and_acknowledged() -> None:
+    """The false alarm came first and opened an incident that on-call acknowledged; its cells
+    show nothing located: it ends related to a root, and the acknowledgement goes with it."""
+    per_slice = messages(1)
+    noise = next(q for q in per_slice if q[0]["slice_id"] == NOISE)
+    rest = [q for q in per_slice if q is not noise]
+    ids = itertools.count(1)
+    now = datetime(2026, 1, 5, 8, tzinfo=UTC)
+    incidents: dict[str, Incident] = {}
+    for batch in ([noise[0]], [q[0] for q in rest], [noise[1], *(q[1] for q in rest)]):
+        g = Grouper([i for i in incidents.values() if i.active], summary(), now=now,
+                    new_id=lambda: f"DL-{next(ids):06d}", signatures=dict)
+        for m in batch:
+            g.apply(m)
+        g.finish()
+        incidents.update(g.incidents)
+        if len(incidents) == 1:
+            (alone,) = incidents.values()
+            alone.status = Status.acknowledged
+            alone.timeline.append(TimelineEntry(at=now, who="alice", action="acknowledged"))
+    live = [i for i in incidents.values() if i.active]
+    assert sorted(i.root.slice_id for i in live) == sorted(ROOTS)
+    (holder,) = [i for i in live if NOISE in i.slices]
+    assert holder.status is Status.acknowledged
