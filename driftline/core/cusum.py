@@ -23,6 +23,11 @@ The update is written for the detect stage's hot path, a few small numpy calls p
 
 Each event's float operations on ``S`` are the same whichever way the stream is cut into batches
 or restarted from a snapshot, so a restored detector continues bit for bit.
+
+A gap in observation (a shift slice sees nothing for 16 hours between its shifts) is the
+caller's to see — :class:`~driftline.core.slices.SliceDetectors` knows the slice's event times —
+and :meth:`CusumBank.onset_after_gap` is what it does to the onset estimate; ``S`` is never
+touched, so the false-alarm guarantee stays that of the plain CUSUM.
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ SNAPSHOT_VERSION = 2
 # The bound adds one rounded sum per event where S adds two: a few ulps of h per event at most.
 _BOUND_SLACK = 1e-6
 _EXACT_EVERY = 4096
+# A member's statistic at a gap must reach ln(M / GAP_ALPHA) for its onset to stay before the
+# gap: under no change the bank's statistic at a given event exceeds that with probability at
+# most GAP_ALPHA (see CusumBank.onset_after_gap).
+GAP_ALPHA = 0.05
 _thresholds: dict[float, float] = {}
 
 
@@ -106,7 +115,41 @@ class CusumBank:
         self._bound = bound if bound > 0.0 else 0.0
         return self._alarm
 
+    def onset_after_gap(self, time: float | None) -> None:
+        """A long gap in observation comes before the next event: members whose excursion so far
+        carries less than :attr:`gap_evidence` take that event as their onset.
+
+        The onset estimate of member ``m`` (the first event after ``S_m`` last left zero) is the
+        change point that maximises its likelihood ratio, and the ratio of that maximum to the
+        best change point at or after the gap is ``exp(S_m)`` at the gap. Under no change a CUSUM
+        at a given event is a time-reversed likelihood-ratio supremum, so by Ville's inequality
+        ``P(S_m >= x) <= e^-x``, and ``P(max_m S_m >= x) <= M e^-x`` for the bank. A little
+        evidence before a gap is therefore what no change leaves behind ~half the time, and
+        carried across the gap it dates a change that starts after it by the gap's length (hours
+        for a shift slice), not by the few events it spans. So the onset stays before the gap only
+        where the evidence before it alone rejects "no change yet" at level ``GAP_ALPHA``.
+        ``S`` is unchanged: alarms, and the false-alarm guarantee, are those of the plain CUSUM.
+
+        >>> from driftline.core.bernoulli import BernoulliCusum
+        >>> det = BernoulliCusum(arl0=1000.0)
+        >>> _ = det.update(True, 0.01, time=0.0)  # one OOD event: S = ln 10 < ln(4 / 0.01)
+        >>> det.onset_after_gap(time=57_600.0)
+        >>> _ = det.update(True, 0.01, time=57_600.0)
+        >>> det.onset_index, det.onset_time
+        (1, 57600.0)
+        """
+        s = self._s
+        weak = (s > 0.0) & (s < self.gap_evidence)
+        if weak.any():
+            self._onset[weak] = complex(self._n, math.nan if time is None else time)
+
     # -- read-only view -------------------------------------------------------------------
+    @property
+    def gap_evidence(self) -> float:
+        """``ln(M / GAP_ALPHA)``: the statistic a member needs at a gap for its onset to stay
+        before it (see :meth:`onset_after_gap`)."""
+        return math.log(self._s.size / GAP_ALPHA)
+
     @property
     def bank_size(self) -> int:
         return int(self._s.size)

@@ -22,6 +22,15 @@ _KINDS: dict[str, type[CusumBank]] = {
 }
 SNAPSHOT_VERSION = 2
 _NO_THRESHOLDS: dict[str, float] = {}
+# The pace is a running mean of the slice's inter-event times over about its last PACE_EVENTS
+# (a plain mean until then; no gap is seen before MIN_PACE_EVENTS intervals).
+PACE_EVENTS = 32
+MIN_PACE_EVENTS = 16
+# A gap is an interval longer than GAP_FACTOR paces: Poisson arrivals never make one (e^-50),
+# a shift slice's 16 hours off shift do (thousands of paces), so do an hour's break in a slice
+# that sees an event a minute. Intervals enter the pace clipped at GAP_FACTOR paces, so a gap
+# barely moves it while a lasting drop in the rate is followed within a few events.
+GAP_FACTOR = 50.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +87,15 @@ class Alarm:
 class SliceDetectors:
     """The detectors of one slice, created on first use, plus its mergeable counts.
 
+    Gaps: the slice tracks its own pace (a running mean of its inter-event times) and, when an
+    event comes more than ``GAP_FACTOR`` paces after the one before, asks every detector to keep
+    its onset after the gap unless the evidence before it alone is substantial
+    (:meth:`~driftline.core.cusum.CusumBank.onset_after_gap`). This lives here, not in each
+    bank nor in the detect stage's slice: a gap is a property of the slice's event stream — one
+    pace for all its detectors, not one per bank, and the banks' hot path (the Bernoulli one does
+    not read the time of a no-flag event) stays free of clock policy — and it is statistics on
+    event time that the benchmarks and the snapshot round trip exercise without Kafka.
+
     Parameters
     ----------
     arl0
@@ -97,7 +115,7 @@ class SliceDetectors:
     """
 
     __slots__ = ("arl0", "thresholds", "bucket_seconds", "max_buckets", "detectors", "counts",
-                 "n")
+                 "n", "_last_time", "_pace", "_intervals")
 
     def __init__(
         self,
@@ -114,6 +132,33 @@ class SliceDetectors:
         self.detectors: dict[str, CusumBank] = {}
         self.counts: SliceCounts | None = None
         self.n = 0
+        self._last_time: float | None = None  # the newest event time (label-only updates: no)
+        self._pace = 0.0  # running mean inter-event time over _intervals (capped) intervals
+        self._intervals = 0
+
+    def _after_gap(self, t: float) -> bool:
+        """Move the pace on to an event at ``t``; True if a gap comes before it."""
+        last = self._last_time
+        if last is None:
+            self._last_time = t
+            return False
+        dt = t - last
+        if dt > 0.0:
+            self._last_time = t
+        else:  # out of order, or the same time: no time passed for the slice
+            dt = 0.0
+        pace, k = self._pace, self._intervals
+        cap = GAP_FACTOR * pace
+        gap = dt > cap and pace > 0.0 and k >= MIN_PACE_EVENTS
+        if dt > cap and pace > 0.0:
+            dt = cap
+        if k < PACE_EVENTS:
+            k = self._intervals = k + 1
+        self._pace = pace + (dt - pace) / k
+        if gap:
+            for det in self.detectors.values():
+                det.onset_after_gap(t)
+        return gap
 
     def _make(self, name: str, size: int = 0) -> CusumBank:
         kw: dict[str, Any] = {"arl0": self.arl0, "threshold": self.thresholds.get(name)}
@@ -138,6 +183,8 @@ class SliceDetectors:
         """Feed one event to every detector it has data for; return those now alarming."""
         fed: list[tuple[str, bool]] = []
         t = u.time
+        if t is not None and not u.label_only:
+            self._after_gap(t)
         if u.cluster is not None and u.baseline is not None:
             det = self._get("cluster_mix", u.baseline.size)
             fed.append(("cluster_mix", det.alarm))
@@ -189,6 +236,7 @@ class SliceDetectors:
         category and low-confidence flag if it has one: the same as ``update(EventUpdate(…))``
         with these fields (the bounds included), faster."""
         dets = self.detectors
+        self._after_gap(time)
         mix = dets.get("cluster_mix") or self._make("cluster_mix", baseline.size)
         rate = dets.get("ood_rate") or self._make("ood_rate")
         mix_before, rate_before = mix.alarm, rate.alarm
@@ -255,6 +303,9 @@ class SliceDetectors:
             "bucket_seconds": self.bucket_seconds,
             "max_buckets": self.max_buckets,
             "n": self.n,
+            "last_time": self._last_time,
+            "pace": self._pace,
+            "intervals": self._intervals,
             "detectors": {name: d.snapshot() for name, d in self.detectors.items()},
             "counts": None if self.counts is None else self.counts.snapshot(),
         }
@@ -266,6 +317,10 @@ class SliceDetectors:
             raise ValueError(f"not a slice-detectors v{SNAPSHOT_VERSION} snapshot")
         obj = cls(snap["arl0"], snap["thresholds"], snap["bucket_seconds"], snap["max_buckets"])
         obj.n = int(snap["n"])
+        # absent from snapshots written before gaps were seen: the pace starts afresh
+        last = snap.get("last_time")
+        obj._last_time = None if last is None else float(last)
+        obj._pace, obj._intervals = float(snap.get("pace", 0.0)), int(snap.get("intervals", 0))
         obj.detectors = {n: _KINDS[d["kind"]].restore(d) for n, d in snap["detectors"].items()}
         if snap["counts"] is not None:
             obj.counts = SliceCounts.restore(snap["counts"])
