@@ -48,7 +48,9 @@ class DetectMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.updates = Counter(
-            "driftline_detect_slice_updates_total", "Slice-updates applied", registry=registry)
+            "driftline_detect_slice_updates_total",
+            "Slice-updates applied (again when uncommitted work is read again)",
+            registry=registry)
         self.duplicates = Counter(
             "driftline_detect_duplicates_total", "Replayed slice-updates skipped by source offset",
             registry=registry)
@@ -58,7 +60,8 @@ class DetectMetrics:
             "embedded against another reference, or for a retired slice",
             ["reason"], registry=registry)
         self.alarms = Counter(
-            "driftline_detect_alarms_total", "Detector alarms", ["template", "detector"],
+            "driftline_detect_alarms_total", "Detector alarms, counted once committed",
+            ["template", "detector"],
             registry=registry)
         self.ratio = Gauge(
             "driftline_detect_statistic_ratio",

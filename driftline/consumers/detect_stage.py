@@ -10,6 +10,9 @@ slice id). The checkpoint order, every ``checkpoint_interval_ms`` and on revoke 
    (the outbox the failure book reads);
 3. only then commit the same input offsets to Kafka.
 
+The alarm and skip counters count what step 2 stored, after it (``_count_committed``), so a
+replay of uncommitted work does not count them twice.
+
 On assignment a worker claims the partition's epoch, loads its slices and seeks to the input
 offset stored in Redis, so Redis — not Kafka's committed offset — is the truth: a crash between
 steps 2 and 3 does not re-apply anything, and a crash before step 2 loses only in-memory work that
@@ -201,6 +204,9 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self.parts: dict[int, PartitionState] = {}
         self.pending: set[int] = set()  # assigned and paused, not yet claimed and loaded
         self.outbox: list[dict[str, Any]] = []
+        # skips by reason since the last checkpoint: counted when it lands, dropped with the
+        # outbox (see _count_committed)
+        self.skips: dict[str, int] = {}
         self.stop_event = threading.Event()
         self.beat = time.monotonic()  # last turn of run()'s loop (see Service.liveness)
         self.assigned_once = threading.Event()
@@ -310,7 +316,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         log.warning("checkpoint at revoke failed: uncommitted work dropped, it is read again "
                     "from the last checkpoint", extra={"kept_partitions": kept})
         self.metrics.checkpoints.labels("dropped").inc()
-        self.outbox = []
+        self.outbox, self.skips = [], {}
         self._forget_gauges(revoked)
         self._park(kept)
         self.parts.clear()
@@ -408,7 +414,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         try:
             upd = parse_update(msg.value)
         except ValidationError as exc:
-            self.metrics.skipped.labels("unreadable").inc()
+            self._skip("unreadable")
             log.error("unreadable slice-update skipped",
                       extra={"partition": msg.partition, "offset": msg.offset,
                              "error": str(exc)})
@@ -417,7 +423,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         if ref is not None and self.reference_id is not None and ref != self.reference_id:
             # embedded against another reference (a rolling restart after an activation):
             # its cluster and OOD flag mean nothing against this one's baselines
-            self.metrics.skipped.labels("other_reference").inc()
+            self._skip("other_reference")
             self._other_reference[ref] = self._other_reference.get(ref, 0) + 1
             return None
         entry = part.slices.get(upd.slice_id)
@@ -438,7 +444,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                 gone = part.retired.get(upd.slice_id)
                 if gone is not None:  # the gauges it took over go with the retired slice
                     gone.series, entry.series = entry.series, ()
-            self.metrics.skipped.labels("unusable").inc()
+            self._skip("unusable")
             log.error("unusable slice-update skipped",
                       extra={"partition": msg.partition, "offset": msg.offset,
                              "slice": upd.slice_id, "error": repr(exc)})
@@ -449,12 +455,14 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
             self._saw(part, last)
         for out in messages:
             if out["kind"] == "alarm":
-                self.metrics.alarms.labels(upd.template, out["detector"]).inc()
                 log.info("alarm", extra={"slice": upd.slice_id, "detector": out["detector"],
                                          "onset_time": out["onset_time"]})
             self.outbox.append({**out, "slice_id": upd.slice_id, "template": upd.template,
                                 "reference_id": self.reference_id})
         return True
+
+    def _skip(self, reason: str) -> None:
+        self.skips[reason] = self.skips.get(reason, 0) + 1
 
     def _start_slice(self, part: PartitionState, upd: UpdateView, msg: Any,
                      idle: SliceEntry | None) -> SliceEntry | None:
@@ -464,10 +472,10 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         (a late label, an event older than the cutoff)."""
         sid = upd.slice_id
         if self.retire_after_s > 0 and (is_late_label(upd) or upd.ts.timestamp() < part.cutoff):
-            self.metrics.skipped.labels("retired").inc()
+            self._skip("retired")
             return None
         if not self._well_formed(sid, upd.template, msg.partition, msg.offset):
-            self.metrics.skipped.labels("unreadable").inc()
+            self._skip("unreadable")
             return None
         if idle is not None:
             del part.slices[sid]
@@ -634,7 +642,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                 self._publish_gauges(part.slices[sid], gauges[sid])
             part.dirty.clear()
         self._retirements_committed()
-        self.outbox = []
+        self._count_committed()
         self.last_checkpoint = time.monotonic()
         self.metrics.checkpoints.labels("ok").inc()
         self._refresh_gauges()  # live slices grow between rebalances
@@ -648,6 +656,27 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         except Exception as exc:  # Kafka's offsets are advisory; Redis holds the truth
             log.warning("kafka offset commit failed", extra={"error": str(exc)})
         return True
+
+    def _count_committed(self) -> None:
+        """After the transaction that stored them: alarms and skips enter their counters, and
+        the outbox starts afresh.
+
+        Uncommitted work dropped (a fence, a revoke with Redis down) is read again from the last
+        checkpoint, and a crashed worker's is read again by the next: counted when raised, an
+        alarm or a skipped record would count once per reading, though the book receives the
+        alarm once and a record is skipped once in the log's effect. Counted here, each counts
+        once (a crash between the transaction and this line leaves a batch uncounted, never
+        counted twice), like the retirements. ``slice_updates_total`` and
+        ``duplicates_total`` count applications, again on a replay: they measure the work done,
+        and ``DriftlineDetectStalled`` reads them as progress while Redis is down and nothing
+        commits."""
+        alarms = self.metrics.alarms
+        for out in self.outbox:
+            if out["kind"] == "alarm":
+                alarms.labels(out["template"], out["detector"]).inc()
+        for reason, n in self.skips.items():
+            self.metrics.skipped.labels(reason).inc(n)
+        self.outbox, self.skips = [], {}
 
     def _checkpoint_safely(self, in_listener: bool = False) -> bool:
         """Checkpoint; False if Redis stayed unreachable (the work stays in memory for a later
@@ -677,7 +706,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         log.warning("checkpoint fenced: partitions claimed by another worker are dropped; the "
                     "others are loaded again from their last checkpoint",
                     extra={"stale": stale, "kept": kept, "error": str(exc)})
-        self.outbox = []
+        self.outbox, self.skips = [], {}
         self._forget_gauges(stale)
         for p in stale:
             del self.parts[p]

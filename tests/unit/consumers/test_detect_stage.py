@@ -179,6 +179,9 @@ def test_bad_records_are_logged_and_skipped_duplicates_dropped(
     assert _states(stage) == before
     assert sum(stage.slice_counts().values()) == 40
     assert stage.parts[0].next_offset == 104
+    stage.store = _CommittingStore()  # type: ignore[assignment]
+    stage.consumer = _Consumer()  # type: ignore[assignment]
+    assert stage.checkpoint()  # skips are counted once committed
     samples = {s.name: s.value for m in stage.metrics.updates.collect() for s in m.samples}
     assert samples["driftline_detect_slice_updates_total"] == 40
     dupes = {s.name: s.value for m in stage.metrics.duplicates.collect() for s in m.samples}
@@ -521,10 +524,10 @@ def test_a_slice_id_that_does_not_match_its_template_is_skipped(sid: str, templa
     bad = _update(0, slice_id=sid, template=template).model_dump_json().encode()
     stage.apply_batch(0, [Msg(0, 0, bad, 0), Msg(0, 1, _update(1).model_dump_json().encode(), 0)])
     assert list(stage.parts[0].slices) == ["station=s2"]
+    assert stage.checkpoint()
     skips = {s.labels["reason"]: s.value for m in stage.metrics.skipped.collect()
              for s in m.samples if s.name.endswith("_total")}
     assert skips == {"unreadable": 1.0}
-    assert stage.checkpoint()
     assert stage._well_formed("station=s1|shift=A", "station+shift", 0)
 
 
@@ -593,6 +596,9 @@ def test_updates_embedded_against_another_reference_are_skipped(
         for ref in ("old", None, "new", "new", "old"):  # None: written before the field
             _feed(stage, stage.parts[0].next_offset or 0, 1, reference_id=ref)
     assert stage.parts[0].slices["station=s1"].model.n == 3
+    stage.store = _CommittingStore()  # type: ignore[assignment]
+    stage.consumer = _Consumer()  # type: ignore[assignment]
+    assert stage.checkpoint()
     skips = {s.labels["reason"]: s.value for m in stage.metrics.skipped.collect()
              for s in m.samples if s.name.endswith("_total")}
     assert skips == {"other_reference": 2.0}
@@ -732,7 +738,7 @@ def test_updates_for_a_retired_slice_do_not_bring_its_old_events_back() -> None:
     stage.apply_batch(0, [Msg(0, 11, again.model_dump_json().encode(), 0),
                           Msg(0, 12, label.model_dump_json().encode(), 0)])
     assert "lot=L1" not in stage.parts[0].slices
-    assert _skips(stage) == {"retired": 2.0}
+    assert stage.checkpoint() and _skips(stage) == {"retired": 2.0}
     stage.apply_batch(0, [_lot(13, "L1", 2.0)])  # the lot runs again
     assert stage.parts[0].slices["lot=L1"].model.n == 1
 
@@ -845,3 +851,73 @@ def test_an_open_alarm_s_tally_counts_each_event_once_across_restores_and_replay
     dupes = {s.name: s.value for m in cut.metrics.duplicates.collect() for s in m.samples}
     assert dupes["driftline_detect_duplicates_total"] == 80
     assert cut.outbox == whole.outbox and _states(cut) == _states(whole)
+
+
+class _FenceOnceStore(_EmptyStore):
+    """A reachable store whose first commit finds partition 1 claimed by another worker; the
+    later ones land and keep the outbox they carry."""
+
+    def __init__(self) -> None:
+        self.outboxes: list[list[dict[str, Any]]] = []
+        self.fenced = False
+
+    def control_after(self, after: str) -> list[tuple[str, str]]:
+        return []
+
+    def commit(self, epochs: Any, states: Any, offsets: Any, outbox: Any = (),
+               *args: Any) -> None:
+        if not self.fenced:
+            self.fenced = True
+            raise Fenced({1}, "were claimed by another worker")
+        self.outboxes.append(list(outbox))
+
+
+def _alarms_total(stage: DetectStage) -> float:
+    return sum(s.value for m in stage.metrics.alarms.collect() for s in m.samples
+               if s.name.endswith("_total"))
+
+
+def _updates_total(stage: DetectStage) -> float:
+    return sum(s.value for m in stage.metrics.updates.collect() for s in m.samples
+               if s.name.endswith("_total"))
+
+
+def test_work_read_again_after_a_fence_counts_its_alarms_and_skips_once() -> None:
+    """A fence drops the kept partition's uncommitted work, which is read again from its last
+    checkpoint: its alarms reach the book once, so the alarm counter must count them once (it
+    counted them per reading, twice here), and a record skipped once in the log's effect is one
+    skip. Updates applied count applications (the stall alert's progress): twice."""
+    stage = _stage()
+    stage.store = store = _FenceOnceStore()  # type: ignore[assignment]
+    stage.consumer = _Consumer()  # type: ignore[assignment]
+    stage.parts[1] = PartitionState(epoch=1, next_offset=None, slices={})
+    batch = [Msg(0, i, _update(i, ood=True).model_dump_json().encode(), 0) for i in range(60)]
+    batch.append(Msg(0, 60, b"{not json", 0))
+    stage.apply_batch(0, batch)
+    raised = sum(m["kind"] == "alarm" for m in stage.outbox)
+    assert raised >= 2  # an OOD-rate alarm per station slice
+    assert _alarms_total(stage) == 0 and _skips(stage) == {}  # not before they are committed
+    assert stage._checkpoint_safely() and stage.pending == {0}  # fenced: 0 is loaded again
+    assert _alarms_total(stage) == 0 and _skips(stage) == {}
+    stage._redis_retry_at, stage._generation = 0.0, 4  # the consumer's generation
+    stage._restore_pending()
+    assert stage.consumer.from_start == {0}  # never checkpointed: read from the start
+    stage.apply_batch(0, batch)
+    assert stage._checkpoint_safely()
+    (committed,) = store.outboxes
+    assert sum(m["kind"] == "alarm" for m in committed) == raised
+    assert _alarms_total(stage) == raised and _skips(stage) == {"unreadable": 1.0}
+    assert _updates_total(stage) == 120
+
+
+def test_alarms_of_a_checkpoint_that_fails_are_counted_when_it_lands() -> None:
+    """Redis down at the checkpoint: the alarms stay in the outbox, uncounted (a crash now
+    would have the next worker raise and count them), and count once the retry lands."""
+    stage = _retiring(days=0.0, fail=1)
+    stage.apply_batch(0, [Msg(0, i, _update(i, ood=True).model_dump_json().encode(), 0)
+                          for i in range(60)])
+    raised = sum(m["kind"] == "alarm" for m in stage.outbox)
+    assert raised and not stage._checkpoint_safely()
+    assert _alarms_total(stage) == 0
+    assert stage._checkpoint_safely() and _alarms_total(stage) == raised
+    assert stage.outbox == []
