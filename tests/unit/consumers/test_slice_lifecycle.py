@@ -88,8 +88,12 @@ def test_an_alarm_clears_once_the_change_is_over(seed: int) -> None:
 
 
 class _Calibrated(Flat):
+    """OOD at a perfectly calibrated 120-sample baseline's stated rate, known exactly."""
+
+    exact = DetectorBaseline(Flat.p, np.stack([Flat.p, Flat.p]), 2 / 121, 2 / 121)
+
     def ood_rate(self, key: str) -> float:
-        return 2 / 121  # a perfectly calibrated 120-sample baseline's stated rate
+        return 2 / 121
 
 
 def test_a_shift_slice_does_not_date_a_change_into_its_previous_shift() -> None:
