@@ -357,26 +357,33 @@ class SliceState:
                      key: str) -> int | None:
         """Start ``tally``, the exact counts of detector ``name``'s alarm since its ``onset``;
         return how many of the detector's ``since_onset`` events (from its onset index) the
-        seed leaves out, or None where that is not known (detectors other than cluster mix and
-        OOD rate).
+        seed leaves out — so that ``n + missed`` is the events since the onset — or None where
+        that is not known (detectors other than cluster mix and OOD rate).
 
         The seed holds only events known to be from the onset on, none from before it: the
-        ring's whole buckets after the onset's bucket, plus the slice's exemplars (its last
-        :data:`~driftline.consumers.exemplars.EXEMPLARS` events) from the onset's bucket that
-        are among the ``since_onset`` newest and not older than the onset. The rest of the
-        onset's bucket is counted there together with events from before the onset; it is
-        left out (and reported as ``missed``) rather than diluting the share of events that
-        moved by up to a bucket of unchanged events. So an alarm raised within
-        ``EXEMPLARS`` events of its onset starts exact; later events are all counted. The
-        exemplars do not record their baseline: they are taken against the alarming event's
-        (the same for a slice's last few events but across a shift change, or for a lot
-        spread over stations with different baselines)."""
+        ring's rows begun at or after the onset's arrival (this slice's event count less
+        ``since_onset``: never earlier than the onset, whatever events the detector skips),
+        plus the slice's exemplars (its last :data:`~driftline.consumers.exemplars.EXEMPLARS`
+        events) among the ``since_onset`` newest and not in those rows. Arrival, not event
+        time: a slice that mixes stations reads their partitions in turns, so a bucket later
+        than the onset's can hold events read before the onset. The rest of the rows begun
+        before the onset is counted there together with events from before it; it is left
+        out (and reported as ``missed``) rather than diluting the share of events that moved
+        by up to a bucket of unchanged events. So an alarm raised within ``EXEMPLARS`` events
+        of its onset starts exact; later events are all counted. An error-rate detector counts
+        labels, not events: its seed goes by event time (the buckets after the onset's, and
+        exemplars from the onset's bucket not older than the onset). The exemplars do not
+        record their baseline: they are taken against the alarming event's (the same for a
+        slice's last few events but across a shift change, or for a lot spread over stations
+        with different baselines)."""
         counts = self.det.counts
         if counts is None or onset is None:
             return None
-        counts.start_tally(tally, after=onset)
+        by_arrival = name != "error_rate"
+        since_onset = max(since_onset, 0)
+        seeded = counts.start_tally(tally, after=onset,
+                                    since=self.n - since_onset if by_arrival else None)
         width = counts.bucket_seconds
-        bucket = math.floor(onset / width)
         try:  # the stated rates, the object the counts got: found by identity
             b = self.baselines.detector_baseline(key)
             p: np.ndarray | None = b.p
@@ -386,16 +393,21 @@ class SliceState:
         # the newest events of the detector's are from the onset on (an error-rate detector
         # counts labels, not events: time alone tells)
         recent = list(self.exemplars)
-        if name != "error_rate":
-            recent = recent[len(recent) - min(max(since_onset, 0), len(recent)):]
+        if by_arrival:
+            recent = recent[len(recent) - min(since_onset, len(recent)):]
         for _, cluster, _, ts, ood, _, _ in recent:
-            if ts >= onset and math.floor(ts / width) <= bucket:
+            if math.floor(ts / width) not in seeded and (by_arrival or ts >= onset):
                 counts.tally_event(cluster, None if cluster is None else p, ood=ood,
                                    ood_p0=p0, name=tally)
-        seeded = counts.tally(tally)
-        if seeded is None or name not in ("cluster_mix", "ood_rate"):
+        got = counts.tally(tally)
+        if got is None or name not in ("cluster_mix", "ood_rate"):
             return None
-        return max(since_onset - (seeded.n if name == "cluster_mix" else seeded.n_ood), 0)
+        missed = since_onset - (got.n if name == "cluster_mix" else got.n_ood)
+        if missed < 0:  # the seed holds events from before the onset: a bug, said as it is
+            log.warning("alarm counts hold more events than since the onset",
+                        extra={"slice": self.slice_id, "detector": name, "missed": missed,
+                               "since_onset": since_onset})
+        return missed
 
     def _quiet_tick(self, t: float, fired: set[str]) -> list[dict[str, Any]]:
         cleared = []

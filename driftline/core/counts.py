@@ -22,14 +22,19 @@ Layout (one ring of at most ``max_buckets`` rows per slice; a detect worker hold
 
 Rows are allocated as buckets fill (a fresh slice holds one). When the ring is full the oldest
 bucket is folded into running totals and ``Counts.truncated`` tells a reader that asked for
-time before it.
+time before it. Each row also records the arrival index (the slice's event count, ``index`` of
+:meth:`SliceCounts.update`) of its first event: one int64 stored per new row.
 
 **Tallies.** The ring answers "since the onset's bucket, within the last ``max_buckets``": a
 bucket holds events from before the onset too, and an alarm open longer than the ring loses its
 start. While an alarm is open its slice keeps a *tally* (:meth:`SliceCounts.start_tally`): one
 more row in the same layout (int64, so that it does not overflow however long the alarm), seeded
 when the alarm is raised and then counting every event exactly until :meth:`stop_tally`. Each
-event costs a few scalar increments per open tally, nothing when none is open.
+event costs a few scalar increments per open tally, nothing when none is open. The seed is the
+rows whose first event arrived at or after the onset's arrival index: only events read since
+the onset, even where event times go back and forth (a slice that mixes stations reads their
+partitions in turns, so a bucket later than the onset's by event time can hold events read
+before it).
 """
 
 from __future__ import annotations
@@ -46,8 +51,22 @@ from driftline.core.cusum import FloatArray
 
 _HITS = 1  # counts rows start with ood_hits, then the clusters
 _EMPTY = np.iinfo(np.int64).min
+# The first arrival of a row whose events' arrival indices are not known (rows merged from
+# another worker, rows restored from a snapshot written before arrivals were recorded): taken
+# as before every event, so such a row never seeds a tally and its events since an onset are
+# reported as missed rather than counted.
+NO_ARRIVAL = -1
 SNAPSHOT_VERSION = 2
 IntArray = npt.NDArray[np.int64]
+
+
+def _narrow(a: IntArray) -> npt.NDArray[np.signedinteger[Any]]:
+    """A copy of ``a`` as int32 if its values fit (a checkpoint record stores it raw: half the
+    bytes of a slice's ring of first arrivals until it has seen 2**31 events), else int64."""
+    i32 = np.iinfo(np.int32)
+    if a.size == 0 or (i32.min <= a.min() and a.max() <= i32.max):
+        return a.astype(np.int32)
+    return a.copy()
 
 
 @dataclass(frozen=True)
@@ -77,7 +96,7 @@ class SliceCounts:
 
     __slots__ = ("n_clusters", "bucket_seconds", "max_buckets", "_used", "_keys", "_cnt", "_ps",
                  "_p0s", "_kp", "_k0", "_exp", "_last", "_dropped", "_dropped_until",
-                 "_tnames", "_ttrunc", "_tcnt", "_tkp", "_tk0", "_texp")
+                 "_first", "_tnames", "_ttrunc", "_tcnt", "_tkp", "_tk0", "_texp")
 
     def __init__(self, n_clusters: int, bucket_seconds: float = 300.0, max_buckets: int = 48):
         if bucket_seconds <= 0.0 or max_buckets < 1 or n_clusters < 1:
@@ -87,6 +106,7 @@ class SliceCounts:
         self.max_buckets = int(max_buckets)
         self._used = 0  # rows in use; rows are allocated as buckets fill
         self._keys: IntArray = np.zeros(0, np.int64)
+        self._first: IntArray = np.zeros(0, np.int64)  # arrival index of each row's first event
         self._cnt = np.zeros((0, _HITS + self.n_clusters), np.int32)
         self._ps: list[FloatArray] = []  # distinct cluster baselines seen (columns of _kp)
         self._p0s: list[float] = []  # distinct OOD reference rates seen (columns of _k0)
@@ -115,12 +135,14 @@ class SliceCounts:
             return out
 
         self._keys, self._cnt = grow(self._keys), grow(self._cnt)
+        self._first = grow(self._first)
         self._kp, self._k0 = grow(self._kp), grow(self._k0)
         if self._exp is not None:
             self._exp = grow(self._exp)
 
-    def _row(self, key: int) -> int:
-        """The row of bucket ``key``, made if needed; -1 if older than a full ring keeps."""
+    def _row(self, key: int, index: int) -> int:
+        """The row of bucket ``key``, made if needed (first arrival ``index``); -1 if older
+        than a full ring keeps."""
         used = self._used
         hit = np.flatnonzero(self._keys[:used] == key)
         if hit.size:
@@ -130,12 +152,14 @@ class SliceCounts:
                 self._resize(min(self.max_buckets, max(2, 2 * used)))
             row, self._used = used, used + 1
             self._keys[row] = key
+            self._first[row] = index
         else:
             row = int(np.argmin(self._keys[:used]))
             if key < self._keys[row]:
                 return -1
             self._drop_row(row)
             self._keys[row] = key
+            self._first[row] = index
         self._last = (key, row)
         return row
 
@@ -232,12 +256,15 @@ class SliceCounts:
         ood: bool | None,
         ood_p0: float | None,
         time: float,
+        index: int = NO_ARRIVAL,
     ) -> None:
-        """Count one event at event ``time`` (seconds); ``None`` fields are not counted."""
+        """Count one event at event ``time`` (seconds), the slice's ``index``-th arrival (what
+        :meth:`start_tally` seeds by; :data:`NO_ARRIVAL`: not known); ``None`` fields are not
+        counted."""
         key = math.floor(time / self.bucket_seconds)
         last_key, row = self._last
         if key != last_key:
-            row = self._row(key)
+            row = self._row(key, index)
         if row < 0:  # older than every bucket of a full ring: straight to the dropped totals
             self._add_dropped(self._event_totals(cluster, baseline, ood, ood_p0), key)
             if self._tnames:
@@ -294,16 +321,26 @@ class SliceCounts:
         """Names of the open tallies."""
         return tuple(self._tnames)
 
-    def start_tally(self, name: str, after: float | None) -> None:
-        """Open tally ``name`` (restarting one of that name), seeded with the whole buckets
-        *after* ``after``'s bucket (every bucket held: ``None``); from now on every event
-        :meth:`update` counts is added to it. Its ``truncated`` is set if the ring had already
-        dropped buckets the seed should hold."""
+    def start_tally(self, name: str, after: float | None,
+                    since: int | None = None) -> frozenset[int]:
+        """Open tally ``name`` (restarting one of that name) and return the keys of the
+        buckets it is seeded with; from now on every event :meth:`update` counts is added to
+        it.
+
+        With ``since`` (an arrival index, as :meth:`update`'s ``index``) the seed is every row
+        whose first event arrived at ``since`` or later — events read from then on only,
+        whatever their times; without, the whole buckets *after* ``after``'s bucket (every
+        bucket held: ``after`` None). Its ``truncated`` is set if the ring had already dropped
+        buckets from ``after``'s bucket (after it, without ``since``) on."""
         self.stop_tally(name)
         used = self._used
-        first = None if after is None else math.floor(after / self.bucket_seconds) + 1
-        rows = (np.arange(used) if first is None
-                else np.flatnonzero(self._keys[:used] >= first))
+        first = None if after is None else math.floor(after / self.bucket_seconds) + (
+            since is None)
+        if since is not None:
+            rows = np.flatnonzero(self._first[:used] >= since)
+        else:
+            rows = (np.arange(used) if first is None
+                    else np.flatnonzero(self._keys[:used] >= first))
         self._tcnt.append(self._cnt[rows].sum(axis=0, dtype=np.int64).tolist())
         self._tkp.append(self._kp[rows].sum(axis=0, dtype=np.int64).tolist())
         self._tk0.append(self._k0[rows].sum(axis=0, dtype=np.int64).tolist())
@@ -315,6 +352,7 @@ class SliceCounts:
         self._tnames.append(name)
         self._ttrunc.append(self._dropped_until is not None and (
             first is None or first <= self._dropped_until))
+        return frozenset(self._keys[rows].tolist())
 
     def tally_event(self, cluster: int | None, baseline: FloatArray | None, *,
                     ood: bool | None, ood_p0: float | None, name: str | None = None) -> None:
@@ -453,10 +491,11 @@ class SliceCounts:
         k = self.n_clusters
         for key in other.bucket_keys():
             src = int(np.flatnonzero(other._keys[: other._used] == key)[0])
-            row = self._row(key)
+            row = self._row(key, NO_ARRIVAL)
             if row < 0:
                 self._add_dropped(other._totals([src]), key)
                 continue
+            self._first[row] = NO_ARRIVAL  # another worker's events: arrivals not comparable
             self._cnt[row] += other._cnt[src]
             if self._exp is None:
                 self._kp[row, cols_p] += other._kp[src]
@@ -482,6 +521,7 @@ class SliceCounts:
             "bucket_seconds": self.bucket_seconds,
             "max_buckets": self.max_buckets,
             "keys": self._keys[:u].copy(),
+            "first_arrival": _narrow(self._first[:u]),
             "counts": self._cnt[:u].copy(),
             "baselines": (np.array(self._ps, np.float64) if self._ps
                           else np.zeros((0, self.n_clusters))),
@@ -510,6 +550,9 @@ class SliceCounts:
         keys = np.asarray(snap["keys"], np.int64)
         u = obj._used = int(keys.size)
         obj._keys = keys.copy()
+        first = snap.get("first_arrival")  # written before arrivals were recorded: not known
+        obj._first = (np.full(u, NO_ARRIVAL, np.int64) if first is None
+                      else np.asarray(first, np.int64).reshape(u).copy())
         obj._cnt = np.asarray(snap["counts"], np.int32).reshape(u, _HITS + k).copy()
         obj._ps = [np.array(p, np.float64) for p in np.asarray(snap["baselines"]).reshape(-1, k)]
         obj._p0s = [float(x) for x in snap["ood_p0"]]
@@ -543,6 +586,7 @@ class SliceCounts:
         buckets = sorted((int(key), np.asarray(row, np.float64)) for key, row in snap["buckets"])
         rows = self._used = len(buckets)
         self._keys = np.array([key for key, _ in buckets], np.int64)
+        self._first = np.full(rows, NO_ARRIVAL, np.int64)
         self._cnt = np.zeros((rows, _HITS + k), np.int32)
         self._kp = np.zeros((rows, 1), np.int32)
         self._k0 = np.zeros((rows, 1), np.int32)

@@ -218,6 +218,7 @@ class SliceDetectors:
                     ood=u.ood,
                     ood_p0=u.ood_p0,
                     time=float(self.n) if t is None else t,
+                    index=self.n,
                 )
         if not u.label_only:
             self.n += 1
@@ -264,7 +265,7 @@ class SliceDetectors:
         if counts is None:
             counts = self.counts = SliceCounts(baseline.size, self.bucket_seconds,
                                                self.max_buckets)
-        counts.update(cluster, baseline, ood=ood, ood_p0=ood_p0, time=time)
+        counts.update(cluster, baseline, ood=ood, ood_p0=ood_p0, time=time, index=self.n)
         self.n += 1
         if not (mix_alarm or rate_alarm or fired):
             return []

@@ -228,6 +228,52 @@ def test_a_new_episode_in_an_open_alarm_starts_from_its_own_onset() -> None:
     assert ev.displaced > 0.2 and (ev.counts or {})["n"] < 2000 + at[-1] - at[k]
 
 
+def test_a_slice_read_out_of_time_order_counts_no_event_read_before_the_onset() -> None:
+    """A lot on two stations reads their partitions in turns — A's next 10 min, then B's same
+    10 min — so event times go back and forth. B's camera breaks (OOD 1 % → 50 %). Seeding
+    the counts by event time took every bucket after the onset's, A's clean events read before
+    the onset included: 508 events (missed 0) where 19 followed the onset, an OOD share of
+    0.8 % against 21 %. By arrival, each message's counts and its re-crossing's
+    ``excursion`` hold events since their onset only, and with ``missed`` they add up to them."""
+    rng = np.random.default_rng(0)
+    batch, turns = 600, 8
+    reads = [("A" if t % 2 else "B", float(t)) for t in range(2000)]
+    for k in range(turns):
+        t0 = 2000.0 + k * batch
+        reads += [("A", t0 + s) for s in range(batch)] + [("B", t0 + s) for s in range(batch)]
+    clusters = rng.integers(K, size=len(reads))
+    ood = np.array([rng.random() < (0.5 if st == "B" and t >= 2000 else 0.01)
+                    for st, t in reads])
+    state = SliceState("lot=L", "lot", SliceDetectors(arl0=1e6), Flat(), 5000)
+    last: dict[str, int] = {}
+    onset: dict[str, int] = {}
+    checked: list[str] = []
+    for i, (station, t) in enumerate(reads):
+        upd = SliceUpdate(
+            slice_id="lot=L", template="lot", event_id=f"e{i}", ts=T0 + timedelta(seconds=t),
+            source_partition=station == "B", source_offset=i, station=station, shift="day",
+            lot="L", baseline="station=S", cluster=int(clusters[i]), distance=0.1,
+            ood=bool(ood[i]))
+        for m in state.update(upd):
+            name = m["detector"]
+            if m["kind"] == "clear" or name not in ("ood_rate", "cluster_mix"):
+                continue
+            took = m["slice_n"] - last.get(name, 0) - m["onset_index"]  # since the last reset
+            last[name] = m["slice_n"]
+            parts = [("excursion", took)] if m["kind"] == "update" else []
+            if m["kind"] == "alarm":
+                onset[name] = i - took + 1
+            parts.append(("counts", i - onset[name] + 1))
+            for part, since in parts:
+                c = m["evidence"][part]
+                truth = np.bincount(clusters[i - since + 1 : i + 1], minlength=K)
+                assert c["n"] + c["missed"] == since, (part, c["n"], c["missed"], since)
+                assert all(x <= y for x, y in zip(c["clusters"], truth, strict=True))
+                assert c["ood"] <= ood[i - since + 1 : i + 1].sum()
+                checked.append(part)
+    assert "excursion" in checked and checked.count("counts") >= 3, checked
+
+
 def test_a_tally_lives_with_its_alarm() -> None:
     """Started at the alarm, dropped at its clear (the next alarm starts afresh), and with
     every open alarm when on-call resets the slice or another reference restarts it."""

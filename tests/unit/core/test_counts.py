@@ -173,6 +173,69 @@ def test_a_tally_holds_its_seed_buckets_and_every_later_event(
     assert c.tally("a") is None and c.tallies == ()
 
 
+@settings(max_examples=80, deadline=None)
+@given(evs=events, cut=st.integers(0, 150), since=st.integers(0, 150), pools=st.integers(1, 12),
+       snap=st.booleans())
+def test_a_tally_from_an_arrival_holds_no_event_read_before_it(
+    evs: list[tuple[int, int, bool, float, bool, str]], cut: int, since: int, pools: int,
+    snap: bool
+) -> None:
+    """Event times in any order (a slice reading several stations' partitions in turns):
+    seeded from arrival ``since``, a tally holds the buckets whose first event arrived then or
+    later — none read before — and every later event, against numpy; so it never holds more
+    events than arrived since. Seeding by event time counted events read before the onset but
+    stamped after its bucket. The first arrivals round-trip through a snapshot."""
+    evs = [(c, b % pools, o, t, a, parts) for c, b, o, t, a, parts in evs]
+    width = 100.0
+    c = SliceCounts(K, width, max_buckets=100)  # 31 buckets of 3,000 s: none dropped
+    for i, (cl, b, ood, t, _, parts) in enumerate(evs[:cut]):
+        c.update(cl if parts != "ood" else None, POOL[b] if parts != "ood" else None,
+                 ood=ood if parts != "mix" else None, ood_p0=RATES[b] if parts != "mix" else None,
+                 time=t, index=i)
+    if snap:
+        c = SliceCounts.restore(unpack(pack(c.snapshot())))
+    first: dict[int, int] = {}
+    for i, e in enumerate(evs[:cut]):
+        first.setdefault(math.floor(e[3] / width), i)
+    seed = [e for e in evs[:cut] if first[math.floor(e[3] / width)] >= since]
+    keys = c.start_tally("a", after=0.0, since=since)
+    assert keys == {k for k, i in first.items() if i >= since}
+    for ev in evs[cut:]:
+        _feed(c, ev)
+    got = c.tally("a")
+    assert got is not None
+    n, n_ood, clusters, hits, expected, ood_expected = _want(seed + evs[cut:])
+    assert (got.n, got.n_ood, got.clusters, got.ood) == (n, n_ood, clusters, hits)
+    np.testing.assert_allclose(got.expected, expected, atol=1e-9)
+    assert math.isclose(got.ood_expected, ood_expected, abs_tol=1e-9)
+    assert len(seed) <= max(cut - since, 0)
+
+
+def test_rows_of_unknown_arrival_never_seed_a_tally_from_an_arrival() -> None:
+    """A snapshot written before first arrivals were recorded, and rows merged from another
+    worker (whose arrivals count other events): their events are not known to be from the
+    onset on, so a tally from an arrival leaves them out (the caller reports them missed)."""
+    p = np.full(K, 1 / K)
+    c = SliceCounts(K, 60.0)
+    c.update(1, p, ood=True, ood_p0=0.01, time=0.0, index=0)
+    c.update(1, p, ood=True, ood_p0=0.01, time=60.0, index=1)
+    snap = c.snapshot()
+    del snap["first_arrival"]
+    old = SliceCounts.restore(snap)
+    assert old.start_tally("a", after=0.0, since=0) == frozenset()
+    assert old.tally("a").n == 0  # type: ignore[union-attr]
+    assert c.start_tally("a", after=0.0, since=1) == {1}
+    other = SliceCounts(K, 60.0)
+    other.update(2, p, ood=False, ood_p0=0.01, time=60.0, index=5)
+    other.update(2, p, ood=False, ood_p0=0.01, time=120.0, index=6)
+    assert c.merge(other).start_tally("b", after=0.0, since=0) == {0}
+    big = SliceCounts(K, 60.0)  # a slice past 2**31 events: stored as int64, not int32
+    big.update(1, p, ood=True, ood_p0=0.01, time=0.0, index=2**40)
+    back = SliceCounts.restore(unpack(pack(big.snapshot())))
+    assert back.start_tally("a", after=0.0, since=2**40) == {0}
+    assert back.start_tally("a", after=0.0, since=2**40 + 1) == frozenset()
+
+
 def test_tallies_are_kept_apart_and_cost_nothing_once_stopped() -> None:
     p = np.full(K, 1 / K)
     c = SliceCounts(K, 60.0, max_buckets=2)
