@@ -69,6 +69,22 @@ def _narrow(a: IntArray) -> npt.NDArray[np.signedinteger[Any]]:
     return a.copy()
 
 
+class _Tallies:
+    """A slice's open tallies (rows of the ring's layout, int64), by name: held only while one
+    is open — most slices never have one, and five empty lists cost ~330 bytes a slice."""
+
+    __slots__ = ("names", "trunc", "cnt", "kp", "k0", "exp")
+
+    def __init__(self, dense: bool) -> None:
+        self.names: list[str] = []
+        self.trunc: list[bool] = []
+        # rows as Python ints (unbounded, and a scalar increment costs a third of numpy's)
+        self.cnt: list[list[int]] = []
+        self.kp: list[list[int]] = []
+        self.k0: list[list[int]] = []
+        self.exp: list[FloatArray] | None = [] if dense else None  # dense rows, as the ring's
+
+
 @dataclass(frozen=True)
 class Counts:
     """Totals over a time range; ``truncated`` if older buckets had already been dropped."""
@@ -96,7 +112,7 @@ class SliceCounts:
 
     __slots__ = ("n_clusters", "bucket_seconds", "max_buckets", "_used", "_keys", "_cnt", "_ps",
                  "_p0s", "_kp", "_k0", "_exp", "_last", "_dropped", "_dropped_until",
-                 "_first", "_tnames", "_ttrunc", "_tcnt", "_tkp", "_tk0", "_texp")
+                 "_first", "_tal")
 
     def __init__(self, n_clusters: int, bucket_seconds: float = 300.0, max_buckets: int = 48):
         if bucket_seconds <= 0.0 or max_buckets < 1 or n_clusters < 1:
@@ -118,14 +134,7 @@ class SliceCounts:
         # [n, n_ood, ood_hits, clusters[0..K), expected[0..K), ood_expected]
         self._dropped: FloatArray | None = None
         self._dropped_until: int | None = None
-        # open tallies (rows of the same layout as the ring's, int64), by name
-        self._tnames: list[str] = []
-        self._ttrunc: list[bool] = []
-        # rows as Python ints (unbounded, and a scalar increment costs a third of numpy's)
-        self._tcnt: list[list[int]] = []
-        self._tkp: list[list[int]] = []
-        self._tk0: list[list[int]] = []
-        self._texp: list[FloatArray] | None = None  # dense rows, as the ring's
+        self._tal: _Tallies | None = None  # open tallies; None while there are none
 
     # -- rows -------------------------------------------------------------------------------
     def _resize(self, rows: int) -> None:
@@ -212,8 +221,9 @@ class SliceCounts:
             return 0
         self._ps.append(p)
         self._kp = np.hstack([self._kp, np.zeros((self._kp.shape[0], 1), np.int32)])
-        for r in self._tkp:
-            r.append(0)
+        if self._tal is not None:
+            for r in self._tal.kp:
+                r.append(0)
         return len(self._ps) - 1
 
     def _column_0(self, p0: float) -> int:
@@ -224,8 +234,9 @@ class SliceCounts:
             return 0
         self._p0s.append(float(p0))
         self._k0 = np.hstack([self._k0, np.zeros((self._k0.shape[0], 1), np.int32)])
-        for r in self._tk0:
-            r.append(0)
+        if self._tal is not None:
+            for r in self._tal.k0:
+                r.append(0)
         return len(self._p0s) - 1
 
     def _too_many_columns(self) -> bool:
@@ -242,10 +253,12 @@ class SliceCounts:
             exp[r] = self._totals([r])[3 + k :]
         self._kp = self._kp.sum(axis=1, keepdims=True, dtype=np.int32)
         self._k0 = self._k0.sum(axis=1, keepdims=True, dtype=np.int32)
-        texp = [self._tally_expected(i) for i in range(len(self._tnames))]
-        self._tkp = [[sum(r)] for r in self._tkp]
-        self._tk0 = [[sum(r)] for r in self._tk0]
-        self._exp, self._texp, self._ps, self._p0s = exp, texp, [], []
+        tal = self._tal
+        if tal is not None:
+            tal.exp = [self._tally_expected(tal, i) for i in range(len(tal.names))]
+            tal.kp = [[sum(r)] for r in tal.kp]
+            tal.k0 = [[sum(r)] for r in tal.k0]
+        self._exp, self._ps, self._p0s = exp, [], []
 
     # -- updates ----------------------------------------------------------------------------
     def update(
@@ -267,7 +280,7 @@ class SliceCounts:
             row = self._row(key, index)
         if row < 0:  # older than every bucket of a full ring: straight to the dropped totals
             self._add_dropped(self._event_totals(cluster, baseline, ood, ood_p0), key)
-            if self._tnames:
+            if self._tal is not None:
                 self.tally_event(cluster, baseline, ood=ood, ood_p0=ood_p0)
             return
         exp = self._exp
@@ -295,10 +308,11 @@ class SliceCounts:
                 c0 = 0
                 self._k0[row, 0] += 1
                 exp[row, self.n_clusters] += ood_p0
-        if self._tnames:  # an alarm is open: its tally counts the event too, same columns
+        tal = self._tal
+        if tal is not None:  # an alarm is open: its tally counts the event too, same columns
             if exp is not None and cp > 0:  # the ring turned dense at the OOD column
                 cp = 0
-            self._tally_add(range(len(self._tnames)), cluster, cp, baseline, bool(ood), c0,
+            self._tally_add(range(len(tal.names)), cluster, cp, baseline, bool(ood), c0,
                             ood_p0)
 
     def _event_totals(self, cluster: int | None, baseline: FloatArray | None,
@@ -319,7 +333,7 @@ class SliceCounts:
     @property
     def tallies(self) -> tuple[str, ...]:
         """Names of the open tallies."""
-        return tuple(self._tnames)
+        return () if self._tal is None else tuple(self._tal.names)
 
     def start_tally(self, name: str, after: float | None,
                     since: int | None = None) -> frozenset[int]:
@@ -341,16 +355,19 @@ class SliceCounts:
         else:
             rows = (np.arange(used) if first is None
                     else np.flatnonzero(self._keys[:used] >= first))
-        self._tcnt.append(self._cnt[rows].sum(axis=0, dtype=np.int64).tolist())
-        self._tkp.append(self._kp[rows].sum(axis=0, dtype=np.int64).tolist())
-        self._tk0.append(self._k0[rows].sum(axis=0, dtype=np.int64).tolist())
-        if self._exp is not None:
+        tal = self._tal
+        if tal is None:
+            tal = self._tal = _Tallies(dense=self._exp is not None)
+        tal.cnt.append(self._cnt[rows].sum(axis=0, dtype=np.int64).tolist())
+        tal.kp.append(self._kp[rows].sum(axis=0, dtype=np.int64).tolist())
+        tal.k0.append(self._k0[rows].sum(axis=0, dtype=np.int64).tolist())
+        if self._exp is not None and tal.exp is not None:
             exp = np.zeros(self.n_clusters + 1)
             for r in sorted(rows.tolist(), key=lambda r: int(self._keys[r])):  # time order
                 exp += self._exp[r]
-            self._texp = [*(self._texp or []), exp]
-        self._tnames.append(name)
-        self._ttrunc.append(self._dropped_until is not None and (
+            tal.exp.append(exp)
+        tal.names.append(name)
+        tal.trunc.append(self._dropped_until is not None and (
             first is None or first <= self._dropped_until))
         return frozenset(self._keys[rows].tolist())
 
@@ -365,59 +382,71 @@ class SliceCounts:
             c0 = 0 if self._exp is not None else self._column_0(ood_p0)
         if cp >= 0 and self._exp is not None:  # the ring turned dense at the OOD column
             cp = 0
-        self._tally_add(range(len(self._tnames)) if name is None
-                        else (self._tnames.index(name),), cluster, cp, baseline, bool(ood), c0,
-                        ood_p0)
+        tal = self._tal
+        if tal is None:
+            if name is not None:
+                raise ValueError(f"no open tally {name!r}")
+            return
+        self._tally_add(range(len(tal.names)) if name is None else (tal.names.index(name),),
+                        cluster, cp, baseline, bool(ood), c0, ood_p0)
 
     def _tally_add(self, tallies: Iterable[int], cluster: int | None, cp: int,
                    baseline: FloatArray | None, ood: bool, c0: int,
                    ood_p0: float | None) -> None:
         """The per-event step: a few integer increments per open tally (``cp``/``c0``: the
         event's columns, -1 for a part it does not have)."""
-        texp, k = self._texp, self.n_clusters
+        tal, k = self._tal, self.n_clusters
+        if tal is None:
+            return
+        texp = tal.exp
         for i in tallies:
-            cnt = self._tcnt[i]
+            cnt = tal.cnt[i]
             if cp >= 0:
                 cnt[_HITS + cluster] += 1  # type: ignore[operator]
-                self._tkp[i][cp] += 1
+                tal.kp[i][cp] += 1
                 if texp is not None:
                     texp[i][:k] += baseline  # type: ignore[arg-type]
             if c0 >= 0:
                 cnt[0] += ood
-                self._tk0[i][c0] += 1
+                tal.k0[i][c0] += 1
                 if texp is not None:
                     texp[i][k] += ood_p0
 
-    def _tally_expected(self, i: int) -> FloatArray:
+    def _tally_expected(self, tal: _Tallies, i: int) -> FloatArray:
         """``[expected[0..K), ood_expected]`` of tally ``i``."""
         out: FloatArray
-        if self._texp is not None:
-            out = self._texp[i].copy()
+        if tal.exp is not None:
+            out = tal.exp[i].copy()
             return out
         out = np.zeros(self.n_clusters + 1)
-        for n, p in zip(self._tkp[i], self._ps, strict=True):
+        for n, p in zip(tal.kp[i], self._ps, strict=True):
             out[: self.n_clusters] += n * p
-        out[-1] = math.fsum(n * p0 for n, p0 in zip(self._tk0[i], self._p0s, strict=True))
+        out[-1] = math.fsum(n * p0 for n, p0 in zip(tal.k0[i], self._p0s, strict=True))
         return out
 
     def tally(self, name: str) -> Counts | None:
         """The counts of tally ``name``; ``None`` if it is not open."""
-        if name not in self._tnames:
+        tal = self._tal
+        if tal is None or name not in tal.names:
             return None
-        i = self._tnames.index(name)
-        exp, cnt = self._tally_expected(i), self._tcnt[i]
-        return Counts(n=sum(self._tkp[i]), clusters=cnt[_HITS:],
-                      expected=exp[: self.n_clusters].tolist(), n_ood=sum(self._tk0[i]),
-                      ood=cnt[0], ood_expected=float(exp[-1]), truncated=self._ttrunc[i])
+        i = tal.names.index(name)
+        exp, cnt = self._tally_expected(tal, i), tal.cnt[i]
+        return Counts(n=sum(tal.kp[i]), clusters=cnt[_HITS:],
+                      expected=exp[: self.n_clusters].tolist(), n_ood=sum(tal.k0[i]),
+                      ood=cnt[0], ood_expected=float(exp[-1]), truncated=tal.trunc[i])
 
     def stop_tally(self, name: str) -> None:
         """Close tally ``name`` (nothing if it is not open)."""
-        if name not in self._tnames:
+        tal = self._tal
+        if tal is None or name not in tal.names:
             return
-        i = self._tnames.index(name)
-        del self._tnames[i], self._ttrunc[i], self._tcnt[i], self._tkp[i], self._tk0[i]
-        if self._texp is not None:
-            del self._texp[i]
+        if len(tal.names) == 1:  # the last one: the slice holds none again
+            self._tal = None
+            return
+        i = tal.names.index(name)
+        del tal.names[i], tal.trunc[i], tal.cnt[i], tal.kp[i], tal.k0[i]
+        if tal.exp is not None:
+            del tal.exp[i]
 
     # -- reading ----------------------------------------------------------------------------
     def bucket_keys(self) -> list[int]:
@@ -515,6 +544,7 @@ class SliceCounts:
     def snapshot(self) -> dict[str, Any]:
         """State as JSON-ready scalars and numpy arrays (see :mod:`driftline.core.snapshot`)."""
         u = self._used
+        tal = self._tal
         return {
             "version": SNAPSHOT_VERSION,
             "n_clusters": self.n_clusters,
@@ -531,13 +561,13 @@ class SliceCounts:
             "expected": None if self._exp is None else self._exp[:u].copy(),
             "dropped": None if self._dropped is None else self._dropped.copy(),
             "dropped_until": self._dropped_until,
-            "tallies": None if not self._tnames else {
-                "names": list(self._tnames), "truncated": list(self._ttrunc),
-                "counts": np.array(self._tcnt, np.int64), "per_baseline": np.array(
-                    self._tkp, np.int64).reshape(len(self._tnames), self._kp.shape[1]),
-                "per_ood_p0": np.array(self._tk0, np.int64).reshape(
-                    len(self._tnames), self._k0.shape[1]),
-                "expected": None if self._texp is None else np.array(self._texp)},
+            "tallies": None if tal is None else {
+                "names": list(tal.names), "truncated": list(tal.trunc),
+                "counts": np.array(tal.cnt, np.int64), "per_baseline": np.array(
+                    tal.kp, np.int64).reshape(len(tal.names), self._kp.shape[1]),
+                "per_ood_p0": np.array(tal.k0, np.int64).reshape(
+                    len(tal.names), self._k0.shape[1]),
+                "expected": None if tal.exp is None else np.array(tal.exp)},
         }
 
     @classmethod
@@ -569,14 +599,15 @@ class SliceCounts:
         tallies = snap.get("tallies")  # snapshots written before tallies have none
         if tallies:
             a = len(tallies["names"])
-            obj._tnames, obj._ttrunc = list(tallies["names"]), list(tallies["truncated"])
-            obj._tcnt = np.asarray(tallies["counts"], np.int64).reshape(a, _HITS + k).tolist()
-            obj._tkp = np.asarray(tallies["per_baseline"], np.int64).reshape(
+            tal = obj._tal = _Tallies(dense)
+            tal.names, tal.trunc = list(tallies["names"]), list(tallies["truncated"])
+            tal.cnt = np.asarray(tallies["counts"], np.int64).reshape(a, _HITS + k).tolist()
+            tal.kp = np.asarray(tallies["per_baseline"], np.int64).reshape(
                 a, obj._kp.shape[1]).tolist()
-            obj._tk0 = np.asarray(tallies["per_ood_p0"], np.int64).reshape(
+            tal.k0 = np.asarray(tallies["per_ood_p0"], np.int64).reshape(
                 a, obj._k0.shape[1]).tolist()
             if dense:
-                obj._texp = list(np.asarray(tallies["expected"], np.float64).reshape(
+                tal.exp = list(np.asarray(tallies["expected"], np.float64).reshape(
                     a, k + 1).copy())
         return obj
 
