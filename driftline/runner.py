@@ -35,6 +35,8 @@ from driftline.consumers.slice_state import SliceState, UpdateView
 from driftline.core.baselines import (
     DEFAULT_CONFIDENCE,
     DetectorBaseline,
+    checked_bounds,
+    checked_rate_bound,
     mix_bounds,
     tail_rate_bound,
 )
@@ -93,25 +95,37 @@ def detector_baseline(key: str, items: dict[str, Any], section: dict[str, Any]
     """A manifest baseline as the detectors use it. A reference built before the detectors'
     bounds existed (no ``p_lower``/``ood_rate_bound``) gets them computed from its stored counts
     and exceedance count at :data:`~driftline.core.baselines.DEFAULT_CONFIDENCE`; one without
-    those is judged against its stated rates, with a warning."""
+    those is judged against its stated rates, with a warning. Stored bounds the detectors
+    cannot use (not finite, not ``(2, K)``, not around the stated rates: a NaN bound made the
+    OOD detector never alarm) are treated as absent, with a warning."""
     item = items[key]
     p = np.asarray(item["p"], np.float64)
     confidence = float(section.get("bound_confidence", DEFAULT_CONFIDENCE))
-    if "p_lower" in item and "p_upper" in item:
-        bounds = np.array([item["p_lower"], item["p_upper"]], np.float64)
-    elif item.get("counts") is not None:
+    bounds = None
+    if "p_lower" in item or "p_upper" in item:
+        bounds = checked_bounds(p, item.get("p_lower"), item.get("p_upper"))
+        if bounds is None:
+            log.warning("baseline's stored cluster-mix bounds are invalid: ignored",
+                        extra={"baseline": key})
+    if bounds is None and item.get("counts") is not None:
         parent = item.get("parent")
         prior = (np.asarray(items[parent]["p"], np.float64) if parent in items
                  else np.full(p.size, 1.0 / p.size))
         bounds = np.array(mix_bounds(np.asarray(item["counts"], np.int64), prior,
                                      float(section.get("alpha", 0.5)), confidence), np.float64)
-    else:
+    elif bounds is None:
         log.warning("baseline has no counts: its cluster mix is taken as exact",
                     extra={"baseline": key})
         bounds = np.array([p, p])
     ood_rate = float(item["ood_rate"])
+    stored = None
     if "ood_rate_bound" in item:
-        ood_bound = float(item["ood_rate_bound"])
+        stored = checked_rate_bound(ood_rate, item["ood_rate_bound"])
+        if stored is None:
+            log.warning("baseline's stored OOD rate bound is invalid: ignored",
+                        extra={"baseline": key, "ood_rate_bound": item["ood_rate_bound"]})
+    if stored is not None:
+        ood_bound = stored
     elif item.get("n") is not None and item.get("ood_exceed") is not None:
         ood_bound = tail_rate_bound(int(item["n"]), int(item["ood_exceed"]), confidence)
     else:

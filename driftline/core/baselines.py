@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -239,6 +239,40 @@ class Baseline:
     p_lower: tuple[float, ...] = ()
     p_upper: tuple[float, ...] = ()
     ood_rate_bound: float = math.nan
+
+
+def checked_bounds(p: NDArray[np.float64], lower: Any, upper: Any) -> NDArray[np.float64] | None:
+    """Stored mix bounds as a ``(2, K)`` array if the detectors can use them — finite, within
+    [0, 1], ``lower <= p <= upper`` — else None (a NaN or null bound made a bank that never
+    alarms; an empty one a ``(2, 0)`` array).
+
+    >>> p = np.array([0.5, 0.5])
+    >>> checked_bounds(p, [0.4, 0.4], [0.6, 0.6]).tolist()
+    [[0.4, 0.4], [0.6, 0.6]]
+    >>> checked_bounds(p, [0.4, None], [0.6, 0.6]), checked_bounds(p, (), ())
+    (None, None)
+    """
+    try:
+        b = np.array([lower, upper], np.float64)  # None -> NaN
+    except (TypeError, ValueError):  # ragged, or not numbers
+        return None
+    ok = (b.shape == (2, p.size) and bool(np.isfinite(b).all()) and bool((b >= 0.0).all())
+          and bool((b <= 1.0).all()) and bool((b[0] <= p).all()) and bool((p <= b[1]).all()))
+    return b if ok else None
+
+
+def checked_rate_bound(rate: float, bound: Any) -> float | None:
+    """A stored rate bound if the detectors can use it — finite, ``rate <= bound <= 1`` —
+    else None.
+
+    >>> checked_rate_bound(0.01, 0.02), checked_rate_bound(0.01, float("nan"))
+    (0.02, None)
+    """
+    try:
+        x = float(bound)
+    except (TypeError, ValueError):  # None, or not a number
+        return None
+    return x if math.isfinite(x) and rate <= x <= 1.0 else None
 
 
 class DetectorBaseline(NamedTuple):

@@ -10,7 +10,12 @@ import faiss
 import numpy as np
 from numpy.typing import NDArray
 
-from driftline.core.baselines import DEFAULT_CONFIDENCE, resolve
+from driftline.core.baselines import (
+    DEFAULT_CONFIDENCE,
+    checked_bounds,
+    checked_rate_bound,
+    resolve,
+)
 from driftline.core.predictions import prediction_bounds
 from driftline.reference.artifact import ReferenceError, read_artifact
 
@@ -87,12 +92,18 @@ def prediction_views(manifest: dict[str, Any]) -> dict[str, PredictionView]:
 
 def _prediction_bounds(key: str, items: dict[str, Any], alpha: float, confidence: float
                        ) -> tuple[NDArray[np.float64], float]:
-    """A prediction baseline's ``(bounds, low_confidence_bound)``: stored, else computed."""
+    """A prediction baseline's ``(bounds, low_confidence_bound)``: stored if the detectors can
+    use them (finite, ``(2, K)``, around the stated rates), else computed."""
     b = items[key]
     p = np.asarray(b["p"], np.float64)
-    if "p_lower" in b and "p_upper" in b and "low_confidence_rate_bound" in b:
-        return (np.array([b["p_lower"], b["p_upper"]], np.float64),
-                max(float(b["low_confidence_rate_bound"]), float(b["low_confidence_rate"])))
+    if "p_lower" in b or "p_upper" in b or "low_confidence_rate_bound" in b:
+        bounds = checked_bounds(p, b.get("p_lower"), b.get("p_upper"))
+        rate = checked_rate_bound(float(b["low_confidence_rate"]),
+                                  b.get("low_confidence_rate_bound"))
+        if bounds is not None and rate is not None:
+            return bounds, rate
+        log.warning("prediction baseline's stored bounds are invalid: ignored",
+                    extra={"baseline": key})
     if b.get("counts") is None or b.get("low_confidence_count") is None:
         log.warning("prediction baseline has no counts: its label mix and low-confidence rate "
                     "are taken as exact", extra={"baseline": key})
