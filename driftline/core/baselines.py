@@ -275,16 +275,44 @@ def checked_rate_bound(rate: float, bound: Any) -> float | None:
     return x if math.isfinite(x) and rate <= x <= 1.0 else None
 
 
-class DetectorBaseline(NamedTuple):
-    """One baseline as the detect stage uses it: the stated mix ``p`` and OOD rate (evidence,
-    gauges) and what the detectors judge against — ``bounds`` (``(2, K)``: lower, upper; see
-    :mod:`driftline.core.mix`) and ``ood_bound``. One array object per baseline, so detectors
-    find their increment tables by identity."""
+def frozen(a: Any) -> NDArray[np.float64]:
+    """``a`` as a read-only float64 array: itself if it owns its data, else a copy (through a
+    view its base could still change it). The detectors cache increment tables by array
+    identity (:func:`driftline.core.mix.mix_tables`), so an array they judge against must not
+    change in place: a write raises instead of serving stale tables.
 
+    >>> b = frozen([0.5, 0.5])
+    >>> b.flags.writeable, frozen(b) is b
+    (False, True)
+    """
+    out = np.asarray(a, np.float64)
+    if not out.flags.writeable and out.flags.owndata:
+        return out
+    if not out.flags.owndata:
+        out = out.copy()
+    out.setflags(write=False)
+    return out
+
+
+class _DetectorBaseline(NamedTuple):
     p: NDArray[np.float64]
     bounds: NDArray[np.float64]
     ood_rate: float
     ood_bound: float
+
+
+class DetectorBaseline(_DetectorBaseline):
+    """One baseline as the detect stage uses it: the stated mix ``p`` and OOD rate (evidence,
+    gauges) and what the detectors judge against — ``bounds`` (``(2, K)``: lower, upper; see
+    :mod:`driftline.core.mix`) and ``ood_bound``. One array object per baseline, so detectors
+    find their increment tables by identity; read-only (:func:`frozen`), so that they stay
+    right."""
+
+    __slots__ = ()
+
+    def __new__(cls, p: Any, bounds: Any, ood_rate: float, ood_bound: float
+                ) -> DetectorBaseline:
+        return super().__new__(cls, frozen(p), frozen(bounds), ood_rate, ood_bound)
 
 
 def station_key(station: str) -> str:

@@ -14,6 +14,7 @@ from driftline.core.baselines import (
     DEFAULT_CONFIDENCE,
     checked_bounds,
     checked_rate_bound,
+    frozen,
     resolve,
 )
 from driftline.core.predictions import prediction_bounds
@@ -35,14 +36,7 @@ class BaselineView(NamedTuple):
     ood_rate: float
 
 
-class PredictionView(NamedTuple):
-    """What an event's predictions are judged against: the label mix ``p`` over ``labels``
-    plus *other* (the last category), and the low-confidence cut (``score < cut``) with its
-    reference rate — the stated rates (evidence) — and what the detectors judge against:
-    ``bounds`` (``(2, K)`` lower, upper) and ``low_confidence_bound``
-    (:func:`~driftline.core.predictions.prediction_bounds`). ``key`` is the baseline that
-    holds them (the event's own, or an ancestor's when its own had too few predictions)."""
-
+class _PredictionView(NamedTuple):
     key: str
     labels: tuple[str, ...]
     codes: dict[str, int]
@@ -51,6 +45,25 @@ class PredictionView(NamedTuple):
     low_confidence_rate: float
     bounds: NDArray[np.float64]
     low_confidence_bound: float
+
+
+class PredictionView(_PredictionView):
+    """What an event's predictions are judged against: the label mix ``p`` over ``labels``
+    plus *other* (the last category), and the low-confidence cut (``score < cut``) with its
+    reference rate — the stated rates (evidence) — and what the detectors judge against:
+    ``bounds`` (``(2, K)`` lower, upper) and ``low_confidence_bound``
+    (:func:`~driftline.core.predictions.prediction_bounds`). ``key`` is the baseline that
+    holds them (the event's own, or an ancestor's when its own had too few predictions).
+    ``p`` and ``bounds`` are read-only (:func:`~driftline.core.baselines.frozen`): detectors
+    cache their increment tables by array identity."""
+
+    __slots__ = ()
+
+    def __new__(cls, key: str, labels: tuple[str, ...], codes: dict[str, int], p: Any,
+                low_confidence_cut: float, low_confidence_rate: float, bounds: Any,
+                low_confidence_bound: float) -> PredictionView:
+        return super().__new__(cls, key, labels, codes, frozen(p), low_confidence_cut,
+                               low_confidence_rate, frozen(bounds), low_confidence_bound)
 
     def category(self, label: str) -> int:
         """The label's category: its index in ``labels``, else *other*."""

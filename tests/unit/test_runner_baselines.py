@@ -97,3 +97,14 @@ def test_unusable_prediction_bounds_are_computed_from_the_counts(
     kept = prediction_views(_manifest(**good))["global"]
     assert kept.bounds.tolist() == [good["p_lower"], good["p_upper"]]
     assert kept.low_confidence_bound == 0.08
+
+
+def test_the_arrays_detectors_judge_against_are_read_only() -> None:
+    """Increment tables are cached by array identity: what the detect stage builds from a
+    manifest cannot change in place."""
+    b = detector_baseline("global", {"global": ITEM}, {})
+    v = prediction_views(_manifest())["global"]
+    for a in (b.p, b.bounds, v.p, v.bounds):
+        assert not a.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            a[0] = 0.0

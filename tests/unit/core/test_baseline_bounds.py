@@ -22,11 +22,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from scipy.stats import beta
 
 from driftline.core.arl import arl_discrete, bank_alarm_probability
 from driftline.core.baselines import (
     DEFAULT_CONFIDENCE,
+    DetectorBaseline,
     mix_bounds,
     ood_threshold,
     smoothed,
@@ -35,7 +37,7 @@ from driftline.core.baselines import (
 from driftline.core.bernoulli import OOD_ALTERNATIVES, bernoulli_table
 from driftline.core.budget import DAY, Budget
 from driftline.core.cusum import union_threshold
-from driftline.core.mix import DEFAULT_EPSILONS, DEFAULT_FRACTIONS, mix_tables
+from driftline.core.mix import DEFAULT_EPSILONS, DEFAULT_FRACTIONS, ClusterMixCusum, mix_tables
 from driftline.core.simulate import LlrModel, bernoulli_model, mix_model, simulate
 
 Z = 3.0
@@ -260,3 +262,20 @@ def test_a_small_cell_bounds_say_which_cluster_shifts_it_can_see() -> None:
                for hit, miss in _mix_members(lower[1], upper[1])
                if (share + 0.3) * hit + (0.7 - share) * miss > 0)
     assert best < 600
+
+
+def test_a_detector_baseline_cannot_change_under_its_cached_tables() -> None:
+    """Increment tables are cached by array identity: a bounds array changed in place served
+    the old tables. A baseline's arrays are read-only, so the change raises instead."""
+    p = np.full(4, 0.25)
+    b = DetectorBaseline(p, np.stack([p * 0.8, p * 1.2]), 0.01, 0.02)
+    assert not b.p.flags.writeable and not b.bounds.flags.writeable
+    det = ClusterMixCusum(4, arl0=1e3)
+    det.update(0, b.bounds, 0.0)
+    with pytest.raises(ValueError, match="read-only"):
+        b.bounds[1] = 0.5
+    with pytest.raises(ValueError, match="read-only"):
+        b.p[0] = 0.4
+    view = np.stack([p, p])[:, :]  # a view: copied, its base could still change it
+    assert DetectorBaseline(p, view, 0.01, 0.02).bounds is not view
+    assert DetectorBaseline(b.p, b.bounds, 0.01, 0.02).bounds is b.bounds  # identity kept
