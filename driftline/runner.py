@@ -117,6 +117,15 @@ def detector_baseline(key: str, items: dict[str, Any], section: dict[str, Any]
         log.warning("baseline has no counts: its cluster mix is taken as exact",
                     extra={"baseline": key})
         bounds = np.array([p, p])
+    return DetectorBaseline(p, bounds, float(item["ood_rate"]), ood_detector_rate(key, item,
+                                                                                  confidence))
+
+
+def ood_detector_rate(key: str, item: dict[str, Any], confidence: float) -> float:
+    """The rate a manifest baseline's OOD detector judges against: its stored
+    ``ood_rate_bound`` if usable, else computed from its exceedance count at ``confidence``
+    (references built before the bound), else its stated rate, with a warning; never below
+    the stated rate. The reference views (API, CLI) show this same value."""
     ood_rate = float(item["ood_rate"])
     stored = None
     if "ood_rate_bound" in item:
@@ -132,7 +141,7 @@ def detector_baseline(key: str, items: dict[str, Any], section: dict[str, Any]
         log.warning("baseline has no OOD exceedance count: its OOD rate is taken as exact",
                     extra={"baseline": key})
         ood_bound = ood_rate
-    return DetectorBaseline(p, bounds, ood_rate, max(ood_bound, ood_rate))
+    return max(ood_bound, ood_rate)
 
 
 def expected_errors(manifest: dict[str, Any]) -> dict[int, float]:

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from driftline.core.baselines import DEFAULT_CONFIDENCE, tail_rate_bound
 from driftline.core.error_rates import P0_QUANTILE
 from driftline.reference.artifact import ReferenceError
+from driftline.runner import ood_detector_rate
 from driftline.schema import Event
 
 app = typer.Typer(help="Reference artifacts", no_args_is_help=True)
@@ -247,9 +248,7 @@ def summary(m: dict[str, Any]) -> str:
               f"  {'key':<36} {'n':>6} {'threshold':>9} {'ood rate':>8} {'detector':>8}  "
               "falls back to"]
     for key, item in b["items"].items():
-        bound = item.get("ood_rate_bound")
-        if bound is None and item.get("ood_exceed") is not None:  # built before the bounds:
-            bound = tail_rate_bound(item["n"], item["ood_exceed"], confidence)  # as detect does
+        bound = ood_detector_rate(key, item, confidence)  # as the detect stage judges
         lines.append(f"  {key:<36} {item['n']:>6} {item['ood_threshold']:>9.4f} "
                      f"{_pct(item['ood_rate']):>8} {_pct(bound):>8}  {item['parent'] or '-'}")
     lines += _predictions(m.get("predictions"), confidence)

@@ -8,7 +8,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, HTTPException, status
 from fastapi import Path as PathParam
 
+from driftline.core.baselines import DEFAULT_CONFIDENCE
 from driftline.reference.artifact import ReferenceError
+from driftline.runner import ood_detector_rate
 from driftline.service import references_store as store
 from driftline.service.deps import Admin, RedisDep, SettingsDep, Viewer
 from driftline.service.schemas.common import COMMON_ERRORS, errors
@@ -56,6 +58,18 @@ def _num(x: Any) -> float | None:
     return float(x) if isinstance(x, int | float) else None
 
 
+def baseline_rows(section: dict[str, Any]) -> list[BaselineRow]:
+    """A manifest's baselines, each with the OOD rate its detector judges against (computed
+    as the detect stage does for references built before it was stored)."""
+    confidence = float(section.get("bound_confidence", DEFAULT_CONFIDENCE))
+    return [BaselineRow(key=k, parent=b.get("parent"), n=b.get("n"),
+                        ood_threshold=_num(b.get("ood_threshold")),
+                        ood_rate=_num(b.get("ood_rate")),
+                        ood_rate_bound=(None if _num(b.get("ood_rate")) is None
+                                        else ood_detector_rate(k, b, confidence)))
+            for k, b in sorted((section.get("items") or {}).items())]
+
+
 @router.get("/{reference_id}", response_model=ReferenceDetail, responses=errors(404))
 def show_reference(reference_id: ReferenceId, settings: SettingsDep, r: RedisDep,
                    _: Viewer) -> ReferenceDetail:
@@ -64,7 +78,6 @@ def show_reference(reference_id: ReferenceId, settings: SettingsDep, r: RedisDep
     configured, active = _flags(settings, r)
     m = cand.manifest
     items = (m.get("clusters") or {}).get("items") or []
-    baselines = ((m.get("baselines") or {}).get("items") or {})
     emb = dict(m.get("embedding") or {})
     return ReferenceDetail(
         **_row(cand, configured, active).model_dump(),
@@ -75,11 +88,7 @@ def show_reference(reference_id: ReferenceId, settings: SettingsDep, r: RedisDep
             median_distance_to_centroid=_num(c.get("median_distance_to_centroid")),
             exemplars=[str(x) for x in c.get("exemplars") or []],
             performance=c.get("performance")) for c in items],
-        baselines=[BaselineRow(key=k, parent=b.get("parent"), n=b.get("n"),
-                               ood_threshold=_num(b.get("ood_threshold")),
-                               ood_rate=_num(b.get("ood_rate")),
-                               ood_rate_bound=_num(b.get("ood_rate_bound")))
-                   for k, b in sorted(baselines.items())],
+        baselines=baseline_rows(m.get("baselines") or {}),
         aggressors=list((m.get("performance") or {}).get("aggressors") or []))
 
 

@@ -47,7 +47,8 @@ class BaselineRow(BaseModel):
     ood_rate: float | None = Field(description="stated exceedance rate (k+1)/(n+1): evidence")
     ood_rate_bound: float | None = Field(
         None, description="the OOD detector's pre-change rate: the upper confidence bound of "
-                          "the true rate (absent in references built before it)")
+                          "the true rate (for references built before it was stored, computed "
+                          "from the exceedance count, as the detect stage does)")
 
 
 class ReferenceDetail(ReferenceRow):
