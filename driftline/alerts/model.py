@@ -154,9 +154,10 @@ class Evidence(_Model):
     slice_id: str
     n: int = Field(0, description="events counted since onset")
     missed: int = Field(0, description="events since onset the detect stage could not tell "
-                        "from those before it (in the onset's 5-min bucket), left out of n")
+                        "from those before it (read into a count bucket begun before the "
+                        "onset), left out of n: n + missed is the events since onset")
     truncated: bool = Field(False, description="the counts start after the onset: the detect "
-                            "stage's 4-h count ring had dropped older events")
+                            "stage's count ring had dropped older events")
     clusters: list[ClusterShift] = Field(default_factory=list)
     ood: OodEvidence | None = None
     exemplars: list[Exemplar] = Field(default_factory=list)

@@ -67,7 +67,8 @@ def what_changed(incident: dict[str, Any]) -> list[str]:
     n, missed = ev.get("n", 0), ev.get("missed") or 0
     head = (f"{incident['id']} at {incident['root']['slice_id']} since {incident['onset']}, "
             f"{n + missed} events since onset"
-            + (f" ({missed} of the onset's 5 min not counted)" if missed else ""))
+            + (f" ({missed} not counted: read with events from before the onset)" if missed
+               else ""))
     lines = [head, f"  detectors: {firings(incident)}"]
     lines += [f"  {line}" for line in cluster_lines(ev)]
     ood = ood_line(ev)

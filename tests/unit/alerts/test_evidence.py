@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from driftline.alerts.evidence import (
     ClusterCatalog,
     build_evidence,
@@ -10,7 +12,7 @@ from driftline.alerts.evidence import (
     severity,
     slice_evidence,
 )
-from driftline.alerts.model import Firing, Severity, SliceRef, utc
+from driftline.alerts.model import Evidence, Firing, Severity, SliceRef, utc
 from tests.unit.alerts.synthetic import alarm, counts
 
 MANIFEST = {
@@ -83,3 +85,11 @@ def test_clusters_are_described_only_from_the_alarm_s_own_reference() -> None:
     root = slice_evidence({**alarm("station=press-3", 1.0), "reference_id": "old"})
     assert build_evidence(root, [root], ClusterCatalog.from_manifest(MANIFEST), 2
                           ).clusters[0].description is not None
+
+
+def test_the_evidence_schema_names_no_bucket_width_or_ring_horizon() -> None:
+    """Both are configurable (``SliceDetectors(bucket_seconds, max_buckets)``): the API's words
+    said "5-min bucket" and "4-h count ring" whatever they were."""
+    for field in ("missed", "truncated"):
+        words = Evidence.model_fields[field].description or ""
+        assert not re.search(r"\d+[- ]?(min|h)\b", words), words

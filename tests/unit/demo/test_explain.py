@@ -55,10 +55,12 @@ def _incident(described: bool) -> dict[str, Any]:
 
 
 def test_what_changed_counts_the_events_since_onset_it_could_not_count_too() -> None:
+    """Without a bucket width: it is configurable (the words said "5 min" whatever it was),
+    and what is not counted is what was read with events from before the onset."""
     inc = _incident(described=True)
     inc["evidence"]["missed"] = 21
     assert what_changed(inc)[0].endswith(
-        ", 350 events since onset (21 of the onset's 5 min not counted)")
+        ", 350 events since onset (21 not counted: read with events from before the onset)")
 
 
 def test_what_changed_names_detectors_clusters_and_the_ood_rate() -> None:
