@@ -13,35 +13,15 @@ from driftline.alerts.attribution import SliceStatus
 from driftline.alerts.grouping import Grouper
 from driftline.consumers.checkpoint import decode_record, encode_record
 from driftline.consumers.slice_state import SliceState
-from driftline.core.baselines import DetectorBaseline
 from driftline.core.budget import DAY, Budget
 from driftline.core.cells import CellTally
 from driftline.core.slices import SliceDetectors
 from driftline.core.snapshot import plain
 from driftline.schema import SliceUpdate
+from tests.unit.consumers.fakes import FlatBaselines
 
 T0 = datetime(2026, 11, 16, 0, 0, tzinfo=UTC)
 K = 4
-
-
-class Flat:
-    p = np.full(K, 1 / K)
-    exact = DetectorBaseline(p, np.stack([p, p]), 0.01, 0.01)
-
-    def cluster_mix(self, key: str) -> np.ndarray:
-        return self.p
-
-    def ood_rate(self, key: str) -> float:
-        return 0.01
-
-    def detector_baseline(self, key: str) -> DetectorBaseline:
-        return self.exact
-
-    def prediction(self, key: str) -> None:
-        return None
-
-    def expected_error(self, cluster: int) -> float | None:
-        return None
 
 
 def _upd(i: int, cluster: int, ood: bool, lot: str, shift: str = "day") -> SliceUpdate:
@@ -52,7 +32,7 @@ def _upd(i: int, cluster: int, ood: bool, lot: str, shift: str = "day") -> Slice
 
 
 def _state() -> SliceState:
-    return SliceState("station=S", "station", SliceDetectors(arl0=1e4), Flat(), 500)
+    return SliceState("station=S", "station", SliceDetectors(arl0=1e4), FlatBaselines(K), 500)
 
 
 def _feed(st: SliceState, seed: int, n: int, start: int = 0) -> list[dict[str, Any]]:
@@ -98,10 +78,10 @@ def test_cells_survive_a_checkpoint_and_old_snapshots_restore_without() -> None:
     _feed(st, 2, 1500)
     assert "ood_rate" in st.open and st.cells["ood_rate"].n > 0
     snap = decode_record(encode_record(plain(st.snapshot())))
-    back = SliceState.restore(snap, Flat(), 500)
+    back = SliceState.restore(snap, FlatBaselines(K), 500)
     assert back.cells["ood_rate"].as_dict() == st.cells["ood_rate"].as_dict()
     del snap["cells"]  # a checkpoint written before cells
-    old = SliceState.restore(snap, Flat(), 500)
+    old = SliceState.restore(snap, FlatBaselines(K), 500)
     assert old.cells["ood_rate"].n == 0
     _feed(old, 3, 10, start=1500)
     assert old.cells["ood_rate"].n == 10
@@ -122,7 +102,7 @@ def test_one_persistent_moderate_change_is_one_incident() -> None:
     every_s = 0.5
     st = SliceState("station=S", "station",
                     SliceDetectors(arl0=Budget(1.0, 30 * DAY, 200, 2, 1 / every_s).arl0()),
-                    Flat(), 500)
+                    FlatBaselines(K), 500)
     msgs = []
     for i in range(int(4 * 3600 / every_s)):
         t = T0 + timedelta(seconds=i * every_s)

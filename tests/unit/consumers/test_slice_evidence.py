@@ -20,33 +20,14 @@ from driftline.alerts.evidence import effect
 from driftline.alerts.grouping import Grouper
 from driftline.consumers.checkpoint import decode_record, encode_record
 from driftline.consumers.slice_state import SliceState
-from driftline.core.baselines import DetectorBaseline
 from driftline.core.budget import DAY, Budget
 from driftline.core.slices import SliceDetectors
 from driftline.core.snapshot import plain
 from driftline.schema import SliceUpdate
+from tests.unit.consumers.fakes import FlatBaselines
 
 T0 = datetime(2026, 11, 16, 0, 0, tzinfo=UTC)
 K = 8
-
-
-class Flat:
-    """A baseline known exactly: the detectors judge against the stated rates themselves."""
-
-    p = np.full(K, 1 / K)
-    exact = DetectorBaseline(p, np.stack([p, p]), 0.01, 0.01)
-
-    def cluster_mix(self, key: str) -> np.ndarray:
-        return self.p
-
-    def ood_rate(self, key: str) -> float:
-        return 0.01
-
-    def detector_baseline(self, key: str) -> DetectorBaseline:
-        return self.exact
-
-    def expected_error(self, cluster: int) -> float | None:
-        return None
 
 
 @dataclass
@@ -85,7 +66,8 @@ def _run(seed: int, *, every_s: float, change_s: float, post: float, hours: floa
     t = np.arange(n) * every_s
     ood = rng.random(n) < np.where((t >= change_s) & (t < end_s), post, 0.01)
     arl0 = Budget(1.0, 30 * DAY, 200, 2, 1.0 / every_s).arl0()
-    st = SliceState("station=S", "station", SliceDetectors(arl0=arl0), Flat(), autoresolve)
+    st = SliceState("station=S", "station", SliceDetectors(arl0=arl0), FlatBaselines(K),
+                    autoresolve)
     msgs: list[dict[str, Any]] = []
     at: list[int] = []
     for i in range(n):
@@ -208,7 +190,7 @@ def test_a_new_episode_in_an_open_alarm_starts_from_its_own_onset() -> None:
     changed = ((t >= 3600) & (t < 4200)) | (t >= 5200)
     ood = rng.random(n) < np.where(changed, 0.3, 0.01)
     arl0 = Budget(1.0, 30 * DAY, 200, 2, 1.0 / every_s).arl0()
-    st = SliceState("station=S", "station", SliceDetectors(arl0=arl0), Flat(), 5000)
+    st = SliceState("station=S", "station", SliceDetectors(arl0=arl0), FlatBaselines(K), 5000)
     msgs: list[dict[str, Any]] = []
     at: list[int] = []
     for i in range(n):
@@ -244,7 +226,7 @@ def test_a_slice_read_out_of_time_order_counts_no_event_read_before_the_onset() 
     clusters = rng.integers(K, size=len(reads))
     ood = np.array([rng.random() < (0.5 if st == "B" and t >= 2000 else 0.01)
                     for st, t in reads])
-    state = SliceState("lot=L", "lot", SliceDetectors(arl0=1e6), Flat(), 5000)
+    state = SliceState("lot=L", "lot", SliceDetectors(arl0=1e6), FlatBaselines(K), 5000)
     last: dict[str, int] = {}
     onset: dict[str, int] = {}
     checked: list[str] = []
@@ -286,7 +268,7 @@ def test_a_tally_lives_with_its_alarm() -> None:
     st.reset()
     assert st.det.counts.tallies == ()
     st = _run(0, every_s=0.5, change_s=3600.0, post=0.3, hours=1.2).state
-    st.baselines = type("Other", (Flat,), {"reference_id": "other"})()
+    st.baselines = FlatBaselines(K, reference_id="other")
     out = st.update(_update(10**6, 0.5, 1, False))
     assert {m["kind"] for m in out} == {"clear"}
     assert st.det.counts is not None and st.det.counts.tallies == ()
@@ -303,21 +285,21 @@ def test_an_open_alarm_s_counts_survive_a_checkpoint_and_older_ones_fall_back_to
     ups = [_update(i, every_s, int(clusters[i]), bool(ood[i])) for i in range(n)]
 
     def fresh() -> SliceState:
-        return SliceState("station=S", "station", SliceDetectors(arl0=1e6), Flat(), 10**6)
+        return SliceState("station=S", "station", SliceDetectors(arl0=1e6), FlatBaselines(K), 10**6)
 
     whole, cut = fresh(), fresh()
     want = [m for u in ups for m in whole.update(u)]
     got = [m for u in ups[:8000] for m in cut.update(u)]
     assert cut.open and cut.det.counts is not None and cut.det.counts.tallies
     record = decode_record(encode_record({"state": cut.snapshot(), "applied": {}}))
-    restored = SliceState.restore(record["state"], Flat(), 10**6)
+    restored = SliceState.restore(record["state"], FlatBaselines(K), 10**6)
     assert plain(restored.snapshot()) == plain(cut.snapshot())
     got += [m for u in ups[8000:] for m in restored.update(u)]
     assert plain(got) == plain(want)
 
     old = plain(cut.snapshot())
     del old["detectors"]["counts"]["tallies"]
-    legacy = SliceState.restore(old, Flat(), 10**6)
+    legacy = SliceState.restore(old, FlatBaselines(K), 10**6)
     (name,) = legacy.open
     ring = legacy.det.counts.since(legacy.open[name]["onset_time"])  # type: ignore[union-attr]
     c = legacy.evidence(legacy.open[name]["onset_time"], name)["counts"]

@@ -10,33 +10,13 @@ import numpy as np
 import pytest
 
 from driftline.consumers.slice_state import RECROSS_FACTOR, SliceState
-from driftline.core.baselines import DetectorBaseline
 from driftline.core.budget import DAY, Budget
 from driftline.core.slices import SliceDetectors
 from driftline.schema import SliceUpdate
+from tests.unit.consumers.fakes import FlatBaselines
 
 T0 = datetime(2026, 11, 16, 0, 0, tzinfo=UTC)
 K = 8
-
-
-class Flat:
-    """A baseline known exactly (the stream is drawn from it): the detectors judge against the
-    stated rates themselves."""
-
-    p = np.full(K, 1 / K)
-    exact = DetectorBaseline(p, np.stack([p, p]), 0.01, 0.01)
-
-    def cluster_mix(self, key: str) -> np.ndarray:
-        return self.p
-
-    def ood_rate(self, key: str) -> float:
-        return 0.01
-
-    def detector_baseline(self, key: str) -> DetectorBaseline:
-        return self.exact
-
-    def expected_error(self, cluster: int) -> float | None:
-        return None
 
 
 def _run(seed: int, post: float, change_h: tuple[float, float], hours: float
@@ -46,7 +26,7 @@ def _run(seed: int, post: float, change_h: tuple[float, float], hours: float
     rng = np.random.default_rng(seed)
     every_s = 0.5
     arl0 = Budget(1.0, 30 * DAY, 200, 2, 1.0 / every_s).arl0()
-    st = SliceState("station=S", "station", SliceDetectors(arl0=arl0), Flat(), 500)
+    st = SliceState("station=S", "station", SliceDetectors(arl0=arl0), FlatBaselines(K), 500)
     out: list[dict[str, Any]] = []
     for i in range(int(hours * 3600 / every_s)):
         t = T0 + timedelta(seconds=i * every_s)
@@ -87,27 +67,20 @@ def test_an_alarm_clears_once_the_change_is_over(seed: int) -> None:
     assert RECROSS_FACTOR * 100 < 500
 
 
-class _Calibrated(Flat):
-    """OOD at a perfectly calibrated 120-sample baseline's stated rate, known exactly."""
-
-    exact = DetectorBaseline(Flat.p, np.stack([Flat.p, Flat.p]), 2 / 121, 2 / 121)
-
-    def ood_rate(self, key: str) -> float:
-        return 2 / 121
-
-
 def test_a_shift_slice_does_not_date_a_change_into_its_previous_shift() -> None:
     """A statistics review's case: station S sends an event every 20 s; its night slice sees
     night 1, nothing for 16 hours, then night 2. The lens hazes (OOD 10 %) from 21:12 on day
     2, before night 2. The night statistic, a little above zero at the end of night 1, carried
     across the gap and the alarm dated the change to 05:59 — the end of night 1, 15 hours
-    early (seed 6; 4 seeds in 30)."""
+    early (seed 6; 4 seeds in 30). OOD at a perfectly calibrated 120-sample baseline's stated
+    rate, known exactly."""
     rng = np.random.default_rng(6)
     shift, start = 1440, T0 + timedelta(hours=22)
     change = start + timedelta(hours=8 * 2.9)
     arl0 = Budget(1.0, 30 * DAY, 200, 2, 1 / 20).arl0()
     sid = "station=S|shift=night"
-    st = SliceState(sid, "station+shift", SliceDetectors(arl0=arl0), _Calibrated(), 500)
+    st = SliceState(sid, "station+shift", SliceDetectors(arl0=arl0),
+                    FlatBaselines(K, ood_rate=2 / 121), 500)
     alarms = []
     for i in range(4 * shift):
         ts = start + timedelta(seconds=20 * i)

@@ -1,0 +1,35 @@
+"""Test doubles of what the detect stage needs of a reference (``slice_state.Baselines``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from driftline.core.baselines import DetectorBaseline
+
+
+class FlatBaselines:
+    """Every baseline the uniform mix over ``k`` clusters with OOD rate ``ood_rate``, known
+    exactly: the detectors judge against the stated rates themselves. No predictions, no
+    labels; ``reference_id`` names the reference the slice's updates must carry."""
+
+    def __init__(self, k: int, ood_rate: float = 0.01, reference_id: str | None = None) -> None:
+        self.p = np.full(k, 1 / k)
+        self.rate = ood_rate
+        self.exact = DetectorBaseline(self.p, np.stack([self.p, self.p]), ood_rate, ood_rate)
+        if reference_id is not None:
+            self.reference_id = reference_id
+
+    def cluster_mix(self, key: str) -> np.ndarray:
+        return self.p
+
+    def ood_rate(self, key: str) -> float:
+        return self.rate
+
+    def detector_baseline(self, key: str) -> DetectorBaseline:
+        return self.exact
+
+    def prediction(self, key: str) -> None:
+        return None
+
+    def expected_error(self, cluster: int) -> float | None:
+        return None
