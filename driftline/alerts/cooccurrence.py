@@ -241,14 +241,28 @@ def direction(cells: Mapping[str, Mapping[str, Any]], detector: str) -> str:
 
 
 def persisted(before: Sequence[float], now: Sequence[float], direction: str,
-              policy: CooccurrencePolicy = CooccurrencePolicy()) -> bool:
-    """Between two messages of one alarm (cell totals from :func:`totals`), its measure stayed
-    clearly off its reference: the change went on, the re-crossing is not a new episode.
-    One-sided exact binomial test of the events in between at ``persist_alpha``."""
+              policy: CooccurrencePolicy = CooccurrencePolicy(),
+              episode: Sequence[float] | None = None) -> bool:
+    """Between two messages of one alarm (cell totals from :func:`totals`, cumulative since it
+    was raised), *its* change went on: the re-crossing is not a new episode.
+
+    The events in between are clearly off the reference (one-sided exact binomial test at
+    ``persist_alpha``) and, of the two rates, closer to the alarm's own so far (its measure
+    over expected, applied to their expected rate; ``episode``, the cell totals of the
+    episode so far, else ``before``) than to the reference (likelihood ratio):
+    a moderate change that kept on, whose detector sat near zero only because it climbs
+    slowly. A strong change that stopped is not kept on by the next change beginning within
+    those events, nor by a little noise off the reference (a lot that ran out, then the
+    station's haze setting in)."""
     n, x, e = (now[i] - before[i] for i in range(3))
-    if n <= 0 or e <= 0:
+    own = episode if episode is not None else before
+    if n <= 0 or e <= 0 or own[2] <= 0:
         return False
     p0 = min(max(e / n, 1e-12), 1 - 1e-12)
     k = int(round(n))
     tail = float(bdtrc(x - 1, k, p0) if direction != "out" else bdtr(x, k, p0))
-    return bool(tail < policy.persist_alpha)
+    if tail >= policy.persist_alpha:
+        return False
+    p1 = min(max(p0 * own[1] / own[2], 1e-12), 1 - 1e-12)  # the change's rate so far
+    llr = x * np.log(p1 / p0) + (n - x) * np.log((1 - p1) / (1 - p0))
+    return bool(llr > 0)

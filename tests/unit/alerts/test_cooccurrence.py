@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from driftline.alerts.attribution import SliceStatus
-from driftline.alerts.cooccurrence import CooccurrencePolicy, attribute, read_cells
+from driftline.alerts.cooccurrence import CooccurrencePolicy, attribute, persisted, read_cells
 from driftline.alerts.evidence import slice_evidence
 from driftline.alerts.grouping import Grouper
 from driftline.alerts.model import Incident, Status, TimelineEntry
@@ -226,3 +226,16 @@ def test_a_false_alarm_acknowledged_alone_ends_related_and_acknowledged() -> Non
     assert sorted(i.root.slice_id for i in live) == sorted(ROOTS)
     (holder,) = [i for i in live if NOISE in i.slices]
     assert holder.status is Status.acknowledged
+
+
+def test_persisted_is_the_alarm_s_own_change_going_on() -> None:
+    # an alarm at half its events OOD (reference 1.7 %): 183 events later with 20 OOD is off
+    # the reference, but nowhere near that change — it stopped (the demo's lot at surf-1, then
+    # noise and the haze's first events)
+    before, p0 = [104.0, 51.0, 1.72], 0.0165
+    assert not persisted(before, [287.0, 71.0, 1.72 + 183 * p0], "into")
+    # a moderate change (10 %) that went on at its rate
+    moderate = [200.0, 20.0, 200 * p0]
+    assert persisted(moderate, [400.0, 40.0, 400 * p0], "into")
+    # nor anything at the reference rate
+    assert not persisted(moderate, [400.0, 23.0, 400 * p0], "into")
