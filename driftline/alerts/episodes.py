@@ -101,6 +101,26 @@ def episode_split(f: Firing, msg: Mapping[str, Any], delta: dict[str, Any] | Non
     return (min(f.last_detected + oi * step, at) if step is not None else at), delta
 
 
+def episode_cells(doc: Mapping[str, Any], start: Mapping[str, Any] | None) -> dict[str, Any]:
+    """An episode's own cells: the alarm's (cumulative since it was raised, one row per cell
+    ``[station, shift, lot, n, ...counts]``, plus an ``overflow`` row) less those it had when
+    the episode began; cells with no events since are dropped. Without ``start`` (the
+    alarm's first episode) the alarm's cells are the episode's."""
+    if not start:
+        return dict(doc)
+    before = {tuple(r[:3]): r[3:] for r in start.get("cells") or []}
+    rows = []
+    for r in doc.get("cells") or []:
+        b = before.get(tuple(r[:3]))
+        row = [*r[:3], *(max(x - y, 0) for x, y in zip(r[3:], b, strict=False))] if b else list(r)
+        if row[3] > 0:
+            rows.append(row)
+    over, over0 = list(doc.get("overflow") or []), list(start.get("overflow") or [])
+    if over and len(over0) == len(over):
+        over = [max(x - y, 0) for x, y in zip(over, over0, strict=True)]
+    return {**doc, "cells": rows, "overflow": over or doc.get("overflow")}
+
+
 def _newer_cells(first: SliceEvidence, second: SliceEvidence) -> dict[str, dict[str, Any]]:
     """Per detector, the cells that counted more events (cumulative since the alarm)."""
     out = dict(first.cells)

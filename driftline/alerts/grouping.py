@@ -7,7 +7,9 @@ summary; the book stores what it marks dirty, in one transaction with the outbox
   the detector's first onset for as long as the slice stays open, so the book differences
   consecutive messages, and starts a new episode when the detector sat near zero before
   re-crossing or re-crossed after a long pause (:mod:`driftline.alerts.episodes`); the old
-  episode's firing ends (an incident whose firings all ended resolves itself).
+  episode's firing ends (an incident whose firings all ended resolves itself). Its cells,
+  also since the alarm, are read less those when the episode began: a new episode is placed
+  by its own events, and rejoins its detector's last one only in the incident that held it.
 * An ``update`` continuing an episode refreshes that slice's evidence and firing. A new
   episode joins an open incident rooted at its slice, else the most recent concurrent incident
   (activity windows within ``group_window_s`` of event time) whose root explains it or that it
@@ -57,6 +59,7 @@ from driftline.alerts.episodes import (
     add_counts,
     combine,
     diff_counts,
+    episode_cells,
     episode_split,
     new_episode_counts,
 )
@@ -179,6 +182,7 @@ class Grouper:
         held = self._firing_of(sid, det)
         onset: datetime | None = None
         episode = counts
+        start: dict[str, Any] | None = None  # the alarm's cells when this episode began
         left: Incident | None = None  # an incident this new episode leaves with no live firing
         if held is not None:
             inc, f = held
@@ -193,9 +197,11 @@ class Grouper:
                 self._continue(inc, f, msg, counts, delta)
                 return
             onset, episode = split
+            if msg["kind"] == "update":  # the detect stage's cells go on from the alarm
+                start = f.episode.last_cells
             self._end_firing(inc, f, "new episode")
             left = None if inc.active else inc
-        ev = slice_evidence(msg, episode, onset if held is not None else None)
+        ev = _evidence(msg, episode, onset if held is not None else None, start)
         firing = Firing(slice_id=sid, detector=det, statistic=msg["statistic"],
                         threshold=msg["threshold"], argmax=msg.get("argmax") or {},
                         onset=ev.onset, first_detected=ev.last_time or self.now,
@@ -203,7 +209,9 @@ class Grouper:
                         events_at_detection=ev.n_since_onset or None,
                         episode=EpisodeCounts(last=counts, counts=episode,
                                               slice_n=msg.get("slice_n"),
-                                              cells=totals(ev.cells, det)))
+                                              cells=totals(_raw_cells(msg), det),
+                                              last_cells=_raw_cells(msg).get(det),
+                                              start_cells=start))
         target = self._place(ev)
         if target is None:
             self._open([ev], [firing], note=None)
@@ -212,12 +220,17 @@ class Grouper:
         old = target.slices.get(sid)
         if old is None:
             self._joined.setdefault(target.id, []).append(sid)
-        elif old.counts and episode and old.onset and ev.onset and old.onset < ev.onset:
-            # The slice is back in the same incident: its evidence spans both episodes.
-            firing.onset = old.onset
-            firing.episode.counts = add_counts(old.counts, episode)
-            ev = slice_evidence(msg, firing.episode.counts, old.onset)
-            ev.first_time = old.first_time
+        elif (held is not None and held[0] is target and held[1].episode.counts and episode
+              and held[1].onset and ev.onset and held[1].onset < ev.onset):
+            # The detector's next episode is back in the incident of its last one (placed by
+            # its own events: the same change): one evidence spans both. Only that detector's
+            # episode: another detector's evidence for the slice counts the same events.
+            prev = held[1]
+            firing.onset = prev.onset
+            firing.episode.counts = add_counts(prev.episode.counts, episode)
+            firing.episode.start_cells = prev.episode.start_cells
+            ev = _evidence(msg, firing.episode.counts, prev.onset, prev.episode.start_cells)
+            ev.first_time = old.first_time if old.onset == prev.onset else prev.first_detected
         self._set_evidence(target, ev)
         if left is not None and left is not target and self._mergeable(target, left):
             # The slice's first episode had opened an incident of its own (nothing explained it
@@ -236,8 +249,10 @@ class Grouper:
         if delta is not None:
             f.episode.counts = add_counts(f.episode.counts, delta)
         f.episode.last, f.episode.slice_n = counts, msg.get("slice_n")
-        ev = slice_evidence(msg, f.episode.counts, f.onset)
-        f.episode.cells = totals(ev.cells, f.detector) or f.episode.cells
+        ev = _evidence(msg, f.episode.counts, f.onset, f.episode.start_cells)
+        raw = _raw_cells(msg)
+        f.episode.cells = totals(raw, f.detector) or f.episode.cells
+        f.episode.last_cells = raw.get(f.detector) or f.episode.last_cells
         old = inc.slices.get(f.slice_id)
         ev.first_time = min(f.first_detected, old.first_time or f.first_detected) \
             if old is not None and old.onset == f.onset else f.first_detected
@@ -252,8 +267,10 @@ class Grouper:
         now = totals(cells, f.detector)
         if now is None or f.episode.cells is None or now[0] <= f.episode.cells[0]:
             return False
+        own = (totals({f.detector: episode_cells(f.episode.last_cells, f.episode.start_cells)},
+                      f.detector) if f.episode.last_cells else None)
         return persisted(f.episode.cells, now, direction(cells, f.detector),
-                         self.policy.cooccurrence)
+                         self.policy.cooccurrence, own)
 
     def _set_evidence(self, inc: Incident, ev: SliceEvidence) -> None:
         old = inc.slices.get(ev.ref.slice_id)
@@ -639,6 +656,21 @@ class Grouper:
         self.changes.append(record_change(inc, action, who=SYSTEM, at=self.now, note=note,
                                           max_timeline=self.policy.max_timeline))
         self.dirty.add(inc.id)
+
+
+def _raw_cells(msg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The message's cells, as the detect stage sent them (since the alarm was raised)."""
+    cells = (msg.get("evidence") or {}).get("cells")
+    return {msg["detector"]: cells} if cells else {}
+
+
+def _evidence(msg: Mapping[str, Any], counts: Mapping[str, Any] | None,
+              onset: datetime | None, start: Mapping[str, Any] | None) -> SliceEvidence:
+    """The episode's evidence: its counts since ``onset``, its own cells since ``start``."""
+    ev = slice_evidence(msg, counts, onset)
+    if start and msg["detector"] in ev.cells:
+        ev.cells[msg["detector"]] = episode_cells(ev.cells[msg["detector"]], start)
+    return ev
 
 
 def group_of(inc: Incident) -> Group:

@@ -67,14 +67,19 @@ class SliceRef(_Model):
 
 class EpisodeCounts(_Model):
     """Keeps one episode's evidence apart from the detector's earlier ones: while a slice stays
-    open the detect stage reports counts since its *first* onset, so the book differences
-    consecutive messages (``last``) and sums the episode's own ``counts``."""
+    open the detect stage reports counts and cells since its *first* onset, so the book
+    differences consecutive messages (``last``) and sums the episode's own ``counts``, and
+    reads the episode's own cells as the alarm's less those when it began (``start_cells``)."""
 
     last: dict[str, Any] | None = None
     counts: dict[str, Any] | None = None
     slice_n: int | None = None
     cells: list[float] | None = Field(
         None, description="the last message's cell totals [n, x, expected] (persistence)")
+    last_cells: dict[str, Any] | None = Field(
+        None, description="the last message's cells, as sent (cumulative since the alarm)")
+    start_cells: dict[str, Any] | None = Field(
+        None, description="the alarm's cells when the episode began (None: the first one)")
 
 
 class Firing(_Model):

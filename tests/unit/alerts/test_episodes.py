@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from driftline.alerts.episodes import add_counts, diff_counts, episode_split, new_episode_counts
+import pytest
+
+from driftline.alerts.episodes import (
+    add_counts,
+    diff_counts,
+    episode_cells,
+    episode_split,
+    new_episode_counts,
+)
 from driftline.alerts.model import EpisodeCounts, Firing, Status, utc
 from tests.unit.alerts.synthetic import ONSET, alarm, counts
 from tests.unit.alerts.test_grouping import active, feed, grouper
@@ -128,3 +136,15 @@ def test_a_new_episode_starts_from_the_re_crossing_s_own_counts() -> None:
     msg = {"evidence": {"counts": since_first, "excursion": own}}
     assert new_episode_counts(msg, {"n": 2000}) == own
     assert new_episode_counts({"evidence": {"counts": since_first}}, {"n": 2000}) == {"n": 2000}
+
+
+def test_an_episode_s_cells_are_its_own() -> None:
+    start = {"watch": None, "cells": [["s1", "day", "L1", 50, 45, 0.8, 0, 0.0]],
+             "overflow": [2, 1, 0.1, 0, 0.0]}
+    now = {"watch": None, "cells": [["s1", "day", "L1", 50, 45, 0.8, 0, 0.0],
+                                    ["s1", "day", "L2", 40, 30, 0.7, 0, 0.0]],
+           "overflow": [5, 1, 0.2, 0, 0.0]}
+    got = episode_cells(now, start)
+    assert got["cells"] == [["s1", "day", "L2", 40, 30, 0.7, 0, 0.0]]
+    assert got["overflow"] == pytest.approx([3, 0, 0.1, 0, 0.0])
+    assert episode_cells(now, None) == now

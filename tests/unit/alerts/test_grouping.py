@@ -203,3 +203,14 @@ def test_a_cell_joins_the_incident_whose_root_explains_it_not_a_lot_s_in_another
         "station=press-1": ["station=press-1", "station=press-1|shift=day",
                             "station=press-1|shift=night"],
         "station=press-2|shift=night": ["lot=L7", "station=press-2|shift=night"]}
+
+
+def test_two_detectors_of_one_slice_are_not_counted_twice() -> None:
+    # OOD rate alarms first, the cluster mix later, each from its own tally since its own
+    # onset: both in one incident, the slice's evidence is one detector's events, not the sum.
+    g = grouper()
+    feed(g, alarm("lot=L7", 1.0, n=400, detector="ood_rate", ood_shift=0.5))
+    feed(g, alarm("lot=L7", 1.0, n=300, t=ONSET + 900, onset=ONSET + 300))
+    (inc,) = active(g)
+    assert len(inc.detectors) == 2
+    assert inc.slices["lot=L7"].n_since_onset <= 400
