@@ -33,7 +33,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from driftline.alerts.attribution import (
@@ -129,6 +129,7 @@ class Grouper:
         self._joined: dict[str, list[str]] = {}
         self._created: set[str] = set()
         self._plan = Plan()  # the co-occurrence attribution of the last finish()
+        self._home: dict[str, str] = {}  # slice -> the incident holding the evidence it read
         self._cells = CellReader(policy.cooccurrence)
 
     # --- entry points --------------------------------------------------------------------
@@ -341,10 +342,7 @@ class Grouper:
         sid = ev.ref.slice_id
         if self._cells(ev) is None:
             return False, None
-        members: dict[str, SliceEvidence] = {}
-        for inc in sorted(self._active(), key=_age):
-            for s, e in inc.slices.items():
-                members.setdefault(s, e)
+        members = {s: i.slices[s] for s, i in self._latest().items()}
         members[sid] = ev
         root = cooccur(list(members.values()), self.policy.cooccurrence,
                        self._cells).root_of.get(sid)
@@ -431,10 +429,7 @@ class Grouper:
         one that took most (on-call's acknowledgements go with it). Slices the plan does not
         read (no cells, too few events) stay, and :meth:`_attribute` places them by totals."""
         incs = sorted(self._active(), key=_age)
-        owner: dict[str, Incident] = {}
-        for inc in incs:
-            for sid in inc.slices:
-                owner.setdefault(sid, inc)
+        owner = self._latest()
         plan = self._plan = cooccur([owner[s].slices[s] for s in owner],
                                     self.policy.cooccurrence, self._cells)
         groups = {r: sorted(s for s, x in plan.root_of.items() if x == r) for r in plan.roots}
@@ -479,7 +474,25 @@ class Grouper:
                 self._record(dst, "rerooted", f"{old} → {r}")
                 self._link_recurrence(dst)
             self._todo[dst.id] = True
+        self._home = {s: i.id for s, i in owner.items() if s in plan.root_of}
+        self._home.update({s: b for _, b, s in moves})
         self._settle_sources(moves, {i.id for i in claimed.values()})
+
+    def _latest(self) -> dict[str, Incident]:
+        """Per alarmed slice, the active incident holding its latest episode (the oldest
+        incident on ties): what co-occurrence reads. A slice's earlier episode, ended, stays
+        with the incident of the change it showed; a later one is another change's evidence."""
+        owner: dict[str, Incident] = {}
+        for inc in sorted(self._active(), key=_age):
+            for sid, ev in inc.slices.items():
+                cur = owner.get(sid)
+                if cur is None or _start(ev) > _start(cur.slices[sid]):
+                    owner[sid] = inc
+        return owner
+
+    def _planned(self, inc: Incident) -> set[str]:
+        """``inc``'s slices whose evidence there the last co-occurrence plan read."""
+        return {s for s in inc.slices if self._home.get(s) == inc.id}
 
     def _take(self, inc: Incident, sid: str) -> tuple[SliceEvidence, list[Firing]]:
         """Remove slice ``sid`` and its firings from ``inc``."""
@@ -517,10 +530,10 @@ class Grouper:
         plan, root = self._plan, inc.root.slice_id
         if root not in plan.roots or root not in inc.slices:
             return att.partition(members)
-        r, alarmed = inc.slices[root], set(inc.slices)
-        mine = [m for m in members
-                if plan.root_of.get(m.ref.slice_id) == root and m.ref.slice_id != root]
-        unread = [m for m in members if m.ref.slice_id not in plan.root_of]
+        r, alarmed, read = inc.slices[root], set(inc.slices), self._planned(inc)
+        mine = [m for m in members if m.ref.slice_id in read
+                and plan.root_of.get(m.ref.slice_id) == root and m.ref.slice_id != root]
+        unread = [m for m in members if m.ref.slice_id not in read]
         keep = [m for m in unread if att.explains(r, m, alarmed)]
         rest = [m for m in members if m is not r and not any(m is x for x in (*mine, *keep))]
         return [Group(r, mine + keep), *(att.partition(rest) if rest else [])]
@@ -613,7 +626,7 @@ class Grouper:
         if planned:  # one: the other's slices, none read by the plan, all explained by it
             r = planned[0].slices[planned[0].root.slice_id]
             other = b if planned[0] is a else a
-            return not (set(other.slices) & self._plan.root_of.keys()) and all(
+            return not self._planned(other) and all(
                 att.explains(r, s, alarmed) for s in other.slices.values())
         if not (att.explains(ra, rb, alarmed) or att.explains(rb, ra, alarmed)):
             return False
@@ -677,6 +690,10 @@ def group_of(inc: Incident) -> Group:
     """The incident's attribution result as a :class:`Group` (tests and the API)."""
     return Group(inc.slices[inc.root.slice_id],
                  [inc.slices[r.slice_id] for r in inc.related if r.slice_id in inc.slices])
+
+
+def _start(ev: SliceEvidence) -> datetime:
+    return ev.onset or ev.last_time or datetime.min.replace(tzinfo=UTC)
 
 
 def _age(inc: Incident) -> tuple[datetime, str]:
