@@ -49,10 +49,10 @@ from typing import Any
 import numpy as np
 from scipy.special import bdtr, bdtrc
 
+from driftline.alerts.attribution import compatible, template_rank
 from driftline.alerts.model import SliceEvidence, SliceRef
 
 Cell = tuple[str, str, str]
-_DIM_WEIGHT = {"station": 3, "lot": 2, "shift": 1}
 
 
 @dataclass(frozen=True)
@@ -98,10 +98,6 @@ class Plan:
     alone: set[str] = field(default_factory=set)
     noise: set[str] = field(default_factory=set)
     read: set[str] = field(default_factory=set)
-
-
-def template_rank(ref: SliceRef) -> int:
-    return sum(_DIM_WEIGHT.get(d, 1) for d in ref.dims)
 
 
 def _measure(doc: Mapping[str, Any]) -> tuple[int, int, str]:
@@ -150,10 +146,6 @@ def read_cells(ev: SliceEvidence, policy: CooccurrencePolicy) -> SliceCells | No
     if sum(n.values()) + pooled < policy.min_events:
         return None
     return SliceCells(ev.ref, n, affected, pooled)
-
-
-def _compatible(a: SliceRef, b: SliceRef) -> bool:
-    return all(b.dims[k] == v for k, v in a.dims.items() if k in b.dims)
 
 
 class CellReader:
@@ -218,7 +210,7 @@ def attribute(members: Sequence[SliceEvidence],
     for sid in sorted(plan.noise):
         sc = cells[sid]
         near = [(sum(sc.n[c] for c in sc.n if c in cells[r].n), -i, r)
-                for i, r in enumerate(plan.roots) if _compatible(sc.ref, cells[r].ref)]
+                for i, r in enumerate(plan.roots) if compatible(sc.ref, cells[r].ref)]
         if near:
             plan.root_of[sid] = max(near)[2]
     return plan
