@@ -85,8 +85,8 @@ class CellTally:
         """JSON-ready: ``cells`` rows ``[station, shift, lot, n, ood, ood_expected, hits,
         hits_expected]`` (sorted), the ``overflow`` row's counts, the watched cluster."""
         return {"watch": self.watch, "direction": self.direction,
-                "cells": [[*c, *_num(r)] for c, r in sorted(self._rows.items())],
-                "overflow": _num(self._overflow)}
+                "cells": [[*c, *_row(r)] for c, r in sorted(self._rows.items())],
+                "overflow": _row(self._overflow)}
 
     snapshot = as_dict
 
@@ -99,9 +99,6 @@ class CellTally:
         return obj
 
 
-def _num(r: list[float]) -> list[float]:
-    return [int(r[_N]), int(r[_OOD]), float(r[_OOD_EXP]), int(r[_HITS]), float(r[_HITS_EXP])]
-
-
 def _row(v: Any) -> list[float]:
-    return [int(v[0]), int(v[1]), float(v[2]), int(v[3]), float(v[4])]
+    """A row's counts in their types (ints counted, floats summed): for JSON and on restore."""
+    return [int(v[_N]), int(v[_OOD]), float(v[_OOD_EXP]), int(v[_HITS]), float(v[_HITS_EXP])]
