@@ -3,14 +3,11 @@ update messages, bounded, and through the slice's snapshot (``SliceState``; no K
 
 from __future__ import annotations
 
-import itertools
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
 
-from driftline.alerts.attribution import SliceStatus
-from driftline.alerts.grouping import Grouper
 from driftline.consumers.checkpoint import decode_record, encode_record
 from driftline.consumers.slice_state import SliceState
 from driftline.core.budget import DAY, Budget
@@ -18,7 +15,7 @@ from driftline.core.cells import CellTally
 from driftline.core.slices import SliceDetectors
 from driftline.core.snapshot import plain
 from driftline.schema import SliceUpdate
-from tests.unit.consumers.fakes import FlatBaselines
+from tests.unit.consumers.fakes import FlatBaselines, one_slice_book
 
 T0 = datetime(2026, 11, 16, 0, 0, tzinfo=UTC)
 K = 4
@@ -112,15 +109,7 @@ def test_one_persistent_moderate_change_is_one_incident() -> None:
                         lot="L", baseline="station=S", cluster=int(rng.integers(K)),
                         distance=0.1, ood=ood)
         msgs += [{**m, "slice_id": "station=S", "template": "station"} for m in st.update(u)]
-    summary = {"station=S": SliceStatus.from_summary("station=S", {
-        "template": "station", "dims": {"station": "S"}, "n": st.n, "last_time": st.last_time,
-        "ratios": {}, "open": sorted(st.open)})}
-    ids = itertools.count(1)
-    g = Grouper([], summary, now=T0 + timedelta(days=1), new_id=lambda: f"DL-{next(ids)}",
-                signatures=dict)
-    for m in msgs:
-        g.apply(m)
-        g.finish()
+    g = one_slice_book(st, msgs, T0 + timedelta(days=1))
     kinds = [m["kind"] for m in msgs]
     assert kinds.count("update") >= 3 and kinds.count("clear") == 0
     assert len(g.incidents) == 1

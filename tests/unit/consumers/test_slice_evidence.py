@@ -7,7 +7,6 @@ detection they started at the onset's 5-min bucket, diluting the share of events
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,7 +14,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from driftline.alerts.attribution import SliceStatus
 from driftline.alerts.evidence import effect
 from driftline.alerts.grouping import Grouper
 from driftline.consumers.checkpoint import decode_record, encode_record
@@ -24,7 +22,7 @@ from driftline.core.budget import DAY, Budget
 from driftline.core.slices import SliceDetectors
 from driftline.core.snapshot import plain
 from driftline.schema import SliceUpdate
-from tests.unit.consumers.fakes import FlatBaselines
+from tests.unit.consumers.fakes import FlatBaselines, one_slice_book
 
 T0 = datetime(2026, 11, 16, 0, 0, tzinfo=UTC)
 K = 8
@@ -65,12 +63,18 @@ def _run(seed: int, *, every_s: float, change_s: float, post: float, hours: floa
     clusters = rng.integers(K, size=n)
     t = np.arange(n) * every_s
     ood = rng.random(n) < np.where((t >= change_s) & (t < end_s), post, 0.01)
+    return _feed(clusters, ood, every_s, autoresolve, stop_at_alarm)
+
+
+def _feed(clusters: np.ndarray, ood: np.ndarray, every_s: float, autoresolve: int,
+          stop_at_alarm: bool = False) -> Run:
+    """The events through one station's slice at the service's default budget for its rate."""
     arl0 = Budget(1.0, 30 * DAY, 200, 2, 1.0 / every_s).arl0()
     st = SliceState("station=S", "station", SliceDetectors(arl0=arl0), FlatBaselines(K),
                     autoresolve)
     msgs: list[dict[str, Any]] = []
     at: list[int] = []
-    for i in range(n):
+    for i in range(len(clusters)):
         out = st.update(_update(i, every_s, int(clusters[i]), bool(ood[i])))
         msgs += [{**m, "slice_id": "station=S", "template": "station"} for m in out]
         at += [i] * len(out)
@@ -143,17 +147,7 @@ def test_counts_since_onset_cover_an_alarm_open_longer_than_the_ring() -> None:
 
 
 def _book(r: Run) -> Grouper:
-    st = r.state
-    summary = {"station=S": SliceStatus.from_summary("station=S", {
-        "template": "station", "dims": {"station": "S"}, "n": st.n, "last_time": st.last_time,
-        "ratios": {}, "open": sorted(st.open)})}
-    ids = itertools.count(1)
-    g = Grouper([], summary, now=T0 + timedelta(days=1), new_id=lambda: f"DL-{next(ids)}",
-                signatures=dict)
-    for m in r.msgs:
-        g.apply(m)
-        g.finish()
-    return g
+    return one_slice_book(r.state, r.msgs, T0 + timedelta(days=1))
 
 
 @pytest.mark.parametrize("every_s,seed", [(e, s) for e in (10.0, 20.0, 30.0) for s in range(3)])
@@ -189,15 +183,8 @@ def test_a_new_episode_in_an_open_alarm_starts_from_its_own_onset() -> None:
     t = np.arange(n) * every_s
     changed = ((t >= 3600) & (t < 4200)) | (t >= 5200)
     ood = rng.random(n) < np.where(changed, 0.3, 0.01)
-    arl0 = Budget(1.0, 30 * DAY, 200, 2, 1.0 / every_s).arl0()
-    st = SliceState("station=S", "station", SliceDetectors(arl0=arl0), FlatBaselines(K), 5000)
-    msgs: list[dict[str, Any]] = []
-    at: list[int] = []
-    for i in range(n):
-        out = st.update(_update(i, every_s, int(clusters[i]), bool(ood[i])))
-        msgs += [{**m, "slice_id": "station=S", "template": "station"} for m in out]
-        at += [i] * len(out)
-    r = Run(msgs, at, clusters, ood, every_s, st)
+    r = _feed(clusters, ood, every_s, autoresolve=5000)
+    msgs, at = r.msgs, r.at
     assert "clear" not in [m["kind"] for m in msgs]  # one open alarm throughout
     g = _book(r)
     first, second = sorted(g.incidents.values(), key=lambda inc: inc.id)
