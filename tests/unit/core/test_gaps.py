@@ -4,8 +4,6 @@ previous shift; substantial evidence keeps its onset; streams without gaps are u
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,7 +12,7 @@ from scipy import stats
 from driftline.core.bernoulli import BernoulliCusum
 from driftline.core.cusum import GAP_ALPHA
 from driftline.core.slices import EventUpdate, SliceDetectors
-from driftline.core.snapshot import pack, plain, unpack
+from tests.unit.core.roundtrip import assert_slice_round_trip
 
 P0 = 0.02
 PACE = 20.0  # seconds between events while the slice is observed
@@ -109,11 +107,4 @@ def test_snapshot_round_trip_across_a_gap(cut: int, seed: int) -> None:
     events = [EventUpdate(cluster=int(e.ood or 0), baseline=np.array([0.9, 0.1]), ood=e.ood,
                           ood_p0=e.ood_p0, time=e.time) for e in events]
     a = SliceDetectors(arl0=1e3)
-    for e in events[:cut]:
-        a.update(e)
-    b = SliceDetectors.restore(unpack(pack(a.snapshot())))
-    c = SliceDetectors.restore(json.loads(json.dumps(plain(a.snapshot()))))
-    for e in events[cut:]:
-        assert a.update(e) == b.update(e) == c.update(e)
-    assert pack(a.snapshot()) == pack(b.snapshot())
-    assert plain(a.snapshot()) == plain(c.snapshot())
+    assert_slice_round_trip(a, events, cut)

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from driftline.core.counts import SliceCounts
 from driftline.core.slices import EventUpdate, SliceDetectors
-from driftline.core.snapshot import pack, plain, unpack
+from driftline.core.snapshot import pack, unpack
+from tests.unit.core.roundtrip import assert_slice_round_trip
 
 K = 5
 P = np.array([0.3, 0.3, 0.2, 0.1, 0.1])
@@ -127,14 +128,7 @@ def test_detectors_judge_against_the_bounds_and_the_counts_against_the_stated_ra
 def test_slice_snapshot_round_trip(cut: int, seed: int) -> None:
     events = _events(400, seed, shift_at=200)
     a = SliceDetectors(arl0=500.0, bucket_seconds=60.0, max_buckets=4)
-    for e in events[:cut]:
-        a.update(e)
-    b = SliceDetectors.restore(unpack(pack(a.snapshot())))
-    c = SliceDetectors.restore(json.loads(json.dumps(plain(a.snapshot()))))
-    for e in events[cut:]:
-        assert a.update(e) == b.update(e) == c.update(e)
-    assert pack(a.snapshot()) == pack(b.snapshot())
-    assert plain(a.snapshot()) == plain(c.snapshot())
+    assert_slice_round_trip(a, events, cut)
 
 
 records = st.lists(
