@@ -133,6 +133,15 @@ class Settings(BaseSettings):
     # Failure book and alert routing
     incident_group_window_s: float = Field(
         3600.0, gt=0, description="Event-time window in which alarms join one incident")
+    incident_hold_max_s: float = Field(
+        600.0, ge=0, allow_inf_nan=False,
+        description="An incident the co-occurrence attribution opens (split off, or a new root) "
+                    "is held (not paged) until it is stable, or for at most this long of "
+                    "event time (of wall time if no event comes)")
+    incident_stable_events: int = Field(
+        30, ge=0, description="A held incident pages once the co-occurrence attribution has "
+                              "named a root in it at every batch while such a root counted this "
+                              "many more events")
     attribution_tolerance: float = Field(
         0.75, gt=0, le=1, description="How much weaker a slice may be and still be explained")
     attribution_clean_events: int = Field(

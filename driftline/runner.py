@@ -297,6 +297,7 @@ def build_book_processor(settings: Settings, registry: CollectorRegistry,
     client = redis.Redis.from_url(s.redis_url)
     policy = BookPolicy(
         group_window_s=s.incident_group_window_s, recurrence_similarity=s.recurrence_similarity,
+        hold_max_s=s.incident_hold_max_s, stable_events=s.incident_stable_events,
         max_exemplars=s.incident_max_exemplars,
         attribution=AttributionPolicy(tolerance=s.attribution_tolerance,
                                       clean_events=s.attribution_clean_events))

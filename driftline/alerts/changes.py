@@ -26,12 +26,13 @@ class Change:
 def record_change(inc: Incident, action: str, *, who: str, at: datetime,
                   note: str | None = None, routed: bool = True,
                   max_timeline: int = 500) -> Change:
-    """Append the timeline entry and describe the change (the caller stores both)."""
+    """Append the timeline entry and describe the change (the caller stores both). A held
+    incident's changes are never routed: nobody was paged for it yet."""
     inc.timeline.append(TimelineEntry(at=at, who=who, action=action, note=note))
     if len(inc.timeline) > max_timeline:  # keep "opened" and the newest entries
         del inc.timeline[1]
     inc.updated_at = at
-    return Change(inc.id, action, who, at, note, routed, inc.summary())
+    return Change(inc.id, action, who, at, note, routed and not inc.held, inc.summary())
 
 
 def change_json(c: Change) -> str:

@@ -23,6 +23,16 @@ summary; the book stores what it marks dirty, in one transaction with the outbox
   not per message.
 * ``clear`` marks the slice's detector inactive; when every firing of the incident is inactive
   the incident resolves itself (``auto_resolved``).
+* An incident the co-occurrence plan opens — split off, or a new root — is *held* (its
+  changes recorded unrouted): while cells fill, the plan changes from batch to batch, and an
+  incident it opens is often merged back a few batches later. It pages (one routed ``paged``
+  change, as it stands) once the plan is *stable* behind it — at every :meth:`Grouper.finish`
+  some plan root with readable cells was among its slices, while such a root counted
+  ``stable_events`` more events (a finish that names no root in it starts the count again:
+  hysteresis) — or after ``hold_max_s`` of event time. An incident an alarm opens pages at
+  once (something changed, and on-call should know), as do moves into incidents (joins,
+  merges). A held incident merged away was never paged; one that takes over a paged incident
+  pages at once.
 * A new incident links to resolved ones with the same root template whose signature (cluster
   gain/loss vector and OOD excess) has cosine similarity ≥ ``recurrence_similarity``.
 """
@@ -98,6 +108,14 @@ class BookPolicy:
     max_timeline: int = 500
     episode_gap_events: int = 50
     episode_gap_s: float = 600.0
+    # A held incident pages after this much event time at the latest: a plan that never
+    # settles (or a root too slow to count stable_events) pages ten minutes late at most.
+    hold_max_s: float = 600.0
+    # Plan stability (hysteresis): an incident the plan opened pages once plan roots in it
+    # counted stable_events more events with a root in it at every finish (as many events as
+    # cells need to be read at all). Events, not finishes: a finish is one message or
+    # hundreds, as the batch happens to be.
+    stable_events: int = 30
     attribution: AttributionPolicy = field(default_factory=AttributionPolicy)
     cooccurrence: CooccurrencePolicy = field(default_factory=CooccurrencePolicy)
 
@@ -128,6 +146,8 @@ class Grouper:
         self._todo: dict[str, bool] = {}  # incident id -> store even if unchanged
         self._joined: dict[str, list[str]] = {}
         self._created: set[str] = set()
+        self._took_over: dict[str, str] = {}  # held incident id -> paged incident it absorbed
+        self._clock: datetime | None = None  # the newest event time applied
         self._plan = Plan()  # the co-occurrence attribution of the last finish()
         self._home: dict[str, str] = {}  # slice -> the incident holding the evidence it read
         self._cells = CellReader(policy.cooccurrence)
@@ -137,6 +157,9 @@ class Grouper:
         """Apply one outbox message; call :meth:`finish` after the batch."""
         kind = msg.get("kind")
         sid = msg.get("slice_id")
+        if isinstance(msg.get("time"), int | float):
+            at = utc(msg["time"])
+            self._clock = at if self._clock is None or at > self._clock else self._clock
         if sid in self.reset_pending:
             if kind == "update" and not any(sid in i.slices for i in self._active()):
                 return
@@ -157,8 +180,9 @@ class Grouper:
 
     def finish(self) -> None:
         """Attribute the incidents the batch touched (once each), then merge concurrent ones
-        that one root explains. Incidents opened and merged within the batch are not routed:
-        nobody needs an alert that lived for a few milliseconds."""
+        that one root explains, then release the held incidents that may page. Incidents
+        opened and merged within the batch are not routed: nobody needs an alert that lived
+        for a few milliseconds."""
         self._cooccur()
         touched = sorted((self.incidents[i] for i in self._todo), key=_age)
         for inc in touched:
@@ -170,11 +194,77 @@ class Grouper:
                 self._record(inc, "related_added", ", ".join(joined))
         for inc in touched:
             self._merge_around(inc)
+        self._release()
         self._todo.clear()
         self._joined.clear()
+        self._took_over.clear()
         transient = {i for i in self._created if self.incidents[i].merged_into}
         self.changes = [replace(c, routed=False) if c.incident_id in transient else c
                         for c in self.changes]
+
+    def _event_clock(self) -> datetime:
+        """The newest event time this book knows: messages applied and incidents' activity
+        (a plant gone quiet stops it: :meth:`_expired` then counts wall time)."""
+        times = [i.last_activity for i in self._active()]
+        if self._clock is not None:
+            times.append(self._clock)
+        return max(times, default=self.now)
+
+    def _release(self) -> None:
+        """Page every held active incident the co-occurrence plan has stood behind long enough
+        (:meth:`_stable`), that took over a paged incident, or that has been held
+        ``hold_max_s``: one routed ``paged`` change."""
+        held = [i for i in sorted(self._active(), key=_age) if i.held]
+        if not held:
+            return
+        clock = self._event_clock()
+        for inc in held:
+            if self._stable(inc):
+                why = f"the plan stood behind it for {self.policy.stable_events} events"
+            elif inc.id in self._took_over:
+                why = f"it took over {self._took_over[inc.id]}, already paged"
+            elif (why := self._expired(inc, clock) or "") == "":
+                continue
+            self._page(inc, clock, why)
+
+    def _expired(self, inc: Incident, clock: datetime) -> str | None:
+        """Why ``inc`` has been held long enough: ``hold_max_s`` of event time by ``clock``,
+        or of wall time (a quiet plant whose clock stands still); else None."""
+        limit = self.policy.hold_max_s
+        if self._held_for(inc, clock) >= limit:
+            return f"the plan did not settle within {limit:.0f} s"
+        if (self.now - inc.created_at).total_seconds() >= limit:
+            return f"the plan did not settle within {limit:.0f} s of wall time"
+        return None
+
+    @staticmethod
+    def _held_for(inc: Incident, clock: datetime) -> float:
+        since = max(inc.detected_at, inc.held_since or inc.detected_at)
+        return max(0.0, (clock - since).total_seconds())
+
+    def _page(self, inc: Incident, clock: datetime, why: str) -> None:
+        inc.held, inc.stable_from = False, {}
+        self._record(inc, "paged", f"held {self._held_for(inc, clock):.0f} s of event time: {why}")
+
+    def _stable(self, inc: Incident) -> bool:
+        """Hysteresis on the plan: this finish names a root among ``inc``'s slices whose cells
+        are readable, and so did every finish since such a root had ``stable_events`` fewer
+        events. The roots may change within the incident (``station=cam-2`` and
+        ``station=cam-2|shift=night`` hold the same events until day shift comes): each counts
+        from when it was first named; a finish that names none starts again."""
+        here = [r for r in self._plan.roots
+                if r in inc.slices and self._cells(inc.slices[r]) is not None]
+        if not here:
+            if inc.stable_from:
+                inc.stable_from = {}
+                self.dirty.add(inc.id)
+            return False
+        for r in here:
+            if r not in inc.stable_from:
+                inc.stable_from[r] = inc.slices[r].n_since_onset
+                self.dirty.add(inc.id)
+        return max((inc.slices[r].n_since_onset - n for r, n in inc.stable_from.items()
+                    if r in inc.slices), default=0) >= self.policy.stable_events
 
     # --- alarms --------------------------------------------------------------------------
     def _alarm(self, msg: Mapping[str, Any]) -> None:
@@ -215,7 +305,7 @@ class Grouper:
                                               start_cells=start))
         target = self._place(ev)
         if target is None:
-            self._open([ev], [firing], note=None)
+            self._open([ev], [firing], note=None, hold=False)
             return
         target.detectors.append(firing)
         old = target.slices.get(sid)
@@ -308,6 +398,8 @@ class Grouper:
         f.active, f.cleared_at = False, utc(msg["time"])
         self._touch(inc, f.cleared_at)
         if not any(x.active for x in inc.detectors):
+            if inc.held and (why := self._expired(inc, f.cleared_at)):
+                self._page(inc, f.cleared_at, why)  # it was due: on-call hears of it, once
             inc.status, inc.resolved_at, inc.auto_resolved = Status.resolved, self.now, True
             self._record(inc, "auto_resolved",
                          f"all {len(inc.detectors)} detectors back at the no-drift level")
@@ -455,7 +547,8 @@ class Grouper:
                 src = owner[r]
                 taken = [(owner[s].id, *self._take(owner[s], s)) for s in order]
                 dst = self._open([e for _, e, _ in taken], [f for *_, fs in taken for f in fs],
-                                 note=f"split from {src.id}", baseline_n=dict(src.baseline_n))
+                                 note=f"split from {src.id}", baseline_n=dict(src.baseline_n),
+                                 hold=True)
                 moves += [(i, dst.id, s) for (i, _, _), s in zip(taken, order, strict=True)]
                 continue
             for s in order:
@@ -550,7 +643,7 @@ class Grouper:
             for sid in moved:
                 del inc.slices[sid]
             new = self._open([g.root, *g.related], firings, note=f"split from {inc.id}",
-                             baseline_n=dict(inc.baseline_n))
+                             baseline_n=dict(inc.baseline_n), hold=True)
             self._record(inc, "split", f"{', '.join(sorted(moved))} → {new.id}")
         if main.root.ref.slice_id != inc.root.slice_id:
             old = inc.root.slice_id
@@ -587,6 +680,12 @@ class Grouper:
         for sid, n in gone.baseline_n.items():
             keep.baseline_n[sid] = min(n, keep.baseline_n.get(sid, n))
         self._carry_on_call(gone, keep)
+        # A paged incident (not one opened in this batch: its changes go unrouted) merged
+        # into a held one pages it; so does one that took over a paged one.
+        paged = (self._took_over.get(gone.id) if gone.held
+                 else None if gone.id in self._created else gone.id)
+        if keep.held and paged is not None:
+            self._took_over[keep.id] = paged
         gone.status, gone.resolved_at, gone.merged_into = Status.resolved, self.now, keep.id
         self._record(gone, "merged", f"into {keep.id}")
         self._touch(keep, gone.last_activity)
@@ -634,14 +733,17 @@ class Grouper:
 
     # --- incidents -----------------------------------------------------------------------
     def _open(self, slices: list[SliceEvidence], firings: list[Firing], *, note: str | None,
-              baseline_n: dict[str, int] | None = None) -> Incident:
+              hold: bool, baseline_n: dict[str, int] | None = None) -> Incident:
+        """A new incident; ``hold``: the plan opened it, so it pages once :meth:`_release`
+        lets it."""
         root = slices[0]
         detected = min((f.first_detected for f in firings), default=root.last_time or self.now)
         inc = Incident(id=self.new_id(), root=root.ref, detected_at=detected,
                        evidence=build_evidence(root, slices, self.catalog, 0),
                        slices={s.ref.slice_id: s for s in slices}, detectors=firings,
                        baseline_n=baseline_n or {}, created_at=self.now, updated_at=self.now,
-                       last_activity=max(s.last_time or detected for s in slices))
+                       last_activity=max(s.last_time or detected for s in slices),
+                       held=hold, held_since=self._event_clock() if hold else None)
         self.incidents[inc.id] = inc
         self._created.add(inc.id)
         self._todo.setdefault(inc.id, True)

@@ -215,6 +215,15 @@ class Incident(_Model):
     resolved_at: datetime | None = None
     auto_resolved: bool = False
     merged_into: str | None = None
+    held: bool = Field(False, description="opened by the co-occurrence plan (split off, or a "
+                       "new root) and not paged: its changes are not routed until the plan is "
+                       "stable behind it or hold_max_s passed (``paged``); on a resolved "
+                       "incident, it never paged")
+    held_since: datetime | None = Field(
+        None, description="event time the hold began (hold_max_s counts from it)")
+    stable_from: dict[str, int] = Field(
+        default_factory=dict, description="while held: each plan root in it and its events "
+                                          "when the plan began to name it (empty: none)")
     recurrence: list[RecurrenceLink] = Field(default_factory=list)
     created_at: datetime
     updated_at: datetime
@@ -249,7 +258,7 @@ class Incident(_Model):
             "onset": iso(self.onset), "detected_at": iso(self.detected_at),
             "resolved_at": iso(self.resolved_at), "auto_resolved": self.auto_resolved,
             "category": self.resolution.category.value if self.resolution else None,
-            "merged_into": self.merged_into,
+            "merged_into": self.merged_into, "held": self.held,
             "recurrence": [r.model_dump() for r in self.recurrence],
         }
 

@@ -97,6 +97,7 @@ class IncidentRow(_Named):
     resolution: _Resolution | None = None
     auto_resolved: bool = False
     merged_into: str | None = None
+    held: bool = False
     recurrence: list[RecurrenceLink] = []
 
     @field_validator("schema_version")

@@ -48,13 +48,20 @@ ACTIVE_STATUSES = (Status.open, Status.acknowledged)
 
 
 class AlertMetrics:
-    """``driftline_incidents_open{severity,status}``, ``driftline_incidents_total{severity}``,
-    ``driftline_alerts_pushes_total{target,outcome}``."""
+    """``driftline_incidents_open{severity,status}``, ``driftline_incidents_held{severity}``,
+    ``driftline_incidents_total{severity}``, ``driftline_alerts_pushes_total{target,outcome}``.
+
+    A held incident (not paged yet) counts in ``held`` only: ``open`` is what the pager and
+    the Prometheus rules on it see."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.open = Gauge("driftline_incidents_open",
                           "Active incidents: status open (unacknowledged) or acknowledged",
                           ["severity", "status"], registry=registry)
+        self.held = Gauge("driftline_incidents_held",
+                          "Active incidents held: opened by the co-occurrence attribution, "
+                          "not paged until it is stable behind them", ["severity"],
+                          registry=registry)
         self.total = Counter("driftline_incidents_total", "Incidents opened", ["severity"],
                              registry=registry)
         self.pushes = Counter("driftline_alerts_pushes_total", "Deliveries to alert targets",
@@ -67,13 +74,20 @@ class AlertMetrics:
                 self.total.labels(c.incident["severity"]).inc()
 
     def set_open(self, incidents: Iterable[Incident]) -> None:
-        """Active incidents by severity and status (``open``: nobody acknowledged it yet)."""
+        """Active incidents by severity and status (``open``: nobody acknowledged it yet);
+        held ones by severity apart."""
         counts = dict.fromkeys(((sev.value, st.value) for sev in SEVERITY_ORDER
                                 for st in ACTIVE_STATUSES), 0)
+        held = dict.fromkeys((sev.value for sev in SEVERITY_ORDER), 0)
         for inc in incidents:
-            counts[inc.severity.value, inc.status.value] += 1
+            if inc.held:
+                held[inc.severity.value] += 1
+            else:
+                counts[inc.severity.value, inc.status.value] += 1
         for (sev, st), n in counts.items():
             self.open.labels(sev, st).set(n)
+        for sev, n in held.items():
+            self.held.labels(sev).set(n)
 
 
 def _iso(t: datetime) -> str:
@@ -275,10 +289,11 @@ class Router:
         return True
 
     def resend(self) -> bool:
-        """Re-push every active incident (call every ``RESEND_INTERVAL_S``); update gauges."""
+        """Re-push every active incident but the held ones, never paged (call every
+        ``RESEND_INTERVAL_S``); update gauges."""
         active = self.book.active()
         self.metrics.set_open(active)
-        return self.push(active)
+        return self.push([i for i in active if not i.held])
 
     def close(self) -> None:
         """Close the HTTP client and the producer (the router owns both)."""

@@ -65,6 +65,10 @@ class IncidentSummary(BaseModel):
     category: RootCause | None
     auto_resolved: bool
     merged_into: str | None
+    held: bool = Field(False, description="opened by the co-occurrence attribution (split "
+                       "off, or a new root) and not paged: it pages once the attribution "
+                       "stood behind it for DRIFTLINE_INCIDENT_STABLE_EVENTS events, or after "
+                       "DRIFTLINE_INCIDENT_HOLD_MAX_S; on a resolved incident, it never paged")
     recurrence: list[str] = Field(description="ids of past incidents this one matches")
     link: str
 
@@ -76,7 +80,7 @@ class IncidentSummary(BaseModel):
                    detected_at=inc.detected_at, resolved_at=inc.resolved_at,
                    category=inc.resolution.category if inc.resolution else None,
                    auto_resolved=inc.auto_resolved, merged_into=inc.merged_into,
-                   recurrence=[r.incident_id for r in inc.recurrence],
+                   held=inc.held, recurrence=[r.incident_id for r in inc.recurrence],
                    link=incident_link(base_url, inc.id))
 
 
