@@ -134,6 +134,8 @@ class IncidentProcessor:
                 self.metrics.observe(changes)
         if self._due("reattribute"):
             changes = self.book.reattribute(read_summary(self.r, self.summary_key))
+            if self.metrics is not None:
+                self.metrics.observe(changes)  # splits open, held incidents page
             if changes:
                 log.info("incidents re-attributed", extra={"changes": len(changes)})
         if self.router is not None:

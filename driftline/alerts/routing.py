@@ -49,7 +49,8 @@ ACTIVE_STATUSES = (Status.open, Status.acknowledged)
 
 class AlertMetrics:
     """``driftline_incidents_open{severity,status}``, ``driftline_incidents_held{severity}``,
-    ``driftline_incidents_total{severity}``, ``driftline_alerts_pushes_total{target,outcome}``.
+    ``driftline_incidents_total{severity}``, ``driftline_incidents_paged_total{severity}``,
+    ``driftline_alerts_pushes_total{target,outcome}``.
 
     A held incident (not paged yet) counts in ``held`` only: ``open`` is what the pager and
     the Prometheus rules on it see."""
@@ -64,14 +65,20 @@ class AlertMetrics:
                           registry=registry)
         self.total = Counter("driftline_incidents_total", "Incidents opened", ["severity"],
                              registry=registry)
+        self.paged = Counter("driftline_incidents_paged_total",
+                             "Incidents paged: routed when opened, or released from hold",
+                             ["severity"], registry=registry)
         self.pushes = Counter("driftline_alerts_pushes_total", "Deliveries to alert targets",
                               ["target", "outcome"], registry=registry)
 
     def observe(self, changes: Iterable[Change]) -> None:
-        """Count the incidents opened by committed changes."""
+        """Count the incidents opened by committed changes, and those paged (an incident
+        opened and merged within one batch, or held and merged before it paged, never is)."""
         for c in changes:
             if c.action == "opened":
                 self.total.labels(c.incident["severity"]).inc()
+            if c.routed and c.action in ("opened", "paged"):
+                self.paged.labels(c.incident["severity"]).inc()
 
     def set_open(self, incidents: Iterable[Incident]) -> None:
         """Active incidents by severity and status (``open``: nobody acknowledged it yet);

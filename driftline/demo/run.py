@@ -194,6 +194,10 @@ def run_demo(size: str = "small", cache_dir: Path | None = None, hold: float = 0
                      if i.merged_into is None]
         outcomes, false = match(plant.injections, incidents)
         print("\n" + report(outcomes, false, cfg.period_s), flush=True)
+        paged = _counter(service.registry, "driftline_incidents_paged")
+        print(f"\n[demo] paging: {paged:.0f} incidents paged for {len(plant.injections)} "
+              f"injected changes; {_counter(service.registry, 'driftline_incidents'):.0f} "
+              "opened in all (the rest were held or merged before they paged)", flush=True)
         found = [o.incident for o in outcomes if o.incident is not None]
         thumbs_ok = all([show_thumbnail(f"http://127.0.0.1:{port}", inc) for inc in found])
         print(f"\n[demo] API http://127.0.0.1:{port}/api/v1/incidents · metrics "
@@ -231,6 +235,12 @@ def show_thumbnail(api: str, incident: dict[str, Any]) -> bool:
     print(f"[demo] {incident['id']} exemplar {eid}: thumbnail {size}, "
           f"{len(resp.content) / 1000:.1f} kB at {url}", flush=True)
     return True
+
+
+def _counter(registry: Any, name: str) -> float:
+    """The sum of a counter's ``_total`` samples over its labels."""
+    return sum(s.value for m in registry.collect() if m.name == name
+               for s in m.samples if s.name == f"{name}_total")
 
 
 def _outbox_len(processor: Any) -> int:

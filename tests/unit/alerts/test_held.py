@@ -63,6 +63,15 @@ def test_a_live_replay_pages_each_problem_once_and_few_transients(batch: int) ->
     for inc in live.values():
         assert pages.count(inc.id) == 1 and not inc.held
     assert len(pages) <= len(EXPECTED) + ALLOWANCE[batch]
+    # The pager's count: routed opens and releases, not the incidents held or merged first.
+    registry = CollectorRegistry()
+    AlertMetrics(registry).observe(changes)
+    opened = [c for c in changes if c.action == "opened"]
+    assert len(opened) > len(pages)
+    for name, n in (("driftline_incidents_paged_total", len(pages)),
+                    ("driftline_incidents_total", len(opened))):
+        assert sum(registry.get_sample_value(name, {"severity": sev}) or 0.0
+                   for sev in ("warning", "major", "critical")) == n
     # A held incident merged away before it paged routed nothing at all.
     for inc in incidents.values():
         mine = [c for c in changes if c.incident_id == inc.id]
