@@ -36,6 +36,7 @@ import mixture_sr  # benchmarks/ sibling (scripts here run with their folder on 
 import numpy as np
 
 from driftline.core.arl import arl_discrete, arl_normal, threshold_for_arl
+from driftline.core.baselines import DetectorBaseline
 from driftline.core.bernoulli import OOD_ALTERNATIVES, BernoulliCusum
 from driftline.core.budget import DAY, Budget, tighten_threshold
 from driftline.core.cusum import union_threshold
@@ -174,8 +175,8 @@ def speed_rows() -> list[str]:
     flags, ood = (rng.random(n) < 0.01).tolist(), BernoulliCusum()
     us = per_update_us(lambda i: ood.update(flags[i], 0.01, float(i)), n)
     rows.append(f"| BernoulliCusum (OOD, M=4) | {us:.1f} |")
-    sd, p64 = SliceDetectors(arl0=1e6), np.full(64, 1 / 64)
-    ups = [EventUpdate(int(rng.integers(64)), p64, flags[i], 0.01, float(i)) for i in range(n)]
+    sd, b64 = SliceDetectors(arl0=1e6), DetectorBaseline.exact(np.full(64, 1 / 64), 0.01)
+    ups = [EventUpdate(int(rng.integers(64)), b64, flags[i], float(i)) for i in range(n)]
     us = per_update_us(lambda i: sd.update(ups[i]), n)
     rows.append(f"| SliceDetectors (cluster K=64 + OOD + counts) | {us:.1f} |")
     return rows

@@ -520,14 +520,15 @@ def micro_benchmark(settings: Settings, ref: Reference, values: list[bytes]) -> 
                 entries[u.slice_id].model.update(u)
 
         update_us = _cpu_us(update_all, n)
-        bl = ref.baseline_for
-        events = [(entries[u.slice_id].model.det, u.cluster,  # type: ignore[attr-defined]
-                   bl(u.station, u.shift).p, u.ood, bl(u.station, u.shift).ood_rate,
-                   u.ts.timestamp()) for u in parsed]
+        events = []
+        for u in parsed:  # each event's baseline as its slice resolves it (built once per key)
+            m: Any = entries[u.slice_id].model
+            events.append((m.det, u.cluster, m.baselines.detector_baseline(u.baseline), u.ood,
+                           u.ts.timestamp()))
 
         def detectors_all() -> None:
-            for det, c, p, ood, p0, t in events:
-                det.observe(c, p, ood, p0, t)
+            for det, c, b, ood, t in events:
+                det.observe(c, b, ood, t)
 
         detectors_us = _cpu_us(detectors_all, n)
 

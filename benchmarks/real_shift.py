@@ -14,7 +14,8 @@ Protocol
   (k-means clusters, cluster mix ``p``, OOD threshold at the 99th percentile of leave-one-out
   distances with exceedance rate ``p0``). Each stream event is assigned with
   :meth:`Reference.assign` and fed to one :class:`driftline.core.slices.SliceDetectors`
-  (cluster mix and OOD rate) as ``EventUpdate(cluster, baseline=p, ood, ood_p0=p0)``.
+  (cluster mix and OOD rate) as ``EventUpdate(cluster, baseline=DetectorBaseline.exact(p, p0),
+  ood)``.
 * Streams start at the change (ν = 0, the CUSUM at zero: Lorden's worst case for delay). After
   the change a sample is drawn (bootstrap, with replacement) from the evaluation pool and, with
   probability δ, replaced by a draw from the *shifted* pool: the same images under Gaussian
@@ -65,6 +66,7 @@ from PIL import Image
 from scipy import ndimage
 
 from driftline.consumers.embedder import Embedder, EmbedderConfig
+from driftline.core.baselines import DetectorBaseline
 from driftline.core.slices import EventUpdate, SliceDetectors
 from driftline.demo.model import build_demo_model, default_cache_dir
 from driftline.reference import Reference, build_reference
@@ -286,6 +288,7 @@ def _maxima(task: tuple[Pool, NDArray[np.float64], float, NDArray[np.int64], tup
             ) -> NDArray[np.float64]:
     """Running maximum of each detector's statistic at each n: ``[runs, len(ns), 2]``."""
     pool, p, p0, idx, ns = task
+    base = DetectorBaseline.exact(p, p0)
     out = np.empty((len(idx), len(ns), len(DETECTORS)))
     for r, row in enumerate(idx):
         sd = SliceDetectors(thresholds=_OUT_OF_REACH)
@@ -293,7 +296,7 @@ def _maxima(task: tuple[Pool, NDArray[np.float64], float, NDArray[np.int64], tup
         j = 0
         for t, (c, o) in enumerate(zip(pool.clusters[row].tolist(), pool.ood[row].tolist(),
                                        strict=True), 1):
-            sd.update(EventUpdate(cluster=c, baseline=p, ood=o, ood_p0=p0))
+            sd.update(EventUpdate(cluster=c, baseline=base, ood=o))
             for d, name in enumerate(DETECTORS):
                 top[d] = max(top[d], sd.detectors[name].statistic)
             if t == ns[j]:
@@ -307,10 +310,10 @@ def _maxima(task: tuple[Pool, NDArray[np.float64], float, NDArray[np.int64], tup
 def first_alarm(pool: Pool, p: NDArray[np.float64], p0: float, row: NDArray[np.int64],
                 thresholds: dict[str, float]) -> int | None:
     """Number of events until ``SliceDetectors(thresholds=…)`` first alarms, if it does."""
-    sd = SliceDetectors(thresholds=thresholds)
+    sd, base = SliceDetectors(thresholds=thresholds), DetectorBaseline.exact(p, p0)
     for t, i in enumerate(row.tolist(), 1):
-        if sd.update(EventUpdate(cluster=int(pool.clusters[i]), baseline=p,
-                                 ood=bool(pool.ood[i]), ood_p0=p0)):
+        if sd.update(EventUpdate(cluster=int(pool.clusters[i]), baseline=base,
+                                 ood=bool(pool.ood[i]))):
             return t
     return None
 

@@ -65,7 +65,7 @@ class Baselines:
 
     def __init__(self) -> None:
         self.p = np.full(K, 1 / K)
-        self.exact = DetectorBaseline(self.p, np.stack([self.p, self.p]), 0.01, 0.01)
+        self.exact = DetectorBaseline.exact(self.p, 0.01)
 
     def cluster_mix(self, key: str) -> np.ndarray:
         return self.p

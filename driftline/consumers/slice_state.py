@@ -25,6 +25,7 @@ from driftline.consumers.exemplars import EXEMPLAR_FIELDS, ExemplarRing
 from driftline.core.baselines import DetectorBaseline
 from driftline.core.cells import CellTally
 from driftline.core.counts import Counts
+from driftline.core.predictions import PredictionRates
 from driftline.core.slices import Alarm, EventUpdate, SliceDetectors
 from driftline.schema import parse_slice_id
 
@@ -104,24 +105,16 @@ def is_late_label(upd: UpdateView) -> bool:
     return upd.late_label or (upd.label is not None and upd.distance is None)
 
 
-class PredictionBaseline(Protocol):
+class PredictionBaseline(PredictionRates, Protocol):
     """A baseline's expected prediction mix over ``labels`` plus *other* (the last of ``p``)
-    and its low-confidence cut (``score < cut``) and rate — stated — and the ``bounds`` and
-    ``low_confidence_bound`` the detectors judge against (see
+    and its low-confidence cut (``score < cut``), with what the detectors judge against
+    (:class:`~driftline.core.predictions.PredictionRates`; see
     :class:`driftline.reference.index.PredictionView`)."""
 
     @property
     def labels(self) -> tuple[str, ...]: ...
     @property
-    def p(self) -> np.ndarray: ...
-    @property
     def low_confidence_cut(self) -> float: ...
-    @property
-    def low_confidence_rate(self) -> float: ...
-    @property
-    def bounds(self) -> np.ndarray: ...
-    @property
-    def low_confidence_bound(self) -> float: ...
 
     def category(self, label: str) -> int: ...
 
@@ -230,15 +223,10 @@ class SliceState:
                 restarted += self._restart_predictions(pb.p.size, t)
             if upd.ood is not None and upd.error is None:  # the usual event: one fast call
                 if pred is None or pb is None:
-                    alarms = self.det.observe(cluster, p, upd.ood, b.ood_rate, t,
-                                              baseline_bounds=b.bounds, ood_p0_bound=b.ood_bound)
+                    alarms = self.det.observe(cluster, b, upd.ood, t)
                 else:
-                    alarms = self.det.observe(
-                        cluster, p, upd.ood, b.ood_rate, t,
-                        pb.category(pred.label), pb.p, pred.score < pb.low_confidence_cut,
-                        pb.low_confidence_rate, baseline_bounds=b.bounds,
-                        ood_p0_bound=b.ood_bound, prediction_bounds=pb.bounds,
-                        low_confidence_p0_bound=pb.low_confidence_bound)
+                    alarms = self.det.observe(cluster, b, upd.ood, t, pb.category(pred.label),
+                                              pb, pred.score < pb.low_confidence_cut)
             else:
                 alarms = self._update(upd, t, cluster=True, pb=pb)
             if self.cells:  # an alarm is open: count the event in its cell
@@ -290,21 +278,13 @@ class SliceState:
         pred = upd.prediction if cluster and pb is not None else None
         b = self.baselines.detector_baseline(upd.baseline) if cluster else None
         return self.det.update(EventUpdate(
-            cluster=upd.cluster if b is not None else None,
-            baseline=b.p if b is not None else None,
+            cluster=upd.cluster if b is not None else None, baseline=b,
             ood=upd.ood if b is not None else None,
-            ood_p0=b.ood_rate if b is not None else None,
-            baseline_bounds=b.bounds if b is not None else None,
-            ood_p0_bound=b.ood_bound if b is not None else None,
             time=t, error=upd.error, expected_error=expected_error, label_only=label_only,
             prediction=None if pred is None or pb is None else pb.category(pred.label),
-            prediction_baseline=None if pred is None or pb is None else pb.p,
+            prediction_baseline=None if pred is None else pb,
             low_confidence=(None if pred is None or pb is None
-                            else pred.score < pb.low_confidence_cut),
-            low_confidence_p0=None if pred is None or pb is None else pb.low_confidence_rate,
-            prediction_bounds=None if pred is None or pb is None else pb.bounds,
-            low_confidence_p0_bound=(None if pred is None or pb is None
-                                     else pb.low_confidence_bound)))
+                            else pred.score < pb.low_confidence_cut)))
 
     def _on_alarm(self, alarm: dict[str, Any], t: float, upd: UpdateView) -> dict[str, Any]:
         name = alarm["detector"]

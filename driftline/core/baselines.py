@@ -314,6 +314,18 @@ class DetectorBaseline(_DetectorBaseline):
                 ) -> DetectorBaseline:
         return super().__new__(cls, frozen(p), frozen(bounds), ood_rate, ood_bound)
 
+    @classmethod
+    def exact(cls, p: Any, ood_rate: float) -> DetectorBaseline:
+        """A baseline known exactly: its detectors judge against the stated rates themselves
+        (bounds ``lower = upper = p``, ``ood_bound = ood_rate``).
+
+        >>> b = DetectorBaseline.exact([0.5, 0.5], 0.01)
+        >>> b.bounds.tolist(), b.ood_bound
+        ([[0.5, 0.5], [0.5, 0.5]], 0.01)
+        """
+        p = frozen(p)
+        return cls(p, np.stack([p, p]), ood_rate, ood_rate)
+
 
 def station_key(station: str) -> str:
     return f"station={station}"

@@ -40,6 +40,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -122,6 +123,20 @@ def prediction_bounds(counts: NDArray[np.integer], prior: NDArray[np.float64], a
     lower, upper = mix_bounds(counts, prior, alpha, confidence)
     return (np.minimum(lower, p), np.maximum(upper, p),
             tail_rate_bound(int(np.sum(counts)), below, confidence))
+
+
+class PredictionRates(Protocol):
+    """What the prediction detectors of one baseline judge against, one read-only object built
+    once per baseline (:class:`driftline.reference.index.PredictionView`), so that a mix and a
+    rate bound always come from the same baseline: the stated label mix ``p`` (its size is the
+    detector's), its ``bounds`` (``(2, K)`` lower, upper) and the ``low_confidence_bound``."""
+
+    @property
+    def p(self) -> NDArray[np.float64]: ...
+    @property
+    def bounds(self) -> NDArray[np.float64]: ...
+    @property
+    def low_confidence_bound(self) -> float: ...
 
 
 @dataclass(frozen=True)

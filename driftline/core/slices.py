@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from driftline.core.baselines import DetectorBaseline
 from driftline.core.bernoulli import (
     CONFIDENCE_ALTERNATIVES,
     OOD_ALTERNATIVES,
@@ -13,8 +14,9 @@ from driftline.core.bernoulli import (
     ErrorRateCusum,
 )
 from driftline.core.counts import SliceCounts
-from driftline.core.cusum import CusumBank, FloatArray
+from driftline.core.cusum import CusumBank
 from driftline.core.mix import ClusterMixCusum, PredictionMixCusum
+from driftline.core.predictions import PredictionRates
 
 DETECTORS = ("cluster_mix", "ood_rate", "prediction_mix", "confidence", "error_rate")
 _KINDS: dict[str, type[CusumBank]] = {
@@ -37,35 +39,29 @@ GAP_FACTOR = 50.0
 class EventUpdate:
     """What one event contributes to its slice; optional parts feed optional detectors.
 
-    ``baseline`` is the event's own reference cluster distribution (its station/shift baseline),
-    ``ood_p0`` that baseline's OOD exceedance rate: the stated rates, which the counts (evidence)
-    compare against. ``baseline_bounds`` (``(2, K)`` lower/upper) and ``ood_p0_bound``, when
-    given, are what the detectors judge against instead — the least favourable laws that the
-    reference sample allows (:mod:`driftline.core.baselines`). ``prediction_baseline`` is the
-    reference mix of predicted labels; ``low_confidence_p0`` the reference rate of "low
-    confidence"; ``prediction_bounds`` and ``low_confidence_p0_bound``, when given, their
-    bounds to judge against instead (:mod:`driftline.core.predictions`); ``expected_error``
-    the reference error rate of the event's cluster. ``time`` is
-    event time in seconds (e.g. a POSIX timestamp). ``label_only``: a late label or loss for an
-    event counted when it was embedded — it feeds the error detector and is not another event.
+    ``baseline`` is the event's own baseline (its station/shift one), as one object per
+    baseline: the stated cluster mix and OOD rate, which the counts (evidence) compare against,
+    and the bounds the cluster-mix and OOD detectors judge against — the least favourable laws
+    that the reference sample allows (:mod:`driftline.core.baselines`). It feeds the
+    cluster-mix detector when ``cluster`` is given and the OOD detector when ``ood`` is.
+    ``prediction_baseline`` is likewise what the prediction-mix (``prediction``: the predicted
+    label's category) and confidence (``low_confidence``) detectors judge against
+    (:mod:`driftline.core.predictions`); ``expected_error`` the reference error rate of the
+    event's cluster. ``time`` is event time in seconds (e.g. a POSIX timestamp).
+    ``label_only``: a late label or loss for an event counted when it was embedded — it feeds
+    the error detector and is not another event.
     """
 
     cluster: int | None = None
-    baseline: FloatArray | None = None
+    baseline: DetectorBaseline | None = None
     ood: bool | None = None
-    ood_p0: float | None = None
     time: float | None = None
     prediction: int | None = None
-    prediction_baseline: FloatArray | None = None
+    prediction_baseline: PredictionRates | None = None
     low_confidence: bool | None = None
-    low_confidence_p0: float | None = None
     error: bool | None = None
     expected_error: float | None = None
     label_only: bool = False
-    baseline_bounds: FloatArray | None = None
-    ood_p0_bound: float | None = None
-    prediction_bounds: FloatArray | None = None
-    low_confidence_p0_bound: float | None = None
 
 
 @dataclass(frozen=True)
@@ -107,9 +103,9 @@ class SliceDetectors:
 
     >>> import numpy as np
     >>> sd = SliceDetectors(arl0=1000.0)
-    >>> p = np.full(8, 1 / 8)
-    >>> alarms = [sd.update(EventUpdate(cluster=3, baseline=p, ood=False, ood_p0=0.01,
-    ...                                 time=float(t))) for t in range(200)]
+    >>> b = DetectorBaseline.exact(np.full(8, 1 / 8), 0.01)
+    >>> alarms = [sd.update(EventUpdate(cluster=3, baseline=b, ood=False, time=float(t)))
+    ...           for t in range(200)]
     >>> alarms[-1][0].detector, alarms[-1][0].argmax["category"], sd.counts.since(0.0).n
     ('cluster_mix', 3, 200)
     """
@@ -185,87 +181,92 @@ class SliceDetectors:
         t = u.time
         if t is not None and not u.label_only:
             self._after_gap(t)
-        if u.cluster is not None and u.baseline is not None:
-            det = self._get("cluster_mix", u.baseline.size)
+        b, pb = u.baseline, u.prediction_baseline
+        if u.cluster is not None and b is not None:
+            det = self._get("cluster_mix", b.p.size)
             fed.append(("cluster_mix", det.alarm))
-            det.update(u.cluster, u.baseline if u.baseline_bounds is None else u.baseline_bounds,
-                       t)
-        if u.ood is not None and u.ood_p0 is not None:
+            det.update(u.cluster, b.bounds, t)
+        if u.ood is not None and b is not None:
             det = self._get("ood_rate")
             fed.append(("ood_rate", det.alarm))
-            det.update(u.ood, u.ood_p0 if u.ood_p0_bound is None else u.ood_p0_bound, t)
-        if u.prediction is not None and u.prediction_baseline is not None:
-            det = self._get("prediction_mix", u.prediction_baseline.size)
+            det.update(u.ood, b.ood_bound, t)
+        if u.prediction is not None and pb is not None:
+            det = self._get("prediction_mix", pb.p.size)
             fed.append(("prediction_mix", det.alarm))
-            det.update(u.prediction, u.prediction_baseline if u.prediction_bounds is None
-                       else u.prediction_bounds, t)
-        if u.low_confidence is not None and u.low_confidence_p0 is not None:
+            det.update(u.prediction, pb.bounds, t)
+        if u.low_confidence is not None and pb is not None:
             det = self._get("confidence")
             fed.append(("confidence", det.alarm))
-            det.update(u.low_confidence, u.low_confidence_p0 if u.low_confidence_p0_bound is None
-                       else u.low_confidence_p0_bound, t)
+            det.update(u.low_confidence, pb.low_confidence_bound, t)
         if u.error is not None and u.expected_error is not None:
             det = self._get("error_rate")
             fed.append(("error_rate", det.alarm))
             det.update(u.error, u.expected_error, t)
-        if u.baseline is not None or u.ood is not None:
-            if self.counts is None and u.baseline is not None:
-                self.counts = SliceCounts(u.baseline.size, self.bucket_seconds, self.max_buckets)
-            if self.counts is not None:
-                self.counts.update(
-                    u.cluster,
-                    u.baseline,
-                    ood=u.ood,
-                    ood_p0=u.ood_p0,
-                    time=float(self.n) if t is None else t,
-                    index=self.n,
-                )
+        if b is not None:
+            if self.counts is None:
+                self.counts = SliceCounts(b.p.size, self.bucket_seconds, self.max_buckets)
+            self.counts.update(u.cluster, b.p, ood=u.ood, ood_p0=b.ood_rate,
+                               time=float(self.n) if t is None else t, index=self.n)
         if not u.label_only:
             self.n += 1
         return [self._alarm(name, not before) for name, before in fed if self.detectors[name].alarm]
 
-    def observe(self, cluster: int, baseline: FloatArray, ood: bool, ood_p0: float,
-                time: float, prediction: int | None = None,
-                prediction_baseline: FloatArray | None = None,
-                low_confidence: bool | None = None,
-                low_confidence_p0: float | None = None,
-                baseline_bounds: FloatArray | None = None,
-                ood_p0_bound: float | None = None,
-                prediction_bounds: FloatArray | None = None,
-                low_confidence_p0_bound: float | None = None) -> list[Alarm]:
+    def observe(self, cluster: int, baseline: DetectorBaseline, ood: bool, time: float,
+                prediction: int | None = None,
+                prediction_baseline: PredictionRates | None = None,
+                low_confidence: bool | None = None) -> list[Alarm]:
         """The detect stage's common event, cluster and OOD flag, with its prediction's
         category and low-confidence flag if it has one: the same as ``update(EventUpdate(…))``
-        with these fields (the bounds included), faster."""
+        with these fields, faster.
+
+        Parameters
+        ----------
+        cluster, ood
+            The event's reference cluster and OOD flag.
+        baseline
+            The event's baseline, built once per baseline (not per event): its detectors judge
+            against its bounds, its counts against its stated rates.
+        time
+            Event time in seconds.
+        prediction, low_confidence
+            The predicted label's category and whether its score is below the baseline's
+            low-confidence cut; each feeds its detector when given with
+            ``prediction_baseline``, what those detectors judge against.
+
+        Returns
+        -------
+        list[Alarm]
+            The detectors alarming after the event: cluster mix, OOD rate, then prediction
+            mix and confidence.
+        """
         dets = self.detectors
         self._after_gap(time)
-        mix = dets.get("cluster_mix") or self._make("cluster_mix", baseline.size)
+        mix = dets.get("cluster_mix") or self._make("cluster_mix", baseline.p.size)
         rate = dets.get("ood_rate") or self._make("ood_rate")
         mix_before, rate_before = mix.alarm, rate.alarm
-        mix_alarm = mix.update(  # type: ignore[attr-defined]
-            cluster, baseline if baseline_bounds is None else baseline_bounds, time)
-        rate_alarm = rate.update(  # type: ignore[attr-defined]
-            ood, ood_p0 if ood_p0_bound is None else ood_p0_bound, time)
+        mix_alarm = mix.update(cluster, baseline.bounds, time)  # type: ignore[attr-defined]
+        rate_alarm = rate.update(ood, baseline.ood_bound, time)  # type: ignore[attr-defined]
         fired: list[tuple[str, bool]] = []
-        if prediction is not None and prediction_baseline is not None:
-            pmix = (dets.get("prediction_mix")
-                    or self._make("prediction_mix", prediction_baseline.size))
-            before = pmix.alarm
-            if pmix.update(  # type: ignore[attr-defined]
-                    prediction, prediction_baseline if prediction_bounds is None
-                    else prediction_bounds, time):
-                fired.append(("prediction_mix", before))
-        if low_confidence is not None and low_confidence_p0 is not None:
-            conf = dets.get("confidence") or self._make("confidence")
-            before = conf.alarm
-            if conf.update(  # type: ignore[attr-defined]
-                    low_confidence, low_confidence_p0 if low_confidence_p0_bound is None
-                    else low_confidence_p0_bound, time):
-                fired.append(("confidence", before))
+        if prediction_baseline is not None:
+            if prediction is not None:
+                pmix = (dets.get("prediction_mix")
+                        or self._make("prediction_mix", prediction_baseline.p.size))
+                before = pmix.alarm
+                if pmix.update(  # type: ignore[attr-defined]
+                        prediction, prediction_baseline.bounds, time):
+                    fired.append(("prediction_mix", before))
+            if low_confidence is not None:
+                conf = dets.get("confidence") or self._make("confidence")
+                before = conf.alarm
+                if conf.update(  # type: ignore[attr-defined]
+                        low_confidence, prediction_baseline.low_confidence_bound, time):
+                    fired.append(("confidence", before))
         counts = self.counts
         if counts is None:
-            counts = self.counts = SliceCounts(baseline.size, self.bucket_seconds,
+            counts = self.counts = SliceCounts(baseline.p.size, self.bucket_seconds,
                                                self.max_buckets)
-        counts.update(cluster, baseline, ood=ood, ood_p0=ood_p0, time=time, index=self.n)
+        counts.update(cluster, baseline.p, ood=ood, ood_p0=baseline.ood_rate, time=time,
+                      index=self.n)
         self.n += 1
         if not (mix_alarm or rate_alarm or fired):
             return []

@@ -24,7 +24,7 @@ class FlatBaselines:
     def __init__(self, k: int, ood_rate: float = 0.01, reference_id: str | None = None) -> None:
         self.p = np.full(k, 1 / k)
         self.rate = ood_rate
-        self.exact = DetectorBaseline(self.p, np.stack([self.p, self.p]), ood_rate, ood_rate)
+        self.exact = DetectorBaseline.exact(self.p, ood_rate)
         if reference_id is not None:
             self.reference_id = reference_id
 

@@ -68,8 +68,7 @@ class Baselines:
         """Taken as exact here (bounds = the stated mix and rate), one object per ``p``."""
         p, b = self.p[key], self.judged.get(key)
         if b is None or b.p is not p:
-            b = self.judged[key] = DetectorBaseline(p, np.stack([p, p]), self.ood_rate(key),
-                                                    self.ood_rate(key))
+            b = self.judged[key] = DetectorBaseline.exact(p, self.ood_rate(key))
         return b
 
     def expected_error(self, cluster: int) -> float | None:

@@ -85,12 +85,9 @@ def test_the_detect_stage_feeds_label_and_score_to_both_detectors(ref: Reference
     b = baselines.detector_baseline(KEY)  # stated rates, and the bounds the detectors judge by
     for i, (label, score) in enumerate(preds):
         by_hand.update(EventUpdate(
-            cluster=i % 6, baseline=b.p, ood=False, ood_p0=b.ood_rate,
-            baseline_bounds=b.bounds, ood_p0_bound=b.ood_bound, time=(T0.timestamp() + 2 * i),
-            prediction={"ok": 0, "scrap": 1}.get(label, 2), prediction_baseline=pb.p,
-            low_confidence=score < pb.low_confidence_cut,
-            low_confidence_p0=pb.low_confidence_rate, prediction_bounds=pb.bounds,
-            low_confidence_p0_bound=pb.low_confidence_bound))
+            cluster=i % 6, baseline=b, ood=False, time=(T0.timestamp() + 2 * i),
+            prediction={"ok": 0, "scrap": 1}.get(label, 2), prediction_baseline=pb,
+            low_confidence=score < pb.low_confidence_cut))
     # the prediction detectors judge against the bounds, not the stated rates
     assert pb.low_confidence_bound > pb.low_confidence_rate
     assert (pb.bounds[0] < pb.p).all() and (pb.p < pb.bounds[1]).all()

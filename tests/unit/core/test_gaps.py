@@ -9,18 +9,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
+from driftline.core.baselines import DetectorBaseline
 from driftline.core.bernoulli import BernoulliCusum
 from driftline.core.cusum import GAP_ALPHA
 from driftline.core.slices import EventUpdate, SliceDetectors
 from tests.unit.core.roundtrip import assert_slice_round_trip
 
 P0 = 0.02
+B = DetectorBaseline.exact([0.9, 0.1], P0)
 PACE = 20.0  # seconds between events while the slice is observed
 GAP = 16 * 3600.0
 
 
 def _window(rng: np.random.Generator, n: int, rate: float, t0: float) -> list[EventUpdate]:
-    return [EventUpdate(ood=bool(rng.random() < rate), ood_p0=P0, time=t0 + PACE * i)
+    return [EventUpdate(ood=bool(rng.random() < rate), baseline=B, time=t0 + PACE * i)
             for i in range(n)]
 
 
@@ -80,7 +82,7 @@ def test_without_gaps_onsets_are_those_of_the_plain_bank() -> None:
     sd, bank = SliceDetectors(arl0=1e3), BernoulliCusum(arl0=1e3)
     onsets = []
     for t, x in zip(times.tolist(), flags.tolist(), strict=True):
-        alarms = sd.update(EventUpdate(ood=x, ood_p0=P0, time=t))
+        alarms = sd.update(EventUpdate(ood=x, baseline=B, time=t))
         bank_alarm = bank.update(x, P0, t)
         assert bool(alarms) == bank_alarm
         if alarms:
@@ -92,8 +94,8 @@ def test_without_gaps_onsets_are_those_of_the_plain_bank() -> None:
 
 def test_a_gap_is_measured_against_the_slice_s_own_pace() -> None:
     """The same 16 hours is no gap for a slice that sees an event every few hours."""
-    slow = [EventUpdate(ood=i == 30, ood_p0=P0, time=3 * 3600.0 * i) for i in range(31)]
-    slow.append(EventUpdate(ood=True, ood_p0=P0, time=slow[-1].time + GAP))  # type: ignore[operator]
+    slow = [EventUpdate(ood=i == 30, baseline=B, time=3 * 3600.0 * i) for i in range(31)]
+    slow.append(EventUpdate(ood=True, baseline=B, time=slow[-1].time + GAP))  # type: ignore[operator]
     sd = SliceDetectors(arl0=1e3)
     for e in slow:
         sd.update(e)
@@ -104,7 +106,7 @@ def test_a_gap_is_measured_against_the_slice_s_own_pace() -> None:
 @given(cut=st.integers(0, 700), seed=st.integers(0, 2**16))
 def test_snapshot_round_trip_across_a_gap(cut: int, seed: int) -> None:
     events, _ = _two_shifts(seed, n1=300, n2=400)
-    events = [EventUpdate(cluster=int(e.ood or 0), baseline=np.array([0.9, 0.1]), ood=e.ood,
-                          ood_p0=e.ood_p0, time=e.time) for e in events]
+    events = [EventUpdate(cluster=int(e.ood or 0), baseline=B, ood=e.ood, time=e.time)
+              for e in events]
     a = SliceDetectors(arl0=1e3)
     assert_slice_round_trip(a, events, cut)

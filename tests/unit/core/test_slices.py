@@ -4,19 +4,32 @@ from __future__ import annotations
 
 import json
 import math
+from typing import NamedTuple
 
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from driftline.core.baselines import DetectorBaseline
 from driftline.core.counts import SliceCounts
 from driftline.core.slices import EventUpdate, SliceDetectors
 from driftline.core.snapshot import pack, unpack
 from tests.unit.core.roundtrip import assert_slice_round_trip
 
+
+class Predictions(NamedTuple):
+    """What the prediction detectors judge against (a ``PredictionRates``)."""
+
+    p: np.ndarray
+    bounds: np.ndarray
+    low_confidence_bound: float
+
+
 K = 5
 P = np.array([0.3, 0.3, 0.2, 0.1, 0.1])
 PRED = np.array([0.7, 0.3])
+B = DetectorBaseline.exact(P, 0.01)  # judged against the stated rates themselves
+PB = Predictions(PRED, np.stack([PRED, PRED]), 0.05)
 
 
 def _events(n: int, seed: int, shift_at: int) -> list[EventUpdate]:
@@ -27,14 +40,12 @@ def _events(n: int, seed: int, shift_at: int) -> list[EventUpdate]:
         out.append(
             EventUpdate(
                 cluster=int(rng.choice(K, p=[0.1, 0.1, 0.1, 0.6, 0.1] if late else P)),
-                baseline=P,
+                baseline=B,
                 ood=bool(rng.random() < (0.1 if late else 0.01)),
-                ood_p0=0.01,
                 time=1e9 + 2.0 * i,
                 prediction=int(rng.random() < 0.3),
-                prediction_baseline=PRED,
+                prediction_baseline=PB,
                 low_confidence=bool(rng.random() < 0.05),
-                low_confidence_p0=0.05,
                 error=bool(rng.random() < 0.02) if i % 3 == 0 else None,
                 expected_error=0.02,
             )
@@ -70,29 +81,26 @@ def test_alarms_name_the_detector_cluster_and_onset() -> None:
 
 def test_optional_detectors_are_created_on_first_use() -> None:
     sd = SliceDetectors(arl0=100.0, thresholds={"ood_rate": 3.0})
-    sd.update(EventUpdate(ood=True, ood_p0=0.01, time=1.0))
-    assert set(sd.detectors) == {"ood_rate"} and sd.counts is None
+    sd.update(EventUpdate(ood=True, baseline=B, time=1.0))
+    assert set(sd.detectors) == {"ood_rate"}
     assert sd.detectors["ood_rate"].threshold == 3.0
 
 
 def test_prediction_detectors_judge_against_their_bounds_on_either_path() -> None:
-    bounds = np.stack([PRED * 0.8, PRED * 1.2])
-    events = [EventUpdate(cluster=e.cluster, baseline=P, ood=e.ood, ood_p0=0.01, time=e.time,
-                          prediction=e.prediction, prediction_baseline=PRED,
-                          low_confidence=e.low_confidence, low_confidence_p0=0.05,
-                          prediction_bounds=bounds, low_confidence_p0_bound=0.08)
+    judged = Predictions(PRED, np.stack([PRED * 0.8, PRED * 1.2]), 0.08)
+    events = [EventUpdate(cluster=e.cluster, baseline=B, ood=e.ood, time=e.time,
+                          prediction=e.prediction, prediction_baseline=judged,
+                          low_confidence=e.low_confidence)
               for e in _events(600, 2, shift_at=300)]
     slow, fast, exact = (SliceDetectors(arl0=1000.0) for _ in range(3))
     for e in events:
         assert e.cluster is not None and e.ood is not None and e.time is not None
         assert e.prediction is not None and e.low_confidence is not None
-        got = fast.observe(e.cluster, P, e.ood, 0.01, e.time, e.prediction, PRED,
-                           e.low_confidence, 0.05, prediction_bounds=bounds,
-                           low_confidence_p0_bound=0.08)
+        got = fast.observe(e.cluster, B, e.ood, e.time, e.prediction, judged, e.low_confidence)
         assert slow.update(e) == got
-        exact.update(EventUpdate(cluster=e.cluster, baseline=P, ood=e.ood, ood_p0=0.01,
-                                 time=e.time, prediction=e.prediction, prediction_baseline=PRED,
-                                 low_confidence=e.low_confidence, low_confidence_p0=0.05))
+        exact.update(EventUpdate(cluster=e.cluster, baseline=B, ood=e.ood, time=e.time,
+                                 prediction=e.prediction, prediction_baseline=PB,
+                                 low_confidence=e.low_confidence))
     assert pack(slow.snapshot()) == pack(fast.snapshot())
     for name in ("prediction_mix", "confidence"):  # smaller steps: no higher statistics
         judged, stated = (d.detectors[name].snapshot()["s"] for d in (slow, exact))
@@ -100,18 +108,15 @@ def test_prediction_detectors_judge_against_their_bounds_on_either_path() -> Non
 
 
 def test_detectors_judge_against_the_bounds_and_the_counts_against_the_stated_rates() -> None:
-    bounds = np.stack([P * 0.5, np.minimum(P * 1.6, 1.0)])
-    events = [EventUpdate(cluster=e.cluster, baseline=P, ood=e.ood, ood_p0=0.01, time=e.time,
-                          baseline_bounds=bounds, ood_p0_bound=0.03)
+    judged = DetectorBaseline(P, np.stack([P * 0.5, np.minimum(P * 1.6, 1.0)]), 0.01, 0.03)
+    events = [EventUpdate(cluster=e.cluster, baseline=judged, ood=e.ood, time=e.time)
               for e in _events(600, 1, shift_at=300)]
     slow, fast, exact = (SliceDetectors(arl0=1000.0) for _ in range(3))
     for e in events:
         assert e.cluster is not None and e.ood is not None and e.time is not None
-        got = fast.observe(e.cluster, P, e.ood, 0.01, e.time, baseline_bounds=bounds,
-                           ood_p0_bound=0.03)
+        got = fast.observe(e.cluster, judged, e.ood, e.time)
         assert slow.update(e) == got
-        exact.update(EventUpdate(cluster=e.cluster, baseline=P, ood=e.ood, ood_p0=0.01,
-                                 time=e.time))
+        exact.update(EventUpdate(cluster=e.cluster, baseline=B, ood=e.ood, time=e.time))
     assert pack(slow.snapshot()) == pack(fast.snapshot())
     # against the bounds every member's step is no larger than against the stated rates (and
     # a CUSUM is monotone in its steps): the statistics are no higher, member by member
