@@ -239,8 +239,8 @@ def show_thumbnail(api: str, incident: dict[str, Any]) -> bool:
 
 def _counter(registry: Any, name: str) -> float:
     """The sum of a counter's ``_total`` samples over its labels."""
-    return sum(s.value for m in registry.collect() if m.name == name
-               for s in m.samples if s.name == f"{name}_total")
+    return float(sum(s.value for m in registry.collect() if m.name == name
+                     for s in m.samples if s.name == f"{name}_total"))
 
 
 def _outbox_len(processor: Any) -> int:
