@@ -470,7 +470,9 @@ class SliceState:
         for name in obj.open:
             obj.cells.setdefault(name, CellTally())
         obj.exemplars = ExemplarRing.restore(snap["exemplars"])
-        obj.versions = snap["versions"]
+        # the model versions are a few strings held by every slice: one object each (as
+        # update interns them), not one per restored slice
+        obj.versions = {sys.intern(v): n for v, n in snap["versions"].items()}
         obj.last_time = snap["last_time"]
         # a checkpoint written before the field: taken to be of the active reference
         saved = snap.get("reference_id")

@@ -15,7 +15,7 @@ from typing import Any, Self
 
 import numpy as np
 
-from driftline.core.cusum import CusumBank, FloatArray, union_threshold
+from driftline.core.cusum import CusumBank, FloatArray, shared_float, union_threshold
 
 OOD_ALTERNATIVES = ((2.0, 0.0), (3.0, 0.0), (5.0, 0.0), (10.0, 0.0))
 CONFIDENCE_ALTERNATIVES = ((1.5, 0.0), (2.0, 0.0), (3.0, 0.0))
@@ -26,6 +26,12 @@ _Rows = tuple[tuple[FloatArray, float], tuple[FloatArray, float]]
 _SHARED_TABLES = 1024
 _tables: dict[tuple[tuple[tuple[float, float], ...], float], _Rows] = {}
 _alternatives: dict[tuple[tuple[float, float], ...], tuple[tuple[float, float], ...]] = {}
+# what a bank holds until its first event (always a new p0 then: NaN equals nothing): shared,
+# never read
+_NO_ROW: FloatArray = np.zeros(0)
+_NO_ROW.setflags(write=False)
+_NO_ROWS: _Rows = ((_NO_ROW, 0.0), (_NO_ROW, 0.0))
+_NAN = float("nan")
 
 
 def bernoulli_table(p0: float, alternatives: Sequence[tuple[float, float]]) -> FloatArray:
@@ -95,11 +101,11 @@ class BernoulliCusum(CusumBank):
             r < 1.0 or d < 0.0 or (r == 1.0 and d == 0.0) for r, d in self.alternatives
         ):
             raise ValueError("alternatives must be increases: rho >= 1, delta >= 0, not both null")
-        self._arl0 = float(arl0)
+        self._arl0 = shared_float(arl0)
         size = len(self.alternatives)
         super().__init__(size, union_threshold(arl0, size) if threshold is None else threshold)
-        self._last_p0 = float("nan")
-        self._rows: _Rows = ((np.zeros(size), 0.0), (np.zeros(size), 0.0))
+        self._last_p0 = _NAN
+        self._rows: _Rows = _NO_ROWS
         self._zero = True  # every S_m is exactly 0
 
     def update(self, flag: bool, p0: float, time: float | None = None) -> bool:

@@ -23,7 +23,10 @@ Layout (one ring of at most ``max_buckets`` rows per slice; a detect worker hold
 Rows are allocated as buckets fill (a fresh slice holds one). When the ring is full the oldest
 bucket is folded into running totals and ``Counts.truncated`` tells a reader that asked for
 time before it. Each row also records the arrival index (the slice's event count, ``index`` of
-:meth:`SliceCounts.update`) of its first event: one int64 stored per new row.
+:meth:`SliceCounts.update`) of its first event, beside its bucket key: one ``(rows, 2)`` array,
+int32 while every key and arrival fits (a 5-min bucket key does for 20,000 years, an arrival
+for 2**31 events), int64 from the first that does not — 0.5 kB a slice less than two int64
+arrays. Only new buckets and readers touch it, never the per-event step.
 
 **Tallies.** The ring answers "since the onset's bucket, within the last ``max_buckets``": a
 bucket holds events from before the onset too, and an alarm open longer than the ring loses its
@@ -47,10 +50,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from driftline.core.cusum import FloatArray
+from driftline.core.cusum import FloatArray, shared_float
 
 _HITS = 1  # counts rows start with ood_hits, then the clusters
 _EMPTY = np.iinfo(np.int64).min
+_I32 = np.iinfo(np.int32)
 # The first arrival of a row whose events' arrival indices are not known (rows merged from
 # another worker, rows restored from a snapshot written before arrivals were recorded): taken
 # as before every event, so such a row never seeds a tally and its events since an onset are
@@ -58,9 +62,37 @@ _EMPTY = np.iinfo(np.int64).min
 NO_ARRIVAL = -1
 SNAPSHOT_VERSION = 2
 IntArray = npt.NDArray[np.int64]
+AnyIntArray = npt.NDArray[np.signedinteger[Any]]
 
 
-def _narrow(a: IntArray) -> npt.NDArray[np.signedinteger[Any]]:
+def _placeholder(shape: tuple[int, ...]) -> AnyIntArray:
+    a = np.zeros(shape, np.int32)
+    a.setflags(write=False)  # shared by every new ring: replaced, never written
+    return a
+
+
+_NO_ROWS = _placeholder((0, 2))
+_NO_COLUMNS = _placeholder((0, 0))
+_SHARED_BASELINES = 512
+_restored: dict[bytes, FloatArray] = {}
+
+
+def _restored_baseline(p: Any) -> FloatArray:
+    """A restored ring's baseline column: one read-only array per value, shared by every ring
+    restored with it — not a copy in each slice (176 B at K = 8) until its next event judged
+    against it puts the caller's own array in its place (:meth:`SliceCounts._column_p`)."""
+    a = np.array(p, np.float64)
+    key = a.tobytes()
+    got = _restored.get(key)
+    if got is None:
+        if len(_restored) >= _SHARED_BASELINES:
+            _restored.clear()
+        a.setflags(write=False)
+        got = _restored[key] = a
+    return got
+
+
+def _narrow(a: AnyIntArray) -> AnyIntArray:
     """A copy of ``a`` as int32 if its values fit (a checkpoint record stores it raw: half the
     bytes of a slice's ring of first arrivals until it has seen 2**31 events), else int64."""
     i32 = np.iinfo(np.int32)
@@ -110,26 +142,26 @@ class SliceCounts:
     [0, 1]
     """
 
-    __slots__ = ("n_clusters", "bucket_seconds", "max_buckets", "_used", "_keys", "_cnt", "_ps",
-                 "_p0s", "_kp", "_k0", "_exp", "_last", "_dropped", "_dropped_until",
-                 "_first", "_tal")
+    __slots__ = ("n_clusters", "bucket_seconds", "max_buckets", "_used", "_kf", "_cnt", "_ps",
+                 "_p0s", "_kp", "_k0", "_exp", "_last_key", "_last_row", "_dropped",
+                 "_dropped_until", "_tal")
 
     def __init__(self, n_clusters: int, bucket_seconds: float = 300.0, max_buckets: int = 48):
         if bucket_seconds <= 0.0 or max_buckets < 1 or n_clusters < 1:
             raise ValueError("need bucket_seconds > 0, max_buckets >= 1, n_clusters >= 1")
         self.n_clusters = int(n_clusters)
-        self.bucket_seconds = float(bucket_seconds)
+        self.bucket_seconds = shared_float(bucket_seconds)
         self.max_buckets = int(max_buckets)
         self._used = 0  # rows in use; rows are allocated as buckets fill
-        self._keys: IntArray = np.zeros(0, np.int64)
-        self._first: IntArray = np.zeros(0, np.int64)  # arrival index of each row's first event
+        # per row: [bucket key, arrival index of its first event] (int32 while they fit)
+        self._kf: AnyIntArray = _NO_ROWS
         self._cnt = np.zeros((0, _HITS + self.n_clusters), np.int32)
         self._ps: list[FloatArray] = []  # distinct cluster baselines seen (columns of _kp)
         self._p0s: list[float] = []  # distinct OOD reference rates seen (columns of _k0)
-        self._kp = np.zeros((0, 0), np.int32)
-        self._k0 = np.zeros((0, 0), np.int32)
+        self._kp: AnyIntArray = _NO_COLUMNS
+        self._k0: AnyIntArray = _NO_COLUMNS
         self._exp: FloatArray | None = None  # dense expected rows, once columns cost more
-        self._last = (_EMPTY, -1)  # (bucket key, row) of the previous update
+        self._last_key, self._last_row = _EMPTY, -1  # bucket key and row of the previous update
         # totals of buckets dropped from a full ring (made on the first drop):
         # [n, n_ood, ood_hits, clusters[0..K), expected[0..K), ood_expected]
         self._dropped: FloatArray | None = None
@@ -143,8 +175,7 @@ class SliceCounts:
             out[: a.shape[0]] = a
             return out
 
-        self._keys, self._cnt = grow(self._keys), grow(self._cnt)
-        self._first = grow(self._first)
+        self._kf, self._cnt = grow(self._kf), grow(self._cnt)
         self._kp, self._k0 = grow(self._kp), grow(self._k0)
         if self._exp is not None:
             self._exp = grow(self._exp)
@@ -153,24 +184,43 @@ class SliceCounts:
         """The row of bucket ``key``, made if needed (first arrival ``index``); -1 if older
         than a full ring keeps."""
         used = self._used
-        hit = np.flatnonzero(self._keys[:used] == key)
+        keys = self._kf[:used, 0]
+        hit = np.flatnonzero(keys == key)
         if hit.size:
             row = int(hit[0])
         elif used < self.max_buckets:
-            if used == self._keys.size:
+            if used == self._kf.shape[0]:
                 self._resize(min(self.max_buckets, max(2, 2 * used)))
             row, self._used = used, used + 1
-            self._keys[row] = key
-            self._first[row] = index
+            self._set_row(row, key, index)
         else:
-            row = int(np.argmin(self._keys[:used]))
-            if key < self._keys[row]:
+            row = int(np.argmin(keys))
+            if key < int(keys[row]):
                 return -1
             self._drop_row(row)
-            self._keys[row] = key
-            self._first[row] = index
-        self._last = (key, row)
+            self._set_row(row, key, index)
+        self._last_key, self._last_row = key, row
         return row
+
+    def _set_row(self, row: int, key: int, index: int) -> None:
+        """Row ``row`` is bucket ``key``, first arrival ``index`` (widened to int64 if either
+        does not fit in int32)."""
+        kf = self._kf
+        if kf.dtype != np.int64 and not (_I32.min <= key <= _I32.max
+                                         and _I32.min <= index <= _I32.max):
+            kf = self._kf = kf.astype(np.int64)
+        kf[row, 0] = key
+        kf[row, 1] = index
+
+    @property
+    def _keys(self) -> AnyIntArray:
+        """Bucket key of each allocated row (a view)."""
+        return self._kf[:, 0]
+
+    @property
+    def _first(self) -> AnyIntArray:
+        """Arrival index of each allocated row's first event (a view)."""
+        return self._kf[:, 1]
 
     def _totals(self, rows: list[int]) -> FloatArray:
         """``[n, n_ood, ood_hits, clusters[0..K), expected[0..K), ood_expected]`` of ``rows``
@@ -181,7 +231,8 @@ class SliceCounts:
         out[0], out[1] = kp.sum(), k0.sum()
         out[2 : 3 + k] = self._cnt[rows].sum(axis=0, dtype=np.int64)
         if self._exp is not None:
-            for r in sorted(rows, key=lambda r: int(self._keys[r])):  # time order: fixed sums
+            keys = self._kf[:, 0].tolist()
+            for r in sorted(rows, key=keys.__getitem__):  # time order: fixed sums
                 out[3 + k :] += self._exp[r]
             return out
         for n, p in zip(kp.sum(axis=0, dtype=np.int64).tolist(), self._ps, strict=True):
@@ -199,7 +250,7 @@ class SliceCounts:
 
     def _drop_row(self, row: int) -> None:
         """Fold bucket ``row`` into the dropped totals and clear it."""
-        self._add_dropped(self._totals([row]), int(self._keys[row]))
+        self._add_dropped(self._totals([row]), int(self._kf[row, 0]))
         self._cnt[row] = 0
         self._kp[row] = 0
         self._k0[row] = 0
@@ -247,7 +298,7 @@ class SliceCounts:
 
     def _densify(self) -> None:
         """Switch to dense float64 expected rows (many distinct baselines)."""
-        rows, k = self._keys.shape[0], self.n_clusters
+        rows, k = self._kf.shape[0], self.n_clusters
         exp = np.zeros((rows, k + 1))
         for r in range(self._used):
             exp[r] = self._totals([r])[3 + k :]
@@ -275,8 +326,8 @@ class SliceCounts:
         :meth:`start_tally` seeds by; :data:`NO_ARRIVAL`: not known); ``None`` fields are not
         counted."""
         key = math.floor(time / self.bucket_seconds)
-        last_key, row = self._last
-        if key != last_key:
+        row = self._last_row
+        if key != self._last_key:
             row = self._row(key, index)
         if row < 0:  # older than every bucket of a full ring: straight to the dropped totals
             self._add_dropped(self._event_totals(cluster, baseline, ood, ood_p0), key)
@@ -363,7 +414,8 @@ class SliceCounts:
         tal.k0.append(self._k0[rows].sum(axis=0, dtype=np.int64).tolist())
         if self._exp is not None and tal.exp is not None:
             exp = np.zeros(self.n_clusters + 1)
-            for r in sorted(rows.tolist(), key=lambda r: int(self._keys[r])):  # time order
+            keys = self._kf[:, 0].tolist()
+            for r in sorted(rows.tolist(), key=keys.__getitem__):  # time order
                 exp += self._exp[r]
             tal.exp.append(exp)
         tal.names.append(name)
@@ -524,7 +576,7 @@ class SliceCounts:
             if row < 0:
                 self._add_dropped(other._totals([src]), key)
                 continue
-            self._first[row] = NO_ARRIVAL  # another worker's events: arrivals not comparable
+            self._kf[row, 1] = NO_ARRIVAL  # another worker's events: arrivals not comparable
             self._cnt[row] += other._cnt[src]
             if self._exp is None:
                 self._kp[row, cols_p] += other._kp[src]
@@ -550,7 +602,7 @@ class SliceCounts:
             "n_clusters": self.n_clusters,
             "bucket_seconds": self.bucket_seconds,
             "max_buckets": self.max_buckets,
-            "keys": self._keys[:u].copy(),
+            "keys": self._kf[:u, 0].astype(np.int64),
             "first_arrival": _narrow(self._first[:u]),
             "counts": self._cnt[:u].copy(),
             "baselines": (np.array(self._ps, np.float64) if self._ps
@@ -579,13 +631,13 @@ class SliceCounts:
         k = obj.n_clusters
         keys = np.asarray(snap["keys"], np.int64)
         u = obj._used = int(keys.size)
-        obj._keys = keys.copy()
         first = snap.get("first_arrival")  # written before arrivals were recorded: not known
-        obj._first = (np.full(u, NO_ARRIVAL, np.int64) if first is None
-                      else np.asarray(first, np.int64).reshape(u).copy())
+        obj._kf = _narrow(np.stack([keys.reshape(u), np.full(u, NO_ARRIVAL, np.int64)
+                                    if first is None else np.asarray(first, np.int64).reshape(u)],
+                                   axis=1))
         obj._cnt = np.asarray(snap["counts"], np.int32).reshape(u, _HITS + k).copy()
-        obj._ps = [np.array(p, np.float64) for p in np.asarray(snap["baselines"]).reshape(-1, k)]
-        obj._p0s = [float(x) for x in snap["ood_p0"]]
+        obj._ps = [_restored_baseline(p) for p in np.asarray(snap["baselines"]).reshape(-1, k)]
+        obj._p0s = [shared_float(x) for x in snap["ood_p0"]]
         dense = snap["expected"] is not None
         obj._kp = np.asarray(snap["per_baseline"], np.int32).reshape(
             u, 1 if dense else len(obj._ps)).copy()
@@ -616,8 +668,8 @@ class SliceCounts:
         k = self.n_clusters
         buckets = sorted((int(key), np.asarray(row, np.float64)) for key, row in snap["buckets"])
         rows = self._used = len(buckets)
-        self._keys = np.array([key for key, _ in buckets], np.int64)
-        self._first = np.full(rows, NO_ARRIVAL, np.int64)
+        self._kf = _narrow(np.array([[key, NO_ARRIVAL] for key, _ in buckets],
+                                    np.int64).reshape(rows, 2))
         self._cnt = np.zeros((rows, _HITS + k), np.int32)
         self._kp = np.zeros((rows, 1), np.int32)
         self._k0 = np.zeros((rows, 1), np.int32)

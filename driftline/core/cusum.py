@@ -47,7 +47,20 @@ _EXACT_EVERY = 4096
 # gap: under no change the bank's statistic at a given event exceeds that with probability at
 # most GAP_ALPHA (see CusumBank.onset_after_gap).
 GAP_ALPHA = 0.05
-_thresholds: dict[float, float] = {}
+_SHARED_FLOATS = 1024
+_floats: dict[float, float] = {}
+
+
+def shared_float(x: float) -> float:
+    """``float(x)`` as one object per value (for the first ``_SHARED_FLOATS`` values): the
+    per-slice settings — thresholds, ARL0 targets, bucket widths, reference rates — are a few
+    values held by thousands of slices, 24 bytes each as objects of their own (as every slice
+    restored from a checkpoint would hold them: its values come from decoding)."""
+    f = float(x)
+    # NaN is never equal to itself (never found again); -0.0 would be found as 0.0
+    if f != f or not f or len(_floats) >= _SHARED_FLOATS:
+        return f
+    return _floats.setdefault(f, f)
 
 
 def union_threshold(arl0: float, bank_size: int) -> float:
@@ -76,9 +89,8 @@ class CusumBank:
     def __init__(self, bank_size: int, threshold: float) -> None:
         if not threshold > 0.0:
             raise ValueError("threshold must be positive")
-        h = float(threshold)
         # banks of one kind share a threshold: one float object, not 24 B in each bank
-        self._h: float = _thresholds.setdefault(h, h) if len(_thresholds) < 1024 else h
+        self._h: float = shared_float(threshold)
         self._s: FloatArray = np.zeros(bank_size)
         # Per member, the stamp of the last step that started from S = 0: event index + 1j·time
         # (NaN: no time). One complex array, so that stamping is one masked store.

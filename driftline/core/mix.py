@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from driftline.core.cusum import CusumBank, FloatArray, union_threshold
+from driftline.core.cusum import CusumBank, FloatArray, shared_float, union_threshold
 
 # Four masses and two fractions: benchmarks/detection.py measured the same delays (within its
 # ±3 %) as the earlier 5 + 4 grid, at two thirds of the state; 0.4 keeps large shifts' onsets sharp.
@@ -39,10 +39,13 @@ DEFAULT_FRACTIONS = (0.5, 0.95)
 _P_FLOOR = 1e-12
 _SHARED_TABLES = 512  # baselines are few (global, stations, station×shift): share their tables
 
-_Tables = tuple[FloatArray, list[float]]
+_Tables = tuple[FloatArray, tuple[float, ...]]
 _Key = tuple[int, tuple[float, ...], tuple[float, ...]]
 _cache: dict[_Key, tuple[weakref.ref[FloatArray], _Tables]] = {}
 _grids: dict[tuple[float, ...], tuple[float, ...]] = {}  # one tuple per grid, shared by banks
+# what a bank holds until its first event: shared, never written (the first event replaces it)
+_NO_TABLE: FloatArray = np.zeros((0, 0))
+_NO_TABLE.setflags(write=False)
 
 
 def _grid(values: Sequence[float]) -> tuple[float, ...]:
@@ -106,7 +109,7 @@ def _shared_tables(
     inc = np.broadcast_to(base, (k, *base.shape)).copy()
     inc[np.arange(k), np.arange(k)] += diff
     inc = inc.reshape(k, -1)
-    tables = (inc, inc.max(axis=1).tolist())
+    tables = (inc, tuple(inc.max(axis=1).tolist()))
     if len(_cache) >= _SHARED_TABLES:  # more baselines than a reference has: start over
         _cache.clear()
     _cache[key] = (weakref.ref(p), tables)
@@ -173,13 +176,13 @@ class ClusterMixCusum(CusumBank):
         if n_categories < 2:
             raise ValueError("need at least two categories")
         self.n_categories = int(n_categories)
-        self._arl0 = float(arl0)
+        self._arl0 = shared_float(arl0)
         self._width = len(self.epsilons) + len(self.fractions)
         size = self.n_categories * self._width
         super().__init__(size, union_threshold(arl0, size) if threshold is None else threshold)
         self._last_p: FloatArray | None = None
-        self._inc: FloatArray = np.zeros((0, 0))  # per category: the bank's increments
-        self._hi: list[float] = []
+        self._inc: FloatArray = _NO_TABLE  # per category: the bank's increments
+        self._hi: tuple[float, ...] = ()  # per category: its largest increment
 
     def update(self, category: int, baseline: FloatArray, time: float | None = None) -> bool:
         """Feed one event in ``category`` judged against ``baseline`` (a probability vector, or

@@ -14,7 +14,7 @@ from driftline.core.bernoulli import (
     ErrorRateCusum,
 )
 from driftline.core.counts import SliceCounts
-from driftline.core.cusum import CusumBank
+from driftline.core.cusum import CusumBank, shared_float
 from driftline.core.mix import ClusterMixCusum, PredictionMixCusum
 from driftline.core.predictions import PredictionRates
 
@@ -120,10 +120,11 @@ class SliceDetectors:
         bucket_seconds: float = 300.0,
         max_buckets: int = 48,
     ) -> None:
-        self.arl0 = float(arl0)
+        # one object per value, not 24 B in each slice (restored slices decode their own)
+        self.arl0 = shared_float(arl0)
         # most slices have none: they share one empty dict (never written to) instead of 64 B each
         self.thresholds = dict(thresholds) if thresholds else _NO_THRESHOLDS
-        self.bucket_seconds = float(bucket_seconds)
+        self.bucket_seconds = shared_float(bucket_seconds)
         self.max_buckets = int(max_buckets)
         self.detectors: dict[str, CusumBank] = {}
         self.counts: SliceCounts | None = None

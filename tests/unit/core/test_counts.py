@@ -282,3 +282,45 @@ def test_a_slice_without_an_open_tally_holds_no_tally_storage() -> None:
     c.update(2, p, ood=False, ood_p0=0.01, time=1.0)  # counted in the ring only
     assert SliceCounts.restore(unpack(pack(c.snapshot())))._tal is None
     assert c.since(None).n == 2
+
+
+def test_bucket_keys_and_arrivals_widen_past_int32_with_the_same_answers() -> None:
+    """Keys and first arrivals are held as int32 while they fit (half the bytes of a full
+    ring's two int64 columns); a key or an arrival that does not fit widens them to int64,
+    the answers and the snapshot (int64 keys, arrivals narrowed as before) unchanged."""
+    p = np.full(K, 1 / K)
+    c = SliceCounts(K, 1.0, max_buckets=4)
+    t0, i0 = float(2**31 - 2), 2**31 - 3
+    for i in range(6):  # keys and arrivals cross 2**31 - 1 on the way
+        c.update(i % K, p, ood=i == 3, ood_p0=0.01, time=t0 + i, index=i0 + i)
+    assert c._kf.dtype == np.int64
+    assert c.bucket_keys() == [2**31 + i for i in range(4)]
+    assert c.since(float(2**31 + 1)).n == 3 and c.since(None).n == 6
+    assert sorted(c.start_tally("a", after=None, since=i0 + 4)) == [2**31 + 2, 2**31 + 3]
+    snap = c.snapshot()
+    assert snap["keys"].dtype == np.int64 and snap["first_arrival"].dtype == np.int64
+    back = SliceCounts.restore(unpack(pack(snap)))
+    assert back._kf.dtype == np.int64 and pack(back.snapshot()) == pack(snap)
+    small = SliceCounts(K, 60.0)
+    small.update(1, p, ood=False, ood_p0=0.01, time=1.8e9, index=7)
+    assert small._kf.dtype == np.int32
+    snap = small.snapshot()  # the checkpoint format as before: int64 keys, int32 arrivals
+    assert (snap["keys"].dtype, snap["first_arrival"].dtype) == (np.int64, np.int32)
+    assert SliceCounts.restore(unpack(pack(snap)))._kf.dtype == np.int32
+
+
+def test_restored_rings_share_their_baselines_and_settings() -> None:
+    """A worker restores thousands of slices from its checkpoint: equal baselines and bucket
+    widths decode as one shared object each, not a copy per slice (a K = 8 baseline is 176 B),
+    until the next event puts the caller's own array in its place."""
+    p = RNG.dirichlet(np.ones(K))
+    rings = []
+    for i in range(2):
+        c = SliceCounts(K, 300.0)
+        c.update(i, p, ood=False, ood_p0=0.01, time=0.0)
+        rings.append(SliceCounts.restore(unpack(pack(c.snapshot()))))
+    a, b = rings
+    assert a._ps[0] is b._ps[0] and not a._ps[0].flags.writeable
+    assert a.bucket_seconds is b.bucket_seconds and a._p0s[0] is b._p0s[0]
+    a.update(2, p, ood=False, ood_p0=0.01, time=1.0)
+    assert a._ps == [p] and a._ps[0] is p and a.since(None).n == 2

@@ -174,3 +174,28 @@ def test_counts_drop_old_buckets_and_say_so() -> None:
     old = c.since(0.0)
     assert old.truncated and old.n == 30
     assert c.since(None).n == 100
+
+
+def test_restored_slices_hold_no_state_of_their_own_before_their_next_event() -> None:
+    """Restored from a checkpoint, a slice's banks hold the shared placeholders a fresh bank
+    starts with (its first event replaces them) and share their settings' float objects — not
+    two small arrays, their tuples and a float per bank (~2 kB a slice with predictions) for as
+    long as the slice stays idle; the next event goes on as the original would."""
+    from driftline.core import bernoulli, mix
+
+    a = SliceDetectors(arl0=500.0)
+    events = _events(40, seed=4, shift_at=1_000)
+    for e in events[:30]:
+        a.update(e)
+    b, c = (SliceDetectors.restore(unpack(pack(a.snapshot()))) for _ in range(2))
+    for name in ("cluster_mix", "prediction_mix"):
+        bank = b.detectors[name]
+        assert bank._inc is mix._NO_TABLE and bank._hi == ()  # type: ignore[attr-defined]
+    for name in ("ood_rate", "confidence"):
+        assert b.detectors[name]._rows is bernoulli._NO_ROWS  # type: ignore[attr-defined]
+    assert b.arl0 is c.arl0 and b.bucket_seconds is c.bucket_seconds
+    assert all(b.detectors[n]._arl0 is c.detectors[n]._arl0  # type: ignore[attr-defined]
+               for n in b.detectors)
+    for e in events[30:]:
+        assert a.update(e) == b.update(e)
+    assert pack(a.snapshot()) == pack(b.snapshot())
