@@ -20,6 +20,15 @@ Layout (one ring of at most ``max_buckets`` rows per slice; a detect worker hold
   ``n`` and ``n_ood``, and rows ``[expected[0..K), ood_expected]`` that add each event's ``p``
   in order.
 
+  The first column of each (the only one of a slice judged against one baseline and one OOD
+  rate; ``n`` and ``n_ood`` of a dense ring) is not stored. Every event with a cluster adds
+  one to its cluster's count and one to its baseline's column, so the first ``per_baseline``
+  column is the row's cluster events less the other columns. The detect stage's events carry
+  both a cluster and an OOD flag, so the first ``per_ood_p0`` column is the same cluster events
+  plus ``d`` — OOD-flagged events less cluster events, an int32 per row held only once an event
+  has had one part without the other — less its other columns. A usual ring holds neither
+  array (0.6 kB a full ring at K = 8), and its per-event step two numpy increments less.
+
 Rows are allocated as buckets fill (a fresh slice holds one). When the ring is full the oldest
 bucket is folded into running totals and ``Counts.truncated`` tells a reader that asked for
 time before it. Each row also records the arrival index (the slice's event count, ``index`` of
@@ -72,7 +81,6 @@ def _placeholder(shape: tuple[int, ...]) -> AnyIntArray:
 
 
 _NO_ROWS = _placeholder((0, 2))
-_NO_COLUMNS = _placeholder((0, 0))
 _SHARED_BASELINES = 512
 _restored: dict[bytes, FloatArray] = {}
 
@@ -90,6 +98,18 @@ def _restored_baseline(p: Any) -> FloatArray:
         a.setflags(write=False)
         got = _restored[key] = a
     return got
+
+
+def _columns(total: IntArray, stored: AnyIntArray | None, rows: Any, n_cols: int) -> IntArray:
+    """Per-baseline (per-rate) columns of ``rows`` as int64 (``n_cols`` of them): the first is
+    the rows' ``total`` less the ``stored`` others."""
+    if n_cols == 0:
+        return np.zeros((total.shape[0], 0), np.int64)
+    first: IntArray = total.reshape(-1, 1)
+    if stored is None:
+        return first
+    rest = stored[rows].astype(np.int64)
+    return np.concatenate([first - rest.sum(axis=1, keepdims=True), rest], axis=1)
 
 
 def _narrow(a: AnyIntArray) -> AnyIntArray:
@@ -143,7 +163,7 @@ class SliceCounts:
     """
 
     __slots__ = ("n_clusters", "bucket_seconds", "max_buckets", "_used", "_kf", "_cnt", "_ps",
-                 "_p0s", "_kp", "_k0", "_exp", "_last_key", "_last_row", "_dropped",
+                 "_p0s", "_kp", "_k0", "_d", "_exp", "_last_key", "_last_row", "_dropped",
                  "_dropped_until", "_tal")
 
     def __init__(self, n_clusters: int, bucket_seconds: float = 300.0, max_buckets: int = 48):
@@ -156,10 +176,13 @@ class SliceCounts:
         # per row: [bucket key, arrival index of its first event] (int32 while they fit)
         self._kf: AnyIntArray = _NO_ROWS
         self._cnt = np.zeros((0, _HITS + self.n_clusters), np.int32)
-        self._ps: list[FloatArray] = []  # distinct cluster baselines seen (columns of _kp)
-        self._p0s: list[float] = []  # distinct OOD reference rates seen (columns of _k0)
-        self._kp: AnyIntArray = _NO_COLUMNS
-        self._k0: AnyIntArray = _NO_COLUMNS
+        self._ps: list[FloatArray] = []  # distinct cluster baselines seen
+        self._p0s: list[float] = []  # distinct OOD reference rates seen
+        # Events per baseline (per OOD rate) but the first, whose column is derived (module
+        # docstring): columns for _ps[1:] (_p0s[1:]); None while there are none (one, or dense).
+        self._kp: AnyIntArray | None = None
+        self._k0: AnyIntArray | None = None
+        self._d: AnyIntArray | None = None  # per row: OOD-flagged less cluster events; None: 0
         self._exp: FloatArray | None = None  # dense expected rows, once columns cost more
         self._last_key, self._last_row = _EMPTY, -1  # bucket key and row of the previous update
         # totals of buckets dropped from a full ring (made on the first drop):
@@ -176,7 +199,12 @@ class SliceCounts:
             return out
 
         self._kf, self._cnt = grow(self._kf), grow(self._cnt)
-        self._kp, self._k0 = grow(self._kp), grow(self._k0)
+        if self._kp is not None:
+            self._kp = grow(self._kp)
+        if self._k0 is not None:
+            self._k0 = grow(self._k0)
+        if self._d is not None:
+            self._d = grow(self._d)
         if self._exp is not None:
             self._exp = grow(self._exp)
 
@@ -227,7 +255,7 @@ class SliceCounts:
         (float64: exact for counts below 2**53)."""
         k = self.n_clusters
         out = np.zeros(3 + 2 * k + 1)
-        kp, k0 = self._kp[rows], self._k0[rows]
+        kp, k0 = self._per_baseline(rows), self._per_ood(rows)
         out[0], out[1] = kp.sum(), k0.sum()
         out[2 : 3 + k] = self._cnt[rows].sum(axis=0, dtype=np.int64)
         if self._exp is not None:
@@ -241,6 +269,28 @@ class SliceCounts:
             k0.sum(axis=0, dtype=np.int64).tolist(), self._p0s, strict=True))
         return out
 
+    def _per_baseline(self, rows: Any) -> IntArray:
+        """Events per baseline column of ``rows`` (int64, a row each; one column for a dense
+        ring): the stored columns, after the first one derived from the cluster counts."""
+        n_cols = 1 if self._exp is not None else len(self._ps)
+        return _columns(self._cnt[rows, _HITS:].sum(axis=1, dtype=np.int64), self._kp, rows,
+                        n_cols)
+
+    def _per_ood(self, rows: Any) -> IntArray:
+        """OOD-flagged events per OOD-rate column of ``rows``, as :meth:`_per_baseline`: the
+        first column is the rows' cluster events plus ``d`` less the stored columns."""
+        n_cols = 1 if self._exp is not None else len(self._p0s)
+        n = self._cnt[rows, _HITS:].sum(axis=1, dtype=np.int64)
+        if self._d is not None:
+            n += self._d[rows]
+        return _columns(n, self._k0, rows, n_cols)
+
+    def _add_d(self, row: int, delta: int) -> None:
+        """An event with a cluster and no OOD flag (-1), or the other way round (+1)."""
+        if self._d is None:
+            self._d = np.zeros(self._kf.shape[0], np.int32)
+        self._d[row] += delta
+
     def _add_dropped(self, totals: FloatArray, key: int) -> None:
         if self._dropped is None:
             self._dropped = np.zeros(3 + 2 * self.n_clusters + 1)
@@ -252,12 +302,30 @@ class SliceCounts:
         """Fold bucket ``row`` into the dropped totals and clear it."""
         self._add_dropped(self._totals([row]), int(self._kf[row, 0]))
         self._cnt[row] = 0
-        self._kp[row] = 0
-        self._k0[row] = 0
+        if self._kp is not None:
+            self._kp[row] = 0
+        if self._k0 is not None:
+            self._k0[row] = 0
+        if self._d is not None:
+            self._d[row] = 0
         if self._exp is not None:
             self._exp[row] = 0.0
 
     # -- baseline columns -------------------------------------------------------------------
+    def _set_d(self, n_ood: IntArray) -> None:
+        """``d`` of the rows in use from their OOD-flagged events (restored rows)."""
+        d = n_ood - self._cnt[: self._used, _HITS:].sum(axis=1, dtype=np.int64)
+        self._d = d.astype(np.int32) if d.any() else None
+
+    def _k0_columns(self) -> int:
+        """Columns of ``per_ood_p0`` in a snapshot and of a tally (dense: one)."""
+        return 1 if self._exp is not None else len(self._p0s)
+
+    def _kp_columns(self) -> int:
+        """Columns of ``per_baseline`` in a snapshot and of a tally: one per baseline (dense:
+        one)."""
+        return 1 if self._exp is not None else len(self._ps)
+
     def _column_p(self, p: FloatArray) -> int:
         for i, q in enumerate(self._ps):
             if q is p:
@@ -270,40 +338,54 @@ class SliceCounts:
             raise ValueError(f"baseline must have shape ({self.n_clusters},)")
         if self._too_many_columns():
             return 0
+        if self._ps:  # a second or later baseline: a stored column (the first is derived)
+            rows = self._kf.shape[0]
+            new = np.zeros((rows, 1), np.int32)
+            self._kp = new if self._kp is None else np.hstack([self._kp, new])
         self._ps.append(p)
-        self._kp = np.hstack([self._kp, np.zeros((self._kp.shape[0], 1), np.int32)])
         if self._tal is not None:
             for r in self._tal.kp:
                 r.append(0)
         return len(self._ps) - 1
 
-    def _column_0(self, p0: float) -> int:
+    def _column_0(self, p0: float, counted: int = -1) -> int:
+        """The column of OOD rate ``p0``, made if new; ``counted``: the row where the event
+        asking has had its cluster counted already (and not yet its OOD flag)."""
         for i, q in enumerate(self._p0s):
             if q == p0:
                 return i
-        if self._too_many_columns():
+        if self._too_many_columns(counted):
             return 0
+        if self._p0s:  # a second or later rate: a stored column (the first is derived)
+            new = np.zeros((self._kf.shape[0], 1), np.int32)
+            self._k0 = new if self._k0 is None else np.hstack([self._k0, new])
         self._p0s.append(float(p0))
-        self._k0 = np.hstack([self._k0, np.zeros((self._k0.shape[0], 1), np.int32)])
         if self._tal is not None:
             for r in self._tal.k0:
                 r.append(0)
         return len(self._p0s) - 1
 
-    def _too_many_columns(self) -> bool:
+    def _too_many_columns(self, counted: int = -1) -> bool:
         """Turn dense if one more column would cost more than dense rows; True if dense."""
         if len(self._ps) + len(self._p0s) + 1 > 2 * (self.n_clusters + 1):
-            self._densify()
+            self._densify(counted)
         return self._exp is not None
 
-    def _densify(self) -> None:
-        """Switch to dense float64 expected rows (many distinct baselines)."""
+    def _densify(self, counted: int = -1) -> None:
+        """Switch to dense float64 expected rows (many distinct baselines); ``counted``: a
+        row with an event whose cluster is counted and its OOD flag not yet (as
+        :meth:`_column_0`), which the derived OOD column must not hold yet."""
         rows, k = self._kf.shape[0], self.n_clusters
         exp = np.zeros((rows, k + 1))
+        if counted >= 0:
+            self._add_d(counted, -1)
         for r in range(self._used):
             exp[r] = self._totals([r])[3 + k :]
-        self._kp = self._kp.sum(axis=1, keepdims=True, dtype=np.int32)
-        self._k0 = self._k0.sum(axis=1, keepdims=True, dtype=np.int32)
+        if counted >= 0:
+            self._add_d(counted, 1)
+            if self._d is not None and not self._d.any():
+                self._d = None
+        self._kp = self._k0 = None  # n and n_ood: the cluster counts (plus d)
         tal = self._tal
         if tal is not None:
             tal.exp = [self._tally_expected(tal, i) for i in range(len(tal.names))]
@@ -336,29 +418,36 @@ class SliceCounts:
             return
         exp = self._exp
         cp = c0 = -1  # the event's columns (-1: no such part)
+        flagged = ood is not None and ood_p0 is not None
+        # First columns are derived from the cluster counts (module docstring): a column is
+        # made, or the ring turns dense from its rows, with the event's parts counted so far.
         if cluster is not None and baseline is not None:
-            self._cnt[row, _HITS + cluster] += 1
             if exp is None:
                 cp = self._column_p(baseline)  # first: a new column replaces the array
                 exp = self._exp
+            self._cnt[row, _HITS + cluster] += 1
+            if not flagged:
+                self._add_d(row, -1)
             if exp is None:
-                self._kp[row, cp] += 1
+                if cp:
+                    self._kp[row, cp - 1] += 1  # type: ignore[index]
             else:
                 cp = 0
-                self._kp[row, 0] += 1
                 exp[row, : self.n_clusters] += baseline
-        if ood is not None and ood_p0 is not None:
+        if flagged:
             if ood:
                 self._cnt[row, 0] += 1
             if exp is None:
-                c0 = self._column_0(ood_p0)
+                c0 = self._column_0(ood_p0, row if cp >= 0 else -1)  # type: ignore[arg-type]
                 exp = self._exp
             if exp is None:
-                self._k0[row, c0] += 1
+                if c0:
+                    self._k0[row, c0 - 1] += 1  # type: ignore[index]
             else:
                 c0 = 0
-                self._k0[row, 0] += 1
                 exp[row, self.n_clusters] += ood_p0
+            if cp < 0:
+                self._add_d(row, 1)
         tal = self._tal
         if tal is not None:  # an alarm is open: its tally counts the event too, same columns
             if exp is not None and cp > 0:  # the ring turned dense at the OOD column
@@ -410,8 +499,8 @@ class SliceCounts:
         if tal is None:
             tal = self._tal = _Tallies(dense=self._exp is not None)
         tal.cnt.append(self._cnt[rows].sum(axis=0, dtype=np.int64).tolist())
-        tal.kp.append(self._kp[rows].sum(axis=0, dtype=np.int64).tolist())
-        tal.k0.append(self._k0[rows].sum(axis=0, dtype=np.int64).tolist())
+        tal.kp.append(self._per_baseline(rows).sum(axis=0).tolist())
+        tal.k0.append(self._per_ood(rows).sum(axis=0).tolist())
         if self._exp is not None and tal.exp is not None:
             exp = np.zeros(self.n_clusters + 1)
             keys = self._kf[:, 0].tolist()
@@ -525,8 +614,11 @@ class SliceCounts:
         # a checkpoint reads every dirty slice's last hour for its gauges.
         add = np.add.reduce
         hits = add(self._cnt[rows], axis=0, dtype=np.int64).tolist()
-        per_p = add(self._kp[rows], axis=0, dtype=np.int64).tolist()
-        per_0 = add(self._k0[rows], axis=0, dtype=np.int64).tolist()
+        rest = [] if self._kp is None else add(self._kp[rows], axis=0, dtype=np.int64).tolist()
+        per_p = [sum(hits[_HITS:]) - sum(rest), *rest] if self._ps else []
+        rest = [] if self._k0 is None else add(self._k0[rows], axis=0, dtype=np.int64).tolist()
+        d = 0 if self._d is None else int(add(self._d[rows], dtype=np.int64))
+        per_0 = [sum(hits[_HITS:]) + d - sum(rest), *rest] if self._p0s else []
         expected = np.zeros(self.n_clusters)
         for n, p in zip(per_p, self._ps, strict=True):
             expected += n * p
@@ -569,6 +661,8 @@ class SliceCounts:
         # Columns first: registering them may turn this ring dense, before any row is added.
         cols_p = [self._column_p(p) for p in other._ps] if self._exp is None else []
         cols_0 = [self._column_0(p0) for p0 in other._p0s] if self._exp is None else []
+        stored = [(c, j) for j, c in enumerate(cols_p) if c]  # (this ring's column, other's)
+        stored_0 = [(c, j) for j, c in enumerate(cols_0) if c]
         k = self.n_clusters
         for key in other.bucket_keys():
             src = int(np.flatnonzero(other._keys[: other._used] == key)[0])
@@ -578,13 +672,17 @@ class SliceCounts:
                 continue
             self._kf[row, 1] = NO_ARRIVAL  # another worker's events: arrivals not comparable
             self._cnt[row] += other._cnt[src]
-            if self._exp is None:
-                self._kp[row, cols_p] += other._kp[src]
-                self._k0[row, cols_0] += other._k0[src]
+            t = other._totals([src])
+            if t[1] != t[0]:  # its OOD-flagged less cluster events: d, as the first columns
+                self._add_d(row, int(t[1] - t[0]))
+            if self._exp is None:  # columns other than the first: the first is derived
+                if stored:
+                    self._kp[row, [c - 1 for c, _ in stored]] += (  # type: ignore[index]
+                        other._per_baseline([src])[0, [j for _, j in stored]])
+                if stored_0:
+                    self._k0[row, [c - 1 for c, _ in stored_0]] += (  # type: ignore[index]
+                        other._per_ood([src])[0, [j for _, j in stored_0]])
             else:
-                t = other._totals([src])
-                self._kp[row, 0] += int(t[0])
-                self._k0[row, 0] += int(t[1])
                 self._exp[row] += t[3 + k :]
         if other._dropped is not None:
             self._add_dropped(other._dropped, other._dropped_until or 0)
@@ -608,17 +706,17 @@ class SliceCounts:
             "baselines": (np.array(self._ps, np.float64) if self._ps
                           else np.zeros((0, self.n_clusters))),
             "ood_p0": list(self._p0s),
-            "per_baseline": self._kp[:u].copy(),
-            "per_ood_p0": self._k0[:u].copy(),
+            "per_baseline": self._per_baseline(slice(0, u)).astype(np.int32),
+            "per_ood_p0": self._per_ood(slice(0, u)).astype(np.int32),
             "expected": None if self._exp is None else self._exp[:u].copy(),
             "dropped": None if self._dropped is None else self._dropped.copy(),
             "dropped_until": self._dropped_until,
             "tallies": None if tal is None else {
                 "names": list(tal.names), "truncated": list(tal.trunc),
                 "counts": np.array(tal.cnt, np.int64), "per_baseline": np.array(
-                    tal.kp, np.int64).reshape(len(tal.names), self._kp.shape[1]),
+                    tal.kp, np.int64).reshape(len(tal.names), self._kp_columns()),
                 "per_ood_p0": np.array(tal.k0, np.int64).reshape(
-                    len(tal.names), self._k0.shape[1]),
+                    len(tal.names), self._k0_columns()),
                 "expected": None if tal.exp is None else np.array(tal.exp)},
         }
 
@@ -639,10 +737,12 @@ class SliceCounts:
         obj._ps = [_restored_baseline(p) for p in np.asarray(snap["baselines"]).reshape(-1, k)]
         obj._p0s = [shared_float(x) for x in snap["ood_p0"]]
         dense = snap["expected"] is not None
-        obj._kp = np.asarray(snap["per_baseline"], np.int32).reshape(
-            u, 1 if dense else len(obj._ps)).copy()
-        obj._k0 = np.asarray(snap["per_ood_p0"], np.int32).reshape(
-            u, 1 if dense else len(obj._p0s)).copy()
+        # the first column is the rows' cluster events less the others: not kept
+        kp = np.asarray(snap["per_baseline"], np.int32).reshape(u, 1 if dense else len(obj._ps))
+        obj._kp = kp[:, 1:].copy() if kp.shape[1] > 1 else None
+        k0 = np.asarray(snap["per_ood_p0"], np.int32).reshape(u, 1 if dense else len(obj._p0s))
+        obj._k0 = k0[:, 1:].copy() if k0.shape[1] > 1 else None
+        obj._set_d(k0.sum(axis=1, dtype=np.int64))
         if dense:
             obj._exp = np.asarray(snap["expected"], np.float64).reshape(u, k + 1).copy()
         if snap["dropped"] is not None:
@@ -655,9 +755,9 @@ class SliceCounts:
             tal.names, tal.trunc = list(tallies["names"]), list(tallies["truncated"])
             tal.cnt = np.asarray(tallies["counts"], np.int64).reshape(a, _HITS + k).tolist()
             tal.kp = np.asarray(tallies["per_baseline"], np.int64).reshape(
-                a, obj._kp.shape[1]).tolist()
+                a, obj._kp_columns()).tolist()
             tal.k0 = np.asarray(tallies["per_ood_p0"], np.int64).reshape(
-                a, obj._k0.shape[1]).tolist()
+                a, obj._k0_columns()).tolist()
             if dense:
                 tal.exp = list(np.asarray(tallies["expected"], np.float64).reshape(
                     a, k + 1).copy())
@@ -671,13 +771,14 @@ class SliceCounts:
         self._kf = _narrow(np.array([[key, NO_ARRIVAL] for key, _ in buckets],
                                     np.int64).reshape(rows, 2))
         self._cnt = np.zeros((rows, _HITS + k), np.int32)
-        self._kp = np.zeros((rows, 1), np.int32)
-        self._k0 = np.zeros((rows, 1), np.int32)
+        self._kp = self._k0 = None  # n: the cluster counts (v1 counted both together)
+        n_ood = np.zeros(rows, np.int64)
         self._exp = np.zeros((rows, k + 1))
         for r, (_, v) in enumerate(buckets):
             self._cnt[r] = np.concatenate([v[2:3], v[4 : 4 + k]]).round()
-            self._kp[r, 0], self._k0[r, 0] = round(v[0]), round(v[1])
+            n_ood[r] = round(v[1])
             self._exp[r] = np.concatenate([v[4 + k :], v[3:4]])
+        self._set_d(n_ood)
         d = np.asarray(snap["dropped"], np.float64)
         if d.any():
             self._dropped = np.concatenate([d[:3], d[4 : 4 + k], d[4 + k :], d[3:4]])

@@ -324,3 +324,52 @@ def test_restored_rings_share_their_baselines_and_settings() -> None:
     assert a.bucket_seconds is b.bucket_seconds and a._p0s[0] is b._p0s[0]
     a.update(2, p, ood=False, ood_p0=0.01, time=1.0)
     assert a._ps == [p] and a._ps[0] is p and a.since(None).n == 2
+
+
+def test_a_usual_ring_stores_no_per_baseline_columns_and_snapshots_them_as_before() -> None:
+    """The first per-baseline and per-rate columns are derived from the cluster counts (every
+    event with a cluster adds one to its cluster and one to its baseline's column; the detect
+    stage's events all carry an OOD flag too): a ring judged against one baseline and one rate
+    holds neither array nor ``d``; a second baseline or rate stores only its own column; an
+    event with one part only keeps ``d``. Snapshots carry every column, as before."""
+    p, q = POOL[0], POOL[1]
+    c = SliceCounts(K, 60.0)
+    for i in range(120):
+        c.update(i % K, p, ood=i % 9 == 0, ood_p0=0.01, time=float(i))
+    assert c._kp is None and c._k0 is None and c._d is None
+    snap = c.snapshot()
+    assert snap["per_baseline"].tolist() == [[60], [60]]
+    assert snap["per_ood_p0"].tolist() == [[60], [60]]
+    assert snap["per_baseline"].dtype == snap["per_ood_p0"].dtype == np.int32
+    c.update(1, q, ood=False, ood_p0=0.02, time=130.0)  # a second baseline and rate
+    c.update(2, p, ood=None, ood_p0=None, time=131.0)  # a cluster without an OOD flag
+    c.update(None, None, ood=True, ood_p0=0.01, time=132.0)  # and a flag without a cluster
+    c.update(3, q, ood=None, ood_p0=None, time=133.0)
+    assert c._kp is not None and c._kp.shape[1] == 1 and c._k0 is not None and c._d is not None
+    snap = c.snapshot()
+    assert snap["per_baseline"].tolist() == [[60, 0], [60, 0], [1, 2]]
+    assert snap["per_ood_p0"].tolist() == [[60, 0], [60, 0], [1, 1]]
+    got = c.since(120.0)
+    assert (got.n, got.n_ood, got.ood) == (3, 2, 1)
+    np.testing.assert_allclose(got.expected, p + 2 * q)
+    assert math.isclose(got.ood_expected, 0.03)
+    back = SliceCounts.restore(unpack(pack(snap)))
+    assert pack(back.snapshot()) == pack(snap) and back.since(120.0) == got
+    usual = SliceCounts.restore(unpack(pack(SliceCounts.restore(
+        json.loads(json.dumps(plain(snap)))).snapshot())))
+    assert usual.since(None) == c.since(None)
+
+
+def test_turning_dense_at_a_new_rate_counts_the_event_once() -> None:
+    """An event whose new OOD rate turns the ring dense has had its cluster counted already:
+    the dense rows start from the columns without its flag, which is then added once."""
+    p = np.array([0.25, 0.75])
+    c = SliceCounts(2, 60.0)  # dense beyond 2·(K+1) = 6 columns
+    rates = [0.01 * (i + 1) for i in range(8)]
+    for i, r in enumerate(rates):
+        c.update(i % 2, p, ood=i % 3 == 0, ood_p0=r, time=float(i))
+    assert c._exp is not None
+    got = c.since(None)
+    assert (got.n, got.n_ood, got.ood, got.clusters) == (8, 8, 3, [4, 4])
+    np.testing.assert_allclose(got.expected, 8 * p)
+    assert math.isclose(got.ood_expected, sum(rates))
