@@ -63,7 +63,7 @@ from driftline.core.cusum import FloatArray, shared_float
 
 _HITS = 1  # counts rows start with ood_hits, then the clusters
 _EMPTY = np.iinfo(np.int64).min
-_I32 = np.iinfo(np.int32)
+_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 # The first arrival of a row whose events' arrival indices are not known (rows merged from
 # another worker, rows restored from a snapshot written before arrivals were recorded): taken
 # as before every event, so such a row never seeds a tally and its events since an onset are
@@ -110,6 +110,16 @@ def _columns(total: IntArray, stored: AnyIntArray | None, rows: Any, n_cols: int
         return first
     rest = stored[rows].astype(np.int64)
     return np.concatenate([first - rest.sum(axis=1, keepdims=True), rest], axis=1)
+
+
+def _sums(total: int, stored: AnyIntArray | None, rows: Any, n_cols: int) -> list[int]:
+    """:func:`_columns` summed over ``rows`` (``total``: theirs), as Python ints."""
+    if n_cols == 0:
+        return []
+    if stored is None:
+        return [total]
+    rest: list[int] = np.add.reduce(stored[rows], axis=0, dtype=np.int64).tolist()
+    return [total - sum(rest), *rest]
 
 
 def _narrow(a: AnyIntArray) -> AnyIntArray:
@@ -234,8 +244,8 @@ class SliceCounts:
         """Row ``row`` is bucket ``key``, first arrival ``index`` (widened to int64 if either
         does not fit in int32)."""
         kf = self._kf
-        if kf.dtype != np.int64 and not (_I32.min <= key <= _I32.max
-                                         and _I32.min <= index <= _I32.max):
+        if kf.itemsize == 4 and not (_I32_MIN <= key <= _I32_MAX
+                                     and _I32_MIN <= index <= _I32_MAX):
             kf = self._kf = kf.astype(np.int64)
         kf[row, 0] = key
         kf[row, 1] = index
@@ -255,18 +265,20 @@ class SliceCounts:
         (float64: exact for counts below 2**53)."""
         k = self.n_clusters
         out = np.zeros(3 + 2 * k + 1)
-        kp, k0 = self._per_baseline(rows), self._per_ood(rows)
-        out[0], out[1] = kp.sum(), k0.sum()
-        out[2 : 3 + k] = self._cnt[rows].sum(axis=0, dtype=np.int64)
+        hits = self._cnt[rows].sum(axis=0, dtype=np.int64)
+        out[2 : 3 + k] = hits
+        n = int(hits[_HITS:].sum())  # cluster events: the per-baseline columns' sum
+        n_ood = n + (0 if self._d is None else int(self._d[rows].sum(dtype=np.int64)))
+        out[0], out[1] = n, n_ood
         if self._exp is not None:
             keys = self._kf[:, 0].tolist()
             for r in sorted(rows, key=keys.__getitem__):  # time order: fixed sums
                 out[3 + k :] += self._exp[r]
             return out
-        for n, p in zip(kp.sum(axis=0, dtype=np.int64).tolist(), self._ps, strict=True):
-            out[3 + k : 3 + 2 * k] += n * p
-        out[-1] = math.fsum(n * p0 for n, p0 in zip(
-            k0.sum(axis=0, dtype=np.int64).tolist(), self._p0s, strict=True))
+        for m, p in zip(_sums(n, self._kp, rows, len(self._ps)), self._ps, strict=True):
+            out[3 + k : 3 + 2 * k] += m * p
+        out[-1] = math.fsum(m * p0 for m, p0 in zip(
+            _sums(n_ood, self._k0, rows, len(self._p0s)), self._p0s, strict=True))
         return out
 
     def _per_baseline(self, rows: Any) -> IntArray:
@@ -614,11 +626,10 @@ class SliceCounts:
         # a checkpoint reads every dirty slice's last hour for its gauges.
         add = np.add.reduce
         hits = add(self._cnt[rows], axis=0, dtype=np.int64).tolist()
-        rest = [] if self._kp is None else add(self._kp[rows], axis=0, dtype=np.int64).tolist()
-        per_p = [sum(hits[_HITS:]) - sum(rest), *rest] if self._ps else []
-        rest = [] if self._k0 is None else add(self._k0[rows], axis=0, dtype=np.int64).tolist()
+        n = sum(hits[_HITS:])
+        per_p = _sums(n, self._kp, rows, len(self._ps))
         d = 0 if self._d is None else int(add(self._d[rows], dtype=np.int64))
-        per_0 = [sum(hits[_HITS:]) + d - sum(rest), *rest] if self._p0s else []
+        per_0 = _sums(n + d, self._k0, rows, len(self._p0s))
         expected = np.zeros(self.n_clusters)
         for n, p in zip(per_p, self._ps, strict=True):
             expected += n * p
