@@ -13,8 +13,11 @@
    and the stage given four batches per call, which lets the embedder overlap decode and model.
 3. **Memory** of 10,000 live slices in the detect stage, fed through the stage's own apply path
    and ``new_slice`` factory, measured in a fresh subprocess (RSS delta and tracemalloc), just
-   created (a few updates each) and in steady state (every event-time count bucket filled); plus
-   each slice's checkpoint record in bytes of JSON.
+   created (a few updates each) and in steady state (every event-time count bucket filled),
+   without and with predictions (the prediction-mix and confidence detectors), and restored
+   from their checkpoint records as after a restart; plus each slice's checkpoint record in
+   bytes and a breakdown of a slice by component. Needs neither Kafka nor Redis: the stage's
+   consumer is a stand-in and nothing is checkpointed (``--parts 3`` starts no stack).
 
     .venv/bin/python benchmarks/pipeline_throughput.py            # full sizes, a few minutes
     .venv/bin/python benchmarks/pipeline_throughput.py --quick    # small sizes, < 2 min
@@ -33,6 +36,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import platform
 import pstats
 import statistics
@@ -42,25 +46,30 @@ import tempfile
 import threading
 import time
 import tracemalloc
+import types
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
+from unittest import mock
 
 import numpy as np
 import redis
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry
 
+from driftline import runner
 from driftline.config import Settings
-from driftline.consumers.checkpoint import encode_record, encode_summary
+from driftline.consumers.checkpoint import decode_record, encode_record, encode_summary
 from driftline.consumers.detect_stage import (
     MAX_POLL_RECORDS,
     POLL_TIMEOUT_MS,
     DetectStage,
     PartitionState,
+    SliceEntry,
     _summary,
     parse_update,
 )
@@ -80,6 +89,8 @@ from driftline.schema import Event, SliceUpdate, slice_id
 RESULTS = Path(__file__).parent / "results" / "pipeline_throughput.md"
 TEMPLATES = ("station", "station+shift", "shift", "lot")
 SHIFTS = ("A", "B", "C")
+# the synthetic model's labels: cluster c predicts PRED_LABELS[c % 6] nine times in ten
+PRED_LABELS = ("ok", "scratch", "dent", "stain", "crack", "chip")
 T0 = datetime(2026, 11, 2, 6, 0, tzinfo=UTC)
 PARTITIONS = 4
 DETECT_TARGET, EMBED_TARGET, MEMORY_TARGET_MB = 0.8, 0.9, 100.0
@@ -143,9 +154,12 @@ def note(text: str) -> None:
 
 
 # --- synthetic reference and slice-updates ---------------------------------------------------
-def synthetic_reference(out_dir: Path, dim: int = 12, k: int = 8, n: int = 2400) -> Reference:
-    """Precomputed-embedding reference: three stations with their own cluster mixes."""
+def synthetic_reference(out_dir: Path, dim: int = 12, k: int = 8, n: int = 2400,
+                        predictions: bool = False) -> Reference:
+    """Precomputed-embedding reference: three stations with their own cluster mixes (and, with
+    ``predictions``, each event's predicted label and score)."""
     rng = np.random.default_rng(11)
+    preds = np.random.default_rng(12)  # its own stream: the same clusters either way
     centres = rng.normal(size=(k, dim))
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     mixes = rng.dirichlet(np.full(k, 3.0), size=3)
@@ -154,11 +168,18 @@ def synthetic_reference(out_dir: Path, dim: int = 12, k: int = 8, n: int = 2400)
         station = i % 3
         c = int(rng.choice(k, p=mixes[station]))
         vec = centres[c] + 0.12 * rng.normal(size=dim)
+        extra = {"prediction": _prediction(preds, c)} if predictions else {}
         events.append(Event.model_validate({
             "event_id": f"ref-{i}", "ts": (T0 - timedelta(days=1, seconds=-3 * i)).isoformat(),
             "station": f"s{station + 1}", "shift": SHIFTS[(i // 150) % 3], "lot": "ref",
-            "embedding": vec.tolist()}))
+            "embedding": vec.tolist(), **extra}))
     return build_reference(events, None, out_dir, k=k, min_count=150)
+
+
+def _prediction(rng: np.random.Generator, cluster: int) -> dict[str, Any]:
+    label = (PRED_LABELS[cluster % len(PRED_LABELS)] if rng.random() < 0.9
+             else PRED_LABELS[int(rng.integers(len(PRED_LABELS)))])
+    return {"label": label, "score": round(float(rng.random()), 4)}
 
 
 class Draw:
@@ -852,9 +873,10 @@ def embed_part(stack: Any, work: Path, sizes: Sizes, threads: int,
 
 # --- 3. memory of live slices -----------------------------------------------------------------
 def memory_updates(ref: Reference, n_slices: int, per_slice: int, spacing_s: float,
-                   seed: int = 9) -> list[tuple[int, bytes]]:
+                   seed: int = 9, predictions: bool = False) -> list[tuple[int, bytes]]:
     """(input partition, SliceUpdate JSON): ``per_slice`` updates for each of ``n_slices``
-    slices (1/25 stations, 3/25 station×shift, 3 shifts, the rest lots), round-robin in time."""
+    slices (1/25 stations, 3/25 station×shift, 3 shifts, the rest lots), round-robin in time;
+    with ``predictions`` each carries its model's predicted label and score."""
     n_st = max(1, n_slices // 25)
     specs = [("station", {"station": f"s{i + 1}", "shift": SHIFTS[i % 3], "lot": "x"})
              for i in range(n_st)]
@@ -865,16 +887,19 @@ def memory_updates(ref: Reference, n_slices: int, per_slice: int, spacing_s: flo
                        "lot": f"L{i:06d}"}) for i in range(max(0, n_slices - len(specs)))]
     specs = specs[:n_slices]
     draw = Draw(ref, seed)
+    preds = np.random.default_rng(seed + 1)  # its own stream: the same clusters either way
     out = []
     for u in range(per_slice):
         ts = T0 + timedelta(seconds=u * spacing_s)
         for j, (template, dims) in enumerate(specs):
             baseline, cluster, distance, ood = draw(dims["station"], dims["shift"])
             sid = slice_id(template, dims)
-            upd = SliceUpdate(slice_id=sid, template=template, event_id=f"m{j}-{u}", ts=ts,
-                              source_partition=j % 2, source_offset=u, baseline=baseline,
-                              cluster=cluster, distance=distance, ood=ood, model_version="v1",
-                              **dims)
+            extra = {"prediction": _prediction(preds, cluster)} if predictions else {}
+            upd = SliceUpdate.model_validate({
+                "slice_id": sid, "template": template, "event_id": f"m{j}-{u}", "ts": ts,
+                "source_partition": j % 2, "source_offset": u, "baseline": baseline,
+                "cluster": cluster, "distance": distance, "ood": ood, "model_version": "v1",
+                **dims, **extra})
             out.append((j % PARTITIONS, upd.model_dump_json().encode()))
     return out
 
@@ -886,26 +911,127 @@ def _rss_bytes() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run in a fresh process: build the stage, feed it, report what the slices cost."""
-    ref = load_reference(Path(spec["reference"]))
-    settings = Settings(kafka_bootstrap=spec["bootstrap"], redis_url=spec["redis_url"],
-                        reference_dir=Path(spec["reference"]), detect_group="memory")
-    stage = build_detect_stage(settings, CollectorRegistry(), ref)
+class _NoConsumer:
+    """The memory part's stand-in for the stage's Kafka consumer: it measures slices, which
+    ``apply_batch`` and ``restore_slice`` build without one."""
+
+    def close(self, autocommit: bool = False) -> None:
+        pass
+
+
+def memory_stage(ref_dir: Path) -> tuple[Reference, DetectStage]:
+    """The stage ``runner.build_detect_stage`` builds (its ``new_slice`` and ``restore_slice``
+    factories, its settings' defaults), with a stand-in consumer: no Kafka, and no Redis call
+    (``CheckpointStore`` connects on first use, never made here)."""
+    ref = load_reference(ref_dir)
+    settings = Settings(reference_dir=ref_dir, detect_group="memory")
+    with mock.patch.object(runner, "make_consumer", lambda *a, **k: _NoConsumer()):
+        stage = build_detect_stage(settings, CollectorRegistry(), ref)
     stage.parts = {p: PartitionState(epoch=1, next_offset=None, slices={})
                    for p in range(PARTITIONS)}
-    values = memory_updates(ref, spec["slices"], spec["per_slice"], spec["spacing_s"])
+    return ref, stage
+
+
+_WALK_STOP = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
+              types.MethodType)
+
+
+def _reach(root: Any, skip: set[int]) -> dict[int, Any]:
+    """Every object reachable from ``root`` (slots included; numpy arrays and their bases,
+    not their elements), but those in ``skip``, classes, functions and modules."""
+    seen: dict[int, Any] = {}
+    todo = [root]
+    while todo:
+        o = todo.pop()
+        if (id(o) in seen or id(o) in skip or o is None or isinstance(o, bool)
+                or isinstance(o, _WALK_STOP)):
+            continue
+        seen[id(o)] = o
+        if isinstance(o, np.ndarray):
+            if o.base is not None:
+                todo.append(o.base)
+            continue
+        todo.extend(gc.get_referents(o))
+        for cls in type(o).__mro__:
+            for slot in getattr(cls, "__slots__", ()):
+                if slot not in ("__dict__", "__weakref__") and hasattr(o, slot):
+                    todo.append(getattr(o, slot))
+    return seen
+
+
+def slice_components(entries: list[SliceEntry], shared: list[Any]) -> dict[str, float]:
+    """Mean bytes per slice by component: ``sys.getsizeof`` of the objects that only this
+    slice holds (objects reached from two slices, or from ``shared``, are the worker's, not a
+    slice's), each counted in the first component that reaches it."""
+    skip: set[int] = set()
+    for obj in shared:
+        skip |= _reach(obj, set()).keys()
+    reached = [_reach(e, skip) for e in entries]
+    holders: dict[int, int] = {}
+    for r in reached:
+        for i in r:
+            holders[i] = holders.get(i, 0) + 1
+    out: dict[str, float] = {}
+    for e in entries:
+        m: Any = e.model
+        parts: list[tuple[str, Any]] = [
+            (f"CUSUM bank: {name}", d) for name, d in m.det.detectors.items()]
+        parts += [("count ring (SliceCounts)", m.det.counts), ("exemplar ring", m.exemplars),
+                  ("SliceDetectors, the rest", m.det), ("SliceState, the rest", m),
+                  ("SliceEntry, slice id, applied offsets", e)]
+        taken: set[int] = set()
+        for name, root in parts:
+            if root is None:
+                continue
+            got = [o for i, o in _reach(root, skip | taken).items() if holders.get(i) == 1]
+            taken |= {id(o) for o in got}
+            out[name] = out.get(name, 0.0) + sum(sys.getsizeof(o) for o in got) / len(entries)
+    return out
+
+
+def _feed(stage: DetectStage, values: list[tuple[int, bytes]], now_ms: int) -> None:
+    for offset, (p, value) in enumerate(values):
+        stage.apply_batch(p, [Msg("m", p, offset, None, value, now_ms)])
+
+
+def _restore_all(stage: DetectStage, records: dict[int, dict[str, bytes]]) -> None:
+    """As ``DetectStage`` loads a claimed partition: every record decoded and restored."""
+    for p, recs in records.items():
+        slices = stage.parts[p].slices
+        for sid, raw in recs.items():
+            rec = decode_record(raw)
+            slices[sid] = SliceEntry(stage.restore_slice(rec["state"]),
+                                     {int(src): o for src, o in rec["applied"].items()})
+
+
+def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run in a fresh process: build the stage, feed it (or restore its slices from a fed
+    run's checkpoint records), report what the slices cost."""
+    ref, stage = memory_stage(Path(spec["reference"]))
     now_ms = int(time.time() * 1000)
-    stage.apply_batch(0, [Msg("m", 0, 0, None, values[0][1], now_ms)])  # first-call costs
-    first = next(iter(stage.parts[0].slices))
-    stage.parts[0].slices.pop(first)
+    restoring = spec.get("restore_from")
+    records: dict[int, dict[str, bytes]] = {}
+    values: list[tuple[int, bytes]] = []
+    if restoring:  # held from before the baseline, as the fed runs' input messages are
+        records = pickle.loads(Path(restoring).read_bytes())  # noqa: S301 - our own file
+        first_p = next(p for p, recs in records.items() if recs)
+        first_sid = next(iter(records[first_p]))
+        _restore_all(stage, {first_p: {first_sid: records[first_p][first_sid]}})
+        stage.parts[first_p].slices.pop(first_sid)  # first-call costs
+    else:
+        values = memory_updates(ref, spec["slices"], spec["per_slice"], spec["spacing_s"],
+                                predictions=spec.get("predictions", False))
+        stage.apply_batch(0, [Msg("m", 0, 0, None, values[0][1], now_ms)])  # first-call costs
+        stage.parts[0].slices.pop(next(iter(stage.parts[0].slices)))
     gc.collect()
     if spec["tracemalloc"]:
         tracemalloc.start()
     rss0 = _rss_bytes()
     t = time.perf_counter()
-    for offset, (p, value) in enumerate(values):
-        stage.apply_batch(p, [Msg("m", p, offset, None, value, now_ms)])
+    if restoring:
+        _restore_all(stage, records)
+    else:
+        _feed(stage, values, now_ms)
     feed_s = time.perf_counter() - t
     for part in stage.parts.values():  # as after a checkpoint
         part.dirty.clear()
@@ -924,6 +1050,8 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
             where = frame.filename.replace(root, "").split("site-packages" + os.sep)[-1]
             sites.append((f"{where}:{frame.lineno}", int(stat.size)))
     entries = [e for part in stage.parts.values() for e in part.slices.values()]
+    components = (slice_components(entries, [entries[0].model.baselines])  # type: ignore[attr-defined]
+                  if spec["tracemalloc"] else {})
     t = time.thread_time()
     sizes = [len(encode_record({"state": e.model.snapshot(), "applied": e.applied}))
              for e in entries]
@@ -935,6 +1063,10 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
         parts["counts"].append(len(pack(state["detectors"]["counts"])))
         parts["detectors"].append(len(pack(state["detectors"]["detectors"])))
         parts["exemplars"].append(len(pack(state["exemplars"])))
+    if spec.get("save_to"):  # the checkpoint records a restored case starts from
+        Path(spec["save_to"]).write_bytes(pickle.dumps({
+            p: {sid: encode_record({"state": e.model.snapshot(), "applied": e.applied})
+                for sid, e in part.slices.items()} for p, part in stage.parts.items()}))
     counts = entries[0].model.det.counts  # type: ignore[attr-defined]
     stage.consumer.close(autocommit=False)
     return {"slices": len(entries), "updates": len(values), "rss_delta": rss1 - rss0,
@@ -942,9 +1074,10 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
             "snapshot_mean": float(np.mean(sizes)), "snapshot_median": float(np.median(sizes)),
             "snapshot_max": int(max(sizes)), "snapshot_total": int(sum(sizes)),
             "summary_mean": float(np.mean(summaries)), "sites": sites,
-            "checkpoint_cpu_us": checkpoint_cpu_us,
+            "components": components, "checkpoint_cpu_us": checkpoint_cpu_us,
             "parts": {k: float(np.mean(v)) for k, v in parts.items()},
-            "buckets": len(counts.bucket_keys()) if counts is not None else 0}
+            "buckets": len(counts.bucket_keys()) if counts is not None else 0,
+            "detectors": sorted(entries[0].model.det.detectors)}  # type: ignore[attr-defined]
 
 
 def run_memory_child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -957,92 +1090,143 @@ def run_memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def memory_part(stack: Any, work: Path, sizes: Sizes, report: list[str]) -> dict[str, Any]:
-    ref_dir = work / "reference"
-    if not ref_dir.exists():
-        synthetic_reference(ref_dir)
-    base = {"bootstrap": stack.kafka_bootstrap, "redis_url": stack.redis_url,
-            "reference": str(ref_dir)}
+@dataclass(frozen=True)
+class MemoryCase:
+    label: str
+    kind: str  # "fresh" or "steady" (Sizes.mem_traced)
+    slices: int
+    per_slice: int
+    spacing_s: float
+    predictions: bool = False
+    restored: bool = False  # restored from the checkpoint records of the case before it
+
+
+def memory_part(work: Path, sizes: Sizes, report: list[str]) -> dict[str, Any]:
+    refs = {False: work / "reference", True: work / "reference-predictions"}
+    for predictions, ref_dir in refs.items():
+        if not ref_dir.exists():
+            synthetic_reference(ref_dir, predictions=predictions)
+    def steady(label: str, predictions: bool = False, restored: bool = False) -> MemoryCase:
+        return MemoryCase(label, "steady", sizes.mem_steady_slices, sizes.mem_steady_updates,
+                          300.0, predictions, restored)
+
     cases = {
-        "fresh": dict(slices=sizes.mem_slices, per_slice=sizes.mem_fresh_updates,
-                      spacing_s=2.0),
-        "steady": dict(slices=sizes.mem_steady_slices, per_slice=sizes.mem_steady_updates,
-                       spacing_s=300.0),
+        "fresh": MemoryCase("fresh", "fresh", sizes.mem_slices, sizes.mem_fresh_updates, 2.0),
+        "steady": steady("steady"),
+        "steady+pred": steady("steady, with predictions", predictions=True),
+        "restored+pred": steady("restored, with predictions", predictions=True, restored=True),
     }
     results: dict[str, dict[str, Any]] = {}
-    for case, spec in cases.items():
+    for case, c in cases.items():
         for traced in (False, True):
-            if traced and case not in sizes.mem_traced:
+            if traced and c.kind not in sizes.mem_traced:
                 continue
-            n = spec["slices"] if not traced else min(spec["slices"], 2_000)
-            note(f"memory: {case}, {n} slices × {spec['per_slice']} updates, "
+            n = c.slices if not traced else min(c.slices, 2_000)
+            records = work / f"records-{n}.pkl"
+            note(f"memory: {c.label}, {n} slices × {c.per_slice} updates, "
                  f"{'tracemalloc' if traced else 'RSS'}")
-            results[f"{case}{'-traced' if traced else ''}"] = run_memory_child(
-                {**base, **spec, "slices": n, "tracemalloc": traced})
+            spec = {"reference": str(refs[c.predictions]), "slices": n,
+                    "per_slice": c.per_slice, "spacing_s": c.spacing_s,
+                    "predictions": c.predictions, "tracemalloc": traced}
+            if c.restored:
+                spec["restore_from"] = str(records)
+            elif c.predictions:
+                spec["save_to"] = str(records)
+            results[f"{case}{'-traced' if traced else ''}"] = run_memory_child(spec)
     target_n = sizes.mem_slices
     mb = 1e6
 
     def at_target(r: dict[str, Any], key: str) -> float:
         return float(r[key]) / float(r["slices"]) * target_n / mb
 
-    fresh, steady = results["fresh"], results["steady"]
-    worst = max(at_target(fresh, "rss_delta"), at_target(steady, "rss_delta"))
+    figures = {case: at_target(results[case], "rss_delta") for case in cases}
+    worst = max(figures.values())
     rows = []
     for key, r in results.items():
-        case = key.split("-")[0]
-        per = cases[case]
+        c = cases[key.split("-")[0]]
         value = r["traced"] if r["traced"] is not None else r["rss_delta"]
         what = "tracemalloc (Python + numpy heap)" if r["traced"] is not None else "RSS delta"
+        how = (f"{c.per_slice} updates/slice, {c.spacing_s:.0f} s apart" if not c.restored
+               else "from the records of the run above")
         rows.append(
-            f"| {case}: {per['per_slice']} updates/slice, {per['spacing_s']:.0f} s apart "
-            f"({r['buckets']} count buckets) | {r['slices']:,} | {what} | "
+            f"| {c.label}: {how} ({r['buckets']} count buckets) | {r['slices']:,} | {what} | "
             f"{value / r['slices'] / 1e3:.2f} | **{value / r['slices'] * target_n / mb:.1f}** |")
+    fresh, steady_r = results["fresh"], results["steady"]
     report += [
         "## 3. Detect-stage memory for live slices", "",
-        "Slices created by the stage's own `new_slice` factory (`runner.build_detect_stage`) "
+        "Slices created by the stage's own `new_slice` factory (`runner.build_detect_stage`, "
+        "with a stand-in consumer: no Kafka or Redis is used) "
         "through `DetectStage.apply_batch` (parse, dedupe by source offset, "
         "`SliceState.update`), in a fresh subprocess; RSS (`/proc/self/status`) and "
         "tracemalloc measured after a "
         "`gc.collect()` with dirty sets cleared as a checkpoint would. Slices: 1/25 stations, "
         "3/25 station×shift, 3 shifts, the rest lots. *Steady* feeds each slice over more than "
         "4 h of event time so every one of its 48 event-time count buckets (5 min) is filled — "
-        "the size a slice keeps for as long as it lives.", "",
+        "the size a slice keeps for as long as it lives. *With predictions* every update "
+        "carries its model's predicted label and score, against a reference built with them "
+        f"({len(PRED_LABELS)} labels): each slice also runs the prediction-mix and confidence "
+        f"detectors ({', '.join(results['steady+pred']['detectors'])}). *Restored*: the same "
+        "slices in a new process, decoded from their checkpoint records and restored by the "
+        "stage's `restore_slice` as after a restart or a rebalance, before their next event.",
+        "",
         f"| case | slices measured | measure | kB/slice | MB at {target_n:,} slices |",
         "|---|---|---|---|---|", *rows, "",
         f"Whole process RSS with {fresh['slices']:,} fresh slices: {fresh['rss'] / mb:.0f} MB, "
-        f"with {steady['slices']:,} steady slices: {steady['rss'] / mb:.0f} MB — interpreter, "
-        "numpy, faiss, pydantic, kafka-python, the reference, and this test's own "
-        f"pre-generated input messages ({fresh['updates']:,} and {steady['updates']:,} "
+        f"with {steady_r['slices']:,} steady slices: {steady_r['rss'] / mb:.0f} MB — "
+        "interpreter, numpy, faiss, pydantic, kafka-python, the reference, and this test's own "
+        f"pre-generated input messages ({fresh['updates']:,} and {steady_r['updates']:,} "
         "JSON values, held from before the baseline), which the deltas exclude.", "",
-        f"**{target_n:,} live slices: {at_target(fresh, 'rss_delta'):.0f} MB fresh, "
-        f"{at_target(steady, 'rss_delta'):.0f} MB in steady state** — target < "
-        f"{MEMORY_TARGET_MB:.0f} MB: **{'met' if worst < MEMORY_TARGET_MB else 'NOT met'}**"
-        f"{'' if worst < MEMORY_TARGET_MB else ' in steady state'}.", "",
+        f"**{target_n:,} live slices: {figures['fresh']:.0f} MB fresh, "
+        f"{figures['steady']:.0f} MB in steady state, {figures['steady+pred']:.0f} MB with "
+        f"predictions, {figures['restored+pred']:.0f} MB restored with predictions** — target "
+        f"< {MEMORY_TARGET_MB:.0f} MB: **{'met' if worst < MEMORY_TARGET_MB else 'NOT met'}**.",
+        "",
         "Checkpoint record per slice (`encode_record({'state': snapshot, 'applied': …})`: JSON "
         "header plus raw arrays, what `CheckpointStore.commit` writes to the partition's Redis "
         "hash; the parts are each packed alone):", "",
         "| case | mean B | median B | max B | of which counts / detectors / exemplars, B | "
         "all slices, MB | summary JSON mean B | checkpoint CPU µs/slice |",
         "|---|---|---|---|---|---|---|---|",
-        *[f"| {case} | {r['snapshot_mean']:,.0f} | {r['snapshot_median']:,.0f} | "
+        *[f"| {cases[case].label} | {r['snapshot_mean']:,.0f} | {r['snapshot_median']:,.0f} | "
           f"{r['snapshot_max']:,} | {r['parts']['counts']:,.0f} / "
           f"{r['parts']['detectors']:,.0f} / {r['parts']['exemplars']:,.0f} | "
           f"{r['snapshot_mean'] * target_n / mb:.1f} at {target_n:,} | "
           f"{r['summary_mean']:,.0f} | {r['checkpoint_cpu_us']:,.0f} |"
-          for case, r in (("fresh", fresh), ("steady", steady))], ""]
-    for key in ("steady-traced", "fresh-traced"):
+          for case, r in results.items() if "-" not in case and not cases[case].restored], ""]
+    traced_cases = [key for key in results if key.endswith("-traced")]
+    if traced_cases:
+        names = sorted({name for key in traced_cases for name in results[key]["components"]},
+                       key=lambda n: -max(results[k]["components"].get(n, 0.0)
+                                          for k in traced_cases))
+        report += [
+            "A slice by component (`sys.getsizeof` of the objects only that slice holds — "
+            "objects two slices share, such as baselines, increment tables and interned "
+            "strings, are the worker's —, mean bytes per slice, tracemalloc runs):", "",
+            f"| component | {' | '.join(cases[k.split('-')[0]].label for k in traced_cases)} |",
+            f"|---|{'---|' * len(traced_cases)}",
+            *[f"| {name} | " + " | ".join(
+                f"{results[k]['components'].get(name, 0.0):,.0f}" for k in traced_cases) + " |"
+              for name in names],
+            "| **all** | " + " | ".join(
+                f"**{sum(results[k]['components'].values()):,.0f}**" for k in traced_cases)
+            + " |", ""]
+    for key in ("steady+pred-traced", "steady-traced", "fresh-traced"):
         got = results.get(key)
         if got is None:
             continue
-        report += [f"Top allocation sites, {key.split('-')[0]} ({got['slices']:,} slices, "
-                   "tracemalloc, bytes per slice):", "", "| site | B/slice |", "|---|---|",
+        report += [f"Top allocation sites, {cases[key.split('-')[0]].label} "
+                   f"({got['slices']:,} slices, tracemalloc, bytes per slice):", "",
+                   "| site | B/slice |", "|---|---|",
                    *[f"| `{where}` | {size / got['slices']:,.0f} |"
                      for where, size in got["sites"]], ""]
-    if any(key.endswith("-traced") for key in results):
+    if traced_cases:
         report += ["(`detect_stage.py` lines in `parse_update` are the strings parsed from the "
-                   "records that live on: slice ids and the exemplars' event ids.)", ""]
-    return {"results": results, "fresh_mb": at_target(fresh, "rss_delta"),
-            "steady_mb": at_target(steady, "rss_delta")}
+                   "records that live on: slice ids and the exemplars' event ids. A line's "
+                   "figure is where its blocks were first allocated: numpy reuses freed "
+                   "array-shape blocks, so small ones show at the site of an earlier array.)",
+                   ""]
+    return {"results": results, "fresh_mb": figures["fresh"], "steady_mb": figures["steady"],
+            "predictions_mb": figures["steady+pred"], "restored_mb": figures["restored+pred"]}
 
 
 # --- main -------------------------------------------------------------------------------------
@@ -1095,12 +1279,15 @@ def main() -> None:
     cmd = " ".join([".venv/bin/python", "benchmarks/pipeline_throughput.py", *sys.argv[1:]])
     body: list[str] = []
     summary: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="driftline-bench.") as tmp, \
-            start_stack(services=("kafka", "redis")) as stack:
-        work = Path(tmp)
-        note(f"stack: Kafka {stack.kafka_version} at {stack.kafka_bootstrap}, "
-             f"Redis {stack.redis_version} at {stack.redis_url}")
-        versions = f"Kafka {stack.kafka_version}, Redis {stack.redis_version}"
+    with ExitStack() as exits:
+        work = Path(exits.enter_context(tempfile.TemporaryDirectory(prefix="driftline-bench.")))
+        stack: Any = None
+        versions = "no Kafka or Redis (part 3 uses neither)"
+        if {1, 2} & set(args.parts):
+            stack = exits.enter_context(start_stack(services=("kafka", "redis")))
+            note(f"stack: Kafka {stack.kafka_version} at {stack.kafka_bootstrap}, "
+                 f"Redis {stack.redis_version} at {stack.redis_url}")
+            versions = f"Kafka {stack.kafka_version}, Redis {stack.redis_version}"
         if 1 in args.parts:
             d = detect_part(stack, work, sizes, body)
             verdict = "met" if d["ratio"] >= DETECT_TARGET else "NOT met"
@@ -1120,11 +1307,13 @@ def main() -> None:
                            f"{e['med']['bare']:.1f} img/s; paired {e['paired']['stage']:.2f}, "
                            f"CPU {e['cpu']['bare'] / e['cpu']['stage']:.2f} |")
         if 3 in args.parts:
-            m = memory_part(stack, work, sizes, body)
-            worst = max(m["fresh_mb"], m["steady_mb"])
+            m = memory_part(work, sizes, body)
+            worst = max(m["fresh_mb"], m["steady_mb"], m["predictions_mb"], m["restored_mb"])
             summary.append(f"| memory, {sizes.mem_slices:,} live slices | {m['fresh_mb']:.0f} MB "
-                           f"fresh, {m['steady_mb']:.0f} MB steady | < {MEMORY_TARGET_MB:.0f} MB"
-                           f" | {'met' if worst < MEMORY_TARGET_MB else 'NOT met'} | RSS delta |")
+                           f"fresh, {m['steady_mb']:.0f} MB steady, {m['predictions_mb']:.0f} MB "
+                           f"steady with predictions, {m['restored_mb']:.0f} MB restored | < "
+                           f"{MEMORY_TARGET_MB:.0f} MB | "
+                           f"{'met' if worst < MEMORY_TARGET_MB else 'NOT met'} | RSS delta |")
     runtime = time.perf_counter() - started
     head = [
         "# Pipeline throughput and memory", "",
