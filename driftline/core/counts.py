@@ -122,6 +122,19 @@ def _sums(total: int, stored: AnyIntArray | None, rows: Any, n_cols: int) -> lis
     return [total - sum(rest), *rest]
 
 
+def _snapshot_columns(total: AnyIntArray, stored: AnyIntArray | None, u: int,
+                      n_cols: int) -> AnyIntArray:
+    """:func:`_columns` of the first ``u`` rows as a snapshot stores them (int32)."""
+    if n_cols == 0:
+        return np.zeros((u, 0), np.int32)
+    first = total.reshape(u, 1)
+    if stored is None:
+        return first
+    rest = stored[:u]
+    return np.concatenate([first - rest.sum(axis=1, keepdims=True, dtype=np.int32), rest],
+                          axis=1)
+
+
 def _narrow(a: AnyIntArray) -> AnyIntArray:
     """A copy of ``a`` as int32 if its values fit (a checkpoint record stores it raw: half the
     bytes of a slice's ring of first arrivals until it has seen 2**31 events), else int64."""
@@ -706,19 +719,23 @@ class SliceCounts:
         """State as JSON-ready scalars and numpy arrays (see :mod:`driftline.core.snapshot`)."""
         u = self._used
         tal = self._tal
+        # int32 as stored before the first columns were derived: the same sums, the same bits
+        n = np.add.reduce(self._cnt[:u, _HITS:], axis=1, dtype=np.int32)
+        dense = self._exp is not None
         return {
             "version": SNAPSHOT_VERSION,
             "n_clusters": self.n_clusters,
             "bucket_seconds": self.bucket_seconds,
             "max_buckets": self.max_buckets,
             "keys": self._kf[:u, 0].astype(np.int64),
-            "first_arrival": _narrow(self._first[:u]),
+            "first_arrival": _narrow(self._kf[:u, 1]),
             "counts": self._cnt[:u].copy(),
             "baselines": (np.array(self._ps, np.float64) if self._ps
                           else np.zeros((0, self.n_clusters))),
             "ood_p0": list(self._p0s),
-            "per_baseline": self._per_baseline(slice(0, u)).astype(np.int32),
-            "per_ood_p0": self._per_ood(slice(0, u)).astype(np.int32),
+            "per_baseline": _snapshot_columns(n, self._kp, u, 1 if dense else len(self._ps)),
+            "per_ood_p0": _snapshot_columns(n if self._d is None else n + self._d[:u], self._k0,
+                                            u, 1 if dense else len(self._p0s)),
             "expected": None if self._exp is None else self._exp[:u].copy(),
             "dropped": None if self._dropped is None else self._dropped.copy(),
             "dropped_until": self._dropped_until,
