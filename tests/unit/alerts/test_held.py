@@ -252,11 +252,7 @@ def test_held_incidents_count_apart_from_open_ones() -> None:
 
 
 def test_a_stored_incident_without_held_loads_as_paged() -> None:
-    g = Grouper([], {k: SliceStatus.from_summary(k, v) for k, v in fleet().items()}, now=NOW,
-                new_id=lambda: "DL-000001", signatures=dict)
-    g.apply(alarm("station=press-3", 1.0))
-    g.finish()
-    (inc,) = g.incidents.values()
+    _, (inc,) = _paged_alone("station=press-3")
     inc.held = True
     old = json.loads(inc.model_dump_json())
     del old["held"]
