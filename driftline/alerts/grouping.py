@@ -29,10 +29,11 @@ summary; the book stores what it marks dirty, in one transaction with the outbox
   change, as it stands) once the plan is *stable* behind it — at every :meth:`Grouper.finish`
   some plan root with readable cells was among its slices, while such a root counted
   ``stable_events`` more events (a finish that names no root in it starts the count again:
-  hysteresis) — or after ``hold_max_s`` of event time. An incident an alarm opens pages at
+  hysteresis) — or after ``hold_max_s`` of event time (of wall time if no event comes; a
+  clear due after that pages it before it resolves). An incident an alarm opens pages at
   once (something changed, and on-call should know), as do moves into incidents (joins,
-  merges). A held incident merged away was never paged; one that takes over a paged incident
-  pages at once.
+  merges). A held incident merged away (or cleared in time) was never paged; one that takes
+  over a paged incident pages at once.
 * A new incident links to resolved ones with the same root template whose signature (cluster
   gain/loss vector and OOD excess) has cosine similarity ≥ ``recurrence_similarity``.
 """
@@ -223,7 +224,9 @@ class Grouper:
                 why = f"the plan stood behind it for {self.policy.stable_events} events"
             elif inc.id in self._took_over:
                 why = f"it took over {self._took_over[inc.id]}, already paged"
-            elif (why := self._expired(inc, clock) or "") == "":
+            elif (expired := self._expired(inc, clock)) is not None:
+                why = expired
+            else:
                 continue
             self._page(inc, clock, why)
 
