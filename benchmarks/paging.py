@@ -23,58 +23,36 @@ into the root's incident), in seconds of event time.
 from __future__ import annotations
 
 import argparse
-import gzip
-import itertools
-import json
 import os
 import platform
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from driftline.alerts.attribution import SliceStatus
-from driftline.alerts.grouping import BookPolicy, Grouper
+from driftline.alerts.grouping import BookPolicy
 from driftline.alerts.model import Incident, utc
+from driftline.demo.replay import load_dump, replay_batches
 
 DATA = Path(__file__).parent.parent / "tests" / "unit" / "alerts" / "data"
 DUMPS = [DATA / "demo_outbox_cooccurrence_1.json.gz", DATA / "demo_outbox_cooccurrence_2.json.gz"]
-NOW = datetime(2026, 11, 16, 8, tzinfo=UTC)
-
-
-def load(path: Path) -> tuple[list[dict[str, Any]], dict[str, SliceStatus]]:
-    """The outbox messages in order and the slice summary of a demo dump."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as f:
-        data = json.load(f)
-    summary = {k: SliceStatus.from_summary(k, v) for k, v in data["summary"].items()}
-    out = data["outbox"]  # the demo's dump: {"id", "alarm"}; the test data: [id, alarm]
-    return [e["alarm"] if isinstance(e, dict) else e[1] for e in out], summary
 
 
 def replay(path: Path, batch: int, policy: BookPolicy) -> tuple[int, dict[str, float | None]]:
     """Pages routed, and per final root its first page's delay after its first alarm (s)."""
-    out, summary = load(path)
-    ids = itertools.count(1)
-    incidents: dict[str, Incident] = {}
     first_alarm: dict[str, datetime] = {}
     pages: list[tuple[datetime, set[str], str]] = []
     clock: datetime | None = None
-    for k in range(0, len(out), batch):
-        g = Grouper(list(incidents.values()), summary, now=NOW, signatures=dict,
-                    new_id=lambda: f"DL-{next(ids):06d}", policy=policy)
-        for m in out[k:k + batch]:
+    incidents: dict[str, Incident] = {}
+    for g, chunk in replay_batches(*load_dump(path), batch, policy):
+        for m in chunk:
             if isinstance(m.get("time"), int | float):
                 t = utc(m["time"])
                 clock = t if clock is None or t > clock else clock
                 if m.get("kind") == "alarm":
                     first_alarm.setdefault(m["slice_id"], t)
-            g.apply(m)
-        g.finish()
         assert clock is not None
         pages += [(clock, set(g.incidents[c.incident_id].slices), c.incident_id)
                   for c in g.changes if c.routed and c.action in ("opened", "paged")]
-        incidents = {i: Incident.model_validate_json(x.model_dump_json())
-                     for i, x in g.incidents.items()}
+        incidents = g.incidents
 
     def final(i: str) -> str:
         while (nxt := incidents[i].merged_into) is not None:

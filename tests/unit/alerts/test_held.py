@@ -4,23 +4,20 @@ until the plan has stood behind it for ``stable_events`` events, or until it has
 
 from __future__ import annotations
 
-import gzip
 import itertools
 import json
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from driftline.alerts.attribution import SliceStatus
-from driftline.alerts.changes import Change
 from driftline.alerts.cooccurrence import Plan
 from driftline.alerts.grouping import BookPolicy, Grouper
 from driftline.alerts.model import Incident
 from driftline.alerts.routing import AlertMetrics
 from tests.unit.alerts.synthetic import alarm, clear, fleet
-from tests.unit.alerts.test_replay_demo import COOCCURRENCE_DATA, EXPECTED
+from tests.unit.alerts.test_replay_demo import COOCCURRENCE_DATA, EXPECTED, replay
 
 NOW = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
 PAGES = ("opened", "paged")
@@ -31,32 +28,9 @@ PAGES = ("opened", "paged")
 ALLOWANCE = {1: 3, 20: 1}
 
 
-def replay(batch: int, policy: BookPolicy | None = None
-           ) -> tuple[dict[str, Incident], list[Change]]:
-    with gzip.open(COOCCURRENCE_DATA[0], "rt") as f:
-        data: dict[str, Any] = json.load(f)
-    summary = {k: SliceStatus.from_summary(k, v) for k, v in data["summary"].items()}
-    ids = itertools.count(1)
-    incidents: dict[str, Incident] = {}
-    changes: list[Change] = []
-    out = [m for _, m in data["outbox"]]
-    for k in range(0, len(out), batch):
-        g = Grouper(list(incidents.values()), summary, now=datetime(2026, 11, 16, 8, tzinfo=UTC),
-                    new_id=lambda: f"DL-{next(ids):06d}", signatures=dict,
-                    policy=policy or BookPolicy())
-        for m in out[k:k + batch]:
-            g.apply(m)
-        g.finish()
-        changes += g.changes
-        # Stored and loaded between batches, as the book does.
-        incidents = {k: Incident.model_validate_json(v.model_dump_json())
-                     for k, v in g.incidents.items()}
-    return incidents, changes
-
-
 @pytest.mark.parametrize("batch", [1, 20])
 def test_a_live_replay_pages_each_problem_once_and_few_transients(batch: int) -> None:
-    incidents, changes = replay(batch)
+    incidents, changes = replay(batch, COOCCURRENCE_DATA[0])
     pages = [c.incident_id for c in changes if c.routed and c.action in PAGES]
     live = {i.root.slice_id: i for i in incidents.values() if i.merged_into is None}
     assert set(live) == EXPECTED
@@ -85,7 +59,8 @@ def test_a_live_replay_pages_each_problem_once_and_few_transients(batch: int) ->
 def test_a_plan_that_never_settles_merges_or_pages_what_it_opened() -> None:
     """With a stability no root reaches, the three problems still page, each once: on
     taking over a paged incident, or after hold_max_s; nothing stays held."""
-    incidents, changes = replay(20, BookPolicy(stable_events=10**9, hold_max_s=600.0))
+    incidents, changes = replay(20, COOCCURRENCE_DATA[0],
+                                BookPolicy(stable_events=10**9, hold_max_s=600.0))
     paged = [c for c in changes if c.action == "paged"]
     assert paged and all(c.routed and ("took over" in (c.note or "")
                                        or "did not settle" in (c.note or "")) for c in paged)

@@ -22,19 +22,16 @@ must begin with the haze, not with the lot's episode of its root.
 
 from __future__ import annotations
 
-import gzip
-import itertools
-import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from driftline.alerts.attribution import SliceStatus
-from driftline.alerts.grouping import Grouper
+from driftline.alerts.changes import Change
+from driftline.alerts.grouping import BookPolicy
 from driftline.alerts.model import Incident
 from driftline.demo.plant import Plant, PlantConfig
+from driftline.demo.replay import load_dump, replay_batches
 
 DATA = Path(__file__).parent / "data" / "demo_outbox.json.gz"
 BOUNDS_DATA = Path(__file__).parent / "data" / "demo_outbox_small_baselines.json.gz"
@@ -44,26 +41,20 @@ SMALL = PlantConfig(shift_events=120, lot_events=60, stream_days=2)  # `demo --s
 EXPECTED = {"lot=L2609", "station=cam-2|shift=night", "station=surf-1"}
 
 
-def replay(batch: int, data_file: Path = DATA) -> dict[str, Incident]:
-    with gzip.open(data_file, "rt") as f:
-        data: dict[str, Any] = json.load(f)
-    summary = {k: SliceStatus.from_summary(k, v) for k, v in data["summary"].items()}
-    ids = itertools.count(1)
+def replay(batch: int, data_file: Path = DATA, policy: BookPolicy | None = None
+           ) -> tuple[dict[str, Incident], list[Change]]:
+    """The incidents at the end of the dump's replay, and every change on the way."""
+    changes: list[Change] = []
     incidents: dict[str, Incident] = {}
-    out = [m for _, m in data["outbox"]]
-    for k in range(0, len(out), batch):
-        g = Grouper(list(incidents.values()), summary, now=datetime(2026, 11, 16, 8, tzinfo=UTC),
-                    new_id=lambda: f"DL-{next(ids):06d}", signatures=dict)
-        for m in out[k:k + batch]:
-            g.apply(m)
-        g.finish()
-        incidents.update(g.incidents)
-    return incidents
+    for g, _ in replay_batches(*load_dump(data_file), batch, policy):
+        changes += g.changes
+        incidents = g.incidents
+    return incidents, changes
 
 
 @pytest.mark.parametrize("batch", [1, 7, 50, 500])
 def test_the_three_injected_problems_and_nothing_else(batch: int) -> None:
-    incidents = replay(batch)
+    incidents, _ = replay(batch)
     live = [i for i in incidents.values() if i.merged_into is None]
     assert sorted(i.root.slice_id for i in live) == sorted(EXPECTED)
     by_root = {i.root.slice_id: i for i in live}
@@ -82,7 +73,7 @@ def test_the_three_problems_when_cells_are_judged_against_their_bounds(batch: in
     # The book runs a batch per checkpoint (a few messages); the whole outbox in one or two
     # batches, against the final summary, is not met here (a shift=evening root: every slice
     # is placed before any incident is attributed).
-    incidents = replay(batch, BOUNDS_DATA)
+    incidents, _ = replay(batch, BOUNDS_DATA)
     live = [i for i in incidents.values() if i.merged_into is None]
     assert sorted(i.root.slice_id for i in live) == sorted(EXPECTED)
     by_root = {i.root.slice_id: i for i in live}
@@ -95,7 +86,7 @@ def test_the_three_problems_when_cells_are_judged_against_their_bounds(batch: in
 @pytest.mark.parametrize("batch", [1, 5, 50])
 @pytest.mark.parametrize("data_file", COOCCURRENCE_DATA, ids=lambda p: p.name.split(".")[0])
 def test_each_incident_begins_when_its_change_did(data_file: Path, batch: int) -> None:
-    incidents = replay(batch, data_file)
+    incidents, _ = replay(batch, data_file)
     live = [i for i in incidents.values() if i.merged_into is None]
     assert sorted(i.root.slice_id for i in live) == sorted(EXPECTED)
     by_root = {i.root.slice_id: i for i in live}
