@@ -100,20 +100,9 @@ def _restored_baseline(p: Any) -> FloatArray:
     return got
 
 
-def _columns(total: IntArray, stored: AnyIntArray | None, rows: Any, n_cols: int) -> IntArray:
-    """Per-baseline (per-rate) columns of ``rows`` as int64 (``n_cols`` of them): the first is
-    the rows' ``total`` less the ``stored`` others."""
-    if n_cols == 0:
-        return np.zeros((total.shape[0], 0), np.int64)
-    first: IntArray = total.reshape(-1, 1)
-    if stored is None:
-        return first
-    rest = stored[rows].astype(np.int64)
-    return np.concatenate([first - rest.sum(axis=1, keepdims=True), rest], axis=1)
-
-
 def _sums(total: int, stored: AnyIntArray | None, rows: Any, n_cols: int) -> list[int]:
-    """:func:`_columns` summed over ``rows`` (``total``: theirs), as Python ints."""
+    """Per-column sums over ``rows`` as Python ints: the first is ``total`` (the rows' events)
+    less the ``stored`` other columns' sums."""
     if n_cols == 0:
         return []
     if stored is None:
@@ -124,7 +113,8 @@ def _sums(total: int, stored: AnyIntArray | None, rows: Any, n_cols: int) -> lis
 
 def _snapshot_columns(total: AnyIntArray, stored: AnyIntArray | None, u: int,
                       n_cols: int) -> AnyIntArray:
-    """:func:`_columns` of the first ``u`` rows as a snapshot stores them (int32)."""
+    """Per-column counts of the first ``u`` rows as a snapshot stores them (int32): the first
+    is each row's ``total`` less its ``stored`` other columns."""
     if n_cols == 0:
         return np.zeros((u, 0), np.int32)
     first = total.reshape(u, 1)
@@ -288,27 +278,20 @@ class SliceCounts:
             for r in sorted(rows, key=keys.__getitem__):  # time order: fixed sums
                 out[3 + k :] += self._exp[r]
             return out
-        for m, p in zip(_sums(n, self._kp, rows, len(self._ps)), self._ps, strict=True):
+        for m, p in zip(_sums(n, self._kp, rows, self._kp_columns()), self._ps, strict=True):
             out[3 + k : 3 + 2 * k] += m * p
         out[-1] = math.fsum(m * p0 for m, p0 in zip(
-            _sums(n_ood, self._k0, rows, len(self._p0s)), self._p0s, strict=True))
+            _sums(n_ood, self._k0, rows, self._k0_columns()), self._p0s, strict=True))
         return out
 
-    def _per_baseline(self, rows: Any) -> IntArray:
-        """Events per baseline column of ``rows`` (int64, a row each; one column for a dense
-        ring): the stored columns, after the first one derived from the cluster counts."""
-        n_cols = 1 if self._exp is not None else len(self._ps)
-        return _columns(self._cnt[rows, _HITS:].sum(axis=1, dtype=np.int64), self._kp, rows,
-                        n_cols)
-
-    def _per_ood(self, rows: Any) -> IntArray:
-        """OOD-flagged events per OOD-rate column of ``rows``, as :meth:`_per_baseline`: the
-        first column is the rows' cluster events plus ``d`` less the stored columns."""
-        n_cols = 1 if self._exp is not None else len(self._p0s)
-        n = self._cnt[rows, _HITS:].sum(axis=1, dtype=np.int64)
-        if self._d is not None:
-            n += self._d[rows]
-        return _columns(n, self._k0, rows, n_cols)
+    def _column_sums(self, rows: Any) -> tuple[list[int], list[int]]:
+        """Events per baseline column and OOD-flagged events per OOD-rate column, summed over
+        ``rows``: the stored columns after the first, derived from the cluster counts (and
+        ``d``)."""
+        n = int(self._cnt[rows, _HITS:].sum(dtype=np.int64))
+        d = 0 if self._d is None else int(self._d[rows].sum(dtype=np.int64))
+        return (_sums(n, self._kp, rows, self._kp_columns()),
+                _sums(n + d, self._k0, rows, self._k0_columns()))
 
     def _add_d(self, row: int, delta: int) -> None:
         """An event with a cluster and no OOD flag (-1), or the other way round (+1)."""
@@ -524,8 +507,9 @@ class SliceCounts:
         if tal is None:
             tal = self._tal = _Tallies(dense=self._exp is not None)
         tal.cnt.append(self._cnt[rows].sum(axis=0, dtype=np.int64).tolist())
-        tal.kp.append(self._per_baseline(rows).sum(axis=0).tolist())
-        tal.k0.append(self._per_ood(rows).sum(axis=0).tolist())
+        kp, k0 = self._column_sums(rows)
+        tal.kp.append(kp)
+        tal.k0.append(k0)
         if self._exp is not None and tal.exp is not None:
             exp = np.zeros(self.n_clusters + 1)
             keys = self._kf[:, 0].tolist()
@@ -640,9 +624,9 @@ class SliceCounts:
         add = np.add.reduce
         hits = add(self._cnt[rows], axis=0, dtype=np.int64).tolist()
         n = sum(hits[_HITS:])
-        per_p = _sums(n, self._kp, rows, len(self._ps))
+        per_p = _sums(n, self._kp, rows, self._kp_columns())
         d = 0 if self._d is None else int(add(self._d[rows], dtype=np.int64))
-        per_0 = _sums(n + d, self._k0, rows, len(self._p0s))
+        per_0 = _sums(n + d, self._k0, rows, self._k0_columns())
         expected = np.zeros(self.n_clusters)
         for n, p in zip(per_p, self._ps, strict=True):
             expected += n * p
@@ -700,12 +684,13 @@ class SliceCounts:
             if t[1] != t[0]:  # its OOD-flagged less cluster events: d, as the first columns
                 self._add_d(row, int(t[1] - t[0]))
             if self._exp is None:  # columns other than the first: the first is derived
+                kp, k0 = other._column_sums([src])
                 if stored:
                     self._kp[row, [c - 1 for c, _ in stored]] += (  # type: ignore[index]
-                        other._per_baseline([src])[0, [j for _, j in stored]])
+                        [kp[j] for _, j in stored])
                 if stored_0:
                     self._k0[row, [c - 1 for c, _ in stored_0]] += (  # type: ignore[index]
-                        other._per_ood([src])[0, [j for _, j in stored_0]])
+                        [k0[j] for _, j in stored_0])
             else:
                 self._exp[row] += t[3 + k :]
         if other._dropped is not None:
@@ -721,7 +706,6 @@ class SliceCounts:
         tal = self._tal
         # int32 as stored before the first columns were derived: the same sums, the same bits
         n = np.add.reduce(self._cnt[:u, _HITS:], axis=1, dtype=np.int32)
-        dense = self._exp is not None
         return {
             "version": SNAPSHOT_VERSION,
             "n_clusters": self.n_clusters,
@@ -733,9 +717,9 @@ class SliceCounts:
             "baselines": (np.array(self._ps, np.float64) if self._ps
                           else np.zeros((0, self.n_clusters))),
             "ood_p0": list(self._p0s),
-            "per_baseline": _snapshot_columns(n, self._kp, u, 1 if dense else len(self._ps)),
+            "per_baseline": _snapshot_columns(n, self._kp, u, self._kp_columns()),
             "per_ood_p0": _snapshot_columns(n if self._d is None else n + self._d[:u], self._k0,
-                                            u, 1 if dense else len(self._p0s)),
+                                            u, self._k0_columns()),
             "expected": None if self._exp is None else self._exp[:u].copy(),
             "dropped": None if self._dropped is None else self._dropped.copy(),
             "dropped_until": self._dropped_until,
