@@ -9,7 +9,17 @@ adding consumers to the ``driftline-embed`` group. Per batch:
    nearest reference cluster and measure its distance to the reference (OOD flag);
 4. produce one slice-update per slice template, keyed by slice id, carrying the source
    partition/offset (the detect stage skips replays by it);
-5. flush the producer, then commit the input offsets (at-least-once; duplicates are harmless).
+5. flush the producer, then commit the batch's input offsets (at-least-once; duplicates are
+   harmless).
+
+When onnxruntime leaves a core free (fewer intra-op threads than usable CPUs, the configuration
+for CPU-only hosts: one worker per core), the loop runs **one batch ahead**: the model embeds
+batch *n* on its own thread while the main thread finishes batch *n − 1* (steps 4–5, the Redis
+writes) and polls and validates batch *n + 1* (steps 1–2). Each batch's offsets are committed
+explicitly once its updates are flushed, so offsets polled but not yet finished are never
+committed; a partition revoked meanwhile is finished and committed first (in the rebalance
+callback), and a stop finishes the batch in flight. With every core in onnxruntime the loop stays
+serial: work beside the model would preempt its threads.
 
 Redis holds only the prediction cache and the recent-embeddings buffer, so an outage does not
 stop the stream: each write waits ``redis_wait_s`` at most and is then skipped (logged; late
@@ -24,7 +34,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import faiss
@@ -32,6 +43,7 @@ import numpy as np
 import redis
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from driftline.consumers.checkpoint import REDIS_ERRORS, RedisOutage, retry_redis
 from driftline.consumers.imaging import Base64Image, ImageError, ImageSource
@@ -95,6 +107,33 @@ class _Item:
     ood_p0: float | None = None
 
 
+Held = tuple[tuple[int, int], str, dict[str, Any]]  # (source partition, offset), topic, record
+Embedded = tuple[Any, list[Any], float]  # embed_images' (embeddings, errors), model seconds
+
+
+@dataclass
+class _Batch:
+    """One polled batch, from :meth:`EmbedStage._start` (validated, handed to the model) to
+    :meth:`EmbedStage._complete` (embedded, sent, counted)."""
+
+    msgs: Sequence[Any]
+    items: list[_Item] = field(default_factory=list)  # inference events
+    labels: list[_Item] = field(default_factory=list)  # late labels
+    embedded: Future[Embedded] | None = None  # the images of ``items``, in order
+    held: list[Held] = field(default_factory=list)  # its sends, made once it is done
+    counts: list[tuple[Callable[[float], None], float]] = field(default_factory=list)
+    failed: bool = False  # starting it raised: it is processed one event at a time
+
+    def offsets(self) -> dict[TopicPartition, OffsetAndMetadata]:
+        """The offsets to commit once the batch is done: one past its last event per
+        partition."""
+        ends: dict[TopicPartition, int] = {}
+        for m in self.msgs:
+            tp = TopicPartition(m.topic, m.partition)
+            ends[tp] = max(ends.get(tp, 0), m.offset + 1)
+        return {tp: OffsetAndMetadata(end, "", -1) for tp, end in ends.items()}
+
+
 class EmbedStage:
     """Runs the embed loop for one worker of the ``driftline-embed`` group."""
 
@@ -106,6 +145,7 @@ class EmbedStage:
         batch_size: int = 32,
         batch_timeout_ms: int = 200, max_event_bytes: int = 8 << 20, recent_size: int = 5000,
         latency_sample_every: int = LATENCY_SAMPLE_EVERY, redis_wait_s: float = 2.0,
+        ahead: bool | None = None,
     ) -> None:
         self.consumer, self.producer = consumer, producer
         self._next: dict[Any, int] = {}  # partition -> next offset to process (for lag)
@@ -126,8 +166,15 @@ class EmbedStage:
         self.progress = ProgressLog("embed", metrics=consumer_metrics)
         self.join_watch = JoinWatch("embed", metrics=consumer_metrics)
         self.latency_sample_every, self._sent = latency_sample_every, 0
-        self._held: list[tuple[tuple[int, int], str, dict[str, Any]]] | None = None
+        self._held: list[Held] | None = None
         self._held_counts: list[tuple[Callable[[float], None], float]] | None = None
+        # one batch ahead (module docstring): by default when onnxruntime leaves a core free
+        if ahead is None:
+            ahead = embedder is not None and bool(getattr(embedder, "overlap_decode", False))
+        self._model = (ThreadPoolExecutor(1, thread_name_prefix="embed-model")
+                       if ahead and embedder is not None else None)
+        self._inflight: _Batch | None = None
+        self._revoke_error: BaseException | None = None  # raised in a rebalance callback
         # faiss splits each small search over an OpenMP team whose spin-waits fight onnxruntime's
         # threads for the same cores: ~20 ms instead of ~1 ms per batch of 32 on two busy cores
         faiss.omp_set_num_threads(1)
@@ -136,11 +183,16 @@ class EmbedStage:
         """Process batches until :meth:`stop`; the last batch is finished and committed."""
         faiss.omp_set_num_threads(1)  # OpenMP settings are per thread: set it where we search
         self._subscribe()
+        log.info("embed loop started", extra={"one_batch_ahead": self._model is not None})
         try:
             while not self.stop_event.is_set():
                 self.beat = time.monotonic()  # liveness: the loop turns
-                polled = self.consumer.poll(timeout_ms=self.batch_timeout_ms,
-                                            max_records=POLL_BATCHES * self.batch_size)
+                # a batch in flight is finished as soon as nothing more is waiting
+                polled = self.consumer.poll(
+                    timeout_ms=0 if self._inflight is not None else self.batch_timeout_ms,
+                    max_records=POLL_BATCHES * self.batch_size)
+                if self._revoke_error is not None:
+                    raise self._revoke_error
                 self.join_watch.check(self.consumer)
                 msgs = [m for part in polled.values() for m in part]
                 for tp, part in polled.items():
@@ -148,14 +200,36 @@ class EmbedStage:
                         self._next[tp] = part[-1].offset + 1
                 if msgs:
                     self.progress.count(len(msgs))
-                    self.process_guarded(msgs)
-                    self.producer.flush()
-                    self._commit()
+                self.advance(msgs)
                 self._report_lag()
+            self.drain()  # a stop finishes the batch in flight
         finally:
+            if self._model is not None:
+                self._model.shutdown(wait=True)
             self.producer.flush()
             self.producer.close(timeout=10)  # the stage owns it: its sender thread ends too
             self.consumer.close(autocommit=False)
+
+    def advance(self, msgs: Sequence[Any]) -> None:
+        """Take one polled batch (possibly empty) and finish one: the batch itself when the
+        loop is serial; the batch before it when it runs one batch ahead, so that the model
+        embeds ``msgs`` meanwhile. A finished batch is flushed and its offsets committed."""
+        batch = self._start_guarded(msgs) if msgs else None
+        if self._model is not None:
+            batch, self._inflight = self._inflight, batch
+        if batch is not None:
+            self._finish(batch)
+
+    def drain(self) -> None:
+        """Finish, flush and commit the batch in flight, if any."""
+        batch, self._inflight = self._inflight, None
+        if batch is not None:
+            self._finish(batch)
+
+    def _finish(self, batch: _Batch) -> None:
+        self._complete_guarded(batch)
+        self.producer.flush()
+        self._commit(batch.offsets())
 
     def _subscribe(self) -> None:
         subscribe_when_ready(self.consumer, self.events_topic, _LogAssignments(self))
@@ -181,11 +255,12 @@ class EmbedStage:
                           if tp.partition in assigned})
         self.progress.report(self.consumer, self.events_topic, positions)
 
-    def _commit(self) -> None:
-        """Commit input offsets; a failure (broker restarting, rebalance) only means the batch
-        is read again, and the detect stage skips its replayed updates by source offset."""
+    def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+        """Commit a finished batch's input offsets; a failure (broker restarting, rebalance)
+        only means the batch is read again, and the detect stage skips its replayed updates by
+        source offset."""
         try:
-            self.consumer.commit()
+            self.consumer.commit(offsets)
         except Exception as exc:
             log.warning("offset commit failed; the batch may be replayed",
                         extra={"error": repr(exc)})
@@ -200,14 +275,31 @@ class EmbedStage:
         precomputed embedding, label) went through: otherwise the fault may be the worker's
         (a broken model session), and the error stops the worker so that its supervisor
         restarts it — as Kafka errors do. The failed pass counted nothing either."""
+        self._complete_guarded(self._start_guarded(msgs))
+
+    def _start_guarded(self, msgs: Sequence[Any]) -> _Batch:
         try:
-            self.process(msgs)
-            return
+            return self._start(msgs)
         except STAGE_FATAL:
             raise
         except Exception:
             log.exception("batch failed; processing its events one at a time",
                           extra={"events": len(msgs)})
+            return _Batch(msgs, failed=True)
+
+    def _complete_guarded(self, batch: _Batch) -> None:
+        if not batch.failed:
+            try:
+                self._complete(batch)
+                return
+            except STAGE_FATAL:
+                raise
+            except Exception:
+                log.exception("batch failed; processing its events one at a time",
+                              extra={"events": len(batch.msgs)})
+        self._one_at_a_time(batch.msgs)
+
+    def _one_at_a_time(self, msgs: Sequence[Any]) -> None:
         failed: list[tuple[Any, Exception]] = []
         worked: set[str] = set()
         for msg in msgs:
@@ -247,18 +339,58 @@ class EmbedStage:
         an update at or below a slice's highest applied source offset, would take a label
         sent after a later event for a replay. A batch that fails sends nothing and counts
         nothing (its one-at-a-time replay counts its events once)."""
-        self._held, self._held_counts = [], []
+        self._complete(self._start(msgs))
+
+    def _start(self, msgs: Sequence[Any]) -> _Batch:
+        """Validate a batch and hand its images to the model (on the model thread when the
+        loop runs one batch ahead, at once otherwise)."""
+        batch = _Batch(msgs)
+        self._held, self._held_counts = batch.held, batch.counts
         try:
-            self._process(msgs)
-        except BaseException:
+            self._count(self.metrics.batch_size.observe, len(msgs))
+            for msg in msgs:
+                try:
+                    event = parse_event(msg.value, max_bytes=self.max_event_bytes)
+                except EventRejected as exc:
+                    self._dead_letter(msg, exc)
+                    continue
+                (batch.items if event.kind == "inference" else batch.labels).append(
+                    _Item(msg, event))
+            if batch.items:
+                self._count(self.metrics.events_in.labels("inference").inc, len(batch.items))
+            if batch.labels:
+                self._count(self.metrics.events_in.labels("label").inc, len(batch.labels))
+            sources: list[ImageSource] = [  # base64 is decoded by the decode threads
+                Base64Image(i.event.image) if i.event.image is not None
+                else i.event.image_uri or b"" for i in batch.items if i.event.embedding is None]
+            if sources and self.embedder is not None:
+                batch.embedded = self._embed_images(self.embedder, sources)
+        finally:
             self._held = self._held_counts = None
+        return batch
+
+    def _embed_images(self, embedder: EmbedderLike,
+                      sources: list[ImageSource]) -> Future[Embedded]:
+        if self._model is not None:
+            return self._model.submit(_timed_embed, embedder, sources)
+        done: Future[Embedded] = Future()
+        done.set_result(_timed_embed(embedder, sources))  # errors raise here: a failed start
+        return done
+
+    def _complete(self, batch: _Batch) -> None:
+        """Take a started batch's embeddings, then steps 3–4 of the module docstring; its
+        sends and metric counts are made once it is done."""
+        self._held, self._held_counts = batch.held, batch.counts
+        try:
+            self._complete_batch(batch)
+        except BaseException:
             self._tally = _Tally()
             raise
-        held, self._held = self._held, None
-        counts, self._held_counts = self._held_counts, None
-        for _, topic, record in sorted(held, key=lambda h: h[0]):  # stable: templates in order
+        finally:
+            self._held = self._held_counts = None
+        for _, topic, record in sorted(batch.held, key=lambda h: h[0]):  # stable: templates
             self.producer.send(topic, **record)
-        for op, value in counts:
+        for op, value in batch.counts:
             op(value)
         self._tally.flush(self.metrics)
 
@@ -269,25 +401,17 @@ class EmbedStage:
         else:
             self._held_counts.append((op, value))
 
-    def _process(self, msgs: Sequence[Any]) -> None:
-        self._count(self.metrics.batch_size.observe, len(msgs))
-        items: list[_Item] = []
-        labels: list[_Item] = []
-        for msg in msgs:
-            try:
-                event = parse_event(msg.value, max_bytes=self.max_event_bytes)
-            except EventRejected as exc:
-                self._dead_letter(msg, exc)
-                continue
-            (items if event.kind == "inference" else labels).append(_Item(msg, event))
-        if items:
-            self._count(self.metrics.events_in.labels("inference").inc, len(items))
-        if labels:
-            self._count(self.metrics.events_in.labels("label").inc, len(labels))
+    def _complete_batch(self, batch: _Batch) -> None:
         started = time.perf_counter()
-        items, vectors = self._embed(items)
+        model_s = 0.0
+        embedded: tuple[Any, list[Any]] | None = None
+        if batch.embedded is not None:
+            emb, errors, model_s = batch.embedded.result()
+            embedded = emb, errors
+        items, vectors = self._embed(batch.items, embedded)
         if items:
-            self._count(self.metrics.embed_latency.observe, time.perf_counter() - started)
+            self._count(self.metrics.embed_latency.observe,
+                        model_s + time.perf_counter() - started)
         for item in items:
             self._emit(item, item.event.label, item.event.loss, _error_of(item.event))
         try:
@@ -297,7 +421,7 @@ class EmbedStage:
             self._count(self.metrics.redis_skipped.inc, len(items))
             self.outage.down("predictions for late labels and recent embeddings not "
                              "stored", exc, events=len(items))
-        for item in labels:
+        for item in batch.labels:
             try:
                 self._emit_late_label(item)
             except REDIS_ERRORS as exc:
@@ -307,12 +431,16 @@ class EmbedStage:
                     f"Redis unreachable, the prediction of {item.event.event_id!r} could "
                     "not be read; replay this label"), item.event.event_id)
 
-    def _embed(self, items: list[_Item]) -> tuple[list[_Item], np.ndarray]:
+    def _embed(self, items: list[_Item], embedded: tuple[Any, list[Any]] | None,
+               ) -> tuple[list[_Item], np.ndarray]:
+        """Vectors of a batch's inference events: the model's for images (``embedded``, in
+        the order of the images among ``items``), the event's own (normalised) otherwise;
+        each assigned to its nearest reference cluster."""
         images = [i for i in items if i.event.embedding is None]
         vectors = np.zeros((len(items), self.reference.dim), np.float32)
         ok = [True] * len(items)
         index = {id(item): n for n, item in enumerate(items)}
-        if images and self.embedder is None:
+        if images and embedded is None:
             for item in images:
                 ok[index[id(item)]] = False
                 self._dead_letter(item.msg, EventRejected(
@@ -320,11 +448,8 @@ class EmbedStage:
                     "the active reference was built from precomputed embeddings; send "
                     "`embedding`, or build a reference with an ONNX model to embed images"),
                     item.event.event_id)
-        elif images and self.embedder is not None:
-            sources: list[ImageSource] = [  # base64 is decoded by the decode threads
-                Base64Image(i.event.image) if i.event.image is not None
-                else i.event.image_uri or b"" for i in images]
-            emb, errors = self.embedder.embed_images(sources)
+        elif images and embedded is not None:
+            emb, errors = embedded
             for item, row, err in zip(images, emb, errors, strict=True):
                 n = index[id(item)]
                 if err is not None:
@@ -451,6 +576,12 @@ class _LogAssignments(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def on_partitions_revoked(self, revoked: list[Any]) -> None:
         log.info("embed partitions revoked", extra={"partitions": [tp.partition for tp in revoked]})
+        # the batch in flight is finished and committed while the partitions are still ours;
+        # kafka-python logs and swallows a callback's exception, so the loop raises it instead
+        try:
+            self.stage.drain()
+        except BaseException as exc:  # noqa: BLE001 - raised by run() after the poll
+            self.stage._revoke_error = exc
         for tp in revoked:  # another worker moves it on: our offset would read as lag later
             self.stage._next.pop(tp, None)
         self.stage.progress.forget(tp.partition for tp in revoked)
@@ -481,6 +612,12 @@ class _Tally:
             metrics.events_per_station.labels(station).inc(events)
             metrics.last_event_time.labels(station).set(ts)
         self.updates, self.stations = 0, {}
+
+
+def _timed_embed(embedder: EmbedderLike, sources: list[ImageSource]) -> Embedded:
+    started = time.perf_counter()
+    emb, errors = embedder.embed_images(sources)
+    return emb, errors, time.perf_counter() - started
 
 
 def _error_of(event: Event) -> bool | None:

@@ -41,6 +41,9 @@ class Producer:
         self.sent.append((topic, key, value))
         self.headers.append(headers)
 
+    def flush(self) -> None:
+        self.flushed = len(self.sent)
+
 
 class Embedder:
     """Decodes like the real one (so bad images fail the same way); the mean colour is the
@@ -284,3 +287,171 @@ def test_events_failing_with_none_of_their_kind_going_through_stop_the_worker(
         _fragile_stage(producer).process_guarded(
             [Msg("ev", 0, n, b"k", v) for n, v in enumerate(values)])
     assert [t for t, _, _ in producer.sent if t == "up"] == []
+
+
+# --- one batch ahead: the model embeds batch n while batch n - 1 is finished -----------------
+class CommitLog:
+    """What the loop's batch steps use of a consumer: explicit commits."""
+
+    def __init__(self) -> None:
+        self.commits: list[dict[int, int]] = []
+
+    def commit(self, offsets: dict[Any, Any]) -> None:
+        self.commits.append({tp.partition: om.offset for tp, om in offsets.items()})
+
+
+class GatedEmbedder(Embedder):
+    """Records the thread each call runs on; a call for an image of the ``hold`` colour waits
+    until ``gate`` opens."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.threads: list[str] = []
+
+    def embed_images(self, sources: Sequence[ImageSource]) -> tuple[Any, list[Any]]:
+        import threading
+
+        self.threads.append(threading.current_thread().name)
+        out, errors = super().embed_images(sources)
+        if (out[:, 2] > 150).any():  # the blue image: wait for the test
+            self.entered.set()
+            assert self.gate.wait(10), "the test never opened the gate"
+        return out, errors
+
+
+def _ahead_stage(ahead: bool, embedder: Embedder | None = None,
+                 registry: CollectorRegistry | None = None) -> tuple[EmbedStage, Producer,
+                                                                      CommitLog]:
+    producer, consumer = Producer(), CommitLog()
+    stage = EmbedStage(
+        consumer, producer, events_topic="ev", updates_topic="up",  # type: ignore[arg-type]
+        dlq_topic="dlq", embedder=embedder or Embedder(), reference=Reference(),
+        templates=["station", "station+shift"],
+        metrics=EmbedMetrics(registry or CollectorRegistry()), ahead=ahead)
+    return stage, producer, consumer
+
+
+def _polls() -> list[list[Msg]]:
+    """Three polls over two partitions, images, embeddings, a bad image and bad JSON."""
+    values = [_event(n, f"s{n % 3}", image=_jpeg((20 * n, 10, 10))) if n % 4 else
+              _event(n, f"s{n % 3}", embedding=[1.0, float(n), 0.0]) for n in range(12)]
+    values[5] = _event(5, "s2", image=base64.b64encode(b"\xff\xd8\xff broken").decode())
+    values[9] = b"{not json"
+    msgs = [Msg("ev", n % 2, n // 2, b"k", v) for n, v in enumerate(values)]
+    return [msgs[0:5], msgs[5:8], msgs[8:12]]
+
+
+def test_one_batch_ahead_sends_and_commits_what_the_serial_loop_does() -> None:
+    outputs = {}
+    for ahead in (False, True):
+        registry = CollectorRegistry()
+        stage, producer, consumer = _ahead_stage(ahead, registry=registry)
+        commits_after: list[int] = []
+        for poll in _polls():
+            stage.advance(poll)
+            commits_after.append(len(consumer.commits))
+        stage.advance([])  # an empty poll finishes the batch in flight
+        stage.drain()
+        sent = [(t, k, {f: x for f, x in json.loads(v).items() if f not in ("time", "detail")})
+                for t, k, v in producer.sent]  # no clock, no object addresses
+        outputs[ahead] = (sent, consumer.commits, commits_after,
+                          registry.get_sample_value("driftline_embed_slice_updates_total"),
+                          registry.get_sample_value("driftline_embed_dead_letters_total",
+                                                    {"reason": "image_undecodable"}))
+    serial, ahead_ = outputs[False], outputs[True]
+    assert ahead_[0] == serial[0] and len(serial[0]) == 2 * 10 + 2  # 10 good events, 2 dead
+    assert ahead_[1] == serial[1] == [{0: 3, 1: 2}, {0: 4, 1: 4}, {0: 6, 1: 6}]
+    assert serial[2] == [1, 2, 3]  # each batch committed as it is polled
+    assert ahead_[2] == [0, 1, 2]  # each batch committed when the next one is polled
+    assert ahead_[3] == serial[3] == 20 and ahead_[4] == serial[4] == 1
+
+
+def test_the_model_embeds_the_next_batch_while_the_previous_one_finishes() -> None:
+    import threading
+
+    embedder = GatedEmbedder()
+    stage, producer, consumer = _ahead_stage(True, embedder)
+    first, second = _polls()[0], [Msg("ev", 0, 10, b"k", _event(10, "s1",
+                                                                image=_jpeg((10, 10, 240))))]
+    stage.advance(first)
+    assert consumer.commits == [] and producer.sent == []  # in flight on the model thread
+    stage.advance(second)  # finishes the first while the model holds the second
+    assert embedder.entered.wait(10)
+    assert consumer.commits == [{0: 3, 1: 2}]
+    assert {json.loads(v)["event_id"] for t, _, v in producer.sent if t == "up"} == {
+        "e0", "e1", "e2", "e3", "e4"}
+    done = threading.Thread(target=stage.drain)
+    done.start()
+    done.join(0.3)
+    assert done.is_alive()  # the drain waits for the model
+    embedder.gate.set()
+    done.join(10)
+    assert consumer.commits[-1] == {0: 11}
+    assert set(embedder.threads) == {"embed-model_0"}
+    stage._model.shutdown()  # type: ignore[union-attr]
+
+
+def test_a_revoke_finishes_and_commits_the_batch_in_flight() -> None:
+    from kafka import TopicPartition
+
+    from driftline.consumers.embed_stage import _LogAssignments
+
+    stage, producer, consumer = _ahead_stage(True)
+    stage.advance(_polls()[0])
+    assert consumer.commits == []
+    _LogAssignments(stage).on_partitions_revoked([TopicPartition("ev", 0)])
+    assert consumer.commits == [{0: 3, 1: 2}] and stage._inflight is None
+    assert len([t for t, _, _ in producer.sent if t == "up"]) == 2 * 5
+    assert stage._revoke_error is None
+
+
+class _DeadModel(Embedder):
+    def embed_images(self, sources: Sequence[ImageSource]) -> tuple[Any, list[Any]]:
+        raise RuntimeError("onnxruntime: session broken")
+
+
+def test_a_worker_fault_in_a_revoke_is_raised_by_the_loop_not_lost() -> None:
+    """kafka-python logs and swallows a rebalance callback's exception; the loop raises it
+    after the poll, and nothing of the batch was sent or committed."""
+    from kafka import TopicPartition
+
+    from driftline.consumers.embed_stage import _LogAssignments
+
+    stage, producer, consumer = _ahead_stage(True, _DeadModel())
+    stage.advance([Msg("ev", 0, n, b"k", _event(n, "s1", image=_jpeg((9, 9, 9))))
+                   for n in range(3)])
+    _LogAssignments(stage).on_partitions_revoked([TopicPartition("ev", 0)])
+    assert isinstance(stage._revoke_error, RuntimeError)
+    assert "the fault may be the worker's" in str(stage._revoke_error)
+    assert consumer.commits == [] and producer.sent == []
+
+
+def test_a_batch_that_fails_on_the_model_thread_is_replayed_one_event_at_a_time() -> None:
+    """A fault on the model thread reaches the main thread when the batch is finished; the
+    batch is then processed one event at a time, as a serial one would be."""
+    producer, registry = Producer(), CollectorRegistry()
+
+    class Picky(Embedder):  # fails on batches, not on single images (a library bug)
+        def embed_images(self, sources: Sequence[ImageSource]) -> tuple[Any, list[Any]]:
+            if len(sources) > 1:
+                raise ValueError("model: batch dimension rejected")
+            return super().embed_images(sources)
+
+    stage = EmbedStage(
+        CommitLog(), producer, events_topic="ev", updates_topic="up",  # type: ignore[arg-type]
+        dlq_topic="dlq", embedder=Picky(), reference=Reference(), templates=["station"],
+        metrics=EmbedMetrics(registry), ahead=True)
+    values = [_event(n, "s1", image=_jpeg((50 * n, 10, 10))) for n in range(3)]
+    stage.advance([Msg("ev", 0, n, b"k", v) for n, v in enumerate(values)])
+    stage.drain()
+    sent = [json.loads(v)["event_id"] for t, _, v in producer.sent if t == "up"]
+    dead = [(json.loads(v)["offset"], json.loads(v)["reason"]) for t, _, v in producer.sent
+            if t == "dlq"]
+    assert sent == ["e0", "e1", "e2"] and dead == []
+    # the failed pass counted nothing: each event is counted once, by its replay
+    assert registry.get_sample_value("driftline_embed_events_total",
+                                     {"kind": "inference"}) == 3
+    assert registry.get_sample_value("driftline_embed_batch_size_events_count") == 3
