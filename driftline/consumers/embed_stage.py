@@ -183,7 +183,8 @@ class EmbedStage:
         """Process batches until :meth:`stop`; the last batch is finished and committed."""
         faiss.omp_set_num_threads(1)  # OpenMP settings are per thread: set it where we search
         self._subscribe()
-        log.info("embed loop started", extra={"one_batch_ahead": self._model is not None})
+        log.info("embed loop started, one batch ahead" if self._model is not None else
+                 "embed loop started, serial (onnxruntime has every core)")
         try:
             while not self.stop_event.is_set():
                 self.beat = time.monotonic()  # liveness: the loop turns
@@ -576,8 +577,10 @@ class _LogAssignments(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def on_partitions_revoked(self, revoked: list[Any]) -> None:
         log.info("embed partitions revoked", extra={"partitions": [tp.partition for tp in revoked]})
-        # the batch in flight is finished and committed while the partitions are still ours;
-        # kafka-python logs and swallows a callback's exception, so the loop raises it instead
+        # kafka-python 3.0.12 joins only in a poll that may wait, which the loop makes with no
+        # batch in flight; should a client revoke with one in flight, it is finished and
+        # committed while the partitions are still ours. kafka-python logs and swallows a
+        # callback's exception, so the loop raises it instead.
         try:
             self.stage.drain()
         except BaseException as exc:  # noqa: BLE001 - raised by run() after the poll

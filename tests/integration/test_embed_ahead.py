@@ -1,11 +1,13 @@
-"""Embed workers running one batch ahead (one onnxruntime thread on a machine with more cores),
-against the real broker and Redis: a second worker joins mid-stream and the first leaves, and
-every event still yields its slice-updates exactly once, with nothing left uncommitted.
+"""Embed workers running one batch ahead (one onnxruntime thread on a machine with more cores)
+against the real broker and Redis.
 
-The loop polls batch n + 1 while the model embeds batch n. At each rebalance the revoked
-worker must finish and commit its batch in flight while the partitions are still its own;
-otherwise the next owner reads that batch again and its updates go out twice (harmless to the
-detect stage, which skips them, but a sign that the hand-over is wrong).
+The loop polls batch n + 1 while the model embeds batch n, and commits each batch's own offsets
+once its updates are flushed. So (1) when a second worker joins mid-stream and the first leaves,
+every event's slice-updates go out exactly once — with kafka-python 3.0.12 a pending rejoin makes
+the loop's zero-timeout poll return nothing, the loop finishes its batch in flight and joins on
+the next poll, and the revoke callback finishes one should a client revoke with a batch in
+flight; and (2) a worker killed with a batch in flight has not committed it, so its restart
+reads it again: nothing is lost (committing the consumer's position instead loses that batch).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import threading
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -35,12 +38,13 @@ from driftline.reference.build import build_reference
 from driftline.reference.index import load_reference
 from driftline.runner import build_embed_stage, make_embedder
 from driftline.schema import Event
-from tests.integration.pipeline_support import wait_for
+from tests.integration.pipeline_support import Pipeline, Worker, wait_for
 
 pytestmark = pytest.mark.integration
 
 T0 = datetime(2026, 11, 23, 6, 0, tzinfo=UTC)
-EVENTS = 240
+EVENTS = 720
+PARTITIONS = 4
 
 
 def _jpeg(frame: np.ndarray) -> bytes:
@@ -55,33 +59,72 @@ def _event(i: int, jpeg: bytes) -> dict[str, object]:
             "image": base64.b64encode(jpeg).decode()}
 
 
-@pytest.mark.skipif(usable_cpus() < 2, reason="one batch ahead needs a core beside the model")
-def test_workers_one_batch_ahead_hand_over_without_loss_or_replay(
-        kafka_bootstrap: str, redis_url: str, tmp_path: Path) -> None:
+@dataclass
+class ImageStream:
+    model: Path
+    reference: Path
+    jpegs: list[bytes]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> ImageStream:
+    """An image reference of vtest frames through the demo model, and frames to stream."""
     model = build_demo_model()
     frames = list(read_video_frames(fetch_demo_data() / VTEST_VIDEO))[::3]
     jpegs = [_jpeg(f) for f in frames]
+    out = tmp_path_factory.mktemp("ahead") / "ref"
     builder = Embedder(EmbedderConfig(model_path=model, intra_op_threads=1))
     build_reference([Event.model_validate(_event(i, j)) for i, j in enumerate(jpegs[:60])],
-                    builder, tmp_path / "ref", min_count=20)
+                    builder, out, min_count=20)
     builder.close()
-    ref = load_reference(tmp_path / "ref")
-    name = uuid.uuid4().hex[:8]
-    settings = Settings(
-        kafka_bootstrap=kafka_bootstrap, redis_url=redis_url, reference_dir=tmp_path / "ref",
-        model_path=model, onnx_threads=1, embed_batch_size=8,
-        events_topic=f"t{name}.events", slice_updates_topic=f"t{name}.slice-updates",
-        dlq_topic=f"t{name}.dlq", embed_group=f"g{name}-embed")
-    ensure_topics(kafka_bootstrap, {settings.events_topic: 4, settings.slice_updates_topic: 2,
-                                    settings.dlq_topic: 1})
-    producer = make_producer(kafka_bootstrap)
-    bad = {EVENTS // 3, EVENTS // 2}  # undecodable images, dead-lettered with their reason
-    for i in range(EVENTS):
-        jpeg = b"\xff\xd8\xff not a jpeg" if i in bad else jpegs[i % len(jpegs)]
-        producer.send(settings.events_topic, key=f"cam-{i % 3}".encode(),
+    return ImageStream(model, out, jpegs)
+
+
+def _produce(bootstrap: str, topic: str, images: ImageStream, bad: set[int]) -> None:
+    producer = make_producer(bootstrap)
+    for i in range(EVENTS):  # bad ones: undecodable images, dead-lettered with their reason
+        jpeg = b"\xff\xd8\xff not a jpeg" if i in bad else images.jpegs[i % len(images.jpegs)]
+        producer.send(topic, key=f"cam-{i % 3}".encode(),
                       value=json.dumps(_event(i, jpeg)).encode())
     producer.flush()
     producer.close()
+
+
+def _read(bootstrap: str, topic: str) -> list[dict[str, object]]:
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             consumer_timeout_ms=5000)
+    try:
+        return [json.loads(m.value) for m in consumer]
+    finally:
+        consumer.close()
+
+
+def _committed(bootstrap: str, group: str, topic: str) -> int:
+    probe = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return sum(probe.committed(TopicPartition(topic, p)) or 0 for p in range(PARTITIONS))
+    finally:
+        probe.close()
+
+
+needs_two_cores = pytest.mark.skipif(usable_cpus() < 2,
+                                     reason="one batch ahead needs a core beside the model")
+
+
+@needs_two_cores
+def test_workers_one_batch_ahead_hand_over_without_loss_or_replay(
+        kafka_bootstrap: str, redis_url: str, images: ImageStream) -> None:
+    name = uuid.uuid4().hex[:8]
+    settings = Settings(
+        kafka_bootstrap=kafka_bootstrap, redis_url=redis_url, reference_dir=images.reference,
+        model_path=images.model, onnx_threads=1, embed_batch_size=8,
+        events_topic=f"t{name}.events", slice_updates_topic=f"t{name}.slice-updates",
+        dlq_topic=f"t{name}.dlq", embed_group=f"g{name}-embed")
+    ensure_topics(kafka_bootstrap, {settings.events_topic: PARTITIONS,
+                                    settings.slice_updates_topic: 2, settings.dlq_topic: 1})
+    bad = {EVENTS // 3, EVENTS // 2}
+    _produce(kafka_bootstrap, settings.events_topic, images, bad)
+    ref = load_reference(images.reference)
 
     def worker() -> tuple[EmbedStage, threading.Thread]:
         stage = build_embed_stage(settings, CollectorRegistry(), ref, make_embedder(settings, ref))
@@ -91,16 +134,10 @@ def test_workers_one_batch_ahead_hand_over_without_loss_or_replay(
         return stage, thread
 
     def committed() -> int:
-        probe = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=settings.embed_group,
-                              enable_auto_commit=False)
-        try:
-            tps = [TopicPartition(settings.events_topic, p) for p in range(4)]
-            return sum(probe.committed(tp) or 0 for tp in tps)
-        finally:
-            probe.close()
+        return _committed(kafka_bootstrap, settings.embed_group, settings.events_topic)
 
     first, first_thread = worker()
-    wait_for(lambda: committed() >= EVENTS // 6, 180, "the first worker to commit some batches")
+    wait_for(lambda: committed() >= EVENTS // 8, 180, "the first worker to commit some batches")
     second, second_thread = worker()  # joins: the first hands over half its partitions
     wait_for(lambda: committed() >= EVENTS // 2, 180, "both workers to go on")
     first.stop()  # leaves: the second takes every partition back
@@ -109,24 +146,57 @@ def test_workers_one_batch_ahead_hand_over_without_loss_or_replay(
     second.stop()
     second_thread.join(60)
     assert not first_thread.is_alive() and not second_thread.is_alive()
-    assert first.embedder is not None and second.embedder is not None
-    first.embedder.close()  # type: ignore[attr-defined]
-    second.embedder.close()  # type: ignore[attr-defined]
+    for stage in (first, second):
+        stage.embedder.close()  # type: ignore[union-attr]
 
-    def read(topic: str) -> list[dict[str, object]]:
-        consumer = KafkaConsumer(topic, bootstrap_servers=kafka_bootstrap,
-                                 auto_offset_reset="earliest", consumer_timeout_ms=5000)
-        try:
-            return [json.loads(m.value) for m in consumer]
-        finally:
-            consumer.close()
-
-    updates = Counter(str(u["event_id"]) for u in read(settings.slice_updates_topic))
-    templates = len(settings.slice_templates)
+    updates = Counter(str(u["event_id"])
+                      for u in _read(kafka_bootstrap, settings.slice_updates_topic))
     good = {f"img-{i}" for i in range(EVENTS) if i not in bad}
     assert set(updates) == good  # nothing lost
-    replayed = {e: n for e, n in updates.items() if n != templates}
+    replayed = {e: n for e, n in updates.items() if n != len(settings.slice_templates)}
     assert replayed == {}, f"events whose updates went out more than once: {replayed}"
-    dead = read(settings.dlq_topic)
+    dead = _read(kafka_bootstrap, settings.dlq_topic)
     assert sorted(str(d["event_id"]) for d in dead) == sorted(f"img-{i}" for i in bad)
     assert {d["reason"] for d in dead} == {"image_undecodable"}
+
+
+@needs_two_cores
+def test_sigkill_of_a_worker_one_batch_ahead_loses_nothing(
+        kafka_bootstrap: str, redis_url: str, images: ImageStream, tmp_path: Path) -> None:
+    """The batch in flight when the worker dies was polled, not committed: its restart reads
+    it again (at-least-once; the detect stage skips the duplicates by source offset)."""
+    pipe = Pipeline(kafka_bootstrap, redis_url, images.reference, event_partitions=PARTITIONS,
+                    partitions=2)
+    pipe.create_topics()
+    bad = {EVENTS // 4}
+    _produce(kafka_bootstrap, pipe.events_topic, images, bad)
+    env = {"DRIFTLINE_ONNX_THREADS": "1", "DRIFTLINE_MODEL_PATH": str(images.model),
+           "DRIFTLINE_EMBED_BATCH_SIZE": "8"}
+    workers: list[Worker] = []
+    try:
+        first = Worker(pipe, "embed", tmp_path, **env)
+        workers.append(first)
+        first.wait_ready()
+        group = pipe.env()["DRIFTLINE_EMBED_GROUP"]
+        wait_for(lambda: _committed(kafka_bootstrap, group, pipe.events_topic) >= EVENTS // 4,
+                 180, "the worker to commit some batches")
+        assert "embed loop started, one batch ahead" in first.log_path.read_text()
+        first.kill()  # mid-stream: a batch is in flight on the model thread
+        killed_at = _committed(kafka_bootstrap, group, pipe.events_topic)
+        assert killed_at < EVENTS, "the stream ended before the kill: nothing to test"
+        second = Worker(pipe, "embed", tmp_path, **env)
+        workers.append(second)
+        wait_for(lambda: _committed(kafka_bootstrap, group, pipe.events_topic) == EVENTS, 240,
+                 "the restarted worker to commit every event")
+        assert second.terminate() == 0
+    finally:
+        for w in workers:
+            if w.alive():
+                w.kill()
+    updates = Counter(str(u["event_id"]) for u in _read(kafka_bootstrap, pipe.updates_topic))
+    good = {f"img-{i}" for i in range(EVENTS) if i not in bad}
+    assert set(updates) == good, f"lost: {sorted(good - set(updates))[:10]}"
+    templates = len(Settings().slice_templates)
+    assert all(n % templates == 0 for n in updates.values())  # whole events, maybe replayed
+    replayed = sum(1 for n in updates.values() if n > templates)
+    print(f"SIGKILL at {killed_at} committed events; {replayed} events replayed by the restart")
