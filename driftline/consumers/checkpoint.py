@@ -31,7 +31,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -244,15 +244,17 @@ class CheckpointStore:
     def commit(
         self,
         epochs: Mapping[int, int],
-        states: Mapping[int, Mapping[str, dict[str, Any]]],
+        states: Mapping[int, Mapping[str, dict[str, Any] | bytes]],
         offsets: Mapping[int, int],
         outbox: Iterable[dict[str, Any]] = (),
-        summaries: Mapping[str, dict[str, Any]] | None = None,
+        summaries: Mapping[str, dict[str, Any] | bytes] | None = None,
         control_seen: Mapping[int, str] | None = None,
         retired: Mapping[int, Iterable[str]] | None = None,
     ) -> None:
         """Write states, input offsets and alarms, and delete the state and summary fields of
         the ``retired`` slices (partition -> slice ids), atomically, if our epochs still hold.
+        A state is a record or its :func:`encode_record` bytes, a summary likewise (the detect
+        stage encodes each as it snapshots it: see ``DetectStage.checkpoint``).
 
         Raises :class:`Fenced` when another worker claimed a partition we write for. Retried
         on an outage like the other calls; a transaction whose reply was lost may have landed,
@@ -292,10 +294,10 @@ class CheckpointStore:
     def _commit_once(
         self,
         epochs: Mapping[int, int],
-        states: Mapping[int, Mapping[str, dict[str, Any]]],
+        states: Mapping[int, Mapping[str, dict[str, Any] | bytes]],
         offsets: Mapping[int, int],
         outbox: list[dict[str, Any]],
-        summaries: Mapping[str, dict[str, Any]] | None,
+        summaries: Mapping[str, dict[str, Any] | bytes] | None,
         control_seen: Mapping[int, str] | None,
         retired: Mapping[int, list[str]] | None = None,
     ) -> None:
@@ -320,7 +322,8 @@ class CheckpointStore:
                 for p, slices in states.items():
                     if slices:
                         pipe.hset(self._k("state", p),
-                                  mapping={sid: encode_record(rec) for sid, rec in slices.items()})
+                                  mapping={sid: _encoded(rec, encode_record)
+                                           for sid, rec in slices.items()})
                 if offsets:
                     pipe.hset(self._k("offsets"),
                               mapping={str(p): str(o) for p, o in offsets.items()})
@@ -329,7 +332,8 @@ class CheckpointStore:
                               mapping={str(p): v for p, v in control_seen.items()})
                 if summaries:
                     pipe.hset(self.summary_key,
-                              mapping={sid: encode_summary(v) for sid, v in summaries.items()})
+                              mapping={sid: _encoded(v, encode_summary)
+                                       for sid, v in summaries.items()})
                 for alarm in outbox:
                     pipe.xadd(self.outbox_key, {"alarm": json.dumps(alarm)},
                               maxlen=OUTBOX_MAXLEN, approximate=True)
@@ -347,6 +351,11 @@ class CheckpointStore:
         """Delete every key of this store (tests and `driftline … --reset`)."""
         for key in self.r.scan_iter(match=f"{self.prefix}:*"):
             self.r.delete(key)
+
+
+def _encoded(value: dict[str, Any] | bytes,
+             encode: Callable[[dict[str, Any]], bytes]) -> bytes:
+    return value if isinstance(value, bytes) else encode(value)
 
 
 def _stale(parts: list[int], current: list[bytes | None], epochs: Mapping[int, int]) -> list[int]:

@@ -91,7 +91,14 @@ from pydantic import ValidationError
 from pydantic_core import from_json
 
 from driftline.alerts.store import stream_id
-from driftline.consumers.checkpoint import REDIS_ERRORS, CheckpointStore, Fenced, RedisOutage
+from driftline.consumers.checkpoint import (
+    REDIS_ERRORS,
+    CheckpointStore,
+    Fenced,
+    RedisOutage,
+    encode_record,
+    encode_summary,
+)
 from driftline.consumers.kafka_io import (
     JoinWatch,
     ProgressLog,
@@ -617,16 +624,25 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         if not in_listener:
             self._apply_control()
             self._sweep()
-        states = {p: {sid: {"state": part.slices[sid].model.snapshot(),
-                            "applied": part.slices[sid].applied} for sid in part.dirty}
-                  for p, part in self.parts.items()}
+        # Each dirty slice's record and summary are encoded as they are made: the snapshot's
+        # dicts and arrays are freed before the next slice's are built, instead of thousands
+        # held until the transaction — long enough for the garbage collector to promote them
+        # and then walk every object of the worker (half the checkpoint's CPU in
+        # benchmarks/results/detect_cpu.md).
+        states: dict[int, dict[str, dict[str, Any] | bytes]] = {}
+        gauges: dict[str, dict[str, Any]] = {}
+        summaries: dict[str, dict[str, Any] | bytes] = {}
+        for p, part in self.parts.items():
+            records = states[p] = {}
+            for sid in part.dirty:
+                entry = part.slices[sid]
+                records[sid] = encode_record({"state": entry.model.snapshot(),
+                                              "applied": entry.applied})
+                g = gauges[sid] = entry.model.gauges()
+                summaries[sid] = encode_summary(_summary(entry.model, g))
         offsets = {p: part.next_offset for p, part in self.parts.items()
                    if part.next_offset is not None}
         epochs = {p: part.epoch for p, part in self.parts.items()}
-        gauges = {sid: part.slices[sid].model.gauges()
-                  for part in self.parts.values() for sid in part.dirty}
-        summaries = {sid: _summary(part.slices[sid].model, gauges[sid])
-                     for part in self.parts.values() for sid in part.dirty}
         # a slice started afresh since its retirement is written over its old record instead
         retired = {p: gone for p, part in self.parts.items()
                    if part.retired and (gone := [sid for sid in part.retired
