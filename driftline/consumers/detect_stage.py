@@ -627,7 +627,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         # Each dirty slice's record and summary are encoded as they are made: the snapshot's
         # dicts and arrays are freed before the next slice's are built, instead of thousands
         # held until the transaction — long enough for the garbage collector to promote them
-        # and then walk every object of the worker (half the checkpoint's CPU in
+        # and then walk every object of the worker (a third or more of the checkpoint's CPU in
         # benchmarks/results/detect_cpu.md).
         states: dict[int, dict[str, dict[str, Any] | bytes]] = {}
         gauges: dict[str, dict[str, Any]] = {}
