@@ -762,11 +762,12 @@ def embed_part(stack: Any, work: Path, sizes: Sizes, threads: int,
     idx = np.sort(order[sizes.ref_images:sizes.ref_images + sizes.images])
     if len(idx) < sizes.images:  # more images than frames: reuse frames
         idx = np.resize(idx, sizes.images)
-    note(f"embed: building an image reference from {len(ref_idx)} vtest frames")
-    builder = Embedder(EmbedderConfig(model_path=model, intra_op_threads=threads))
-    build_reference([Event.model_validate(_event(int(i), _jpeg(frames[i]))) for i in ref_idx],
-                    builder, work / "image-reference", min_count=20)
-    builder.close()
+    if not (work / "image-reference").exists():  # one reference for every thread count
+        note(f"embed: building an image reference from {len(ref_idx)} vtest frames")
+        builder = Embedder(EmbedderConfig(model_path=model, intra_op_threads=threads))
+        build_reference([Event.model_validate(_event(int(i), _jpeg(frames[i])))
+                         for i in ref_idx], builder, work / "image-reference", min_count=20)
+        builder.close()
     ref = load_reference(work / "image-reference")
     name = uuid.uuid4().hex[:8]
     settings = Settings(

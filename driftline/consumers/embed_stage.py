@@ -365,17 +365,21 @@ class EmbedStage:
                 Base64Image(i.event.image) if i.event.image is not None
                 else i.event.image_uri or b"" for i in batch.items if i.event.embedding is None]
             if sources and self.embedder is not None:
-                batch.embedded = self._embed_images(self.embedder, sources)
+                # one batch ahead: the first images decode on the free core while the model
+                # still embeds the batch before
+                prefetch = getattr(self.embedder, "prefetch", None)
+                early = prefetch(sources) if prefetch is not None and self._model else None
+                batch.embedded = self._embed_images(self.embedder, sources, early)
         finally:
             self._held = self._held_counts = None
         return batch
 
-    def _embed_images(self, embedder: EmbedderLike,
-                      sources: list[ImageSource]) -> Future[Embedded]:
+    def _embed_images(self, embedder: EmbedderLike, sources: list[ImageSource],
+                      early: Any) -> Future[Embedded]:
         if self._model is not None:
-            return self._model.submit(_timed_embed, embedder, sources)
+            return self._model.submit(_timed_embed, embedder, sources, early)
         done: Future[Embedded] = Future()
-        done.set_result(_timed_embed(embedder, sources))  # errors raise here: a failed start
+        done.set_result(_timed_embed(embedder, sources, early))  # errors raise: a failed start
         return done
 
     def _complete(self, batch: _Batch) -> None:
@@ -617,9 +621,10 @@ class _Tally:
         self.updates, self.stations = 0, {}
 
 
-def _timed_embed(embedder: EmbedderLike, sources: list[ImageSource]) -> Embedded:
+def _timed_embed(embedder: EmbedderLike, sources: list[ImageSource], early: Any) -> Embedded:
     started = time.perf_counter()
-    emb, errors = embedder.embed_images(sources)
+    emb, errors = (embedder.embed_images(sources) if early is None
+                   else embedder.embed_images(sources, early))  # type: ignore[call-arg]
     return emb, errors, time.perf_counter() - started
 
 

@@ -2,7 +2,9 @@
 
 Decoding runs in a thread pool (libjpeg-turbo, PIL and numpy release the GIL). When onnxruntime
 leaves cores free (fewer intra-op threads than cores, e.g. one embed worker per core), each batch
-is decoded by one thread while ``session.run`` works on the one before, on a free core. When
+is decoded by one thread while ``session.run`` works on the one before, on a free core, and
+:meth:`Embedder.prefetch` starts a coming call's first batch there too (the embed stage's loop,
+one poll ahead, does that), so the model need not wait for it. When
 onnxruntime uses every core, decoding beside it only preempts its threads, which then stall each
 other at every operator's barrier: measured on two cores, overlapping gave 0.65–0.73 of bare
 onnxruntime's images/s, decoding each batch on every core between two runs 0.78 (the CPU bound
@@ -26,6 +28,7 @@ import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -107,6 +110,15 @@ class EmbedderConfig(BaseModel):
                    **runtime)
 
 
+@dataclass(frozen=True)
+class Prefetch:
+    """A call's first batch, decoding ahead of :meth:`Embedder.embed_images`."""
+
+    sources: Sequence[ImageSource]
+    errors: list[ImageError | None]
+    first: tuple[F32, list[Future[None]]]
+
+
 class Embedder:
     """Images or uint8 arrays in, float32 embeddings ``[N, dim]`` out."""
 
@@ -135,6 +147,12 @@ class Embedder:
                       if threads > 0 else None)
         self.decode_threads = threads
         self.overlap_decode = 0 < config.intra_op_threads < cores and self._pool is not None
+        # decodes beside the model go through one thread, in turn: on the core onnxruntime
+        # leaves free, a call's next batch and a prefetched call's first batch do not run at
+        # once (two decode threads beside the model would preempt it)
+        self._ahead_pool = (ThreadPoolExecutor(OVERLAP_DECODE_TASKS,
+                                               thread_name_prefix="decode-ahead")
+                            if self.overlap_decode else None)
         raw = self._raw(np.zeros(self._alloc(self._fixed_batch or 1).shape, np.float32))
         self.output_shape: tuple[int, ...] = raw.shape[1:]
         self.output_layout: OutputLayout = _output_layout(
@@ -143,8 +161,9 @@ class Embedder:
         self.dim = int(self._pool_output(raw).shape[1])
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        for pool in (self._pool, self._ahead_pool):
+            if pool is not None:
+                pool.shutdown(wait=True)
 
     def describe(self) -> dict[str, Any]:
         """Model identity and preprocessing, as recorded in a reference artifact."""
@@ -177,8 +196,19 @@ class Embedder:
             self.preprocess(images)  # shape check
         return np.concatenate(chunks) if chunks else np.empty((0, self.dim), np.float32)
 
+    def prefetch(self, sources: Sequence[ImageSource]) -> Prefetch | None:
+        """Start decoding the first batch of ``sources`` on the core onnxruntime leaves free,
+        while the model may still run an earlier call; pass the result to :meth:`embed_images`
+        with the same ``sources``. Without it, each call's first batch is decoded before its
+        first model run. None (nothing started) when decoding does not overlap the model."""
+        if self._ahead_pool is None or not sources:
+            return None
+        errors: list[ImageError | None] = [None] * len(sources)
+        first = self._submit(sources, 0, errors, OVERLAP_DECODE_TASKS, self._ahead_pool)
+        return Prefetch(sources, errors, first)
+
     def embed_images(
-        self, sources: Sequence[ImageSource],
+        self, sources: Sequence[ImageSource], prefetched: Prefetch | None = None,
     ) -> tuple[F32, list[ImageError | None]]:
         """Embed encoded images (``bytes``, :class:`Base64Image`) or ``file://`` URIs (``str``).
 
@@ -187,18 +217,26 @@ class Embedder:
         Any other exception (a bug, a broken session) is raised: the embed stage decides
         whether one event or the worker is at fault
         (:meth:`~driftline.consumers.embed_stage.EmbedStage.process_guarded`).
+        ``prefetched``: :meth:`prefetch` of the same ``sources``, its first batch decoding.
         """
+        if prefetched is not None and prefetched.sources is not sources:
+            raise ValueError("prefetched was started for other sources")
         out = np.full((len(sources), self.dim), np.nan, np.float32)
-        errors: list[ImageError | None] = [None] * len(sources)
         bs = self.config.batch_size
         starts = list(range(0, len(sources), bs))
-        pending = [self._submit(sources, starts[0], errors, self.decode_threads)] if starts else []
+        if prefetched is not None:
+            errors, pending = prefetched.errors, [prefetched.first]
+        else:
+            errors = [None] * len(sources)
+            pending = ([self._submit(sources, starts[0], errors, self.decode_threads)]
+                       if starts else [])
         for n, start in enumerate(starts):
             if n and not self.overlap_decode:  # every core decodes this batch, then infers it
                 pending.append(self._submit(sources, start, errors, self.decode_threads))
             tensor = _join(pending.pop())
             if self.overlap_decode and n + 1 < len(starts):  # the next one on the free core
-                pending.append(self._submit(sources, starts[n + 1], errors, OVERLAP_DECODE_TASKS))
+                pending.append(self._submit(sources, starts[n + 1], errors, OVERLAP_DECODE_TASKS,
+                                            self._ahead_pool))
             ok = np.array([e is None for e in errors[start:start + bs]])
             if ok.any():
                 rows = np.flatnonzero(ok) + start
@@ -206,7 +244,8 @@ class Embedder:
         return out, errors
 
     def _submit(self, sources: Sequence[ImageSource], start: int, errors: list[ImageError | None],
-                parts: int) -> tuple[F32, list[Future[None]]]:
+                parts: int, pool: ThreadPoolExecutor | None = None,
+                ) -> tuple[F32, list[Future[None]]]:
         stop = min(start + self.config.batch_size, len(sources))
         tensor = self._alloc(stop - start)
 
@@ -219,11 +258,12 @@ class Embedder:
                 except ImageError as exc:
                     errors[i] = exc
 
-        if self._pool is None:
+        pool = pool or self._pool
+        if pool is None:
             work(start, stop)
             return tensor, []
         cuts = np.linspace(start, stop, max(1, parts) + 1).astype(int)
-        return tensor, [self._pool.submit(work, int(lo), int(hi))
+        return tensor, [pool.submit(work, int(lo), int(hi))
                         for lo, hi in zip(cuts[:-1], cuts[1:], strict=True) if hi > lo]
 
     def _alloc(self, n: int) -> F32:

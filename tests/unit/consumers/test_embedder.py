@@ -133,3 +133,28 @@ def test_description_round_trip(tiny: Path) -> None:
     data = png(_images(1, size=40)[0])
     np.testing.assert_array_equal(a.embed_images([data])[0], b.embed_images([data])[0])
     assert decode_image(data, (16, 16), fit="center_crop").shape == (16, 16, 3)
+
+
+def test_a_prefetched_first_batch_embeds_as_a_plain_call(tiny: Path) -> None:
+    """One poll ahead, the embed stage starts decoding a call's first batch on the free core
+    before the call; the result is the same, errors at the same indices."""
+    x = _images(10)
+    sources: list[ImageSource] = [png(a) for a in x]
+    sources[1] = b"garbage"  # in the prefetched first batch
+    sources[6] = b"garbage too"  # in a later one
+    emb = Embedder(EmbedderConfig(model_path=tiny, batch_size=4, decode_threads=2,
+                                  intra_op_threads=1))
+    assert emb.overlap_decode
+    early = emb.prefetch(sources)
+    assert early is not None and emb.prefetch([]) is None
+    out, errors = emb.embed_images(sources, early)
+    plain, plain_errors = emb.embed_images(sources)
+    assert [i for i, e in enumerate(errors) if e is not None] == [1, 6]
+    assert [type(e) for e in errors] == [type(e) for e in plain_errors]
+    np.testing.assert_array_equal(out, plain)  # NaN rows included
+    with pytest.raises(ValueError, match="other sources"):
+        emb.embed_images(list(sources), emb.prefetch(sources))
+    emb.close()
+    every_core = Embedder(EmbedderConfig(model_path=tiny, decode_threads=2, intra_op_threads=0))
+    assert every_core.prefetch(sources) is None  # decoding beside the model would preempt it
+    every_core.close()
