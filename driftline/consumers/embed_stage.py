@@ -16,10 +16,13 @@ When onnxruntime leaves a core free (fewer intra-op threads than usable CPUs, th
 for CPU-only hosts: one worker per core), the loop runs **one batch ahead**: the model embeds
 batch *n* on its own thread while the main thread finishes batch *n − 1* (steps 4–5, the Redis
 writes) and polls and validates batch *n + 1* (steps 1–2). Each batch's offsets are committed
-explicitly once its updates are flushed, so offsets polled but not yet finished are never
-committed; a partition revoked meanwhile is finished and committed first (in the rebalance
-callback), and a stop finishes the batch in flight. With every core in onnxruntime the loop stays
-serial: work beside the model would preempt its threads.
+explicitly once its updates are flushed and delivered, so offsets polled but not yet finished are
+never committed. Before a poll that could rejoin the group (a rebalance is pending), and at a
+stop, the batch in flight is finished and committed first: kafka-python revokes partitions inside
+``poll``, on its network thread, where nothing can be committed, and a batch finished after the
+rebalance could not commit (its next owner would read it again; harmless, as the detect stage
+skips replays, but avoidable). With every core in onnxruntime the loop stays serial: work beside
+the model would preempt its threads.
 
 Redis holds only the prediction cache and the recent-embeddings buffer, so an outage does not
 stop the stream: each write waits ``redis_wait_s`` at most and is then skipped (logged; late
@@ -174,7 +177,7 @@ class EmbedStage:
         self._model = (ThreadPoolExecutor(1, thread_name_prefix="embed-model")
                        if ahead and embedder is not None else None)
         self._inflight: _Batch | None = None
-        self._revoke_error: BaseException | None = None  # raised in a rebalance callback
+        self._sent_records: list[Any] = []  # producer futures since the last commit
         # faiss splits each small search over an OpenMP team whose spin-waits fight onnxruntime's
         # threads for the same cores: ~20 ms instead of ~1 ms per batch of 32 on two busy cores
         faiss.omp_set_num_threads(1)
@@ -188,12 +191,12 @@ class EmbedStage:
         try:
             while not self.stop_event.is_set():
                 self.beat = time.monotonic()  # liveness: the loop turns
+                if self._inflight is not None and _rejoin_pending(self.consumer):
+                    self.drain()  # commit it while the partitions are still ours
                 # a batch in flight is finished as soon as nothing more is waiting
                 polled = self.consumer.poll(
                     timeout_ms=0 if self._inflight is not None else self.batch_timeout_ms,
                     max_records=POLL_BATCHES * self.batch_size)
-                if self._revoke_error is not None:
-                    raise self._revoke_error
                 self.join_watch.check(self.consumer)
                 msgs = [m for part in polled.values() for m in part]
                 for tp, part in polled.items():
@@ -205,6 +208,7 @@ class EmbedStage:
                 self._report_lag()
             self.drain()  # a stop finishes the batch in flight
         finally:
+            self._inflight = None  # after an error: not committed, read again by the next owner
             if self._model is not None:
                 self._model.shutdown(wait=True)
             self.producer.flush()
@@ -230,6 +234,12 @@ class EmbedStage:
     def _finish(self, batch: _Batch) -> None:
         self._complete_guarded(batch)
         self.producer.flush()
+        sent, self._sent_records = self._sent_records, []
+        for record in sent:  # flush returns once each record is delivered *or* failed
+            if record is not None and record.failed():
+                raise KafkaError(  # the worker restarts and reads the batch again
+                    f"a record of the batch ending at {batch.offsets()} was not delivered; "
+                    "its offsets are not committed") from record.exception
         self._commit(batch.offsets())
 
     def _subscribe(self) -> None:
@@ -394,7 +404,7 @@ class EmbedStage:
         finally:
             self._held = self._held_counts = None
         for _, topic, record in sorted(batch.held, key=lambda h: h[0]):  # stable: templates
-            self.producer.send(topic, **record)
+            self._sent_records.append(self.producer.send(topic, **record))
         for op, value in batch.counts:
             op(value)
         self._tally.flush(self.metrics)
@@ -407,12 +417,12 @@ class EmbedStage:
             self._held_counts.append((op, value))
 
     def _complete_batch(self, batch: _Batch) -> None:
-        started = time.perf_counter()
         model_s = 0.0
         embedded: tuple[Any, list[Any]] | None = None
         if batch.embedded is not None:
             emb, errors, model_s = batch.embedded.result()
             embedded = emb, errors
+        started = time.perf_counter()  # after the wait: the model's own time is model_s
         items, vectors = self._embed(batch.items, embedded)
         if items:
             self._count(self.metrics.embed_latency.observe,
@@ -559,7 +569,7 @@ class EmbedStage:
     def _send(self, source: Any, topic: str, **record: Any) -> None:
         """Send, or hold until the batch is done (:meth:`process`)."""
         if self._held is None:
-            self.producer.send(topic, **record)
+            self._sent_records.append(self.producer.send(topic, **record))
         else:
             self._held.append(((source.partition, source.offset), topic, record))
 
@@ -581,14 +591,10 @@ class _LogAssignments(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def on_partitions_revoked(self, revoked: list[Any]) -> None:
         log.info("embed partitions revoked", extra={"partitions": [tp.partition for tp in revoked]})
-        # kafka-python 3.0.12 joins only in a poll that may wait, which the loop makes with no
-        # batch in flight; should a client revoke with one in flight, it is finished and
-        # committed while the partitions are still ours. kafka-python logs and swallows a
-        # callback's exception, so the loop raises it instead.
-        try:
-            self.stage.drain()
-        except BaseException as exc:  # noqa: BLE001 - raised by run() after the poll
-            self.stage._revoke_error = exc
+        # No work here: kafka-python calls this on its network thread, where a commit cannot
+        # run. The loop finishes its batch in flight before a poll that could rejoin; should a
+        # revoke still come with one in flight, that batch's commit fails after the rebalance
+        # and its next owner reads it again (the detect stage skips the replayed updates).
         for tp in revoked:  # another worker moves it on: our offset would read as lag later
             self.stage._next.pop(tp, None)
         self.stage.progress.forget(tp.partition for tp in revoked)
@@ -619,6 +625,15 @@ class _Tally:
             metrics.events_per_station.labels(station).inc(events)
             metrics.last_event_time.labels(station).set(ts)
         self.updates, self.stations = 0, {}
+
+
+def _rejoin_pending(consumer: Any) -> bool:
+    """kafka-python's coordinator wants to (re)join the group: the next poll revokes."""
+    need = getattr(getattr(consumer, "_coordinator", None), "need_rejoin", None)
+    try:
+        return bool(need()) if callable(need) else False
+    except Exception:  # noqa: BLE001 - another client version: the batch may be read again
+        return False
 
 
 def _timed_embed(embedder: EmbedderLike, sources: list[ImageSource], early: Any) -> Embedded:

@@ -2,12 +2,12 @@
 against the real broker and Redis.
 
 The loop polls batch n + 1 while the model embeds batch n, and commits each batch's own offsets
-once its updates are flushed. So (1) when a second worker joins mid-stream and the first leaves,
-every event's slice-updates go out exactly once — with kafka-python 3.0.12 a pending rejoin makes
-the loop's zero-timeout poll return nothing, the loop finishes its batch in flight and joins on
-the next poll, and the revoke callback finishes one should a client revoke with a batch in
-flight; and (2) a worker killed with a batch in flight has not committed it, so its restart
-reads it again: nothing is lost (committing the consumer's position instead loses that batch).
+once its updates are flushed and delivered. So (1) when a second worker joins mid-stream and the
+first leaves, every event's slice-updates go out exactly once: before a poll that could rejoin the
+group the loop finishes and commits its batch in flight (kafka-python revokes inside ``poll``, on
+its network thread, where nothing can be committed); and (2) a worker killed with a batch in
+flight has not committed it, so its restart reads it again: nothing is lost (committing the
+consumer's position instead loses that batch — checked by mutation).
 """
 
 from __future__ import annotations

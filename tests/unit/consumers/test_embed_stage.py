@@ -394,39 +394,164 @@ def test_the_model_embeds_the_next_batch_while_the_previous_one_finishes() -> No
     stage._model.shutdown()  # type: ignore[union-attr]
 
 
-def test_a_revoke_finishes_and_commits_the_batch_in_flight() -> None:
+class Sent:
+    """A producer's future for one record."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.exception = error
+
+    def failed(self) -> bool:
+        return self.exception is not None
+
+
+class LoopProducer(Producer):
+    """Records flushes in the consumer's log; records for ``failing`` topics fail."""
+
+    def __init__(self, log: list[tuple[Any, ...]], failing: str | None = None) -> None:
+        super().__init__()
+        self.log, self.failing = log, failing
+
+    def send(self, topic: str, key: bytes | None = None, value: bytes = b"",
+             headers: Any = None) -> Sent:  # type: ignore[override]
+        super().send(topic, key, value, headers)
+        return Sent(RuntimeError("record too large") if topic == self.failing else None)
+
+    def flush(self) -> None:
+        self.log.append(("flush", len(self.sent)))
+
+    def close(self, timeout: float | None = None) -> None:
+        pass
+
+
+class ScriptedConsumer:
+    """Enough of a KafkaConsumer for ``run``: scripted polls, a rejoin pending before the polls
+    numbered in ``rejoin_before``, and the stage stopped by the poll that empties the script
+    (or by the one numbered ``stop_at``)."""
+
+    def __init__(self, polls: list[list[Msg]], rejoin_before: set[int] = frozenset(),  # type: ignore[assignment]
+                 stop_at: int | None = None) -> None:
+        import types
+
+        self.polls, self.calls, self.stop_at = list(polls), 0, stop_at
+        self.log: list[tuple[Any, ...]] = []
+        self.stage: EmbedStage | None = None
+        self._coordinator = types.SimpleNamespace(
+            need_rejoin=lambda: self.calls in rejoin_before, _join_task=None)
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return {0, 1}
+
+    def subscribe(self, topics: list[str], listener: Any) -> None:
+        self.listener = listener
+
+    def poll(self, timeout_ms: int, max_records: int) -> dict[Any, list[Msg]]:
+        from kafka import TopicPartition
+
+        assert self.stage is not None
+        self.log.append(("poll", timeout_ms))
+        self.calls += 1
+        msgs = self.polls.pop(0) if self.polls else []
+        if not self.polls or self.calls == self.stop_at:
+            self.stage.stop()
+        out: dict[Any, list[Msg]] = {}
+        for m in msgs:
+            out.setdefault(TopicPartition(m.topic, m.partition), []).append(m)
+        return out
+
+    def assignment(self) -> set[Any]:
+        return set()
+
+    def highwater(self, tp: Any) -> int | None:
+        return None
+
+    def commit(self, offsets: dict[Any, Any]) -> None:
+        self.log.append(("commit", {tp.partition: om.offset for tp, om in offsets.items()}))
+
+    def close(self, autocommit: bool = False) -> None:
+        self.log.append(("close",))
+
+
+def _loop_stage(consumer: ScriptedConsumer, embedder: Embedder | None = None,
+                failing: str | None = None, registry: CollectorRegistry | None = None,
+                ) -> EmbedStage:
+    stage = EmbedStage(
+        consumer, LoopProducer(consumer.log, failing),  # type: ignore[arg-type]
+        events_topic="ev", updates_topic="up", dlq_topic="dlq",
+        embedder=embedder or Embedder(), reference=Reference(), templates=["station"],
+        metrics=EmbedMetrics(registry or CollectorRegistry()), ahead=True)
+    consumer.stage = stage
+    return stage
+
+
+def test_the_loop_commits_each_batch_after_its_flush_and_before_a_pending_rejoin() -> None:
+    """kafka-python revokes inside ``poll`` on its network thread, where nothing can be
+    committed: with a rejoin pending, the batch in flight is finished and committed first,
+    and that poll may then wait."""
+    first, second, _ = _polls()
+    consumer = ScriptedConsumer([first, second, []], rejoin_before={1})
+    _loop_stage(consumer).run()
+    assert consumer.log == [
+        ("poll", 200),  # nothing in flight: it may wait
+        ("flush", 5), ("commit", {0: 3, 1: 2}),  # the rejoin pending: the first batch done
+        ("poll", 200),
+        ("poll", 0),  # the second in flight: it must not wait
+        ("flush", 8), ("commit", {0: 4, 1: 4}),  # (one event of it is dead-lettered)
+        ("flush", 8), ("close",)]
+    plain = ScriptedConsumer([first, second, []])
+    _loop_stage(plain).run()  # no rejoin: the first is finished while the second embeds
+    assert plain.log == [("poll", 200), ("poll", 0), ("flush", 5), ("commit", {0: 3, 1: 2}),
+                         ("poll", 0), ("flush", 8), ("commit", {0: 4, 1: 4}), ("flush", 8),
+                         ("close",)]
+
+
+def test_a_stop_finishes_and_commits_the_batch_in_flight() -> None:
+    consumer = ScriptedConsumer([_polls()[0], _polls()[1]], stop_at=1)
+    _loop_stage(consumer).run()
+    assert consumer.log == [("poll", 200), ("flush", 5), ("commit", {0: 3, 1: 2}), ("flush", 5),
+                            ("close",)]
+
+
+def test_an_undelivered_record_stops_the_worker_before_its_batch_is_committed() -> None:
+    """``flush`` returns once every record is delivered or failed; a failed one (the
+    dead-letter record here) must not be committed over: the worker stops, its restart reads
+    the batch again."""
+    from kafka.errors import KafkaError
+
+    consumer = ScriptedConsumer([_polls()[1], []])
+    with pytest.raises(KafkaError, match="not delivered"):
+        _loop_stage(consumer, failing="dlq").run()
+    assert [e for e in consumer.log if e[0] == "commit"] == []
+    assert consumer.log[-1] == ("close",)
+
+
+def test_a_revoke_leaves_the_batch_in_flight_to_the_loop() -> None:
+    """The callback runs on kafka-python's network thread: it must not finish or commit."""
     from kafka import TopicPartition
 
     from driftline.consumers.embed_stage import _LogAssignments
 
     stage, producer, consumer = _ahead_stage(True)
     stage.advance(_polls()[0])
-    assert consumer.commits == []
     _LogAssignments(stage).on_partitions_revoked([TopicPartition("ev", 0)])
-    assert consumer.commits == [{0: 3, 1: 2}] and stage._inflight is None
-    assert len([t for t, _, _ in producer.sent if t == "up"]) == 2 * 5
-    assert stage._revoke_error is None
+    assert consumer.commits == [] and stage._inflight is not None
+    stage.drain()
+    assert consumer.commits == [{0: 3, 1: 2}]
 
 
-class _DeadModel(Embedder):
-    def embed_images(self, sources: Sequence[ImageSource]) -> tuple[Any, list[Any]]:
-        raise RuntimeError("onnxruntime: session broken")
+def test_embed_latency_is_the_models_time_not_the_wait_for_it_too() -> None:
+    import time as _time
 
+    class Slow(Embedder):
+        def embed_images(self, sources: Sequence[ImageSource]) -> tuple[Any, list[Any]]:
+            _time.sleep(0.3)
+            return super().embed_images(sources)
 
-def test_a_worker_fault_in_a_revoke_is_raised_by_the_loop_not_lost() -> None:
-    """kafka-python logs and swallows a rebalance callback's exception; the loop raises it
-    after the poll, and nothing of the batch was sent or committed."""
-    from kafka import TopicPartition
-
-    from driftline.consumers.embed_stage import _LogAssignments
-
-    stage, producer, consumer = _ahead_stage(True, _DeadModel())
-    stage.advance([Msg("ev", 0, n, b"k", _event(n, "s1", image=_jpeg((9, 9, 9))))
-                   for n in range(3)])
-    _LogAssignments(stage).on_partitions_revoked([TopicPartition("ev", 0)])
-    assert isinstance(stage._revoke_error, RuntimeError)
-    assert "the fault may be the worker's" in str(stage._revoke_error)
-    assert consumer.commits == [] and producer.sent == []
+    registry = CollectorRegistry()
+    stage, _, _ = _ahead_stage(True, Slow(), registry)
+    stage.advance(_polls()[0])
+    stage.drain()  # waits ~0.3 s for the model, which took ~0.3 s
+    total = registry.get_sample_value("driftline_embed_latency_seconds_sum")
+    assert total is not None and 0.3 <= total < 0.5
 
 
 def test_a_batch_that_fails_on_the_model_thread_is_replayed_one_event_at_a_time() -> None:
@@ -455,3 +580,36 @@ def test_a_batch_that_fails_on_the_model_thread_is_replayed_one_event_at_a_time(
     assert registry.get_sample_value("driftline_embed_events_total",
                                      {"kind": "inference"}) == 3
     assert registry.get_sample_value("driftline_embed_batch_size_events_count") == 3
+
+
+class PrefetchingEmbedder(Embedder):
+    """Records the prefetches the stage asks for and what each call gets."""
+
+    def __init__(self) -> None:
+        self.prefetched: list[int] = []
+        self.given: list[object] = []
+
+    def prefetch(self, sources: Sequence[ImageSource]) -> object:
+        self.prefetched.append(len(sources))
+        return ("early", id(sources))
+
+    def embed_images(self, sources: Sequence[ImageSource],  # type: ignore[override]
+                     prefetched: object = None) -> tuple[Any, list[Any]]:
+        self.given.append(prefetched)
+        return super().embed_images(sources)
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_one_batch_ahead_prefetches_each_polls_first_images(ahead: bool) -> None:
+    embedder = PrefetchingEmbedder()
+    stage, producer, _ = _ahead_stage(ahead, embedder)
+    first, second, _ = _polls()
+    stage.advance(first)
+    stage.advance(second)
+    stage.drain()
+    if ahead:  # each poll's images (the undecodable one too): 3 and 3
+        assert embedder.prefetched == [3, 3]
+        assert [g[0] for g in embedder.given] == ["early", "early"]  # type: ignore[index]
+    else:  # every core in onnxruntime: nothing beside the model
+        assert embedder.prefetched == [] and embedder.given == [None, None]
+    assert len([t for t, _, _ in producer.sent if t == "up"]) == 2 * 7
