@@ -329,7 +329,10 @@ class Grouper:
         if left is not None and left is not target and self._mergeable(target, left):
             # The slice's first episode had opened an incident of its own (nothing explained it
             # in time); its next one joined this incident, whose root explains both: one
-            # problem, not a resolved one beside it.
+            # problem, not a resolved one beside it. ``left`` has just auto-resolved (its only
+            # firing ended), so the live ``target`` is kept even when ``left`` is older: the
+            # older-id rule of the other merges is between active incidents, and reopening
+            # ``left`` would move the page on-call knows to an id it may never have seen.
             self._merge(target, left)
 
     def _continue(self, inc: Incident, f: Firing, msg: Mapping[str, Any],
