@@ -10,7 +10,9 @@ runs in Python (snapshots, gauges, summaries, record encoding, the transaction's
 stage's own. Updates are applied through ``DetectStage.apply_batch`` in polls of
 ``MAX_POLL_RECORDS`` and checkpointed every ``--every`` updates (a second's worth at the
 stage's measured rate). CPU is the measuring thread's (``time.thread_time``); legs interleave
-(old, new, old, new…) and the table gives medians and the median of the per-pair ratios.
+(old, new, old, new…) and the table gives medians and the median of the per-pair ratios. Also
+shown: the time spent in garbage collections (``gc.callbacks``, within both phases) and the
+number of full collections.
 
 Streams:
 
@@ -33,6 +35,7 @@ the published gauges, and the final snapshots.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -192,7 +195,18 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     check = spec["check"]
     every = spec["every"]
     out: dict[str, Any] = {"passes": []}
+    collecting = [0.0, 0.0, 0.0]  # start of the running collection; in collections; full ones
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            collecting[0] = time.thread_time()
+        else:
+            collecting[1] += time.thread_time() - collecting[0]
+            collecting[2] += info["generation"] == 2
+
+    gc.callbacks.append(on_gc)
     for _ in range(1 if check else spec["passes"] + 1):  # the first pass warms up
+        collecting[1:] = [0.0, 0.0]
         redis = _Redis(record=check)
         stage = _stage(Path(spec["reference"]), redis, spec["retire_days"])
         apply_s = ckpt_s = 0.0
@@ -229,6 +243,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
                                 for rec in [decode_record(raw)]}, part.control_seen)
         out["passes"].append({"apply_s": apply_s, "checkpoint_s": ckpt_s, "dirty": dirty,
                               "checkpoints": checkpoints, "updates": len(stream),
+                              "gc_s": collecting[1], "gc_full": int(collecting[2]),
                               "slices": sum(len(p.slices) for p in stage.parts.values())})
         if check:
             out["log"] = redis.log
@@ -401,7 +416,8 @@ def _diff(a: Any, b: Any, where: str = "") -> str | None:
 
 
 def _counted(result: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in p.items() if not k.endswith("_s")} for p in result["passes"]]
+    return [{k: v for k, v in p.items() if not k.endswith("_s") and not k.startswith("gc")}
+            for p in result["passes"]]
 
 
 def check(old: Path, new: Path, work: Path, ref_dir: Path, events: int) -> list[str]:
@@ -432,6 +448,10 @@ def check(old: Path, new: Path, work: Path, ref_dir: Path, events: int) -> list[
     return lines
 
 
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b else "–"
+
+
 def bench(old: Path, new: Path, work: Path, refs: dict[str, Path], repeats: int,
           updates: int, every: int) -> tuple[list[str], dict[str, Any]]:
     from driftline.reference.index import load_reference
@@ -458,20 +478,25 @@ def bench(old: Path, new: Path, work: Path, refs: dict[str, Path], repeats: int,
                      "ckpt": [1e6 * p["checkpoint_s"] / max(1, p["dirty"]) for p in ps],
                      "ckpt_u": [1e6 * p["checkpoint_s"] / p["updates"] for p in ps],
                      "total": [1e6 * (p["apply_s"] + p["checkpoint_s"]) / p["updates"]
-                               for p in ps]} for leg, ps in legs.items()}
+                               for p in ps],
+                     "gc": [1e6 * p["gc_s"] / p["updates"] for p in ps],
+                     "gc_full": [float(p["gc_full"]) for p in ps]} for leg, ps in legs.items()}
         p0 = legs["old"][0]
         figures[name] = per
         label = {"apply": "apply_batch, µs/update", "ckpt": "checkpoint, µs/dirty slice",
-                 "ckpt_u": "checkpoint, µs/update", "total": "apply + checkpoint, µs/update"}
+                 "ckpt_u": "checkpoint, µs/update", "total": "apply + checkpoint, µs/update",
+                 "gc": "of which in garbage collections, µs/update",
+                 "gc_full": "full (generation 2) collections per pass"}
         rows.append(f"| **{name}**: {p0['updates']:,} updates, {p0['slices']:,} slices, "
                     f"{p0['checkpoints']} checkpoints, {p0['dirty'] / p0['checkpoints']:,.0f} "
                     "dirty slices each | | | | |")
         for key, text in label.items():
             o, n = per["old"][key], per["new"][key]
-            paired = statistics.median(b / a for a, b in zip(o, n, strict=True))
+            paired = statistics.median(b / a if a else math.nan
+                                       for a, b in zip(o, n, strict=True))
             rows.append(f"| {text} | {statistics.median(o):.1f} ({min(o):.1f}–{max(o):.1f}) "
                         f"| {statistics.median(n):.1f} ({min(n):.1f}–{max(n):.1f}) | "
-                        f"{statistics.median(n) / statistics.median(o):.2f} | {paired:.2f} |")
+                        f"{_ratio(statistics.median(n), statistics.median(o))} | {paired:.2f} |")
     head = ["| measure | old, median (min–max) | new, median (min–max) | new / old | "
             "paired |", "|---|---|---|---|---|"]
     return head + rows, figures

@@ -4,6 +4,7 @@ checkpoint record format."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -624,6 +625,41 @@ def test_a_slice_restored_under_another_reference_restarts_even_with_as_many_clu
     _feed(stage, 40, 1, cluster=0, ood=False)
     assert [(m["kind"], m["detector"]) for m in stage.outbox] == [("clear", d) for d in opened]
     assert restored.n == 1 and restored.reference_id == "new" and not restored.open
+
+
+
+def test_slice_state_holds_no_reference_cycles() -> None:
+    """A worker holds thousands of slices: ones that hold reference cycles would leave their
+    freeing to the garbage collector's full collections, which walk every object of the worker
+    (benchmarks/detect_cpu.py shows their cost). Slices — with open alarms (tallies, cells),
+    restored from their records, updated after — are freed by reference counting alone: the
+    collector finds none of them."""
+    stage = _stage()
+    _feed(stage, 0, 40, cluster=2)  # alarms open on s1: tallies and cells
+    stage.apply_batch(0, [Msg(0, 100 + i, _update(2 * i + 1, source_offset=100 + i)
+                              .model_dump_json().encode(), 0) for i in range(30)])  # s2
+    entries = stage.parts[0].slices
+    assert entries["station=s1"].model.open and entries["station=s1"].model.cells  # type: ignore[attr-defined]
+    restored = {sid: stage.restore_slice(decode_record(encode_record(
+        {"state": e.model.snapshot(), "applied": e.applied}))["state"])
+        for sid, e in entries.items()}
+    for i, model in enumerate(restored.values()):
+        model.update(_update(200 + i, source_offset=200 + i, cluster=2))
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds unreachable stays in gc.garbage
+    try:
+        del entries, model
+        stage.parts.clear()
+        restored.clear()
+        gc.collect()
+        ours = [type(o).__qualname__ for o in gc.garbage
+                if type(o).__module__.startswith("driftline")]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert ours == []
 
 
 # --- slice retirement ----------------------------------------------------------------------
