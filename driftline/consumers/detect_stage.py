@@ -638,8 +638,10 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                 entry = part.slices[sid]
                 records[sid] = encode_record({"state": entry.model.snapshot(),
                                               "applied": entry.applied})
-                g = gauges[sid] = entry.model.gauges()
+                g = entry.model.gauges()
                 summaries[sid] = encode_summary(_summary(entry.model, g))
+                if entry.model.template in GAUGED_TEMPLATES:  # the others publish none
+                    gauges[sid] = g
         offsets = {p: part.next_offset for p, part in self.parts.items()
                    if part.next_offset is not None}
         epochs = {p: part.epoch for p, part in self.parts.items()}
@@ -655,7 +657,8 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                           {p: part.control_seen for p, part in self.parts.items()}, retired)
         for part in self.parts.values():
             for sid in part.dirty:
-                self._publish_gauges(part.slices[sid], gauges[sid])
+                if sid in gauges:
+                    self._publish_gauges(part.slices[sid], gauges[sid])
             part.dirty.clear()
         self._retirements_committed()
         self._count_committed()

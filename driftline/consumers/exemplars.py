@@ -35,6 +35,8 @@ class ExemplarRing:
     ...     ring.add(f"e{i}", i % 3, 0.5, 100.0 + i, i == 9, 0, 1000 + i)
     >>> len(ring), next(iter(ring)), list(ring)[-1]
     (8, ('e2', 2, 0.5, 102.0, False, 0, 1002), ('e9', 0, 0.5, 109.0, True, 0, 1009))
+    >>> ring.rows() == [list(e) for e in ring]
+    True
     """
 
     __slots__ = ("_rec", "_ids", "_head")
@@ -77,6 +79,25 @@ class ExemplarRing:
                    None if math.isnan(distance) else distance, ts,
                    None if ood < 0 else bool(ood), None if partition < 0 else partition,
                    None if offset < 0 else offset)
+
+    def rows(self) -> list[list[Any]]:
+        """The exemplars as lists, oldest first: what a checkpoint stores, the values of
+        iterating (without making each a tuple first)."""
+        rec = self._rec
+        if rec is None:
+            return []
+        ids, n, head = self._ids, len(self._ids), self._head
+        rows = rec.tolist()
+        if n < EXEMPLARS:
+            rows = rows[:n]
+        elif head:
+            rows, ids = rows[head:] + rows[:head], ids[head:] + ids[:head]
+        return [[event_id, None if cluster < 0 else cluster,
+                 None if distance != distance else distance, ts,  # NaN: None
+                 None if ood < 0 else bool(ood), None if partition < 0 else partition,
+                 None if offset < 0 else offset]
+                for event_id, (cluster, distance, ts, ood, partition, offset)
+                in zip(ids, rows, strict=True)]
 
     def clear(self) -> None:
         self._rec, self._ids, self._head = None, [], 0

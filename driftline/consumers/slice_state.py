@@ -449,7 +449,7 @@ class SliceState:
     def snapshot(self) -> dict[str, Any]:
         return {"slice_id": self.slice_id, "template": self.template,
                 "detectors": self.det.snapshot(), "open": self.open,
-                "exemplars": [list(e) for e in self.exemplars], "versions": self.versions,
+                "exemplars": self.exemplars.rows(), "versions": self.versions,
                 "last_time": self.last_time, "reference_id": self.reference_id,
                 "cells": {name: c.snapshot() for name, c in self.cells.items()}}
 

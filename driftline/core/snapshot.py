@@ -56,9 +56,24 @@ def pack(doc: Any) -> bytes:
             break
         n += 1
         ref = f"{_REF}{n}"
-    index = to_json({"ref": ref, "arrays": [[a.dtype.str, a.shape] for a in arrays]})
+    index = to_json({"ref": ref, "arrays": [[_dtype_str(a.dtype), a.shape] for a in arrays]})
     return b"".join([_HEAD.pack(MAGIC, VERSION, len(index), len(body)), index, body,
                      *(a.tobytes() for a in arrays)])
+
+
+_DTYPE_STRS: dict[int, tuple[np.dtype[Any], str]] = {}  # id -> (the dtype, its .str)
+
+
+def _dtype_str(dt: np.dtype[Any]) -> str:
+    """``dt.str``, which makes a new string at each call, from a cache: snapshots' arrays have
+    a few dtypes, each one object (the cache holds it, so its id is not reused)."""
+    hit = _DTYPE_STRS.get(id(dt))
+    if hit is not None and hit[0] is dt:
+        return hit[1]
+    if len(_DTYPE_STRS) >= 64:  # dtypes made on the fly (structured ones): not all kept
+        _DTYPE_STRS.clear()
+    _DTYPE_STRS[id(dt)] = (dt, dt.str)
+    return dt.str
 
 
 def _dump(doc: Any, ref: str) -> tuple[list[np.ndarray], bytes]:
