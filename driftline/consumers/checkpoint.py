@@ -263,20 +263,25 @@ class CheckpointStore:
         checkpoint): if so it landed, and writing again would put its alarms twice in the
         outbox.
         """
-        alarms = list(outbox)
         gone = {p: list(sids) for p, sids in (retired or {}).items()}
-        tried = False
+        self._commit_retried([False], epochs, states, offsets, list(outbox), summaries,
+                             control_seen, gone)
 
-        @retry_redis
-        def attempt(store: CheckpointStore) -> None:
-            nonlocal tried
-            if tried and alarms and offsets and store._offsets_read(offsets):
-                log.info("checkpoint had landed before its reply was lost; not written again")
-                return
-            tried = True
-            store._commit_once(epochs, states, offsets, alarms, summaries, control_seen, gone)
-
-        attempt(self)
+    @retry_redis
+    def _commit_retried(self, tried: list[bool], epochs: Mapping[int, int],
+                        states: Mapping[int, Mapping[str, dict[str, Any] | bytes]],
+                        offsets: Mapping[int, int], alarms: list[dict[str, Any]],
+                        summaries: Mapping[str, dict[str, Any] | bytes] | None,
+                        control_seen: Mapping[int, str] | None,
+                        gone: dict[int, list[str]]) -> None:
+        """One attempt of :meth:`commit` (``tried[0]``: an earlier one was sent). Decorated
+        once, on the class: a retry wrapper made per call refers to itself, and the cycle
+        kept each checkpoint's records alive until a garbage collection."""
+        if tried[0] and alarms and offsets and self._offsets_read(offsets):
+            log.info("checkpoint had landed before its reply was lost; not written again")
+            return
+        tried[0] = True
+        self._commit_once(epochs, states, offsets, alarms, summaries, control_seen, gone)
 
     @retry_redis
     def stored_offsets(self) -> dict[int, int]:

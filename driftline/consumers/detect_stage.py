@@ -308,7 +308,10 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def _park(self, partitions: list[int]) -> None:
         """Forget ``partitions``' in-memory state and load them again, as on assignment (the
-        load seeks to where their last checkpoint left off), paused until then."""
+        load seeks to where their last checkpoint left off), paused until then. Their gauges
+        go too: the reloaded slices start untracked and publish again when next updated, so a
+        kept series would be left frozen — and exported beside its next owner's."""
+        self._forget_gauges(partitions)
         for p in partitions:
             del self.parts[p]
         if partitions:

@@ -10,7 +10,13 @@ import time
 import pytest
 import redis
 
-from driftline.consumers.checkpoint import REDIS_ERRORS, CheckpointStore, Fenced, store_client
+from driftline.consumers.checkpoint import (
+    REDIS_ERRORS,
+    CheckpointStore,
+    Fenced,
+    encode_record,
+    store_client,
+)
 from driftline.localstack import start_stack
 
 pytestmark = pytest.mark.integration
@@ -100,3 +106,28 @@ def test_a_redis_that_cannot_write_to_its_disk_is_an_outage() -> None:
         admin.config_set("stop-writes-on-bgsave-error", "no")  # the disk is fixed
         store.commit(epochs, {0: {}}, {0: 42})
         assert store.load(0)[0] == 42
+
+
+def test_a_checkpoint_s_records_are_freed_when_it_returns(url: str) -> None:
+    """Without waiting for a garbage collection: a retry wrapper made per call referred to
+    itself, and that cycle kept every checkpoint's encoded records alive until one."""
+    import gc
+    import weakref
+
+    class Records(dict):  # type: ignore[type-arg]  # a dict that a weak reference can watch
+        pass
+
+    store = CheckpointStore(store_client(url))
+    epochs = store.claim([0])
+    states = Records({"station=s1": encode_record({"state": {}, "applied": {}})})
+    summaries = Records({"station=s1": b"{}"})
+    watched = [weakref.ref(states), weakref.ref(summaries)]
+    gc.collect()
+    gc.disable()
+    try:
+        store.commit(epochs, {0: states}, {0: 7}, summaries=summaries)
+        del states, summaries
+        assert [w() for w in watched] == [None, None]
+    finally:
+        gc.enable()
+    assert store.load(0)[0] == 7
