@@ -78,8 +78,9 @@ RECENT_KEY = "dl:recent"
 # Lag gauges (read from the last fetch responses) once a second are plenty for an alert.
 LAG_REPORT_S = 1.0
 # Under a backlog one poll takes this many model batches, so that the embedder can decode the next
-# batch while the model runs one (when onnxruntime leaves a core free: 0.76 -> 0.87 of bare
-# onnxruntime at one intra-op thread); quiet streams still get small, prompt batches.
+# batch while the model runs one (when onnxruntime leaves a core free, of bare onnxruntime at one
+# intra-op thread: 0.76 per batch, 0.87 per poll, 0.91-0.92 with the loop one poll ahead and each
+# poll's first batch prefetched); quiet streams still get small, prompt batches.
 POLL_BATCHES = 4
 
 
