@@ -170,8 +170,7 @@ class EmbedStage:
         self.progress = ProgressLog("embed", metrics=consumer_metrics)
         self.join_watch = JoinWatch("embed", metrics=consumer_metrics)
         self.latency_sample_every, self._sent = latency_sample_every, 0
-        self._held: list[Held] | None = None
-        self._held_counts: list[tuple[Callable[[float], None], float]] | None = None
+        self._batch: _Batch | None = None  # the batch being started or completed
         # one batch ahead (module docstring): by default when onnxruntime leaves a core free
         if ahead is None:
             ahead = embedder is not None and bool(getattr(embedder, "overlap_decode", False))
@@ -357,7 +356,7 @@ class EmbedStage:
         """Validate a batch and hand its images to the model (on the model thread when the
         loop runs one batch ahead, at once otherwise)."""
         batch = _Batch(msgs)
-        self._held, self._held_counts = batch.held, batch.counts
+        self._batch = batch
         try:
             self._count(self.metrics.batch_size.observe, len(msgs))
             for msg in msgs:
@@ -382,7 +381,7 @@ class EmbedStage:
                 early = prefetch(sources) if prefetch is not None and self._model else None
                 batch.embedded = self._embed_images(self.embedder, sources, early)
         finally:
-            self._held = self._held_counts = None
+            self._batch = None
         return batch
 
     def _embed_images(self, embedder: EmbedderLike, sources: list[ImageSource],
@@ -396,14 +395,14 @@ class EmbedStage:
     def _complete(self, batch: _Batch) -> None:
         """Take a started batch's embeddings, then steps 3–4 of the module docstring; its
         sends and metric counts are made once it is done."""
-        self._held, self._held_counts = batch.held, batch.counts
+        self._batch = batch
         try:
             self._complete_batch(batch)
         except BaseException:
             self._tally = _Tally()
             raise
         finally:
-            self._held = self._held_counts = None
+            self._batch = None
         for _, topic, record in sorted(batch.held, key=lambda h: h[0]):  # stable: templates
             self._sent_records.append(self.producer.send(topic, **record))
         for op, value in batch.counts:
@@ -412,10 +411,10 @@ class EmbedStage:
 
     def _count(self, op: Callable[[float], None], value: float) -> None:
         """A metric's ``inc``/``observe``, or held until the batch is done, as sends are."""
-        if self._held_counts is None:
+        if self._batch is None:
             op(value)
         else:
-            self._held_counts.append((op, value))
+            self._batch.counts.append((op, value))
 
     def _complete_batch(self, batch: _Batch) -> None:
         model_s = 0.0
@@ -569,10 +568,10 @@ class EmbedStage:
 
     def _send(self, source: Any, topic: str, **record: Any) -> None:
         """Send, or hold until the batch is done (:meth:`process`)."""
-        if self._held is None:
+        if self._batch is None:
             self._sent_records.append(self.producer.send(topic, **record))
         else:
-            self._held.append(((source.partition, source.offset), topic, record))
+            self._batch.held.append(((source.partition, source.offset), topic, record))
 
     def _dead_letter(self, msg: Any, exc: EventRejected, event_id: str | None = None) -> None:
         record = DeadLetter.from_rejection(

@@ -67,22 +67,11 @@ class ExemplarRing:
         return len(self._ids)
 
     def __iter__(self) -> Iterator[Exemplar]:
-        if self._rec is None:
-            return
-        n = len(self._ids)
-        order = range(n) if n < EXEMPLARS else (
-            (self._head + i) % EXEMPLARS for i in range(EXEMPLARS))
-        rows = self._rec.tolist()
-        for i in order:
-            cluster, distance, ts, ood, partition, offset = rows[i]
-            yield (self._ids[i], None if cluster < 0 else cluster,
-                   None if math.isnan(distance) else distance, ts,
-                   None if ood < 0 else bool(ood), None if partition < 0 else partition,
-                   None if offset < 0 else offset)
+        return (tuple(row) for row in self.rows())
 
     def rows(self) -> list[list[Any]]:
-        """The exemplars as lists, oldest first: what a checkpoint stores, the values of
-        iterating (without making each a tuple first)."""
+        """The exemplars as lists, oldest first: what a checkpoint stores (iterating gives the
+        same as tuples)."""
         rec = self._rec
         if rec is None:
             return []

@@ -26,6 +26,7 @@ cost ~20 bytes and a float parse per number; here an array costs its bytes and o
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -61,18 +62,9 @@ def pack(doc: Any) -> bytes:
                      *(a.tobytes() for a in arrays)])
 
 
-_DTYPE_STRS: dict[int, tuple[np.dtype[Any], str]] = {}  # id -> (the dtype, its .str)
-
-
+@functools.lru_cache(maxsize=64)  # snapshots' arrays have a few dtypes
 def _dtype_str(dt: np.dtype[Any]) -> str:
-    """``dt.str``, which makes a new string at each call, from a cache: snapshots' arrays have
-    a few dtypes, each one object (the cache holds it, so its id is not reused)."""
-    hit = _DTYPE_STRS.get(id(dt))
-    if hit is not None and hit[0] is dt:
-        return hit[1]
-    if len(_DTYPE_STRS) >= 64:  # dtypes made on the fly (structured ones): not all kept
-        _DTYPE_STRS.clear()
-    _DTYPE_STRS[id(dt)] = (dt, dt.str)
+    """``dt.str``, which makes a new string at each call, cached."""
     return dt.str
 
 
