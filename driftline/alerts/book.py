@@ -35,6 +35,7 @@ from driftline.alerts.store import (
     now_utc,
     retry_redis,
     stream_id,
+    text,
 )
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,11 @@ class Retention:
 
     max_resolved: int = 10_000
     max_age_s: float = 90 * 86400.0
+    # A reset on-call asked for is done within a checkpoint or two of a running detect stage;
+    # until then the slice's alarm updates belong to the resolved incident. Requests are
+    # forgotten this long after their resolve (or with their incident): a slice that never
+    # alarms again would otherwise keep its entry forever.
+    reset_pending_s: float = 7 * 86400.0
 
 
 class FailureBook(BookStore):
@@ -173,8 +179,8 @@ class FailureBook(BookStore):
             inc.status, inc.resolution = Status.resolved, Resolution(
                 category=cat, note=note, who=who, at=at)
             inc.resolved_at = inc.resolved_at or at
-            if was_active:
-                slices = sorted(inc.slices)
+            slices = self._resettable(inc, batch) if was_active else []
+            if slices:
                 batch.ops.append(lambda p: [p.xadd(self.control_key, {"reset": s},
                                                    maxlen=CONTROL_MAXLEN, approximate=True)
                                             for s in slices])
@@ -184,6 +190,18 @@ class FailureBook(BookStore):
                                  at=at, note=f"{cat.value}: {note}" if note else cat.value,
                                  max_timeline=self.policy.max_timeline)
         return self._mutate(incident_id, step)
+
+    def _resettable(self, inc: Incident, batch: Batch) -> builtins.list[str]:
+        """The slices a resolve of ``inc`` resets: those it still alarms on, except where
+        another active incident's alarm is live too. A reset forgets every open alarm of the
+        slice without a clear, so resetting a slice whose firing here ended (its next episode
+        moved to another incident) or that another incident also fires on would leave that
+        incident waiting for a clear that never comes."""
+        live = {f.slice_id for f in inc.detectors if f.active}
+        others = sorted(m.decode() for m in batch.pipe.smembers(self.k("active"))
+                        if m.decode() != inc.id)
+        taken = {f.slice_id for o in batch.load(others) for f in o.detectors if f.active}
+        return sorted(live - taken)
 
     def annotate(self, incident_id: str, note: str, who: str) -> Incident:
         def step(inc: Incident, at: datetime, batch: Batch) -> Change:
@@ -299,5 +317,23 @@ class FailureBook(BookStore):
                         p.zrem(k, iid)
             if ids:
                 batch.ops.append(delete)
+            self._forget_resets(batch, doomed)
             return len(ids)
         return self.transact(fn)
+
+    def _forget_resets(self, batch: Batch, doomed: set[str]) -> None:
+        """Drop the reset requests of incidents resolved over ``reset_pending_s`` ago, gone, or
+        being deleted (``doomed``). Each request holds its incident's id; the resolve that made
+        it also scored the incident in ``resolved`` with its resolution time."""
+        pipe, key = batch.pipe, self.k("reset_pending")
+        pending = {text(s): text(i) for s, i in pipe.hgetall(key).items()}
+        if not pending:
+            return
+        ids = sorted(set(pending.values()))
+        resolved = dict(zip(ids, pipe.zmscore(self.k("resolved"), ids), strict=True))
+        cutoff = (self.clock() - timedelta(seconds=self.retention.reset_pending_s)).timestamp()
+        stale = sorted(s for s, i in pending.items()
+                       if i in doomed or (at := resolved[i]) is None or at < cutoff)
+        if stale:
+            batch.ops.append(lambda p: p.hdel(key, *stale))
+            log.info("reset requests forgotten", extra={"count": len(stale)})

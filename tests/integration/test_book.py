@@ -27,7 +27,7 @@ from driftline.config import load_settings
 from driftline.localstack import Stack
 from driftline.runner import alerts_producer
 from tests.integration.pipeline_support import free_port
-from tests.unit.alerts.synthetic import STATIONS, alarm, clear, fleet
+from tests.unit.alerts.synthetic import ONSET, STATIONS, alarm, clear, fleet
 
 pytestmark = pytest.mark.integration
 T = TypeVar("T")
@@ -422,6 +422,66 @@ def test_retention_bounds_resolved_incidents_by_count_and_age(env: Env) -> None:
     assert [i.id for i in book.list().items] == [ids[2]]
     assert [i.id for i in book.list(station="press-1").items] == []
     assert env.r.hkeys(f"{book.prefix}:sig") == [ids[2].encode()]
+
+
+
+def _resets(env: Env, since: str = "-") -> set[str]:
+    return {f[b"reset"].decode() for eid, f in env.r.xrange(env.control, since, "+")}
+
+
+def test_resolve_resets_only_the_slices_whose_alarm_the_incident_still_holds(env: Env) -> None:
+    # A lot incident holds the stations' OOD alarms; later press-3's next episode (a camera of
+    # its own) opens another incident and ends the lot incident's firing there.
+    ood = {"detector": "ood_rate", "eps": 0.0, "ood_shift": 0.8}
+    env.feed(alarm("lot=L7", 1.0, n=1600, t=ONSET + 300, **ood),
+             *(alarm(f"station={s}|shift=day", 0.5, t=ONSET + 320, **ood) for s in STATIONS),
+             *(alarm(f"station={s}", 0.5, t=ONSET + 320, **ood) for s in STATIONS))
+    proc = env.processor()
+    env.drain(proc)
+    book = env.book()
+    (lot,) = book.active()
+    for sid, v in fleet().items():
+        if sid != "lot=L7":
+            env.r.hset(env.summary, sid, json.dumps({**v, "last_time": ONSET + 3000}))
+    optics = alarm("station=press-3", 0.3, n=1100, kind="update", t=ONSET + 2000, **ood)
+    optics["onset_index"] = 200
+    env.feed(optics)
+    env.drain(proc)
+    (cam,) = (i for i in book.active() if i.id != lot.id)
+    lot = book.get(lot.id)
+    assert "station=press-3" in lot.slices and not any(
+        f.active for f in lot.detectors if f.slice_id == "station=press-3")
+
+    book.resolve(lot.id, RootCause.supplier_lot, None, "bob")
+    resets = _resets(env)
+    held = {f.slice_id for f in lot.detectors if f.active}
+    assert resets == held and "lot=L7" in resets and "station=press-3" not in resets
+    assert {k.decode() for k in env.r.hkeys(f"{book.prefix}:reset_pending")} == held
+    # press-3's alarm is the camera incident's: it still ends it, and its resolve resets it
+    env.feed(clear("station=press-3", detector="ood_rate", t=ONSET + 2500))
+    env.drain(proc)
+    assert book.get(cam.id).status is Status.resolved and book.active() == []
+
+
+def test_retention_forgets_reset_requests_with_their_incident_or_after_a_week(env: Env) -> None:
+    t0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
+    now = [t0]
+    book = env.book(retention=Retention(max_resolved=1), clock=lambda: now[0])
+    env.feed(alarm("station=press-1", 1.0), alarm("station=press-2", 1.0, cluster=4))
+    env.drain(env.processor(book))
+    first, second = sorted(book.active(), key=lambda i: i.id)
+    book.resolve(first.id, RootCause.optics, None, "alice")
+    now[0] = t0 + timedelta(hours=1)
+    book.resolve(second.id, RootCause.optics, None, "alice")
+    pending = f"{book.prefix}:reset_pending"
+    assert len(env.r.hkeys(pending)) == 2
+    now[0] = t0 + timedelta(days=6)
+    assert book.enforce_retention() == 1  # the first incident goes, and its request with it
+    assert env.r.hgetall(pending) == {b"station=press-2": second.id.encode()}
+    now[0] = t0 + timedelta(days=7, minutes=90)  # a week after the second resolve: forgotten
+    assert book.enforce_retention() == 0
+    assert env.r.hgetall(pending) == {}
+    assert book.get(second.id).status is Status.resolved
 
 
 def test_webhook_is_retried_and_a_dead_one_holds_back_only_itself(env: Env) -> None:
