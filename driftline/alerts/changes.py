@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from driftline.alerts.model import SCHEMA_VERSION, Incident, TimelineEntry, iso
+from driftline.alerts.model import SCHEMA_VERSION, SYSTEM, Incident, TimelineEntry, iso
 
 
 @dataclass(frozen=True)
@@ -29,10 +29,34 @@ def record_change(inc: Incident, action: str, *, who: str, at: datetime,
     """Append the timeline entry and describe the change (the caller stores both). A held
     incident's changes are never routed: nobody was paged for it yet."""
     inc.timeline.append(TimelineEntry(at=at, who=who, action=action, note=note))
-    if len(inc.timeline) > max_timeline:  # keep "opened" and the newest entries
-        del inc.timeline[1]
+    trim_timeline(inc.timeline, max_timeline)
     inc.updated_at = at
     return Change(inc.id, action, who, at, note, routed and not inc.held, inc.summary())
+
+
+def trim_timeline(timeline: list[TimelineEntry], limit: int) -> None:
+    """Cut ``timeline`` to ``limit`` entries: "opened" stays, and the oldest of the service's
+    own entries go before any of on-call's (an acknowledgement or a note is what a long
+    incident's history must not lose: it says who looked, and the kept status rests on it).
+
+    >>> from datetime import UTC, datetime
+    >>> t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    >>> tl = [TimelineEntry(at=t0, who=w, action=a) for w, a in [
+    ...     (SYSTEM, "opened"), ("alice", "acknowledged"), (SYSTEM, "related_added"),
+    ...     (SYSTEM, "rerooted")]]
+    >>> trim_timeline(tl, 3)
+    >>> [e.action for e in tl]
+    ['opened', 'acknowledged', 'rerooted']
+    """
+    excess = len(timeline) - max(limit, 1)
+    if excess <= 0:
+        return
+    rest = range(1, len(timeline))
+    drop = [i for i in rest if timeline[i].who == SYSTEM][:excess]
+    if len(drop) < excess:  # on-call's entries alone exceed the limit: their oldest go
+        drop += [i for i in rest if timeline[i].who != SYSTEM][:excess - len(drop)]
+    for i in sorted(drop, reverse=True):
+        del timeline[i]
 
 
 def change_json(c: Change) -> str:

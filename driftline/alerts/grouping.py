@@ -56,7 +56,7 @@ from driftline.alerts.attribution import (
     compatible,
     template_rank,
 )
-from driftline.alerts.changes import Change, record_change
+from driftline.alerts.changes import Change, record_change, trim_timeline
 from driftline.alerts.cooccurrence import (
     CellReader,
     CooccurrencePolicy,
@@ -712,8 +712,10 @@ class Grouper:
         if not carried:
             return
         keep.timeline = sorted([*keep.timeline, *carried], key=lambda e: e.at)
-        del keep.timeline[1:max(1, len(keep.timeline) - self.policy.max_timeline + 1)]
-        if gone.status is Status.acknowledged and keep.status is Status.open:
+        trim_timeline(keep.timeline, self.policy.max_timeline)
+        # ``gone`` may have auto-resolved just before (a slice's next episode moved its only
+        # firing here): its acknowledgement is read from its timeline, not its status.
+        if keep.status is Status.open and any(e.action == "acknowledged" for e in carried):
             keep.status = Status.acknowledged
 
     def _mergeable(self, a: Incident, b: Incident) -> bool:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from driftline.alerts.attribution import SliceStatus
+from driftline.alerts.changes import record_change
 from driftline.alerts.grouping import Grouper
 from driftline.alerts.model import Incident, Status
 from tests.unit.alerts.synthetic import ONSET, STATIONS, alarm, clear, fleet, summary_entry
@@ -214,3 +215,41 @@ def test_two_detectors_of_one_slice_are_not_counted_twice() -> None:
     (inc,) = active(g)
     assert len(inc.detectors) == 2
     assert inc.slices["lot=L7"].n_since_onset <= 400
+
+
+def test_an_incident_merged_just_after_it_auto_resolved_passes_on_its_acknowledgement() -> None:
+    # A slice's next episode joins another incident and leaves its first one without a live
+    # firing: that one auto-resolves, then is merged into the live one (Grouper._alarm). Its
+    # status is no longer "acknowledged" by then; on-call's acknowledgement must still carry.
+    g = grouper()
+    feed(g, alarm("station=press-1", 1.0, n=400), alarm("station=press-2", 1.0, n=400, cluster=3))
+    a, b = sorted(active(g), key=lambda i: i.id)
+    a.status = Status.acknowledged
+    record_change(a, "acknowledged", who="alice", at=NOW, note="on it")
+    g = grouper([a, b])
+    gone, keep = g.incidents[a.id], g.incidents[b.id]
+    g._end_firing(gone, gone.detectors[0], "new episode")
+    assert gone.status is Status.resolved and gone.auto_resolved
+    g._merge(keep, gone)
+    assert keep.status is Status.acknowledged
+    assert [(e.who, e.action) for e in keep.timeline if e.who == "alice"] == [
+        ("alice", "acknowledged")]
+
+
+def test_a_long_timeline_drops_the_service_s_entries_before_on_call_s() -> None:
+    g = grouper()
+    feed(g, alarm("station=press-1", 1.0, n=400))
+    (inc,) = active(g)
+    record_change(inc, "acknowledged", who="alice", at=NOW, note="on it", max_timeline=50)
+    record_change(inc, "annotated", who="bob", at=NOW, note="lens?", max_timeline=50)
+    for k in range(200):
+        record_change(inc, "related_added", who="driftline", at=NOW, note=str(k),
+                      max_timeline=50)
+    assert len(inc.timeline) == 50
+    assert inc.timeline[0].action == "opened"
+    assert [e.who for e in inc.timeline[1:3]] == ["alice", "bob"]
+    assert inc.timeline[-1].note == "199"  # the newest system entries stay
+    for k in range(60):  # on-call alone over the limit: its oldest entries go
+        record_change(inc, "annotated", who="carol", at=NOW, note=f"c{k}", max_timeline=50)
+    assert len(inc.timeline) == 50 and inc.timeline[0].action == "opened"
+    assert [e.note for e in inc.timeline[1:]] == [f"c{k}" for k in range(11, 60)]
