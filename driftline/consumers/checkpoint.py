@@ -289,6 +289,12 @@ class CheckpointStore:
         raw: dict[bytes, bytes] = self.r.hgetall(self._k("offsets"))  # type: ignore[assignment]
         return {int(k): int(v) for k, v in raw.items()}
 
+    @retry_redis
+    def landed(self, offsets: Mapping[int, int]) -> bool:
+        """Whether a commit of ``offsets`` landed: every one reads as stored (a caller whose
+        commit failed after it may have been sent asks before writing its alarms again)."""
+        return self._offsets_read(offsets)
+
     def _offsets_read(self, offsets: Mapping[int, int]) -> bool:
         parts = sorted(offsets)
         stored: list[bytes | None] = self.r.hmget(  # type: ignore[assignment]

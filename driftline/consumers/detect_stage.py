@@ -26,6 +26,10 @@ membership and any rebalance go on) and resumes by itself when Redis is back.
   ``REDIS_BACKOFF_MAX_S`` between tries; updates go on being applied in memory meanwhile
   (``checkpoint_age_seconds`` grows and pages), and the first checkpoint after the outage
   writes them all. A connection lost mid-transaction is an outage, not a fence.
+- A transaction may land with its reply lost (a timeout right after ``EXEC``). The next
+  checkpoint first reads whether the input offsets it wrote are stored: if so, the alarms it
+  carried are in the outbox already and only the ones raised since are written (``XADD`` is the
+  one write that is not idempotent; states and offsets are simply written again).
 - kafka-python runs rebalance listeners on its I/O loop, where heartbeats wait, so
   ``on_partitions_assigned`` only pauses the new partitions; the loop claims and loads them
   (unless the group has moved on to another generation meanwhile) and then resumes them.
@@ -211,6 +215,11 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self.parts: dict[int, PartitionState] = {}
         self.pending: set[int] = set()  # assigned and paused, not yet claimed and loaded
         self.outbox: list[dict[str, Any]] = []
+        # A checkpoint that failed after its transaction may have been sent: the input offsets
+        # it wrote and how many outbox alarms it carried; the first ``_outbox_stored`` alarms
+        # of the outbox are known to be in Redis (module docstring).
+        self._unsure: tuple[dict[int, int], int] | None = None
+        self._outbox_stored = 0
         # skips by reason since the last checkpoint: counted when it lands, dropped with the
         # outbox (see _count_committed)
         self.skips: dict[str, int] = {}
@@ -326,7 +335,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         log.warning("checkpoint at revoke failed: uncommitted work dropped, it is read again "
                     "from the last checkpoint", extra={"kept_partitions": kept})
         self.metrics.checkpoints.labels("dropped").inc()
-        self.outbox, self.skips = [], {}
+        self._drop_outbox()
         self._forget_gauges(revoked)
         self._park(kept)
         self.parts.clear()
@@ -656,8 +665,12 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
             if not self.pending:  # partitions waiting to be loaded keep the age growing
                 self.last_checkpoint = time.monotonic()
             return bool(self.parts)
-        self.store.commit(epochs, states, offsets, self.outbox, summaries,
+        stored = self._stored_alarms()
+        unsent = len(self.outbox) > stored
+        self._unsure = (offsets, len(self.outbox)) if offsets and unsent else None
+        self.store.commit(epochs, states, offsets, self.outbox[stored:], summaries,
                           {p: part.control_seen for p, part in self.parts.items()}, retired)
+        self._unsure = None
         for part in self.parts.values():
             for sid in part.dirty:
                 if sid in gauges:
@@ -679,6 +692,25 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
             log.warning("kafka offset commit failed", extra={"error": str(exc)})
         return True
 
+    def _stored_alarms(self) -> int:
+        """How many alarms at the head of the outbox are in Redis already: those of a checkpoint
+        whose transaction landed though its reply was lost (its input offsets read as stored;
+        offsets only move forward while the epochs hold)."""
+        if self._unsure is not None:
+            offsets, sent = self._unsure
+            if self.store.landed(offsets):
+                log.info("the last checkpoint had landed before its reply was lost: its alarms "
+                         "are not written again", extra={"alarms": sent - self._outbox_stored})
+                self._outbox_stored = sent
+            self._unsure = None
+        return self._outbox_stored
+
+    def _drop_outbox(self) -> None:
+        """The outbox and skips start afresh: committed, or dropped with the work since the last
+        checkpoint (which a reload reads again)."""
+        self.outbox, self.skips = [], {}
+        self._unsure, self._outbox_stored = None, 0
+
     def _count_committed(self) -> None:
         """After the transaction that stored them: alarms and skips enter their counters, and
         the outbox starts afresh.
@@ -698,7 +730,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                 alarms.labels(out["template"], out["detector"]).inc()
         for reason, n in self.skips.items():
             self.metrics.skipped.labels(reason).inc(n)
-        self.outbox, self.skips = [], {}
+        self._drop_outbox()
 
     def _checkpoint_safely(self, in_listener: bool = False) -> bool:
         """Checkpoint; False if Redis stayed unreachable (the work stays in memory for a later
@@ -728,7 +760,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         log.warning("checkpoint fenced: partitions claimed by another worker are dropped; the "
                     "others are loaded again from their last checkpoint",
                     extra={"stale": stale, "kept": kept, "error": str(exc)})
-        self.outbox, self.skips = [], {}
+        self._drop_outbox()
         self._forget_gauges(stale)
         for p in stale:
             del self.parts[p]

@@ -3,6 +3,7 @@ partitions, and a Redis that stops answering mid-transaction is an outage, not a
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
@@ -131,3 +132,40 @@ def test_a_checkpoint_s_records_are_freed_when_it_returns(url: str) -> None:
     finally:
         gc.enable()
     assert store.load(0)[0] == 7
+
+
+def test_a_checkpoint_whose_reply_never_came_is_not_written_again_by_the_next(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """During an outage each checkpoint is one attempt, so the store's own retry never sees a
+    transaction that landed with its reply lost: the stage's next checkpoint must write only
+    the alarms raised since, not that one's again."""
+    from tests.unit.consumers.test_detect_stage import _batch, _Consumer, _stage
+
+    stage = _stage()
+    stage.consumer = _Consumer()  # type: ignore[assignment]
+    stage.store = CheckpointStore(store_client(url), wait_s=0.0)
+    stage.parts[0].epoch = stage.store.claim([0])[0]
+    real = CheckpointStore._commit_once
+    lost = [True]
+
+    def lands_then_loses_the_reply(self: CheckpointStore, *args: object) -> None:
+        real(self, *args)  # type: ignore[arg-type]
+        if lost.pop() if lost else False:
+            raise redis.TimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(CheckpointStore, "_commit_once", lands_then_loses_the_reply)
+    alarm = {"kind": "alarm", "template": "station", "detector": "ood_rate"}
+    stage.apply_batch(0, _batch(0, 0, 10))
+    stage.outbox.append({**alarm, "slice_id": "station=s1"})
+    assert stage._checkpoint_safely() is False  # the reply was lost: unknown whether it landed
+    stage.apply_batch(0, _batch(0, 10, 10))
+    stage.outbox.append({**alarm, "slice_id": "station=s2"})
+    assert stage._checkpoint_safely() is True
+    written = [json.loads(f[b"alarm"])["slice_id"]
+               for _, f in stage.store.r.xrange(stage.store.outbox_key)]
+    assert written == ["station=s1", "station=s2"]
+    assert stage.store.load(0)[0] == 20 and stage.outbox == []
+    alarms = {s.labels["detector"]: s.value for m in stage.metrics.alarms.collect()
+              for s in m.samples if s.name.endswith("_total")}
+    assert alarms == {"ood_rate": 2.0}

@@ -721,6 +721,10 @@ class _RecordingStore(_CommittingStore):
             summaries=set(summaries or ()),
             retired={p: sorted(s) for p, s in (retired or {}).items()}))
 
+    def landed(self, offsets: Any) -> bool:
+        return bool(self.commits) and all(
+            self.commits[-1].offsets.get(p) == o for p, o in offsets.items())
+
 
 def _retiring(days: float = 1.0, fail: int = 0) -> DetectStage:
     """A stage that retires slices idle for ``days`` and sweeps at every checkpoint."""
