@@ -359,8 +359,12 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
 
     # --- main loop -----------------------------------------------------------------------
     def run(self) -> None:
-        """Poll, apply and checkpoint until :meth:`stop`; then checkpoint and close."""
+        """Poll, apply and checkpoint until :meth:`stop`; then checkpoint and close. An error
+        while applying updates ends the loop without that last checkpoint: a slice may be half
+        updated by the failing one, which is not in its applied offsets, so the next owner
+        would apply it again on top. The work since the last checkpoint is read again."""
         subscribe_when_ready(self.consumer, self.topic, self)
+        torn = False
         try:
             while not self.stop_event.is_set():
                 self.beat = time.monotonic()  # liveness: the loop turns
@@ -370,8 +374,10 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                 # assigned in that poll (paused: the batch has none of theirs), or left over
                 if self.pending and self._redis_due():
                     self._restore_pending()
+                torn = True
                 for tp, messages in batch.items():
                     self.apply_batch(tp.partition, messages)
+                torn = False
                 if (time.monotonic() - self.last_checkpoint >= self.interval
                         and self._redis_due()):
                     with self._redis_attempt():
@@ -379,10 +385,14 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                     self._report_lag()
                 self.metrics.checkpoint_age.set(time.monotonic() - self.last_checkpoint)
         finally:
-            with self._redis_attempt():
-                if not self._checkpoint_safely():
-                    log.warning("stopping without a last checkpoint: the uncommitted work is "
-                                "read again from the last one")
+            if torn:
+                log.error("stopping on an error while applying updates, without a last "
+                          "checkpoint: the uncommitted work is read again from the last one")
+            else:
+                with self._redis_attempt():
+                    if not self._checkpoint_safely():
+                        log.warning("stopping without a last checkpoint: the uncommitted work "
+                                    "is read again from the last one")
             self._closed = True
             self.consumer.close(autocommit=False)
 

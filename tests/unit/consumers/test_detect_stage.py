@@ -996,3 +996,55 @@ def test_alarms_of_a_checkpoint_that_fails_are_counted_when_it_lands() -> None:
     assert _alarms_total(stage) == 0
     assert stage._checkpoint_safely() and _alarms_total(stage) == raised
     assert stage.outbox == []
+
+
+class _PollingConsumer(_Consumer):
+    """Hands out scripted polls, then stops the stage; records how it was closed."""
+
+    def __init__(self, stage: DetectStage, polls: list[dict[TopicPartition, list[Msg]]]) -> None:
+        super().__init__()
+        self.stage, self.polls, self.closed = stage, polls, False
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return {0}
+
+    def subscribe(self, topics: Any, listener: Any = None) -> None:
+        pass
+
+    def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> Any:
+        if not self.polls:
+            self.stage.stop()
+            return {}
+        return self.polls.pop(0)
+
+    def close(self, autocommit: bool = True) -> None:
+        self.closed = True
+
+
+def test_an_error_while_applying_ends_the_loop_without_a_last_checkpoint() -> None:
+    """A slice may be half updated by the update that failed, which its applied offsets do not
+    hold: a last checkpoint would store that state, and the next owner would apply the update
+    again on top. The loop ends with no checkpoint; a clean stop still writes one."""
+    stage = _retiring()
+    stage.interval = 3600.0  # only the last checkpoint
+    tp = TopicPartition("t", 0)
+    stage.consumer = _PollingConsumer(stage, [{tp: _batch(0, 0, 5)}])  # type: ignore[assignment]
+    stage.run()
+    assert [c.offsets for c in stage.store.commits] == [{0: 5}]  # type: ignore[attr-defined]
+
+    stage = _retiring()
+    stage.interval = 3600.0
+    polls = [{tp: _batch(0, 0, 5)}, {tp: _batch(0, 5, 5)}]
+    stage.consumer = _PollingConsumer(stage, polls)  # type: ignore[assignment]
+    real = stage._apply
+
+    def failing(part: PartitionState, msg: Any) -> bool | None:
+        if msg.offset == 7:
+            raise RuntimeError("a bug in a detector")
+        return real(part, msg)
+
+    stage._apply = failing  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        stage.run()
+    assert stage.store.commits == []  # type: ignore[attr-defined]
+    assert stage.consumer.closed  # type: ignore[attr-defined]
