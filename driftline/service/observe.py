@@ -2,7 +2,8 @@
 
 ``driftline_api_requests_total{route, method, status}`` and
 ``driftline_api_request_duration_seconds{route}``; ``route`` is the route template
-(``/api/v1/incidents/{incident_id}``), never an id, so label values stay bounded.
+(``/api/v1/incidents/{incident_id}``), never an id, and ``method`` one of :data:`METHODS` or
+``other``, so label values stay bounded.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# The HTTP parser accepts any token as a method: one a client makes up is counted as "other",
+# or each new one would start a series.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class ApiMetrics:
@@ -50,5 +54,7 @@ class Observe:
             await self.app(scope, receive, watch)
         finally:
             route = self.routes.get(scope.get("endpoint"), "unmatched")
-            self.metrics.requests.labels(route, scope.get("method", ""), str(code[0])).inc()
+            method = scope.get("method", "")
+            method = method if method in METHODS else "other"
+            self.metrics.requests.labels(route, method, str(code[0])).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
