@@ -152,7 +152,9 @@ class Settings(BaseSettings):
     retention_resolved_count: int = Field(10_000, ge=1, description="Resolved incidents kept")
     retention_resolved_days: float = Field(90.0, gt=0, description="Resolved incidents' max age")
     alert_webhook_url: str | None = Field(None, description="Optional webhook for state changes")
-    alert_webhook_attempts: int = Field(4, ge=1, le=20, description="Webhook delivery attempts")
+    alert_webhook_attempts: int = Field(
+        4, ge=1, le=20, description="Webhook delivery attempts per change and round, on a "
+                                    "transient failure (no answer, 5xx, 408, 429)")
     # API
     api_host: str = Field("127.0.0.1", description="API bind address")
     api_port: int = Field(8080, ge=1, le=65535, description="API port")

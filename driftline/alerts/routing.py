@@ -7,6 +7,14 @@ cursor only past what the target accepted, so delivery is at-least-once across r
 dead target holds back only itself. Kafka messages carry ``change_id`` for consumers that
 deduplicate.
 
+An HTTP target's answer decides what happens to a change it did not accept: no answer (a
+transport error), 5xx, 408 or 429 is transient, so the change waits for the next round (the
+webhook first tries it again, up to ``webhook_attempts`` in all); any other 4xx is a rejection
+of that payload, which sending it again cannot change, so it is logged, counted
+(``outcome="rejected"``) and the cursor moves past it: dropped for that target, rather than
+holding back everything after it for good. Anything else (a redirect) waits for the next
+round, not tried again at once.
+
 Alertmanager identifies an alert by its label set. Each push sends the incident's *current*
 state; when its labels change (severity escalated, root moved, acknowledged) the previous label
 set is ended in the same push. Active incidents are re-sent by :meth:`Router.resend` every
@@ -25,12 +33,7 @@ from typing import Any
 import httpx
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from tenacity import (
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential,
-)
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from driftline.alerts.book import FailureBook, IncidentNotFound
 from driftline.alerts.changes import Change
@@ -44,13 +47,16 @@ RESEND_INTERVAL_S = 60.0  # < Alertmanager's default resolve_timeout of 5 min
 HTTP_TIMEOUT_S = 5.0
 KAFKA_TIMEOUT_S = 10.0
 BATCH = 200
+RETRY_LATER = frozenset({408, 429})  # 4xx that say "not now" (timeout, rate limit), not "never"
+EXCERPT_CHARS = 200  # of a rejection's body in the log: enough for the reason, not a page
 ACTIVE_STATUSES = (Status.open, Status.acknowledged)
 
 
 class AlertMetrics:
     """``driftline_incidents_open{severity,status}``, ``driftline_incidents_held{severity}``,
     ``driftline_incidents_total{severity}``, ``driftline_incidents_paged_total{severity}``,
-    ``driftline_alerts_pushes_total{target,outcome}``.
+    ``driftline_alerts_pushes_total{target,outcome}`` (outcome ``ok``; ``error``: retried;
+    ``rejected``: a 4xx, dropped for that target).
 
     A held incident (not paged yet) counts in ``held`` only: ``open`` is what the pager and
     the Prometheus rules on it see."""
@@ -99,6 +105,27 @@ class AlertMetrics:
 
 def _iso(t: datetime) -> str:
     return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _transient(exc: BaseException) -> bool:
+    """Worth sending again: no answer, or an answer saying to try later (5xx, 408, 429)."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        code = exc.response.status_code
+        return code >= 500 or code in RETRY_LATER
+    return isinstance(exc, httpx.TransportError)
+
+
+def _rejection(exc: httpx.HTTPError) -> httpx.Response | None:
+    """The response when the target rejected the payload for good (a 4xx but 408, 429)."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        code = exc.response.status_code
+        if 400 <= code < 500 and code not in RETRY_LATER:
+            return exc.response
+    return None
+
+
+def _excerpt(resp: httpx.Response) -> str:
+    return " ".join(resp.text[:EXCERPT_CHARS].split())
 
 
 class Router:
@@ -150,11 +177,12 @@ class Router:
                          extra={"target": target, "cursor": end})
 
     def deliver(self) -> int:
-        """Deliver up to ``BATCH`` pending changes to every target; return how many deliveries
-        succeeded. A backlog drains over successive calls, so it does not hold back the
-        processor's other work (ingesting alarms, re-sending alerts). A target that fails in
-        an unexpected way is logged and counted, and holds back only itself; Redis errors
-        propagate (the processor retries the step)."""
+        """Deliver up to ``BATCH`` pending changes to every target; return how many changes the
+        targets are done with (accepted, or rejected for good). A backlog drains over
+        successive calls, so it does not hold back the processor's other work (ingesting
+        alarms, re-sending alerts). A target that fails in an unexpected way is logged and
+        counted, and holds back only itself; Redis errors propagate (the processor retries
+        the step)."""
         done = 0
         for target, send in self.targets.items():
             try:
@@ -174,7 +202,7 @@ class Router:
         changes = [(i.decode(), json.loads(f[b"change"])) for i, f in rows]
         routed = [(cid, c) for cid, c in changes if c.get("routed")]
         sent = send(routed) if routed else 0
-        # Past every unrouted change and every routed one the target accepted.
+        # Past every unrouted change and every routed one the target accepted or rejected.
         failed = stream_id(routed[sent][0]) if sent < len(routed) else None
         passed = [cid for cid, _ in changes if failed is None or stream_id(cid) < failed]
         if passed:
@@ -211,23 +239,39 @@ class Router:
         return ok
 
     def _to_webhook(self, routed: list[tuple[str, dict[str, Any]]]) -> int:
-        ok = 0
+        """POST the changes in order; return how many, from the first, the webhook accepted or
+        rejected (see the module docstring). Only transient failures are tried again: a
+        rejection retried would fail each time and hold up the processor's step."""
+        done = 0
         for cid, c in routed:
             try:
                 for attempt in Retrying(
-                        retry=retry_if_exception_type(httpx.HTTPError),
+                        retry=retry_if_exception(_transient),
                         wait=wait_exponential(multiplier=0.5, max=4),
                         stop=stop_after_attempt(self.webhook_attempts), reraise=True):
                     with attempt:
                         resp = self.http.post(self.webhook_url or "", json=self._message(cid, c))
                         resp.raise_for_status()
             except httpx.HTTPError as exc:
-                log.warning("webhook delivery failed", extra={"error": repr(exc)})
-                self.metrics.pushes.labels("webhook", "error").inc()
-                break
-            self.metrics.pushes.labels("webhook", "ok").inc()
-            ok += 1
-        return ok
+                rejected = _rejection(exc)
+                if rejected is None:
+                    log.warning("webhook delivery failed", extra={"error": repr(exc)})
+                    self.metrics.pushes.labels("webhook", "error").inc()
+                    break
+                self._rejected("webhook", rejected, change_id=cid,
+                               incident_id=c["incident_id"])
+            else:
+                self.metrics.pushes.labels("webhook", "ok").inc()
+            done += 1
+        return done
+
+    def _rejected(self, target: str, resp: httpx.Response, **what: str) -> None:
+        """Log and count a payload the target rejected for good: it is not sent again."""
+        body = _excerpt(resp)
+        log.warning("%s rejected %s with HTTP %d (%s): dropped for this target", target,
+                    " ".join(f"{k}={v}" for k, v in what.items()), resp.status_code, body,
+                    extra={"target": target, **what, "status": resp.status_code, "body": body})
+        self.metrics.pushes.labels(target, "rejected").inc()
 
     def _to_alertmanager(self, routed: list[tuple[str, dict[str, Any]]]) -> int:
         ids = list(dict.fromkeys(c["incident_id"] for _, c in routed))
@@ -237,7 +281,7 @@ class Router:
                 incidents.append(self.book.get(iid))
             except IncidentNotFound:  # removed by retention since: nothing to show
                 continue
-        return len(routed) if self.push(incidents) else 0
+        return len(routed) if self.push(incidents, changes=routed) else 0
 
     # --- Alertmanager --------------------------------------------------------------------
     def labels(self, inc: Incident) -> dict[str, str]:
@@ -267,8 +311,13 @@ class Router:
             out["endsAt"] = _iso(max(inc.resolved_at or now, starts))
         return out
 
-    def push(self, incidents: Sequence[Incident]) -> bool:
-        """POST the incidents' current alerts, ending label sets they no longer have."""
+    def push(self, incidents: Sequence[Incident],
+             changes: Sequence[tuple[str, dict[str, Any]]] = ()) -> bool:
+        """POST the incidents' current alerts, ending label sets they no longer have. False
+        when the push should be tried again; True when Alertmanager took it, or rejected it
+        for good (logged, naming the ``changes`` pushed if any, and counted). A 400 still
+        stores the valid alerts of the push (Alertmanager drops only the invalid ones), so
+        the label sets are recorded as pushed either way."""
         if not self.am_url or not incidents:
             return True
         key = f"{self.prefix}:am_labels"
@@ -283,10 +332,18 @@ class Router:
             resp = self.http.post(f"{self.am_url}/api/v2/alerts", json=alerts)
             resp.raise_for_status()
         except httpx.HTTPError as exc:
-            log.warning("alertmanager push failed", extra={"error": repr(exc)})
-            self.metrics.pushes.labels("alertmanager", "error").inc()
-            return False
-        self.metrics.pushes.labels("alertmanager", "ok").inc()
+            rejected = _rejection(exc)
+            if rejected is None:
+                log.warning("alertmanager push failed", extra={"error": repr(exc)})
+                self.metrics.pushes.labels("alertmanager", "error").inc()
+                return False
+            ids = [i.id for i in incidents]  # a re-send can hold thousands: name a few
+            what = {"incidents": ",".join(ids[:10]) + (f",… ({len(ids)})" if ids[10:] else "")}
+            if changes:
+                what["changes"] = f"{changes[0][0]}..{changes[-1][0]}"
+            self._rejected("alertmanager", rejected, **what)
+        else:
+            self.metrics.pushes.labels("alertmanager", "ok").inc()
         live = {i.id: json.dumps(self.labels(i)) for i in incidents if i.active}
         if live:
             self.r.hset(key, mapping=live)

@@ -1,0 +1,206 @@
+"""Routing's answer to an HTTP target's failures: a transient one (no answer, 5xx, 408, 429)
+holds the target's cursor and is retried; a rejection (another 4xx) is logged, counted and
+dropped for that target at once, instead of holding back every change after it.
+
+The router runs here on an in-memory stand-in for the few Redis calls it makes; against a real
+Redis it is tested in tests/integration/test_book.py."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections import defaultdict
+from datetime import UTC, datetime
+from types import SimpleNamespace
+from typing import Any, cast
+
+import httpx
+import pytest
+import redis
+from prometheus_client import CollectorRegistry
+
+from driftline.alerts.attribution import SliceStatus
+from driftline.alerts.book import FailureBook
+from driftline.alerts.changes import change_json
+from driftline.alerts.grouping import Grouper
+from driftline.alerts.model import Incident
+from driftline.alerts.routing import AlertMetrics, Router
+from driftline.alerts.store import stream_id
+from tests.unit.alerts.synthetic import alarm, fleet
+
+NOW = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
+CHANGES = "t:book:changes"
+CURSOR = "t:alerts:cursor"
+
+
+class MiniRedis:
+    """The router's Redis calls on one change stream and a few hashes, in memory."""
+
+    def __init__(self) -> None:
+        self.stream: list[tuple[str, bytes]] = []
+        self.hashes: defaultdict[str, dict[str, bytes]] = defaultdict(dict)
+
+    def xadd(self, change: str) -> str:
+        sid = f"{len(self.stream) + 1}-0"
+        self.stream.append((sid, change.encode()))
+        return sid
+
+    def xinfo_stream(self, key: str) -> dict[str, bytes]:
+        if not self.stream:
+            raise redis.ResponseError("no such key")
+        return {"last-generated-id": self.stream[-1][0].encode()}
+
+    def xrange(self, key: str, lo: str, hi: str, count: int
+               ) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        after = stream_id(lo[1:]) if lo.startswith("(") else (0, 0)  # "-": from the first
+        return [(sid.encode(), {b"change": raw}) for sid, raw in self.stream
+                if stream_id(sid) > after][:count]
+
+    def hsetnx(self, key: str, field: str, value: str) -> int:
+        if field in self.hashes[key]:
+            return 0
+        self.hashes[key][field] = value.encode()
+        return 1
+
+    def hget(self, key: str, field: str) -> bytes | None:
+        return self.hashes[key].get(field)
+
+    def hmget(self, key: str, fields: list[str]) -> list[bytes | None]:
+        return [self.hashes[key].get(f) for f in fields]
+
+    def hset(self, key: str, field: str | None = None, value: str | None = None,
+             mapping: dict[str, str] | None = None) -> None:
+        items = dict(mapping or {}) | ({field: value} if field and value is not None else {})
+        self.hashes[key].update({k: v.encode() for k, v in items.items()})
+
+    def hdel(self, key: str, *fields: str) -> None:
+        for f in fields:
+            self.hashes[key].pop(f, None)
+
+
+def opened(*slices: str) -> tuple[dict[str, Incident], list[str]]:
+    """An incident per slice, each opened (and routed) by its alarm, and those changes as the
+    book stores them on its change stream."""
+    ids = itertools.count(1)
+    summary = {k: SliceStatus.from_summary(k, v) for k, v in fleet().items()}
+    g = Grouper([], summary, now=NOW, new_id=lambda: f"DL-{next(ids):06d}", signatures=dict)
+    for k, sid in enumerate(slices):
+        g.apply(alarm(sid, 1.0, cluster=k))
+        g.finish()
+    assert all(c.routed for c in g.changes) and len(g.changes) == len(slices)
+    return g.incidents, [change_json(c) for c in g.changes]
+
+
+def router(db: MiniRedis, incidents: dict[str, Incident], registry: CollectorRegistry,
+           handler: Any, **kw: Any) -> Router:
+    book = SimpleNamespace(r=db, changes_key=CHANGES, get=incidents.__getitem__)
+    return Router(cast(FailureBook, book), AlertMetrics(registry),
+                  public_url="http://driftline.test", prefix="t:alerts",
+                  http=httpx.Client(transport=httpx.MockTransport(handler)), **kw)
+
+
+def pushes(registry: CollectorRegistry, target: str, outcome: str) -> float | None:
+    return registry.get_sample_value("driftline_alerts_pushes_total",
+                                     {"target": target, "outcome": outcome})
+
+
+def test_a_change_the_webhook_rejects_is_dropped_at_once_and_the_next_delivered(
+        caplog: pytest.LogCaptureFixture) -> None:
+    incidents, changes = opened("station=press-3", "station=press-1")
+    posted: list[str] = []
+    answer = "field 'incident.evidence':\n  too large " + "x" * 999
+
+    def hook(request: httpx.Request) -> httpx.Response:
+        msg = json.loads(request.content)
+        posted.append(msg["change_id"])
+        if msg["incident_id"] == "DL-000001":
+            return httpx.Response(422, text=answer)
+        return httpx.Response(200)
+
+    db, registry = MiniRedis(), CollectorRegistry()
+    hooked = router(db, incidents, registry, hook, webhook_url="http://hooks.test/driftline",
+                    webhook_attempts=3)
+    first, second = (db.xadd(c) for c in changes)
+    with caplog.at_level(logging.WARNING, logger="driftline.alerts.routing"):
+        assert hooked.deliver() == 2
+    assert posted == [first, second]  # the rejected change was sent once, not retried
+    assert db.hget(CURSOR, "webhook") == second.encode()
+    assert (pushes(registry, "webhook", "rejected"), pushes(registry, "webhook", "ok"),
+            pushes(registry, "webhook", "error")) == (1, 1, None)
+    (rec,) = caplog.records
+    got = vars(rec)  # the fields passed with extra=
+    assert rec.levelno == logging.WARNING
+    assert (got["target"], got["change_id"], got["incident_id"], got["status"]) == (
+        "webhook", first, "DL-000001", 422)
+    assert got["body"].startswith("field 'incident.evidence': too large xxx")
+    assert len(got["body"]) < len(answer) / 2 and "\n" not in got["body"]  # an excerpt
+    for part in ("webhook", first, "DL-000001", "422", "too large"):
+        assert part in rec.getMessage()
+
+    assert hooked.deliver() == 0 and posted == [first, second]  # dropped for good
+    hooked.close()
+
+
+@pytest.mark.parametrize("failure", [503, 500, 408, 429, "connect"])
+def test_a_transient_webhook_failure_is_retried_and_holds_the_cursor(
+        failure: int | str) -> None:
+    incidents, (change,) = opened("station=press-3")
+    down, posted = [True], []
+
+    def hook(request: httpx.Request) -> httpx.Response:
+        posted.append(json.loads(request.content)["change_id"])
+        if not down[0]:
+            return httpx.Response(200)
+        if failure == "connect":
+            raise httpx.ConnectError("connection refused", request=request)
+        return httpx.Response(int(failure))
+
+    db, registry = MiniRedis(), CollectorRegistry()
+    hooked = router(db, incidents, registry, hook, webhook_url="http://hooks.test/driftline",
+                    webhook_attempts=2)
+    cid = db.xadd(change)
+    assert hooked.deliver() == 0 and posted == [cid, cid]
+    assert db.hget(CURSOR, "webhook") == b"0-0"
+    assert (pushes(registry, "webhook", "error"), pushes(registry, "webhook", "rejected")) == (
+        1, None)
+    down[0] = False
+    assert hooked.deliver() == 1 and posted == [cid, cid, cid]
+    assert db.hget(CURSOR, "webhook") == cid.encode()
+    hooked.close()
+
+
+def test_a_push_alertmanager_rejects_moves_its_cursor_on(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Alertmanager answers 400 when some alerts of a push are invalid (it stores the rest):
+    pushing the same changes again cannot help, so its cursor moves on; a 503 holds it."""
+    incidents, changes = opened("station=press-3", "station=press-1")
+    status, pushed = [503], []
+
+    def am(request: httpx.Request) -> httpx.Response:
+        pushed.append({a["labels"]["incident_id"] for a in json.loads(request.content)})
+        return httpx.Response(status[0], text="bad alert: invalid label value")
+
+    db, registry = MiniRedis(), CollectorRegistry()
+    paging = router(db, incidents, registry, am, alertmanager_url="http://am.test")
+    first = db.xadd(changes[0])
+    assert paging.deliver() == 0 and db.hget(CURSOR, "alertmanager") == b"0-0"
+    assert pushes(registry, "alertmanager", "error") == 1
+
+    status[0] = 400
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="driftline.alerts.routing"):
+        assert paging.deliver() == 1
+    assert db.hget(CURSOR, "alertmanager") == first.encode()
+    assert pushes(registry, "alertmanager", "rejected") == 1
+    (rec,) = caplog.records
+    got = vars(rec)
+    assert (got["target"], got["incidents"], got["changes"], got["status"], got["body"]) == (
+        "alertmanager", "DL-000001", f"{first}..{first}", 400, "bad alert: invalid label value")
+
+    status[0] = 200
+    second = db.xadd(changes[1])
+    assert paging.deliver() == 1 and pushed[-1] == {"DL-000002"}
+    assert db.hget(CURSOR, "alertmanager") == second.encode()
+    assert pushes(registry, "alertmanager", "ok") == 1
+    paging.close()
