@@ -156,6 +156,9 @@ class Router:
             self.targets["kafka"] = self._to_kafka
         if webhook_url:
             self.targets["webhook"] = self._to_webhook
+        for target in self.targets:  # at 0 from the start: the first rejection is an increase
+            for outcome in ("ok", "error", "rejected"):
+                metrics.pushes.labels(target, outcome)
         self._start_new_targets()
 
     def link(self, incident_id: str) -> str:

@@ -127,7 +127,7 @@ def test_a_change_the_webhook_rejects_is_dropped_at_once_and_the_next_delivered(
     assert posted == [first, second]  # the rejected change was sent once, not retried
     assert db.hget(CURSOR, "webhook") == second.encode()
     assert (pushes(registry, "webhook", "rejected"), pushes(registry, "webhook", "ok"),
-            pushes(registry, "webhook", "error")) == (1, 1, None)
+            pushes(registry, "webhook", "error")) == (1, 1, 0)
     (rec,) = caplog.records
     got = vars(rec)  # the fields passed with extra=
     assert rec.levelno == logging.WARNING
@@ -163,7 +163,7 @@ def test_a_transient_webhook_failure_is_retried_and_holds_the_cursor(
     assert hooked.deliver() == 0 and posted == [cid, cid]
     assert db.hget(CURSOR, "webhook") == b"0-0"
     assert (pushes(registry, "webhook", "error"), pushes(registry, "webhook", "rejected")) == (
-        1, None)
+        1, 0)
     down[0] = False
     assert hooked.deliver() == 1 and posted == [cid, cid, cid]
     assert db.hget(CURSOR, "webhook") == cid.encode()
@@ -204,3 +204,14 @@ def test_a_push_alertmanager_rejects_moves_its_cursor_on(
     assert db.hget(CURSOR, "alertmanager") == second.encode()
     assert pushes(registry, "alertmanager", "ok") == 1
     paging.close()
+
+
+def test_every_target_exports_its_outcomes_at_zero_from_the_start() -> None:
+    # DriftlineAlertsRejected reads increase(): a series born at 1 would hide the first one.
+    registry = CollectorRegistry()
+    db = MiniRedis()
+    hooked = router(db, {}, registry, lambda request: httpx.Response(200),
+                    webhook_url="http://hooks.test/driftline")
+    assert [pushes(registry, "webhook", o) for o in ("ok", "error", "rejected")] == [0, 0, 0]
+    assert pushes(registry, "alertmanager", "rejected") is None  # not configured: no series
+    hooked.close()
