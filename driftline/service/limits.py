@@ -8,14 +8,27 @@ soon as it passes the limit, so an endpoint never buffers more than the limit.
 from __future__ import annotations
 
 import json
+import logging
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
+from redis.exceptions import (
+    ClusterDownError,
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from driftline.alerts.book import IncidentNotFound, InvalidTransition
+
+log = logging.getLogger(__name__)
+# Redis's refusals that pass: the client asks again later (503), as when Redis is down
+_REFUSALS = (ReadOnlyError, OutOfMemoryError, MasterDownError, ClusterDownError, TryAgainError)
 
 
 class BodyTooLarge(HTTPException):
@@ -82,5 +95,17 @@ def install_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(IncidentNotFound, not_found)
     app.add_exception_handler(InvalidTransition, conflict)
+    async def store_refused(_: Request, exc: Exception) -> JSONResponse:
+        """Redis answered but cannot serve now: a replica after a failover (READONLY), out of
+        memory, unable to persist (MISCONF), a master or cluster down. Another reply from Redis
+        is a bug: a 500 whose detail says so (the log has the trace)."""
+        if isinstance(exc, _REFUSALS) or str(exc).startswith("MISCONF"):
+            return JSONResponse({"detail": f"Redis cannot serve this now: {exc}"},
+                                status_code=503, headers={"Retry-After": "5"})
+        log.error("Redis refused a command", exc_info=exc)
+        return JSONResponse({"detail": "internal error: Redis refused a command (see the API's "
+                                       "log)"}, status_code=500)
+
     app.add_exception_handler(RedisConnectionError, store_down)
     app.add_exception_handler(RedisTimeoutError, store_down)
+    app.add_exception_handler(RedisResponseError, store_refused)
