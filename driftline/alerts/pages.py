@@ -7,6 +7,10 @@ cursor ``"<score>:<id>"`` of its last row only when another row follows. It read
 ``limit + 1`` entries first and doubles the chunk only while filters skip entries, so an
 unfiltered page of 50 reads and parses 51 records.
 
+The cursor is a position in that order, not a snapshot: an incident whose detection time moves
+while a client pages (a merge or a re-root gives it its new root's first detection) can show on
+two pages or on none, as an incident opened meanwhile is not seen by pages already past it.
+
 :class:`IncidentRow` is the part of an incident a list row shows: it skips the evidence,
 per-slice counts and timeline, which makes a page of 50 about three times cheaper to parse than
 full :class:`~driftline.alerts.model.Incident` records (most of the API's CPU for a list).

@@ -11,6 +11,7 @@ Redis layout (``prefix`` defaults to ``dl:book``; every JSON record has ``schema
     {prefix}:idx:{dim}:{value}     zset    and per station/shift/lot of the root or related
     {prefix}:resolved              zset    id -> resolution time (wall clock), for retention
     {prefix}:sig                   hash    id -> JSON recurrence signature of resolved incidents
+                                           (not of those merged into another)
     {prefix}:reset_pending         hash    slice_id -> id, slices whose reset was requested
     {prefix}:changes               stream  state changes to route (field ``change``: JSON)
     {prefix}:cursor                string  last ``dl:detect:outbox`` id applied
@@ -110,6 +111,8 @@ class Batch:
                 continue
             pipe.srem(b.k("active"), inc.id)
             pipe.zadd(b.k("resolved"), {inc.id: (inc.resolved_at or b.clock()).timestamp()})
+            if inc.merged_into is not None:  # part of the incident it went into, not a past one
+                continue
             pipe.hset(b.k("sig"), inc.id, json.dumps({
                 "schema_version": SCHEMA_VERSION, "template": inc.root.template,
                 "root": inc.root.slice_id, "signature": inc.evidence.signature,

@@ -402,6 +402,26 @@ def test_recurrence_of_a_resolved_incident_is_linked(env: Env) -> None:
     assert again["station=press-3"].summary()["recurrence"][0]["incident_id"] == first.id
 
 
+
+def test_an_incident_merged_into_another_is_no_past_incident_to_recur(env: Env) -> None:
+    # The stations' alarms come first, one batch each: each opens an incident until the lot's
+    # explains them, and they are merged into one. Those are the lot incident's own past.
+    msgs = [alarm("station=press-2", 0.5, n=800), alarm("station=press-3", 0.5, n=800),
+            alarm("station=press-1", 0.5, n=800), alarm("lot=L7", 1.0, n=1600),
+            alarm("station=press-4", 0.5, n=800), alarm("shift=day", 0.5, n=3200)]
+    proc = env.processor()
+    for m in msgs:
+        env.feed(m)
+        env.drain(proc)
+    book = env.book()
+    (lot,) = book.active()
+    merged = [i for i in book.list(status=Status.resolved).items if i.merged_into == lot.id]
+    assert merged
+    assert env.r.hkeys(f"{book.prefix}:sig") == []
+    book.resolve(lot.id, RootCause.supplier_lot, None, "bob")
+    assert env.r.hkeys(f"{book.prefix}:sig") == [lot.id.encode()]
+
+
 def test_retention_bounds_resolved_incidents_by_count_and_age(env: Env) -> None:
     t0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
     now = [t0]
