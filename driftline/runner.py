@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import redis
 from prometheus_client import CollectorRegistry
 from tenacity import (
     RetryCallState,
@@ -52,6 +51,11 @@ DETECT_REDIS_WAIT_S = 5.0
 # At start-up, like a broker (kafka_io.BROKER_WAIT_S): a restart or a slow container start.
 STARTUP_REDIS_WAIT_S = 120.0
 BOOK_BOOTSTRAP_MS = 5_000  # one attempt of the book's producer to reach the broker
+# The book's XREAD waits up to the processor's block_ms (1 s) on the server, so a healthy read
+# never comes near this; a connection that went half-open fails its call within it (the
+# processor's loop logs the error and steps again) instead of blocking for good while the
+# pages it should re-send resolve themselves in Alertmanager.
+BOOK_REDIS_TIMEOUT_S = 5.0
 
 
 class ReferenceBaselines:
@@ -294,7 +298,7 @@ def build_book_processor(settings: Settings, registry: CollectorRegistry,
     from driftline.alerts.routing import AlertMetrics, Router
 
     s = settings
-    client = redis.Redis.from_url(s.redis_url)
+    client = store_client(s.redis_url, socket_timeout_s=BOOK_REDIS_TIMEOUT_S)
     policy = BookPolicy(
         group_window_s=s.incident_group_window_s, recurrence_similarity=s.recurrence_similarity,
         hold_max_s=s.incident_hold_max_s, stable_events=s.incident_stable_events,

@@ -1,17 +1,22 @@
 """Liveness of a worker process: /healthz fails when a stage's loop stops turning, and
-``driftline run`` learns of a stage thread that ended on its own; start-up waits for Redis."""
+``driftline run`` learns of a stage thread that ended on its own; start-up waits for Redis;
+the failure book's Redis calls time out and its loop steps again."""
 
 from __future__ import annotations
 
 import socket
 import threading
 import time
+from unittest.mock import MagicMock
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from driftline import runner
+from driftline.alerts.processor import IncidentProcessor
+from driftline.alerts.routing import Router
 from driftline.config import load_settings
 from driftline.consumers.kafka_io import ProgressLog
 from driftline.runner import Service, watch_stages
@@ -159,3 +164,51 @@ def test_the_detect_stage_retires_slices_after_the_configured_days(
     off = runner.build_detect_stage(load_settings(slice_retire_after_days=0), CollectorRegistry(),
                                     ref)  # type: ignore[arg-type]
     assert off.retire_after_s == 0.0
+
+
+def test_the_books_redis_calls_time_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A half-open connection must fail the book's blocking XREAD, not park its loop while
+    Alertmanager resolves the pages it stopped re-sending; a healthy XREAD (``block_ms``) must
+    never come near the timeout."""
+    # both read Redis when built; the client itself connects lazily
+    monkeypatch.setattr(IncidentProcessor, "check_trimmed", lambda self: 0)
+    monkeypatch.setattr(Router, "_start_new_targets", lambda self: None)
+    processor = runner.build_book_processor(load_settings(), CollectorRegistry())
+    kwargs = processor.r.connection_pool.connection_kwargs
+    assert kwargs.get("socket_connect_timeout") is not None
+    assert kwargs.get("socket_timeout") is not None
+    assert kwargs["socket_timeout"] >= 3 * processor.block_ms / 1000
+
+
+def test_the_incident_processor_steps_again_after_a_redis_timeout(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """What the timeout raises is logged and the step tried again: the thread ending would
+    stop the re-sends for good."""
+
+    class HalfOpen:
+        """XREAD times out once, as on a connection that went half-open, then answers."""
+
+        def __init__(self) -> None:
+            self.reads = 0
+
+        def xinfo_stream(self, key: str) -> None:
+            raise redis.ResponseError("no such key")
+
+        def xread(self, *args: object, **kwargs: object) -> None:
+            self.reads += 1
+            if self.reads == 1:
+                raise redis.TimeoutError("Timeout reading from socket")
+            processor.stop()
+
+        def hgetall(self, key: str) -> dict[bytes, bytes]:
+            return {}
+
+    book = MagicMock(**{"cursor.return_value": None, "reattribute.return_value": [],
+                        "enforce_retention.return_value": 0})
+    client = HalfOpen()
+    processor = IncidentProcessor(client, book)  # type: ignore[arg-type]
+    worker = threading.Thread(target=processor.run, daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive() and client.reads == 2
+    assert "incident processor step failed" in caplog.text
