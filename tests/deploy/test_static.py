@@ -31,7 +31,7 @@ import driftline.runner
 import driftline.service.observe
 from driftline.alerts.model import Incident, Severity, Status
 from driftline.alerts.routing import ALERTNAME, Router
-from driftline.config import ENV_PREFIX, Settings, parse_tokens
+from driftline.config import ENV_PREFIX, SLICE_DIMENSIONS, Settings, parse_tokens
 from driftline.consumers.kafka_io import BROKER_WAIT_S
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is a dev dependency")
@@ -156,12 +156,18 @@ def test_alertmanager_config_and_routes() -> None:
         assert out.stdout.split() == [receiver], (labels, out.stdout)
 
 
+def incident_alert(severity: str, template: str, dims: dict[str, str]) -> dict[str, str]:
+    """The labels of the failure book's alert for an incident rooted at ``dims``
+    (Router.labels)."""
+    root = SimpleNamespace(template=template, dims=dims)
+    incident = SimpleNamespace(id=f"inc-{severity}-{template}", severity=Severity(severity),
+                               root=root, status=Status.open, active=True, timeline=[])
+    return Router.labels(cast(Router, None), cast(Incident, incident))
+
+
 def pushed_alert_labels() -> set[str]:
-    """Label names of the failure book's DriftlineIncident alerts (Router.labels)."""
-    root = SimpleNamespace(template="station_shift", dims={"station": "s1", "shift": "night"})
-    incident = SimpleNamespace(id="inc-1", severity=Severity.major, root=root,
-                               status=Status.open, active=True, timeline=[])
-    return set(Router.labels(cast(Router, None), cast(Incident, incident)))
+    """Label names of the failure book's DriftlineIncident alerts."""
+    return set(incident_alert("major", "station+shift", {"station": "s1", "shift": "night"}))
 
 
 def rule_alert_labels() -> set[str]:
@@ -181,6 +187,46 @@ def test_alertmanager_groups_by_labels_that_alerts_carry() -> None:
     assert set(route["group_by"]) <= pushed | rule_alert_labels(), (
         set(route["group_by"]) - pushed - rule_alert_labels())
     assert "incident_id" in route["group_by"], "one notification per incident"
+
+
+_AM_MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"?(.*?)"?')
+
+
+def matches(matchers: list[str], labels: dict[str, str]) -> bool:
+    """Alertmanager's matchers (regexes anchored; a missing label reads as "")."""
+    for matcher in matchers:
+        found = _AM_MATCHER.fullmatch(matcher.strip())
+        assert found, matcher
+        name, op, value = found.groups()
+        got = labels.get(name, "")
+        hit = {"=": got == value, "!=": got != value,
+               "=~": re.fullmatch(value, got) is not None,
+               "!~": re.fullmatch(value, got) is None}[op]
+        if not hit:
+            return False
+    return True
+
+
+def inhibited(target: dict[str, str], source: dict[str, str]) -> bool:
+    """Whether alertmanager.yml's inhibit_rules mute ``target`` while ``source`` fires."""
+    rules = load_yaml(DEPLOY / "alertmanager/alertmanager.yml")["inhibit_rules"]
+    return any(matches(rule["target_matchers"], target)
+               and matches(rule["source_matchers"], source)
+               and all(source.get(label, "") == target.get(label, "")
+                       for label in rule.get("equal", []))
+               for rule in rules)
+
+
+def test_a_critical_incident_inhibits_the_warnings_of_its_own_root_slice_only() -> None:
+    roots = [(dim, {dim: value}) for dim in SLICE_DIMENSIONS for value in ("a", "b")]
+    roots += [("station+shift", {"station": "a", "shift": "a"}),
+              ("station+lot", {"station": "a", "lot": "a"})]
+    for source_root in roots:
+        critical = incident_alert("critical", *source_root)
+        for target_root in roots:
+            warning = incident_alert("warning", *target_root)
+            assert inhibited(warning, critical) == (target_root == source_root), (
+                source_root, target_root)
 
 
 # --- metrics referenced by rules and dashboards -----------------------------------------------
