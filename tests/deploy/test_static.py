@@ -229,6 +229,23 @@ def test_a_critical_incident_inhibits_the_warnings_of_its_own_root_slice_only() 
                 source_root, target_root)
 
 
+def rule_alert(name: str, **labels: str) -> dict[str, str]:
+    """The labels of a firing alert of rules.yml: its rule's, and ``labels`` (those its
+    expression keeps: aggregation and target labels)."""
+    (rule,) = [rule for rule in alerts() if rule["alert"] == name]
+    return {"alertname": name, **rule["labels"], **labels}
+
+
+def test_one_embed_worker_does_not_mute_silent_stations_fleet_wide() -> None:
+    """Its partitions move to the other workers long before a station counts as silent; a
+    station silent while that worker is down or stalled must still page."""
+    silent = rule_alert("DriftlineStationSilent", station="s9")
+    worker = {"instance": "10.0.0.7:8080"}
+    for source in (rule_alert("DriftlineWorkerDown", job="driftline-embed", **worker),
+                   rule_alert("DriftlineEmbedStalled", **worker)):
+        assert not inhibited(silent, source), source["alertname"]
+
+
 # --- metrics referenced by rules and dashboards -----------------------------------------------
 @cache
 def known_metrics() -> dict[str, frozenset[str]]:
