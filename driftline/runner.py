@@ -47,6 +47,8 @@ from driftline.reference.index import PredictionView, Reference, load_reference,
 
 log = logging.getLogger(__name__)
 ROLES = ("embed", "detect", "book")
+# The roles that wait for the broker at start-up; the book makes its topic when it sends.
+BROKER_AT_START = frozenset({"embed", "detect"})
 DETECT_REDIS_WAIT_S = 5.0
 # At start-up, like a broker (kafka_io.BROKER_WAIT_S): a restart or a slow container start.
 STARTUP_REDIS_WAIT_S = 120.0
@@ -342,7 +344,7 @@ class Service:
 
     def start(self) -> None:
         s = self.settings
-        if {"embed", "detect"} & set(self.roles):  # the book makes its topic when it sends
+        if BROKER_AT_START & set(self.roles):
             ensure_topics(s.kafka_bootstrap, {
                 s.events_topic: s.topic_partitions, s.slice_updates_topic: s.topic_partitions,
                 s.dlq_topic: 1, s.alerts_topic: 1})

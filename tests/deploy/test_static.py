@@ -22,6 +22,7 @@ from types import ModuleType, SimpleNamespace
 from typing import Any, cast
 
 import pytest
+from kafka import KafkaAdminClient
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
@@ -527,10 +528,17 @@ def test_k8s_book_runs_once_and_is_scraped() -> None:
 
 
 def test_k8s_startup_probes_outlast_the_start_up_waits() -> None:
-    """`driftline run` waits for the broker and Redis before serving probes, then exits with a
-    message naming the setting; the kubelet must not kill the pod before that message."""
-    wait = max(BROKER_WAIT_S, driftline.runner.STARTUP_REDIS_WAIT_S)
+    """`driftline run` waits for the broker (the Kafka stages), then for Redis, before serving
+    probes, then exits with a message naming the setting; the kubelet must not kill the pod
+    before that message. The waits add up: a broker late by nearly its whole wait leaves Redis
+    all of its own. The broker's last attempt, begun just before its wait is over, takes up to
+    kafka-python's bootstrap timeout; the margin covers the retries' pauses, Redis's last
+    attempt and loading the reference and the model."""
+    broker = BROKER_WAIT_S + KafkaAdminClient.DEFAULT_CONFIG["bootstrap_timeout_ms"] / 1000
     for role in driftline.runner.ROLES:
+        wait = driftline.runner.STARTUP_REDIS_WAIT_S
+        if role in driftline.runner.BROKER_AT_START:
+            wait += broker
         (container,) = deployment(f"driftline-{role}")["spec"]["template"]["spec"]["containers"]
         probe = container["startupProbe"]
         budget = probe["periodSeconds"] * probe["failureThreshold"]
