@@ -250,7 +250,8 @@ class EmbedStage:
 
     @property
     def ready(self) -> bool:
-        """The group has assigned this worker partitions at least once."""
+        """The worker has joined its group once (ready even if given no partition: an
+        extra replica is idle, not broken); it stays ready."""
         return self.assigned_once.is_set()
 
     def _report_lag(self) -> None:
@@ -584,7 +585,7 @@ class EmbedStage:
 
 
 class _LogAssignments(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Log partition moves and mark the stage ready once it owns partitions."""
+    """Log partition moves and mark the stage ready at its first assignment (empty or not)."""
 
     def __init__(self, stage: EmbedStage) -> None:
         self.stage = stage

@@ -62,8 +62,8 @@ def create_app(registry: CollectorRegistry, readiness: Readiness | None = None,
 
     @probes.get("/readyz", responses={503: {"description": "not ready"}})
     def readyz() -> JSONResponse:
-        """Readiness: reference loaded and partitions assigned (per running stage), Redis
-        answering (API)."""
+        """Readiness: reference loaded, each Kafka stage's consumer group joined (once, even
+        with no partition to own), Redis answering (API)."""
         got = checks()
         ok = all(got.values())
         return JSONResponse({"ready": ok, "checks": got}, status_code=200 if ok else 503)

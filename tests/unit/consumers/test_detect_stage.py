@@ -1048,3 +1048,12 @@ def test_an_error_while_applying_ends_the_loop_without_a_last_checkpoint() -> No
         stage.run()
     assert stage.store.commits == []  # type: ignore[attr-defined]
     assert stage.consumer.closed  # type: ignore[attr-defined]
+
+
+def test_a_member_given_no_partition_is_ready() -> None:
+    """An extra replica is ready (idle): a `maxSurge: 0` rollout waits for each new pod to be
+    ready (deploy/k8s/README.md, "Scaling")."""
+    stage = _stage()
+    assert not stage.ready
+    stage.on_partitions_assigned(set())
+    assert stage.ready

@@ -181,6 +181,28 @@ def test_lag_forgets_a_partition_once_it_moves_to_another_worker() -> None:
     assert lag() == 0
 
 
+def test_a_worker_is_ready_from_its_first_assignment_even_an_empty_one() -> None:
+    """An extra replica, given no partition, is ready (idle), and a worker that loses its
+    partitions stays ready: a `maxSurge: 0` rollout waits for each new pod to be ready
+    (deploy/k8s/README.md, "Scaling")."""
+    from kafka import TopicPartition
+
+    from driftline.consumers.embed_stage import _LogAssignments
+
+    stage = EmbedStage(
+        LagConsumer(), Producer(), events_topic="ev", updates_topic="up",  # type: ignore[arg-type]
+        dlq_topic="dlq", embedder=Embedder(), reference=Reference(), templates=["station"],
+        metrics=EmbedMetrics(CollectorRegistry()))
+    listener = _LogAssignments(stage)
+    assert not stage.ready
+    listener.on_partitions_assigned([])
+    assert stage.ready
+    tp = TopicPartition("ev", 0)
+    listener.on_partitions_assigned([tp])
+    listener.on_partitions_revoked([tp])
+    assert stage.ready
+
+
 def test_redis_unreachable_skips_the_cache_and_dead_letters_late_labels() -> None:
     """Redis refusing connections costs the embed stage at most ``redis_wait_s`` per call: the
     batch's slice-updates still go out, the prediction cache is skipped (counted), and a late
