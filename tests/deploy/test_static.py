@@ -415,6 +415,24 @@ def test_compose_services_are_wired() -> None:
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
+def seconds(duration: str) -> int:
+    """A Compose duration such as ``1m30s``, in seconds."""
+    found = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?", duration)
+    assert found and duration, duration
+    return int(found[1] or 0) * 60 + int(found[2] or 0)
+
+
+def test_compose_gives_the_stages_the_grace_kubernetes_gives_them() -> None:
+    """On SIGTERM a stage finishes its batch or step, checkpoints, commits and leaves its group;
+    Docker's default 10 s is shorter than that path may take."""
+    services = load_yaml(DEPLOY / "compose.yaml")["services"]
+    for role in driftline.runner.ROLES:
+        name = f"driftline-{role}"
+        grace = deployment(name)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert "stop_grace_period" in services[name], name
+        assert seconds(services[name]["stop_grace_period"]) == grace, name
+
+
 # --- Dockerfile -----------------------------------------------------------------------------
 def dockerfile() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
