@@ -29,6 +29,10 @@ class EmbedMetrics:
             "driftline_embed_redis_skipped_total",
             "Events whose prediction (for late labels) and recent embedding were not stored: "
             "Redis unreachable", registry=registry)
+        self.duplicate_events = Counter(
+            "driftline_embed_duplicate_events_total",
+            "Inference events skipped: their event_id was first read at another position of "
+            "the events topic (a sender's retry)", registry=registry)
         self.batch_size = Histogram(
             "driftline_embed_batch_size_events", "Events per embed batch",
             buckets=_BATCH_BUCKETS, registry=registry)

@@ -7,8 +7,11 @@ adding consumers to the ``driftline-embed`` group. Per batch:
 2. validate each; a bad one goes to the dead-letter topic with its reason;
 3. embed images in one model call (precomputed embeddings skip the model), assign each to its
    nearest reference cluster and measure its distance to the reference (OOD flag);
-4. produce one slice-update per slice template, keyed by slice id, carrying the source
-   partition/offset (the detect stage skips replays by it);
+4. store each inference event's prediction under its ``event_id`` with the position it was
+   read at, skipping an event whose id another position stored (a sender's retry: the detect
+   stage could not tell it from a new event), and produce one slice-update per slice template,
+   keyed by slice id, carrying the source partition/offset (the detect stage skips replays by
+   it);
 5. flush the producer, then commit the batch's input offsets (at-least-once; duplicates are
    harmless).
 
@@ -26,8 +29,9 @@ the model would preempt its threads.
 
 Redis holds only the prediction cache and the recent-embeddings buffer, so an outage does not
 stop the stream: each write waits ``redis_wait_s`` at most and is then skipped (logged; late
-labels for those events will find no prediction), and a late label that cannot be looked up
-goes to the dead-letter topic as ``store_unavailable``, to be replayed.
+labels for those events will find no prediction, and their ids are not checked for
+duplicates), and a late label that cannot be looked up goes to the dead-letter topic as
+``store_unavailable``, to be replayed.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 import faiss
@@ -428,15 +433,28 @@ class EmbedStage:
         if items:
             self._count(self.metrics.embed_latency.observe,
                         model_s + time.perf_counter() - started)
+        try:
+            fresh = self._claim(items)
+        except REDIS_ERRORS as exc:
+            fresh = None
+            self._count(self.metrics.redis_skipped.inc, len(items))
+            self.outage.down("predictions for late labels and recent embeddings not stored, "
+                             "event ids not checked for duplicates", exc, events=len(items))
+        kept = [n for n, new in enumerate(fresh or [True] * len(items)) if new]
+        if len(kept) < len(items):
+            dups = [items[n].event.event_id for n in sorted(set(range(len(items))) - set(kept))]
+            self._count(self.metrics.duplicate_events.inc, len(dups))
+            log.info("duplicate events skipped: their ids were read before at another position",
+                     extra={"events": len(dups), "first": dups[0]})
+            items, vectors = [items[n] for n in kept], vectors[kept]
         for item in items:
             self._emit(item, item.event.label, item.event.loss, _error_of(item.event))
-        try:
-            self._remember(items, vectors)
-            self.outage.up()
-        except REDIS_ERRORS as exc:
-            self._count(self.metrics.redis_skipped.inc, len(items))
-            self.outage.down("predictions for late labels and recent embeddings not "
-                             "stored", exc, events=len(items))
+        if fresh is not None:
+            try:
+                self._remember(items, vectors)
+                self.outage.up()
+            except REDIS_ERRORS as exc:
+                self.outage.down("recent embeddings not stored", exc, events=len(items))
         for item in batch.labels:
             try:
                 self._emit_late_label(item)
@@ -528,18 +546,43 @@ class EmbedStage:
                        value=upd.model_dump_json().encode(), headers=headers)
         self._tally.add(ev.station, ev.ts.timestamp(), len(self.templates))
 
-    # --- late labels ---------------------------------------------------------------------
+    # --- event ids: duplicates and late labels -------------------------------------------
+    @retry_redis
+    def _claim(self, items: list[_Item]) -> list[bool] | None:
+        """Store each inference event's prediction for its late label under its ``event_id``
+        (``dl:pred:{id}``, kept ``PREDICTION_TTL_S``), with the position it was read at, unless
+        the id is stored already; return which events are new. An id first stored from another
+        position is a duplicate — a sender's retry landing at a new offset — whose updates
+        would count the event twice, so it is skipped. The same position read again (a batch
+        replayed after a crash) is not: its updates go out again, and the detect stage skips
+        them by source offset. None without Redis: nothing checked."""
+        if self.redis is None or not items:
+            return None
+        pipe = self.redis.pipeline(transaction=True)
+        at = [f"{item.msg.partition}:{item.msg.offset}" for item in items]
+        for item, pos in zip(items, at, strict=True):
+            ev, pred = item.event, item.event.prediction
+            # where and when the event was seen: its late label goes to the same slices
+            doc = {"cluster": item.cluster, "pred": pred.label if pred else None,
+                   "station": ev.station, "shift": ev.shift, "lot": ev.lot,
+                   "ts": ev.ts.isoformat(), "pos": pos}
+            key = f"dl:pred:{ev.event_id}"
+            pipe.get(key)
+            pipe.set(key, json.dumps(doc), ex=PREDICTION_TTL_S, nx=True)
+        before = pipe.execute()[0::2]
+        # an entry written before positions were kept cannot tell: the event counts
+        return [old is None or json.loads(old).get("pos", pos) == pos
+                for old, pos in zip(before, at, strict=True)]
+
     @retry_redis
     def _remember(self, items: list[_Item], vectors: np.ndarray) -> None:
-        """Predictions for late labels, and the rolling buffer of recent embeddings that the
-        API's similarity search and model-version comparison read (``RECENT_KEY``)."""
+        """The rolling buffer of recent embeddings that the API's similarity search and
+        model-version comparison read (``RECENT_KEY``)."""
         if self.redis is None or not items:
             return
         pipe = self.redis.pipeline(transaction=False)
         for item, vec in zip(items, vectors, strict=True):
             ev, pred = item.event, item.event.prediction
-            doc = {"cluster": item.cluster, "pred": pred.label if pred else None}
-            pipe.set(f"dl:pred:{ev.event_id}", json.dumps(doc), ex=PREDICTION_TTL_S)
             meta = {"event_id": ev.event_id, "ts": ev.ts.timestamp(), "station": ev.station,
                     "shift": ev.shift, "lot": ev.lot, "model_version": ev.model_version,
                     "cluster": item.cluster, "distance": item.distance, "ood": item.ood,
@@ -565,6 +608,12 @@ class EmbedStage:
         doc = json.loads(known)
         item.cluster = doc["cluster"]
         error = None if doc["pred"] is None or ev.label is None else doc["pred"] != ev.label
+        if "station" in doc:  # filed under the event's slices and time, not the label's own
+            # (a label sent from another shift, or with a placeholder lot); entries written
+            # before these fields were kept use the label event's
+            item.event = ev.model_copy(update={
+                "station": doc["station"], "shift": doc["shift"], "lot": doc["lot"],
+                "ts": datetime.fromisoformat(doc["ts"])})
         self._emit(item, ev.label, ev.loss, error, late=True)
 
     def _send(self, source: Any, topic: str, **record: Any) -> None:

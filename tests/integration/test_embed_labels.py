@@ -1,5 +1,6 @@
-"""The embed stage's labels against a real Redis (its prediction cache): a label sent with its
-event and one that arrives later reach the detect stage marked apart."""
+"""The embed stage's event ids against a real Redis (its prediction cache): a label sent with
+its event and one that arrives later reach the detect stage marked apart, and an event sent
+twice is counted once."""
 
 from __future__ import annotations
 
@@ -47,4 +48,55 @@ def test_inline_and_late_labels_are_told_apart(redis_url: str) -> None:
     # sent in source order, as the detect stage's skip-by-highest-offset needs: the label
     # (offset 2) was looked up after the event at offset 3 was embedded, but goes first
     assert [u["source_offset"] for u in updates] == [0, 1, 2, 3]
+    client.close()
+
+
+def test_a_late_label_goes_to_its_event_s_slices_and_time(redis_url: str) -> None:
+    """The label event's own station, shift, lot and time are the labelling tool's: the error
+    belongs to the slices the event was seen in, at the time it was seen."""
+    client = redis.Redis.from_url(redis_url)
+    producer = Producer()
+    stage = EmbedStage(
+        None, producer, events_topic="ev", updates_topic="up",  # type: ignore[arg-type]
+        dlq_topic="dlq", embedder=Embedder(), reference=Reference(),
+        templates=["station", "station+shift", "lot"],
+        metrics=EmbedMetrics(CollectorRegistry()), redis_client=client)
+    tag = uuid.uuid4().hex[:8]
+    stage.process([Msg("ev", 0, 0, b"k", _event(
+        5, "s1", event_id=f"{tag}-5", embedding=[1.0, 0.0, 0.0],
+        prediction={"label": "ok", "score": 0.9}))])
+    stage.process([Msg("ev", 0, 1, b"k", json.dumps({
+        "event_id": f"{tag}-5", "ts": "2026-11-24T22:00:00Z", "station": "s1",
+        "shift": "night", "lot": "unknown", "label": "scratch"}).encode())])
+    late = [json.loads(v) for t, _, v in producer.sent if t == "up"][3:]
+    assert sorted(u["slice_id"] for u in late) == [
+        "lot=L1", "station=s1", "station=s1|shift=day"]
+    assert {(u["ts"], u["shift"], u["lot"], u["error"], u["late_label"]) for u in late} == {
+        ("2026-11-23T08:00:05Z", "day", "L1", True, True)}
+    client.close()
+
+
+def test_an_event_sent_twice_is_counted_once_and_a_replayed_batch_again(redis_url: str) -> None:
+    """A sender's retry lands the same event_id at a new offset: skipped (the detect stage's
+    dedupe by source offset cannot see it). A batch read again after a crash is the same
+    positions: its updates go out again, for the detect stage to skip by offset."""
+    client = redis.Redis.from_url(redis_url)
+    producer = Producer()
+    registry = CollectorRegistry()
+    stage = EmbedStage(
+        None, producer, events_topic="ev", updates_topic="up",  # type: ignore[arg-type]
+        dlq_topic="dlq", embedder=Embedder(), reference=Reference(), templates=["station"],
+        metrics=EmbedMetrics(registry), redis_client=client)
+    tag = uuid.uuid4().hex[:8]
+    first = [Msg("ev", 1, 10, b"k", _event(1, "s1", event_id=f"{tag}-1", embedding=[1.0, 0, 0])),
+             Msg("ev", 1, 11, b"k", _event(2, "s1", event_id=f"{tag}-2", embedding=[0, 1.0, 0])),
+             # the retry of event 1, in the same poll
+             Msg("ev", 1, 12, b"k", _event(1, "s1", event_id=f"{tag}-1", embedding=[1.0, 0, 0]))]
+    stage.process(first)
+    stage.process(first[:2])  # the batch read again after a crash (same positions)
+    later = Msg("ev", 0, 99, b"k", _event(2, "s1", event_id=f"{tag}-2", embedding=[0, 1.0, 0]))
+    stage.process([later])  # a retry of event 2 much later, on another partition
+    offsets = [json.loads(v)["source_offset"] for t, _, v in producer.sent if t == "up"]
+    assert offsets == [10, 11, 10, 11]
+    assert registry.get_sample_value("driftline_embed_duplicate_events_total") == 2
     client.close()
