@@ -550,7 +550,8 @@ class EmbedStage:
     @retry_redis
     def _claim(self, items: list[_Item]) -> list[bool] | None:
         """Store each inference event's prediction for its late label under its ``event_id``
-        (``dl:pred:{id}``, kept ``PREDICTION_TTL_S``), with the position it was read at, unless
+        (``dl:pred:{events topic}:{id}``, kept ``PREDICTION_TTL_S``), with the position it was
+        read at, unless
         the id is stored already; return which events are new. An id first stored from another
         position is a duplicate — a sender's retry landing at a new offset — whose updates
         would count the event twice, so it is skipped. The same position read again (a batch
@@ -566,13 +567,18 @@ class EmbedStage:
             doc = {"cluster": item.cluster, "pred": pred.label if pred else None,
                    "station": ev.station, "shift": ev.shift, "lot": ev.lot,
                    "ts": ev.ts.isoformat(), "pos": pos}
-            key = f"dl:pred:{ev.event_id}"
+            key = self._prediction_key(ev.event_id)
             pipe.get(key)
             pipe.set(key, json.dumps(doc), ex=PREDICTION_TTL_S, nx=True)
         before = pipe.execute()[0::2]
         # an entry written before positions were kept cannot tell: the event counts
         return [old is None or json.loads(old).get("pos", pos) == pos
                 for old, pos in zip(before, at, strict=True)]
+
+    def _prediction_key(self, event_id: str) -> str:
+        """Per events topic: ids are unique within a plant's stream, not across deployments
+        (or test runs) that share a Redis."""
+        return f"dl:pred:{self.events_topic}:{event_id}"
 
     @retry_redis
     def _remember(self, items: list[_Item], vectors: np.ndarray) -> None:
@@ -597,9 +603,11 @@ class EmbedStage:
     @retry_redis
     def _emit_late_label(self, item: _Item) -> None:
         ev = item.event
-        known: bytes | None = (
-            self.redis.get(f"dl:pred:{ev.event_id}")  # type: ignore[assignment]
-            if self.redis is not None else None)
+        known: bytes | None = None
+        if self.redis is not None:  # then the key written before it was per topic (7 days)
+            found: list[bytes | None] = self.redis.mget(  # type: ignore[assignment]
+                [self._prediction_key(ev.event_id), f"dl:pred:{ev.event_id}"])
+            known = next((v for v in found if v is not None), None)
         if known is None:
             self._dead_letter(item.msg, EventRejected(
                 RejectReason.unknown_event,
