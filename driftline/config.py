@@ -167,6 +167,17 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
     log_format: LogFormat = Field(LogFormat.json, description="json or console")
 
+    @field_validator("model_path", "reference_dir", mode="before")
+    @classmethod
+    def _empty_path_is_unset(cls, value: Any) -> Any:
+        # as for the URLs: `DRIFTLINE_MODEL_PATH=` means not set, not Path("") (the cwd)
+        return None if value == "" else value
+
+    @field_validator("cache_dir", mode="before")
+    @classmethod
+    def _empty_cache_dir_is_default(cls, value: Any) -> Any:
+        return default_cache_dir() if value == "" else value
+
     @field_validator("onnx_providers", "slice_templates", mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:

@@ -148,3 +148,17 @@ def test_slice_retirement_is_on_by_default_and_0_turns_it_off(
     assert load_settings().slice_retire_after_days == 0.0
     monkeypatch.setenv("DRIFTLINE_SLICE_RETIRE_AFTER_DAYS", "0.5")
     assert load_settings().slice_retire_after_days == 0.5
+
+
+def test_empty_path_settings_are_not_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty path was Path("") — the cwd: `reference build` then failed with
+    IsADirectoryError '.', an empty reference dir skipped the "not set" message, and the cache
+    went to the cwd."""
+    from driftline.config import default_cache_dir
+
+    for name in ("DRIFTLINE_MODEL_PATH", "DRIFTLINE_REFERENCE_DIR", "DRIFTLINE_CACHE_DIR"):
+        monkeypatch.setenv(name, "")
+    settings = load_settings()
+    assert settings.model_path is None and settings.reference_dir is None
+    assert settings.cache_dir == default_cache_dir()
+    assert settings.resolved_model_path() == default_cache_dir() / "mobilenet_v2_demo.onnx"
