@@ -7,23 +7,32 @@ the environment variable, so start-up stops with a line an operator can act on.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from collections.abc import Sequence
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from driftline.core.budget import DAY, Budget
 
 ENV_PREFIX = "DRIFTLINE_"
 ROLES = ("viewer", "operator", "admin")
 SLICE_DIMENSIONS = ("station", "shift", "lot")
 # the shortest retirement horizon: the gauges read the last hour of a slice's events
 MIN_RETIRE_AFTER_DAYS = 1 / 24
+# the detectors a slice runs, which the false-alarm budget is split over: cluster mix and OOD
+# rate always, prediction mix, confidence and error rate as the reference allows
+# (runner.ReferenceBaselines.detectors)
+SLICE_DETECTORS = (2, 5)
+_BUDGET_VARIABLES = ", ".join(f"{ENV_PREFIX}BUDGET_{name}" for name in (
+    "FALSE_INCIDENTS", "PERIOD_DAYS", "SLICES", "EVENT_RATE"))
 _PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "password", "token", "xxx", "todo"}
 # Kafka's own rule (kafka.common.internals.Topic): at most 249 of these, and not "." or "..".
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
@@ -62,8 +71,10 @@ class ApiToken:
 class Settings(BaseSettings):
     """All of driftline's options. The README's configuration table documents each one."""
 
+    # no setting means anything at inf or nan (an infinite budget period: no detector alarms)
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_file=None, extra="ignore", validate_default=True
+        env_prefix=ENV_PREFIX, env_file=None, extra="ignore", validate_default=True,
+        allow_inf_nan=False,
     )
 
     # Kafka
@@ -122,7 +133,7 @@ class Settings(BaseSettings):
     # downtime while the rest of the plant works, yet 50 new lots a day leave ~700 slices held
     # (a few MB), not every lot ever seen. Event time: a whole-plant stop retires nothing.
     slice_retire_after_days: float = Field(
-        14.0, ge=0, allow_inf_nan=False,
+        14.0, ge=0,
         description="A slice with no event for this many days of event time (behind the newest "
                     "event of its partition) and no open alarm is retired: its state and "
                     "summary are deleted; it starts afresh if its events come back. 0 keeps "
@@ -134,7 +145,7 @@ class Settings(BaseSettings):
     incident_group_window_s: float = Field(
         3600.0, gt=0, description="Event-time window in which alarms join one incident")
     incident_hold_max_s: float = Field(
-        600.0, ge=0, allow_inf_nan=False,
+        600.0, ge=0,
         description="An incident the co-occurrence attribution opens (split off, or a new root) "
                     "is held (not paged) until it is stable, or for at most this long of "
                     "event time (of wall time if no event comes)")
@@ -221,16 +232,14 @@ class Settings(BaseSettings):
     def _check_bootstrap(cls, value: str) -> str:
         for server in value.split(","):
             host, _, port = server.strip().rpartition(":")
-            if not host or not port.isdigit():
-                raise ValueError(f"{server!r} is not host:port")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"{server!r} is not host:port with a port from 1 to 65535")
         return value
 
     @field_validator("redis_url")
     @classmethod
     def _check_redis(cls, value: str) -> str:
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
-        return value
+        return _redis_url(value)
 
     @field_validator("events_topic", "slice_updates_topic", "alerts_topic", "dlq_topic")
     @classmethod
@@ -272,6 +281,25 @@ class Settings(BaseSettings):
         parse_tokens(value)  # raises ValueError naming the bad entry
         return value
 
+    @model_validator(mode="after")
+    def _check_budget(self) -> Self:
+        # union_threshold needs γ > 1 (it raised only when the first slice was created), and an
+        # infinite γ never alarms; γ grows with the detectors a slice runs
+        low, high = (self.budget(d).arl0() for d in SLICE_DETECTORS)
+        if low <= 1 or not math.isfinite(high):
+            raise ValueError(
+                f"{_BUDGET_VARIABLES}: {self.budget_false_incidents:g} false incidents per "
+                f"{self.budget_period_days:g} days over {self.budget_slices} slices at "
+                f"{self.budget_event_rate:g} events/s give a detector γ = {low:.3g} to "
+                f"{high:.3g} events between false alarms; it must be above 1 and finite")
+        return self
+
+    def budget(self, detectors: int) -> Budget:
+        """The operator's false-alarm budget, split over ``detectors`` per slice."""
+        return Budget(false_incidents=self.budget_false_incidents,
+                      period_s=self.budget_period_days * DAY, n_slices=self.budget_slices,
+                      detectors_per_slice=detectors, event_rate=self.budget_event_rate)
+
     def shown(self) -> dict[str, Any]:
         """The settings to print: secrets masked, and so are the passwords in URLs."""
         return {name: mask_url(value) if isinstance(value, str) and "://" in value else value
@@ -295,6 +323,44 @@ def _http_url(value: str) -> str:
         ok = False
     if not ok:
         raise ValueError(f"{mask_url(value)!r} is not an http:// or https:// URL with a host")
+    return value
+
+
+def _redis_url(value: str) -> str:
+    """``value`` if redis-py reads it as the server meant: a host (``redis://``, ``rediss://``)
+    or a socket path (``unix://``), a port from 1 to 65535, a database number. redis-py refuses a
+    bad port only when a client is made, and reads db 0 from a path that is not a number."""
+    from redis.connection import parse_url
+
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must start with redis://, rediss:// or unix://")
+    shown = f"{mask_url(value)!r}"
+    # a raw '/', '?' or '#' in a password ends the host early: its port is then the password's
+    encode = " (percent-encode a '/', '?', '#' or '@' in a password)" if "@" in value else ""
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # an unclosed '[' of an IPv6 host
+        raise ValueError(f"{shown}: not a URL{encode}") from None
+    try:
+        port = parts.port
+    except ValueError:  # not a number or above 65535 (urllib's message quotes the port text)
+        port = 0
+    if port == 0:
+        raise ValueError(f"{shown}: the port is not a number from 1 to 65535{encode}")
+    try:
+        # what redis.Redis.from_url reads: refuses a bad query value
+        kwargs = parse_url(value)  # type: ignore[no-untyped-call]
+    except ValueError as err:
+        raise ValueError(f"{shown}: {err}") from None
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError(f"{shown}: no socket path (unix:///path/to/redis.sock)")
+    elif not parts.hostname:
+        raise ValueError(f"{shown}: no host{encode}")
+    elif parts.path not in ("", "/") and not parts.path[1:].isdigit():
+        raise ValueError(f"{shown}: the path must be a database number (/0){encode}")
+    if kwargs.get("db", 0) < 0:
+        raise ValueError(f"{shown}: the database number must be 0 or more")
     return value
 
 
@@ -342,8 +408,10 @@ def parse_tokens(secret: SecretStr | None) -> list[ApiToken]:
 def _describe(err: ValidationError) -> str:
     lines = []
     for item in err.errors():
-        field = str(item["loc"][0]) if item["loc"] else "settings"
-        lines.append(f"{ENV_PREFIX}{field.upper()}: {item['msg']}")
+        if not item["loc"]:  # a check across settings: its message names them
+            lines.append(item["msg"].removeprefix("Value error, "))
+            continue
+        lines.append(f"{ENV_PREFIX}{str(item['loc'][0]).upper()}: {item['msg']}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 

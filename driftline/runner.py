@@ -39,7 +39,7 @@ from driftline.core.baselines import (
     mix_bounds,
     tail_rate_bound,
 )
-from driftline.core.budget import DAY, Budget
+from driftline.core.budget import DAY
 from driftline.core.error_rates import P0_QUANTILE, shrunk_error_rates
 from driftline.core.slices import SliceDetectors
 from driftline.metrics import ConsumerMetrics, DetectMetrics, EmbedMetrics
@@ -179,10 +179,7 @@ def expected_errors(manifest: dict[str, Any]) -> dict[int, float]:
 def detector_arl0(settings: Settings, detectors: int = 2) -> float:
     """Per-detector ARL0 target γ from the operator's false-alarm budget, split over the
     ``detectors`` each slice runs."""
-    budget = Budget(false_incidents=settings.budget_false_incidents,
-                    period_s=settings.budget_period_days * DAY,
-                    n_slices=settings.budget_slices, detectors_per_slice=detectors,
-                    event_rate=settings.budget_event_rate)
+    budget = settings.budget(detectors)  # checked when the settings load: 1 < γ < inf
     log.info("false-alarm budget", extra={"budget": budget.describe()})
     return budget.arl0()
 

@@ -62,6 +62,28 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
         ("DRIFTLINE_SLICE_RETIRE_AFTER_DAYS", "inf", "finite"),
         # a horizon of minutes would restart slices across ordinary gaps between events
         ("DRIFTLINE_SLICE_RETIRE_AFTER_DAYS", "0.001", "at least 1 hour"),
+        # accepted once (only the scheme was checked), then `serve` died with redis-py's
+        # "Port could not be cast to integer", or a bad db silently became db 0
+        ("DRIFTLINE_REDIS_URL", "redis://h:port/0", "port is not a number from 1 to 65535"),
+        ("DRIFTLINE_REDIS_URL", "redis://h:99999/0", "port is not a number from 1 to 65535"),
+        ("DRIFTLINE_REDIS_URL", "redis://h:0/0", "port is not a number from 1 to 65535"),
+        ("DRIFTLINE_REDIS_URL", "redis://h:6379/zero", "database number"),
+        ("DRIFTLINE_REDIS_URL", "redis://h:6379/0?db=-1", "database number"),
+        ("DRIFTLINE_REDIS_URL", "redis://h/0?socket_timeout=soon", "socket_timeout"),
+        ("DRIFTLINE_REDIS_URL", "redis:///0", "no host"),
+        ("DRIFTLINE_REDIS_URL", "unix://", "no socket path"),
+        ("DRIFTLINE_REDIS_URL", "redis://[::1:6379/0", "not a URL"),
+        ("DRIFTLINE_KAFKA_BOOTSTRAP", "h:99999", "port from 1 to 65535"),
+        ("DRIFTLINE_KAFKA_BOOTSTRAP", "a:9092,b:0", "port from 1 to 65535"),
+        # an infinite γ never alarms
+        ("DRIFTLINE_BUDGET_PERIOD_DAYS", "inf", "finite"),
+        ("DRIFTLINE_BUDGET_FALSE_INCIDENTS", "inf", "finite"),
+        ("DRIFTLINE_BUDGET_FALSE_INCIDENTS", "nan", "finite"),
+        ("DRIFTLINE_BUDGET_EVENT_RATE", "inf", "finite"),
+        ("DRIFTLINE_INCIDENT_GROUP_WINDOW_S", "inf", "finite"),
+        ("DRIFTLINE_RETENTION_RESOLVED_DAYS", "inf", "finite"),
+        ("DRIFTLINE_STAGE_STALL_TIMEOUT_S", "nan", "finite"),
+        ("DRIFTLINE_RECURRENCE_SIMILARITY", "nan", "finite"),
     ],
 )
 def test_bad_values_name_the_variable(
@@ -162,3 +184,51 @@ def test_empty_path_settings_are_not_set(monkeypatch: pytest.MonkeyPatch) -> Non
     assert settings.model_path is None and settings.reference_dir is None
     assert settings.cache_dir == default_cache_dir()
     assert settings.resolved_model_path() == default_cache_dir() / "mobilenet_v2_demo.onnx"
+
+
+@pytest.mark.parametrize("url", [
+    "redis://:s3cret@redis.plant:6379/0", "rediss://user:p%40ss@h/1", "redis://h", "redis://h/",
+    "redis://[::1]:6380/15", "unix:///run/redis.sock?db=2&password=pw",
+])
+def test_legal_redis_urls_pass(url: str) -> None:
+    assert load_settings(redis_url=url).redis_url == url
+
+
+def test_a_bad_redis_url_is_named_without_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a raw '/' in the password ends the host: redis-py would read "pa" as the port
+    monkeypatch.setenv("DRIFTLINE_REDIS_URL", "redis://:pa/ss@h/0")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert "DRIFTLINE_REDIS_URL: " in message and "percent-encode" in message
+    assert "pa/ss" not in message and "'pa'" not in message
+
+
+@pytest.mark.parametrize(("settings", "gamma"), [
+    # 1e10 false incidents a month: a detector would alarm every 0.2 events
+    ({"budget_false_incidents": 1e10}, "γ = 0.207 to 0.518"),
+    ({"budget_event_rate": 1e-12, "budget_slices": 1}, "γ = 5.18e-06 to 1.3e-05"),
+    ({"budget_false_incidents": 1e-310}, "to inf"),  # overflows: never alarms
+])
+def test_a_budget_without_a_usable_arl0_names_its_settings(
+        settings: dict[str, float], gamma: str) -> None:
+    """γ <= 1 raised "need arl0 > 1" only when the detect stage created its first slice."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(**settings)
+    message = str(info.value)
+    assert ("DRIFTLINE_BUDGET_FALSE_INCIDENTS, DRIFTLINE_BUDGET_PERIOD_DAYS, "
+            "DRIFTLINE_BUDGET_SLICES, DRIFTLINE_BUDGET_EVENT_RATE: ") in message
+    assert gamma in message and "must be above 1 and finite" in message
+
+
+def test_the_budget_settings_give_the_detectors_arl0() -> None:
+    from driftline.runner import detector_arl0
+
+    settings = load_settings(budget_false_incidents=2, budget_period_days=7, budget_slices=50,
+                             budget_event_rate=0.5)
+    assert detector_arl0(settings, 5) == pytest.approx(0.5 * 7 * 86400 * 50 * 5 / 2)
+    # the smallest budget accepted still gives every detector a usable threshold
+    from driftline.core.cusum import union_threshold
+
+    tight = load_settings(budget_false_incidents=1e9)
+    assert union_threshold(detector_arl0(tight, 2), 8) > 0
