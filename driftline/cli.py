@@ -24,6 +24,8 @@ detect_app = typer.Typer(help="Detect-stage maintenance", no_args_is_help=True)
 app.add_typer(detect_app, name="detect")
 
 CacheDir = Annotated[Path | None, typer.Option(help="Cache dir (default DRIFTLINE_CACHE_DIR)")]
+Port = Annotated[int | None, typer.Option(min=1, max=65535,
+                                          help="HTTP port (default DRIFTLINE_API_PORT)")]
 
 
 def settings_or_exit() -> Settings:
@@ -80,7 +82,7 @@ def demo_data(cache_dir: CacheDir = None) -> None:
 @app.command("run")
 def run(
     role: Annotated[str, typer.Argument(help="embed, detect, book or all")] = "all",
-    port: Annotated[int | None, typer.Option(help="HTTP port (default DRIFTLINE_API_PORT)")] = None,
+    port: Port = None,
 ) -> None:
     """Run pipeline stages with probes and /metrics over HTTP until SIGTERM."""
     import uvicorn
@@ -209,7 +211,7 @@ def _fail(message: str) -> None:
 
 @app.command("serve")
 def serve(
-    port: Annotated[int | None, typer.Option(help="HTTP port (default DRIFTLINE_API_PORT)")] = None,
+    port: Port = None,
 ) -> None:
     """Serve the triage API (/api/v1), probes and /metrics until SIGTERM."""
     from driftline.service.app import serve as serve_api

@@ -123,5 +123,5 @@ def serve(settings: Settings, registry: CollectorRegistry | None = None,
 
     configure_logging(settings.log_level, settings.log_format.value)
     app = create_app(registry or CollectorRegistry(), readiness, settings)
-    uvicorn.run(app, host=settings.api_host, port=port or settings.api_port,
+    uvicorn.run(app, host=settings.api_host, port=settings.api_port if port is None else port,
                 log_level="warning", timeout_graceful_shutdown=10)
