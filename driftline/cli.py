@@ -99,6 +99,9 @@ def run(
     service = Service(settings, roles)
     try:
         service.start()  # waits for the broker (kafka_io.BROKER_WAIT_S) and Redis
+    except ConfigError as err:  # the reference or model the settings name cannot be used
+        typer.echo(f"driftline: {err}", err=True)
+        raise typer.Exit(2) from None
     except KafkaError as exc:
         typer.echo(f"driftline: Kafka at {settings.kafka_bootstrap} (DRIFTLINE_KAFKA_BOOTSTRAP) "
                    f"failed at start-up: {exc!r}", err=True)

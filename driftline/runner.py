@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from driftline.config import Settings, unknown_onnx_providers
+from driftline.config import ConfigError, Settings, unknown_onnx_providers
 from driftline.consumers.checkpoint import REDIS_ERRORS, CheckpointStore, store_client
 from driftline.consumers.detect_stage import DetectStage
 from driftline.consumers.embed_stage import EmbedStage
@@ -43,6 +44,7 @@ from driftline.core.budget import DAY
 from driftline.core.error_rates import P0_QUANTILE, shrunk_error_rates
 from driftline.core.slices import SliceDetectors
 from driftline.metrics import ConsumerMetrics, DetectMetrics, EmbedMetrics
+from driftline.reference.artifact import ReferenceError, file_sha256
 from driftline.reference.index import PredictionView, Reference, load_reference, prediction_views
 
 log = logging.getLogger(__name__)
@@ -185,7 +187,8 @@ def detector_arl0(settings: Settings, detectors: int = 2) -> float:
 
 
 def load_active_reference(settings: Settings) -> Reference:
-    """The reference activated through the API (if still intact), else the configured one."""
+    """The reference activated through the API (if still intact), else the configured one; a
+    missing or unusable one raises :class:`ConfigError` naming the setting."""
     from driftline.service.references_store import active_reference_dir
 
     client = store_client(settings.redis_url)
@@ -208,14 +211,20 @@ def load_active_reference(settings: Settings) -> Reference:
         raise SystemExit(f"driftline: Redis at {where} (DRIFTLINE_REDIS_URL) unreachable for "
                          f"{STARTUP_REDIS_WAIT_S:.0f} s at start-up: {exc}") from None
     if ref_dir is None:
-        raise SystemExit("driftline: DRIFTLINE_REFERENCE_DIR is not set; build one with "
-                         "`driftline reference build` and point the setting at it")
+        raise ConfigError("DRIFTLINE_REFERENCE_DIR is not set; build one with "
+                          "`driftline reference build` and point the setting at it")
     log.info("reference", extra={"dir": str(ref_dir)})
-    return load_reference(ref_dir)
+    try:
+        return load_reference(ref_dir)
+    except (ReferenceError, OSError) as exc:
+        source = ("DRIFTLINE_REFERENCE_DIR" if ref_dir == settings.reference_dir
+                  else "the reference activated through the API")
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def make_embedder(settings: Settings, ref: Reference) -> Any:
-    """The embedder the reference was built with, or None for precomputed embeddings."""
+    """The embedder the reference was built with, or None for precomputed embeddings; a model
+    or providers it cannot use raise :class:`ConfigError` naming the setting."""
     desc = ref.manifest["embedding"].get("model")
     if desc is None:
         return None
@@ -223,18 +232,32 @@ def make_embedder(settings: Settings, ref: Reference) -> Any:
 
     problem = unknown_onnx_providers(settings.onnx_providers)
     if problem:
-        raise SystemExit(f"driftline: {problem}")
+        raise ConfigError(problem)
     config = EmbedderConfig.from_description(
-        desc, settings.resolved_model_path(), providers=tuple(settings.onnx_providers),
+        desc, reference_model(settings, desc), providers=tuple(settings.onnx_providers),
         batch_size=settings.embed_batch_size, intra_op_threads=settings.onnx_threads,
         max_image_pixels=settings.max_image_pixels)
-    embedder = Embedder(config)
-    if embedder.model_sha256 != desc["model_sha256"]:
-        raise SystemExit(
-            f"driftline: DRIFTLINE_MODEL_PATH {config.model_path} has sha256 "
-            f"{embedder.model_sha256[:12]}…, the reference was built with "
-            f"{desc['model_sha256'][:12]}…")
-    return embedder
+    return Embedder(config)
+
+
+def reference_model(settings: Settings, desc: dict[str, Any]) -> Path:
+    """The configured model file if it is the one the reference was built with (``desc``), else
+    :class:`ConfigError`. Checked before onnxruntime reads it: a wrong model otherwise fails
+    there first, on a tensor it lacks, without saying which model was expected."""
+    path = settings.resolved_model_path()
+    where = (f"DRIFTLINE_MODEL_PATH: {path}" if settings.model_path is not None else
+             f"DRIFTLINE_MODEL_PATH: not set, and the demo model {path}")
+    expected = str(desc["model_sha256"])
+    built_with = (f"the reference was built with {desc.get('model_file') or 'a model'} "
+                  f"(sha256 {expected[:12]}…)")
+    try:
+        actual = file_sha256(path)
+    except OSError as exc:
+        raise ConfigError(f"{where} cannot be read ({exc.strerror or exc}); {built_with}"
+                          ) from None
+    if actual != expected:
+        raise ConfigError(f"{where} has sha256 {actual[:12]}…; {built_with}")
+    return path
 
 
 def build_embed_stage(settings: Settings, registry: CollectorRegistry, ref: Reference,
