@@ -41,7 +41,7 @@ def settings_or_exit() -> Settings:
 
 @config_app.command("show")
 def config_show() -> None:
-    """Print the effective settings (secrets and URL passwords masked)."""
+    """Print the effective settings as an env file (secrets and URL passwords masked)."""
     settings = settings_or_exit()
     for name, value in settings.shown().items():
         typer.echo(f"DRIFTLINE_{name.upper()}={value}")

@@ -275,6 +275,11 @@ class Settings(BaseSettings):
             raise ValueError("name at least one, e.g. CPUExecutionProvider")
         return value
 
+    @field_validator("api_tokens", mode="before")
+    @classmethod
+    def _empty_tokens_are_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
     @field_validator("api_tokens")
     @classmethod
     def _check_tokens(cls, value: SecretStr | None) -> SecretStr | None:
@@ -300,10 +305,11 @@ class Settings(BaseSettings):
                       period_s=self.budget_period_days * DAY, n_slices=self.budget_slices,
                       detectors_per_slice=detectors, event_rate=self.budget_event_rate)
 
-    def shown(self) -> dict[str, Any]:
-        """The settings to print: secrets masked, and so are the passwords in URLs."""
-        return {name: mask_url(value) if isinstance(value, str) and "://" in value else value
-                for name, value in self.model_dump().items()}
+    def shown(self) -> dict[str, str]:
+        """The settings to print, as the environment gives them (unset: empty; lists: comma-
+        separated), so that the output reads back as an env file; secrets masked, and so are
+        the passwords in URLs (fill those in before reading it back)."""
+        return {name: _env_value(value) for name, value in self.model_dump().items()}
 
     def tokens(self) -> list[ApiToken]:
         """The configured bearer tokens (hashed)."""
@@ -324,6 +330,16 @@ def _http_url(value: str) -> str:
     if not ok:
         raise ValueError(f"{mask_url(value)!r} is not an http:// or https:// URL with a host")
     return value
+
+
+def _env_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):  # NoDecode: read back by _split_csv
+        return ",".join(value)
+    if isinstance(value, str) and "://" in value:
+        return mask_url(value)
+    return str(value)  # a SecretStr shows as ********** (or empty)
 
 
 def _redis_url(value: str) -> str:

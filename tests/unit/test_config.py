@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -97,8 +99,6 @@ def test_bad_values_name_the_variable(
 
 
 def test_every_setting_is_documented_in_the_readme() -> None:
-    from pathlib import Path
-
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     missing = [f"DRIFTLINE_{name.upper()}" for name in Settings.model_fields
                if f"DRIFTLINE_{name.upper()}" not in readme]
@@ -232,3 +232,33 @@ def test_the_budget_settings_give_the_detectors_arl0() -> None:
 
     tight = load_settings(budget_false_incidents=1e9)
     assert union_threshold(detector_arl0(tight, 2), 8) > 0
+
+
+def test_config_show_reads_back_as_the_same_settings(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Unset values printed as None (refused when read back) and lists as Python lists (read
+    back as one provider named "['CPUExecutionProvider']")."""
+    import os
+
+    monkeypatch.setenv("DRIFTLINE_SLICE_TEMPLATES", "station, station+lot")
+    monkeypatch.setenv("DRIFTLINE_ONNX_PROVIDERS", "CUDAExecutionProvider,CPUExecutionProvider")
+    monkeypatch.setenv("DRIFTLINE_MODEL_PATH", str(tmp_path))
+    monkeypatch.setenv("DRIFTLINE_BUDGET_EVENT_RATE", "0.25")
+    monkeypatch.setenv("DRIFTLINE_LOG_FORMAT", "console")
+    monkeypatch.setenv("DRIFTLINE_OPEN_PROBES", "false")
+    monkeypatch.setenv("DRIFTLINE_REDIS_URL", "unix:///run/redis.sock?db=2")
+    for name in ("DRIFTLINE_ALERTMANAGER_URL", "DRIFTLINE_API_TOKENS",
+                 "DRIFTLINE_REFERENCE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    before = load_settings()
+    result = CliRunner().invoke(app, ["config", "show"])
+    assert result.exit_code == 0, result.output
+    assert "DRIFTLINE_ALERTMANAGER_URL=\n" in result.output
+    assert "DRIFTLINE_ONNX_PROVIDERS=CUDAExecutionProvider,CPUExecutionProvider\n" in result.output
+    for name in list(os.environ):
+        if name.startswith("DRIFTLINE_"):
+            monkeypatch.delenv(name)
+    for line in result.output.splitlines():
+        name, _, value = line.partition("=")
+        monkeypatch.setenv(name, value)
+    assert load_settings().model_dump() == before.model_dump()
