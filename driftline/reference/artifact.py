@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -73,14 +74,83 @@ def content_id(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def check_out_dir(out_dir: Path, *, overwrite: bool = False, keep: Iterable[Path] = (),
+                  overwrite_hint: str = "pass overwrite=True") -> None:
+    """Raise :class:`ReferenceError` unless an artifact may be written to ``out_dir``.
+
+    It may be a path to create (under a directory, not a file), an empty directory, or — with
+    ``overwrite`` — a reference directory holding only the files of its own manifest: anything
+    else would be deleted with it. Never the working directory or one holding it, nor one
+    holding a file of ``keep`` (the manifest and model a build reads). ``overwrite_hint``: how
+    the caller's user asks for ``overwrite``.
+    """
+    out_dir = Path(out_dir)
+    where = out_dir.resolve()
+    if where == Path.cwd().resolve() or where in Path.cwd().resolve().parents:
+        raise ReferenceError(f"{out_dir} is the working directory or holds it: write the "
+                             "reference to a directory of its own")
+    for path in keep:
+        if where in Path(path).resolve().parents:
+            raise ReferenceError(f"{out_dir} holds {path}: write the reference to a directory "
+                                 "of its own")
+    if out_dir.is_symlink():
+        raise ReferenceError(f"{out_dir} is a symbolic link: give the directory itself")
+    if not out_dir.exists():
+        ancestor = next(p for p in where.parents if p.exists())
+        if not ancestor.is_dir():
+            raise ReferenceError(f"cannot create {out_dir}: {ancestor} is not a directory")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise ReferenceError(f"cannot create {out_dir}: {ancestor} is not writable")
+        return
+    if not out_dir.is_dir():
+        raise ReferenceError(f"{out_dir} exists and is not a directory")
+    if not os.access(where.parent, os.W_OK | os.X_OK):
+        raise ReferenceError(f"cannot replace {out_dir}: {where.parent} is not writable")
+    names = {p.name for p in out_dir.iterdir()}
+    if not names:
+        return
+    if not overwrite:
+        raise ReferenceError(f"{out_dir} exists and is not empty ({overwrite_hint} to replace "
+                             "a reference there)")
+    own = _own_files(out_dir)
+    if own is None:
+        raise ReferenceError(f"{out_dir} is not a reference (no {MANIFEST} of format "
+                             f"{FORMAT}): refusing to replace it (only a reference or an empty "
+                             "directory is replaced)")
+    foreign = sorted(names - own)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if foreign[3:] else "")
+        raise ReferenceError(f"{out_dir} holds a reference and also {shown}: refusing to delete "
+                             "them with it; move them away or write elsewhere")
+
+
+def _own_files(ref_dir: Path) -> set[str] | None:
+    """The names of a reference directory's own files: its manifest and the arrays it lists;
+    None when ``ref_dir`` holds no readable manifest of this format."""
+    try:
+        manifest = json.loads((ref_dir / MANIFEST).read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return None
+    entries = manifest.get("arrays")
+    files = [e.get("file") for e in entries.values() if isinstance(e, dict)] \
+        if isinstance(entries, dict) else []
+    return {MANIFEST, *(f for f in files if isinstance(f, str) and "/" not in f)}
+
+
 def write_artifact(out_dir: Path, manifest: dict[str, Any], arrays: dict[str, NDArray[Any]],
                    *, overwrite: bool = False) -> Path:
-    """Write ``arrays`` as ``<name>.npy`` and ``manifest`` (plus array hashes) atomically."""
+    """Write ``arrays`` as ``<name>.npy`` and ``manifest`` (plus array hashes) atomically.
+
+    ``out_dir`` must pass :func:`check_out_dir`; a reference there is replaced only once the
+    new one is complete, and moved aside rather than deleted until the new one is in place.
+    """
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ReferenceError(f"{out_dir} exists and is not empty (pass overwrite=True)")
+    check_out_dir(out_dir, overwrite=overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    old: Path | None = None
     try:
         entries = {}
         for name, arr in arrays.items():
@@ -93,11 +163,20 @@ def write_artifact(out_dir: Path, manifest: dict[str, Any], arrays: dict[str, ND
         full["reference_id"] = content_id(full)
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=False) + "\n")
         if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.replace(out_dir, old)
+        try:
+            os.replace(tmp, out_dir)
+        except BaseException:
+            if old is not None:
+                os.replace(old, out_dir)
+                old = None
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 

@@ -25,7 +25,7 @@ from driftline.core.predictions import (
     label_codes,
     label_vocabulary,
 )
-from driftline.reference.artifact import ReferenceError, write_artifact
+from driftline.reference.artifact import ReferenceError, check_out_dir, write_artifact
 from driftline.reference.describe import exemplars, metadata_lift, performance
 from driftline.reference.index import Reference, load_reference, unit_rows
 from driftline.reference.space import fit_pca, loo_distances, spherical_kmeans
@@ -133,13 +133,14 @@ def build_reference(
     ``confidence_quantile`` of its scores (:mod:`driftline.core.predictions`). Where events
     carry labels, each cluster's error rate is shrunk toward the overall one and the error-rate
     detector's reference rates are those scaled to the pooled rate's ``error_quantile``
-    (:mod:`driftline.core.error_rates`).
+    (:mod:`driftline.core.error_rates`). ``overwrite`` replaces a reference already in
+    ``out_dir``, never a directory holding anything else
+    (:func:`~driftline.reference.artifact.check_out_dir`, checked before any embedding).
     """
     if not 0.0 < bound_confidence < 1.0:
         raise ReferenceError(f"bound_confidence {bound_confidence} must lie strictly between 0 "
                              "and 1")
-    if Path(out_dir).exists() and any(Path(out_dir).iterdir()) and not overwrite:
-        raise ReferenceError(f"{out_dir} exists and is not empty (pass overwrite=True)")
+    check_out_dir(out_dir, overwrite=overwrite)  # before the embedding, not after it
     got = collect(events, embedder)
     raw, evs = got.embeddings, got.events
     n = len(evs)

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from driftline.core.baselines import DEFAULT_CONFIDENCE, tail_rate_bound
 from driftline.core.error_rates import P0_QUANTILE
-from driftline.reference.artifact import ReferenceError
+from driftline.reference.artifact import ReferenceError, check_out_dir
 from driftline.runner import ood_detector_rate
 from driftline.schema import Event
 
@@ -126,7 +126,9 @@ def build(
     batch_size: Annotated[int, typer.Option(help="Images per model call")] = 32,
     threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads (0: all)")] = 0,
     seed: int = 0,
-    overwrite: bool = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace the reference already in --out (only a directory holding a reference "
+             "and nothing else; without it --out must be new or empty)")] = False,
 ) -> None:
     """Build a reference artifact from a manifest of reference events."""
     from driftline.consumers.embedder import Embedder, EmbedderConfig
@@ -153,6 +155,11 @@ def build(
         first = exc.errors()[0]
         raise typer.BadParameter(first["msg"],
                                  param_hint=f"'{_flag(str(first['loc'][0]))}'") from None
+    try:  # before anything is embedded
+        check_out_dir(out, overwrite=overwrite, keep=[manifest, *([model] if model else [])],
+                      overwrite_hint="pass --overwrite")
+    except ReferenceError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--out'") from None
     events = read_manifest(manifest)
     try:
         head = list(itertools.islice(events, 1))

@@ -8,7 +8,7 @@ from driftline.reference.cli import app
 from tests.unit.consumers.tiny_onnx import build_tiny_model
 from tests.unit.reference.synthetic import reference_events
 
-runner = CliRunner()
+runner = CliRunner(env={"COLUMNS": "400"})  # a wide error box: messages on one line
 
 
 def test_build_and_show(tmp_path: Path) -> None:
