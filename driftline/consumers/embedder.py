@@ -134,7 +134,8 @@ class Embedder:
         self._session = ort.InferenceSession(model_bytes, opts, providers=list(config.providers))
         inp = _pick_input(self._session, config.input_name)
         self.input_name: str = inp.name
-        self.layout, self.input_size = _input_geometry(inp.shape, config.layout, config.input_size)
+        self.layout, self.input_size = _input_geometry(inp.name, inp.shape, config.layout,
+                                                       config.input_size)
         self._fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
         self._limits = ImageLimits(max_bytes=config.max_image_bytes,
                                    max_pixels=config.max_image_pixels)
@@ -348,20 +349,38 @@ def _pick_input(session: ort.InferenceSession, name: str | None) -> Any:
 
 
 def _input_geometry(
-    shape: list[Any], layout: str | None, size: tuple[int, int] | None,
+    name: str, shape: list[Any], layout: str | None, size: tuple[int, int] | None,
 ) -> tuple[Literal["NCHW", "NHWC"], tuple[int, int]]:
+    """The input's layout and (h, w): as given, checked against the model's fixed dims (a
+    mismatch fails here, not as onnxruntime's error at the first batch), else as declared."""
+    declared = f"the model's input {name!r} [{', '.join(_dim(d) for d in shape)}]"
     if len(shape) != 4:
-        raise ValueError(f"image input must be 4-D, model declares {shape}")
+        raise ValueError(f"image input must be 4-D, {declared} is {len(shape)}-D")
     if layout is None:
         layout = "NCHW" if shape[1] == 3 else "NHWC" if shape[3] == 3 else None
         if layout is None:
-            raise ValueError(f"cannot tell NCHW from NHWC in input shape {shape}; set layout")
+            raise ValueError(f"cannot tell NCHW from NHWC in {declared}; set layout")
+    else:
+        axis, other = (1, 3) if layout == "NCHW" else (3, 1)
+        if isinstance(shape[axis], int) and shape[axis] != 3:
+            raise ValueError(
+                f"layout {layout} puts the 3 colour channels on axis {axis}, where {declared} "
+                f"has {shape[axis]}" + (f": it reads as {'NHWC' if other == 3 else 'NCHW'}"
+                                        if shape[other] == 3 else ""))
     spatial = shape[2:4] if layout == "NCHW" else shape[1:3]
     if size is None:
         if not all(isinstance(d, int) for d in spatial):
-            raise ValueError(f"input shape {shape} has dynamic spatial dims; set input_size")
+            raise ValueError(f"{declared} has dynamic spatial dims; set input_size")
         size = (int(spatial[0]), int(spatial[1]))
+    elif any(isinstance(d, int) and d != s for d, s in zip(spatial, size, strict=True)):
+        raise ValueError(f"input_size {size[0]}x{size[1]} does not fit {declared}, whose "
+                         f"images are {_dim(spatial[0])}x{_dim(spatial[1])} ({layout})")
     return ("NCHW" if layout == "NCHW" else "NHWC"), size
+
+
+def _dim(d: Any) -> str:
+    """A declared dim as written: its size, its symbol, or ``?``."""
+    return "?" if d is None else str(d)
 
 
 def _output_layout(

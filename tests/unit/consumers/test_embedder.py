@@ -4,6 +4,7 @@ import base64
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from driftline.consumers.embedder import Embedder, EmbedderConfig, list_tensors
@@ -61,6 +62,26 @@ def test_unknown_tensor_names_close_matches(tiny: Path) -> None:
     names = [name for name, _ in list_tensors(tiny)]
     assert names[:2] == ["features.0", "features.1"]
     assert dict(list_tensors(tiny))["features.0"] == ["N", 8, 16, 16]
+
+
+def test_given_geometry_is_checked_against_the_models_fixed_dims(tiny: Path,
+                                                                  tmp_path: Path) -> None:
+    """A wrong layout or size failed with onnxruntime's InvalidArgument traceback."""
+    with pytest.raises(ValueError, match=r"layout NHWC .* 'input' \[N, 3, 16, 16\] has 16: "
+                                         r"it reads as NCHW"):
+        Embedder(EmbedderConfig(model_path=tiny, layout="NHWC"))
+    with pytest.raises(ValueError, match=r"input_size 20x20 does not fit .*, whose images "
+                                         r"are 16x16 \(NCHW\)"):
+        Embedder(EmbedderConfig(model_path=tiny, input_size=(20, 20)))
+    same = Embedder(EmbedderConfig(model_path=tiny, layout="NCHW", input_size=(16, 16)))
+    assert (same.layout, same.input_size) == ("NCHW", (16, 16))
+    model = onnx.load(str(tiny))
+    model.graph.input[0].type.tensor_type.shape.dim[3].dim_param = "W"  # a free width
+    onnx.save(model, str(tmp_path / "w.onnx"))
+    assert Embedder(EmbedderConfig(model_path=tmp_path / "w.onnx",
+                                   input_size=(16, 24))).input_size == (16, 24)
+    with pytest.raises(ValueError, match=r"\[N, 3, 16, W\], whose images are 16xW"):
+        Embedder(EmbedderConfig(model_path=tmp_path / "w.onnx", input_size=(24, 24)))
 
 
 def test_nhwc_model_matches_nchw_and_normalisation_is_exact(tmp_path: Path) -> None:

@@ -90,6 +90,8 @@ def test_every_preprocessing_flag_is_recorded(manifest: Path, tmp_path: Path) ->
     (["--color-order", "RBG"], "--color-order"),
     (["--output-layout", "NWC"], "--output-layout"),
     (["--input-name", "pixels"], "--input-name"),
+    (["--layout", "NHWC"], "--layout"),  # the model's input is [N, 3, 16, 16]
+    (["--input-size", "20x20"], "--input-size"),
 ])
 def test_bad_values_name_their_flag(manifest: Path, tmp_path: Path, flags: list[str],
                                     named: str) -> None:
