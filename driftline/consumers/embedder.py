@@ -44,9 +44,9 @@ from driftline.consumers.imaging import (
     ImageSource,
     load_image,
 )
-from driftline.consumers.onnx_graph import expose_tensor, list_tensors
+from driftline.consumers.onnx_graph import ModelFileError, expose_tensor, list_tensors
 
-__all__ = ["Embedder", "EmbedderConfig", "expose_tensor", "list_tensors"]
+__all__ = ["Embedder", "EmbedderConfig", "ModelFileError", "expose_tensor", "list_tensors"]
 
 
 F32 = NDArray[np.float32]
@@ -120,18 +120,27 @@ class Prefetch:
 
 
 class Embedder:
-    """Images or uint8 arrays in, float32 embeddings ``[N, dim]`` out."""
+    """Images or uint8 arrays in, float32 embeddings ``[N, dim]`` out.
+
+    A model path that names no usable ONNX model raises :class:`ModelFileError`; settings
+    that do not fit the model, ``ValueError`` naming the setting.
+    """
 
     def __init__(self, config: EmbedderConfig) -> None:
         self.config = config
-        self.model_sha256 = hashlib.sha256(config.model_path.read_bytes()).hexdigest()
         model_bytes, self.output_name = expose_tensor(config.model_path, config.output_name)
+        self.model_sha256 = hashlib.sha256(config.model_path.read_bytes()).hexdigest()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = config.intra_op_threads
         opts.inter_op_num_threads = config.inter_op_threads
         if not config.spin_wait:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._session = ort.InferenceSession(model_bytes, opts, providers=list(config.providers))
+        try:
+            self._session = ort.InferenceSession(model_bytes, opts,
+                                                 providers=list(config.providers))
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
+            raise ModelFileError(f"onnxruntime cannot load the model {config.model_path}: "
+                                 f"{exc}") from exc
         inp = _pick_input(self._session, config.input_name)
         self.input_name: str = inp.name
         self.layout, self.input_size = _input_geometry(inp.name, inp.shape, config.layout,

@@ -10,15 +10,41 @@ from pathlib import Path
 
 import onnx
 import onnx.utils
+from google.protobuf.message import DecodeError
+
+
+class ModelFileError(ValueError):
+    """A model path that names no usable ONNX model: missing, a directory, unreadable, or
+    not an ONNX model (not its protobuf, or a graph without nodes or outputs)."""
+
+
+def load_model(path: Path) -> onnx.ModelProto:
+    """The ONNX model at ``path``; :class:`ModelFileError` naming it and what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"model not found: {path}")
+    if path.is_dir():
+        raise ModelFileError(f"not an ONNX model: {path} (a directory)")
+    try:
+        model = onnx.load(str(path))
+    except DecodeError:
+        raise ModelFileError(f"not an ONNX model: {path} (not an ONNX protobuf)") from None
+    except OSError as exc:
+        raise ModelFileError(f"cannot read the model {path}: {exc.strerror or exc}") from None
+    if not model.graph.node or not model.graph.output:  # protobuf decodes 0 bytes as empty
+        why = "an empty file" if path.stat().st_size == 0 else "its graph has no nodes or outputs"
+        raise ModelFileError(f"not an ONNX model: {path} ({why})")
+    return model
 
 
 def expose_tensor(path: Path, name: str | None) -> tuple[bytes, str]:
     """Serialised model whose only output is ``name`` (a graph output or intermediate tensor).
 
     The graph is cut to the nodes that ``name`` depends on, so an early layer costs only the
-    layers before it. Returns ``(model bytes, output name)``.
+    layers before it. Returns ``(model bytes, output name)``; :class:`ModelFileError` when
+    ``path`` is no ONNX model.
     """
-    model = onnx.load(str(path))
+    model = load_model(path)
     graph = model.graph
     outputs = [o.name for o in graph.output]
     name = name or outputs[0]
@@ -47,7 +73,7 @@ def expose_tensor(path: Path, name: str | None) -> tuple[bytes, str]:
 
 def list_tensors(path: Path) -> list[tuple[str, list[int | str | None]]]:
     """Every named tensor a node produces, with its inferred shape (to choose a layer)."""
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    model = onnx.shape_inference.infer_shapes(load_model(path))
     shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else d.dim_param or None
                         for d in vi.type.tensor_type.shape.dim]
               for vi in [*model.graph.value_info, *model.graph.output]}

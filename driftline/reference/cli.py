@@ -63,17 +63,28 @@ def _with_flags(message: str) -> str:
 
 
 def _default_model() -> Path:
+    """The model the settings name: DRIFTLINE_MODEL_PATH, else the demo model in the cache."""
     from driftline.config import load_settings
+    from driftline.consumers.onnx_graph import ModelFileError
 
-    return load_settings().resolved_model_path()
+    settings = load_settings()
+    path = settings.resolved_model_path()
+    if path.exists():
+        return path
+    if settings.model_path is not None:
+        raise ModelFileError(f"model not found: {path} (DRIFTLINE_MODEL_PATH); pass --model or "
+                             "correct the setting")
+    raise ModelFileError(f"no --model given and the demo model {path} is missing: pass --model, "
+                         "set DRIFTLINE_MODEL_PATH, or run `driftline model build-demo`")
 
 
 @app.command("build")
 def build(
     manifest: Annotated[Path, typer.Option(help="JSONL of reference events", exists=True)],
     out: Annotated[Path, typer.Option(help="Directory to write the artifact to")],
-    model: Annotated[Path | None, typer.Option(help="ONNX model (default: DRIFTLINE_MODEL_PATH "
-                                                    "or the demo model)")] = None,
+    model: Annotated[Path | None, typer.Option(
+        help="ONNX model (default: DRIFTLINE_MODEL_PATH or the demo model)", exists=True,
+        dir_okay=False)] = None,
     k: Annotated[int | None, typer.Option(help="Clusters (default round(sqrt(n/10)))")] = None,
     embedding_layer: Annotated[str | None, typer.Option(
         help="Graph output or intermediate tensor used as the embedding")] = None,
@@ -131,7 +142,7 @@ def build(
              "and nothing else; without it --out must be new or empty)")] = False,
 ) -> None:
     """Build a reference artifact from a manifest of reference events."""
-    from driftline.consumers.embedder import Embedder, EmbedderConfig
+    from driftline.consumers.embedder import Embedder, EmbedderConfig, ModelFileError
     from driftline.reference.build import build_reference
 
     if not 0.0 < confidence_quantile < 1.0:
@@ -173,6 +184,8 @@ def build(
             try:
                 embedder = Embedder(config.model_copy(
                     update={"model_path": model or _default_model()}))
+            except ModelFileError:
+                raise
             except ValueError as exc:
                 raise ValueError(_with_flags(str(exc))) from None
         ref = build_reference(itertools.chain(head, events), embedder, out, k=k, pca_dim=pca_dim,
@@ -202,11 +215,17 @@ def show(ref_dir: Annotated[Path, typer.Argument(help="Reference directory")]) -
 
 
 @app.command("layers")
-def layers(model: Annotated[Path, typer.Argument(help="ONNX model", exists=True)]) -> None:
+def layers(model: Annotated[Path, typer.Argument(help="ONNX model", exists=True,
+                                                  dir_okay=False)]) -> None:
     """List the tensors a model computes (choices for --embedding-layer)."""
-    from driftline.consumers.embedder import list_tensors
+    from driftline.consumers.embedder import ModelFileError, list_tensors
 
-    for name, shape in list_tensors(model):
+    try:
+        tensors = list_tensors(model)
+    except ModelFileError as exc:
+        typer.echo(f"driftline reference layers: {exc}", err=True)
+        raise typer.Exit(2) from None
+    for name, shape in tensors:
         typer.echo(f"{name}\t{shape}")
 
 

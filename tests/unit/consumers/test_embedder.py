@@ -84,6 +84,31 @@ def test_given_geometry_is_checked_against_the_models_fixed_dims(tiny: Path,
         Embedder(EmbedderConfig(model_path=tmp_path / "w.onnx", input_size=(24, 24)))
 
 
+def test_a_path_that_is_no_onnx_model_raises_a_model_file_error(tiny: Path,
+                                                                 tmp_path: Path) -> None:
+    from driftline.consumers.embedder import ModelFileError, expose_tensor
+
+    (tmp_path / "text.onnx").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    (tmp_path / "dir.onnx").mkdir()
+    cases = {"text.onnx": r"not an ONNX model: .*text\.onnx \(not an ONNX protobuf\)",
+             "empty.onnx": r"not an ONNX model: .*empty\.onnx \(an empty file\)",
+             "dir.onnx": r"not an ONNX model: .*dir\.onnx \(a directory\)",
+             "gone.onnx": r"model not found: .*gone\.onnx"}
+    for name, message in cases.items():
+        with pytest.raises(ModelFileError, match=message):
+            Embedder(EmbedderConfig(model_path=tmp_path / name))
+        with pytest.raises(ModelFileError, match=message):
+            expose_tensor(tmp_path / name, None)
+        with pytest.raises(ModelFileError, match=message):
+            list_tensors(tmp_path / name)
+    model = onnx.load(str(tiny))  # a valid protobuf onnxruntime cannot run
+    model.graph.node[1].op_type = "NoSuchOp"
+    onnx.save(model, str(tmp_path / "odd.onnx"))
+    with pytest.raises(ModelFileError, match=r"onnxruntime cannot load the model .*odd\.onnx"):
+        Embedder(EmbedderConfig(model_path=tmp_path / "odd.onnx"))
+
+
 def test_nhwc_model_matches_nchw_and_normalisation_is_exact(tmp_path: Path) -> None:
     x = _images(4)
     nchw = Embedder(EmbedderConfig(model_path=build_tiny_model(tmp_path / "a.onnx")))

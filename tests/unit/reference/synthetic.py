@@ -1,11 +1,17 @@
-"""Synthetic reference events with known structure (precomputed embeddings)."""
+"""Synthetic reference events with known structure (precomputed embeddings), and a manifest
+of small JPEG events."""
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from driftline.schema import Event
 
@@ -58,3 +64,16 @@ def reference_events(seed: int = 0) -> tuple[list[Event], np.ndarray]:
                                 prediction={"label": pred, "score": 0.9}))
             truth.append(c)
     return events, np.array(truth)
+
+
+def image_manifest(path: Path, n: int = 40) -> Path:
+    """A JSONL manifest of ``n`` events, each with a 32×24 JPEG of its own colour."""
+    with path.open("w") as fh:
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.new("RGB", (32, 24), (i * 5, 100, 250 - i * 5)).save(buf, "JPEG")
+            fh.write(json.dumps({
+                "event_id": f"e{i}", "ts": f"2026-01-01T00:00:{i:02d}Z", "station": "s1",
+                "shift": "day", "lot": "l1",
+                "image": base64.b64encode(buf.getvalue()).decode()}) + "\n")
+    return path

@@ -2,35 +2,23 @@
 
 from __future__ import annotations
 
-import base64
-import io
-import json
 from pathlib import Path
 
 import onnx
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 from driftline.reference.cli import app
 from driftline.reference.index import load_reference
 from tests.unit.consumers.tiny_onnx import build_tiny_model
+from tests.unit.reference.synthetic import image_manifest
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("manifest") / "ref.jsonl"
-    with path.open("w") as fh:
-        for i in range(40):
-            buf = io.BytesIO()
-            Image.new("RGB", (32, 24), (i * 5, 100, 250 - i * 5)).save(buf, "JPEG")
-            fh.write(json.dumps({
-                "event_id": f"e{i}", "ts": f"2026-01-01T00:00:{i:02d}Z", "station": "s1",
-                "shift": "day", "lot": "l1",
-                "image": base64.b64encode(buf.getvalue()).decode()}) + "\n")
-    return path
+    return image_manifest(tmp_path_factory.mktemp("manifest") / "ref.jsonl")
 
 
 @pytest.fixture(scope="module")
