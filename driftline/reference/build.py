@@ -28,12 +28,9 @@ from driftline.core.predictions import (
 from driftline.reference.artifact import ReferenceError, check_out_dir, write_artifact
 from driftline.reference.describe import exemplars, metadata_lift, performance
 from driftline.reference.index import Reference, load_reference, unit_rows
+from driftline.reference.parameters import MAX_LABELS, ParameterError, check_parameters
 from driftline.reference.space import fit_pca, loo_distances, spherical_kmeans
 from driftline.schema import Event
-
-# Predicted labels with a category of their own (the rest share "other"): a defect classifier
-# has a handful; the bound keeps a slice's prediction-mix bank small whatever the model.
-MAX_LABELS = 7
 
 
 @dataclass
@@ -137,9 +134,10 @@ def build_reference(
     ``out_dir``, never a directory holding anything else
     (:func:`~driftline.reference.artifact.check_out_dir`, checked before any embedding).
     """
-    if not 0.0 < bound_confidence < 1.0:
-        raise ReferenceError(f"bound_confidence {bound_confidence} must lie strictly between 0 "
-                             "and 1")
+    check_parameters(k=k, pca_dim=pca_dim, quantile=quantile, min_count=min_count, alpha=alpha,
+                     exclude_within_s=exclude_within_s, seed=seed, max_labels=max_labels,
+                     confidence_quantile=confidence_quantile, error_quantile=error_quantile,
+                     bound_confidence=bound_confidence)
     check_out_dir(out_dir, overwrite=overwrite)  # before the embedding, not after it
     got = collect(events, embedder)
     raw, evs = got.embeddings, got.events
@@ -153,6 +151,9 @@ def build_reference(
     arrays: dict[str, np.ndarray] = {}
     pca = None
     if pca_dim is not None:
+        if pca_dim > min(x.shape):
+            raise ParameterError("pca_dim", pca_dim, f"must be at most {min(x.shape)}: the "
+                                 f"reference has {n} samples of dimension {x.shape[1]}")
         mean, comps, explained = fit_pca(x, pca_dim)
         x = unit_rows((x - mean) @ comps.T)
         arrays |= {"pca_mean": mean, "pca_components": comps}

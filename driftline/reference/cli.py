@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from driftline.core.baselines import DEFAULT_CONFIDENCE, tail_rate_bound
 from driftline.core.error_rates import P0_QUANTILE
 from driftline.reference.artifact import ReferenceError, check_out_dir
+from driftline.reference.parameters import ParameterError, check_parameters
 from driftline.runner import ood_detector_rate
 from driftline.schema import Event
 
@@ -48,8 +49,10 @@ def _numbers(text: str | None, flag: str, cast: type[float] | type[int], example
     return values
 
 
-# EmbedderConfig fields set by flags of other names; the others are --field-name
-_FLAG_OF = {"output_name": "--embedding-layer", "intra_op_threads": "--threads"}
+# EmbedderConfig fields and build_reference parameters set by flags of other names; the others
+# are --field-name
+_FLAG_OF = {"output_name": "--embedding-layer", "intra_op_threads": "--threads",
+            "exclude_within_s": "--exclude-window"}
 
 
 def _flag(field: str) -> str:
@@ -60,6 +63,11 @@ def _with_flags(message: str) -> str:
     """An embedder error naming a setting (``set input_size``) also names its flag."""
     return re.sub(r"\b(input_name|input_size|layout|output_layout|pooling)\b",
                   lambda m: f"{m[1]} ({_flag(m[1])})", message)
+
+
+def _bad_flag(exc: ParameterError) -> typer.BadParameter:
+    value = f"{exc.value:g}" if isinstance(exc.value, float) else exc.value  # as typed: 0, not 0.0
+    return typer.BadParameter(f"{value}: {exc.problem}", param_hint=f"'{_flag(exc.name)}'")
 
 
 def _default_model() -> Path:
@@ -85,7 +93,8 @@ def build(
     model: Annotated[Path | None, typer.Option(
         help="ONNX model (default: DRIFTLINE_MODEL_PATH or the demo model)", exists=True,
         dir_okay=False)] = None,
-    k: Annotated[int | None, typer.Option(help="Clusters (default round(sqrt(n/10)))")] = None,
+    k: Annotated[int | None, typer.Option(
+        help="Clusters, at least 2 (default round(sqrt(n/10)))")] = None,
     embedding_layer: Annotated[str | None, typer.Option(
         help="Graph output or intermediate tensor used as the embedding")] = None,
     pooling: Annotated[Literal["avg", "max", "none"], typer.Option(
@@ -115,10 +124,14 @@ def build(
     ] = None,
     l2_normalize: Annotated[bool, typer.Option(
         help="L2-normalise each embedding")] = True,
-    pca_dim: Annotated[int | None, typer.Option(help="Reduce to this many PCA axes")] = None,
-    quantile: Annotated[float, typer.Option(help="OOD threshold quantile")] = 0.99,
-    min_count: Annotated[int, typer.Option(help="Fewest samples for a baseline")] = 200,
-    alpha: Annotated[float, typer.Option(help="Smoothing pseudo-counts per cluster")] = 0.5,
+    pca_dim: Annotated[int | None, typer.Option(
+        help="Reduce to this many PCA axes (1 up to the embedding's dimension)")] = None,
+    quantile: Annotated[float, typer.Option(
+        help="OOD threshold: this quantile of the reference distances, between 0 and 1")] = 0.99,
+    min_count: Annotated[int, typer.Option(
+        help="Fewest samples for a station or station×shift baseline (at least 1)")] = 200,
+    alpha: Annotated[float, typer.Option(
+        help="Smoothing pseudo-counts per cluster, above 0")] = 0.5,
     max_labels: Annotated[int, typer.Option(
         min=1, help="Predicted labels with their own category; the rest share 'other'")] = 7,
     confidence_quantile: Annotated[float, typer.Option(
@@ -133,7 +146,8 @@ def build(
              "reference sample drawn")
     ] = DEFAULT_CONFIDENCE,
     exclude_window: Annotated[float | None, typer.Option(
-        help="Seconds: leave out same-station neighbours this close in time (video)")] = None,
+        help="Seconds (0 or more): leave out same-station neighbours this close in time "
+             "(video)")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per model call")] = 32,
     threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads (0: all)")] = 0,
     seed: int = 0,
@@ -145,12 +159,13 @@ def build(
     from driftline.consumers.embedder import Embedder, EmbedderConfig, ModelFileError
     from driftline.reference.build import build_reference
 
-    if not 0.0 < confidence_quantile < 1.0:
-        raise typer.BadParameter(f"{confidence_quantile}: must be between 0 and 1",
-                                 param_hint="'--confidence-quantile'")
-    if not 0.5 < error_quantile < 1.0:
-        raise typer.BadParameter(f"{error_quantile}: must be between 0.5 and 1",
-                                 param_hint="'--error-quantile'")
+    try:
+        check_parameters(k=k, pca_dim=pca_dim, quantile=quantile, min_count=min_count,
+                         alpha=alpha, exclude_within_s=exclude_window, seed=seed,
+                         max_labels=max_labels, confidence_quantile=confidence_quantile,
+                         error_quantile=error_quantile, bound_confidence=bound_confidence)
+    except ParameterError as exc:
+        raise _bad_flag(exc) from None
     given = {"input_name": input_name, "layout": layout, "color_order": color_order,
              "scale": scale, "fit": fit,
              "input_size": _numbers(input_size, "--input-size", int, "224x224"),
@@ -194,6 +209,8 @@ def build(
                               source_name=manifest.name, max_labels=max_labels,
                               confidence_quantile=confidence_quantile,
                               error_quantile=error_quantile, bound_confidence=bound_confidence)
+    except ParameterError as exc:  # one that only the data shows: --pca-dim
+        raise _bad_flag(exc) from None
     except (ReferenceError, ValueError, FileNotFoundError) as exc:
         typer.echo(f"driftline reference build: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -24,7 +24,10 @@ def fit_pca(x: F32, dim: int) -> tuple[F32, F32, float]:
     return mean.astype(np.float32), np.ascontiguousarray(eigvec[:, top].T, np.float32), explained
 
 
-def spherical_kmeans(x: F32, k: int, *, seed: int = 0, restarts: int = 8,
+KMEANS_RESTARTS = 8
+
+
+def spherical_kmeans(x: F32, k: int, *, seed: int = 0, restarts: int = KMEANS_RESTARTS,
                      ) -> tuple[F32, NDArray[np.int64]]:
     """Unit-norm centroids and labels, clusters renumbered by size (0 = largest).
 
