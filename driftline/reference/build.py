@@ -35,16 +35,27 @@ from driftline.schema import Event
 
 @dataclass
 class Collected:
-    """Reference samples in manifest order; failed or duplicate events counted in ``skipped``."""
+    """Reference samples in manifest order; failed or duplicate events counted in ``skipped``
+    per reason, the first of each described in ``first_skipped`` (its event and why)."""
 
     chunks: list[np.ndarray] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)
+    first_skipped: dict[str, str] = field(default_factory=dict)
     source: str | None = None
 
     @property
     def embeddings(self) -> np.ndarray:
         return np.concatenate(self.chunks) if self.chunks else np.empty((0, 0), np.float32)
+
+    def skip(self, reason: str, event_id: str, detail: str) -> None:
+        self.skipped[reason] += 1
+        self.first_skipped.setdefault(reason, f"event {event_id}: {detail}")
+
+    def skipped_text(self) -> str:
+        """``reason count (first: event id: why)``, joined; ``none``."""
+        return "; ".join(f"{reason} {n} (first: {self.first_skipped[reason]})"
+                         for reason, n in self.skipped.items()) or "none"
 
 
 def collect(events: Iterable[Event], embedder: Embedder | None, *, chunk: int = 512) -> Collected:
@@ -60,8 +71,10 @@ def collect(events: Iterable[Event], embedder: Embedder | None, *, chunk: int = 
         if got.source == "precomputed":
             dim = len(pending[0].embedding or []) if not got.chunks else got.chunks[0].shape[1]
             keep = [e for e in pending if len(e.embedding or []) == dim]
-            if len(keep) < len(pending):
-                got.skipped["embedding_dim"] += len(pending) - len(keep)
+            for e in pending:
+                if len(e.embedding or []) != dim:
+                    got.skip("embedding_dim", e.event_id, f"{len(e.embedding or [])} "
+                             f"dimensions where the first event has {dim}")
             if keep:
                 got.chunks.append(np.asarray([e.embedding for e in keep], np.float32))
             got.events.extend(keep)
@@ -70,7 +83,9 @@ def collect(events: Iterable[Event], embedder: Embedder | None, *, chunk: int = 
             emb, errors = embedder.embed_images(
                 [e.image_bytes() or e.image_uri or b"" for e in pending])
             ok = [i for i, err in enumerate(errors) if err is None]
-            got.skipped.update(str(err.reason) for err in errors if err is not None)
+            for ev, err in zip(pending, errors, strict=True):
+                if err is not None:
+                    got.skip(str(err.reason), ev.event_id, err.detail)
             got.chunks.append(emb[ok])
             got.events.extend(pending[i] for i in ok)
         pending.clear()
@@ -80,7 +95,7 @@ def collect(events: Iterable[Event], embedder: Embedder | None, *, chunk: int = 
             late[ev.event_id] = ev
             continue
         if ev.event_id in seen:
-            got.skipped["duplicate_event_id"] += 1
+            got.skip("duplicate_event_id", ev.event_id, "an earlier event has its id")
             continue
         seen.add(ev.event_id)
         source = "precomputed" if ev.embedding is not None else "image"
@@ -146,7 +161,7 @@ def build_reference(
     k = k if k is not None else choose_k(n)
     if n < max(2 * k, 10):
         raise ReferenceError(f"{n} usable reference events; need at least {max(2 * k, 10)} "
-                             f"for K={k} (skipped: {dict(got.skipped) or 'none'})")
+                             f"for K={k} (skipped: {got.skipped_text()})")
     x = unit_rows(raw)
     arrays: dict[str, np.ndarray] = {}
     pca = None
@@ -183,6 +198,7 @@ def build_reference(
         "created_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "driftline_version": __version__,
         "source": {"manifest": source_name, "events": n, "skipped": dict(got.skipped),
+                   "first_skipped": got.first_skipped,
                    "model_versions": sorted({e.model_version for e in evs if e.model_version})},
         "embedding": {"source": got.source, "input_dim": int(raw.shape[1]),
                       "dim": int(x.shape[1]), "l2_normalize": True, "pca": pca,

@@ -254,8 +254,10 @@ def summary(m: dict[str, Any]) -> str:
     """The manifest as text a person reads on a terminal."""
     emb, src = m["embedding"], m["source"]
     lines = [f"reference {m['reference_id']} (format {m['format_version']}), "
-             f"created {m['created_at']}, {src['events']} events from {src['manifest']}"
-             + (f", skipped {src['skipped']}" if src["skipped"] else "")]
+             f"created {m['created_at']}, {src['events']} events from {src['manifest']}"]
+    first = src.get("first_skipped", {})  # absent from references built before it was kept
+    lines += [f"skipped {n} {reason}" + (f", the first: {first[reason]}" if reason in first else "")
+              for reason, n in src["skipped"].items()]
     if emb["model"] is not None:
         d = emb["model"]
         lines.append(f"model {d['model_file']} sha256 {d['model_sha256'][:12]}…  layer "

@@ -1,0 +1,63 @@
+"""Skipped reference events are counted per reason, the first of each with its event and why:
+40 unreadable images were reported as ``{'image_undecodable': 40}``, no path, no reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from driftline.reference import ReferenceError, build_reference
+from driftline.reference.cli import app
+from tests.unit.consumers.tiny_onnx import build_tiny_model
+from tests.unit.reference.synthetic import DIM, event, image_manifest, reference_events
+
+runner = CliRunner(env={"COLUMNS": "400"})  # a wide error box: messages on one line
+
+
+def _unreadable(i: int) -> str:
+    return json.dumps({"event_id": f"gone{i}", "ts": "2026-01-01T00:01:00Z", "station": "s1",
+                       "shift": "day", "lot": "l1", "image_uri": f"file:///nonexistent/x{i}.jpg"})
+
+
+def test_the_summary_and_show_give_the_first_of_each_reason(tmp_path: Path) -> None:
+    manifest = image_manifest(tmp_path / "ref.jsonl")
+    with manifest.open("a") as fh:
+        fh.write("".join(_unreadable(i) + "\n" for i in range(3)))
+    model = build_tiny_model(tmp_path / "m.onnx")
+    result = runner.invoke(app, ["build", "--manifest", str(manifest), "--out",
+                                 str(tmp_path / "ref"), "--model", str(model), "--k", "2",
+                                 "--min-count", "10"])
+    assert result.exit_code == 0, result.output
+    said = ("skipped 3 image_undecodable, the first: event gone0: cannot read "
+            "/nonexistent/x0.jpg: No such file or directory")
+    assert said in result.output
+    assert said in runner.invoke(app, ["show", str(tmp_path / "ref")]).output
+
+
+def test_no_usable_event_says_why(tmp_path: Path) -> None:
+    manifest = tmp_path / "ref.jsonl"
+    manifest.write_text("".join(_unreadable(i) + "\n" for i in range(40)))
+    result = runner.invoke(app, ["build", "--manifest", str(manifest), "--out",
+                                 str(tmp_path / "ref"), "--model",
+                                 str(build_tiny_model(tmp_path / "m.onnx"))])
+    assert result.exit_code == 2, result.output
+    assert ("0 usable reference events; need at least 10 for K=2 (skipped: image_undecodable 40 "
+            "(first: event gone0: cannot read /nonexistent/x0.jpg: No such file or directory))"
+            ) in result.output
+
+
+def test_the_manifest_keeps_the_first_skipped_event_of_each_reason(tmp_path: Path) -> None:
+    events, _ = reference_events()
+    events = [*events[:100], events[3], event(500, np.ones(DIM + 1), "s1", "day"), events[7]]
+    ref = build_reference(events, None, tmp_path / "r", k=2)
+    source = ref.manifest["source"]
+    assert source["skipped"] == {"duplicate_event_id": 2, "embedding_dim": 1}
+    assert source["first_skipped"] == {
+        "duplicate_event_id": "event e3: an earlier event has its id",
+        "embedding_dim": f"event e500: {DIM + 1} dimensions where the first event has {DIM}"}
+    with pytest.raises(ReferenceError, match=r"skipped: duplicate_event_id 1 \(first: event e0"):
+        build_reference([events[0], events[0]], None, tmp_path / "few", k=2)
