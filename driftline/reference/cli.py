@@ -22,9 +22,20 @@ app = typer.Typer(help="Reference artifacts", no_args_is_help=True)
 
 
 def read_manifest(path: Path) -> Iterator[Event]:
-    """Events of a JSONL manifest; a bad line stops the build with its line number."""
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
+    """Events of a JSONL manifest (UTF-8, a byte-order mark allowed); a bad line stops the
+    build with its line number."""
+    try:
+        fh = path.open("rb")
+    except OSError as exc:
+        raise ReferenceError(f"cannot read the manifest {path}: {exc.strerror}") from None
+    with fh:
+        for number, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise ReferenceError(f"{path}:{number}: not UTF-8 text (byte "
+                                     f"{raw[exc.start]:#04x} at column {exc.start + 1}): a "
+                                     "manifest is JSON lines") from None
             if not line.strip():
                 continue
             try:
@@ -88,7 +99,8 @@ def _default_model() -> Path:
 
 @app.command("build")
 def build(
-    manifest: Annotated[Path, typer.Option(help="JSONL of reference events", exists=True)],
+    manifest: Annotated[Path, typer.Option(help="JSONL of reference events", exists=True,
+                                           dir_okay=False)],
     out: Annotated[Path, typer.Option(help="Directory to write the artifact to")],
     model: Annotated[Path | None, typer.Option(
         help="ONNX model (default: DRIFTLINE_MODEL_PATH or the demo model)", exists=True,

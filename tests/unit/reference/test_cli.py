@@ -46,3 +46,32 @@ def test_layers(tmp_path: Path) -> None:
     result = runner.invoke(app, ["layers", str(model)])
     assert result.exit_code == 0
     assert "features.1\t['N', 8, 16, 16]" in result.output
+
+
+
+def _lines(n: int = 200) -> list[str]:
+    return [e.model_dump_json() for e in reference_events()[0][:n]]
+
+
+def test_a_manifest_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    bom = tmp_path / "bom.jsonl"  # as Windows editors save UTF-8
+    bom.write_bytes(b"\xef\xbb\xbf" + "\n".join(_lines()).encode() + b"\n")
+    result = runner.invoke(app, ["build", "--manifest", str(bom), "--out", str(tmp_path / "a"),
+                                 "--k", "2", "--min-count", "50"])
+    assert result.exit_code == 0, result.output
+
+
+def test_a_binary_manifest_is_named_with_its_line(tmp_path: Path) -> None:
+    binary = tmp_path / "ref.jsonl"
+    binary.write_bytes("\n".join(_lines(2)).encode() + b"\n\xff\xd8\xff\xe0 JFIF\n")
+    result = runner.invoke(app, ["build", "--manifest", str(binary), "--out",
+                                 str(tmp_path / "b")])
+    assert result.exit_code == 2, result.output
+    assert f"{binary}:3: not UTF-8 text (byte 0xff at column 1)" in result.output
+
+
+def test_a_directory_is_no_manifest(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["build", "--manifest", str(tmp_path), "--out",
+                                 str(tmp_path / "c")])
+    assert result.exit_code == 2 and "'--manifest'" in result.output, result.output
+    assert "is a directory" in result.output
