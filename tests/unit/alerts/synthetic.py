@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import numpy as np
 
+from driftline.alerts.attribution import SliceStatus
+from driftline.alerts.grouping import Grouper
 from driftline.schema import parse_slice_id
 
 K = 8
@@ -75,3 +80,19 @@ def fleet(n: int = 1000) -> dict[str, dict[str, Any]]:
     for lot in LOTS:
         out[f"lot={lot}"] = summary_entry(f"lot={lot}", n)
     return out
+
+
+def opened_apart(*slices: str, now: datetime
+                 ) -> tuple[Grouper, Callable[[], str], dict[str, SliceStatus]]:
+    """An incident per slice, each opened by its alarm in a batch of its own (over
+    :func:`fleet`): the Grouper, its id source and the summary, for a next batch's Grouper."""
+    ids = itertools.count(1)
+
+    def new_id() -> str:
+        return f"DL-{next(ids):06d}"
+    summary = {k: SliceStatus.from_summary(k, v) for k, v in fleet().items()}
+    g = Grouper([], summary, now=now, new_id=new_id, signatures=dict)
+    for k, sid in enumerate(slices):
+        g.apply(alarm(sid, 1.0, cluster=k))
+        g.finish()
+    return g, new_id, summary

@@ -16,7 +16,7 @@ from driftline.alerts.cooccurrence import Plan
 from driftline.alerts.grouping import BookPolicy, Grouper
 from driftline.alerts.model import Incident
 from driftline.alerts.routing import AlertMetrics
-from tests.unit.alerts.synthetic import alarm, clear, fleet
+from tests.unit.alerts.synthetic import alarm, clear, fleet, opened_apart
 from tests.unit.alerts.test_replay_demo import COOCCURRENCE_DATA, EXPECTED, replay
 
 NOW = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
@@ -103,15 +103,9 @@ def test_a_held_incident_pages_after_hold_max_s_of_event_time() -> None:
 def _paged_alone(*slices: str) -> tuple[Grouper, list[Incident]]:
     """An incident per slice, each opened (and paged) by its alarm in an earlier batch, and
     the Grouper of the next batch."""
-    ids = itertools.count(1)
-    summary = {k: SliceStatus.from_summary(k, v) for k, v in fleet().items()}
-    g = Grouper([], summary, now=NOW, new_id=lambda: f"DL-{next(ids):06d}", signatures=dict)
-    for k, sid in enumerate(slices):
-        g.apply(alarm(sid, 1.0, cluster=k))
-        g.finish()
+    g, new_id, summary = opened_apart(*slices, now=NOW)
     incidents = sorted(g.incidents.values(), key=lambda i: i.id)
-    return Grouper(incidents, summary, now=NOW, new_id=lambda: f"DL-{next(ids):06d}",
-                   signatures=dict), incidents
+    return Grouper(incidents, summary, now=NOW, new_id=new_id, signatures=dict), incidents
 
 
 def test_a_held_incident_pages_after_hold_max_s_of_wall_time_when_the_plant_is_quiet() -> None:

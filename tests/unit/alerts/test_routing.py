@@ -7,7 +7,6 @@ Redis it is tested in tests/integration/test_book.py."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 from collections import defaultdict
@@ -20,14 +19,12 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
-from driftline.alerts.attribution import SliceStatus
 from driftline.alerts.book import FailureBook
 from driftline.alerts.changes import change_json
-from driftline.alerts.grouping import Grouper
 from driftline.alerts.model import Incident
 from driftline.alerts.routing import AlertMetrics, Router
 from driftline.alerts.store import stream_id
-from tests.unit.alerts.synthetic import alarm, fleet
+from tests.unit.alerts.synthetic import opened_apart
 
 NOW = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
 CHANGES = "t:book:changes"
@@ -82,12 +79,7 @@ class MiniRedis:
 def opened(*slices: str) -> tuple[dict[str, Incident], list[str]]:
     """An incident per slice, each opened (and routed) by its alarm, and those changes as the
     book stores them on its change stream."""
-    ids = itertools.count(1)
-    summary = {k: SliceStatus.from_summary(k, v) for k, v in fleet().items()}
-    g = Grouper([], summary, now=NOW, new_id=lambda: f"DL-{next(ids):06d}", signatures=dict)
-    for k, sid in enumerate(slices):
-        g.apply(alarm(sid, 1.0, cluster=k))
-        g.finish()
+    g, _, _ = opened_apart(*slices, now=NOW)
     assert all(c.routed for c in g.changes) and len(g.changes) == len(slices)
     return g.incidents, [change_json(c) for c in g.changes]
 

@@ -77,3 +77,11 @@ def image_manifest(path: Path, n: int = 40) -> Path:
                 "shift": "day", "lot": "l1",
                 "image": base64.b64encode(buf.getvalue()).decode()}) + "\n")
     return path
+
+
+def events_manifest(directory: Path, n: int = 200) -> Path:
+    """The first ``n`` of :func:`reference_events` as a manifest of precomputed embeddings."""
+    events, _ = reference_events()
+    path = directory / "ref.jsonl"
+    path.write_text("\n".join(e.model_dump_json() for e in events[:n]) + "\n")
+    return path

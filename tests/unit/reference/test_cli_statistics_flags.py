@@ -10,17 +10,14 @@ from typer.testing import CliRunner
 
 from driftline.reference import build_reference
 from driftline.reference.cli import app
-from tests.unit.reference.synthetic import reference_events
+from tests.unit.reference.synthetic import events_manifest, reference_events
 
 runner = CliRunner(env={"COLUMNS": "400"})  # a wide error box: messages on one line
 
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    events, _ = reference_events()
-    path = tmp_path_factory.mktemp("manifest") / "ref.jsonl"
-    path.write_text("\n".join(e.model_dump_json() for e in events[:200]) + "\n")
-    return path
+    return events_manifest(tmp_path_factory.mktemp("manifest"))
 
 
 @pytest.mark.parametrize("flags", [
