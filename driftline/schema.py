@@ -23,6 +23,9 @@ MAX_ID_CHARS = 200
 MAX_SLICE_CHARS = 128
 MAX_EMBEDDING_DIM = 16_384
 FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max
+# Event times outside these years are typos or garbage; the bounds also keep event-time
+# arithmetic (buckets, windows, Redis scores) far from datetime's year 1 and 9999.
+MIN_EVENT_YEAR, MAX_EVENT_YEAR = 1970, 9000
 DEFAULT_MAX_EVENT_BYTES = 8 << 20
 
 SliceValue = Annotated[
@@ -67,7 +70,8 @@ class Prediction(BaseModel):
 
 
 def parse_rfc3339(value: Any) -> datetime:
-    """Strict RFC 3339: a string with a date, a time and an offset (``Z`` or ``±hh:mm``)."""
+    """Strict RFC 3339: a string with a date, a time and an offset (``Z`` or ``±hh:mm``), in
+    the years ``MIN_EVENT_YEAR``–``MAX_EVENT_YEAR`` once in UTC."""
     if not isinstance(value, str) or "T" not in value.upper():
         raise ValueError("must be an RFC 3339 date-time string such as 2026-11-23T08:00:00Z")
     try:
@@ -76,7 +80,13 @@ def parse_rfc3339(value: Any) -> datetime:
         raise ValueError(f"{value!r} is not an RFC 3339 date-time") from None
     if parsed.tzinfo is None:
         raise ValueError("needs a UTC offset ('Z' or '+hh:mm')")
-    return parsed.astimezone(UTC)
+    try:
+        utc = parsed.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:30:00-01:00: past datetime's range in UTC
+        utc = None
+    if utc is None or not MIN_EVENT_YEAR <= utc.year <= MAX_EVENT_YEAR:
+        raise ValueError(f"{value!r} is outside the years {MIN_EVENT_YEAR}-{MAX_EVENT_YEAR} (UTC)")
+    return utc
 
 
 class Event(BaseModel):
@@ -170,8 +180,10 @@ def parse_event(raw: bytes, *, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Even
         raise EventRejected(RejectReason.invalid_utf8, str(exc)) from None
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, or an integer past Python's 4300 digits
         raise EventRejected(RejectReason.malformed_json, str(exc)) from None
+    except RecursionError:  # [[[[… nested past the interpreter's recursion limit
+        raise EventRejected(RejectReason.malformed_json, "nested too deeply") from None
     if not isinstance(data, dict):
         raise EventRejected(RejectReason.not_an_object, f"JSON {type(data).__name__}, not object")
     try:

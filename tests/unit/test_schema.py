@@ -96,6 +96,37 @@ def test_malformed_events_are_rejected_with_reason(data: bytes, reason: RejectRe
     assert rejected(data).reason == reason
 
 
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        # past Python's int digit limit (ValueError, not a JSONDecodeError)
+        (b'{"x": ' + b"1" * 5000 + b"}", RejectReason.malformed_json),
+        (raw({**GOOD, "loss": 0}).replace(b'"loss": 0', b'"loss": ' + b"9" * 5000),
+         RejectReason.malformed_json),
+        # past the recursion limit
+        (b'{"x": ' + b"[" * 200_000 + b"]" * 200_000 + b"}", RejectReason.malformed_json),
+        # valid where written, past datetime's range in UTC (OverflowError)
+        (raw({**GOOD, "ts": "9999-12-31T23:30:00-01:00"}), RejectReason.invalid_field),
+        (raw({**GOOD, "ts": "0001-01-01T00:30:00+01:00"}), RejectReason.invalid_field),
+        # in range, but not a plausible event time
+        (raw({**GOOD, "ts": "1969-12-31T23:59:59Z"}), RejectReason.invalid_field),
+        (raw({**GOOD, "ts": "9001-01-01T00:00:00Z"}), RejectReason.invalid_field),
+    ],
+    ids=["long-int", "long-int-loss", "deep-nesting", "ts-9999", "ts-0001", "ts-1969",
+         "ts-9001"],
+)
+def test_inputs_that_break_the_parser_are_rejected_with_reason(data: bytes,
+                                                               reason: RejectReason) -> None:
+    err = rejected(data)
+    assert err.reason == reason
+    assert err.detail
+
+
+def test_event_times_at_the_bounds_are_accepted() -> None:
+    for ts in ("1970-01-01T00:00:00Z", "1970-01-01T00:30:00-01:00", "9000-12-31T23:59:59Z"):
+        assert parse_event(raw({**GOOD, "ts": ts})).ts.tzinfo is not None
+
+
 def test_oversized_event_is_rejected_before_parsing() -> None:
     err = rejected(raw(GOOD), max_bytes=16)
     assert err.reason == RejectReason.oversized_event
