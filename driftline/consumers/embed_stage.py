@@ -341,13 +341,30 @@ class EmbedStage:
                                                  f"{type(error).__name__}: {error}"))
 
     def _kind(self, msg: Any) -> str:
-        try:
-            event = parse_event(msg.value, max_bytes=self.max_event_bytes)
-        except EventRejected:
+        event = self._parse(msg, quiet=True)
+        if isinstance(event, EventRejected):
             return "rejected"
         if event.kind != "inference":
             return "label"
         return "embedding" if event.embedding is not None else "image"
+
+    def _parse(self, msg: Any, *, quiet: bool = False) -> Event | EventRejected:
+        """The event, or why it goes to the dead-letter topic. Parsing depends on the bytes
+        alone, so any error it raises (a parser bug on odd input) is the event's fault:
+        ``processing_failed``, logged with its traceback unless ``quiet``. Raising instead
+        would stop the worker at this offset after every restart."""
+        try:
+            return parse_event(msg.value, max_bytes=self.max_event_bytes)
+        except EventRejected as exc:
+            return exc
+        except STAGE_FATAL:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the event's, see above
+            if not quiet:
+                log.exception("parsing an event failed unexpectedly; dead-lettering it",
+                              extra={"partition": msg.partition, "offset": msg.offset})
+            return EventRejected(RejectReason.processing_failed,
+                                 f"{type(exc).__name__}: {exc}"[:2000])
 
     def process(self, msgs: Sequence[Any]) -> None:
         """Steps 2–4 of the module docstring for one polled batch. What it produces is held
@@ -366,10 +383,9 @@ class EmbedStage:
         try:
             self._count(self.metrics.batch_size.observe, len(msgs))
             for msg in msgs:
-                try:
-                    event = parse_event(msg.value, max_bytes=self.max_event_bytes)
-                except EventRejected as exc:
-                    self._dead_letter(msg, exc)
+                event = self._parse(msg)
+                if isinstance(event, EventRejected):
+                    self._dead_letter(msg, event)
                     continue
                 (batch.items if event.kind == "inference" else batch.labels).append(
                     _Item(msg, event))

@@ -311,6 +311,68 @@ def test_events_failing_with_none_of_their_kind_going_through_stop_the_worker(
     assert [t for t, _, _ in producer.sent if t == "up"] == []
 
 
+def _stage(producer: Producer) -> EmbedStage:
+    return EmbedStage(
+        None, producer, events_topic="ev", updates_topic="up",  # type: ignore[arg-type]
+        dlq_topic="dlq", embedder=Embedder(), reference=Reference(), templates=["station"],
+        metrics=EmbedMetrics(CollectorRegistry()))
+
+
+def _good_events(first: int) -> list[bytes]:
+    return [_event(first, "s1", embedding=[1.0, 0.0, 0.0]),
+            _event(first + 1, "s1", image=_jpeg((1, 2, 3)))]
+
+
+# values that once escaped the parser (ValueError, RecursionError, OverflowError) and stopped
+# the worker at their offset after every restart
+_PARSER_BREAKERS = [
+    (b'{"x": ' + b"1" * 5000 + b"}", "malformed_json"),  # past Python's int digit limit
+    (b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "malformed_json"),
+    (_event(0, "s1", embedding=[1.0, 0.0, 0.0]).replace(  # out of datetime's range in UTC
+        b"2026-11-23T08:00:00Z", b"9999-12-31T23:30:00-01:00"), "invalid_field"),
+]
+
+
+@pytest.mark.parametrize("with_good", [False, True], ids=["alone", "with-good-events"])
+@pytest.mark.parametrize(("bad", "reason"), _PARSER_BREAKERS,
+                         ids=["long-int", "deep-nesting", "ts-overflow"])
+def test_an_event_that_broke_the_parser_is_dead_lettered_and_the_poll_goes_on(
+        bad: bytes, reason: str, with_good: bool) -> None:
+    producer = Producer()
+    values = [bad, *(_good_events(1) if with_good else [])]
+    _stage(producer).process_guarded([Msg("ev", 0, n, b"k", v) for n, v in enumerate(values)])
+    dead = [json.loads(v) for t, _, v in producer.sent if t == "dlq"]
+    assert [(d["offset"], d["reason"]) for d in dead] == [(0, reason)]
+    assert [json.loads(v)["event_id"] for t, _, v in producer.sent if t == "up"] == (
+        ["e1", "e2"] if with_good else [])
+
+
+@pytest.mark.parametrize("with_good", [False, True], ids=["alone", "with-good-events"])
+def test_a_parser_error_is_the_events_never_the_workers(
+        monkeypatch: pytest.MonkeyPatch, with_good: bool) -> None:
+    """Parsing depends on the bytes alone: whatever it raises, the event is dead-lettered as
+    processing_failed, even with no other event in its poll."""
+    from driftline.consumers import embed_stage
+
+    poison = _event(0, "s1", embedding=[1.0, 0.0, 0.0])
+    real = embed_stage.parse_event
+
+    def parse(raw: bytes, **kw: Any) -> Any:
+        if raw == poison:
+            raise TypeError("parser bug on odd input")
+        return real(raw, **kw)
+
+    monkeypatch.setattr(embed_stage, "parse_event", parse)
+    producer = Producer()
+    values = [poison, *(_good_events(1) if with_good else [])]
+    _stage(producer).process_guarded([Msg("ev", 0, n, b"k", v) for n, v in enumerate(values)])
+    dead = [json.loads(v) for t, _, v in producer.sent if t == "dlq"]
+    assert [(d["offset"], d["reason"]) for d in dead] == [(0, "processing_failed")]
+    assert "TypeError: parser bug on odd input" in dead[0]["detail"]
+    assert [json.loads(v)["event_id"] for t, _, v in producer.sent if t == "up"] == (
+        ["e1", "e2"] if with_good else [])
+
+
 # --- one batch ahead: the model embeds batch n while batch n - 1 is finished -----------------
 class CommitLog:
     """What the loop's batch steps use of a consumer: explicit commits."""
