@@ -12,9 +12,11 @@ import base64
 import binascii
 import json
 import math
+import re
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote
 
 import pybase64
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -27,6 +29,8 @@ FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max
 # arithmetic (buckets, windows, Redis scores) far from datetime's year 1 and 9999.
 MIN_EVENT_YEAR, MAX_EVENT_YEAR = 1970, 9000
 DEFAULT_MAX_EVENT_BYTES = 8 << 20
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 SliceValue = Annotated[
     str, Field(min_length=1, max_length=MAX_SLICE_CHARS, pattern=r"^[^\x00-\x1f|=]+$")
@@ -134,6 +138,14 @@ class Event(BaseModel):
                 pybase64.b64decode(value, validate=True)
             except (binascii.Error, ValueError):
                 raise ValueError("is not valid base64") from None
+        return value
+
+    @field_validator("image_uri")
+    @classmethod
+    def _plain_path(cls, value: str | None) -> str | None:
+        # a NUL makes open() raise ValueError; no file name needs a control character
+        if value is not None and _CONTROL.search(unquote(value)):
+            raise ValueError("must not contain control characters (percent-encoded or not)")
         return value
 
     @model_validator(mode="after")

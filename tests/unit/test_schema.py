@@ -87,6 +87,12 @@ def test_late_label_without_payload_is_a_label_event() -> None:
         (raw({**GOOD, "embedding": None, "image": "QU JD"}), RejectReason.invalid_field),
         (raw({**GOOD, "image_uri": "http://x/y.jpg", "embedding": None}),
          RejectReason.invalid_field),
+        (raw({**GOOD, "image_uri": "file:///tmp/a%00b.jpg", "embedding": None}),
+         RejectReason.invalid_field),
+        (raw({**GOOD, "image_uri": "file:///tmp/a\x00b.jpg", "embedding": None}),
+         RejectReason.invalid_field),
+        (raw({**GOOD, "image_uri": "file:///tmp/a%1bb.jpg", "embedding": None}),
+         RejectReason.invalid_field),
         (raw({**GOOD, "prediction": {"label": "ok", "score": 1.5}}), RejectReason.invalid_field),
         (b'{"event_id":"e","ts":"2026-11-23T08:00:00Z","station":"s","shift":"d","lot":"l",'
          b'"embedding":[1.0],"loss":NaN}', RejectReason.invalid_field),
