@@ -33,6 +33,7 @@ from __future__ import annotations
 import binascii
 import io
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,24 +263,50 @@ def _resize(img: Image.Image, width: int, height: int, fit: Fit) -> Image.Image:
     return img.resize((width, height), Image.Resampling.BILINEAR)
 
 
+# Pseudo-filesystems: their files look regular but are the kernel's (a process's pipes,
+# memory, devices); no image lives there.
+_SYSTEM_ROOTS = (Path("/proc"), Path("/dev"), Path("/sys"))
+
+
 def read_image_uri(uri: str, *, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
-    """Read the bytes behind a ``file://`` URI, refusing other schemes and oversized files."""
+    """Read the bytes behind a ``file://`` URI: a regular file, outside ``/proc``, ``/dev`` and
+    ``/sys`` and inside ``limits.allowed_roots`` if set; other schemes and oversized files are
+    refused too. Nothing here blocks: a FIFO or a pipe (``/proc/self/fd/1`` under Docker) would
+    hold a decode thread for good."""
     parsed = urlparse(uri)
     if parsed.scheme != "file" or parsed.netloc not in ("", "localhost"):
         raise ImageDecodeError(f"only local file:// URIs are supported, got {uri[:200]!r}")
     path = Path(url2pathname(unquote(parsed.path)))
+    if any(ord(c) < 0x20 or c == "\x7f" for c in str(path)):
+        raise ImageDecodeError(f"{str(path)[:200]!r}: control character in the path")
+    try:
+        real = path.resolve()  # symlinks followed: a link into /proc is refused as /proc
+    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, say
+        raise ImageDecodeError(f"cannot resolve {path}: {exc}") from None
+    # both as written and as resolved: /proc/self/fd/N resolves to whatever N is open on
+    if any(p.is_relative_to(root) for p in (path, real) for root in _SYSTEM_ROOTS):
+        raise ImageDecodeError(f"{path} is a system file, not an image")
     if limits.allowed_roots is not None:
-        real = path.resolve()
         if not any(real.is_relative_to(root.resolve()) for root in limits.allowed_roots):
             raise ImageDecodeError(f"{path} is outside the allowed image roots")
     try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size > limits.max_bytes:
-                raise ImageTooLargeError(f"{path}: {size} bytes > max {limits.max_bytes}")
+        # stat first, so that a device is never opened; non-blocking, so that a FIFO put
+        # there since opens at once (and is refused by fstat) instead of waiting for a writer
+        if not stat.S_ISREG(os.stat(real).st_mode):
+            raise ImageDecodeError(f"{path} is not a regular file")
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        with open(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageDecodeError(f"{path} is not a regular file")
+            if st.st_size > limits.max_bytes:
+                raise ImageTooLargeError(f"{path}: {st.st_size} bytes > max {limits.max_bytes}")
             data = fh.read(limits.max_bytes + 1)
-    except OSError as exc:
-        raise ImageDecodeError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ImageError:
+        raise
+    except (OSError, ValueError) as exc:  # ValueError: what open() raises for a NUL byte
+        raise ImageDecodeError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}"
+                               ) from None
     if len(data) > limits.max_bytes:  # the file grew between stat and read
         raise ImageTooLargeError(f"{path}: more than {limits.max_bytes} bytes")
     return data

@@ -373,6 +373,44 @@ def test_a_parser_error_is_the_events_never_the_workers(
         ["e1", "e2"] if with_good else [])
 
 
+@pytest.mark.parametrize("with_good", [False, True], ids=["alone", "with-good-events"])
+def test_image_uris_that_hung_or_broke_the_decoder_are_dead_lettered(
+        tmp_path: Any, with_good: bool) -> None:
+    """A NUL in the path made open() raise ValueError (alone in its poll: the worker stopped);
+    a FIFO blocked a decode thread in open() for good."""
+    import os
+    import threading
+
+    fifo = tmp_path / "frame.jpg"
+    os.mkfifo(fifo)
+    values = [_event(0, "s1", image_uri="file:///tmp/a%00b.jpg"),
+              _event(1, "s1", image_uri=fifo.as_uri()),
+              *(_good_events(2) if with_good else [])]
+    producer = Producer()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            _stage(producer).process_guarded(
+                [Msg("ev", 0, n, b"k", v) for n, v in enumerate(values)])
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(10)
+    if worker.is_alive():  # release the blocked decode before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(10)
+        pytest.fail("the stage blocked on a FIFO image_uri")
+    assert errors == []
+    dead = [json.loads(v) for t, _, v in producer.sent if t == "dlq"]
+    assert [(d["offset"], d["reason"]) for d in dead] == [(0, "invalid_field"),
+                                                         (1, "image_undecodable")]
+    assert [json.loads(v)["event_id"] for t, _, v in producer.sent if t == "up"] == (
+        ["e2", "e3"] if with_good else [])
+
+
 # --- one batch ahead: the model embeds batch n while batch n - 1 is finished -----------------
 class CommitLog:
     """What the loop's batch steps use of a consumer: explicit commits."""

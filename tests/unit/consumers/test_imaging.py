@@ -160,3 +160,51 @@ def test_file_uri(tmp_path: Path) -> None:
     for bad in ("http://example.com/a.png", "file://otherhost/a.png", "/plain/path.png"):
         with pytest.raises(ImageDecodeError, match="file://"):
             read_image_uri(bad)
+
+
+@pytest.mark.parametrize("uri", ["file:///tmp/a%00b.jpg", "file:///tmp/a%0Ab.jpg"])
+def test_control_characters_in_a_uri_are_undecodable_not_a_value_error(uri: str) -> None:
+    with pytest.raises(ImageDecodeError, match="control character"):
+        read_image_uri(uri)
+    with pytest.raises(ImageDecodeError):
+        load_image(uri, (8, 8))
+
+
+def test_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
+    """A FIFO (or a pipe, as ``/proc/self/fd/1`` is in a container) with no writer would block
+    a decode thread in ``open`` for good."""
+    import os
+    import threading
+
+    fifo = tmp_path / "frame.jpg"
+    os.mkfifo(fifo)
+    outcome: list[BaseException | bytes] = []
+
+    def read() -> None:
+        try:
+            outcome.append(read_image_uri(fifo.as_uri()))
+        except BaseException as exc:  # noqa: BLE001 - judged below
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(5)
+    if reader.is_alive():  # release the reader before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(5)
+        pytest.fail("read_image_uri blocked on a FIFO")
+    assert isinstance(outcome[0], ImageDecodeError)
+    assert "not a regular file" in str(outcome[0])
+
+
+def test_only_regular_files_outside_system_directories_are_read(tmp_path: Path) -> None:
+    with pytest.raises(ImageDecodeError, match="not a regular file"):
+        read_image_uri(tmp_path.as_uri())
+    for system in ("/proc/self/status", "/proc/self/fd/1", "/dev/zero", "/dev/null",
+                   "/sys/kernel/mm"):
+        with pytest.raises(ImageDecodeError, match="system file"):
+            read_image_uri(Path(system).as_uri())
+    link = tmp_path / "innocent.jpg"
+    link.symlink_to("/proc/self/environ")
+    with pytest.raises(ImageDecodeError, match="system file"):
+        read_image_uri(link.as_uri())
