@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import math
 import re
@@ -205,7 +206,13 @@ def parse_event(raw: bytes, *, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Even
 
 
 class DeadLetter(BaseModel):
-    """What goes to ``driftline.events.dlq``: the original bytes, where they came from, why."""
+    """What goes to ``driftline.events.dlq``: the original bytes, where they came from, why.
+
+    A value or key too large for the dead-letter topic is kept as a prefix only
+    (``value_truncated``, ``key_truncated``); ``value_bytes`` and ``value_sha256`` describe the
+    whole original value, which ``topic``/``partition``/``offset`` locate while Kafka keeps it.
+    Records written before those fields parse with them unset.
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -215,22 +222,40 @@ class DeadLetter(BaseModel):
     partition: int
     offset: int
     key: str | None = None
-    value_b64: str = Field(description="original message value, base64")
+    value_b64: str = Field(description="original message value, base64 (its first bytes only "
+                                       "when value_truncated)")
     event_id: str | None = None
     time: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    value_truncated: bool = Field(False, description="value_b64 holds a prefix of the value")
+    value_bytes: int | None = Field(None, description="length of the whole original value")
+    value_sha256: str | None = Field(None, description="sha256 of the whole original value, hex")
+    key_truncated: bool = Field(False, description="key holds a prefix of the original key")
 
     @classmethod
     def from_rejection(
         cls, exc: EventRejected, *, topic: str, partition: int, offset: int,
         key: bytes | None, value: bytes | None, event_id: str | None = None,
+        max_value_bytes: int | None = None, max_key_bytes: int | None = None,
     ) -> DeadLetter:
+        """``max_value_bytes``, ``max_key_bytes``: keep at most this much of each (None: all)."""
+        whole = value or b""
+        kept = whole if max_value_bytes is None else whole[:max_value_bytes]
+        key_kept = key if key is None or max_key_bytes is None else key[:max_key_bytes]
         return cls(
             reason=exc.reason, detail=exc.detail[:2000], topic=topic, partition=partition,
-            offset=offset, key=key.decode("utf-8", "replace") if key is not None else None,
-            value_b64=base64.b64encode(value or b"").decode(), event_id=event_id,
+            offset=offset,
+            key=key_kept.decode("utf-8", "replace") if key_kept is not None else None,
+            value_b64=base64.b64encode(kept).decode(), event_id=event_id,
+            value_truncated=len(kept) < len(whole), value_bytes=len(whole),
+            value_sha256=hashlib.sha256(whole).hexdigest(),
+            key_truncated=key_kept != key,
         )
 
     def original(self) -> bytes:
+        """The original value; a truncated one cannot be had from here."""
+        if self.value_truncated:
+            raise ValueError(f"only the first bytes of the {self.value_bytes}-byte value were "
+                             f"kept; read it at {self.topic}[{self.partition}]@{self.offset}")
         return base64.b64decode(self.value_b64)
 
 

@@ -56,6 +56,8 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from driftline.consumers.checkpoint import REDIS_ERRORS, RedisOutage, retry_redis
 from driftline.consumers.imaging import Base64Image, ImageError, ImageSource
 from driftline.consumers.kafka_io import (
+    DLQ_MAX_KEY_BYTES,
+    DLQ_MAX_VALUE_BYTES,
     JoinWatch,
     ProgressLog,
     subscribe_when_ready,
@@ -648,10 +650,14 @@ class EmbedStage:
             self._batch.held.append(((source.partition, source.offset), topic, record))
 
     def _dead_letter(self, msg: Any, exc: EventRejected, event_id: str | None = None) -> None:
+        # the original's size is the events topic's limit, not the dead-letter topic's: past
+        # DLQ_MAX_*_BYTES a prefix is kept, as a record too large to send would stop the worker
         record = DeadLetter.from_rejection(
             exc, topic=msg.topic, partition=msg.partition, offset=msg.offset, key=msg.key,
-            value=msg.value, event_id=event_id)
-        self._send(msg, self.dlq_topic, key=msg.key, value=record.model_dump_json().encode())
+            value=msg.value, event_id=event_id, max_value_bytes=DLQ_MAX_VALUE_BYTES,
+            max_key_bytes=DLQ_MAX_KEY_BYTES)
+        key = msg.key[:DLQ_MAX_KEY_BYTES] if msg.key is not None else None
+        self._send(msg, self.dlq_topic, key=key, value=record.model_dump_json().encode())
         self._count(self.metrics.dead_letters.labels(exc.reason.value).inc, 1)
         log.info("dead-lettered", extra={"reason": exc.reason.value, "partition": msg.partition,
                                          "offset": msg.offset, "detail": exc.detail[:200]})

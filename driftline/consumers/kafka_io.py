@@ -28,6 +28,17 @@ METADATA_MAX_AGE_MS = 30_000
 MAX_POLL_INTERVAL_MS = 300_000
 # Each stage logs one progress line this often, and warns about partitions that do not move.
 PROGRESS_LOG_S = 30.0
+# The largest request our producers send (kafka-python's default, set explicitly): a bigger
+# record is refused with MessageSizeTooLargeError, which stops a stage. Brokers' default
+# message.max.bytes is about the same.
+PRODUCER_MAX_REQUEST_BYTES = 1 << 20
+# A dead-letter record carries the original value in base64 (4/3 of its size), the original key
+# (as the record's key and in its JSON), a detail of at most 2000 characters and a few short
+# fields. Past these sizes only a prefix of the value and of the key is kept: 4/3 of 512 KiB is
+# 683 KiB of base64, and the rest (key and detail at their worst JSON escaping) under 45 KiB,
+# well inside PRODUCER_MAX_REQUEST_BYTES. Real keys are a station or an event id.
+DLQ_MAX_VALUE_BYTES = PRODUCER_MAX_REQUEST_BYTES // 2
+DLQ_MAX_KEY_BYTES = 4096
 
 _retry_broker = retry(
     retry=retry_if_exception_type((KafkaConnectionError, RetriableError)),
@@ -64,6 +75,7 @@ def make_producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
     config: dict[str, Any] = dict(
         bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5,
         retries=2**31 - 1, max_in_flight_requests_per_connection=5, client_id="driftline",
+        max_request_size=PRODUCER_MAX_REQUEST_BYTES,
     )
     config.update(overrides)
     return KafkaProducer(**config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from typing import Any
 
@@ -148,6 +149,36 @@ def test_dead_letter_keeps_the_original_bytes() -> None:
     assert back.original() == data
     assert (back.reason, back.partition, back.offset, back.key) == (
         RejectReason.malformed_json, 2, 17, "press-3")
+
+
+def test_dead_letter_keeps_a_prefix_of_what_is_too_large_and_says_so() -> None:
+    value = b'{"image": "' + b"A" * 100_000 + b'"}'
+    key = b"press-3" * 10
+    err = EventRejected(RejectReason.image_undecodable, "not an image")
+    dl = DeadLetter.from_rejection(err, topic="driftline.events", partition=2, offset=17,
+                                   key=key, value=value, max_value_bytes=1000, max_key_bytes=7)
+    back = DeadLetter.model_validate_json(dl.model_dump_json())
+    assert back.value_truncated and back.key_truncated
+    assert base64.b64decode(back.value_b64) == value[:1000]
+    assert back.key == "press-3"
+    assert (back.value_bytes, back.value_sha256) == (len(value), hashlib.sha256(value).hexdigest())
+    with pytest.raises(ValueError, match=r"driftline.events\[2\]@17"):
+        back.original()
+    whole = DeadLetter.from_rejection(err, topic="driftline.events", partition=2, offset=17,
+                                      key=key, value=value, max_value_bytes=len(value),
+                                      max_key_bytes=len(key))
+    assert not whole.value_truncated and not whole.key_truncated
+    assert whole.original() == value and whole.value_bytes == len(value)
+
+
+def test_dead_letters_written_before_the_size_fields_still_parse() -> None:
+    old = {"reason": "malformed_json", "detail": "line 1", "topic": "driftline.events",
+           "partition": 0, "offset": 3, "key": None,
+           "value_b64": base64.b64encode(b"{broken").decode(), "event_id": None,
+           "time": "2026-11-23T08:00:00Z"}
+    back = DeadLetter.model_validate_json(json.dumps(old))
+    assert back.original() == b"{broken"
+    assert (back.value_truncated, back.value_bytes, back.value_sha256) == (False, None, None)
 
 
 def test_slice_ids_round_trip() -> None:

@@ -411,6 +411,49 @@ def test_image_uris_that_hung_or_broke_the_decoder_are_dead_lettered(
         ["e2", "e3"] if with_good else [])
 
 
+class SizeCheckingProducer(Producer):
+    """Refuses a record larger than our producers' max_request_size, as kafka-python does."""
+
+    def send(self, topic: str, key: bytes | None = None, value: bytes = b"",
+             headers: Any = None) -> None:
+        from kafka.errors import MessageSizeTooLargeError
+        from kafka.record.default_records import DefaultRecordBatchBuilder
+
+        from driftline.consumers.kafka_io import PRODUCER_MAX_REQUEST_BYTES
+
+        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers or [])
+        if size > PRODUCER_MAX_REQUEST_BYTES:
+            raise MessageSizeTooLargeError(f"{size} bytes")
+        super().send(topic, key, value, headers)
+
+
+def test_a_rejected_event_too_large_for_the_dead_letter_topic_is_kept_in_part() -> None:
+    """Dead-lettered whole, a rejected event over ~786 kB made a record the producer refused
+    (a Kafka error: the worker stopped, and restarted at the same offset)."""
+    import hashlib
+
+    junk = base64.b64encode(b"\xff\xd8\xff" + b"\0" * 900_000).decode()  # undecodable
+    values = [_event(0, "s1", image=junk),
+              b"x" * (9 << 20),  # over max_event_bytes (8 MiB)
+              b"{not json",
+              *_good_events(3)]
+    keys = [b"k", b"k", b"k" * (2 << 20), b"k", b"k"]  # a hostile key, twice in its record
+    producer = SizeCheckingProducer()
+    _stage(producer).process_guarded(
+        [Msg("ev", 0, n, k, v) for n, (k, v) in enumerate(zip(keys, values, strict=True))])
+    dead = [json.loads(v) for t, _, v in producer.sent if t == "dlq"]
+    assert [(d["offset"], d["reason"]) for d in dead] == [
+        (0, "image_undecodable"), (1, "oversized_event"), (2, "malformed_json")]
+    for d, value in zip(dead, values, strict=False):
+        assert (d["value_bytes"], d["value_sha256"]) == (
+            len(value), hashlib.sha256(value).hexdigest())
+        assert value.startswith(base64.b64decode(d["value_b64"]))
+    assert [(d["value_truncated"], d["key_truncated"]) for d in dead] == [
+        (True, False), (True, False), (False, True)]
+    assert [json.loads(v)["event_id"] for t, _, v in producer.sent if t == "up"] == [
+        "e3", "e4"]
+
+
 # --- one batch ahead: the model embeds batch n while batch n - 1 is finished -----------------
 class CommitLog:
     """What the loop's batch steps use of a consumer: explicit commits."""

@@ -22,6 +22,18 @@ def test_kafka_python_uses_the_c_crc32c() -> None:
     assert default_records.calc_crc32c(memoryview(data)) == pure_python_crc32c(data)
 
 
+def test_producers_refuse_records_past_the_size_the_dead_letter_caps_are_derived_from(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[dict[str, object]] = []
+    monkeypatch.setattr(kafka_io, "KafkaProducer", lambda **config: made.append(config))
+    kafka_io.make_producer("broker:9092")
+    assert made[0]["max_request_size"] == kafka_io.PRODUCER_MAX_REQUEST_BYTES
+    # the worst dead-letter record: base64 of the largest value kept, the largest key kept
+    # twice, a detail at its worst JSON escaping
+    worst = 4 * kafka_io.DLQ_MAX_VALUE_BYTES // 3 + 7 * kafka_io.DLQ_MAX_KEY_BYTES + 6 * 2000
+    assert worst < 0.8 * kafka_io.PRODUCER_MAX_REQUEST_BYTES
+
+
 class _Clock:
     def __init__(self) -> None:
         self.now = 0.0
