@@ -20,7 +20,16 @@ from typing import Annotated, Any, Literal
 from urllib.parse import unquote
 
 import pybase64
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 MAX_ID_CHARS = 200
 MAX_SLICE_CHARS = 128
@@ -32,6 +41,15 @@ MIN_EVENT_YEAR, MAX_EVENT_YEAR = 1970, 9000
 DEFAULT_MAX_EVENT_BYTES = 8 << 20
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _printable(value: str) -> str:
+    if _CONTROL.search(value):  # these end up in Redis keys, logs and the UI
+        raise ValueError("must not contain control characters")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_printable)]
 
 SliceValue = Annotated[
     str, Field(min_length=1, max_length=MAX_SLICE_CHARS, pattern=r"^[^\x00-\x1f|=]+$")
@@ -99,18 +117,19 @@ class Event(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    event_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    event_id: Text = Field(min_length=1, max_length=MAX_ID_CHARS)
     ts: datetime
     station: SliceValue
     shift: SliceValue
     lot: SliceValue
-    model_version: str | None = Field(None, max_length=MAX_SLICE_CHARS)
+    model_version: Text | None = Field(None, max_length=MAX_SLICE_CHARS)
     prediction: Prediction | None = None
-    label: str | None = Field(None, min_length=1, max_length=MAX_SLICE_CHARS)
+    label: Text | None = Field(None, min_length=1, max_length=MAX_SLICE_CHARS)
     loss: float | None = None
     image: str | None = Field(None, min_length=1, description="base64 JPEG or PNG")
     image_uri: str | None = Field(None, pattern=r"^file://.+", max_length=4096)
-    embedding: list[float] | None = Field(None, min_length=1, max_length=MAX_EMBEDDING_DIM)
+    # strict: numbers only, not "0.5" or true (JSON integers are numbers)
+    embedding: list[StrictFloat] | None = Field(None, min_length=1, max_length=MAX_EMBEDDING_DIM)
 
     _ts_check = field_validator("ts", mode="before")(lambda v: parse_rfc3339(v))
 
@@ -139,6 +158,14 @@ class Event(BaseModel):
                 pybase64.b64decode(value, validate=True)
             except (binascii.Error, ValueError):
                 raise ValueError("is not valid base64") from None
+        return value
+
+    @field_validator("prediction")
+    @classmethod
+    def _printable_label(cls, value: Prediction | None) -> Prediction | None:
+        # here, not in Prediction: slice-updates written before this check carry it too
+        if value is not None:
+            _printable(value.label)
         return value
 
     @field_validator("image_uri")

@@ -58,6 +58,10 @@ def test_image_payload_round_trips() -> None:
     assert parse_event(raw(doc)).image_bytes() == png
 
 
+def test_integer_embedding_values_are_numbers() -> None:
+    assert parse_event(raw({**GOOD, "embedding": [1, 0, -2]})).embedding == [1.0, 0.0, -2.0]
+
+
 def test_late_label_without_payload_is_a_label_event() -> None:
     doc = {k: v for k, v in GOOD.items() if k not in ("embedding", "prediction")}
     event = parse_event(raw({**doc, "label": "scratch"}))
@@ -95,6 +99,15 @@ def test_late_label_without_payload_is_a_label_event() -> None:
         (raw({**GOOD, "image_uri": "file:///tmp/a%1bb.jpg", "embedding": None}),
          RejectReason.invalid_field),
         (raw({**GOOD, "prediction": {"label": "ok", "score": 1.5}}), RejectReason.invalid_field),
+        # numbers only: pydantic's lax mode took "0.5" and true as floats
+        (raw({**GOOD, "embedding": ["0.5", "1"]}), RejectReason.invalid_field),
+        (raw({**GOOD, "embedding": [True, False]}), RejectReason.invalid_field),
+        # control characters: these end up in Redis keys, logs and the UI
+        (raw({**GOOD, "event_id": "a\nb"}), RejectReason.invalid_field),
+        (raw({**GOOD, "event_id": "a\x00b"}), RejectReason.invalid_field),
+        (raw({**GOOD, "label": "scratch\x1b[31m"}), RejectReason.invalid_field),
+        (raw({**GOOD, "prediction": {"label": "o\rk", "score": 0.5}}), RejectReason.invalid_field),
+        (raw({**GOOD, "model_version": "v7\x7f"}), RejectReason.invalid_field),
         (b'{"event_id":"e","ts":"2026-11-23T08:00:00Z","station":"s","shift":"d","lot":"l",'
          b'"embedding":[1.0],"loss":NaN}', RejectReason.invalid_field),
     ],
