@@ -110,6 +110,9 @@ class Settings(BaseSettings):
         5000, ge=0, description="Recent embeddings kept in Redis for similarity search"
     )
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image")
+    image_roots: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Directories that file:// image URIs must lie in, "
+        "comma-separated absolute paths (empty: any regular file outside /proc, /dev, /sys)")
     # Detection
     slice_templates: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["station", "station+shift", "shift", "lot"],
@@ -189,11 +192,19 @@ class Settings(BaseSettings):
     def _empty_cache_dir_is_default(cls, value: Any) -> Any:
         return default_cache_dir() if value == "" else value
 
-    @field_validator("onnx_providers", "slice_templates", mode="before")
+    @field_validator("onnx_providers", "slice_templates", "image_roots", mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("image_roots")
+    @classmethod
+    def _absolute_roots(cls, value: list[str]) -> list[str]:
+        relative = [v for v in value if not Path(v).is_absolute()]
+        if relative:  # relative to a worker's working directory would mean nothing
+            raise ValueError(f"must be absolute paths, got {', '.join(relative)}")
         return value
 
     @field_validator("slice_templates")

@@ -236,7 +236,8 @@ def make_embedder(settings: Settings, ref: Reference) -> Any:
     config = EmbedderConfig.from_description(
         desc, reference_model(settings, desc), providers=tuple(settings.onnx_providers),
         batch_size=settings.embed_batch_size, intra_op_threads=settings.onnx_threads,
-        max_image_pixels=settings.max_image_pixels)
+        max_image_pixels=settings.max_image_pixels,
+        image_roots=tuple(Path(r) for r in settings.image_roots) or None)
     return Embedder(config)
 
 

@@ -97,6 +97,8 @@ class EmbedderConfig(BaseModel):
                                        "0: decode inline, no overlap")
     max_image_bytes: int = Field(default=16 << 20, ge=1)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
+    image_roots: tuple[Path, ...] | None = Field(
+        default=None, description="file:// images must lie in one of these (None: anywhere)")
 
     @classmethod
     def from_description(cls, desc: dict[str, Any], model_path: Path, **runtime: Any) -> Self:
@@ -147,7 +149,8 @@ class Embedder:
                                                        config.input_size)
         self._fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
         self._limits = ImageLimits(max_bytes=config.max_image_bytes,
-                                   max_pixels=config.max_image_pixels)
+                                   max_pixels=config.max_image_pixels,
+                                   allowed_roots=config.image_roots or None)
         std = np.asarray(config.std, np.float32)
         self._mul: F32 = (config.scale / std).astype(np.float32)
         self._add: F32 = (np.asarray(config.mean, np.float32) / std).astype(np.float32)

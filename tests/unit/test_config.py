@@ -58,6 +58,7 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
         ("DRIFTLINE_SLICE_UPDATES_TOPIC", "t" * 250, "topic name"),
         ("DRIFTLINE_DETECT_GROUP", " ", "empty"),
         ("DRIFTLINE_API_HOST", "", "empty"),
+        ("DRIFTLINE_IMAGE_ROOTS", "/srv/images,images", "absolute paths"),
         ("DRIFTLINE_ONNX_PROVIDERS", "", "CPUExecutionProvider"),
         ("DRIFTLINE_SLICE_RETIRE_AFTER_DAYS", "a fortnight", "valid number"),
         ("DRIFTLINE_SLICE_RETIRE_AFTER_DAYS", "-1", "greater than or equal to 0"),
@@ -247,6 +248,7 @@ def test_config_show_reads_back_as_the_same_settings(
     monkeypatch.setenv("DRIFTLINE_LOG_FORMAT", "console")
     monkeypatch.setenv("DRIFTLINE_OPEN_PROBES", "false")
     monkeypatch.setenv("DRIFTLINE_REDIS_URL", "unix:///run/redis.sock?db=2")
+    monkeypatch.setenv("DRIFTLINE_IMAGE_ROOTS", "/srv/images, /mnt/cams")
     for name in ("DRIFTLINE_ALERTMANAGER_URL", "DRIFTLINE_API_TOKENS",
                  "DRIFTLINE_REFERENCE_DIR"):
         monkeypatch.delenv(name, raising=False)
@@ -262,3 +264,11 @@ def test_config_show_reads_back_as_the_same_settings(
         name, _, value = line.partition("=")
         monkeypatch.setenv(name, value)
     assert load_settings().model_dump() == before.model_dump()
+
+
+def test_image_roots_are_comma_separated_and_unset_by_default(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DRIFTLINE_IMAGE_ROOTS", raising=False)
+    assert load_settings().image_roots == []
+    monkeypatch.setenv("DRIFTLINE_IMAGE_ROOTS", "/srv/images, /mnt/cams,")
+    assert load_settings().image_roots == ["/srv/images", "/mnt/cams"]

@@ -155,6 +155,32 @@ def test_embed_images_batches_and_errors(tiny: Path, threads: int | None, ort_th
     emb.close()
 
 
+def test_the_embed_stage_reads_file_uris_only_inside_the_image_roots(
+        tiny: Path, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from driftline.config import load_settings
+    from driftline.runner import make_embedder
+
+    inside, outside = tmp_path / "cams", tmp_path / "etc"
+    inside.mkdir()
+    outside.mkdir()
+    for folder in (inside, outside):
+        (folder / "a.png").write_bytes(png(_images(1)[0]))
+    ref = SimpleNamespace(manifest={"embedding": {
+        "model": Embedder(EmbedderConfig(model_path=tiny)).describe()}})
+    uris = [(inside / "a.png").as_uri(), (outside / "a.png").as_uri()]
+    for roots, refused in (([str(inside)], [1]), ([], [])):
+        settings = load_settings(model_path=tiny, image_roots=roots)
+        emb = make_embedder(settings, ref)  # type: ignore[arg-type]
+        try:
+            _, errors = emb.embed_images(uris)
+        finally:
+            emb.close()
+        assert [i for i, e in enumerate(errors) if e is not None] == refused
+        assert all("outside the allowed image roots" in str(errors[i]) for i in refused)
+
+
 def test_empty_input_and_all_failures(tiny: Path) -> None:
     emb = Embedder(EmbedderConfig(model_path=tiny))
     out, errors = emb.embed_images([])
