@@ -81,6 +81,8 @@ STAGE_FATAL = (KafkaError, MemoryError)
 
 # Late labels arrive within hours in a plant; a week covers weekend relabelling campaigns.
 PREDICTION_TTL_S = 7 * 24 * 3600
+# An event dated further ahead of its Kafka record's timestamp is refused (see _not_ahead).
+MAX_AHEAD_S = 3600.0
 RECENT_KEY = "dl:recent"
 # Lag gauges (read from the last fetch responses) once a second are plenty for an alert.
 LAG_REPORT_S = 1.0
@@ -356,7 +358,7 @@ class EmbedStage:
         ``processing_failed``, logged with its traceback unless ``quiet``. Raising instead
         would stop the worker at this offset after every restart."""
         try:
-            return parse_event(msg.value, max_bytes=self.max_event_bytes)
+            return _not_ahead(parse_event(msg.value, max_bytes=self.max_event_bytes), msg)
         except EventRejected as exc:
             return exc
         except STAGE_FATAL:
@@ -661,6 +663,23 @@ class EmbedStage:
         self._count(self.metrics.dead_letters.labels(exc.reason.value).inc, 1)
         log.info("dead-lettered", extra={"reason": exc.reason.value, "partition": msg.partition,
                                          "offset": msg.offset, "detail": exc.detail[:200]})
+
+
+def _not_ahead(event: Event, msg: Any) -> Event:
+    """``event``, unless its time is more than ``MAX_AHEAD_S`` after its record's Kafka
+    timestamp (the wall clock if the record has none): a sender's clock or a field gone wrong.
+    The detect stage reads event time as its clock — a slice's newest event, a partition's
+    cutoff for retiring idle slices — so one event dated a year ahead would make every slice of
+    its partition look idle and every later event too old to count."""
+    stamp = msg.timestamp / 1000.0 if isinstance(msg.timestamp, int) and msg.timestamp > 0 else (
+        time.time())
+    ahead = event.ts.timestamp() - stamp
+    if ahead > MAX_AHEAD_S:
+        raise EventRejected(RejectReason.invalid_field,
+                            f"ts {event.ts.isoformat()} is {ahead / 3600:.1f} h after the "
+                            f"record's timestamp (at most {MAX_AHEAD_S / 3600:g} h allowed): "
+                            "check the sender's clock")
+    return event
 
 
 class _LogAssignments(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -8,6 +8,7 @@ import json
 import socket
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -778,3 +779,26 @@ def test_one_batch_ahead_prefetches_each_polls_first_images(ahead: bool) -> None
     else:  # every core in onnxruntime: nothing beside the model
         assert embedder.prefetched == [] and embedder.given == [None, None]
     assert len([t for t, _, _ in producer.sent if t == "up"]) == 2 * 7
+
+
+def test_an_event_dated_ahead_of_its_record_is_dead_lettered() -> None:
+    """The detect stage's clock is event time: one event a year ahead would retire every slice
+    of its partition and refuse every later event as too old. Ahead of the record's Kafka
+    timestamp by more than an hour: refused, naming the sender's clock; within: counted."""
+    producer = Producer()
+    stage = EmbedStage(
+        None, producer, events_topic="ev", updates_topic="up",  # type: ignore[arg-type]
+        dlq_topic="dlq", embedder=Embedder(), reference=Reference(), templates=["station"],
+        metrics=EmbedMetrics(CollectorRegistry()))
+    sent_at = int(datetime(2026, 11, 23, 8, 0, tzinfo=UTC).timestamp() * 1000)
+    stage.process([
+        Msg("ev", 0, 0, b"k", json.dumps({
+            "event_id": "ahead", "ts": "2027-11-23T08:00:00Z", "station": "s1", "shift": "A",
+            "lot": "L1", "embedding": [1.0, 0.0, 0.0]}).encode(), sent_at),
+        Msg("ev", 0, 1, b"k", json.dumps({
+            "event_id": "skewed", "ts": "2026-11-23T08:50:00Z", "station": "s1", "shift": "A",
+            "lot": "L1", "embedding": [1.0, 0.0, 0.0]}).encode(), sent_at)])
+    (dead,) = [json.loads(v) for t, _, v in producer.sent if t == "dlq"]
+    assert dead["reason"] == "invalid_field" and dead["offset"] == 0
+    assert "8760.0 h after the record's timestamp" in dead["detail"]
+    assert [json.loads(v)["event_id"] for t, _, v in producer.sent if t == "up"] == ["skewed"]
