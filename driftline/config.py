@@ -121,7 +121,9 @@ class Settings(BaseSettings):
     budget_false_incidents: float = Field(1.0, gt=0, description="False incidents per period")
     budget_period_days: float = Field(30.0, gt=0, description="Budget period in days")
     budget_slices: int = Field(
-        200, ge=1, description="Live slices the fleet budget is shared over"
+        200, ge=1, description="Slices the fleet budget is shared over, counted as stations x "
+        "slice templates: each event updates one slice per template, so a shift or lot slice "
+        "reading n stations counts n times"
     )
     budget_event_rate: float = Field(
         2.0, gt=0, description="Expected events/s per station, for the budget"

@@ -9,6 +9,10 @@
    splitting it equally over the ``S·D`` detector instances gives ``γ_{s,d} = r_s·T·S·D / F``:
    a busy slice gets a larger ``γ`` in events and the same false-alarm rate in time. (Counting
    every alarm as an incident is conservative: alarms that the failure book merges count once.)
+   With one ``r`` (events/s per station) for every slice, ``S`` must count a slice once per
+   station it reads: every event updates one slice per template, so ``Σ_s r_s`` is
+   ``stations × templates × r``, and that is the ``S·r`` the split needs — a shift or lot slice
+   reading ``n`` stations at ``n·r`` false-alarms ``n`` times as often as a station slice.
 3. A detector is a bank of ``M`` CUSUMs on likelihood ratios; ``h = ln γ + ln M`` gives
    ``ARL0 >= γ`` for the bank (:func:`~driftline.core.cusum.union_threshold`; Page 1954,
    Lorden 1971). Members are correlated, so this is conservative; :func:`tighten_threshold`
