@@ -162,9 +162,14 @@ def test_bad_cursor_is_a_clear_422(api: Api, params: dict[str, str]) -> None:
 
 
 def test_bad_query_values_are_422_with_details(api: Api) -> None:
-    for params in ({"limit": 0}, {"status": "sleeping"}, {"since": "yesterday"}):
+    for params in ({"limit": 0}, {"status": "sleeping"}, {"since": "yesterday"},
+                   {"until": "1.175494351e-38"}, {"since": "1700000000"}):
         resp = api.get("/api/v1/incidents", params=params)
         assert resp.status_code == 422 and resp.json()["detail"]
+    for path, params in (("/api/v1/slices/station=press-1/timeline", {}),
+                         ("/api/v1/versions/compare", {"a": "v1", "b": "v2"})):
+        resp = api.get(path, params={"since": "1700000000", **params})
+        assert resp.status_code == 422 and "not a number" in str(resp.json()["detail"])
     typo = api.get("/api/v1/incidents", params={"stauts": "open"})
     assert typo.status_code == 400 and "'stauts'" in typo.json()["detail"]
 

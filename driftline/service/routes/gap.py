@@ -19,7 +19,7 @@ from fastapi import APIRouter, Query
 from driftline.core.counts import SliceCounts
 from driftline.service.deps import RedisDep, Viewer
 from driftline.service.schemas.analysis import GapMatrix, GapSlice
-from driftline.service.schemas.common import COMMON_ERRORS
+from driftline.service.schemas.common import COMMON_ERRORS, QueryTime
 from driftline.service.slice_data import SliceData, counts_of
 from driftline.service.statistics import js_matrix, smoothed
 from driftline.service.timeline import window
@@ -49,8 +49,8 @@ def _groups(data: SliceData, dimension: str) -> dict[str, list[str]]:
 def domain_gap(
     r: RedisDep, _: Viewer,
     dimension: Annotated[Literal["station", "shift", "lot"], Query()] = "station",
-    since: Annotated[datetime | None, Query(description="event time")] = None,
-    until: Annotated[datetime | None, Query(description="event time")] = None,
+    since: Annotated[QueryTime | None, Query(description="event time")] = None,
+    until: Annotated[QueryTime | None, Query(description="event time")] = None,
     values: Annotated[list[str] | None, Query(max_length=100,
                                               description="only these values")] = None,
     alpha: Annotated[float, Query(gt=0.0, le=10.0, description="add-alpha smoothing")] = 0.5,

@@ -18,7 +18,7 @@ from driftline.alerts.labelset import label_set_jsonl
 from driftline.alerts.model import Incident, Severity, Status
 from driftline.service.deps import BookDep, ContextDep, Operator, SettingsDep, Viewer
 from driftline.service.routes import EncodedSlashRoute
-from driftline.service.schemas.common import COMMON_ERRORS, errors
+from driftline.service.schemas.common import COMMON_ERRORS, QueryTime, errors
 from driftline.service.schemas.incidents import (
     AcknowledgeRequest,
     AnnotateRequest,
@@ -63,8 +63,8 @@ def list_incidents(
     book: BookDep, settings: SettingsDep, _: Viewer,
     status_: Annotated[Status | None, Query(alias="status")] = None,
     severity: Severity | None = None, station: Dim = None, shift: Dim = None, lot: Dim = None,
-    since: Annotated[datetime | None, Query(description="detected at or after")] = None,
-    until: Annotated[datetime | None, Query(description="detected at or before")] = None,
+    since: Annotated[QueryTime | None, Query(description="detected at or after")] = None,
+    until: Annotated[QueryTime | None, Query(description="detected at or before")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(pattern=CURSOR_PATTERN, description=(
         "the next_cursor of the previous page"), examples=["1770012150.0:DL-000042"])] = None,

@@ -10,7 +10,7 @@ from fastapi import APIRouter, HTTPException, Path, Query, status
 from driftline.alerts.model import utc
 from driftline.service.deps import RedisDep, Viewer
 from driftline.service.routes import EncodedSlashRoute
-from driftline.service.schemas.common import COMMON_ERRORS, errors
+from driftline.service.schemas.common import COMMON_ERRORS, QueryTime, errors
 from driftline.service.schemas.slices import (
     DetectorView,
     SliceDetail,
@@ -92,8 +92,8 @@ def get_slice(slice_id: SliceId, r: RedisDep, _: Viewer) -> SliceDetail:
 @router.get("/{slice_id}/timeline", response_model=SliceTimeline, responses=errors(404))
 def get_timeline(
     slice_id: SliceId, r: RedisDep, _: Viewer,
-    since: Annotated[datetime | None, Query(description="event time, inclusive")] = None,
-    until: Annotated[datetime | None, Query(description="event time, inclusive")] = None,
+    since: Annotated[QueryTime | None, Query(description="event time, inclusive")] = None,
+    until: Annotated[QueryTime | None, Query(description="event time, inclusive")] = None,
 ) -> SliceTimeline:
     """Per event-time bucket: cluster shares vs expected, OOD rate vs reference, and the
     cluster-mix and OOD statistics against their thresholds (bucket-level replay)."""

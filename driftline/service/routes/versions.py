@@ -24,7 +24,7 @@ from driftline.service.schemas.analysis import (
     VersionComparison,
     VersionSide,
 )
-from driftline.service.schemas.common import COMMON_ERRORS
+from driftline.service.schemas.common import COMMON_ERRORS, QueryTime
 from driftline.service.statistics import Test, holm, location_test, mix_test, rate_test
 
 router = APIRouter(prefix="/versions", tags=["versions"], responses=COMMON_ERRORS)
@@ -53,8 +53,8 @@ def _ts(t: datetime | None) -> float | None:
 @router.get("/compare", response_model=VersionComparison)
 def compare_versions(
     ctx: ContextDep, _: Viewer, a: Version, b: Version,
-    since: Annotated[datetime | None, Query(description="event time")] = None,
-    until: Annotated[datetime | None, Query(description="event time")] = None,
+    since: Annotated[QueryTime | None, Query(description="event time")] = None,
+    until: Annotated[QueryTime | None, Query(description="event time")] = None,
     station: Dim = None, shift: Dim = None,
     alpha: Annotated[float, Query(gt=0.0, lt=1.0)] = 0.05,
     min_events: Annotated[int, Query(ge=2, le=100_000)] = 10,

@@ -2,9 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+
+def _a_date_time(value: Any) -> Any:
+    """A query's time is a date-time, as the API documents; pydantic would also read a number
+    (``until=1e-38``) as seconds since 1970.
+
+    >>> _a_date_time("2026-11-23T08:00:00Z")
+    '2026-11-23T08:00:00Z'
+    >>> _a_date_time("1700000000")
+    Traceback (most recent call last):
+    ...
+    ValueError: a date-time such as 2026-11-23T08:00:00Z, not a number
+    """
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return value
+        raise ValueError("a date-time such as 2026-11-23T08:00:00Z, not a number")
+    return value
+
+
+QueryTime = Annotated[datetime, BeforeValidator(_a_date_time)]
 
 
 class ErrorBody(BaseModel):
