@@ -35,9 +35,10 @@ def record_change(inc: Incident, action: str, *, who: str, at: datetime,
 
 
 def trim_timeline(timeline: list[TimelineEntry], limit: int) -> None:
-    """Cut ``timeline`` to ``limit`` entries: "opened" stays, and the oldest of the service's
-    own entries go before any of on-call's (an acknowledgement or a note is what a long
-    incident's history must not lose: it says who looked, and the kept status rests on it).
+    """Cut ``timeline`` to ``limit`` (at least 2) entries: "opened" and the newest stay, and
+    the oldest of the service's own entries go before any of on-call's (an acknowledgement or
+    a note is what a long incident's history must not lose: it says who looked, and the kept
+    status rests on it).
 
     >>> from datetime import UTC, datetime
     >>> t0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -48,10 +49,13 @@ def trim_timeline(timeline: list[TimelineEntry], limit: int) -> None:
     >>> [e.action for e in tl]
     ['opened', 'acknowledged', 'rerooted']
     """
-    excess = len(timeline) - max(limit, 1)
+    excess = len(timeline) - max(limit, 2)
     if excess <= 0:
         return
-    rest = range(1, len(timeline))
+    # "opened" is found by its action (a merge sorts carried entries in by time); the newest
+    # entry, just recorded, always stays
+    first = next((i for i, e in enumerate(timeline) if e.action == "opened"), 0)
+    rest = [i for i in range(len(timeline) - 1) if i != first]
     drop = [i for i in rest if timeline[i].who == SYSTEM][:excess]
     if len(drop) < excess:  # on-call's entries alone exceed the limit: their oldest go
         drop += [i for i in rest if timeline[i].who != SYSTEM][:excess - len(drop)]

@@ -9,10 +9,12 @@ deduplicate.
 
 An HTTP target's answer decides what happens to a change it did not accept: no answer (a
 transport error), 5xx, 408 or 429 is transient, so the change waits for the next round (the
-webhook first tries it again, up to ``webhook_attempts`` in all); any other 4xx is a rejection
-of that payload, which sending it again cannot change, so it is logged, counted
+webhook first tries it again, up to ``webhook_attempts`` in all); a 400, 413, 415 or 422 is a
+rejection of that payload, which sending it again cannot change, so it is logged, counted
 (``outcome="rejected"``) and the cursor moves past it: dropped for that target, rather than
-holding back everything after it for good. Anything else (a redirect) waits for the next
+holding back everything after it for good. Any other answer — another 4xx (401, 403, 404: the
+target's URL or credentials, which an operator fixes, after which the changes should still
+arrive) or a redirect — is a failure (``outcome="error"``): the change waits for the next
 round, not tried again at once.
 
 Alertmanager identifies an alert by its label set. Each push sends the incident's *current*
@@ -48,6 +50,8 @@ HTTP_TIMEOUT_S = 5.0
 KAFKA_TIMEOUT_S = 10.0
 BATCH = 200
 RETRY_LATER = frozenset({408, 429})  # 4xx that say "not now" (timeout, rate limit), not "never"
+# 4xx that refuse the payload itself: malformed, too large, of a type or content not taken
+PAYLOAD_REFUSED = frozenset({400, 413, 415, 422})
 EXCERPT_CHARS = 200  # of a rejection's body in the log: enough for the reason, not a page
 ACTIVE_STATUSES = (Status.open, Status.acknowledged)
 
@@ -56,7 +60,7 @@ class AlertMetrics:
     """``driftline_incidents_open{severity,status}``, ``driftline_incidents_held{severity}``,
     ``driftline_incidents_total{severity}``, ``driftline_incidents_paged_total{severity}``,
     ``driftline_alerts_pushes_total{target,outcome}`` (outcome ``ok``; ``error``: retried;
-    ``rejected``: a 4xx, dropped for that target).
+    ``rejected``: a 400, 413, 415 or 422, dropped for that target).
 
     A held incident (not paged yet) counts in ``held`` only: ``open`` is what the pager and
     the Prometheus rules on it see."""
@@ -116,11 +120,10 @@ def _transient(exc: BaseException) -> bool:
 
 
 def _rejection(exc: httpx.HTTPError) -> httpx.Response | None:
-    """The response when the target rejected the payload for good (a 4xx but 408, 429)."""
-    if isinstance(exc, httpx.HTTPStatusError):
-        code = exc.response.status_code
-        if 400 <= code < 500 and code not in RETRY_LATER:
-            return exc.response
+    """The response when the target refused the payload itself, for good
+    (:data:`PAYLOAD_REFUSED`)."""
+    if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code in PAYLOAD_REFUSED:
+        return exc.response
     return None
 
 

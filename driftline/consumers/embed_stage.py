@@ -81,8 +81,12 @@ STAGE_FATAL = (KafkaError, MemoryError)
 
 # Late labels arrive within hours in a plant; a week covers weekend relabelling campaigns.
 PREDICTION_TTL_S = 7 * 24 * 3600
-# An event dated further ahead of its Kafka record's timestamp is refused (see _not_ahead).
-MAX_AHEAD_S = 3600.0
+# An event dated further ahead of its Kafka record's timestamp is refused (see _not_ahead): a
+# day, beyond any time zone a sender could have mislabelled as UTC (+14 h) — a stream whose
+# clock is consistently a few hours off still counts, the detect stage compares event times
+# with each other — but well within the 14 days a partition's clock may jump before its
+# slices look idle.
+MAX_AHEAD_S = 86400.0
 RECENT_KEY = "dl:recent"
 # Lag gauges (read from the last fetch responses) once a second are plenty for an alert.
 LAG_REPORT_S = 1.0
@@ -474,6 +478,7 @@ class EmbedStage:
                 self._remember(items, vectors)
                 self.outage.up()
             except REDIS_ERRORS as exc:
+                self._count(self.metrics.redis_skipped.inc, len(items))
                 self.outage.down("recent embeddings not stored", exc, events=len(items))
         for item in batch.labels:
             try:

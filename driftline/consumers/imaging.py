@@ -264,15 +264,17 @@ def _resize(img: Image.Image, width: int, height: int, fit: Fit) -> Image.Image:
 
 
 # Pseudo-filesystems: their files look regular but are the kernel's (a process's pipes,
-# memory, devices); no image lives there.
+# memory, devices); no image lives there. /dev/shm is a plain tmpfs, where a camera process on
+# the same host may hand its frames over.
 _SYSTEM_ROOTS = (Path("/proc"), Path("/dev"), Path("/sys"))
+_SHARED_MEMORY = Path("/dev/shm")  # noqa: S108 - a place to read from, not a temp file
 
 
 def read_image_uri(uri: str, *, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
-    """Read the bytes behind a ``file://`` URI: a regular file, outside ``/proc``, ``/dev`` and
-    ``/sys`` and inside ``limits.allowed_roots`` if set; other schemes and oversized files are
-    refused too. Nothing here blocks: a FIFO or a pipe (``/proc/self/fd/1`` under Docker) would
-    hold a decode thread for good."""
+    """Read the bytes behind a ``file://`` URI: a regular file, outside ``/proc``, ``/dev``
+    (but ``/dev/shm``) and ``/sys`` and inside ``limits.allowed_roots`` if set; other schemes
+    and oversized files are refused too. Nothing here blocks: a FIFO or a pipe
+    (``/proc/self/fd/1`` under Docker) would hold a decode thread for good."""
     parsed = urlparse(uri)
     if parsed.scheme != "file" or parsed.netloc not in ("", "localhost"):
         raise ImageDecodeError(f"only local file:// URIs are supported, got {uri[:200]!r}")
@@ -284,7 +286,8 @@ def read_image_uri(uri: str, *, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
     except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, say
         raise ImageDecodeError(f"cannot resolve {path}: {exc}") from None
     # both as written and as resolved: /proc/self/fd/N resolves to whatever N is open on
-    if any(p.is_relative_to(root) for p in (path, real) for root in _SYSTEM_ROOTS):
+    if any(p.is_relative_to(root) and not p.is_relative_to(_SHARED_MEMORY)
+           for p in (path, real) for root in _SYSTEM_ROOTS):
         raise ImageDecodeError(f"{path} is a system file, not an image")
     if limits.allowed_roots is not None:
         if not any(real.is_relative_to(root.resolve()) for root in limits.allowed_roots):

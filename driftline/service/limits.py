@@ -25,10 +25,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from driftline.alerts.book import IncidentNotFound, InvalidTransition
+from driftline.consumers.checkpoint import CannotPersistError
 
 log = logging.getLogger(__name__)
 # Redis's refusals that pass: the client asks again later (503), as when Redis is down
-_REFUSALS = (ReadOnlyError, OutOfMemoryError, MasterDownError, ClusterDownError, TryAgainError)
+_REFUSALS = (ReadOnlyError, OutOfMemoryError, MasterDownError, ClusterDownError, TryAgainError,
+             CannotPersistError)
 
 
 class BodyTooLarge(HTTPException):
@@ -99,7 +101,7 @@ def install_error_handlers(app: FastAPI) -> None:
         """Redis answered but cannot serve now: a replica after a failover (READONLY), out of
         memory, unable to persist (MISCONF), a master or cluster down. Another reply from Redis
         is a bug: a 500 whose detail says so (the log has the trace)."""
-        if isinstance(exc, _REFUSALS) or str(exc).startswith("MISCONF"):
+        if isinstance(exc, _REFUSALS) or "MISCONF" in str(exc):
             return JSONResponse({"detail": f"Redis cannot serve this now: {exc}"},
                                 status_code=503, headers={"Retry-After": "5"})
         log.error("Redis refused a command", exc_info=exc)

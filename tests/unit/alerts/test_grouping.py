@@ -253,3 +253,6 @@ def test_a_long_timeline_drops_the_service_s_entries_before_on_call_s() -> None:
         record_change(inc, "annotated", who="carol", at=NOW, note=f"c{k}", max_timeline=50)
     assert len(inc.timeline) == 50 and inc.timeline[0].action == "opened"
     assert [e.note for e in inc.timeline[1:]] == [f"c{k}" for k in range(11, 60)]
+    record_change(inc, "auto_resolved", who="driftline", at=NOW, max_timeline=50)
+    assert inc.timeline[-1].action == "auto_resolved"  # what just happened is never dropped
+    assert len(inc.timeline) == 50 and inc.timeline[1].note == "c12"

@@ -162,6 +162,30 @@ def test_a_transient_webhook_failure_is_retried_and_holds_the_cursor(
     hooked.close()
 
 
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_a_webhook_s_wrong_url_or_credentials_hold_its_changes_until_fixed(status: int) -> None:
+    """Not the payload's fault: once the operator fixes the URL or token, every change held
+    since arrives (dropping them would lose all of them); counted as errors, which page."""
+    incidents, (change,) = opened("station=press-3")
+    answer, posted = [status], []
+
+    def hook(request: httpx.Request) -> httpx.Response:
+        posted.append(json.loads(request.content)["change_id"])
+        return httpx.Response(answer[0])
+
+    db, registry = MiniRedis(), CollectorRegistry()
+    hooked = router(db, incidents, registry, hook, webhook_url="http://hooks.test/driftline",
+                    webhook_attempts=3)
+    cid = db.xadd(change)
+    assert hooked.deliver() == 0 and posted == [cid]  # not tried again at once
+    assert db.hget(CURSOR, "webhook") == b"0-0"
+    assert (pushes(registry, "webhook", "error"), pushes(registry, "webhook", "rejected")) == (
+        1, 0)
+    answer[0] = 200
+    assert hooked.deliver() == 1 and db.hget(CURSOR, "webhook") == cid.encode()
+    hooked.close()
+
+
 def test_a_push_alertmanager_rejects_moves_its_cursor_on(
         caplog: pytest.LogCaptureFixture) -> None:
     """Alertmanager answers 400 when some alerts of a push are invalid (it stores the rest):

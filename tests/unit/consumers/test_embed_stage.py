@@ -784,7 +784,8 @@ def test_one_batch_ahead_prefetches_each_polls_first_images(ahead: bool) -> None
 def test_an_event_dated_ahead_of_its_record_is_dead_lettered() -> None:
     """The detect stage's clock is event time: one event a year ahead would retire every slice
     of its partition and refuse every later event as too old. Ahead of the record's Kafka
-    timestamp by more than an hour: refused, naming the sender's clock; within: counted."""
+    timestamp by more than a day: refused, naming the sender's clock; within (a sender writing
+    local time as UTC is 14 h ahead at most): counted."""
     producer = Producer()
     stage = EmbedStage(
         None, producer, events_topic="ev", updates_topic="up",  # type: ignore[arg-type]
@@ -796,7 +797,7 @@ def test_an_event_dated_ahead_of_its_record_is_dead_lettered() -> None:
             "event_id": "ahead", "ts": "2027-11-23T08:00:00Z", "station": "s1", "shift": "A",
             "lot": "L1", "embedding": [1.0, 0.0, 0.0]}).encode(), sent_at),
         Msg("ev", 0, 1, b"k", json.dumps({
-            "event_id": "skewed", "ts": "2026-11-23T08:50:00Z", "station": "s1", "shift": "A",
+            "event_id": "skewed", "ts": "2026-11-23T22:00:00Z", "station": "s1", "shift": "A",
             "lot": "L1", "embedding": [1.0, 0.0, 0.0]}).encode(), sent_at)])
     (dead,) = [json.loads(v) for t, _, v in producer.sent if t == "dlq"]
     assert dead["reason"] == "invalid_field" and dead["offset"] == 0

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -208,3 +209,18 @@ def test_only_regular_files_outside_system_directories_are_read(tmp_path: Path) 
     link.symlink_to("/proc/self/environ")
     with pytest.raises(ImageDecodeError, match="system file"):
         read_image_uri(link.as_uri())
+
+
+def test_frames_handed_over_in_shared_memory_are_read() -> None:
+    """/dev/shm is a plain tmpfs, not a device: a camera process may leave its frames there."""
+    shm = Path("/dev/shm")  # noqa: S108 - read from, as a plant's camera process would
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm here")
+    frame = shm / f"driftline-test-{os.getpid()}.bin"
+    frame.write_bytes(b"\xff\xd8 not really a jpeg")
+    try:
+        assert read_image_uri(frame.as_uri()) == b"\xff\xd8 not really a jpeg"
+        limited = ImageLimits(allowed_roots=(shm,))
+        assert read_image_uri(frame.as_uri(), limits=limited).startswith(b"\xff\xd8")
+    finally:
+        frame.unlink()
