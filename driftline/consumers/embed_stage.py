@@ -345,6 +345,7 @@ class EmbedStage:
         for msg, error in failed:
             self.metrics.events_in.labels("label" if self._kind(msg) == "label"
                                           else "inference").inc()
+            self._release(msg)
             self._dead_letter(msg, EventRejected(RejectReason.processing_failed,
                                                  f"{type(error).__name__}: {error}"))
 
@@ -599,6 +600,28 @@ class EmbedStage:
         # an entry written before positions were kept cannot tell: the event counts
         return [old is None or json.loads(old).get("pos", pos) == pos
                 for old, pos in zip(before, at, strict=True)]
+
+    def _release(self, msg: Any) -> None:
+        """Forget the event id that ``msg``, about to be dead-lettered, stored (``_claim``):
+        sent again once fixed (at a new position), it would be taken for a duplicate. Only if
+        the id is still this position's; a Redis error leaves it (logged: that replay would
+        be skipped for ``PREDICTION_TTL_S``)."""
+        event = self._parse(msg, quiet=True)
+        if self.redis is None or isinstance(event, EventRejected) or event.kind != "inference":
+            return
+        key, pos = self._prediction_key(event.event_id), f"{msg.partition}:{msg.offset}"
+        try:
+            with self.redis.pipeline(transaction=True) as pipe:
+                pipe.watch(key)  # type: ignore[no-untyped-call]
+                old: bytes | None = pipe.get(key)  # type: ignore[assignment]
+                if old is not None and json.loads(old).get("pos") == pos:
+                    pipe.multi()
+                    pipe.delete(key)
+                    pipe.execute()
+        except (*REDIS_ERRORS, redis.WatchError) as exc:
+            log.warning("the event id of a dead-lettered event stays stored: sent again, it "
+                        "would be skipped as a duplicate",
+                        extra={"event_id": event.event_id, "error": repr(exc)})
 
     def _prediction_key(self, event_id: str) -> str:
         """Per events topic: ids are unique within a plant's stream, not across deployments

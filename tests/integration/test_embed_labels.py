@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from typing import Any
 
 import pytest
 import redis
@@ -99,4 +100,35 @@ def test_an_event_sent_twice_is_counted_once_and_a_replayed_batch_again(redis_ur
     offsets = [json.loads(v)["source_offset"] for t, _, v in producer.sent if t == "up"]
     assert offsets == [10, 11, 10, 11]
     assert registry.get_sample_value("driftline_embed_duplicate_events_total") == 2
+    client.close()
+
+
+def test_an_event_dead_lettered_after_its_id_was_stored_counts_when_sent_again(
+        redis_url: str) -> None:
+    """An event that fails alone after its id was stored goes to the dead-letter topic; sent
+    again once fixed, at a new position, it is not a duplicate."""
+
+    class Picky(Reference):
+        def baseline_for(self, station: str, shift: str | None) -> Any:
+            if station == "boom":
+                raise RuntimeError("no baseline for this station")
+            return super().baseline_for(station, shift)
+
+    client = redis.Redis.from_url(redis_url)
+    producer = Producer()
+    registry = CollectorRegistry()
+    stage = EmbedStage(
+        None, producer, events_topic="ev", updates_topic="up",  # type: ignore[arg-type]
+        dlq_topic="dlq", embedder=Embedder(), reference=Picky(), templates=["station"],
+        metrics=EmbedMetrics(registry), redis_client=client)
+    tag = uuid.uuid4().hex[:8]
+    stage.process_guarded([
+        Msg("ev", 0, 0, b"k", _event(0, "s1", event_id=f"{tag}-0", embedding=[1.0, 0, 0])),
+        Msg("ev", 0, 1, b"k", _event(1, "boom", event_id=f"{tag}-1", embedding=[1.0, 0, 0]))])
+    assert [(t, json.loads(v).get("reason")) for t, _, v in producer.sent] == [
+        ("up", None), ("dlq", "processing_failed")]
+    stage.process_guarded([  # the fixed event, replayed from the dead-letter topic
+        Msg("ev", 0, 9, b"k", _event(1, "s2", event_id=f"{tag}-1", embedding=[1.0, 0, 0]))])
+    assert [json.loads(v)["source_offset"] for t, _, v in producer.sent if t == "up"] == [0, 9]
+    assert registry.get_sample_value("driftline_embed_duplicate_events_total") == 0
     client.close()
