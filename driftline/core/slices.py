@@ -25,7 +25,8 @@ _KINDS: dict[str, type[CusumBank]] = {
 SNAPSHOT_VERSION = 2
 _NO_THRESHOLDS: dict[str, float] = {}
 # The pace is a running mean of the slice's inter-event times over about its last PACE_EVENTS
-# (a plain mean until then; no gap is seen before MIN_PACE_EVENTS intervals).
+# (a plain mean until then; no gap is seen before MIN_PACE_EVENTS intervals). Only intervals
+# forward from the newest time seen enter it: an event older than that (out of order) is none.
 PACE_EVENTS = 32
 MIN_PACE_EVENTS = 16
 # A gap is an interval longer than GAP_FACTOR paces: Poisson arrivals never make one (e^-50),
@@ -83,9 +84,10 @@ class Alarm:
 class SliceDetectors:
     """The detectors of one slice, created on first use, plus its mergeable counts.
 
-    Gaps: the slice tracks its own pace (a running mean of its inter-event times) and, when an
-    event comes more than ``GAP_FACTOR`` paces after the one before, asks every detector to keep
-    its onset after the gap unless the evidence before it alone is substantial
+    Gaps: the slice tracks its own pace (a running mean of its inter-event times, out-of-order
+    events left out) and, when an event comes more than ``GAP_FACTOR`` paces after the newest
+    one before it, asks every detector to keep its onset after the gap unless the evidence
+    before it alone is substantial
     (:meth:`~driftline.core.cusum.CusumBank.onset_after_gap`). This lives here, not in each
     bank nor in the detect stage's slice: a gap is a property of the slice's event stream — one
     pace for all its detectors, not one per bank, and the banks' hot path (the Bernoulli one does
@@ -134,16 +136,23 @@ class SliceDetectors:
         self._intervals = 0
 
     def _after_gap(self, t: float) -> bool:
-        """Move the pace on to an event at ``t``; True if a gap comes before it."""
+        """Move the pace on to an event at ``t``; True if a gap comes before it.
+
+        Intervals are measured from the newest time seen. An event older than that (out of
+        order) neither moves the pace nor the newest time: a lot or shift slice reads several
+        stations' partitions in turns, so its times go back by a batch's span at each turn, and
+        taking those events as intervals of zero drove the pace towards zero — then an ordinary
+        second's step counted as dozens of paces, a gap, and moved onsets late. An event at the
+        newest time itself is an interval of zero (a burst sharing a timestamp).
+        """
         last = self._last_time
         if last is None:
             self._last_time = t
             return False
         dt = t - last
-        if dt > 0.0:
-            self._last_time = t
-        else:  # out of order, or the same time: no time passed for the slice
-            dt = 0.0
+        if dt < 0.0:  # out of order: no interval of the slice's pace
+            return False
+        self._last_time = t
         pace, k = self._pace, self._intervals
         cap = GAP_FACTOR * pace
         gap = dt > cap and pace > 0.0 and k >= MIN_PACE_EVENTS
