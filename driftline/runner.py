@@ -31,7 +31,7 @@ from driftline.consumers.checkpoint import REDIS_ERRORS, CheckpointStore, store_
 from driftline.consumers.detect_stage import DetectStage
 from driftline.consumers.embed_stage import EmbedStage
 from driftline.consumers.kafka_io import ensure_topics, make_consumer, make_producer
-from driftline.consumers.slice_state import SliceState, UpdateView
+from driftline.consumers.slice_state import SliceRestorer, SliceState, UpdateView
 from driftline.core.baselines import (
     DEFAULT_CONFIDENCE,
     DetectorBaseline,
@@ -287,9 +287,6 @@ def build_detect_stage(settings: Settings, registry: CollectorRegistry, ref: Ref
         return SliceState(upd.slice_id, upd.template, SliceDetectors(arl0=arl0), baselines,
                           autoresolve)
 
-    def restore_slice(snap: dict[str, Any]) -> SliceState:
-        return SliceState.restore(snap, baselines, autoresolve)
-
     # the revoke listener blocks heartbeats: give up well within the session
     revoke_wait_s = settings.kafka_session_timeout_ms / 4000
     return DetectStage(
@@ -302,7 +299,8 @@ def build_detect_stage(settings: Settings, registry: CollectorRegistry, ref: Ref
         CheckpointStore(store_client(settings.redis_url,
                                      socket_timeout_s=min(DETECT_REDIS_WAIT_S, revoke_wait_s)),
                         wait_s=DETECT_REDIS_WAIT_S),
-        new_slice, restore_slice, DetectMetrics(registry),
+        # restored slices run on the same ARL0 target as new ones, whatever the checkpoint's
+        new_slice, SliceRestorer(baselines, autoresolve, arl0), DetectMetrics(registry),
         consumer_metrics or ConsumerMetrics(registry),
         checkpoint_interval_s=settings.checkpoint_interval_ms / 1000,
         revoke_wait_s=revoke_wait_s, reference_id=ref.reference_id,

@@ -289,10 +289,13 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                 epochs = self.store.claim(parts)
                 for p in parts:
                     offset, records, seen = self.store.load(p)
+                    before = self._retuned()
                     slices = {sid: SliceEntry(self.restore_slice(rec["state"]),
                                               {int(src): o for src, o in rec["applied"].items()})
                               for sid, rec in records.items()
                               if self._well_formed(sid, rec["state"].get("template"), p)}
+                    after = self._retuned()
+                    retuned = None if before is None or after is None else after - before
                     part = self.parts[p] = PartitionState(epochs[p], offset, slices, seen)
                     # the newest event applied: a retired slice's are older than the cutoff
                     self._saw(part, max((t for e in slices.values()
@@ -305,8 +308,9 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                         self.consumer.seek_to_beginning(tp)
                     self.consumer.resume(tp)
                     self.pending.discard(p)
-                    log.info("partition restored", extra={"partition": p, "offset": offset,
-                                                          "slices": len(slices)})
+                    log.info("partition restored", extra={
+                        "partition": p, "offset": offset, "slices": len(slices),
+                        **({} if retuned is None else {"thresholds_updated": retuned})})
         except REDIS_ERRORS as exc:
             self._redis_failed("partitions not restored yet (paused until they are)", exc,
                                pending_partitions=sorted(self.pending))
@@ -314,6 +318,12 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self._redis_ok()
         self.assigned_once.set()
         self._refresh_gauges()
+
+    def _retuned(self) -> int | None:
+        """How many restored slices ``restore_slice`` has moved onto the current thresholds so
+        far, if it counts them (:class:`~driftline.consumers.slice_state.SliceRestorer`)."""
+        n = getattr(self.restore_slice, "retuned", None)
+        return n if isinstance(n, int) else None
 
     def _park(self, partitions: list[int]) -> None:
         """Forget ``partitions``' in-memory state and load them again, as on assignment (the

@@ -188,6 +188,8 @@ class SliceState:
                            "reference": new_id, "previous_reference": self.reference_id,
                            "previous": None if old is None else old.n_clusters, "events": d.n})
         cleared = [self._clear(name, state, t) for name, state in self.open.items()]
+        # the settings now: the stage's restore put its current ARL0 target there (the one for
+        # the active reference's detectors), not the checkpoint's
         self.det = SliceDetectors(d.arl0, d.thresholds, d.bucket_seconds, d.max_buckets)
         self.open = {}
         self.exemplars.clear()
@@ -454,10 +456,13 @@ class SliceState:
                 "cells": {name: c.snapshot() for name, c in self.cells.items()}}
 
     @classmethod
-    def restore(cls, snap: dict[str, Any], baselines: Baselines,
-                autoresolve_events: int) -> SliceState:
-        obj = cls(snap["slice_id"], snap["template"], SliceDetectors.restore(snap["detectors"]),
-                  baselines, autoresolve_events)
+    def restore(cls, snap: dict[str, Any], baselines: Baselines, autoresolve_events: int,
+                arl0: float | None = None) -> SliceState:
+        """Rebuild from :meth:`snapshot` output; ``arl0``: the per-detector ARL0 target now,
+        which the slice's detectors take on (:meth:`SliceDetectors.restore`; without it, the
+        checkpoint's). A later restart for another reference keeps it."""
+        obj = cls(snap["slice_id"], snap["template"],
+                  SliceDetectors.restore(snap["detectors"], arl0), baselines, autoresolve_events)
         obj.open = snap["open"]
         counts = obj.det.counts
         if counts is not None:
@@ -478,6 +483,28 @@ class SliceState:
         saved = snap.get("reference_id")
         obj.reference_id = sys.intern(saved) if saved else obj.reference_id
         return obj
+
+
+class SliceRestorer:
+    """The detect stage's ``restore_slice``: a slice from its checkpoint record, its detectors
+    on the per-detector ARL0 target ``arl0`` the stage now runs with (as its new slices), not
+    the one in the record. :attr:`retuned` counts the slices whose thresholds that moved (the
+    stage logs how many per partition load): an operator's new budget, or a new reference
+    feeding another number of detectors per slice, holds for the slices restored too."""
+
+    __slots__ = ("baselines", "autoresolve", "arl0", "retuned")
+
+    def __init__(self, baselines: Baselines, autoresolve_events: int, arl0: float) -> None:
+        self.baselines, self.autoresolve, self.arl0 = baselines, autoresolve_events, arl0
+        self.retuned = 0
+
+    def __call__(self, snap: dict[str, Any]) -> SliceState:
+        state = SliceState.restore(snap, self.baselines, self.autoresolve, self.arl0)
+        saved = snap["detectors"]["detectors"]
+        if any(det.threshold != saved[name]["threshold"]
+               for name, det in state.det.detectors.items()):
+            self.retuned += 1
+        return state
 
 
 def _counts(c: Counts, *missed: int | None) -> dict[str, Any]:

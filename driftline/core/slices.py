@@ -166,6 +166,13 @@ class SliceDetectors:
                 det.onset_after_gap(t)
         return gap
 
+    def _settings_now(self, name: str, det: dict[str, Any]) -> dict[str, Any]:
+        """Detector snapshot ``det`` under this slice's settings: its ``arl0``, and the explicit
+        threshold for ``name`` if any, else none (the bank's own from ``arl0``, as in
+        :meth:`_make`)."""
+        return {**det, "config": {**det["config"], "arl0": self.arl0},
+                "threshold": self.thresholds.get(name)}
+
     def _make(self, name: str, size: int = 0) -> CusumBank:
         kw: dict[str, Any] = {"arl0": self.arl0, "threshold": self.thresholds.get(name)}
         det: CusumBank
@@ -323,17 +330,32 @@ class SliceDetectors:
         }
 
     @classmethod
-    def restore(cls, snap: dict[str, Any]) -> SliceDetectors:
-        """Rebuild from :meth:`snapshot` output (v1 JSON too)."""
+    def restore(cls, snap: dict[str, Any], arl0: float | None = None,
+                thresholds: Mapping[str, float] | None = None) -> SliceDetectors:
+        """Rebuild from :meth:`snapshot` output (v1 JSON too).
+
+        ``arl0`` and ``thresholds`` (as for the constructor), when ``arl0`` is given, are the
+        settings now: they replace the snapshot's, and every detector takes the threshold they
+        give — a tightened budget, or a reference that feeds more detectors per slice (a
+        smaller share of the budget each), applies to a restored slice as to a new one. The
+        statistics are kept: the new threshold applies from the next event on, so a statistic
+        between the old and the new one raises an alarm at once (threshold lowered) or lets an
+        open one clear sooner (raised). Unchanged settings restore exactly as without them.
+        Without ``arl0`` (reading a checkpoint as it was written) the snapshot's settings stay.
+        """
         if snap.get("version") not in (1, SNAPSHOT_VERSION):
             raise ValueError(f"not a slice-detectors v{SNAPSHOT_VERSION} snapshot")
-        obj = cls(snap["arl0"], snap["thresholds"], snap["bucket_seconds"], snap["max_buckets"])
+        current = arl0 is not None
+        if arl0 is None:
+            arl0, thresholds = snap["arl0"], snap["thresholds"]
+        obj = cls(arl0, thresholds, snap["bucket_seconds"], snap["max_buckets"])
         obj.n = int(snap["n"])
         # absent from snapshots written before gaps were seen: the pace starts afresh
         last = snap.get("last_time")
         obj._last_time = None if last is None else float(last)
         obj._pace, obj._intervals = float(snap.get("pace", 0.0)), int(snap.get("intervals", 0))
-        obj.detectors = {n: _KINDS[d["kind"]].restore(d) for n, d in snap["detectors"].items()}
+        obj.detectors = {n: _KINDS[d["kind"]].restore(obj._settings_now(n, d) if current else d)
+                         for n, d in snap["detectors"].items()}
         if snap["counts"] is not None:
             obj.counts = SliceCounts.restore(snap["counts"])
         return obj

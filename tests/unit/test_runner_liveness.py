@@ -166,6 +166,25 @@ def test_the_detect_stage_retires_slices_after_the_configured_days(
     assert off.retire_after_s == 0.0
 
 
+def test_the_detect_stage_restores_slices_on_the_budget_its_new_slices_get(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restored slices take the per-detector ARL0 target of the settings and reference now
+    (``SliceRestorer``), the one a new slice is built with — not their checkpoint's."""
+    from types import SimpleNamespace
+
+    from driftline.consumers.slice_state import SliceRestorer
+
+    monkeypatch.setattr(runner, "make_consumer", lambda *args, **kw: None)
+    ref = SimpleNamespace(reference_id="r1", manifest={"baselines": {"items": {}}})
+    settings = load_settings()
+    stage = runner.build_detect_stage(settings, CollectorRegistry(), ref)  # type: ignore[arg-type]
+    assert isinstance(stage.restore_slice, SliceRestorer)
+    new = stage.new_slice(SimpleNamespace(slice_id="station=s1",  # type: ignore[arg-type]
+                                          template="station"))
+    arl0 = runner.detector_arl0(settings, 2)  # cluster mix and OOD: no predictions, no labels
+    assert stage.restore_slice.arl0 == new.det.arl0 == arl0  # type: ignore[attr-defined]
+
+
 def test_the_books_redis_calls_time_out(monkeypatch: pytest.MonkeyPatch) -> None:
     """A half-open connection must fail the book's blocking XREAD, not park its loop while
     Alertmanager resolves the pages it stopped re-sending; a healthy XREAD (``block_ms``) must

@@ -199,3 +199,62 @@ def test_restored_slices_hold_no_state_of_their_own_before_their_next_event() ->
     for e in events[30:]:
         assert a.update(e) == b.update(e)
     assert pack(a.snapshot()) == pack(b.snapshot())
+
+
+def test_restored_with_the_settings_now_the_detectors_take_their_thresholds() -> None:
+    """A checkpoint written at γ = 10⁴, restored with γ = 10⁹ (a tightened budget, or a share
+    of it split over more detectors): every detector judges against the threshold a slice
+    started now gets, with its statistics and onsets as they were; the snapshot says γ = 10⁹.
+    Restored without settings, the checkpoint's stay."""
+    events = _events(300, seed=2, shift_at=1_000)
+    a = SliceDetectors(arl0=1e4)
+    for e in events:
+        a.update(e)
+    fresh = SliceDetectors(arl0=1e9)
+    fresh.update(events[0])
+    snap = unpack(pack(a.snapshot()))
+    b = SliceDetectors.restore(snap, 1e9)
+    assert set(b.detectors) == set(a.detectors) == set(fresh.detectors)
+    for name, det in b.detectors.items():
+        assert det.threshold == fresh.detectors[name].threshold > a.detectors[name].threshold
+        before, after = a.detectors[name].snapshot(), det.snapshot()
+        assert after["config"]["arl0"] == 1e9
+        for key in ("s", "start", "start_time", "n"):
+            assert np.array_equal(before[key], after[key], equal_nan=True)
+    assert b.snapshot()["arl0"] == 1e9
+    kept = SliceDetectors.restore(snap)
+    assert pack(kept.snapshot()) == pack(a.snapshot())
+
+
+def test_restored_with_unchanged_settings_it_goes_on_bit_for_bit() -> None:
+    """The same γ (the usual restart): the record it writes is the checkpoint's, byte for
+    byte, and it goes on as the original."""
+    events = _events(400, seed=9, shift_at=200)
+    a = SliceDetectors(arl0=500.0, bucket_seconds=60.0, max_buckets=4)
+    for e in events[:250]:
+        a.update(e)
+    b = SliceDetectors.restore(unpack(pack(a.snapshot())), 500.0)
+    assert pack(b.snapshot()) == pack(a.snapshot())
+    for e in events[250:]:
+        assert a.update(e) == b.update(e)
+    assert pack(b.snapshot()) == pack(a.snapshot())
+
+
+def test_restored_with_the_settings_now_explicit_thresholds_are_those_given() -> None:
+    """Explicit thresholds are part of the settings: those in the checkpoint go unless given
+    again; given ones hold for their detectors, γ's for the others."""
+    events = _events(50, seed=3, shift_at=1_000)
+    a = SliceDetectors(arl0=1e4, thresholds={"ood_rate": 30.0})
+    plain_bank = SliceDetectors(arl0=1e4)
+    for e in events:
+        a.update(e)
+        plain_bank.update(e)
+    snap = a.snapshot()
+    assert SliceDetectors.restore(snap).detectors["ood_rate"].threshold == 30.0
+    b = SliceDetectors.restore(snap, 1e4)
+    assert b.thresholds == {}
+    assert b.detectors["ood_rate"].threshold == plain_bank.detectors["ood_rate"].threshold
+    c = SliceDetectors.restore(snap, 1e4, {"cluster_mix": 40.0})
+    assert c.detectors["cluster_mix"].threshold == 40.0
+    assert c.detectors["ood_rate"].threshold == plain_bank.detectors["ood_rate"].threshold
+    assert c.snapshot()["thresholds"] == {"cluster_mix": 40.0}
