@@ -8,6 +8,7 @@ checkpointed and committed before the process exits.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -169,8 +170,13 @@ def expected_errors(manifest: dict[str, Any]) -> dict[int, float]:
     clusters = (manifest.get("clusters") or {}).get("items") or []
     rows = [c["performance"] for c in clusters if c.get("performance")]
     if all("error_p0" in r for r in rows):
-        return {int(r["cluster"]): float(r["error_p0"]) for r in rows
-                if r["error_p0"] is not None}
+        stored = {int(r["cluster"]): float(r["error_p0"]) for r in rows
+                  if r["error_p0"] is not None}
+        bad = sorted(c for c, p0 in stored.items() if not math.isfinite(p0))
+        if bad:  # the detector refuses it (ValueError): the cluster's labels go unjudged instead
+            log.warning("reference's error-rate p0 is not finite: those clusters' errors are not "
+                        "judged", extra={"clusters": bad})
+        return {c: p0 for c, p0 in stored.items() if math.isfinite(p0)}
     shrunk = shrunk_error_rates(np.array([r.get("errors", 0) for r in rows], np.float64),
                                 np.array([r.get("labelled", 0) for r in rows], np.float64))
     if shrunk is None:

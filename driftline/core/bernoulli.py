@@ -10,6 +10,7 @@ still above ``p0``. Increments are ``ln(p1/p0)`` for ``x = 1`` and ``ln((1-p1)/(
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Self
 
@@ -35,8 +36,17 @@ _NAN = float("nan")
 
 
 def bernoulli_table(p0: float, alternatives: Sequence[tuple[float, float]]) -> FloatArray:
-    """Increments for reference rate ``p0``: row 0 for ``x = 0``, row 1 for ``x = 1``."""
-    p0 = min(max(float(p0), _P0_FLOOR), 1.0 - _P0_FLOOR)
+    """Increments for reference rate ``p0``: row 0 for ``x = 0``, row 1 for ``x = 1``.
+
+    >>> bernoulli_table(float("nan"), OOD_ALTERNATIVES)
+    Traceback (most recent call last):
+    ...
+    ValueError: reference rate p0 = nan is not finite
+    """
+    p0 = float(p0)
+    if not math.isfinite(p0):  # the clamp below keeps NaN: a NaN statistic, never an alarm
+        raise ValueError(f"reference rate p0 = {p0} is not finite")
+    p0 = min(max(p0, _P0_FLOOR), 1.0 - _P0_FLOOR)
     alt = np.asarray(alternatives, dtype=np.float64).reshape(-1, 2)
     p1 = np.minimum(alt[:, 0] * p0 + alt[:, 1], 0.5 * (1.0 + p0))
     return np.stack([np.log1p(-p1) - np.log1p(-p0), np.log(p1) - np.log(p0)])

@@ -70,8 +70,17 @@ def mix_tables(
     >>> base, diff = mix_tables(np.array([[0.2] * 4, [0.3] * 4]), [0.1], [0.5])
     >>> bool((base + diff)[0, 0] < exact[0][0, 0] + exact[1][0, 0])  # a smaller "into" step
     True
+    >>> mix_tables(np.array([0.5, np.nan, 0.5]), [0.1], [0.5])
+    Traceback (most recent call last):
+    ...
+    ValueError: baseline share nan is not finite (at 1 in the mix)
     """
     p = np.asarray(p, dtype=np.float64)
+    bad = np.argwhere(~np.isfinite(p))
+    if bad.size:  # NaN fails every comparison: the sum check below let a NaN mix through
+        at = tuple(int(i) for i in bad[0])
+        raise ValueError(f"baseline share {p[at]} is not finite (at {at[0] if p.ndim == 1 else at}"
+                         f" in the {'bounds' if p.ndim == 2 else 'mix'})")
     if p.ndim == 2:
         if p.shape[0] != 2 or not ((p[0] >= 0.0) & (p[0] <= p[1]) & (p[1] <= 1.0)).all():
             raise ValueError("bounds must be (lower, upper) rows with 0 <= lower <= upper <= 1")

@@ -61,7 +61,7 @@ def _mix_llr(c: Counts, cfg: Mapping[str, Any]) -> np.ndarray | None:
     if c.n <= 0:
         return None
     e = np.maximum(np.asarray(c.expected, np.float64), 0.0)
-    if e.sum() <= 0:
+    if not e.sum() > 0:  # none, or not a number (mix_tables refuses it)
         return None
     base, diff = mix_tables(e / e.sum(), cfg["epsilons"], cfg["fractions"])
     o = np.asarray(c.clusters, np.float64)
@@ -70,7 +70,7 @@ def _mix_llr(c: Counts, cfg: Mapping[str, Any]) -> np.ndarray | None:
 
 
 def _ood_llr(c: Counts, cfg: Mapping[str, Any]) -> np.ndarray | None:
-    if c.n_ood <= 0:
+    if c.n_ood <= 0 or not math.isfinite(c.ood_expected):  # bernoulli_table refuses NaN
         return None
     table = bernoulli_table(c.ood_expected / c.n_ood, [tuple(a) for a in cfg["alternatives"]])
     inc: np.ndarray = (c.n_ood - c.ood) * table[0] + c.ood * table[1]

@@ -11,7 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from driftline.core.bernoulli import BernoulliCusum, ErrorRateCusum, bernoulli_table
+from driftline.core.bernoulli import (
+    OOD_ALTERNATIVES,
+    BernoulliCusum,
+    ErrorRateCusum,
+    bernoulli_table,
+)
 from driftline.core.cusum import CusumBank, union_threshold
 from driftline.core.mix import (
     DEFAULT_EPSILONS,
@@ -290,3 +295,24 @@ def test_bernoulli_fast_path_matches_the_plain_recursion(
         assert det.statistic == expected[i][0] and det.n == i + 1
         got = None if det.onset_index is None else (det.onset_index, det.onset_time)
         assert got == expected[i][1]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_baseline_that_is_not_a_number_is_refused_naming_it(bad: float) -> None:
+    """A NaN share summed to NaN, which passed the probability-vector check, and a NaN rate
+    survived the clamp to [1e-9, 1 - 1e-9]: the statistic was NaN, never alarming, never
+    clearing. Refused now, with the value in the message, before the bank changes."""
+    mix = ClusterMixCusum(3, arl0=1e3)
+    with pytest.raises(ValueError, match=f"share {bad} is not finite"):
+        mix.update(0, np.array([0.5, bad, 0.5]))
+    with pytest.raises(ValueError, match=f"share {bad} is not finite"):
+        mix.update(0, np.array([[0.2, 0.2, 0.2], [0.5, bad, 0.5]]))
+    ood = BernoulliCusum(arl0=1e3)
+    with pytest.raises(ValueError, match=f"p0 = {bad} is not finite"):
+        ood.update(True, bad)
+    err = ErrorRateCusum(arl0=1e3)
+    with pytest.raises(ValueError, match=f"p0 = {bad} is not finite"):
+        err.update(False, bad)
+    assert mix.n == ood.n == err.n == 0 and mix.statistic == ood.statistic == 0.0
+    with pytest.raises(ValueError, match=f"p0 = {bad} is not finite"):
+        bernoulli_model(bad, OOD_ALTERNATIVES)

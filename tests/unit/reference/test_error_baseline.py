@@ -132,3 +132,18 @@ def test_a_reference_built_at_a_lower_quantile_keeps_its_p0_with_a_warning(
     manifest["performance"]["error_prior"]["p0_quantile"] = P0_QUANTILE
     expected_errors(manifest)
     assert not caplog.text
+
+
+def test_a_cluster_whose_stored_p0_is_not_a_number_is_not_judged(
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    """The error-rate detector refuses a NaN p0 (its statistic would be NaN: never an alarm,
+    never a clear); the stage leaves that cluster's labels unjudged, with a warning, rather
+    than skipping each labelled event after its other detectors took it."""
+    from driftline.runner import expected_errors
+
+    rows = [{"cluster": 0, "errors": 1, "labelled": 100, "error_p0": 0.013},
+            {"cluster": 1, "errors": 1, "labelled": 100, "error_p0": float("nan")}]
+    manifest = {"clusters": {"items": [{"performance": r} for r in rows]}}
+    assert expected_errors(manifest) == {0: 0.013}
+    assert "not finite" in caplog.text
