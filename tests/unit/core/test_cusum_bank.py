@@ -26,7 +26,7 @@ from driftline.core.mix import (
     _shared_tables,
     mix_tables,
 )
-from driftline.core.simulate import bernoulli_model, mix_model, simulate
+from driftline.core.simulate import _Runs, bernoulli_model, mix_model, simulate
 from driftline.core.snapshot import pack, plain, unpack
 
 EPS = (0.02, 0.05, 0.1, 0.2, 0.4)
@@ -133,6 +133,22 @@ def test_detector_equals_simulator_with_per_event_baselines() -> None:
     assert det.n == res.times[0, 0]
     assert det.onset_index == res.onsets[0, 0]
     assert det.onset_time == 1000.0 + res.onsets[0, 0]
+
+
+def test_simulated_statistics_equal_the_detector_s_bit_for_bit() -> None:
+    """Every member of every event, with the baseline changing from event to event: the
+    simulator added ``base`` then ``diff`` where the bank adds their precomputed sum, and 19,990
+    of 20,000 events differed (by up to 1.8e-10)."""
+    rng = np.random.default_rng(0)
+    baselines = [np.array([0.4, 0.3, 0.15, 0.1, 0.05]), rng.dirichlet(np.full(5, 2.0))]
+    runs = _Runs(mix_model(baselines, DEFAULT_EPSILONS, DEFAULT_FRACTIONS), np.array([1e9]), 1,
+                 False)
+    det = ClusterMixCusum(5, arl0=1e12)
+    for t in range(20_000):
+        b, c = int(rng.integers(2)), int(rng.integers(5))
+        runs.step(t, np.array([5 * b + c]))
+        det.update(c, baselines[b])
+        assert np.array_equal(runs.s.reshape(-1), det.snapshot()["s"]), t
 
 
 def test_bernoulli_detector_equals_simulator() -> None:
