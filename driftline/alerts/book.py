@@ -24,7 +24,7 @@ from redis.client import Pipeline
 from driftline.alerts.attribution import SliceStatus
 from driftline.alerts.changes import Change, record_change
 from driftline.alerts.evidence import ClusterCatalog
-from driftline.alerts.grouping import BookPolicy, Grouper
+from driftline.alerts.grouping import BookPolicy, Grouper, pending_key
 from driftline.alerts.labelset import label_set_jsonl
 from driftline.alerts.model import Incident, Resolution, RootCause, Status
 from driftline.alerts.pages import IncidentRow, Page, Query, read_page
@@ -71,6 +71,18 @@ class Retention:
     # forgotten this long after their resolve (or with their incident): a slice that never
     # alarms again would otherwise keep its entry forever.
     reset_pending_s: float = 7 * 86400.0
+
+
+def _live_firings(inc: Incident) -> dict[str, builtins.list[str]]:
+    """The detectors, per slice, whose alarm ``inc`` still holds: what resolving it resets.
+    Only those: a slice whose alarm moved to another incident (its next episode), or another
+    detector of the slice that another incident holds, goes on — a reset forgets the open
+    alarm without a clear, and that incident would wait for one that never comes."""
+    live: dict[str, builtins.list[str]] = {}
+    for f in inc.detectors:
+        if f.active and f.detector not in live.setdefault(f.slice_id, []):
+            live[f.slice_id].append(f.detector)
+    return {sid: sorted(dets) for sid, dets in sorted(live.items()) if dets}
 
 
 class FailureBook(BookStore):
@@ -179,29 +191,17 @@ class FailureBook(BookStore):
             inc.status, inc.resolution = Status.resolved, Resolution(
                 category=cat, note=note, who=who, at=at)
             inc.resolved_at = inc.resolved_at or at
-            slices = self._resettable(inc, batch) if was_active else []
-            if slices:
-                batch.ops.append(lambda p: [p.xadd(self.control_key, {"reset": s},
-                                                   maxlen=CONTROL_MAXLEN, approximate=True)
-                                            for s in slices])
-                batch.ops.append(lambda p: p.hset(self.k("reset_pending"),
-                                                  mapping=dict.fromkeys(slices, inc.id)))
+            live = _live_firings(inc) if was_active else {}
+            if live:
+                batch.ops.append(lambda p: [p.xadd(
+                    self.control_key, {"reset": sid, "detectors": ",".join(dets)},
+                    maxlen=CONTROL_MAXLEN, approximate=True) for sid, dets in live.items()])
+                batch.ops.append(lambda p: p.hset(self.k("reset_pending"), mapping={
+                    pending_key(sid, d): inc.id for sid, dets in live.items() for d in dets}))
             return record_change(inc, "resolved" if was_active else "classified", who=who,
                                  at=at, note=f"{cat.value}: {note}" if note else cat.value,
                                  max_timeline=self.policy.max_timeline)
         return self._mutate(incident_id, step)
-
-    def _resettable(self, inc: Incident, batch: Batch) -> builtins.list[str]:
-        """The slices a resolve of ``inc`` resets: those it still alarms on, except where
-        another active incident's alarm is live too. A reset forgets every open alarm of the
-        slice without a clear, so resetting a slice whose firing here ended (its next episode
-        moved to another incident) or that another incident also fires on would leave that
-        incident waiting for a clear that never comes."""
-        live = {f.slice_id for f in inc.detectors if f.active}
-        others = sorted(m.decode() for m in batch.pipe.smembers(self.k("active"))
-                        if m.decode() != inc.id)
-        taken = {f.slice_id for o in batch.load(others) for f in o.detectors if f.active}
-        return sorted(live - taken)
 
     def annotate(self, incident_id: str, note: str, who: str) -> Incident:
         def step(inc: Incident, at: datetime, batch: Batch) -> Change:

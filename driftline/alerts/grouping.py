@@ -121,6 +121,12 @@ class BookPolicy:
     cooccurrence: CooccurrencePolicy = field(default_factory=CooccurrencePolicy)
 
 
+def pending_key(slice_id: Any, detector: Any) -> str:
+    """The failure book's ``reset_pending`` field for one detector of a slice (a tab cannot
+    be in either: slice values refuse control characters)."""
+    return f"{slice_id}\t{detector}"
+
+
 class Grouper:
     """Applies outbox messages to the active incidents (see the module docstring)."""
 
@@ -140,8 +146,9 @@ class Grouper:
         self.catalog = catalog or ClusterCatalog()
         self.dirty: set[str] = set()
         self.changes: list[Change] = []
-        # Slices whose incident on-call resolved: the detect stage will reset them; until it
-        # does, their ``update`` messages belong to the resolved incident, not a new one.
+        # Detectors of slices (:func:`pending_key`; or whole slices, as requested before) whose
+        # incident on-call resolved: the detect stage will reset them; until it does, their
+        # ``update`` messages belong to the resolved incident, not a new one.
         self.reset_pending = set(reset_pending)
         self.reset_done: set[str] = set()
         self._todo: dict[str, bool] = {}  # incident id -> store even if unchanged
@@ -161,7 +168,15 @@ class Grouper:
         if isinstance(msg.get("time"), int | float):
             at = utc(msg["time"])
             self._clock = at if self._clock is None or at > self._clock else self._clock
-        if sid in self.reset_pending:
+        key = pending_key(sid, msg.get("detector"))
+        if key in self.reset_pending:
+            # this detector's re-crossings until the detect stage resets it: the resolved
+            # incident's; its next alarm or clear comes after the reset
+            if kind == "update":
+                return
+            self.reset_pending.discard(key)
+            self.reset_done.add(key)
+        elif sid in self.reset_pending:  # a whole-slice request (written before per detector)
             if kind == "update" and not any(sid in i.slices for i in self._active()):
                 return
             self.reset_pending.discard(sid)

@@ -12,7 +12,8 @@ Redis layout (``prefix`` defaults to ``dl:book``; every JSON record has ``schema
     {prefix}:resolved              zset    id -> resolution time (wall clock), for retention
     {prefix}:sig                   hash    id -> JSON recurrence signature of resolved incidents
                                            (not of those merged into another)
-    {prefix}:reset_pending         hash    slice_id -> id, slices whose reset was requested
+    {prefix}:reset_pending         hash    slice_id TAB detector -> id, detectors whose reset
+                                           was requested (a bare slice_id: all its detectors)
     {prefix}:changes               stream  state changes to route (field ``change``: JSON)
     {prefix}:cursor                string  last ``dl:detect:outbox`` id applied
     {prefix}:applied               int     outbox entries read so far (to detect trimming)

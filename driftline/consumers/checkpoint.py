@@ -213,11 +213,15 @@ class CheckpointStore:
         return self._k("control")
 
     @retry_redis
-    def control_after(self, after: str, count: int = 1000) -> list[tuple[str, str]]:
-        """Reset requests after stream id ``after``: (entry id, slice_id)."""
+    def control_after(self, after: str, count: int = 1000
+                      ) -> list[tuple[str, str, list[str] | None]]:
+        """Reset requests after stream id ``after``: (entry id, slice_id, the detectors to
+        reset — None: all, as requests written before they were named)."""
         rows: list[Any] = self.r.xrange(  # type: ignore[assignment]
             self.control_key, min=f"({after}", count=count)
-        return [(eid.decode(), f[b"reset"].decode()) for eid, f in rows if b"reset" in f]
+        return [(eid.decode(), f[b"reset"].decode(),
+                 f[b"detectors"].decode().split(",") if f.get(b"detectors") else None)
+                for eid, f in rows if b"reset" in f]
 
     @retry_redis
     def claim(self, partitions: Iterable[int]) -> dict[int, int]:

@@ -149,7 +149,7 @@ class SliceModel(Protocol):
 
     def gauges(self) -> dict[str, Any]: ...
 
-    def reset(self) -> None: ...
+    def reset(self, detectors: Iterable[str] | None = None) -> None: ...
 
 
 @dataclass(slots=True)
@@ -595,16 +595,17 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         if not self.parts:
             return
         after = min((p.control_seen for p in self.parts.values()), key=stream_id)
-        for eid, sid in self.store.control_after(after):
+        for eid, sid, detectors in self.store.control_after(after):
             for part in self.parts.values():
                 if stream_id(eid) <= stream_id(part.control_seen):
                     continue
                 part.control_seen = eid
                 entry = part.slices.get(sid)
                 if entry is not None:
-                    entry.model.reset()
+                    entry.model.reset(detectors)
                     part.dirty.add(sid)
-                    log.info("slice reset on request", extra={"slice": sid})
+                    log.info("slice reset on request",
+                             extra={"slice": sid, "detectors": detectors or "all"})
 
     def _sweep(self) -> None:
         """Retire every retirable slice of the partitions not swept for ``retire_sweep_s`` (a

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -403,9 +404,18 @@ class SliceState:
                 cleared.append(self._clear(name, state, t))
         return cleared
 
-    def reset(self) -> None:
-        """Start every detector afresh and forget open alarms (incident resolved by on-call);
-        the counts and exemplars stay."""
+    def reset(self, detectors: Iterable[str] | None = None) -> None:
+        """Start ``detectors`` (default: every one) afresh and forget their open alarms
+        (incident resolved by on-call); the counts and exemplars stay. Another detector's open
+        alarm, which another incident holds, goes on."""
+        if detectors is not None:
+            for name in set(detectors) & set(self.det.detectors):
+                self.det.detectors[name].reset()
+                if self.det.counts is not None:
+                    self.det.counts.stop_tally(name)
+                self.open.pop(name, None)
+                self.cells.pop(name, None)
+            return
         for det in self.det.detectors.values():
             det.reset()
         if self.det.counts is not None:

@@ -476,7 +476,10 @@ def test_resolve_resets_only_the_slices_whose_alarm_the_incident_still_holds(env
     resets = _resets(env)
     held = {f.slice_id for f in lot.detectors if f.active}
     assert resets == held and "lot=L7" in resets and "station=press-3" not in resets
-    assert {k.decode() for k in env.r.hkeys(f"{book.prefix}:reset_pending")} == held
+    named = {f[b"detectors"].decode() for _, f in env.r.xrange(env.control, "-", "+")}
+    assert named == {"ood_rate"}  # each request names the detectors the incident held
+    assert {k.decode() for k in env.r.hkeys(f"{book.prefix}:reset_pending")} == {
+        f"{sid}\tood_rate" for sid in held}
     # press-3's alarm is the camera incident's: it still ends it, and its resolve resets it
     env.feed(clear("station=press-3", detector="ood_rate", t=ONSET + 2500))
     env.drain(proc)
@@ -497,7 +500,7 @@ def test_retention_forgets_reset_requests_with_their_incident_or_after_a_week(en
     assert len(env.r.hkeys(pending)) == 2
     now[0] = t0 + timedelta(days=6)
     assert book.enforce_retention() == 1  # the first incident goes, and its request with it
-    assert env.r.hgetall(pending) == {b"station=press-2": second.id.encode()}
+    assert env.r.hgetall(pending) == {b"station=press-2\tcluster_mix": second.id.encode()}
     now[0] = t0 + timedelta(days=7, minutes=90)  # a week after the second resolve: forgotten
     assert book.enforce_retention() == 0
     assert env.r.hgetall(pending) == {}

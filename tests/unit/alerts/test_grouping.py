@@ -11,7 +11,7 @@ import pytest
 
 from driftline.alerts.attribution import SliceStatus
 from driftline.alerts.changes import record_change
-from driftline.alerts.grouping import Grouper
+from driftline.alerts.grouping import Grouper, pending_key
 from driftline.alerts.model import Incident, Status
 from tests.unit.alerts.synthetic import ONSET, STATIONS, alarm, clear, fleet, summary_entry
 
@@ -256,3 +256,24 @@ def test_a_long_timeline_drops_the_service_s_entries_before_on_call_s() -> None:
     record_change(inc, "auto_resolved", who="driftline", at=NOW, max_timeline=50)
     assert inc.timeline[-1].action == "auto_resolved"  # what just happened is never dropped
     assert len(inc.timeline) == 50 and inc.timeline[1].note == "c12"
+
+
+
+def test_a_reset_detector_s_re_crossings_stay_with_the_resolved_incident() -> None:
+    """Until the detect stage resets the detector on-call's resolve named, its re-crossings
+    are the resolved incident's, even where another live incident holds the slice; its next
+    alarm is news."""
+    g = grouper()
+    feed(g, alarm("station=press-1", 1.0, n=400))
+    (other,) = active(g)
+    g = Grouper([other], g.summary, now=NOW, new_id=lambda: "DL-000009",
+                signatures=lambda: {}, reset_pending=[pending_key("station=press-1",
+                                                                  "ood_rate")])
+    feed(g, alarm("station=press-1", 1.0, n=400, kind="update", detector="ood_rate",
+                  eps=0.0, ood_shift=0.8))
+    assert [f.detector for f in g.incidents[other.id].detectors] == ["cluster_mix"]
+    assert g.reset_done == set()
+    feed(g, alarm("station=press-1", 1.0, n=400, detector="ood_rate", eps=0.0,
+                  ood_shift=0.8, t=ONSET + 5000))
+    assert g.reset_done == {pending_key("station=press-1", "ood_rate")}
+    assert "ood_rate" in {f.detector for i in active(g) for f in i.detectors}

@@ -94,3 +94,25 @@ def test_a_shift_slice_does_not_date_a_change_into_its_previous_shift() -> None:
     assert alarms and alarms[0]["time"] >= change.timestamp()
     # the first event the slice saw after the gap: 22:00, 48 minutes after the change began
     assert alarms[0]["onset_time"] == (start + timedelta(hours=24)).timestamp()
+
+
+def test_a_reset_of_named_detectors_leaves_the_others_open_alarms() -> None:
+    """On-call resolves the incident holding the slice's OOD alarm; another incident holds its
+    cluster-mix alarm, which must go on (and clear in time) untouched."""
+    state = SliceState("station=S", "station", SliceDetectors(arl0=1e4), FlatBaselines(K), 500)
+    rng = np.random.default_rng(0)
+    for i in range(50):
+        state.update(SliceUpdate(
+            slice_id="station=S", template="station", event_id=f"e{i}",
+            ts=T0 + timedelta(seconds=i), source_partition=0, source_offset=i, station="S",
+            shift="day", lot="L", baseline="station=S", cluster=int(rng.integers(K)),
+            distance=0.1, ood=bool(rng.random() < 0.2)))
+    state.open = {"ood_rate": {"onset_time": 1.0, "alarms": 1},
+                  "cluster_mix": {"onset_time": 2.0, "alarms": 3}}
+    before = state.det.detectors["cluster_mix"].snapshot()
+    state.reset(["ood_rate", "no_such_detector"])
+    assert list(state.open) == ["cluster_mix"] and state.det.detectors["ood_rate"].n == 0
+    after = state.det.detectors["cluster_mix"].snapshot()
+    assert after["n"] == before["n"] and (after["s"] == before["s"]).all()
+    state.reset()
+    assert state.open == {}
