@@ -570,7 +570,7 @@ class EmbedStage:
                        else None)
             self._send(msg, self.updates_topic, key=sid.encode(),
                        value=upd.model_dump_json().encode(), headers=headers)
-        self._tally.add(ev.station, ev.ts.timestamp(), len(self.templates))
+        self._tally.add(ev.station, ev.ts.timestamp(), len(self.templates), event=not late)
 
     # --- event ids: duplicates and late labels -------------------------------------------
     @retry_redis
@@ -739,11 +739,15 @@ class _Tally:
         self.updates = 0
         self.stations: dict[str, list[float]] = {}  # station -> [events, last event time]
 
-    def add(self, station: str, ts: float, updates: int) -> None:
+    def add(self, station: str, ts: float, updates: int, *, event: bool = True) -> None:
+        """``updates`` slice-updates sent; ``event``: for a station's inference event (a late
+        label is none: it would count as the station's activity, at its event's old time)."""
         self.updates += updates
+        if not event:
+            return
         seen = self.stations.setdefault(station, [0, ts])
         seen[0] += 1
-        seen[1] = ts
+        seen[1] = max(seen[1], ts)
 
     def flush(self, metrics: EmbedMetrics) -> None:
         if self.updates:

@@ -74,6 +74,10 @@ def test_a_late_label_goes_to_its_event_s_slices_and_time(redis_url: str) -> Non
         "lot=L1", "station=s1", "station=s1|shift=day"]
     assert {(u["ts"], u["shift"], u["lot"], u["error"], u["late_label"]) for u in late} == {
         ("2026-11-23T08:00:05Z", "day", "L1", True, True)}
+    # a label is no event of its station: neither counted nor dating its activity
+    metrics = stage.metrics
+    assert metrics.events_per_station.labels("s1")._value.get() == 1
+    assert metrics.last_event_time.labels("s1")._value.get() == 1795420805.0
     client.close()
 
 
