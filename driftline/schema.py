@@ -44,9 +44,19 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _printable(value: str) -> str:
-    if _CONTROL.search(value):  # these end up in Redis keys, logs and the UI
+    """``value`` without surrounding whitespace (a trailing newline a sender read from a file
+    is no reason to lose an event); control characters inside it are refused: these end up
+    in Redis keys, logs and the UI.
+
+    >>> _printable("scratch\\n")
+    'scratch'
+    """
+    stripped = value.strip()
+    if value and not stripped:
+        raise ValueError("must not be blank")
+    if _CONTROL.search(stripped):
         raise ValueError("must not contain control characters")
-    return value
+    return stripped
 
 
 Text = Annotated[str, AfterValidator(_printable)]
@@ -164,8 +174,8 @@ class Event(BaseModel):
     @classmethod
     def _printable_label(cls, value: Prediction | None) -> Prediction | None:
         # here, not in Prediction: slice-updates written before this check carry it too
-        if value is not None:
-            _printable(value.label)
+        if value is not None and (label := _printable(value.label)) != value.label:
+            return value.model_copy(update={"label": label})
         return value
 
     @field_validator("image_uri")

@@ -62,6 +62,15 @@ def test_integer_embedding_values_are_numbers() -> None:
     assert parse_event(raw({**GOOD, "embedding": [1, 0, -2]})).embedding == [1.0, 0.0, -2.0]
 
 
+def test_surrounding_whitespace_is_dropped_not_the_event() -> None:
+    """A trailing newline read from a file would have cost the event its drift signal too."""
+    event = parse_event(raw({**GOOD, "label": "scratch\n", "model_version": " v1\t",
+                             "prediction": {"label": "ok\r\n", "score": 0.9}}))
+    assert (event.label, event.model_version) == ("scratch", "v1")
+    assert event.prediction is not None and event.prediction.label == "ok"
+    assert rejected(raw({**GOOD, "label": " \n"})).reason is RejectReason.invalid_field
+
+
 def test_late_label_without_payload_is_a_label_event() -> None:
     doc = {k: v for k, v in GOOD.items() if k not in ("embedding", "prediction")}
     event = parse_event(raw({**doc, "label": "scratch"}))
