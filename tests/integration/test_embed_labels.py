@@ -19,6 +19,19 @@ from tests.unit.consumers.test_embed_stage import Embedder, Msg, Producer, Refer
 pytestmark = pytest.mark.integration
 
 
+def _stage(redis_url: str, reference: Any = None) -> tuple[EmbedStage, Producer,
+                                                          CollectorRegistry, redis.Redis]:
+    """An embed stage on the test stand-ins, with the real Redis: stage, producer, registry,
+    client."""
+    client = redis.Redis.from_url(redis_url)
+    producer, registry = Producer(), CollectorRegistry()
+    stage = EmbedStage(
+        None, producer, events_topic="ev", updates_topic="up",  # type: ignore[arg-type]
+        dlq_topic="dlq", embedder=Embedder(), reference=reference or Reference(),
+        templates=["station"], metrics=EmbedMetrics(registry), redis_client=client)
+    return stage, producer, registry, client
+
+
 def test_inline_and_late_labels_are_told_apart(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     producer = Producer()
@@ -85,13 +98,7 @@ def test_an_event_sent_twice_is_counted_once_and_a_replayed_batch_again(redis_ur
     """A sender's retry lands the same event_id at a new offset: skipped (the detect stage's
     dedupe by source offset cannot see it). A batch read again after a crash is the same
     positions: its updates go out again, for the detect stage to skip by offset."""
-    client = redis.Redis.from_url(redis_url)
-    producer = Producer()
-    registry = CollectorRegistry()
-    stage = EmbedStage(
-        None, producer, events_topic="ev", updates_topic="up",  # type: ignore[arg-type]
-        dlq_topic="dlq", embedder=Embedder(), reference=Reference(), templates=["station"],
-        metrics=EmbedMetrics(registry), redis_client=client)
+    stage, producer, registry, client = _stage(redis_url)
     tag = uuid.uuid4().hex[:8]
     first = [Msg("ev", 1, 10, b"k", _event(1, "s1", event_id=f"{tag}-1", embedding=[1.0, 0, 0])),
              Msg("ev", 1, 11, b"k", _event(2, "s1", event_id=f"{tag}-2", embedding=[0, 1.0, 0])),
@@ -118,13 +125,7 @@ def test_an_event_dead_lettered_after_its_id_was_stored_counts_when_sent_again(
                 raise RuntimeError("no baseline for this station")
             return super().baseline_for(station, shift)
 
-    client = redis.Redis.from_url(redis_url)
-    producer = Producer()
-    registry = CollectorRegistry()
-    stage = EmbedStage(
-        None, producer, events_topic="ev", updates_topic="up",  # type: ignore[arg-type]
-        dlq_topic="dlq", embedder=Embedder(), reference=Picky(), templates=["station"],
-        metrics=EmbedMetrics(registry), redis_client=client)
+    stage, producer, registry, client = _stage(redis_url, Picky())
     tag = uuid.uuid4().hex[:8]
     stage.process_guarded([
         Msg("ev", 0, 0, b"k", _event(0, "s1", event_id=f"{tag}-0", embedding=[1.0, 0, 0])),
