@@ -68,6 +68,12 @@ class ApiToken:
         return f"ApiToken(name={self.name!r}, role={self.role!r})"
 
 
+# Upper bounds for durations that become timedeltas (which overflow past ~2.7 million years):
+# beyond these, a value is a typo in units, not a policy.
+_YEAR_S = 366 * 86400.0
+_CENTURY_DAYS = 36_525.0
+
+
 class Settings(BaseSettings):
     """All of driftline's options. The README's configuration table documents each one."""
 
@@ -119,7 +125,8 @@ class Settings(BaseSettings):
         description="Slice templates: dimension names joined by '+'",
     )
     budget_false_incidents: float = Field(1.0, gt=0, description="False incidents per period")
-    budget_period_days: float = Field(30.0, gt=0, description="Budget period in days")
+    budget_period_days: float = Field(30.0, gt=0, le=_CENTURY_DAYS,
+                                      description="Budget period in days")
     budget_slices: int = Field(
         200, ge=1, description="Slices the fleet budget is shared over, counted as stations x "
         "slice templates: each event updates one slice per template, so a shift or lot slice "
@@ -138,7 +145,7 @@ class Settings(BaseSettings):
     # downtime while the rest of the plant works, yet 50 new lots a day leave ~700 slices held
     # (a few MB), not every lot ever seen. Event time: a whole-plant stop retires nothing.
     slice_retire_after_days: float = Field(
-        14.0, ge=0,
+        14.0, ge=0, le=_CENTURY_DAYS,
         description="A slice with no event for this many days of event time (behind the newest "
                     "event of its partition) and no open alarm is retired: its state and "
                     "summary are deleted; it starts afresh if its events come back. 0 keeps "
@@ -148,9 +155,10 @@ class Settings(BaseSettings):
                                    "not settled in its group this long, fails /healthz")
     # Failure book and alert routing
     incident_group_window_s: float = Field(
-        3600.0, gt=0, description="Event-time window in which alarms join one incident")
+        3600.0, gt=0, le=_YEAR_S,
+        description="Event-time window in which alarms join one incident")
     incident_hold_max_s: float = Field(
-        600.0, ge=0,
+        600.0, ge=0, le=_YEAR_S,
         description="An incident the co-occurrence attribution opens (split off, or a new root) "
                     "is held (not paged) until it is stable, or for at most this long of "
                     "event time (of wall time if no event comes)")
@@ -166,7 +174,8 @@ class Settings(BaseSettings):
         0.8, ge=0, le=1, description="Evidence cosine similarity for 'seen before'")
     incident_max_exemplars: int = Field(32, ge=1, description="Exemplars kept per incident")
     retention_resolved_count: int = Field(10_000, ge=1, description="Resolved incidents kept")
-    retention_resolved_days: float = Field(90.0, gt=0, description="Resolved incidents' max age")
+    retention_resolved_days: float = Field(90.0, gt=0, le=_CENTURY_DAYS,
+                                           description="Resolved incidents' max age")
     alert_webhook_url: str | None = Field(None, description="Optional webhook for state changes")
     alert_webhook_attempts: int = Field(
         4, ge=1, le=20, description="Webhook delivery attempts per change and round, on a "

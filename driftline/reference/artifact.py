@@ -184,7 +184,7 @@ def read_artifact(ref_dir: Path) -> tuple[dict[str, Any], dict[str, NDArray[Any]
     """Read and verify an artifact; raise :class:`ReferenceError` naming the first problem."""
     ref_dir = Path(ref_dir)
     try:
-        manifest = json.loads((ref_dir / MANIFEST).read_text())
+        manifest = json.loads((ref_dir / MANIFEST).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ReferenceError(f"{ref_dir} is not a reference: no {MANIFEST}") from None
     except (OSError, ValueError) as exc:

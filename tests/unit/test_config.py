@@ -63,6 +63,8 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
         ("DRIFTLINE_SLICE_RETIRE_AFTER_DAYS", "a fortnight", "valid number"),
         ("DRIFTLINE_SLICE_RETIRE_AFTER_DAYS", "-1", "greater than or equal to 0"),
         ("DRIFTLINE_SLICE_RETIRE_AFTER_DAYS", "inf", "finite"),
+        ("DRIFTLINE_RETENTION_RESOLVED_DAYS", "1e12", "less than or equal to 36525"),
+        ("DRIFTLINE_INCIDENT_GROUP_WINDOW_S", "1e15", "less than or equal to 31622400"),
         # a horizon of minutes would restart slices across ordinary gaps between events
         ("DRIFTLINE_SLICE_RETIRE_AFTER_DAYS", "0.001", "at least 1 hour"),
         # accepted once (only the scheme was checked), then `serve` died with redis-py's
