@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from driftline.alerts.book import FailureBook
 from driftline.config import ApiToken, Settings
@@ -19,6 +21,7 @@ from driftline.reference.artifact import ReferenceError
 from driftline.reference.index import Reference, load_reference
 from driftline.service.keys import BOOK_PREFIX
 from driftline.service.recent import RecentIndex
+from driftline.service.references_store import active_reference_dir
 from driftline.service.thumbnails import Thumbnails
 
 log = logging.getLogger(__name__)
@@ -55,13 +58,15 @@ class ServiceContext:
                    tokens=tokens)
 
     def reference(self) -> Reference | None:
-        """The configured reference (``DRIFTLINE_REFERENCE_DIR``), loaded once; None if unset
-        or unreadable (the reason is in :attr:`reference_problem`)."""
+        """The reference the stages run on, loaded once: the activated one if it is still
+        usable, else the configured one (``DRIFTLINE_REFERENCE_DIR``), as the stages choose at
+        their start; None if unset or unreadable (the reason is in :attr:`reference_problem`).
+        Like every worker, the API follows an activation when it restarts."""
         if self._reference_loaded:
             return self._reference
         with self._lock:
             if not self._reference_loaded:
-                path = self.settings.reference_dir
+                path = self._reference_dir()
                 if path is None:
                     self._reference_error = "DRIFTLINE_REFERENCE_DIR is not set"
                 else:
@@ -72,6 +77,14 @@ class ServiceContext:
                         log.error("reference not loaded", extra={"error": str(exc)})
                 self._reference_loaded = True
         return self._reference
+
+    def _reference_dir(self) -> Path | None:
+        try:
+            return active_reference_dir(self.settings, self.redis)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            log.warning("Redis unreachable: the API reads the configured reference, not an "
+                        "activated one", extra={"error": repr(exc)})
+            return self.settings.reference_dir
 
     def recent(self) -> RecentIndex:
         """The recent-events index (in the reference's space once the reference is loaded)."""

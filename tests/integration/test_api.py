@@ -31,6 +31,7 @@ from driftline.alerts.book import FailureBook
 from driftline.config import Settings, load_settings
 from driftline.consumers.kafka_io import ensure_topics
 from driftline.service.app import create_app
+from driftline.service.context import ServiceContext
 from driftline.service.keys import ACTIVE_REFERENCE_KEY, BOOK_PREFIX, RECENT_KEY, SUMMARY_KEY
 from tests.integration.pipeline_support import free_port
 from tests.unit.alerts.synthetic import ONSET, alarm, fleet, summary_entry
@@ -368,6 +369,10 @@ def test_references_list_show_activate(api: Api) -> None:
     again = api.get("/api/v1/references").json()
     assert [r["activated"] for r in again] == [False, True]
     assert api.get("/api/v1/references/0000000000000000").status_code == 404
+    # restarted, the API reads the activated reference, as the stages do (not the configured)
+    restarted = ServiceContext.build(make_settings(api.url, api.refs[0]), api.r)
+    ref = restarted.reference()
+    assert ref is not None and ref.reference_id == rows[1]["reference_id"]
 
 
 # --- auth matrix -----------------------------------------------------------------------------

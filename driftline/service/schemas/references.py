@@ -17,7 +17,8 @@ class ReferenceRow(BaseModel):
     created_at: str | None
     events: int | None = Field(description="reference events it was built from")
     clusters: int | None
-    configured: bool = Field(description="it is DRIFTLINE_REFERENCE_DIR (what runs now)")
+    configured: bool = Field(description="it is DRIFTLINE_REFERENCE_DIR (what workers run when "
+                                         "none is activated, or the activated one is unusable)")
     activated: bool = Field(description="it is the reference activated through the API")
 
     @classmethod
