@@ -545,7 +545,11 @@ class EmbedStage:
         return [items[n] for n in kept], vectors[kept]
 
     def _emit(self, item: _Item, label: str | None, loss: float | None,
-              error: bool | None, *, late: bool = False) -> None:
+              error: bool | None, *, late: bool = False, reference_id: str | None = None
+              ) -> None:
+        """One slice-update per template; ``reference_id``: the reference its cluster comes
+        from, if not the active one (a late label whose event was embedded before an
+        activation: the detect stage skips it, as every update of another reference)."""
         ev, msg = item.event, item.msg
         base = self.reference.baseline_for(ev.station, ev.shift)
         ood = None if item.distance is None else bool(item.distance > base.ood_threshold)
@@ -560,7 +564,7 @@ class EmbedStage:
                 shift=ev.shift, lot=ev.lot, baseline=base.key, cluster=item.cluster,
                 distance=item.distance, ood=ood, model_version=ev.model_version,
                 prediction=ev.prediction, label=label, loss=loss, error=error, late_label=late,
-                reference_id=self.reference.reference_id)
+                reference_id=reference_id or self.reference.reference_id)
             self._sent += 1
             # one slice-update in LATENCY_SAMPLE_EVERY carries its event's Kafka timestamp in a
             # header, for the detect stage's end-to-end latency (a header, not the record's
@@ -592,7 +596,8 @@ class EmbedStage:
             # where and when the event was seen: its late label goes to the same slices
             doc = {"cluster": item.cluster, "pred": pred.label if pred else None,
                    "station": ev.station, "shift": ev.shift, "lot": ev.lot,
-                   "ts": ev.ts.isoformat(), "pos": pos}
+                   "ts": ev.ts.isoformat(), "pos": pos,
+                   "reference_id": self.reference.reference_id}
             key = self._prediction_key(ev.event_id)
             pipe.get(key)
             pipe.set(key, json.dumps(doc), ex=PREDICTION_TTL_S, nx=True)
@@ -670,7 +675,8 @@ class EmbedStage:
             item.event = ev.model_copy(update={
                 "station": doc["station"], "shift": doc["shift"], "lot": doc["lot"],
                 "ts": datetime.fromisoformat(doc["ts"])})
-        self._emit(item, ev.label, ev.loss, error, late=True)
+        self._emit(item, ev.label, ev.loss, error, late=True,
+                   reference_id=doc.get("reference_id"))
 
     def _send(self, source: Any, topic: str, **record: Any) -> None:
         """Send, or hold until the batch is done (:meth:`process`)."""

@@ -137,3 +137,29 @@ def test_an_event_dead_lettered_after_its_id_was_stored_counts_when_sent_again(
     assert [json.loads(v)["source_offset"] for t, _, v in producer.sent if t == "up"] == [0, 9]
     assert registry.get_sample_value("driftline_embed_duplicate_events_total") == 0
     client.close()
+
+
+def test_a_late_label_keeps_the_reference_its_event_was_embedded_on(redis_url: str) -> None:
+    """A reference activated between an event and its label: the label's cluster id is the
+    old reference's, so its updates say so, and the detect stage skips them as another
+    reference's instead of judging them against the new one's clusters."""
+
+    class Newer(Reference):
+        reference_id = "ref-newer"
+
+    tag = uuid.uuid4().hex[:8]
+    before, _, _, client = _stage(redis_url)
+    before.process([Msg("ev", 0, 0, b"k", _event(0, "s1", event_id=f"{tag}-0",
+                                                 embedding=[1.0, 0, 0],
+                                                 prediction={"label": "ok", "score": 0.9}))])
+    after, producer, _, client2 = _stage(redis_url, Newer())
+    after.process([
+        Msg("ev", 0, 1, b"k", json.dumps({
+            "event_id": f"{tag}-0", "ts": "2026-11-23T09:00:00Z", "station": "s1",
+            "shift": "day", "lot": "L1", "label": "scratch"}).encode()),
+        Msg("ev", 0, 2, b"k", _event(2, "s1", event_id=f"{tag}-2", embedding=[1.0, 0, 0]))])
+    got = [(u["event_id"], u["late_label"], u["reference_id"])
+           for u in (json.loads(v) for t, _, v in producer.sent if t == "up")]
+    assert got == [(f"{tag}-0", True, "ref-test"), (f"{tag}-2", False, "ref-newer")]
+    client.close()
+    client2.close()
