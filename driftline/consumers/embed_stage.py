@@ -647,7 +647,7 @@ class EmbedStage:
                     "cluster": item.cluster, "distance": item.distance, "ood": item.ood,
                     "ood_p0": item.ood_p0,
                     "pred": pred.label if pred else None, "score": pred.score if pred else None,
-                    "label": ev.label}
+                    "label": ev.label, "reference_id": self.reference.reference_id}
             meta_json = json.dumps(meta)
             pipe.xadd(RECENT_KEY, {"meta": meta_json, "vec": np.asarray(vec, np.float32).tobytes()},
                       maxlen=self.recent_size, approximate=True)

@@ -117,7 +117,11 @@ class RecentIndex:
             start = f"({rows[-1][0].decode()}"
 
     def _build(self) -> Snapshot:
-        usable = [(i, v) for i, v in enumerate(self._proj) if v is not None]
+        # events embedded on another reference (before an activation) have their clusters in
+        # another space: left out; rows written before they named theirs are kept
+        ref_id = self.reference.reference_id if self.reference is not None else None
+        usable = [(i, v) for i, v in enumerate(self._proj) if v is not None and (
+            ref_id is None or self._metas[i].get("reference_id", ref_id) == ref_id)]
         width = usable[-1][1].size if usable else 0  # raw space: the newest dimension wins
         keep = [(i, v) for i, v in usable if v.size == width]
         space = "reference" if self.reference is not None else "raw"

@@ -488,6 +488,14 @@ def test_recent_index_follows_the_bounded_buffer(api: Api) -> None:
     assert len(after) == n and "late-2" in after.rows and oldest not in after.rows
     res = api.get("/api/v1/similar/events/late-0", params={"k": 3}).json()
     assert res["recent"][0]["distance"] < 1e-3  # late-1 and late-2 carry the same vector
+    # embedded on another reference (before an activation): its clusters are another space's
+    api.r.xadd(RECENT_KEY, {"meta": json.dumps({**last, "event_id": "other-ref",
+                                                "reference_id": "another"}), "vec": vec})
+    ours = ctx.reference().reference_id
+    api.r.xadd(RECENT_KEY, {"meta": json.dumps({**last, "event_id": "this-ref",
+                                                "reference_id": ours}), "vec": vec})
+    latest = ctx.recent().snapshot()
+    assert "this-ref" in latest.rows and "other-ref" not in latest.rows
 
 
 # --- ids holding '/' -------------------------------------------------------------------------
