@@ -46,8 +46,17 @@ class SliceData:
         return doc if isinstance(doc, dict) else None
 
     def _state_keys(self) -> list[str]:
-        return sorted(k.decode() for k in self.r.scan_iter(match=f"{self.state_prefix}:*",
-                                                           count=1000))
+        """The partitions' state hashes: of every partition a checkpoint wrote (its input
+        offset and reset cursor are written with its states; ``detect repartition`` gives a
+        partition that gets state its reset cursor, and a checkpoint its offset). Not a SCAN:
+        the keyspace holds a prediction per event of the last week, millions of keys for one
+        lookup."""
+        base = self.state_prefix.rsplit(":", 1)[0]
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hkeys(f"{base}:offsets")
+        pipe.hkeys(f"{base}:control_seen")
+        parts = {int(f) for fields in pipe.execute() for f in fields if f.isdigit()}
+        return [f"{self.state_prefix}:{p}" for p in sorted(parts)]
 
     def states(self, slice_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         """SliceState snapshots (``{"slice_id", "template", "detectors", …}``) by slice id."""
