@@ -193,9 +193,10 @@ def detector_arl0(settings: Settings, detectors: int = 2) -> float:
 
 
 def load_active_reference(settings: Settings) -> Reference:
-    """The reference activated through the API (if still intact), else the configured one; a
-    missing or unusable one raises :class:`ConfigError` naming the setting."""
-    from driftline.service.references_store import active_reference_dir
+    """The reference activated through the API if the stages can use it, else the configured
+    one (:func:`~driftline.service.references_store.active_reference`); a missing or unusable
+    configured one raises :class:`ConfigError` naming the setting."""
+    from driftline.service.references_store import active_reference
 
     client = store_client(settings.redis_url)
     kw = client.connection_pool.connection_kwargs  # no password in logs
@@ -212,10 +213,13 @@ def load_active_reference(settings: Settings) -> Reference:
                                 stop=stop_after_delay(STARTUP_REDIS_WAIT_S),
                                 before_sleep=waiting, reraise=True):
             with attempt:
-                ref_dir = active_reference_dir(settings, client)
+                ref_dir, ref = active_reference(settings, client)
     except REDIS_ERRORS as exc:
         raise SystemExit(f"driftline: Redis at {where} (DRIFTLINE_REDIS_URL) unreachable for "
                          f"{STARTUP_REDIS_WAIT_S:.0f} s at start-up: {exc}") from None
+    if ref is not None:
+        log.info("reference", extra={"dir": str(ref_dir), "activated": True})
+        return ref
     if ref_dir is None:
         raise ConfigError("DRIFTLINE_REFERENCE_DIR is not set; build one with "
                           "`driftline reference build` and point the setting at it")
@@ -223,9 +227,46 @@ def load_active_reference(settings: Settings) -> Reference:
     try:
         return load_reference(ref_dir)
     except (ReferenceError, OSError) as exc:
-        source = ("DRIFTLINE_REFERENCE_DIR" if ref_dir == settings.reference_dir
-                  else "the reference activated through the API")
-        raise ConfigError(f"{source}: {exc}") from None
+        raise ConfigError(f"DRIFTLINE_REFERENCE_DIR: {exc}") from None
+
+
+def configured_model_sha256(settings: Settings) -> str | None:
+    """sha256 of the configured model file; None if it cannot be read in this process."""
+    try:
+        return file_sha256(settings.resolved_model_path())
+    except OSError:
+        return None
+
+
+def usable_reference(settings: Settings, ref_dir: Path,
+                     model_sha256: str | None) -> Reference:
+    """Load ``ref_dir`` and run on it what the roles' start-up runs to use a reference: the
+    hash checks, the model identity (``model_sha256``, the configured model's; None: not
+    checked) and preprocessing when it embeds images, the detect stage's baselines and the
+    book's cluster catalogue. Raises :class:`ReferenceError` naming the problem (a manifest
+    missing a section raised a bare KeyError in every role)."""
+    from driftline.alerts.evidence import ClusterCatalog
+    from driftline.consumers.embedder import EmbedderConfig
+
+    try:
+        ref = load_reference(ref_dir)
+        desc = ref.manifest["embedding"].get("model")
+        if desc is not None:
+            if model_sha256 is not None and ref.model_sha256 != model_sha256:
+                raise ReferenceError(
+                    f"reference {ref.reference_id} at {ref_dir} was built with "
+                    f"{desc.get('model_file') or 'a model'} (sha256 {ref.model_sha256}), but "
+                    f"the configured model (DRIFTLINE_MODEL_PATH) has sha256 {model_sha256}: "
+                    "the embed workers refuse it at start-up")
+            EmbedderConfig.from_description(desc, settings.resolved_model_path())
+        ReferenceBaselines(ref)
+        ClusterCatalog.from_manifest(ref.manifest)
+    except OSError as exc:
+        raise ReferenceError(f"{ref_dir} cannot be read: {exc}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise ReferenceError(f"{ref_dir}: its manifest cannot be used by the stages "
+                             f"({type(exc).__name__}: {exc})") from None
+    return ref
 
 
 def make_embedder(settings: Settings, ref: Reference) -> Any:

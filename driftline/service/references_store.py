@@ -2,9 +2,10 @@
 
 The candidates are the configured reference (``DRIFTLINE_REFERENCE_DIR``) and its siblings:
 every directory next to it holding a ``manifest.json``. Activation stores
-``{reference_id, path, who, at}`` in Redis (:data:`ACTIVE_REFERENCE_KEY`) after verifying the
-artifact's hashes; running stages keep the reference they loaded, and pick the activated one up
-on restart through :func:`active_reference_dir`.
+``{reference_id, path, who, at}`` in Redis (:data:`ACTIVE_REFERENCE_KEY`) after running on the
+artifact what the stages' start-up runs (:func:`driftline.runner.usable_reference`) and checking
+that it takes the events the stages take now; running stages keep the reference they loaded,
+and pick the activated one up on restart (:func:`activated_dir`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import Any
 import redis
 
 from driftline.config import Settings
-from driftline.reference.artifact import MANIFEST, ReferenceError, read_artifact
+from driftline.reference.artifact import MANIFEST, ReferenceError
+from driftline.reference.index import Reference
+from driftline.runner import configured_model_sha256, usable_reference
 from driftline.service.keys import ACTIVE_REFERENCE_KEY
 
 log = logging.getLogger(__name__)
@@ -78,10 +81,58 @@ def activation(client: redis.Redis) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def activate(client: redis.Redis, cand: Candidate, who: str,
+def current(settings: Settings, client: redis.Redis) -> Candidate | None:
+    """The reference the stages run on now, as far as the manifests tell: the activated one if
+    still a candidate, else the configured one."""
+    doc = activation(client)
+    cands = candidates(settings)
+    if doc is not None:
+        cand = next((c for c in cands if c.reference_id == str(doc.get("reference_id"))), None)
+        if cand is not None:
+            return cand
+    configured = (Path(settings.reference_dir).resolve() if settings.reference_dir is not None
+                  else None)
+    return next((c for c in cands if c.path == configured), None)
+
+
+def _kind(manifest: dict[str, Any]) -> tuple[str, Any]:
+    emb = manifest.get("embedding")
+    emb = emb if isinstance(emb, dict) else {}
+    model = emb.get("model")
+    return ("images through an ONNX model" if model else "precomputed embeddings",
+            emb.get("input_dim"))
+
+
+def check_fits(cand: Candidate, now: Candidate | None) -> None:
+    """:class:`ReferenceError` unless ``cand`` takes the events the stages take now (``now``):
+    images or precomputed embeddings alike, of the same dimension."""
+    if now is None or now.path == cand.path:
+        return
+    (kind, dim), (now_kind, now_dim) = _kind(cand.manifest), _kind(now.manifest)
+    if kind != now_kind:
+        raise ReferenceError(f"it was built from {kind}, but the stages now run on "
+                             f"{now.reference_id} ({now.path.name}), built from {now_kind}: "
+                             "the events they receive are of the other kind")
+    if dim != now_dim:
+        raise ReferenceError(f"its embeddings have dimension {dim}, but those of "
+                             f"{now.reference_id} ({now.path.name}), which the stages now run "
+                             f"on, have {now_dim}")
+
+
+def activate(client: redis.Redis, settings: Settings, cand: Candidate, who: str,
              note: str | None = None) -> dict[str, Any]:
-    """Verify the artifact (hashes of every array) and record it as the active reference."""
-    read_artifact(cand.path)  # raises ReferenceError naming the problem
+    """Record ``cand`` as the active reference once the stages could start on it: it loads
+    and verifies as at their start-up (with the configured model; if this process cannot read
+    that file, the model of the reference running now), and takes the events they take now.
+    Raises :class:`ReferenceError` naming the problem."""
+    now = current(settings, client)
+    model_sha256 = configured_model_sha256(settings)
+    if model_sha256 is None and now is not None:
+        model = (now.manifest.get("embedding") or {}).get("model")
+        model_sha256 = str(model["model_sha256"]) if isinstance(model, dict) and \
+            model.get("model_sha256") else None
+    usable_reference(settings, cand.path, model_sha256)
+    check_fits(cand, now)
     doc = {"reference_id": cand.reference_id, "path": str(cand.path), "who": who,
            "at": datetime.now(UTC).isoformat().replace("+00:00", "Z"), "note": note}
     client.set(ACTIVE_REFERENCE_KEY, json.dumps(doc))
@@ -89,17 +140,45 @@ def activate(client: redis.Redis, cand: Candidate, who: str,
     return doc
 
 
-def active_reference_dir(settings: Settings, client: redis.Redis) -> Path | None:
-    """For stages at start-up: the activated reference's directory if it is still one of the
-    candidates and intact, else ``DRIFTLINE_REFERENCE_DIR``."""
+def activated_dir(settings: Settings, client: redis.Redis) -> Path | None:
+    """The directory of the reference activated through the API if it is still one of the
+    candidates."""
     doc = activation(client)
-    if doc is not None:
-        cand = find(settings, str(doc.get("reference_id")))
-        if cand is not None:
-            try:
-                read_artifact(cand.path)
-                return cand.path
-            except ReferenceError as exc:
-                log.error("activated reference is unusable; using the configured one",
-                          extra={"error": str(exc)})
-    return settings.reference_dir
+    if doc is None:
+        return None
+    cand = find(settings, str(doc.get("reference_id")))
+    if cand is None:
+        log.error("the activated reference is no longer among DRIFTLINE_REFERENCE_DIR and its "
+                  "siblings; using the configured one", extra={"activation": doc})
+        return None
+    return cand.path
+
+
+def active_reference(settings: Settings, client: redis.Redis
+                     ) -> tuple[Path | None, Reference | None]:
+    """For stages and the API at start-up: the activated reference (its directory and, loaded,
+    the reference) if the stages can use it (:func:`driftline.runner.usable_reference`), else
+    ``(DRIFTLINE_REFERENCE_DIR, None)``, logging an error naming the activated directory and
+    why. Whatever fails with the activated one, the configured one is the way out; every
+    process decides alike (the artifact, the settings, the model file), so embed and detect
+    workers do not end up on different references (an unreadable model file is no reason)."""
+    activated = activated_dir(settings, client)
+    configured = settings.reference_dir
+    if activated is None or (configured is not None
+                             and activated == Path(configured).resolve()):
+        return configured, None
+    try:
+        return activated, usable_reference(settings, activated,
+                                           configured_model_sha256(settings))
+    except Exception as exc:  # any failure: the configured reference is the way out
+        log.error(f"THE REFERENCE ACTIVATED THROUGH THE API ({activated}) CANNOT BE USED: "
+                  f"{exc}; starting on DRIFTLINE_REFERENCE_DIR ({configured}) instead. "
+                  "Activate a usable reference through the API",
+                  extra={"activated_dir": str(activated), "error": repr(exc),
+                         "configured_dir": str(configured)})
+    return configured, None
+
+
+def active_reference_dir(settings: Settings, client: redis.Redis) -> Path | None:
+    """The directory :func:`active_reference` chooses."""
+    return active_reference(settings, client)[0]

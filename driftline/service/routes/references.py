@@ -24,6 +24,11 @@ from driftline.service.schemas.references import (
 )
 
 router = APIRouter(prefix="/references", tags=["references"], responses=COMMON_ERRORS)
+ACTIVATION_REFUSED = (
+    "the stages could not run on this reference: an array or manifest fails its checks, it was "
+    "built with another model than DRIFTLINE_MODEL_PATH, a section the stages read is missing, "
+    "or it takes other events than the reference running now (images vs precomputed "
+    "embeddings, or another embedding dimension); the detail says which")
 ReferenceId = Annotated[str, PathParam(max_length=64, examples=["3f9c2a7b1d4e8f60"])]
 
 
@@ -93,17 +98,19 @@ def show_reference(reference_id: ReferenceId, settings: SettingsDep, r: RedisDep
 
 
 @router.post("/{reference_id}/activate", response_model=ActivationView,
-             responses=errors(404, 409))
+             responses=errors(404, 409, why={409: ACTIVATION_REFUSED}))
 def activate_reference(reference_id: ReferenceId, settings: SettingsDep, r: RedisDep,
                        caller: Admin,
                        body: Annotated[ActivationRequest | None, Body()] = None
                        ) -> ActivationView:
-    """Make this reference the active one (admin). Stages use it from their next restart."""
+    """Make this reference the active one (admin). Stages use it from their next restart; it is
+    refused (409) unless they could start on it and it takes the events they take now."""
     cand = _found(settings, reference_id)
     try:
-        doc = store.activate(r, cand, caller.name, body.note if body else None)
+        doc = store.activate(r, settings, cand, caller.name, body.note if body else None)
     except ReferenceError as exc:
         raise HTTPException(status.HTTP_409_CONFLICT,
-                            detail=f"reference {reference_id} is not usable: {exc}") from None
+                            detail=f"reference {reference_id} cannot be activated: {exc}"
+                            ) from None
     return ActivationView(reference_id=doc["reference_id"], path=doc["path"],
                           activated_by=doc["who"], activated_at=doc["at"], note=doc["note"])

@@ -50,9 +50,12 @@ _WHY = {
 }
 
 
-def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """``responses=`` entries documenting ``codes`` with :class:`ErrorBody`."""
-    return {code: {"model": ErrorBody, "description": _WHY[code]} for code in codes}
+def errors(*codes: int, why: dict[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` entries documenting ``codes`` with :class:`ErrorBody`; ``why`` replaces
+    the shared description of a code where it means something else on that route."""
+    why = why or {}
+    return {code: {"model": ErrorBody, "description": why.get(code, _WHY[code])}
+            for code in codes}
 
 
 # Every /api/v1 route can answer these (malformed request, auth, body size, store down).
