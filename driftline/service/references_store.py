@@ -1,7 +1,7 @@
 """Reference artifacts the API can list, show and activate.
 
 The candidates are the configured reference (``DRIFTLINE_REFERENCE_DIR``) and its siblings:
-every directory next to it holding a ``manifest.json``. Activation stores
+every directory next to it holding a driftline reference's ``manifest.json``. Activation stores
 ``{reference_id, path, who, at}`` in Redis (:data:`ACTIVE_REFERENCE_KEY`) after running on the
 artifact what the stages' start-up runs (:func:`driftline.runner.usable_reference`) and checking
 that it takes the events the stages take now; running stages keep the reference they loaded,
@@ -20,10 +20,11 @@ from typing import Any
 import redis
 
 from driftline.config import Settings
-from driftline.reference.artifact import MANIFEST, ReferenceError
+from driftline.reference.artifact import FORMAT, MANIFEST, ReferenceError
 from driftline.reference.index import Reference
 from driftline.runner import configured_model_sha256, usable_reference
 from driftline.service.keys import ACTIVE_REFERENCE_KEY
+from driftline.service.schemas.references import ReferenceRow
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +39,45 @@ class Candidate:
         return str(self.manifest.get("reference_id", ""))
 
 
+_SKIPPED: set[str] = set()  # directories whose manifest was skipped, each warned about once
+
+
 def _read_manifest(path: Path) -> dict[str, Any] | None:
+    """A driftline reference manifest with what the listing shows; None for a directory
+    without one. Another tool's ``manifest.json`` beside the references (a ``reference_id`` of
+    its own, ``source.events: "many"``) made every listing answer 500: it is skipped, with a
+    warning the first time."""
     try:
-        doc = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
+        doc = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
         return None
-    return doc if isinstance(doc, dict) and doc.get("reference_id") else None
+    except (OSError, ValueError) as exc:
+        _skip(path, f"unreadable: {exc}")
+        return None
+    why = _not_a_reference(path, doc)
+    if why is not None:
+        _skip(path, why)
+        return None
+    return dict(doc)
+
+
+def _not_a_reference(path: Path, doc: Any) -> str | None:
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        return f"not a {FORMAT} manifest"
+    if not doc.get("reference_id"):
+        return "it has no reference_id"
+    try:
+        ReferenceRow.of(str(path), doc, configured=False, activated=False)
+    except (ValueError, TypeError, AttributeError) as exc:
+        return f"its fields are not a reference's: {exc}"
+    return None
+
+
+def _skip(path: Path, why: str) -> None:
+    if str(path) not in _SKIPPED:
+        _SKIPPED.add(str(path))
+        log.warning(f"{path / MANIFEST} is skipped among the references: {why}",
+                    extra={"path": str(path)})
 
 
 def candidates(settings: Settings) -> list[Candidate]:
