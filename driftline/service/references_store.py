@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -100,8 +101,31 @@ def candidates(settings: Settings) -> list[Candidate]:
     return out
 
 
-def find(settings: Settings, reference_id: str) -> Candidate | None:
-    return next((c for c in candidates(settings) if c.reference_id == reference_id), None)
+def find(settings: Settings, reference_id: str,
+         prefer: Sequence[str | Path | None] = ()) -> Candidate | None:
+    """The candidate holding ``reference_id``; of several (a backup copy beside it), the one
+    at the first path of ``prefer`` that holds it, else the configured one, else the first by
+    name."""
+    matches = matching(settings, reference_id)
+    return preferred(matches, [*prefer, settings.reference_dir]) or next(iter(matches), None)
+
+
+def matching(settings: Settings, reference_id: str) -> list[Candidate]:
+    return [c for c in candidates(settings) if c.reference_id == reference_id]
+
+
+def preferred(matches: list[Candidate], prefer: Sequence[str | Path | None]
+              ) -> Candidate | None:
+    """The only one of ``matches``, or the one at the first path of ``prefer`` among them."""
+    if len(matches) == 1:
+        return matches[0]
+    for path in prefer:
+        if path is not None:
+            where = Path(path).resolve()
+            cand = next((c for c in matches if c.path == where), None)
+            if cand is not None:
+                return cand
+    return None
 
 
 def activation(client: redis.Redis) -> dict[str, Any] | None:
@@ -119,14 +143,13 @@ def current(settings: Settings, client: redis.Redis) -> Candidate | None:
     """The reference the stages run on now, as far as the manifests tell: the activated one if
     still a candidate, else the configured one."""
     doc = activation(client)
-    cands = candidates(settings)
     if doc is not None:
-        cand = next((c for c in cands if c.reference_id == str(doc.get("reference_id"))), None)
+        cand = find(settings, str(doc.get("reference_id")), [doc.get("path")])
         if cand is not None:
             return cand
     configured = (Path(settings.reference_dir).resolve() if settings.reference_dir is not None
                   else None)
-    return next((c for c in cands if c.path == configured), None)
+    return next((c for c in candidates(settings) if c.path == configured), None)
 
 
 def _kind(manifest: dict[str, Any]) -> tuple[str, Any]:
@@ -180,7 +203,7 @@ def activated_dir(settings: Settings, client: redis.Redis) -> Path | None:
     doc = activation(client)
     if doc is None:
         return None
-    cand = find(settings, str(doc.get("reference_id")))
+    cand = find(settings, str(doc.get("reference_id")), [doc.get("path")])
     if cand is None:
         log.error("the activated reference is no longer among DRIFTLINE_REFERENCE_DIR and its "
                   "siblings; using the configured one", extra={"activation": doc})

@@ -28,27 +28,48 @@ ACTIVATION_REFUSED = (
     "the stages could not run on this reference: an array or manifest fails its checks, it was "
     "built with another model than DRIFTLINE_MODEL_PATH, a section the stages read is missing, "
     "or it takes other events than the reference running now (images vs precomputed "
-    "embeddings, or another embedding dimension); the detail says which")
+    "embeddings, or another embedding dimension); or several directories hold it and the "
+    "body's name does not say which; the detail says which")
 ReferenceId = Annotated[str, PathParam(max_length=64, examples=["3f9c2a7b1d4e8f60"])]
 
 
 def _flags(settings: SettingsDep, r: RedisDep) -> tuple[str | None, str | None]:
+    """The configured directory and the activated one (the directory the stages start on: a
+    backup copy holding the same reference id is not it)."""
     configured = str(Path(settings.reference_dir).resolve()) if settings.reference_dir else None
-    active = store.activation(r)
-    return configured, str(active.get("reference_id")) if active else None
+    doc = store.activation(r)
+    cand = (store.find(settings, str(doc.get("reference_id")), [doc.get("path")])
+            if doc else None)
+    return configured, str(cand.path) if cand else None
 
 
 def _row(c: store.Candidate, configured: str | None, active: str | None) -> ReferenceRow:
     return ReferenceRow.of(str(c.path), c.manifest, str(c.path) == configured,
-                           c.reference_id == active)
+                           str(c.path) == active)
 
 
-def _found(settings: SettingsDep, reference_id: str) -> store.Candidate:
-    cand = store.find(settings, reference_id)
+def _missing(reference_id: str, name: str | None = None) -> HTTPException:
+    return HTTPException(status.HTTP_404_NOT_FOUND, detail=(
+        f"no reference {reference_id!r}{f' in a directory {name!r}' if name else ''} among "
+        "DRIFTLINE_REFERENCE_DIR and its siblings (list them at /api/v1/references)"))
+
+
+def _found(settings: SettingsDep, r: RedisDep, reference_id: str,
+           name: str | None = None) -> store.Candidate:
+    """The directory holding ``reference_id`` (named ``name`` if given); of several (a backup
+    copy), the activated one, else the configured one, else 409 asking for ``name``."""
+    matches = [c for c in store.matching(settings, reference_id)
+               if name is None or c.path.name == name]
+    if not matches:
+        raise _missing(reference_id, name)
+    active = store.activation(r) or {}
+    prefer = [active.get("path") if active.get("reference_id") == reference_id else None,
+              settings.reference_dir]
+    cand = store.preferred(matches, prefer)
     if cand is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=(
-            f"no reference {reference_id!r} among DRIFTLINE_REFERENCE_DIR and its siblings "
-            "(list them at /api/v1/references)"))
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=(
+            f"reference {reference_id} is in {len(matches)} directories "
+            f"({', '.join(c.path.name for c in matches)}): say which with \"name\" in the body"))
     return cand
 
 
@@ -79,8 +100,10 @@ def baseline_rows(section: dict[str, Any]) -> list[BaselineRow]:
 def show_reference(reference_id: ReferenceId, settings: SettingsDep, r: RedisDep,
                    _: Viewer) -> ReferenceDetail:
     """Summary of a reference's manifest: clusters, baselines, aggressor clusters."""
-    cand = _found(settings, reference_id)
     configured, active = _flags(settings, r)
+    cand = store.find(settings, reference_id, [active])
+    if cand is None:
+        raise _missing(reference_id)
     m = cand.manifest
     items = (m.get("clusters") or {}).get("items") or []
     emb = dict(m.get("embedding") or {})
@@ -105,7 +128,7 @@ def activate_reference(reference_id: ReferenceId, settings: SettingsDep, r: Redi
                        ) -> ActivationView:
     """Make this reference the active one (admin). Stages use it from their next restart; it is
     refused (409) unless they could start on it and it takes the events they take now."""
-    cand = _found(settings, reference_id)
+    cand = _found(settings, r, reference_id, body.name if body else None)
     try:
         doc = store.activate(r, settings, cand, caller.name, body.note if body else None)
     except ReferenceError as exc:

@@ -66,6 +66,9 @@ class ActivationRequest(BaseModel):
                     "json_schema_extra": {"examples": [{"note": "rebuilt after the lens swap"}]}}
 
     note: str | None = Field(None, max_length=2000)
+    name: str | None = Field(None, max_length=255, description=(
+        "the directory (a listed row's name) when several hold this reference id, such as a "
+        "backup copy; without it, the activated or configured one of them"))
 
 
 class ActivationView(BaseModel):
