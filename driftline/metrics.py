@@ -13,6 +13,9 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
+# why the detect stage skips a slice-update (driftline_detect_skipped_total's reason label)
+SKIP_REASONS = ("unreadable", "unusable", "other_reference", "retired")
+
 class EmbedMetrics:
     """Embed stage: events in, slice-updates out, dead letters, batches, model latency."""
 
@@ -63,6 +66,8 @@ class DetectMetrics:
             "Slice-updates skipped: unreadable record, unusable with the loaded reference, "
             "embedded against another reference, or for a retired slice",
             ["reason"], registry=registry)
+        for reason in SKIP_REASONS:  # at 0 from the start: alert rules read increase()
+            self.skipped.labels(reason)
         self.alarms = Counter(
             "driftline_detect_alarms_total", "Detector alarms, counted once committed",
             ["template", "detector"],
