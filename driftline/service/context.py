@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,11 +22,13 @@ from driftline.reference.artifact import ReferenceError
 from driftline.reference.index import Reference, load_reference
 from driftline.service.keys import BOOK_PREFIX
 from driftline.service.recent import RecentIndex
-from driftline.service.references_store import active_reference_dir
+from driftline.service.references_store import active_reference
 from driftline.service.thumbnails import Thumbnails
 
 log = logging.getLogger(__name__)
-
+# With Redis down the API serves the configured reference and asks again this often which one
+# is activated (the stages wait for Redis at their start instead).
+REFERENCE_RETRY_S = 60.0
 
 
 @dataclass
@@ -39,6 +42,8 @@ class ServiceContext:
     _reference: Reference | None = None
     _reference_error: str | None = None
     _reference_loaded: bool = False
+    _reference_path: Path | None = None
+    _reference_retry_at: float | None = None  # Redis was down when it was chosen
     _recent: RecentIndex | None = None
     _ref_clusters: dict[str, int] | None = None
     _thumbnails: Thumbnails | None = None
@@ -61,30 +66,44 @@ class ServiceContext:
         """The reference the stages run on, loaded once: the activated one if it is still
         usable, else the configured one (``DRIFTLINE_REFERENCE_DIR``), as the stages choose at
         their start; None if unset or unreadable (the reason is in :attr:`reference_problem`).
-        Like every worker, the API follows an activation when it restarts."""
-        if self._reference_loaded:
+        Like every worker, the API follows an activation when it restarts. Chosen while Redis
+        was down (the configured one), the choice is made again every ``REFERENCE_RETRY_S``
+        until Redis answers."""
+        if self._reference_loaded and not self._retry_due():
             return self._reference
         with self._lock:
-            if not self._reference_loaded:
-                path = self._reference_dir()
-                if path is None:
-                    self._reference_error = "DRIFTLINE_REFERENCE_DIR is not set"
-                else:
-                    try:
-                        self._reference = load_reference(Path(path))
-                    except (ReferenceError, OSError, ValueError) as exc:
-                        self._reference_error = f"reference at {path} is unusable: {exc}"
-                        log.error("reference not loaded", extra={"error": str(exc)})
-                self._reference_loaded = True
+            if not self._reference_loaded or self._retry_due():
+                self._load_reference()
         return self._reference
 
-    def _reference_dir(self) -> Path | None:
+    def _retry_due(self) -> bool:
+        return self._reference_retry_at is not None and time.monotonic() >= (
+            self._reference_retry_at)
+
+    def _load_reference(self) -> None:
+        """Choose and load the reference (under the lock); what was built on another one (the
+        recent index, the clusters of reference samples) goes with it."""
+        self._reference_retry_at = None
         try:
-            return active_reference_dir(self.settings, self.redis)
+            path, loaded = active_reference(self.settings, self.redis)
         except (RedisConnectionError, RedisTimeoutError) as exc:
-            log.warning("Redis unreachable: the API reads the configured reference, not an "
-                        "activated one", extra={"error": repr(exc)})
-            return self.settings.reference_dir
+            log.warning("Redis unreachable: the API reads the configured reference for now, not "
+                        "an activated one", extra={"error": repr(exc)})
+            path, loaded = self.settings.reference_dir, None
+            self._reference_retry_at = time.monotonic() + REFERENCE_RETRY_S
+        if self._reference_loaded and path == self._reference_path:
+            return
+        self._reference_path, self._reference, self._reference_error = path, loaded, None
+        self._recent, self._ref_clusters = None, None
+        if loaded is None and path is None:
+            self._reference_error = "DRIFTLINE_REFERENCE_DIR is not set"
+        elif loaded is None and path is not None:
+            try:
+                self._reference = load_reference(Path(path))
+            except (ReferenceError, OSError, ValueError) as exc:
+                self._reference_error = f"reference at {path} is unusable: {exc}"
+                log.error("reference not loaded", extra={"error": str(exc)})
+        self._reference_loaded = True
 
     def recent(self) -> RecentIndex:
         """The recent-events index (in the reference's space once the reference is loaded)."""

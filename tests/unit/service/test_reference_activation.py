@@ -146,3 +146,39 @@ def test_the_api_says_what_a_refused_activation_means() -> None:
     incident = next(op["responses"]["409"]["description"] for path, ops in paths.items()
                     if "/incidents/" in path for op in ops.values() if "409" in op["responses"])
     assert "lifecycle" in incident
+
+
+def test_the_api_asks_again_which_reference_is_active_once_redis_answers(
+        refs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis down when the API first needs its reference: it serves the configured one and
+    asks again later, not for the rest of its life (the stages would run the activated one)."""
+    import redis as redis_lib
+
+    from driftline.service import context as context_module
+    from driftline.service.context import ServiceContext
+
+    class Flaky(KeyValue):
+        down = True
+
+        def get(self, key: str) -> bytes | None:
+            if self.down:
+                raise redis_lib.ConnectionError("Redis is restarting")
+            return super().get(key)
+
+    settings = settings_for(refs["a"], refs)
+    client = Flaky()
+    client.down = False
+    store.activate(client, settings, candidate(settings, refs["b"]), "adm")  # type: ignore[arg-type]
+    client.down = True
+    ctx = ServiceContext(settings=settings, redis=client, book=None, tokens=[])  # type: ignore[arg-type]
+    first = ctx.reference()
+    assert first is not None and first.reference_id == json.loads(
+        (refs["a"] / MANIFEST).read_text())["reference_id"]
+    client.down = False
+    assert ctx.reference() is first  # not asked again before REFERENCE_RETRY_S
+    monkeypatch.setattr(context_module, "REFERENCE_RETRY_S", 0.0)
+    ctx._reference_retry_at = 0.0
+    now = ctx.reference()
+    assert now is not None and now.reference_id == json.loads(
+        (refs["b"] / MANIFEST).read_text())["reference_id"]
+    assert ctx.reference() is now
