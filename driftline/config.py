@@ -118,7 +118,8 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image")
     image_roots: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Directories that file:// image URIs must lie in, "
-        "comma-separated absolute paths (empty: any regular file outside /proc, /dev, /sys)")
+        "for the embed stage and the API's thumbnails: comma-separated absolute paths (empty: "
+        "any regular file outside /proc, /sys and /dev but /dev/shm)")
     # Detection
     slice_templates: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["station", "station+shift", "shift", "lot"],

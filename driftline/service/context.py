@@ -128,7 +128,8 @@ class ServiceContext:
                 s = self.settings
                 self._thumbnails = Thumbnails(
                     self.redis, s.kafka_bootstrap, s.events_topic,
-                    ttl_s=s.retention_resolved_days * 86400, max_event_bytes=s.max_event_bytes)
+                    ttl_s=s.retention_resolved_days * 86400, max_event_bytes=s.max_event_bytes,
+                    image_roots=tuple(Path(r) for r in s.image_roots) or None)
             return self._thumbnails
 
     @property

@@ -19,6 +19,8 @@ import io
 import logging
 import threading
 import time
+from dataclasses import replace
+from pathlib import Path
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
@@ -52,8 +54,12 @@ class Thumbnails:
     """Reads exemplar images from the events topic and keeps small JPEGs of them in Redis."""
 
     def __init__(self, redis: Redis, bootstrap: str, topic: str, *, ttl_s: float,
-                 max_event_bytes: int, timeout_s: float = 10.0, max_px: int = THUMB_PX) -> None:
+                 max_event_bytes: int, timeout_s: float = 10.0, max_px: int = THUMB_PX,
+                 image_roots: tuple[Path, ...] | None = None) -> None:
         self.redis, self.bootstrap, self.topic = redis, bootstrap, topic
+        # file:// images: the embed stage's bounds and roots (DRIFTLINE_IMAGE_ROOTS), so the
+        # API serves no file the stage would not read
+        self.limits = replace(DEFAULT_LIMITS, allowed_roots=image_roots)
         self.ttl_s, self.max_event_bytes = ttl_s, max_event_bytes
         self.timeout_s, self.max_px = timeout_s, max_px
         self._reads = threading.BoundedSemaphore(MAX_CONCURRENT_READS)
@@ -126,7 +132,7 @@ class Thumbnails:
         data: bytes | None
         if event.image_uri is not None:
             try:
-                data = read_image_uri(event.image_uri, limits=DEFAULT_LIMITS)
+                data = read_image_uri(event.image_uri, limits=self.limits)
             except ImageError:  # the reason names a path on the API's host: log it, not say it
                 log.warning("thumbnail: image_uri unreadable here",
                             extra={"event_id": event_id, "uri": event.image_uri[:300]})
