@@ -465,12 +465,12 @@ class EmbedStage:
             self._count(self.metrics.redis_skipped.inc, len(items))
             self.outage.down("predictions for late labels and recent embeddings not stored, "
                              "event ids not checked for duplicates", exc, events=len(items))
-        kept = [n for n, new in enumerate(fresh or [True] * len(items)) if new]
-        if len(kept) < len(items):
-            dups = [items[n].event.event_id for n in sorted(set(range(len(items))) - set(kept))]
+        if fresh is not None and not all(fresh):
+            dups = [item.event.event_id for item, new in zip(items, fresh, strict=True) if not new]
             self._count(self.metrics.duplicate_events.inc, len(dups))
             log.info("duplicate events skipped: their ids were read before at another position",
                      extra={"events": len(dups), "first": dups[0]})
+            kept = [n for n, new in enumerate(fresh) if new]
             items, vectors = [items[n] for n in kept], vectors[kept]
         for item in items:
             self._emit(item, item.event.label, item.event.loss, _error_of(item.event))
@@ -581,16 +581,16 @@ class EmbedStage:
     def _claim(self, items: list[_Item]) -> list[bool] | None:
         """Store each inference event's prediction for its late label under its ``event_id``
         (``dl:pred:{events topic}:{id}``, kept ``PREDICTION_TTL_S``), with the position it was
-        read at, unless
-        the id is stored already; return which events are new. An id first stored from another
-        position is a duplicate — a sender's retry landing at a new offset — whose updates
-        would count the event twice, so it is skipped. The same position read again (a batch
-        replayed after a crash) is not: its updates go out again, and the detect stage skips
-        them by source offset. None without Redis: nothing checked."""
+        read at, unless the id is stored already; return which events are new. An id first
+        stored from another position is a duplicate — a sender's retry landing at a new
+        offset — whose updates would count the event twice, so it is skipped. The same
+        position read again (a batch replayed after a crash) is not: its updates go out again,
+        and the detect stage skips them by source offset. None without Redis: nothing
+        checked."""
         if self.redis is None or not items:
             return None
         pipe = self.redis.pipeline(transaction=True)
-        at = [f"{item.msg.partition}:{item.msg.offset}" for item in items]
+        at = [_position(item.msg) for item in items]
         for item, pos in zip(items, at, strict=True):
             ev, pred = item.event, item.event.prediction
             # where and when the event was seen: its late label goes to the same slices
@@ -614,7 +614,7 @@ class EmbedStage:
         event = self._parse(msg, quiet=True)
         if self.redis is None or isinstance(event, EventRejected) or event.kind != "inference":
             return
-        key, pos = self._prediction_key(event.event_id), f"{msg.partition}:{msg.offset}"
+        key, pos = self._prediction_key(event.event_id), _position(msg)
         try:
             with self.redis.pipeline(transaction=True) as pipe:
                 pipe.watch(key)  # type: ignore[no-untyped-call]
@@ -697,6 +697,11 @@ class EmbedStage:
         self._count(self.metrics.dead_letters.labels(exc.reason.value).inc, 1)
         log.info("dead-lettered", extra={"reason": exc.reason.value, "partition": msg.partition,
                                          "offset": msg.offset, "detail": exc.detail[:200]})
+
+
+def _position(msg: Any) -> str:
+    """Where an event was read in the events topic, as the prediction cache records it."""
+    return f"{msg.partition}:{msg.offset}"
 
 
 def _not_ahead(event: Event, msg: Any) -> Event:

@@ -234,8 +234,3 @@ def active_reference(settings: Settings, client: redis.Redis
                   extra={"activated_dir": str(activated), "error": repr(exc),
                          "configured_dir": str(configured)})
     return configured, None
-
-
-def active_reference_dir(settings: Settings, client: redis.Redis) -> Path | None:
-    """The directory :func:`active_reference` chooses."""
-    return active_reference(settings, client)[0]
