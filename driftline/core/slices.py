@@ -26,7 +26,8 @@ SNAPSHOT_VERSION = 2
 _NO_THRESHOLDS: dict[str, float] = {}
 # The pace is a running mean of the slice's inter-event times over about its last PACE_EVENTS
 # (a plain mean until then; no gap is seen before MIN_PACE_EVENTS intervals). Only intervals
-# forward from the newest time seen enter it: an event older than that (out of order) is none.
+# forward from the newest time seen enter it: an event older than that (out of order) or at
+# that time (a burst sharing a timestamp) is none.
 PACE_EVENTS = 32
 MIN_PACE_EVENTS = 16
 # A gap is an interval longer than GAP_FACTOR paces: Poisson arrivals never make one (e^-50),
@@ -143,14 +144,18 @@ class SliceDetectors:
         stations' partitions in turns, so its times go back by a batch's span at each turn, and
         taking those events as intervals of zero drove the pace towards zero — then an ordinary
         second's step counted as dozens of paces, a gap, and moved onsets late. An event at the
-        newest time itself is an interval of zero (a burst sharing a timestamp).
+        newest time itself is none either: senders that stamp a batch of frames with one time
+        (or clocks with whole seconds) send bursts sharing a timestamp, and their zeros drove the
+        pace towards zero (each next interval enters clipped at GAP_FACTOR paces), so that every
+        next batch was taken for a gap. The pace is thus the mean time between the distinct
+        times the slice sees.
         """
         last = self._last_time
         if last is None:
             self._last_time = t
             return False
         dt = t - last
-        if dt < 0.0:  # out of order: no interval of the slice's pace
+        if dt <= 0.0:  # out of order, or the newest time again: no interval of the pace
             return False
         self._last_time = t
         pace, k = self._pace, self._intervals

@@ -159,6 +159,26 @@ def test_stations_read_in_turns_make_no_gap_but_a_shift_break_still_is_one(
     assert seen == [4000.0 + GAP]
 
 
+def test_bursts_sharing_a_timestamp_make_no_gap_but_a_shift_break_still_is_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sender that stamps each batch of 100 frames with one time, a batch every 10 s: the
+    pace is the 10 s between batches, so no batch is a gap. When the 99 zeros of each burst
+    counted as intervals the pace went to ~1e-48 s and 48 of the 49 batch steps were taken for
+    gaps. 16 hours off shift is still one gap."""
+    seen = _gaps_seen(monkeypatch)
+    mix = DetectorBaseline.exact(np.full(4, 0.25), P0)
+    rng = np.random.default_rng(1)
+    sd = SliceDetectors(arl0=1e6)
+    for start in (0.0, 500.0 + GAP):
+        for batch in range(50):
+            for _ in range(100):
+                sd.observe(int(rng.integers(4)), mix, False, start + 10.0 * batch)
+        if start == 0.0:
+            assert seen == []
+            assert sd.snapshot()["pace"] == pytest.approx(10.0)
+    assert seen == [500.0 + GAP]
+
+
 def test_onsets_of_a_slice_read_in_turns_are_at_the_change(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The reviewer's case: two stations read in turns of 200 events, cluster 0 from 25 % to
