@@ -103,12 +103,20 @@ class Prediction(BaseModel):
 
 
 def parse_rfc3339(value: Any) -> datetime:
-    """Strict RFC 3339: a string with a date, a time and an offset (``Z`` or ``±hh:mm``), in
-    the years ``MIN_EVENT_YEAR``–``MAX_EVENT_YEAR`` once in UTC."""
+    """RFC 3339: a string with a date, a time and an offset (``Z`` or ``±hh:mm``), in the years
+    ``MIN_EVENT_YEAR``–``MAX_EVENT_YEAR`` once in UTC.
+
+    ``t`` and ``z`` may be lower case, as RFC 3339 §5.6 allows. The other ISO 8601 forms that
+    :meth:`datetime.fromisoformat` reads (no seconds, a basic-format offset) are accepted too:
+    they name one instant, and refusing them would dead-letter a frame for its spelling.
+
+    >>> parse_rfc3339("2026-11-23t08:00:00.5z").isoformat()
+    '2026-11-23T08:00:00.500000+00:00'
+    """
     if not isinstance(value, str) or "T" not in value.upper():
         raise ValueError("must be an RFC 3339 date-time string such as 2026-11-23T08:00:00Z")
     try:
-        parsed = datetime.fromisoformat(value)
+        parsed = datetime.fromisoformat(value.upper())
     except ValueError:
         raise ValueError(f"{value!r} is not an RFC 3339 date-time") from None
     if parsed.tzinfo is None:

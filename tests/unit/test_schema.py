@@ -156,6 +156,12 @@ def test_event_times_at_the_bounds_are_accepted() -> None:
         assert parse_event(raw({**GOOD, "ts": ts})).ts.tzinfo is not None
 
 
+def test_lower_case_t_and_z_are_rfc_3339_too() -> None:
+    """RFC 3339 §5.6 allows ``t`` and ``z``; fromisoformat alone refused them."""
+    lower = parse_event(raw({**GOOD, "ts": "2026-11-23t07:00:00z"}))
+    assert lower.ts == parse_event(raw(GOOD)).ts
+
+
 def test_oversized_event_is_rejected_before_parsing() -> None:
     err = rejected(raw(GOOD), max_bytes=16)
     assert err.reason == RejectReason.oversized_event
