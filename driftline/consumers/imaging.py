@@ -274,7 +274,12 @@ def read_image_uri(uri: str, *, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
     """Read the bytes behind a ``file://`` URI: a regular file, outside ``/proc``, ``/dev``
     (but ``/dev/shm``) and ``/sys`` and inside ``limits.allowed_roots`` if set; other schemes
     and oversized files are refused too. Nothing here blocks: a FIFO or a pipe
-    (``/proc/self/fd/1`` under Docker) would hold a decode thread for good."""
+    (``/proc/self/fd/1`` under Docker) would hold a decode thread for good.
+
+    The place is checked twice: on the path as resolved before opening it, and on the file
+    actually opened (its path as the kernel names the descriptor, where ``/proc`` is mounted),
+    so that a symlink swapped in between the two (someone who can write under an image root
+    pointing a link at ``/etc/shadow`` at the right moment) is refused, not read."""
     parsed = urlparse(uri)
     if parsed.scheme != "file" or parsed.netloc not in ("", "localhost"):
         raise ImageDecodeError(f"only local file:// URIs are supported, got {uri[:200]!r}")
@@ -286,12 +291,7 @@ def read_image_uri(uri: str, *, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
     except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, say
         raise ImageDecodeError(f"cannot resolve {path}: {exc}") from None
     # both as written and as resolved: /proc/self/fd/N resolves to whatever N is open on
-    if any(p.is_relative_to(root) and not p.is_relative_to(_SHARED_MEMORY)
-           for p in (path, real) for root in _SYSTEM_ROOTS):
-        raise ImageDecodeError(f"{path} is a system file, not an image")
-    if limits.allowed_roots is not None:
-        if not any(real.is_relative_to(root.resolve()) for root in limits.allowed_roots):
-            raise ImageDecodeError(f"{path} is outside the allowed image roots")
+    _check_place(path, real, limits, written=path)
     try:
         # stat first, so that a device is never opened; non-blocking, so that a FIFO put
         # there since opens at once (and is refused by fstat) instead of waiting for a writer
@@ -302,6 +302,9 @@ def read_image_uri(uri: str, *, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
             st = os.fstat(fh.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise ImageDecodeError(f"{path} is not a regular file")
+            opened = _opened_path(fd)
+            if opened is not None:
+                _check_place(path, opened, limits)
             if st.st_size > limits.max_bytes:
                 raise ImageTooLargeError(f"{path}: {st.st_size} bytes > max {limits.max_bytes}")
             data = fh.read(limits.max_bytes + 1)
@@ -313,6 +316,27 @@ def read_image_uri(uri: str, *, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
     if len(data) > limits.max_bytes:  # the file grew between stat and read
         raise ImageTooLargeError(f"{path}: more than {limits.max_bytes} bytes")
     return data
+
+
+def _check_place(path: Path, real: Path, limits: ImageLimits, written: Path | None = None,
+                 ) -> None:
+    """Refuse ``path`` if ``real`` (where it leads) or ``written`` (the path as given) is a
+    system file, or ``real`` lies outside ``limits.allowed_roots`` (resolved too)."""
+    if any(p.is_relative_to(root) and not p.is_relative_to(_SHARED_MEMORY)
+           for p in (real, written) if p is not None for root in _SYSTEM_ROOTS):
+        raise ImageDecodeError(f"{path} is a system file, not an image")
+    if limits.allowed_roots is not None and not any(
+            real.is_relative_to(root.resolve()) for root in limits.allowed_roots):
+        raise ImageDecodeError(f"{path} is outside the allowed image roots")
+
+
+def _opened_path(fd: int) -> Path | None:
+    """The path of the file open on ``fd``, as the kernel names it; None without ``/proc``."""
+    try:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+    return Path(name.removesuffix(" (deleted)"))
 
 
 def load_image(

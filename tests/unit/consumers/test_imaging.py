@@ -211,6 +211,39 @@ def test_only_regular_files_outside_system_directories_are_read(tmp_path: Path) 
         read_image_uri(link.as_uri())
 
 
+def test_a_directory_swapped_for_a_link_between_the_check_and_the_open_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race someone with write access under an image root could run: ``cam1`` is a
+    directory inside the root when the path is resolved and checked, and a symlink to another
+    directory (outside the root, or /proc) when the file is opened. The file actually opened
+    is checked too, so the read is refused."""
+    root, outside = tmp_path / "images", tmp_path / "secrets"
+    (root / "cam1").mkdir(parents=True)
+    (root / "cam1" / "self").mkdir()  # so that .../cam1/self/environ resolves inside the root
+    (root / "cam1" / "self" / "environ").write_bytes(b"frame")
+    outside.mkdir()
+    (outside / "self").mkdir()
+    (outside / "self" / "environ").write_bytes(b"secret")
+    uri = (root / "cam1" / "self" / "environ").as_uri()
+    limits = ImageLimits(allowed_roots=(root,))
+    assert read_image_uri(uri, limits=limits) == b"frame"
+    real_open = os.open
+    for target, refusal, limit in (
+            (outside, "outside the allowed image roots", limits),
+            (Path("/proc"), "system file", ImageLimits())):
+        def swap_then_open(name: Any, flags: int, *args: Any, _to: Path = target) -> int:
+            (root / "cam1").rename(root / "cam1.moved")
+            (root / "cam1").symlink_to(_to)
+            return real_open(name, flags, *args)
+
+        monkeypatch.setattr(os, "open", swap_then_open)
+        with pytest.raises(ImageDecodeError, match=refusal):
+            read_image_uri(uri, limits=limit)
+        monkeypatch.setattr(os, "open", real_open)
+        (root / "cam1").unlink()
+        (root / "cam1.moved").rename(root / "cam1")
+
+
 def test_frames_handed_over_in_shared_memory_are_read() -> None:
     """/dev/shm is a plain tmpfs, not a device: a camera process may leave its frames there."""
     shm = Path("/dev/shm")  # noqa: S108 - read from, as a plant's camera process would
