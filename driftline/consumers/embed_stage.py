@@ -87,6 +87,12 @@ PREDICTION_TTL_S = 7 * 24 * 3600
 # with each other — but well within the 14 days a partition's clock may jump before its
 # slices look idle.
 MAX_AHEAD_S = 86400.0
+# An event that fails alone, with no event of its kind going through, stops the worker (the
+# fault may be the worker's) this many times — counted in Redis, across restarts, per position
+# — before it is taken for a poison event and dead-lettered, so that it cannot stall its
+# partition for good. A day bounds the count's life.
+POISON_STRIKES = 3
+POISON_STRIKE_TTL_S = 86400
 RECENT_KEY = "dl:recent"
 # Lag gauges (read from the last fetch responses) once a second are plenty for an alert.
 LAG_REPORT_S = 1.0
@@ -299,7 +305,10 @@ class EmbedStage:
         ``processing_failed`` with its error only if another event of its kind (image,
         precomputed embedding, label) went through: otherwise the fault may be the worker's
         (a broken model session), and the error stops the worker so that its supervisor
-        restarts it — as Kafka errors do. The failed pass counted nothing either."""
+        restarts it — as Kafka errors do. Stops are counted per event in Redis: at the
+        ``POISON_STRIKES``-th on the same event it is dead-lettered too (a poison event, not
+        the worker), so that it cannot hold its partition for good. The failed pass counted
+        nothing either."""
         self._complete_guarded(self._start_guarded(msgs))
 
     def _start_guarded(self, msgs: Sequence[Any]) -> _Batch:
@@ -335,19 +344,44 @@ class EmbedStage:
                 raise
             except Exception as exc:  # noqa: BLE001 - judged below
                 failed.append((msg, exc))
-        unexplained = [(m, e) for m, e in failed if self._kind(m) not in worked]
-        if unexplained:
-            first, cause = unexplained[0]
-            raise RuntimeError(
-                f"event at {first.topic}[{first.partition}]@{first.offset} fails alone and no "
-                f"other {self._kind(first)} event of its batch went through: the fault may be "
-                "the worker's") from cause
+        poison: set[int] = set()
+        for msg, cause in failed:  # in offset order: each unexplained one in turn
+            if self._kind(msg) in worked:
+                continue
+            strikes = self._strike(msg)
+            if strikes < POISON_STRIKES:
+                raise RuntimeError(
+                    f"event at {msg.topic}[{msg.partition}]@{msg.offset} fails alone and no "
+                    f"other {self._kind(msg)} event of its batch went through: the fault may "
+                    f"be the worker's (stop {strikes} of {POISON_STRIKES} on this event; then "
+                    "it is dead-lettered)") from cause
+            log.error("event failed alone through %d worker stops: dead-lettered as a poison "
+                      "event", strikes, extra={"topic": msg.topic, "partition": msg.partition,
+                                               "offset": msg.offset})
+            poison.add(id(msg))
         for msg, error in failed:
             self.metrics.events_in.labels("label" if self._kind(msg) == "label"
                                           else "inference").inc()
             self._release(msg)
-            self._dead_letter(msg, EventRejected(RejectReason.processing_failed,
-                                                 f"{type(error).__name__}: {error}"))
+            detail = f"{type(error).__name__}: {error}"
+            if id(msg) in poison:
+                detail = f"failed alone through {POISON_STRIKES} worker stops: {detail}"
+            self._dead_letter(msg, EventRejected(RejectReason.processing_failed, detail))
+
+    def _strike(self, msg: Any) -> int:
+        """Count one more stop on ``msg`` (``dl:embed:strike:{topic}:{partition}:{offset}``);
+        with no Redis to count in, 1: the worker stops, as before strikes were counted."""
+        if self.redis is None:
+            return 1
+        key = f"dl:embed:strike:{msg.topic}:{msg.partition}:{msg.offset}"
+        try:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.incr(key)
+            pipe.expire(key, POISON_STRIKE_TTL_S)
+            return int(pipe.execute()[0])
+        except REDIS_ERRORS as exc:
+            log.warning("cannot count the stops on a failing event", extra={"error": repr(exc)})
+            return 1
 
     def _kind(self, msg: Any) -> str:
         event = self._parse(msg, quiet=True)

@@ -5,6 +5,7 @@ twice is counted once."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any
 
@@ -14,7 +15,14 @@ from prometheus_client import CollectorRegistry
 
 from driftline.consumers.embed_stage import EmbedStage
 from driftline.metrics import EmbedMetrics
-from tests.unit.consumers.test_embed_stage import Embedder, Msg, Producer, Reference, _event
+from tests.unit.consumers.test_embed_stage import (
+    Embedder,
+    Msg,
+    Producer,
+    Reference,
+    _event,
+    _FragileReference,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -163,3 +171,36 @@ def test_a_late_label_keeps_the_reference_its_event_was_embedded_on(redis_url: s
     assert got == [(f"{tag}-0", True, "ref-test"), (f"{tag}-2", False, "ref-newer")]
     client.close()
     client2.close()
+
+
+def test_a_poison_event_is_dead_lettered_after_three_worker_stops(redis_url: str) -> None:
+    """Events that fail alone, with none of their kind going through, stop the worker: the
+    fault may be its own. Counted in Redis across restarts, the third stop on the same event
+    dead-letters it instead, so that one poison event cannot stall its partition for good;
+    two of them take three stops each, one after the other. Without the count every restart
+    stopped again on the first one."""
+    tag = uuid.uuid4().hex[:8]
+    topic = f"ev-{tag}"
+    batch = [Msg(topic, 0, n, b"k", _event(n, "s1", event_id=f"{tag}-{n}",
+                                           embedding=[1.0, 7.0, 0.0])) for n in range(2)]
+    stops = []
+    for _restart in range(6):
+        stage, producer, registry, client = _stage(redis_url, _FragileReference())
+        try:
+            stage.process_guarded(batch)
+        except RuntimeError as exc:
+            stops.append(re.search(r"stop \d of \d", str(exc)).group() if "stop" in str(exc)
+                         else str(exc))
+            assert [t for t, _, _ in producer.sent] == []  # nothing sent: all read again
+            continue
+        finally:
+            client.close()
+        break
+    assert stops == ["stop 1 of 3", "stop 2 of 3", "stop 1 of 3", "stop 2 of 3"]
+    dead = [json.loads(v) for t, _, v in producer.sent if t == "dlq"]
+    assert [(d["offset"], d["reason"]) for d in dead] == [(0, "processing_failed"),
+                                                         (1, "processing_failed")]
+    assert all("failed alone through 3 worker stops: RuntimeError: index: unexpected input"
+               in d["detail"] for d in dead)
+    assert registry.get_sample_value("driftline_embed_dead_letters_total",
+                                     {"reason": "processing_failed"}) == 2
