@@ -19,6 +19,13 @@ length of ``NCL``. ``"auto"`` takes a 4-D tensor in the input's layout only when
 so — its spatial axes in that layout keep the input's aspect ratio (to within an output pixel)
 and in the other layout do not — and refuses to guess otherwise, 3-D tensors included: pooling
 the wrong axes gives an embedding that looks fine and means nothing.
+
+The image input may be ``tensor(float)``, ``tensor(float16)`` or ``tensor(double)``: pixels are
+normalised in float32 as configured, then cast to the input's type (a float16 input rounds them
+to 11 significant bits, a double one takes them exactly). A ``tensor(uint8)`` input takes the
+decoded pixels themselves, in the input's layout and colour order: its graph normalises them, so
+the configured scale, mean and std must leave pixels unchanged (1; 0,0,0; 1,1,1). Outputs of any
+float type become float32 embeddings.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ __all__ = ["Embedder", "EmbedderConfig", "ModelFileError", "expose_tensor", "lis
 
 
 F32 = NDArray[np.float32]
+Tensor = NDArray[Any]  # a batch as the model's input takes it: float32, float16, double or uint8
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Decode tasks per batch while onnxruntime runs the previous one on fewer threads than cores: one,
@@ -61,6 +69,10 @@ OutputLayout = Literal["auto", "NC", "NCHW", "NHWC", "NLC", "NCL"]
 _OUTPUT_RANK = {"NC": 2, "NCHW": 4, "NHWC": 4, "NLC": 3, "NCL": 3}
 _POOL_AXES: dict[str, tuple[int, ...]] = {
     "NC": (), "NCHW": (2, 3), "NHWC": (1, 2), "NLC": (1,), "NCL": (2,)}
+# onnxruntime's name of an image input's element type → the array it is fed (module docstring)
+_INPUT_DTYPES: dict[str, type[np.generic]] = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(uint8)": np.uint8}
 
 
 class EmbedderConfig(BaseModel):
@@ -118,7 +130,7 @@ class Prefetch:
 
     sources: Sequence[ImageSource]
     errors: list[ImageError | None]
-    first: tuple[F32, list[Future[None]]]
+    first: tuple[Tensor, list[Future[None]]]
 
 
 class Embedder:
@@ -145,6 +157,8 @@ class Embedder:
                                  f"{exc}") from exc
         inp = _pick_input(self._session, config.input_name)
         self.input_name: str = inp.name
+        self.input_dtype = _input_dtype(inp.name, inp.type, config,
+                                        len(self._session.get_inputs()))
         self.layout, self.input_size = _input_geometry(inp.name, inp.shape, config.layout,
                                                        config.input_size)
         self._fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
@@ -152,8 +166,10 @@ class Embedder:
                                    max_pixels=config.max_image_pixels,
                                    allowed_roots=config.image_roots or None)
         std = np.asarray(config.std, np.float32)
-        self._mul: F32 = (config.scale / std).astype(np.float32)
-        self._add: F32 = (np.asarray(config.mean, np.float32) / std).astype(np.float32)
+        per_channel = (3, 1, 1) if self.layout == "NCHW" else (3,)
+        self._mul: F32 = (config.scale / std).astype(np.float32).reshape(per_channel)
+        self._add: F32 = (np.asarray(config.mean, np.float32) / std).astype(
+            np.float32).reshape(per_channel)
         cores = usable_cpus()
         threads = cores if config.decode_threads is None else config.decode_threads
         self._pool = (ThreadPoolExecutor(threads, thread_name_prefix="decode")
@@ -166,7 +182,7 @@ class Embedder:
         self._ahead_pool = (ThreadPoolExecutor(OVERLAP_DECODE_TASKS,
                                                thread_name_prefix="decode-ahead")
                             if self.overlap_decode else None)
-        raw = self._raw(np.zeros(self._alloc(self._fixed_batch or 1).shape, np.float32))
+        raw = self._raw(np.zeros_like(self._alloc(self._fixed_batch or 1)))
         self.output_shape: tuple[int, ...] = raw.shape[1:]
         self.output_layout: OutputLayout = _output_layout(
             self.output_name, self.output_shape, config.output_layout, config.pooling,
@@ -191,8 +207,9 @@ class Embedder:
             "l2_normalize": c.l2_normalize, "dim": self.dim,
         }
 
-    def preprocess(self, images: NDArray[np.uint8]) -> F32:
-        """RGB ``uint8`` images ``[N, h, w, 3]`` at :attr:`input_size` → the model input."""
+    def preprocess(self, images: NDArray[np.uint8]) -> Tensor:
+        """RGB ``uint8`` images ``[N, h, w, 3]`` at :attr:`input_size` → the model input, of
+        its type (:attr:`input_dtype`)."""
         if images.ndim != 4 or images.shape[1:] != (*self.input_size, 3):
             raise ValueError(f"expected [N, {self.input_size[0]}, {self.input_size[1]}, 3] "
                              f"uint8, got {images.shape}")
@@ -258,7 +275,7 @@ class Embedder:
 
     def _submit(self, sources: Sequence[ImageSource], start: int, errors: list[ImageError | None],
                 parts: int, pool: ThreadPoolExecutor | None = None,
-                ) -> tuple[F32, list[Future[None]]]:
+                ) -> tuple[Tensor, list[Future[None]]]:
         stop = min(start + self.config.batch_size, len(sources))
         tensor = self._alloc(stop - start)
 
@@ -279,22 +296,27 @@ class Embedder:
         return tensor, [pool.submit(work, int(lo), int(hi))
                         for lo, hi in zip(cuts[:-1], cuts[1:], strict=True) if hi > lo]
 
-    def _alloc(self, n: int) -> F32:
+    def _alloc(self, n: int) -> Tensor:
         h, w = self.input_size
         shape = (n, 3, h, w) if self.layout == "NCHW" else (n, h, w, 3)
-        return np.empty(shape, np.float32)
+        return np.empty(shape, self.input_dtype)
 
-    def _normalise_into(self, img: NDArray[np.uint8], dst: F32) -> None:
+    def _normalise_into(self, img: NDArray[np.uint8], dst: Tensor) -> None:
         if self.config.color_order == "BGR":
             img = img[..., ::-1]
         if self.layout == "NCHW":
-            np.multiply(img.transpose(2, 0, 1), self._mul[:, None, None], out=dst)
-            dst -= self._add[:, None, None]
-        else:
-            np.multiply(img, self._mul, out=dst)
-            dst -= self._add
+            img = img.transpose(2, 0, 1)
+        if dst.dtype == np.uint8:  # the graph normalises
+            dst[...] = img
+            return
+        # float16 and double inputs: normalised in float32 as for float32 models, then cast
+        out = dst if dst.dtype == np.float32 else np.empty(dst.shape, np.float32)
+        np.multiply(img, self._mul, out=out)
+        out -= self._add
+        if out is not dst:
+            dst[...] = out
 
-    def _infer(self, tensor: F32) -> F32:
+    def _infer(self, tensor: Tensor) -> F32:
         n = len(tensor)
         fixed = self._fixed_batch
         if fixed is not None and n != fixed:
@@ -302,12 +324,12 @@ class Embedder:
                                    for i in range(0, n, fixed)])
         return self._pool_output(self._raw(tensor))
 
-    def _infer_padded(self, part: F32, fixed: int) -> F32:
-        padded = np.zeros((fixed, *part.shape[1:]), np.float32)
+    def _infer_padded(self, part: Tensor, fixed: int) -> F32:
+        padded = np.zeros((fixed, *part.shape[1:]), part.dtype)
         padded[:len(part)] = part
         return self._pool_output(self._raw(padded))[:len(part)]
 
-    def _raw(self, tensor: F32) -> F32:
+    def _raw(self, tensor: Tensor) -> F32:
         (raw,) = self._session.run([self.output_name], {self.input_name: tensor})
         return np.asarray(raw, np.float32)
 
@@ -339,7 +361,7 @@ def usable_cpus() -> int:
     return n
 
 
-def _join(pending: tuple[F32, list[Future[None]]]) -> F32:
+def _join(pending: tuple[Tensor, list[Future[None]]]) -> Tensor:
     tensor, futures = pending
     for fut in futures:
         fut.result()
@@ -358,6 +380,29 @@ def _pick_input(session: ort.InferenceSession, name: str | None) -> Any:
             return inp
     raise ValueError(f"input_name {name!r} is not one of the model's inputs "
                      f"{[i.name for i in inputs]}")
+
+
+def _input_dtype(name: str, onnx_type: str, config: EmbedderConfig,
+                 inputs: int) -> np.dtype[Any]:
+    """The array type input ``name`` of ``onnx_type`` (e.g. ``tensor(float16)``) is fed; a type
+    no image is fed as, or a uint8 input with pixels normalised before it, fail here rather
+    than as onnxruntime's error at the first batch."""
+    dtype = _INPUT_DTYPES.get(onnx_type)
+    if dtype is None:
+        *known, last = _INPUT_DTYPES
+        raise ValueError(f"the model's input {name!r} is {onnx_type}; images are fed as "
+                         f"{', '.join(known)} or {last}"
+                         + ("; set input_name to its image input" if inputs > 1 else ""))
+    if dtype is np.uint8:
+        reset = [f"{setting} to {identity}" for setting, identity, unchanged in (
+            ("scale", "1", config.scale == 1), ("mean", "0,0,0", config.mean == (0, 0, 0)),
+            ("std", "1,1,1", config.std == (1, 1, 1))) if not unchanged]
+        if reset:
+            settings = reset[0] if len(reset) == 1 else f"{', '.join(reset[:-1])} and {reset[-1]}"
+            raise ValueError(f"the model's input {name!r} is {onnx_type}: it takes uint8 pixels "
+                             "as decoded and normalises them in its graph, so they must reach "
+                             f"it unchanged; set {settings}")
+    return np.dtype(dtype)
 
 
 def _input_geometry(

@@ -72,7 +72,7 @@ def _flag(field: str) -> str:
 
 def _with_flags(message: str) -> str:
     """An embedder error naming a setting (``set input_size``) also names its flag."""
-    return re.sub(r"\b(input_name|input_size|layout|output_layout|pooling)\b",
+    return re.sub(r"\b(input_name|input_size|layout|output_layout|pooling|scale|mean|std)\b",
                   lambda m: f"{m[1]} ({_flag(m[1])})", message)
 
 

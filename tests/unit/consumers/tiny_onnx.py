@@ -1,5 +1,5 @@
 """A tiny conv net written with ``onnx.helper``: conv → relu → global pool → (embedding, logits);
-and random test images for it."""
+the same net taking and giving other tensor types; and random test images for it."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
+
+from driftline.consumers.embedder import IMAGENET_MEAN, IMAGENET_STD
 
 
 def random_images(rng: np.random.Generator, n: int, size: int = 16) -> np.ndarray:
@@ -65,3 +67,45 @@ def build_tiny_model(
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
+
+
+def with_input_type(src: Path, dst: Path, elem_type: int, *, normalise: bool = False,
+                    output_type: int | None = None) -> Path:
+    """The model at ``src`` taking its input ``image`` as ``elem_type`` (a ``TensorProto`` type):
+    a Cast to float in front of the old input; with ``normalise``, then x/255 and ImageNet's
+    mean/std in the graph, as exports that take uint8 pixels do. ``output_type``: every output
+    cast to that type at the end, as fp16 or double exports give them."""
+    model = onnx.load(str(src))
+    graph = model.graph
+    (old,) = graph.input
+    dims = [d.dim_value or d.dim_param for d in old.type.tensor_type.shape.dim]
+    nchw = dims[1] == 3
+    shape = [1, 3, 1, 1] if nchw else [3]
+    pre = [helper.make_node("Cast", ["image"], ["cast"], to=TensorProto.FLOAT)]
+    if normalise:
+        consts = {"k_scale": np.full(shape, 1 / 255), "k_mean": np.reshape(IMAGENET_MEAN, shape),
+                  "k_std": np.reshape(IMAGENET_STD, shape)}
+        graph.initializer.extend(numpy_helper.from_array(v.astype(np.float32), k)
+                                 for k, v in consts.items())
+        pre += [helper.make_node("Mul", ["cast", "k_scale"], ["scaled"]),
+                helper.make_node("Sub", ["scaled", "k_mean"], ["centred"]),
+                helper.make_node("Div", ["centred", "k_std"], [old.name])]
+    else:
+        pre[0].output[0] = old.name
+    post = []
+    if output_type is not None:
+        for out in graph.output:
+            inner = out.name + ".f32"
+            for node in graph.node:
+                node.input[:] = [inner if t == out.name else t for t in node.input]
+                node.output[:] = [inner if t == out.name else t for t in node.output]
+            post.append(helper.make_node("Cast", [inner], [out.name], to=output_type))
+            out.type.tensor_type.elem_type = output_type
+    nodes = [*pre, *graph.node, *post]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.input[:]
+    graph.input.append(helper.make_tensor_value_info("image", elem_type, dims))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+    return dst

@@ -89,6 +89,28 @@ def test_bad_values_name_their_flag(manifest: Path, tmp_path: Path, flags: list[
     assert not (tmp_path / "ref").exists()
 
 
+def test_a_uint8_model_is_built_with_pixels_left_as_they_are(manifest: Path,
+                                                              tmp_path: Path) -> None:
+    """A model normalising uint8 pixels in its graph: the default 1/255 and ImageNet mean/std
+    are refused naming their flags; reset, the reference builds and the stages rebuild it."""
+    from onnx import TensorProto
+
+    from driftline.consumers.embedder import Embedder
+    from tests.unit.consumers.tiny_onnx import with_input_type
+
+    model = with_input_type(build_tiny_model(tmp_path / "f.onnx"), tmp_path / "u8.onnx",
+                            TensorProto.UINT8, normalise=True)
+    code, output = _build(manifest, tmp_path / "a", model)
+    assert code == 2, output
+    assert ("takes uint8 pixels" in output and "set scale (--scale) to 1, mean (--mean) to "
+            "0,0,0 and std (--std) to 1,1,1" in " ".join(output.split())), output
+    code, output = _build(manifest, tmp_path / "b", model, "--scale", "1", "--mean", "0,0,0",
+                          "--std", "1,1,1")
+    assert code == 0, output
+    ref = load_reference(tmp_path / "b")
+    assert Embedder(ref.embedder_config(model)).input_dtype == "uint8"
+
+
 def test_an_ambiguous_layer_names_the_output_layout_flag(manifest: Path, tmp_path: Path) -> None:
     model = build_tiny_model(tmp_path / "m.onnx", nhwc=True)
     code, output = _build(manifest, tmp_path / "ref", model, "--embedding-layer", "features.1")
