@@ -91,7 +91,9 @@ class Settings(BaseSettings):
     dlq_topic: str = Field("driftline.events.dlq", description="Dead-letter topic")
     embed_group: str = Field("driftline-embed", description="Embed-stage consumer group")
     detect_group: str = Field("driftline-detect", description="Detect-stage consumer group")
-    topic_partitions: int = Field(4, ge=1, le=1024, description="Partitions for the events and slice-updates topics driftline creates (the dead-letter and alerts topics get 1)")
+    topic_partitions: int = Field(4, ge=1, le=1024, description=(
+        "Partitions for the events and slice-updates topics driftline creates (the dead-letter "
+        "and alerts topics get 1)"))
     kafka_session_timeout_ms: int = Field(
         20_000, ge=6_000, le=1_800_000,
         description="How long a group waits for a crashed worker before moving its partitions "
@@ -187,7 +189,9 @@ class Settings(BaseSettings):
     api_tokens: SecretStr | None = Field(
         None, description="Bearer tokens: 'name:role:token' entries separated by commas"
     )
-    open_probes: bool = Field(True, description="/healthz, /readyz, /metrics need no token, in processes that serve the API (serve, run all); a single stage's process serves only these, always open")
+    open_probes: bool = Field(True, description=(
+        "/healthz, /readyz, /metrics need no token, in processes that serve the API (serve, run "
+        "all); a single stage's process serves only these, always open"))
     max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest API request body")
     # Logs
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
