@@ -74,7 +74,14 @@ class DetectMetrics:
             registry=registry)
         self.ratio = Gauge(
             "driftline_detect_statistic_ratio",
-            "Detector statistic / threshold (alarm at 1) for station and station+shift slices",
+            "Detector statistic / threshold for station and station+shift slices, at "
+            "checkpoint time: the detector alarms at 1 and restarts from 0 in the same update, "
+            "so this stays below 1 (driftline_detect_open_alarms says which alarms are open)",
+            ["station", "shift", "detector"], registry=registry)
+        self.open_alarms = Gauge(
+            "driftline_detect_open_alarms",
+            "1 while the detector has an open alarm on the station or station+shift slice "
+            "(from its crossing until it clears or its incident is resolved), else 0",
             ["station", "shift", "detector"], registry=registry)
         self.ood_ratio = Gauge(
             "driftline_detect_ood_ratio",

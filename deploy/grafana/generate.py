@@ -68,6 +68,13 @@ def stat(title: str, expr: str, *, unit: str = "none", description: str = "",
                 thresholds=steps or [{"color": "green", "value": None}])
 
 
+# The statistic/threshold gauges are published at checkpoints, after the update that crossed
+# has restarted the detector: they read below 1 even while an alarm is open.
+RATIO_RESTARTS = ("A detector alarms when its ratio reaches 1 and restarts from 0 in the same "
+                  "update, so the exported ratio stays below 1: a climb towards 1 is a change "
+                  "building up; open alarms are driftline_detect_open_alarms.")
+
+
 def threshold_at_one() -> dict[str, object]:
     """Statistic/threshold panels: a dashed red line where the detector alarms."""
     return {"thresholds": [{"color": "green", "value": None}, {"color": "red", "value": 1}],
@@ -125,9 +132,10 @@ def fleet() -> Dashboard:
         stat("Stations sending", "count(driftline:embed_station_events:rate5m > 0)",
              description="Stations with at least one event in the last 5 minutes."),
         stat("Stations in alarm",
-             "count(max by (station) (driftline_detect_statistic_ratio) >= 1) or vector(0)",
-             description="Stations with a detector statistic at or above its threshold now "
-                         "(detectors restart after an alarm: see the incidents for open ones).",
+             "count(max by (station) (driftline_detect_open_alarms) > 0) or vector(0)",
+             description="Stations with an open detector alarm on their station or station x "
+                         "shift slices: from the detect checkpoint after the crossing until the "
+                         "alarm clears or its incident is resolved.",
              steps=red_above_zero()),
         *(incidents_stat(severity, color) for severity, color in (
             ("critical", "red"), ("major", "orange"), ("warning", "yellow"))),
@@ -137,11 +145,17 @@ def fleet() -> Dashboard:
     drift = [
         series("Drift statistic / threshold per station and shift",
                target("driftline:detect_statistic_ratio:max", "{{station}} / {{shift}}"),
-               description="Largest detector statistic over its threshold, per station "
-                           "(shift=all) and station x shift slice. The detector alarms at 1; "
-                           "click a series to drill down.",
+               description=RATIO_RESTARTS + " Largest ratio per station (shift=all) and "
+                           "station x shift slice; click a series to drill down.",
                link={"title": "Drill down into ${__field.labels.station}", "url": drill},
                **threshold_at_one()),
+        series("Open alarms per station",
+               target("sum by (station) (driftline_detect_open_alarms) > 0", "{{station}}"),
+               description="Detector alarms open on each station's station and station x "
+                           "shift slices (one per slice and detector). Click a series to drill "
+                           "down.",
+               link={"title": "Drill down into ${__field.labels.station}", "url": drill},
+               drawStyle="line", lineInterpolation="stepAfter"),
     ]
     traffic = [
         series("Events / s per station",
@@ -202,10 +216,15 @@ def station() -> Dashboard:
     summary = [
         stat("Events / s", f'sum(driftline:embed_station_events:rate5m{{{sel}}})',
              unit="reqps"),
+        stat("Open alarms", f"sum(driftline_detect_open_alarms{{{sel}}})",
+             description="Detector alarms open on this station's station and station x shift "
+                         "slices (one per slice and detector), until they clear or their "
+                         "incident is resolved.",
+             steps=red_above_zero(), no_value="-"),
         stat("Worst statistic / threshold",
              f"max(driftline_detect_statistic_ratio{{{sel}}})",
-             steps=[{"color": "green", "value": None}, {"color": "orange", "value": 0.7},
-                    {"color": "red", "value": 1}],
+             description=RATIO_RESTARTS,
+             steps=[{"color": "green", "value": None}, {"color": "orange", "value": 0.7}],
              no_value="-"),
         stat("Event-time lag",
              f"driftline:embed_station_event_time_lag_seconds:max{{{sel}}}", unit="s",
@@ -229,6 +248,7 @@ def station() -> Dashboard:
         series("Statistic / threshold per shift and detector",
                target(f'driftline_detect_statistic_ratio{{{sel},shift=~"$shift"}}',
                       "{{shift}} / {{detector}}"),
+               description=RATIO_RESTARTS + " The annotations mark open alarms.",
                **threshold_at_one()),
         series("OOD rate / reference rate per shift",
                target(f'driftline_detect_ood_ratio{{{sel},shift=~"$shift"}}', "{{shift}}")),
@@ -237,12 +257,12 @@ def station() -> Dashboard:
                      query=f"label_values(driftline_detect_statistic_ratio{{{sel}}}, shift)",
                      refresh=2, sort=1, includeAll=True, multi=True, default="$__all",
                      allValue=".*")
-    alarms = {
-        "name": "Detector above threshold",
+    alarms = {  # a region from the alarm's first checkpoint to its clear or reset
+        "name": "Alarm open",
         "datasource": DATASOURCE,
         "enable": True,
         "iconColor": "orange",
-        "expr": f"max by (shift, detector) (driftline_detect_statistic_ratio{{{sel}}}) >= 1",
+        "expr": f"max by (shift, detector) (driftline_detect_open_alarms{{{sel}}}) > 0",
         "step": "1m",
         "titleFormat": "{{detector}} alarm",
         "textFormat": "station $station, shift {{shift}}",

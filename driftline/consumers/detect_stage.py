@@ -581,8 +581,14 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         if model.template not in GAUGED_TEMPLATES:
             return
         station, shift = model.dims["station"], model.dims.get("shift", "all")
-        for detector, ratio in g.get("ratios", {}).items():
+        ratios = g.get("ratios", {})
+        for detector, ratio in ratios.items():
             yield self.metrics.ratio, (station, shift, detector), ratio
+        # the ratio restarts at the crossing that opens an alarm, so it never reads 1 here:
+        # whether an alarm is open is its own series
+        for detector in sorted({*ratios, *model.open}):
+            yield (self.metrics.open_alarms, (station, shift, detector),
+                   float(detector in model.open))
         if "ood_ratio" in g:
             yield self.metrics.ood_ratio, (station, shift), g["ood_ratio"]
         if model.template == "station":

@@ -329,6 +329,23 @@ def test_dashboards_query_only_exported_metrics() -> None:
         assert count >= 5, board["uid"]
 
 
+def test_dashboards_show_alarms_from_the_open_alarm_gauge_not_the_ratio() -> None:
+    """The detect stage publishes the statistic/threshold ratio at checkpoints, after the update
+    that crossed 1 restarted its detector: it is below 1 whenever scraped, so a panel or
+    annotation asking for ``ratio >= 1`` never showed an alarm."""
+    ratio = re.compile(r"driftline[_:]detect_statistic_ratio")
+    compared = re.compile(r"(>=|>|==)\s*1(\.0*)?(?![\d.])")
+    for board in dashboards().values():
+        for where, expr in dashboard_exprs(board):
+            assert not (ratio.search(expr) and compared.search(expr)), f"{where}: {expr}"
+    boards = dashboards()
+    stations_in_alarm = next(p for p in boards["fleet.json"]["panels"]
+                             if p["title"] == "Stations in alarm")
+    assert "driftline_detect_open_alarms" in stations_in_alarm["targets"][0]["expr"]
+    markers = boards["station.json"]["annotations"]["list"]
+    assert any("driftline_detect_open_alarms" in a["expr"] for a in markers)
+
+
 # --- Grafana --------------------------------------------------------------------------------
 def generator() -> ModuleType:
     pytest.importorskip("grafanalib", reason="grafanalib is in the `deploy` extra")

@@ -76,7 +76,7 @@ def dashboard_queries() -> list[tuple[str, str]]:
 
 
 def annotation_queries() -> list[tuple[str, str]]:
-    """Annotations mark events (`increase(...) > 0`, `ratio >= 1`): empty between events by
+    """Annotations mark events (`increase(...) > 0`, `open alarms > 0`): empty between events by
     design, so they are only required to parse."""
     return [(f"{path.name}: annotation {a.get('name')}", a["expr"]) for path in DASHBOARDS
             for a in json.loads(path.read_text()).get("annotations", {}).get("list", [])

@@ -467,7 +467,7 @@ class _CommittingStore(_FencingStore):
 def _series(stage: DetectStage) -> set[tuple[str, ...]]:
     metrics = stage.metrics
     return {(s.name, *s.labels.values())
-            for g in (metrics.ratio, metrics.ood_ratio, metrics.cluster_share)
+            for g in (metrics.ratio, metrics.ood_ratio, metrics.cluster_share, metrics.open_alarms)
             for m in g.collect() for s in m.samples}
 
 
@@ -696,6 +696,65 @@ def test_slice_state_holds_no_reference_cycles() -> None:
         gc.garbage.clear()
         gc.enable()
     assert ours == []
+
+
+class _ResetStore(_CommittingStore):
+    """A reachable store holding the on-call's reset requests (``requests``: slice ids)."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, list[str] | None]] = []
+
+    def control_after(self, after: str) -> list[tuple[str, str, list[str] | None]]:  # type: ignore[override]
+        return self.requests
+
+
+def _open_alarms(stage: DetectStage) -> dict[tuple[str, ...], float]:
+    return {(s.labels["station"], s.labels["shift"], s.labels["detector"]): s.value
+            for m in stage.metrics.open_alarms.collect() for s in m.samples}
+
+
+def test_an_open_alarm_is_exported_at_the_checkpoint_and_goes_with_its_reset() -> None:
+    """The ratio restarts at the crossing that opens an alarm, so it is below 1 whenever it is
+    published and dashboards reading ``ratio >= 1`` never showed an alarm: whether one is open
+    is its own gauge, 1 from the checkpoint after the alarm until a checkpoint after its reset
+    (or clear)."""
+    stage = _stage()
+    stage.store = store = _ResetStore()  # type: ignore[assignment]
+    stage.consumer = _Consumer()  # type: ignore[assignment]
+    _feed(stage, 0, 40, cluster=2)  # cluster 2 (p = 0.1) floods in: alarms on s1
+    model = stage.parts[0].slices["station=s1"].model
+    opened = set(model.open)
+    assert opened
+    assert stage.checkpoint()
+    gauge = _open_alarms(stage)
+    assert {k[2] for k, v in gauge.items() if v == 1.0} == opened
+    assert all(k[:2] == ("s1", "all") for k, v in gauge.items() if v == 1.0)
+    assert set(gauge) == {("s1", "all", d) for d in model.det.detectors}
+    ratios = {s.labels["detector"]: s.value for m in stage.metrics.ratio.collect()
+              for s in m.samples if s.labels["station"] == "s1"}
+    assert max(ratios.values()) < 1  # what the dashboards read before
+    store.requests = [("1-0", "station=s1", None)]  # the incident resolved: reset all
+    assert stage.checkpoint()
+    assert not model.open
+    assert set(_open_alarms(stage).values()) == {0.0}
+
+
+def test_an_alarm_that_clears_reads_0_after_the_next_checkpoint() -> None:
+    stage = _stage()
+    stage.store = _CommittingStore()  # type: ignore[assignment]
+    stage.consumer = _Consumer()  # type: ignore[assignment]
+    _feed(stage, 0, 40, cluster=2)
+    assert stage.checkpoint() and 1.0 in _open_alarms(stage).values()
+    model = stage.parts[0].slices["station=s1"].model
+    offset = 40
+    while model.open:  # events as in the baseline (0.6, 0.3, 0.1) until every alarm clears
+        _feed(stage, offset, 1, cluster=(0, 0, 0, 0, 0, 0, 1, 1, 1, 2)[offset % 10],
+              ood=offset % 50 == 0)
+        offset += 1
+        assert offset < 10_000
+    assert any(m["kind"] == "clear" for m in stage.outbox)
+    assert stage.checkpoint()
+    assert set(_open_alarms(stage).values()) == {0.0}
 
 
 # --- slice retirement ----------------------------------------------------------------------
