@@ -21,12 +21,16 @@ class EmbedMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.events_in = Counter(
-            "driftline_embed_events_total", "Events consumed from the events topic",
-            ["kind"], registry=registry)
+            "driftline_embed_events_total",
+            "Records consumed from the events topic, each once: inference events, late labels, "
+            "and kind=invalid for records that are no valid event (dead-lettered at parsing). "
+            "Events dead-lettered later count under their kind, so dead letters / this is the "
+            "dead-letter share", ["kind"], registry=registry)
         self.updates_out = Counter(
             "driftline_embed_slice_updates_total", "Slice-updates produced", registry=registry)
         self.dead_letters = Counter(
-            "driftline_embed_dead_letters_total", "Events sent to the dead-letter topic",
+            "driftline_embed_dead_letters_total",
+            "Records sent to the dead-letter topic (a part of driftline_embed_events_total)",
             ["reason"], registry=registry)
         self.redis_skipped = Counter(
             "driftline_embed_redis_skipped_total",

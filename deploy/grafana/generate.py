@@ -128,7 +128,8 @@ def fleet() -> Dashboard:
     drill = "/d/driftline-station?var-station=${__field.labels.station}&${__url_time_range}"
     stats = [
         stat("Events / s", "driftline:embed_events:rate5m", unit="reqps",
-             description="Events parsed by the embed stage (5 min rate)."),
+             description="Records consumed by the embed stage (5 min rate), those "
+                         "dead-lettered included."),
         stat("Stations sending", "count(driftline:embed_station_events:rate5m > 0)",
              description="Stations with at least one event in the last 5 minutes."),
         stat("Stations in alarm",
@@ -292,6 +293,9 @@ def pipeline() -> Dashboard:
              unit="short"),
         stat("Dead-letter share", "driftline:embed_dead_letter_ratio:rate5m",
              unit="percentunit",
+             description="Dead letters / records consumed (5 min rates): every record counts "
+                         "once in driftline_embed_events_total, those that are no event as "
+                         "kind=invalid.",
              steps=[{"color": "green", "value": None}, {"color": "red", "value": 0.05}]),
         stat("End-to-end p99", "driftline:pipeline_end_to_end_latency_seconds:p99_5m",
              unit="s", no_value="-"),
@@ -320,8 +324,10 @@ def pipeline() -> Dashboard:
                target("sum(rate(driftline_detect_duplicates_total[5m]))",
                       "duplicates skipped"),
                unit="reqps",
-               description="Duplicates are replayed slice-updates that the detect stage "
-                           "skipped by source offset (after a restart or rebalance)."),
+               description="Events in counts every record consumed; invalid: records that "
+                           "are no event (dead-lettered at parsing). Duplicates are replayed "
+                           "slice-updates that the detect stage skipped by source offset "
+                           "(after a restart or rebalance)."),
         series("Dead letters by reason",
                target("driftline:embed_dead_letters:rate5m", "{{reason}}"), unit="reqps",
                drawStyle="bars", fillOpacity=60, stacking={"mode": "normal", "group": "A"}),

@@ -425,17 +425,20 @@ class EmbedStage:
         self._batch = batch
         try:
             self._count(self.metrics.batch_size.observe, len(msgs))
+            invalid = 0
             for msg in msgs:
                 event = self._parse(msg)
                 if isinstance(event, EventRejected):
                     self._dead_letter(msg, event)
+                    invalid += 1
                     continue
                 (batch.items if event.kind == "inference" else batch.labels).append(
                     _Item(msg, event))
-            if batch.items:
-                self._count(self.metrics.events_in.labels("inference").inc, len(batch.items))
-            if batch.labels:
-                self._count(self.metrics.events_in.labels("label").inc, len(batch.labels))
+            # every record counts once, so dead letters are a part of events_total
+            for kind, n in (("inference", len(batch.items)), ("label", len(batch.labels)),
+                            ("invalid", invalid)):
+                if n:
+                    self._count(self.metrics.events_in.labels(kind).inc, n)
             sources: list[ImageSource] = [  # base64 is decoded by the decode threads
                 Base64Image(i.event.image) if i.event.image is not None
                 else i.event.image_uri or b"" for i in batch.items if i.event.embedding is None]

@@ -132,6 +132,31 @@ def test_batch_produces_updates_dead_letters_and_counts_per_batch() -> None:
     assert sample("driftline_embed_dead_letters_total", reason="image_undecodable") == 1
 
 
+def test_every_record_counts_once_in_events_total_and_dead_letters_are_a_part_of_it() -> None:
+    """The dead-letter share is dead letters / events_total: a record that is no event counts
+    as kind=invalid, one rejected after parsing under its kind, each once. Parse rejections
+    were not counted there and later rejections were, so every image undecodable read as a
+    share of 1/2."""
+    registry, producer = CollectorRegistry(), Producer()
+    stage = EmbedStage(
+        None, producer, events_topic="ev", updates_topic="up",  # type: ignore[arg-type]
+        dlq_topic="dlq", embedder=Embedder(), reference=Reference(), templates=["station"],
+        metrics=EmbedMetrics(registry))
+    broken = base64.b64encode(b"\xff\xd8\xff not a jpeg").decode()
+    values = [_event(n, "s1", image=broken) for n in range(3)] + [b"{not json", b"[1]"]
+    stage.process([Msg("ev", 0, n, b"k", v) for n, v in enumerate(values)])
+
+    def samples(name: str) -> dict[str, float]:
+        return {next(iter(s.labels.values())): s.value for m in registry.collect()
+                for s in m.samples if s.name == name and s.value}
+
+    assert samples("driftline_embed_events_total") == {"inference": 3, "invalid": 2}
+    assert samples("driftline_embed_dead_letters_total") == {
+        "image_undecodable": 3, "malformed_json": 1, "not_an_object": 1}
+    assert sum(samples("driftline_embed_dead_letters_total").values()) == sum(
+        samples("driftline_embed_events_total").values()) == len(values)
+
+
 class LagConsumer:
     """What ``_report_lag`` reads of a consumer: its assignment and the fetched high marks."""
 
