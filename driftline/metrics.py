@@ -7,7 +7,12 @@ ids, whose cardinality grows without limit.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from driftline.core.slices import DETECTORS
+from driftline.schema import RejectReason
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -15,6 +20,13 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 # why the detect stage skips a slice-update (driftline_detect_skipped_total's reason label)
 SKIP_REASONS = ("unreadable", "unusable", "other_reference", "retired")
+# driftline_embed_events_total's kind label: inference events, late labels, and records that
+# are no valid event (dead-lettered at parsing)
+EVENT_KINDS = ("inference", "label", "invalid")
+# Counters whose label values are known at start are exported at 0 for each of them from the
+# start: a series born at its first increment has no earlier sample, so increase() and rate()
+# read 0 across it and the rules and dashboards would miss the first event after a restart.
+
 
 class EmbedMetrics:
     """Embed stage: events in, slice-updates out, dead letters, batches, model latency."""
@@ -32,6 +44,10 @@ class EmbedMetrics:
             "driftline_embed_dead_letters_total",
             "Records sent to the dead-letter topic (a part of driftline_embed_events_total)",
             ["reason"], registry=registry)
+        for kind in EVENT_KINDS:
+            self.events_in.labels(kind)
+        for reason in RejectReason:
+            self.dead_letters.labels(reason.value)
         self.redis_skipped = Counter(
             "driftline_embed_redis_skipped_total",
             "Events whose prediction (for late labels) and recent embedding were not stored: "
@@ -55,9 +71,11 @@ class EmbedMetrics:
 
 
 class DetectMetrics:
-    """Detect stage: updates applied, duplicates, alarms, drift statistics, checkpoints."""
+    """Detect stage: updates applied, duplicates, alarms, drift statistics, checkpoints.
+    ``templates`` and ``detectors``: the alarm counter's label values, exported at 0."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, templates: Iterable[str] = (),
+                 detectors: Iterable[str] = DETECTORS) -> None:
         self.updates = Counter(
             "driftline_detect_slice_updates_total",
             "Slice-updates applied (again when uncommitted work is read again)",
@@ -76,6 +94,10 @@ class DetectMetrics:
             "driftline_detect_alarms_total", "Detector alarms, counted once committed",
             ["template", "detector"],
             registry=registry)
+        detectors = tuple(detectors)
+        for template in templates:
+            for detector in detectors:
+                self.alarms.labels(template, detector)
         self.ratio = Gauge(
             "driftline_detect_statistic_ratio",
             "Detector statistic / threshold for station and station+shift slices, at "

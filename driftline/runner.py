@@ -347,7 +347,8 @@ def build_detect_stage(settings: Settings, registry: CollectorRegistry, ref: Ref
                                      socket_timeout_s=min(DETECT_REDIS_WAIT_S, revoke_wait_s)),
                         wait_s=DETECT_REDIS_WAIT_S),
         # restored slices run on the same ARL0 target as new ones, whatever the checkpoint's
-        new_slice, SliceRestorer(baselines, autoresolve, arl0), DetectMetrics(registry),
+        new_slice, SliceRestorer(baselines, autoresolve, arl0),
+        DetectMetrics(registry, settings.slice_templates, baselines.detectors),
         consumer_metrics or ConsumerMetrics(registry),
         checkpoint_interval_s=settings.checkpoint_interval_ms / 1000,
         revoke_wait_s=revoke_wait_s, reference_id=ref.reference_id,

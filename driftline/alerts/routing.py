@@ -80,6 +80,9 @@ class AlertMetrics:
                              ["severity"], registry=registry)
         self.pushes = Counter("driftline_alerts_pushes_total", "Deliveries to alert targets",
                               ["target", "outcome"], registry=registry)
+        for sev in SEVERITY_ORDER:  # at 0 from the start: increase() sees the first incident
+            self.total.labels(sev.value)
+            self.paged.labels(sev.value)
 
     def observe(self, changes: Iterable[Change]) -> None:
         """Count the incidents opened by committed changes, and those paged (an incident

@@ -185,6 +185,24 @@ def test_the_detect_stage_restores_slices_on_the_budget_its_new_slices_get(
     assert stage.restore_slice.arl0 == new.det.arl0 == arl0  # type: ignore[attr-defined]
 
 
+def test_the_detect_stage_exports_its_alarm_counters_at_zero(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One series per configured template and detector the reference feeds, at 0 before the
+    first alarm: the dashboards' increase() would read a series born at 1 as no alarm."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(runner, "make_consumer", lambda *args, **kw: None)
+    ref = SimpleNamespace(reference_id="r1", manifest={"baselines": {"items": {}}})
+    registry = CollectorRegistry()
+    runner.build_detect_stage(load_settings(slice_templates="station,station+shift"),
+                              registry, ref)  # type: ignore[arg-type]
+    alarms = {tuple(s.labels.values()): s.value for m in registry.collect() for s in m.samples
+              if s.name == "driftline_detect_alarms_total"}
+    # no predictions, no labels: cluster mix and OOD rate only
+    assert alarms == {(t, d): 0.0 for t in ("station", "station+shift")
+                      for d in ("cluster_mix", "ood_rate")}
+
+
 def test_the_books_redis_calls_time_out(monkeypatch: pytest.MonkeyPatch) -> None:
     """A half-open connection must fail the book's blocking XREAD, not park its loop while
     Alertmanager resolves the pages it stopped re-sending; a healthy XREAD (``block_ms``) must
