@@ -177,11 +177,28 @@ def fleet() -> Dashboard:
                       "{{severity}}"),
                drawStyle="bars", fillOpacity=60),
     ]
+    book = [
+        series("Alert deliveries by target and outcome",
+               target("sum by (target, outcome) (rate(driftline_alerts_pushes_total[5m]))",
+                      "{{target}} {{outcome}}"), unit="ops",
+               description="Deliveries of incident changes by the failure book. error: "
+                           "failed, retried next round (late, not lost); rejected: the target "
+                           "refused the payload (400, 413, 415, 422) and the change was "
+                           "dropped for it."),
+        # max, not sum: two book processes overlapping export the same book's counts
+        series("Held incidents by severity",
+               target("max by (severity) (driftline_incidents_held)", "{{severity}}"),
+               description="Incidents the co-occurrence attribution opened (split off, new "
+                           "root), not paged until it is stable behind them (at most "
+                           "DRIFTLINE_INCIDENT_HOLD_MAX_S of event time). Not in the active "
+                           "counts above.",
+               drawStyle="line", lineInterpolation="stepAfter"),
+    ]
     return dashboard(
         "driftline-fleet", "driftline / Fleet overview",
         "What changed, where and since when, across every station.",
         [("Now", 4, stats), ("Drift", 10, drift), ("Traffic", 8, traffic),
-         ("Alarms and incidents", 8, alarms)],
+         ("Alarms and incidents", 8, alarms), ("Failure book", 8, book)],
         annotations=[incidents_annotation()],
     )
 
@@ -330,6 +347,15 @@ def pipeline() -> Dashboard:
                            "(after a restart or rebalance)."),
         series("Dead letters by reason",
                target("driftline:embed_dead_letters:rate5m", "{{reason}}"), unit="reqps",
+               drawStyle="bars", fillOpacity=60, stacking={"mode": "normal", "group": "A"}),
+        series("Skipped slice-updates by reason",
+               target("sum by (reason) (rate(driftline_detect_skipped_total[5m]))",
+                      "{{reason}}"), unit="reqps",
+               description="Counted once the checkpoint past them lands. unreadable: not a "
+                           "slice-update; unusable: names a baseline or cluster the loaded "
+                           "reference lacks; other_reference: embedded against another "
+                           "reference (a rolling restart after an activation); retired: for a "
+                           "slice retired as idle.",
                drawStyle="bars", fillOpacity=60, stacking={"mode": "normal", "group": "A"}),
     ]
     latency = [

@@ -346,6 +346,30 @@ def test_dashboards_show_alarms_from_the_open_alarm_gauge_not_the_ratio() -> Non
     assert any("driftline_detect_open_alarms" in a["expr"] for a in markers)
 
 
+def test_each_alert_s_dashboard_shows_the_metrics_it_reads() -> None:
+    """An alert's ``dashboard`` annotation sends the on-call there: it must show what fired
+    (skipped updates for DriftlineMixedReferences, deliveries for the book's alerts), a
+    recorded series standing for the metrics it is recorded from. The fleet dashboard, where
+    the incident alerts link, also shows the held incidents that the open counts leave out."""
+    name = re.compile(r"(?<![\w:])(driftline[_:][A-Za-z0-9_:]*)")
+    rules = [r for g in load_yaml(PROM / "rules.yml")["groups"] for r in g["rules"]]
+    sources = {r["record"]: set(name.findall(r["expr"])) for r in rules if "record" in r}
+    boards = {b["uid"]: b for b in dashboards().values()}
+
+    def shown(uid: str) -> set[str]:
+        found = {n for _, expr in dashboard_exprs(boards[uid]) for n in name.findall(expr)}
+        return found | {m for n in found for m in sources.get(n, ())}
+
+    for rule in rules:
+        if "alert" not in rule:
+            continue
+        uid = re.fullmatch(r"/d/([\w-]+)(\?.*)?", rule["annotations"]["dashboard"])
+        assert uid and uid.group(1) in boards, rule["alert"]
+        missing = set(name.findall(rule["expr"])) - shown(uid.group(1))
+        assert not missing, f"{rule['alert']}: {uid.group(1)} does not show {missing}"
+    assert "driftline_incidents_held" in shown("driftline-fleet")
+
+
 # --- Grafana --------------------------------------------------------------------------------
 def generator() -> ModuleType:
     pytest.importorskip("grafanalib", reason="grafanalib is in the `deploy` extra")
