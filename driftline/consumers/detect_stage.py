@@ -297,6 +297,12 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                     after = self._retuned()
                     retuned = None if before is None or after is None else after - before
                     part = self.parts[p] = PartitionState(epochs[p], offset, slices, seen)
+                    # gauged slices (stations, station×shift: few) export their state now: a
+                    # station with an open alarm that sends nothing more would otherwise show
+                    # none on the dashboards until its next event
+                    for entry in slices.values():
+                        if entry.model.template in GAUGED_TEMPLATES:
+                            self._publish_gauges(entry, entry.model.gauges())
                     # the newest event applied: a retired slice's are older than the cutoff
                     self._saw(part, max((t for e in slices.values()
                                          if (t := e.model.last_time) is not None),

@@ -739,6 +739,38 @@ def test_an_open_alarm_is_exported_at_the_checkpoint_and_goes_with_its_reset() -
     assert set(_open_alarms(stage).values()) == {0.0}
 
 
+class _RecordsStore(_EmptyStore):
+    """A reachable store holding partition 0's checkpointed records."""
+
+    def __init__(self, records: dict[str, Any]) -> None:
+        self.records = records
+
+    def load(self, partition: int) -> tuple[int, dict[str, Any], str]:  # type: ignore[override]
+        return 40, self.records, "0-0"
+
+
+def test_a_new_owner_exports_the_open_alarms_it_restores_before_any_event() -> None:
+    """A station in alarm that sends nothing more after a rebalance (the camera is off, the
+    line stopped for the drift) still shows its alarm: the restored station slices' gauges go
+    out with the restore, not with their next event."""
+    before = _stage()
+    _feed(before, 0, 40, cluster=2)
+    opened = set(before.parts[0].slices["station=s1"].model.open)
+    assert opened
+    records = {sid: decode_record(encode_record({"state": e.model.snapshot(),
+                                                 "applied": e.applied}))
+               for sid, e in before.parts[0].slices.items()}
+    after = _stage()
+    after.parts = {}
+    after.store = _RecordsStore(records)  # type: ignore[assignment]
+    after.consumer = _Consumer()  # type: ignore[assignment]
+    after.pending = {0}
+    after._generation = 4  # the generation that assigned partition 0 (the consumer's)
+    after._restore_pending()
+    assert 0 in after.parts
+    assert {k[2] for k, v in _open_alarms(after).items() if v == 1.0} == opened
+
+
 def test_an_alarm_that_clears_reads_0_after_the_next_checkpoint() -> None:
     stage = _stage()
     stage.store = _CommittingStore()  # type: ignore[assignment]
