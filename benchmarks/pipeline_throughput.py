@@ -842,7 +842,8 @@ def embed_part(stack: Any, work: Path, sizes: Sizes, threads: int,
     emb.close()
     stage.producer.close()
     consumer.close(autocommit=False)
-    dead = registry.get_sample_value("driftline_embed_dead_letters_total") or 0.0
+    dead = sum(s.value for m in registry.collect() for s in m.samples  # every reason
+               if s.name == "driftline_embed_dead_letters_total")
     produced = registry.get_sample_value("driftline_embed_slice_updates_total") or 0.0
     med = {k: statistics.median(v) for k, v in rates.items()}
     cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
