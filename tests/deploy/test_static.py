@@ -247,6 +247,34 @@ def test_one_embed_worker_does_not_mute_silent_stations_fleet_wide() -> None:
         assert not inhibited(silent, source), source["alertname"]
 
 
+def test_a_whole_stage_absent_mutes_its_own_per_worker_and_per_station_alerts_only() -> None:
+    """With no embed worker up every station falls silent: one page for the stage, not a
+    warning per station and worker. Nothing else is muted, and no embed worker alone mutes
+    what the absent stage does (test above)."""
+    embed_absent = rule_alert("DriftlineEmbedStageAbsent")
+    api_absent = rule_alert("DriftlineApiAbsent")
+    worker = {"instance": "10.0.0.7:8080"}
+    embed_down = rule_alert("DriftlineWorkerDown", job="driftline-embed", **worker)
+    api_down = rule_alert("DriftlineWorkerDown", job="driftline-api", **worker)
+    muted = [rule_alert("DriftlineStationSilent", station="s9"),
+             rule_alert("DriftlineEmbedStalled", **worker), embed_down]
+    for target in muted:
+        assert inhibited(target, embed_absent), target["alertname"]
+        assert not inhibited(target, api_absent), target["alertname"]
+    assert inhibited(api_down, api_absent)
+    others = [api_down, rule_alert("DriftlineDetectStalled", **worker),
+              rule_alert("DriftlineDetectWorkerDown", job="driftline-detect", **worker),
+              rule_alert("DriftlineConsumerLagHigh", stage="embed"),
+              rule_alert("DriftlineDeadLetterRateHigh"), rule_alert("DriftlineBookDown"),
+              rule_alert("DriftlineDetectStageAbsent"),
+              incident_alert("critical", "station", {"station": "s9"}),
+              incident_alert("warning", "station", {"station": "s9"})]
+    for target in others:
+        assert not inhibited(target, embed_absent), target["alertname"]
+    assert not inhibited(embed_absent, rule_alert("DriftlineDetectStageAbsent"))
+    assert not inhibited(embed_absent, api_absent)
+
+
 # --- metrics referenced by rules and dashboards -----------------------------------------------
 @cache
 def known_metrics() -> dict[str, frozenset[str]]:
