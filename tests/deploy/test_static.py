@@ -31,7 +31,7 @@ import driftline.metrics
 import driftline.runner
 import driftline.service.observe
 from driftline.alerts.model import Incident, Severity, Status
-from driftline.alerts.routing import ALERTNAME, Router
+from driftline.alerts.routing import ALERTNAME, RESEND_INTERVAL_S, Router
 from driftline.config import ENV_PREFIX, SLICE_DIMENSIONS, Settings, parse_tokens
 from driftline.consumers.kafka_io import BROKER_WAIT_S
 
@@ -235,6 +235,18 @@ def rule_alert(name: str, **labels: str) -> dict[str, str]:
     expression keeps: aggregation and target labels)."""
     (rule,) = [rule for rule in alerts() if rule["alert"] == name]
     return {"alertname": name, **rule["labels"], **labels}
+
+
+def test_incident_fallbacks_keep_quiet_exactly_while_pushed_alerts_live() -> None:
+    """A pushed DriftlineIncident alert lives in Alertmanager until resolve_timeout after the
+    book's last push (it sets no endsAt while the incident is active); the Prometheus
+    fallbacks keep quiet while a push succeeded within that window (rules_test.yml)."""
+    resolve = load_yaml(DEPLOY / "alertmanager/alertmanager.yml")["global"]["resolve_timeout"]
+    assert RESEND_INTERVAL_S < seconds(resolve)
+    pushed = f'driftline_alerts_pushes_total{{target="alertmanager",outcome="ok"}}[{resolve}]'
+    for name in ("DriftlineCriticalIncidentOpen", "DriftlineWarningIncidentOpen"):
+        (rule,) = [rule for rule in alerts() if rule["alert"] == name]
+        assert pushed in rule["expr"] and "unless on ()" in rule["expr"], name
 
 
 def test_one_embed_worker_does_not_mute_silent_stations_fleet_wide() -> None:
