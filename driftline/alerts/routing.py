@@ -31,6 +31,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import redis
@@ -45,6 +46,10 @@ from driftline.alerts.store import stream_id, text
 log = logging.getLogger(__name__)
 
 ALERTNAME = "DriftlineIncident"
+# Grafana dashboards (deploy/grafana: uid and variables), as paths: the alert rules' dashboard
+# annotations are the same, and a receiver's template puts Grafana's base URL before them
+STATION_DASHBOARD = "/d/driftline-station"
+FLEET_DASHBOARD = "/d/driftline-fleet"
 RESEND_INTERVAL_S = 60.0  # < Alertmanager's default resolve_timeout of 5 min
 HTTP_TIMEOUT_S = 5.0
 KAFKA_TIMEOUT_S = 10.0
@@ -169,6 +174,22 @@ class Router:
 
     def link(self, incident_id: str) -> str:
         return f"{self.public_url}/api/v1/incidents/{incident_id}"
+
+    def description(self, inc: Incident) -> str:
+        """What on-call does with the alert: triage from the incident's link, then acknowledge
+        it (which ends the page) and resolve it, through the API."""
+        link = self.link(inc.id)
+        resolve = (f"Resolve it with POST {link}/resolve and a root-cause category once the "
+                   "cause is fixed.")
+        if not inc.active:
+            return f"Resolved; {link} keeps its evidence and timeline."
+        if inc.status == Status.acknowledged:
+            return (f"Acknowledged, no longer paging; follow it at {link} ({link}/evidence, "
+                    f"{link}/exemplars). {resolve}")
+        return (f"Triage at {link}: what drifted, where and since when ({link}/evidence, "
+                f"{link}/exemplars). Then acknowledge it with POST {link}/acknowledge "
+                "(operator token): that ends this alert and starts an acknowledged one, "
+                f"which the shipped Alertmanager config does not page. {resolve}")
 
     # --- the change stream ---------------------------------------------------------------
     def _start_new_targets(self) -> None:
@@ -313,8 +334,9 @@ class Router:
                 "summary": f"{inc.severity.value} drift at {inc.root.slice_id}"
                            f" ({', '.join(sorted({f.detector for f in inc.detectors}))};"
                            f" {len(inc.related)} related slices)",
-                "onset": onset, "link": self.link(inc.id), "status": inc.status.value,
-                "evidence": _evidence_line(inc)},
+                "description": self.description(inc), "onset": onset,
+                "link": self.link(inc.id), "status": inc.status.value,
+                "evidence": _evidence_line(inc), "dashboard": dashboard(inc)},
             "startsAt": _iso(starts), "generatorURL": self.link(inc.id)}
         if not inc.active:
             out["endsAt"] = _iso(max(inc.resolved_at or now, starts))
@@ -373,6 +395,16 @@ class Router:
         self.http.close()
         if self.producer is not None:
             self.producer.close(timeout=KAFKA_TIMEOUT_S)
+
+
+def dashboard(inc: Incident) -> str:
+    """The Grafana dashboard of the incident's root slice: its station's (and shift's), or the
+    fleet's for a root without a station. A path: see :data:`STATION_DASHBOARD`."""
+    dims = inc.root.dims
+    if "station" not in dims:
+        return FLEET_DASHBOARD
+    query = {f"var-{dim}": dims[dim] for dim in ("station", "shift") if dim in dims}
+    return f"{STATION_DASHBOARD}?{urlencode(query)}"
 
 
 def _evidence_line(inc: Incident) -> str:

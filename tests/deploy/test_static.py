@@ -449,6 +449,25 @@ def test_dashboards_use_the_provisioned_datasource() -> None:
     assert f"./grafana/dashboards:{provider['options']['path']}:ro" in compose["volumes"]
 
 
+def test_dashboard_annotations_name_a_dashboard_and_its_variables() -> None:
+    """The rules' and the book's pushed alerts' ``dashboard`` annotations are Grafana paths
+    (README: a receiver's template puts Grafana's URL before them)."""
+    boards = {b["uid"]: {v["name"] for v in b.get("templating", {}).get("list", [])}
+              for b in dashboards().values()}
+    pushed = [driftline.alerts.routing.dashboard(cast(Incident, SimpleNamespace(
+        root=SimpleNamespace(dims=dims))))
+        for dims in ({"station": "s 1", "shift": "night"}, {"station": "s 1"}, {"lot": "L7"})]
+    paths = pushed + [rule["annotations"]["dashboard"] for rule in alerts()]
+    for path in paths:
+        found = re.fullmatch(r"/d/([\w-]+)(?:\?(.*))?", path)
+        assert found, path
+        assert found[1] in boards, path
+        for param in filter(None, (found[2] or "").split("&")):
+            name = param.split("=")[0]
+            assert name.startswith("var-") and name[4:] in boards[found[1]], path
+    assert pushed[0] == "/d/driftline-station?var-station=s+1&var-shift=night"
+
+
 # --- compose --------------------------------------------------------------------------------
 def test_compose_validates_against_the_compose_specification() -> None:
     jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is a dev dependency")

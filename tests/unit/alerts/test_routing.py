@@ -21,9 +21,11 @@ from prometheus_client import CollectorRegistry
 
 from driftline.alerts.book import FailureBook
 from driftline.alerts.changes import change_json
-from driftline.alerts.model import Incident
+from driftline.alerts.model import Incident, Status
 from driftline.alerts.routing import AlertMetrics, Router
 from driftline.alerts.store import stream_id
+from driftline.service.app import API_PREFIX
+from driftline.service.routes.incidents import router as incidents_api
 from tests.unit.alerts.synthetic import opened_apart
 
 NOW = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
@@ -231,3 +233,44 @@ def test_every_target_exports_its_outcomes_at_zero_from_the_start() -> None:
     assert [pushes(registry, "webhook", o) for o in ("ok", "error", "rejected")] == [0, 0, 0]
     assert pushes(registry, "alertmanager", "rejected") is None  # not configured: no series
     hooked.close()
+
+
+def test_the_pushed_alert_says_what_to_do_and_links_its_station_dashboard() -> None:
+    """On-call reads the annotations: what to do (triage at the link, acknowledge through the
+    API route that exists, which ends the page; resolve), and the root station's dashboard
+    (a Grafana path, as the alert rules' are), the fleet's for a root without a station."""
+    incidents, (change,) = opened("station=press 3/a|shift=night")
+    sent: list[dict[str, Any]] = []
+
+    def am(request: httpx.Request) -> httpx.Response:
+        sent.extend(json.loads(request.content))
+        return httpx.Response(200)
+
+    db, registry = MiniRedis(), CollectorRegistry()
+    paging = router(db, incidents, registry, am, alertmanager_url="http://am.test")
+    db.xadd(change)
+    assert paging.deliver() == 1
+    (pushed,) = sent
+    station = pushed["annotations"]
+    (lot_incident,) = opened("lot=L7")[0].values()
+    lot = paging.alert(lot_incident)["annotations"]
+    link = "http://driftline.test/api/v1/incidents/DL-000001"
+    assert station["link"] == link
+    assert f"Triage at {link}:" in station["description"]
+    assert f"POST {link}/acknowledge (operator token)" in station["description"]
+    assert f"POST {link}/resolve and a root-cause category" in station["description"]
+    assert station["dashboard"] == "/d/driftline-station?var-station=press+3%2Fa&var-shift=night"
+    assert lot["dashboard"] == "/d/driftline-fleet"
+    assert "/acknowledge (operator token)" in lot["description"]
+
+    # the routes the description names are the API's
+    posts = {API_PREFIX + r.path for r in incidents_api.routes if "POST" in r.methods}
+    for action in ("acknowledge", "resolve"):
+        assert f"{API_PREFIX}/incidents/{{incident_id}}/{action}" in posts
+
+    # acknowledged: no longer paging, what is left to do
+    inc = incidents["DL-000001"].model_copy(update={"status": Status.acknowledged})
+    alert = paging.alert(inc)
+    assert alert["annotations"]["description"].startswith("Acknowledged, no longer paging")
+    assert "/acknowledge" not in alert["annotations"]["description"]
+    paging.close()
