@@ -56,6 +56,7 @@ from driftline.alerts.attribution import (
     compatible,
     template_rank,
 )
+from driftline.alerts.bounds import drop_ended_slices, fold_ended_firings
 from driftline.alerts.changes import Change, record_change, trim_timeline
 from driftline.alerts.cooccurrence import (
     CellReader,
@@ -107,6 +108,11 @@ class BookPolicy:
     recurrence_links: int = 3
     max_exemplars: int = 32
     max_timeline: int = 500
+    # Related slices whose alarms all ended that an open incident keeps in full (evidence,
+    # cells, exemplars, firings); older ones are dropped and counted (alerts/bounds.py). A
+    # station's change that lasts days sees dozens of lots come and go through it; the demo's
+    # incidents never hold more than 6 such slices.
+    max_ended_slices: int = 32
     episode_gap_events: int = 50
     episode_gap_s: float = 600.0
     # A held incident pages after this much event time at the latest: a plan that never
@@ -211,12 +217,25 @@ class Grouper:
         for inc in touched:
             self._merge_around(inc)
         self._release()
+        for inc in self._active():
+            if inc.id in self.dirty:
+                self._bound(inc)
         self._todo.clear()
         self._joined.clear()
         self._took_over.clear()
         transient = {i for i in self._created if self.incidents[i].merged_into}
         self.changes = [replace(c, routed=False) if c.incident_id in transient else c
                         for c in self.changes]
+
+    def _bound(self, inc: Incident) -> None:
+        """Keep a long-lived incident bounded (:mod:`driftline.alerts.bounds`): ended firings
+        folded, the oldest ended related slices dropped (and the clean-sibling counts only
+        they needed), and what follows from the slices recomputed."""
+        inc.detectors = fold_ended_firings(inc.detectors)
+        if drop_ended_slices(inc, self.policy.max_ended_slices):
+            wanted = self.index.sibling_candidates(s.ref for s in inc.slices.values())
+            inc.baseline_n = {k: n for k, n in inc.baseline_n.items() if k in wanted}
+            refresh(inc, self.catalog, self.policy.max_exemplars)  # never escalates: less
 
     def _event_clock(self) -> datetime:
         """The newest event time this book knows: messages applied and incidents' activity

@@ -98,6 +98,10 @@ class Firing(_Model):
     active: bool = True
     cleared_at: datetime | None = None
     episode: EpisodeCounts = Field(default_factory=EpisodeCounts)
+    episodes: int = Field(1, description="episodes this record stands for (1 while live): "
+                          "of a detector's ended firings in a slice the book keeps the first "
+                          "(its statistic, onset and detection) and counts the later ones "
+                          "here (``last_detected`` and ``cleared_at`` are then the latest's)")
 
 
 class SliceEvidence(_Model):
@@ -225,6 +229,10 @@ class Incident(_Model):
         default_factory=dict, description="while held: each plan root in it and its events "
                                           "when the plan began to name it (empty: none)")
     recurrence: list[RecurrenceLink] = Field(default_factory=list)
+    dropped_slices: dict[str, int] = Field(
+        default_factory=dict, description="per template, related slices whose alarms had all "
+        "ended that the book dropped (evidence and firings), oldest first, to keep a "
+        "long-lived incident bounded (:mod:`driftline.alerts.bounds`)")
     created_at: datetime
     updated_at: datetime
     last_activity: datetime = Field(description="event time of the newest alarm or clear")

@@ -100,6 +100,10 @@ class IncidentDetail(IncidentSummary):
     timeline: list[TimelineEntry]
     resolution: Resolution | None
     recurrence_links: list[RecurrenceLinkView]
+    dropped_slices: dict[str, int] = Field(
+        default_factory=dict, description="per template, related slices whose alarms had all "
+        "ended that a long-lived incident no longer holds (it keeps those that ended most "
+        "recently); a firing's ``episodes`` counts its detector's ended episodes in its slice")
     created_at: datetime
     updated_at: datetime
 
@@ -111,6 +115,7 @@ class IncidentDetail(IncidentSummary):
                    recurrence_links=[RecurrenceLinkView(
                        incident_id=r.incident_id, similarity=r.similarity,
                        link=incident_link(base_url, r.incident_id)) for r in inc.recurrence],
+                   dropped_slices=inc.dropped_slices,
                    created_at=inc.created_at, updated_at=inc.updated_at)
 
 
