@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from prometheus_client import CollectorRegistry
@@ -49,6 +49,7 @@ from driftline.reference.artifact import ReferenceError, file_sha256
 from driftline.reference.index import PredictionView, Reference, load_reference, prediction_views
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 ROLES = ("embed", "detect", "book")
 # The roles that wait for the broker at start-up; the book makes its topic when it sends.
 BROKER_AT_START = frozenset({"embed", "detect"})
@@ -192,6 +193,29 @@ def detector_arl0(settings: Settings, detectors: int = 2) -> float:
     return budget.arl0()
 
 
+def at_start_up(client: Any, what: str, call: Callable[[], T]) -> T:
+    """``call()``, tried again while Redis cannot serve it for up to
+    :data:`STARTUP_REDIS_WAIT_S`, logging ``waiting for Redis to {what}`` before each retry;
+    then the process exits with one line naming DRIFTLINE_REDIS_URL (no password)."""
+    kw = client.connection_pool.connection_kwargs  # no password in logs
+    where = kw.get("path") or f"{kw.get('host')}:{kw.get('port')}/{kw.get('db', 0)}"
+
+    def waiting(state: RetryCallState) -> None:
+        log.warning(f"waiting for Redis to {what}",
+                    extra={"redis": where, "waited_s": round(state.seconds_since_start or 0, 1),
+                           "error": repr(state.outcome.exception() if state.outcome else None)})
+
+    try:
+        result: T = Retrying(retry=retry_if_exception_type(REDIS_ERRORS),
+                             wait=wait_exponential(multiplier=0.2, max=5),
+                             stop=stop_after_delay(STARTUP_REDIS_WAIT_S),
+                             before_sleep=waiting, reraise=True)(call)
+    except REDIS_ERRORS as exc:
+        raise SystemExit(f"driftline: Redis at {where} (DRIFTLINE_REDIS_URL) unreachable for "
+                         f"{STARTUP_REDIS_WAIT_S:.0f} s at start-up: {exc}") from None
+    return result
+
+
 def load_active_reference(settings: Settings) -> Reference:
     """The reference activated through the API if the stages can use it, else the configured
     one (:func:`~driftline.service.references_store.active_reference`); a missing or unusable
@@ -199,24 +223,8 @@ def load_active_reference(settings: Settings) -> Reference:
     from driftline.service.references_store import active_reference
 
     client = store_client(settings.redis_url)
-    kw = client.connection_pool.connection_kwargs  # no password in logs
-    where = kw.get("path") or f"{kw.get('host')}:{kw.get('port')}/{kw.get('db', 0)}"
-
-    def waiting(state: RetryCallState) -> None:
-        log.warning("waiting for Redis to read the active reference",
-                    extra={"redis": where, "waited_s": round(state.seconds_since_start or 0, 1),
-                           "error": repr(state.outcome.exception() if state.outcome else None)})
-
-    try:
-        for attempt in Retrying(retry=retry_if_exception_type(REDIS_ERRORS),
-                                wait=wait_exponential(multiplier=0.2, max=5),
-                                stop=stop_after_delay(STARTUP_REDIS_WAIT_S),
-                                before_sleep=waiting, reraise=True):
-            with attempt:
-                ref_dir, ref = active_reference(settings, client)
-    except REDIS_ERRORS as exc:
-        raise SystemExit(f"driftline: Redis at {where} (DRIFTLINE_REDIS_URL) unreachable for "
-                         f"{STARTUP_REDIS_WAIT_S:.0f} s at start-up: {exc}") from None
+    ref_dir, ref = at_start_up(client, "read the active reference",
+                               lambda: active_reference(settings, client))
     if ref is not None:
         log.info("reference", extra={"dir": str(ref_dir), "activated": True})
         return ref
@@ -377,12 +385,17 @@ def build_book_processor(settings: Settings, registry: CollectorRegistry,
     book = FailureBook(client, policy=policy, retention=Retention(
         max_resolved=s.retention_resolved_count, max_age_s=s.retention_resolved_days * DAY),
         catalog=ClusterCatalog.from_manifest(ref.manifest) if ref is not None else None)
-    router = Router(book, AlertMetrics(registry), public_url=s.public_url,
-                    alertmanager_url=s.alertmanager_url,
-                    producer_factory=lambda: alerts_producer(s),
-                    topic=s.alerts_topic, webhook_url=s.alert_webhook_url,
-                    webhook_attempts=s.alert_webhook_attempts)
-    return IncidentProcessor(client, book, router=router)
+    metrics = AlertMetrics(registry)
+
+    def start() -> IncidentProcessor:  # both read Redis when built (cursors, outbox)
+        router = Router(book, metrics, public_url=s.public_url,
+                        alertmanager_url=s.alertmanager_url,
+                        producer_factory=lambda: alerts_producer(s),
+                        topic=s.alerts_topic, webhook_url=s.alert_webhook_url,
+                        webhook_attempts=s.alert_webhook_attempts)
+        return IncidentProcessor(client, book, router=router)
+    # Redis answered the reference's read a moment ago (Service.start), but may have gone
+    return at_start_up(client, "start the failure book", start)
 
 
 def alerts_producer(settings: Settings) -> Any:

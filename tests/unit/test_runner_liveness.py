@@ -152,6 +152,46 @@ def test_start_up_waits_for_redis_then_names_the_setting(
     assert "waiting for Redis to read the active reference" in caplog.text
 
 
+def closed_port() -> int:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_the_book_waits_for_redis_at_start_up_then_names_the_setting(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis gone between the active reference's read and the book's start (both read it
+    then): the book waits and exits as the reference's read does, not with a traceback."""
+    port = closed_port()
+    monkeypatch.setattr(runner, "STARTUP_REDIS_WAIT_S", 0.5)
+    settings = load_settings(redis_url=f"redis://:s3cret@127.0.0.1:{port}/2",
+                             alertmanager_url="http://127.0.0.1:9")
+    with pytest.raises(SystemExit) as exited:
+        runner.build_book_processor(settings, CollectorRegistry())
+    message = str(exited.value)
+    assert f"Redis at 127.0.0.1:{port}/2 (DRIFTLINE_REDIS_URL) unreachable" in message
+    assert "s3cret" not in message and "s3cret" not in caplog.text
+    assert "waiting for Redis to start the failure book" in caplog.text
+
+
+def test_the_book_starts_once_redis_answers(monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    calls = []
+
+    def check_trimmed(self: IncidentProcessor) -> int:
+        calls.append(1)
+        if len(calls) < 3:
+            raise redis.ConnectionError("Connection refused")
+        return 0
+    monkeypatch.setattr(IncidentProcessor, "check_trimmed", check_trimmed)
+    monkeypatch.setattr(Router, "_start_new_targets", lambda self: None)
+    processor = runner.build_book_processor(
+        load_settings(redis_url=f"redis://127.0.0.1:{closed_port()}/0"), CollectorRegistry())
+    assert isinstance(processor, IncidentProcessor) and len(calls) == 3
+    assert caplog.text.count("waiting for Redis to start the failure book") == 2
+
+
 def test_the_detect_stage_retires_slices_after_the_configured_days(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from types import SimpleNamespace
