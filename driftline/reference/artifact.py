@@ -19,7 +19,8 @@ and rates, build parameters, and the sha256 of every array — except :data:`VOL
 (``created_at``): two builds that differ in anything a detector reads get different ids, the
 same build repeated gets the same id, and a manifest edited after the build is refused on load.
 Format 1 artifacts (whose id covered the arrays only) are still read, with a warning: their
-arrays are checked, their manifest cannot be.
+arrays are checked, their manifest cannot be. Either way, the cluster entries must be what a
+build writes (:func:`~driftline.reference.entries.check_clusters`), or the error names the field.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+
+from driftline.reference.entries import EntryError, check_clusters
 
 FORMAT = "driftline-reference"
 FORMAT_VERSION = 2
@@ -203,6 +206,10 @@ def read_artifact(ref_dir: Path) -> tuple[dict[str, Any], dict[str, NDArray[Any]
             f"{ref_dir / MANIFEST} was modified after the build: its content hashes to "
             f"{content_id(manifest)}, not to its reference_id {manifest.get('reference_id')!r} "
             "(rebuild the reference rather than editing its manifest)")
+    try:  # what readers index directly, named when it is not what the build writes
+        check_clusters(manifest)
+    except EntryError as exc:
+        raise ReferenceError(f"{ref_dir / MANIFEST}: {exc}") from None
     entries = manifest.get("arrays", {})
     missing = [n for n in REQUIRED_ARRAYS if n not in entries]
     if missing:

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from driftline.core.baselines import DEFAULT_CONFIDENCE, tail_rate_bound
 from driftline.core.error_rates import P0_QUANTILE
-from driftline.reference.artifact import ReferenceError, check_out_dir
+from driftline.reference.artifact import MANIFEST, ReferenceError, check_out_dir
 from driftline.reference.parameters import ParameterError, check_parameters
 from driftline.runner import ood_detector_rate
 from driftline.schema import Event
@@ -236,11 +236,15 @@ def show(ref_dir: Annotated[Path, typer.Argument(help="Reference directory")]) -
     from driftline.reference.index import load_reference
 
     try:
-        ref = load_reference(ref_dir)
-    except ReferenceError as exc:
+        text = summary(load_reference(ref_dir).manifest)
+    except ReferenceError as exc:  # the cluster entries' fields are named (reference.entries)
         typer.echo(f"driftline reference show: {exc}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(summary(ref.manifest))
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        typer.echo(f"driftline reference show: {Path(ref_dir) / MANIFEST}: not what a build "
+                   f"writes ({type(exc).__name__}: {exc})", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(text)
 
 
 @app.command("layers")

@@ -9,7 +9,8 @@ from fastapi import APIRouter, Body, HTTPException, status
 from fastapi import Path as PathParam
 
 from driftline.core.baselines import DEFAULT_CONFIDENCE
-from driftline.reference.artifact import ReferenceError
+from driftline.reference.artifact import MANIFEST, ReferenceError
+from driftline.reference.entries import EntryError, check_clusters
 from driftline.runner import ood_detector_rate
 from driftline.service import references_store as store
 from driftline.service.deps import Admin, RedisDep, SettingsDep, Viewer
@@ -30,6 +31,8 @@ ACTIVATION_REFUSED = (
     "or it takes other events than the reference running now (images vs precomputed "
     "embeddings, or another embedding dimension); or several directories hold it and the "
     "body's name does not say which; the detail says which")
+SHOW_REFUSED = ("its manifest is not what a build writes (a cluster entry missing a field, or "
+                "one of another type): the detail names the file and the field")
 ReferenceId = Annotated[str, PathParam(max_length=64, examples=["3f9c2a7b1d4e8f60"])]
 
 
@@ -96,7 +99,8 @@ def baseline_rows(section: dict[str, Any]) -> list[BaselineRow]:
             for k, b in sorted((section.get("items") or {}).items())]
 
 
-@router.get("/{reference_id}", response_model=ReferenceDetail, responses=errors(404))
+@router.get("/{reference_id}", response_model=ReferenceDetail,
+            responses=errors(404, 409, why={409: SHOW_REFUSED}))
 def show_reference(reference_id: ReferenceId, settings: SettingsDep, r: RedisDep,
                    _: Viewer) -> ReferenceDetail:
     """Summary of a reference's manifest: clusters, baselines, aggressor clusters."""
@@ -104,6 +108,18 @@ def show_reference(reference_id: ReferenceId, settings: SettingsDep, r: RedisDep
     cand = store.find(settings, reference_id, [active])
     if cand is None:
         raise _missing(reference_id)
+    try:
+        check_clusters(cand.manifest)
+        return _detail(cand, configured, active)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # EntryError names it
+        why = str(exc) if isinstance(exc, EntryError) else f"{type(exc).__name__}: {exc}"
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=(
+            f"reference {reference_id} cannot be shown: {cand.path / MANIFEST}: {why}")
+        ) from None
+
+
+def _detail(cand: store.Candidate, configured: str | None, active: str | None
+            ) -> ReferenceDetail:
     m = cand.manifest
     items = (m.get("clusters") or {}).get("items") or []
     emb = dict(m.get("embedding") or {})

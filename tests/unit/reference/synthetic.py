@@ -1,11 +1,13 @@
-"""Synthetic reference events with known structure (precomputed embeddings), and a manifest
-of small JPEG events."""
+"""Synthetic reference events with known structure (precomputed embeddings), a manifest
+of small JPEG events, and edited copies of a built artifact."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import shutil
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from driftline.reference.artifact import MANIFEST, content_id
 from driftline.schema import Event
 
 DIM = 16
@@ -85,3 +88,16 @@ def events_manifest(directory: Path, n: int = 200) -> Path:
     path = directory / "ref.jsonl"
     path.write_text("\n".join(e.model_dump_json() for e in events[:n]) + "\n")
     return path
+
+
+def variant(src: Path, dst: Path, edit: Callable[[dict[str, Any]], None],
+            *, rehash: bool = True) -> Path:
+    """A copy of the artifact ``src`` whose manifest ``edit`` changed, as a build would have
+    written it (its content id recomputed) unless ``rehash`` is false."""
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / MANIFEST).read_text())
+    edit(manifest)
+    if rehash:
+        manifest["reference_id"] = content_id(manifest)
+    (dst / MANIFEST).write_text(json.dumps(manifest))
+    return dst

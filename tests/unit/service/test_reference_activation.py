@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,10 +14,11 @@ from prometheus_client import CollectorRegistry
 
 from driftline import runner
 from driftline.config import ConfigError, Settings, load_settings
-from driftline.reference.artifact import MANIFEST, ReferenceError, content_id, file_sha256
+from driftline.reference.artifact import MANIFEST, ReferenceError, file_sha256
 from driftline.service import references_store as store
 from driftline.service.app import create_app
 from driftline.service.keys import ACTIVE_REFERENCE_KEY
+from tests.unit.reference.synthetic import variant
 from tests.unit.service.keyvalue import KeyValue
 from tests.unit.service.populate import build_references
 
@@ -27,19 +27,6 @@ PREPROCESSING = {"input_name": None, "input_size": [32, 32], "layout": "NCHW",
                  "color_order": "RGB", "scale": 1 / 255, "mean": [0.485, 0.456, 0.406],
                  "std": [0.229, 0.224, 0.225], "fit": "stretch", "output_name": None,
                  "pooling": "avg", "l2_normalize": True}
-
-
-def variant(src: Path, dst: Path, edit: Callable[[dict[str, Any]], None],
-            *, rehash: bool = True) -> Path:
-    """A copy of the artifact ``src`` whose manifest ``edit`` changed, as a build would have
-    written it (its content id recomputed) unless ``rehash`` is false."""
-    shutil.copytree(src, dst)
-    manifest = json.loads((dst / MANIFEST).read_text())
-    edit(manifest)
-    if rehash:
-        manifest["reference_id"] = content_id(manifest)
-    (dst / MANIFEST).write_text(json.dumps(manifest))
-    return dst
 
 
 def with_model(sha256: str) -> Callable[[dict[str, Any]], None]:
