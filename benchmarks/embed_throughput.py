@@ -5,8 +5,11 @@ End to end: JPEG bytes (vtest frames, 768×576, quality 90) in → decode at red
 overlaps inference) and one batch per call (as the embed stage calls it: nothing to overlap
 with), and one batch per call with the next call's first batch prefetched (``Embedder.prefetch``,
 as the embed stage's loop does one batch ahead). Bare: ``session.run`` on pre-made float32 tensors
-of the same frames. All legs run in one
-process, in interleaved repeats, so background load hits them alike; medians are reported.
+of the same frames, on the same model bytes the embedder runs (the graph cut to its output, as
+:func:`driftline.consumers.onnx_graph.expose_tensor` makes it; the full file would also run the
+classifier head). All legs run in one process, in interleaved repeats with the leg order
+rotated from one repeat to the next (no leg always first, or always right after another), so
+background load and warm caches hit them alike; medians are reported.
 
     .venv/bin/python benchmarks/embed_throughput.py            # writes results/embed_throughput.md
 """
@@ -16,31 +19,23 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from _report import RunMeta
 from PIL import Image
 
 from driftline.consumers.embedder import Embedder, EmbedderConfig
 from driftline.consumers.imaging import decode_image
+from driftline.consumers.onnx_graph import expose_tensor
 from driftline.demo.data import VTEST_VIDEO, fetch_demo_data, read_video_frames
 from driftline.demo.model import build_demo_model
 
 RESULTS = Path(__file__).parent / "results" / "embed_throughput.md"
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def timed(fn: Callable[[], object], n: int) -> tuple[float, float]:
@@ -57,16 +52,18 @@ def bench(model: Path, jpegs: list[bytes], threads: int, decode_threads: int | N
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    bare = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     emb = Embedder(EmbedderConfig(model_path=model, batch_size=batch, intra_op_threads=threads,
                                   decode_threads=decode_threads, spin_wait=spin))
+    # the embedder's own model bytes (cut to its output), same threads and spin policy
+    model_bytes, out_name = expose_tensor(model, emb.output_name)
+    bare = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
     arrays = np.stack([decode_image(j, emb.input_size) for j in jpegs])
     # the embedder's own normalisation, done ahead of time
     tensors = [emb.preprocess(arrays[s:s + batch]) for s in range(0, len(arrays), batch)]
 
     def run_bare() -> None:
         for t in tensors:
-            bare.run(["embedding"], {"input": t})
+            bare.run([out_name], {emb.input_name: t})
 
     def run_e2e() -> None:
         emb.embed_images(jpegs)
@@ -88,8 +85,8 @@ def bench(model: Path, jpegs: list[bytes], threads: int, decode_threads: int | N
     for _, fn in legs:  # warm-up: thread pools, allocator, page cache
         fn()
     results: dict[str, list[float]] = {k: [] for name, _ in legs for k in (name, f"{name}_cpu")}
-    for _ in range(repeats):
-        for name, fn in legs:
+    for rep in range(repeats):
+        for name, fn in legs[rep % len(legs):] + legs[:rep % len(legs)]:  # rotated order
             rate, cpu = timed(fn, len(jpegs))
             results[name].append(rate)
             results[f"{name}_cpu"].append(cpu)
@@ -121,6 +118,7 @@ def main() -> None:
                         help="onnxruntime workers busy-wait (both sides; the embedder's default "
                         "is off)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    meta = RunMeta()
     args = parser.parse_args()
 
     model = build_demo_model()
@@ -131,25 +129,21 @@ def main() -> None:
         buf = io.BytesIO()
         Image.fromarray(frames[i]).save(buf, format="JPEG", quality=args.quality)
         jpegs.append(buf.getvalue())
-    load0 = os.getloadavg()
     rows = [bench(model, jpegs, t, args.decode_threads, args.batch, args.repeats,
                   args.spin) for t in args.threads]
-    load1 = os.getloadavg()
-    report = render(rows, args, jpegs, load0, load1)
+    report = render(rows, args, jpegs, meta)
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
 
 
 def render(rows: list[dict[str, float]], args: argparse.Namespace, jpegs: list[bytes],
-           load0: tuple[float, float, float], load1: tuple[float, float, float]) -> str:
-    cmd = " ".join(["python", "benchmarks/embed_throughput.py", *sys.argv[1:]])
+           meta: RunMeta) -> str:
     lines = [
         "# Embedder throughput: end to end vs bare onnxruntime", "",
-        f"- date: {datetime.now(UTC).isoformat(timespec='seconds')}",
-        f"- machine: {cpu_model()}, {os.cpu_count()} cores; onnxruntime {ort.__version__}",
-        f"- command: `{cmd}`",
-        f"- model: demo MobileNetV2 (`embedding`, 1280-d), batch {args.batch}, inter-op 1, "
+        *meta.lines([f"onnxruntime {ort.__version__}"]),
+        "- model: demo MobileNetV2 cut to its `embedding` output (1280-d), the same model "
+        f"bytes in every leg; batch {args.batch}, inter-op 1, "
         f"spin-wait {'on' if args.spin else 'off'} (both sides)",
         f"- input: {len(jpegs)} vtest frames 768×576 as JPEG q{args.quality} "
         f"(mean {np.mean([len(j) for j in jpegs]) / 1e3:.0f} kB), decoded by libjpeg-turbo "
@@ -157,8 +151,8 @@ def render(rows: list[dict[str, float]], args: argparse.Namespace, jpegs: list[b
         f"{rows[0]['decode_threads']:.0f} decode thread(s); with every core in onnxruntime "
         "they decode each batch between two runs, with fewer ORT threads than cores one of "
         "them decodes the next batch during the run",
-        f"- {args.repeats} interleaved repeats, medians; load average before/after "
-        f"{load0[0]:.2f}/{load1[0]:.2f}", "",
+        f"- {args.repeats} interleaved repeats, the leg order rotated each repeat; medians",
+        "",
         "| ORT threads | leg | img/s median (min–max) | ratio | paired ratio | CPU ms/img | "
         "CPU ratio | decode CPU ms/img | CPU bound |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -177,7 +171,7 @@ def render(rows: list[dict[str, float]], args: argparse.Namespace, jpegs: list[b
                 f"{r[f'{leg}_pair']:.2f} | {r[f'{leg}_cpu']:.2f} | {r[f'{leg}_cpu_ratio']:.2f} | "
                 + (f"{r['decode_cpu']:.2f} | {bound:.2f} |" if leg == "e2e" else " | |"))
     lines += ["", "Ratio = median leg / median bare; paired ratio = median over repeats of "
-              "leg/bare measured back to back; CPU ratio = bare CPU / leg CPU per image (all "
+              "leg/bare measured in the same repeat; CPU ratio = bare CPU / leg CPU per image (all "
               "threads of the process, onnxruntime's spin-waiting included). When onnxruntime "
               "already uses every core, decoding competes for the same cores and the ratio "
               "cannot exceed the CPU bound = bare CPU / (bare CPU + decode CPU) per image. With "

@@ -14,6 +14,12 @@ Protocol, at γ = 10³ (peers run event by event in Python):
   each peer's documented sensitivity knob is tuned by bisection on the *same* streams until its
   ARL0 is within ±10 % of ours (other parameters: library defaults); alibi-detect's FET
   calibrates itself to an ERT, so it gets ERT = our ARL0 and one correction step;
+* that leg of ours is handed the exact pre-change law, while the peers learn the baseline
+  (from the stream, or FET from 5,000 reference samples). A second driftline leg judges
+  against what a finite reference allows, as the service does: the bounds
+  :func:`driftline.core.baselines.mix_bounds` / :func:`~driftline.core.baselines.tail_rate_bound`
+  build from a 5,000-sample reference (the very sample FET gets, on the OOD stream), its
+  threshold tuned like a peer's knob to the same measured ARL0;
 * univariate peers watch a categorical stream as K one-hot indicators, one detector each,
   alarming when any does (the usual way to watch a categorical feature with them);
 * delay: change at ν = 200, conditional mean over runs without an alarm before ν, on the same
@@ -22,7 +28,11 @@ Protocol, at γ = 10³ (peers run event by event in Python):
 alibi-detect runs on the OOD stream only: its FET threshold calibration simulates every feature
 separately and took over 10 minutes for K = 16 features on the benchmark machine.
 
-``python benchmarks/peers.py [--runs N] [--quick] [--venv PATH]`` writes its section into
+Every ratio carries a paired standard error (delta method on the per-run delays of the common
+post-change streams); the closing "Reading" text is generated from the run's own figures.
+
+``python benchmarks/peers.py [--runs N] [--quick] [--venv PATH] [--out FILE]`` writes its
+section, headed by the run's date, command line, machine, commit, runtime and load, into
 ``benchmarks/results/detection.md`` (after the ``<!-- peers -->`` marker).
 """
 
@@ -31,38 +41,24 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _report import RunMeta, ratio_se, span, verdict, with_se
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("river", "frouros", "alibi-detect")
 MARKER = "<!-- peers -->"
 GAMMA, NU, K = 1e3, 200, 16
 Feed = Callable[[int], bool]  # one event in, "alarm now?" out
-READING = """Reading the recorded run (300 runs per estimate, so about ±6 % is noise):
-
-* **Cluster mix** — every peer is 2–9 × slower: K one-hot detectors pay the same
-  multiplicity as our bank without using the likelihood ratio, and mean-based detectors barely
-  see a cluster vanishing (Page–Hinkley 7.5 ×, frouros CUSUM 8.8 ×).
-* **OOD ×10** — ours is as fast as or faster than every peer matched to the same ARL0
-  (Page–Hinkley and frouros CUSUM 1.09 ×, FET 1.14 ×; DDM's 0.99 × counts only the 37 % of runs
-  it had not already falsely alarmed on within 200 events).
-* **OOD ×3** — *not* met: Page–Hinkley (river, and frouros's CUSUM, which is the same
-  recursion) and alibi-detect's FET are 0.88–0.90 × our delay, about 1.5 standard errors. With
-  its default δ = 0.005 on 1 % flags, PH is a CUSUM with reference value p0 + δ = 0.015, close
-  to the LLR-optimal 0.018 for exactly this shift, so it is near the optimal CUSUM here; our
-  bank spreads its threshold over ρ ∈ {2, 3, 5, 10} (1.03–1.13 × optimal in the main table)
-  and is the one that also holds at ×10, where PH is 1.09 ×.
-* ADWIN cannot alarm as often as once per 10³ events on 1 % flags even at δ ≈ 1, so it is not
-  matched (its ARL0 is 7.2·10³).
-"""
+REF_N = 5000  # reference samples: FET's, and the finite-reference driftline leg's
+MATCH = 0.1  # a detector is matched when its measured ARL0 is within ±10 % of ours
 
 
 def ensure_venv(venv: Path) -> dict[str, str]:
@@ -192,10 +188,16 @@ def tune(
     return best
 
 
-def delay(factory: Callable[[float], Feed], knob: float, post: list) -> tuple[float, float, int]:
-    t = np.array([run_length(factory(knob), s) for s in post])
-    d = t[t > NU] - NU
-    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size)), int(d.size)
+def run_lengths(factory: Callable[[float], Feed], knob: float, post: list) -> np.ndarray:
+    return np.array([run_length(factory(knob), s) for s in post])
+
+
+def reference_sample(p: np.ndarray) -> np.ndarray:
+    """The ``REF_N``-sample reference FET and driftline's finite-reference leg get (seed 99)."""
+    rng = np.random.default_rng(99)
+    if p.size == 2:  # flags
+        return (rng.random(REF_N) < p[1]).astype(int)
+    return rng.choice(p.size, size=REF_N, p=p)
 
 
 def ours(categorical: bool, p: np.ndarray) -> tuple[Callable[[float], Feed], float]:
@@ -222,11 +224,39 @@ def ours(categorical: bool, p: np.ndarray) -> tuple[Callable[[float], Feed], flo
     return ood, h
 
 
-def alibi_fet(p0: float) -> Callable[[float], Feed]:
+def ours_from_reference(categorical: bool, p: np.ndarray) -> tuple[Callable[[float], Feed], str]:
+    """Our detector judging against the bounds a ``REF_N``-sample reference allows (what the
+    service builds: ``build_baselines``' defaults, global baseline), threshold = the knob."""
+    from driftline.core.baselines import frozen, mix_bounds, tail_rate_bound
+    from driftline.core.bernoulli import OOD_ALTERNATIVES, BernoulliCusum
+    from driftline.core.mix import ClusterMixCusum
+
+    ref = reference_sample(p)
+    if categorical:
+        counts = np.bincount(ref, minlength=p.size)
+        lower, upper = mix_bounds(counts, np.full(p.size, 1 / p.size), 0.5)
+        bounds = frozen(np.stack([lower, upper]))
+
+        def mix(h: float) -> Feed:
+            det = ClusterMixCusum(p.size, threshold=h)
+            return lambda c: det.update(c, bounds)
+
+        return mix, f"{REF_N:,} samples: shares bounded to {lower.min():.3f}–{upper.max():.3f}"
+    flagged = int(ref.sum())
+    bound = tail_rate_bound(REF_N, flagged)
+
+    def ood(h: float) -> Feed:
+        det = BernoulliCusum(OOD_ALTERNATIVES, threshold=h)
+        return lambda x: det.update(bool(x), bound)
+
+    return ood, f"{flagged} of {REF_N:,} flagged: p0 bound {bound:.4f}"
+
+
+def alibi_fet(p: np.ndarray) -> Callable[[float], Feed]:
     """FETDriftOnline on the flag stream; one (slow) threshold calibration per ERT."""
     from alibi_detect.cd import FETDriftOnline
 
-    x_ref = (np.random.default_rng(99).random(5000) < p0).astype(int).reshape(-1, 1)
+    x_ref = reference_sample(p).reshape(-1, 1)
     built: dict[float, Any] = {}
 
     def factory(ert: float) -> Feed:
@@ -241,9 +271,12 @@ def alibi_fet(p0: float) -> Callable[[float], Feed]:
     return factory
 
 
+KNOWN, FINITE = "**driftline**, known baseline", f"**driftline**, {REF_N:,}-sample reference"
+
+
 def family(
     title: str, p: np.ndarray, cells: list[tuple[str, np.ndarray]], runs: int, with_alibi: bool
-) -> list[str]:
+) -> tuple[list[str], list[dict]]:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
@@ -253,33 +286,106 @@ def family(
     mine, h = ours(categorical, p)
     target = arl0(mine, 0.0, null)
     tuned: dict[str, tuple[Callable[[float], Feed], float, float, str]] = {
-        f"**driftline** (h = {h:.2f})": (mine, 0.0, target, "—")
+        KNOWN: (mine, 0.0, target, f"h = {h:.2f} (tightened)")
     }
+    finite, how = ours_from_reference(categorical, p)
+    log(f"{title}: tuning {FINITE}")
+    k, a = tune(finite, 0.3, 30.0, target, null, log)
+    tuned[FINITE] = (finite, k, a, f"h = {k:.2f}; {how}")
     for name, (factory, lo, hi, knob) in peers(categorical).items():
         log(f"{title}: tuning {name}")
         k, a = tune(factory, lo, hi, target, null, log)
         tuned[name] = (factory, k, a, f"{knob} = {k:.3g}")
     if with_alibi and not categorical:
         log(f"{title}: calibrating alibi-detect FETDriftOnline")
-        fet = alibi_fet(float(p[1]))
+        fet = alibi_fet(p)
         ert, a = target, arl0(fet, target, null)
-        if abs(a / target - 1) > 0.1:
+        if abs(a / target - 1) > MATCH:
             ert2 = target * target / a
             a2 = arl0(fet, ert2, null)
             ert, a = (ert2, a2) if abs(a2 / target - 1) < abs(a / target - 1) else (ert, a)
         tuned["alibi-detect FETDriftOnline"] = (fet, ert, a, f"ERT = {ert:.0f}")
-    rows = []
+    rows, results = [], []
     for (cell, _), post in zip(cells, posts, strict=True):
-        base = delay(mine, 0.0, post)[0]
-        for name, (factory, k, a, knob) in tuned.items():
+        times = {}
+        for name, (factory, k, _a, _knob) in tuned.items():
             log(f"{title} {cell}: delay of {name}")
-            d, se, n = delay(factory, k, post)
-            miss = "" if abs(a / target - 1) <= 0.1 else " (not matched)"
+            times[name] = run_lengths(factory, k, post)
+        for name, (_f, _k, a, knob) in tuned.items():
+            t = times[name]
+            d = t[t > NU] - NU
+            res: dict[str, Any] = {
+                "stream": title, "cell": cell, "name": name, "arl0": a, "target": target,
+                "matched": abs(a / target - 1) <= MATCH, "delay": float(d.mean()),
+                "se": float(d.std(ddof=1) / math.sqrt(d.size)), "kept": int(d.size),
+                "runs": len(post), "vs_known": ratio_se(t, times[KNOWN], NU),
+                "vs_finite": ratio_se(t, times[FINITE], NU),
+            }
+            results.append(res)
+            miss = "" if res["matched"] else " (not matched)"
             rows.append(
-                f"| {title} | {cell} | {name} | {knob} | {a:.0f}{miss} | {d:.1f} ± {se:.1f} "
-                f"({n}) | {d / base:.2f} |"
+                f"| {title} | {cell} | {name} | {knob} | {a:.0f}{miss} | {res['delay']:.1f} ± "
+                f"{res['se']:.1f} ({res['kept']}) | {with_se(*res['vs_known'])} | "
+                f"{with_se(*res['vs_finite'])} |"
             )
-    return rows
+    return rows, results
+
+
+def reading(results: list[dict]) -> str:
+    """The conclusions, every figure computed from this run's table."""
+    ours = (KNOWN, FINITE)
+    peers_ = [r for r in results if r["name"] not in ours]
+    matched = [r for r in peers_ if r["matched"]]
+    out = []
+    unmatched = {(r["stream"], r["name"]): r for r in peers_ if not r["matched"]}
+    finite_unmatched = {r["stream"]: r for r in results if r["name"] == FINITE and not r["matched"]}
+    if unmatched or finite_unmatched:
+        out.append(
+            f"* **Not matched** (ARL0 not within ±{MATCH:.0%} of driftline's known-baseline "
+            "leg, so left out of the verdicts): "
+            + ", ".join(f"{n} on {s} (ARL0 {r['arl0']:.0f} vs {r['target']:.0f})"
+                        for (s, n), r in {**unmatched,
+                                          **{(s, FINITE): r for s, r in finite_unmatched.items()}
+                                          }.items())
+            + "."
+        )
+    for stream in dict.fromkeys(r["stream"] for r in results):
+        rs = [r for r in matched if r["stream"] == stream]
+        if not rs:
+            continue
+        text = (
+            f"* **{stream}** — matched peers' delay at ν = {NU} is "
+            f"{span(r['vs_known'][0] for r in rs)} × driftline's with the known baseline and "
+            f"{span(r['vs_finite'][0] for r in rs)} × driftline's judging against a "
+            f"{REF_N:,}-sample reference. "
+        )
+        for key, who in (("vs_known", "known baseline"), ("vs_finite", "finite reference")):
+            if key == "vs_finite" and stream in finite_unmatched:
+                continue
+            items = [(f"{r['name']} on {r['cell']}", r[key][0], r[key][1], 1.0, r[key][0] > 1.0)
+                     for r in rs]
+            text += verdict(items, f"Lower delay than each peer, driftline with the {who} "
+                            "(peer / driftline > 1)", show_target=False) + ". "
+        out.append(text.rstrip())
+    fin = [r for r in results if r["name"] == FINITE]
+    if fin:
+        out.append(
+            f"* **Price of a finite reference** — judging against the bounds of a {REF_N:,}-sample "
+            "reference, at the same measured ARL0, driftline's delay is "
+            + ", ".join(f"{with_se(*r['vs_known'])} × (on {r['stream']} {r['cell']})" for r in fin)
+            + " its delay with the baseline known exactly."
+        )
+    known = {(r["stream"], r["cell"]): r["kept"] for r in results if r["name"] == KNOWN}
+    low = [r for r in results if r["kept"] < 0.8 * known[r["stream"], r["cell"]]]
+    if low:
+        out.append(
+            f"* **Runs kept** — delays are conditional on no false alarm before ν = {NU}; "
+            "fewer than 80 % as many runs as driftline's (known baseline) remain for "
+            + ", ".join(f"{r['name']} on {r['stream']} {r['cell']} ({r['kept']} of {r['runs']}, "
+                        f"driftline {known[r['stream'], r['cell']]})" for r in low)
+            + ": their delays describe only the runs that survived."
+        )
+    return "\n".join(out)
 
 
 def run(runs: int, with_alibi: bool) -> str:
@@ -288,11 +394,11 @@ def run(runs: int, with_alibi: bool) -> str:
     into[0] = p[0] + 0.1
     vanish = p * (1 + p[0] / (1 - p[0]))
     vanish[0] = 0.0
-    rows = family(
+    rows, results = family(
         f"cluster mix K={K}", p, [("into ε=0.1", into), ("k vanishes", vanish)], runs, with_alibi
     )
     p_ood = np.array([0.99, 0.01])
-    rows += family(
+    rows_ood, results_ood = family(
         "OOD p0=0.01",
         p_ood,
         [(f"×{r}", np.array([1 - r / 100, r / 100])) for r in (3, 10)],
@@ -301,17 +407,21 @@ def run(runs: int, with_alibi: bool) -> str:
     )
     return "\n".join(
         [
-            "### Peers at equal measured ARL0 (`benchmarks/peers.py`, side environment)",
-            "",
             f"γ = 10³, {runs} runs per estimate; ARL0 measured on the same no-change streams for "
-            "every detector; delay at ν = 200 (runs with a false alarm before ν dropped; how many "
-            "remain in brackets); last column = delay / ours.",
+            f"every detector (matched: within ±{MATCH:.0%} of driftline's known-baseline leg); "
+            f"delay at ν = {NU} (runs with a false alarm before ν dropped; how many remain in "
+            "brackets); last columns = delay / driftline's with the known baseline and with "
+            f"the {REF_N:,}-sample reference, ± one standard error (paired, delta method).",
             "",
-            "| stream | shift | detector | tuned knob | ARL0 | delay ν=200 | × ours |",
-            "|---|---|---|---|---|---|---|",
+            "| stream | shift | detector | tuned knob | ARL0 | delay ν=200 | × ours (known) | "
+            "× ours (reference) |",
+            "|---|---|---|---|---|---|---|---|",
             *rows,
+            *rows_ood,
             "",
-            READING,
+            "Reading this run (every figure computed from the table above):",
+            "",
+            reading(results + results_ood),
         ]
     )
 
@@ -323,8 +433,11 @@ def main() -> None:
     )
     ap.add_argument("--runs", type=int, default=300, help="runs per ARL0 / delay estimate")
     ap.add_argument("--quick", action="store_true", help="30 runs, no alibi-detect")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "detection.md",
+                    help="results file; the section goes after its peers marker")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--status", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--argv", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if not args.inner:
         status = ensure_venv(args.venv)
@@ -337,19 +450,31 @@ def main() -> None:
             "--inner",
             "--runs",
             str(args.runs),
+            "--out",
+            str(args.out),
             "--status",
             "; ".join(f"{k} {v[:80]}" for k, v in status.items()),
+            "--argv",
+            shlex.join(sys.argv),
         ]
         sys.exit(subprocess.run(cmd + (["--quick"] if args.quick else []), env=env).returncode)
     from importlib.metadata import version
 
-    t0 = time.perf_counter()
-    section = run(runs=30 if args.quick else args.runs, with_alibi=not args.quick)
-    versions = ", ".join(f"{p} {version(p)}" for p in PACKAGES)
-    section += f"\n{versions} ({args.status}); {time.perf_counter() - t0:.0f} s.\n"
-    out = ROOT / "benchmarks" / "results" / "detection.md"
+    meta = RunMeta(argv=shlex.split(args.argv) if args.argv else sys.argv)
+    body = run(runs=30 if args.quick else args.runs, with_alibi=not args.quick)
+    versions = [f"{p} {version(p)}" for p in PACKAGES]
+    section = "\n".join([
+        "### Peers at equal measured ARL0 (`benchmarks/peers.py`, side environment)",
+        "",
+        *meta.lines(versions),
+        f"- side environment {args.venv}: {args.status}",
+        "",
+        body,
+    ]) + "\n"
+    out = args.out
     head = out.read_text().split(MARKER)[0] if out.exists() else ""
-    out.write_text(head.rstrip("\n") + f"\n\n{MARKER}\n{section}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text((head.rstrip("\n") + "\n\n" if head.strip() else "") + f"{MARKER}\n{section}")
     print(section)
 
 
