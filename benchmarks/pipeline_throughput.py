@@ -16,8 +16,9 @@
    created (a few updates each) and in steady state (every event-time count bucket filled),
    without and with predictions (the prediction-mix and confidence detectors), and restored
    from their checkpoint records as after a restart; plus each slice's checkpoint record in
-   bytes and a breakdown of a slice by component. Needs neither Kafka nor Redis: the stage's
-   consumer is a stand-in and nothing is checkpointed (``--parts 3`` starts no stack).
+   bytes, the per-slice gauge series, and a breakdown of a slice by component. Needs neither
+   Kafka nor Redis: the stage's consumer and its store's Redis client are stand-ins
+   (``--parts 3`` starts no stack).
 
     .venv/bin/python benchmarks/pipeline_throughput.py            # full sizes, a few minutes
     .venv/bin/python benchmarks/pipeline_throughput.py --quick    # small sizes, < 2 min
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import base64
 import cProfile
+import ctypes
 import faulthandler
 import functools
 import gc
@@ -63,8 +65,9 @@ from prometheus_client import CollectorRegistry
 
 from driftline import runner
 from driftline.config import Settings
-from driftline.consumers.checkpoint import decode_record, encode_record, encode_summary
+from driftline.consumers.checkpoint import CheckpointStore, encode_record, encode_summary
 from driftline.consumers.detect_stage import (
+    GAUGED_TEMPLATES,
     MAX_POLL_RECORDS,
     POLL_TIMEOUT_MS,
     DetectStage,
@@ -932,6 +935,14 @@ def memory_updates(ref: Reference, n_slices: int, per_slice: int, spacing_s: flo
     return out
 
 
+def _malloc_trim() -> bool:
+    """glibc's ``malloc_trim(0)``: free heap pages back to the system (False: not glibc)."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def _rss_bytes() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -941,23 +952,119 @@ def _rss_bytes() -> int:
 
 class _NoConsumer:
     """The memory part's stand-in for the stage's Kafka consumer: it measures slices, which
-    ``apply_batch`` and ``restore_slice`` build without one."""
+    ``apply_batch``, ``checkpoint`` and ``_restore_pending`` build and keep without one."""
+
+    def seek(self, *args: Any) -> None:
+        pass
+
+    def seek_to_beginning(self, *args: Any) -> None:
+        pass
+
+    def pause(self, *args: Any) -> None:
+        pass
+
+    def resume(self, *args: Any) -> None:
+        pass
+
+    def commit(self, offsets: Any = None) -> None:
+        pass
 
     def close(self, autocommit: bool = False) -> None:
         pass
 
 
-def memory_stage(ref_dir: Path) -> tuple[Reference, DetectStage]:
+class _MemPipe:
+    """A transaction of :class:`_MemRedis`: each call's reply, in order, at ``execute``."""
+
+    def __init__(self, client: _MemRedis) -> None:
+        self.client = client
+        self.replies: list[Any] = []
+
+    def __enter__(self) -> _MemPipe:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+    def watch(self, *keys: str) -> None:
+        pass
+
+    def multi(self) -> None:
+        pass
+
+    def mget(self, keys: list[str]) -> list[bytes]:
+        return self.client.mget(keys)
+
+    def incr(self, key: str) -> None:
+        self.replies.append(1)
+
+    def hget(self, key: str, field: str) -> None:
+        self.replies.append(None)
+
+    def hgetall(self, key: str) -> None:
+        self.replies.append(self.client.hgetall(key))
+
+    def hset(self, key: str, mapping: dict[str, Any]) -> None:
+        self.replies.append(None)
+
+    def hdel(self, key: str, *fields: str) -> None:
+        self.replies.append(None)
+
+    def xadd(self, key: str, fields: dict[str, Any], **kw: Any) -> None:
+        self.replies.append(None)
+
+    def execute(self) -> list[Any]:
+        replies, self.replies = self.replies, []
+        return replies
+
+
+class _MemRedis:
+    """The memory part's stand-in for Redis under the stage's own ``CheckpointStore``: epochs
+    (always 1), no reset requests, a partition's state records (``records``, what a restored
+    case loads; each reply a copy, as a client's is) and the checkpoint's transaction, whose
+    writes are dropped: what Redis would hold is not the stage's memory."""
+
+    def __init__(self, records: dict[int, dict[str, bytes]] | None = None) -> None:
+        self.records = records or {}
+
+    def pipeline(self, transaction: bool = True) -> _MemPipe:
+        return _MemPipe(self)
+
+    def mget(self, keys: list[str]) -> list[bytes]:
+        return [b"1" for _ in keys]
+
+    def xrange(self, key: str, min: str = "-", count: int | None = None) -> list[Any]:
+        return []
+
+    def hgetall(self, key: str) -> dict[bytes, bytes]:
+        partition = int(key.rsplit(":", 1)[1])
+        return {sid.encode(): bytes(memoryview(raw))
+                for sid, raw in self.records.get(partition, {}).items()}
+
+
+def memory_stage(ref_dir: Path) -> tuple[Reference, DetectStage, CollectorRegistry]:
     """The stage ``runner.build_detect_stage`` builds (its ``new_slice`` and ``restore_slice``
-    factories, its settings' defaults), with a stand-in consumer: no Kafka, and no Redis call
-    (``CheckpointStore`` connects on first use, never made here)."""
+    factories, its settings' defaults, its metrics), with a stand-in consumer and the real
+    ``CheckpointStore`` over a stand-in Redis client (:class:`_MemRedis`): no Kafka or Redis."""
     ref = load_reference(ref_dir)
     settings = Settings(reference_dir=ref_dir, detect_group="memory")
+    registry = CollectorRegistry()
     with mock.patch.object(runner, "make_consumer", lambda *a, **k: _NoConsumer()):
-        stage = build_detect_stage(settings, CollectorRegistry(), ref)
+        stage = build_detect_stage(settings, registry, ref)
+    stage.store = CheckpointStore(_MemRedis(), prefix="memory")  # type: ignore[arg-type]
     stage.parts = {p: PartitionState(epoch=1, next_offset=None, slices={})
                    for p in range(PARTITIONS)}
-    return ref, stage
+    return ref, stage, registry
+
+
+# the per-slice gauges of station and station×shift slices (DetectMetrics)
+SLICE_GAUGES = ("driftline_detect_statistic_ratio", "driftline_detect_open_alarms",
+                "driftline_detect_ood_ratio", "driftline_detect_cluster_share_ratio")
+
+
+def gauge_series(registry: CollectorRegistry) -> int:
+    """How many per-slice gauge series the stage exports."""
+    return sum(1 for m in registry.collect() for s in m.samples if s.name in SLICE_GAUGES)
 
 
 _WALK_STOP = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
@@ -1023,19 +1130,21 @@ def _feed(stage: DetectStage, values: list[tuple[int, bytes]], now_ms: int) -> N
 
 
 def _restore_all(stage: DetectStage, records: dict[int, dict[str, bytes]]) -> None:
-    """As ``DetectStage`` loads a claimed partition: every record decoded and restored."""
-    for p, recs in records.items():
-        slices = stage.parts[p].slices
-        for sid, raw in recs.items():
-            rec = decode_record(raw)
-            slices[sid] = SliceEntry(stage.restore_slice(rec["state"]),
-                                     {int(src): o for src, o in rec["applied"].items()})
+    """As the stage loads the partitions it was assigned (``DetectStage._restore_pending``:
+    claim, load each partition's records from the store, restore them, publish the gauges of
+    its station and station×shift slices)."""
+    stage.store.r.records = records  # type: ignore[attr-defined]
+    stage.parts = {}
+    stage.pending = set(records)
+    stage._restore_pending()
+    if stage.pending:
+        raise RuntimeError(f"partitions not restored: {sorted(stage.pending)}")
 
 
 def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run in a fresh process: build the stage, feed it (or restore its slices from a fed
-    run's checkpoint records), report what the slices cost."""
-    ref, stage = memory_stage(Path(spec["reference"]))
+    """Run in a fresh process: build the stage, feed it and checkpoint it once (or restore
+    its slices from a fed run's checkpoint records), report what the slices cost."""
+    ref, stage, registry = memory_stage(Path(spec["reference"]))
     now_ms = int(time.time() * 1000)
     restoring = spec.get("restore_from")
     records: dict[int, dict[str, bytes]] = {}
@@ -1045,12 +1154,14 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
         first_p = next(p for p, recs in records.items() if recs)
         first_sid = next(iter(records[first_p]))
         _restore_all(stage, {first_p: {first_sid: records[first_p][first_sid]}})
-        stage.parts[first_p].slices.pop(first_sid)  # first-call costs
+        stage._forget_gauges([first_p])  # first-call costs
+        stage.parts.clear()
     else:
         values = memory_updates(ref, spec["slices"], spec["per_slice"], spec["spacing_s"],
                                 predictions=spec.get("predictions", False))
         stage.apply_batch(0, [Msg("m", 0, 0, None, values[0][1], now_ms)])  # first-call costs
-        stage.parts[0].slices.pop(next(iter(stage.parts[0].slices)))
+        stage.parts[0].slices.clear()
+        stage.parts[0].dirty.clear()
     gc.collect()
     if spec["tracemalloc"]:
         tracemalloc.start()
@@ -1061,25 +1172,40 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         _feed(stage, values, now_ms)
     feed_s = time.perf_counter() - t
-    for part in stage.parts.values():  # as after a checkpoint
-        part.dirty.clear()
-    stage.outbox = []
+    rss_fed = _rss_bytes()  # no collection: one here would change what the checkpoint leaves
+    t = time.perf_counter()
+    if not restoring and not stage.checkpoint():  # its records written, its gauges published
+        raise RuntimeError("the checkpoint did not reach the stand-in store")
+    checkpoint_s = time.perf_counter() - t
     gc.collect()
     rss1 = _rss_bytes()
+    series = gauge_series(registry)
     traced = tracemalloc.get_traced_memory()[0] if spec["tracemalloc"] else None
+    # how much of that is free heap glibc kept (the transients of the checkpoint or restore)
+    rss_trimmed = _rss_bytes() if _malloc_trim() else None
     sites: list[tuple[str, int]] = []
+    gauge_bytes = None
     if spec["tracemalloc"]:
         snap = tracemalloc.take_snapshot().filter_traces(
             [tracemalloc.Filter(False, tracemalloc.__file__)])
-        tracemalloc.stop()
         root = str(Path(__file__).resolve().parents[1]) + os.sep
         for stat in snap.statistics("lineno")[:8]:
             frame = stat.traceback[0]
             where = frame.filename.replace(root, "").split("site-packages" + os.sep)[-1]
             sites.append((f"{where}:{frame.lineno}", int(stat.size)))
+        del snap
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0]
+        stage._forget_gauges(list(stage.parts))  # as on a revoke: what the gauges held goes
+        gc.collect()
+        gauge_bytes = held - tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        if gauge_series(registry):
+            raise RuntimeError("gauge series left after the stage forgot its partitions")
     entries = [e for part in stage.parts.values() for e in part.slices.values()]
-    components = (slice_components(entries, [entries[0].model.baselines])  # type: ignore[attr-defined]
-                  if spec["tracemalloc"] else {})
+    components = (slice_components(  # the stage's metrics are the worker's
+        entries, [entries[0].model.baselines, stage.metrics])  # type: ignore[attr-defined]
+        if spec["tracemalloc"] else {})
     t = time.thread_time()
     sizes = [len(encode_record({"state": e.model.snapshot(), "applied": e.applied}))
              for e in entries]
@@ -1098,7 +1224,11 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     counts = entries[0].model.det.counts  # type: ignore[attr-defined]
     stage.consumer.close(autocommit=False)
     return {"slices": len(entries), "updates": len(values), "rss_delta": rss1 - rss0,
-            "rss": rss1, "traced": traced, "feed_s": feed_s,
+            "rss_fed": rss_fed - rss0,
+            "rss_trimmed": None if rss_trimmed is None else rss_trimmed - rss0,
+            "rss": rss1, "traced": traced, "feed_s": feed_s, "checkpoint_s": checkpoint_s,
+            "gauge_series": series, "gauge_bytes": gauge_bytes,
+            "gauged": sum(e.model.template in GAUGED_TEMPLATES for e in entries),
             "snapshot_mean": float(np.mean(sizes)), "snapshot_median": float(np.median(sizes)),
             "snapshot_max": int(max(sizes)), "snapshot_total": int(sum(sizes)),
             "summary_mean": float(np.mean(summaries)), "sites": sites,
@@ -1183,22 +1313,55 @@ def memory_part(work: Path, sizes: Sizes, report: list[str]) -> dict[str, Any]:
     report += [
         "## 3. Detect-stage memory for live slices", "",
         "Slices created by the stage's own `new_slice` factory (`runner.build_detect_stage`, "
-        "with a stand-in consumer: no Kafka or Redis is used) "
+        "with a stand-in consumer and its `CheckpointStore` over a stand-in Redis client that "
+        "drops what is written: no Kafka or Redis is used) "
         "through `DetectStage.apply_batch` (parse, dedupe by source offset, "
-        "`SliceState.update`), in a fresh subprocess; RSS (`/proc/self/status`) and "
-        "tracemalloc measured after a "
-        "`gc.collect()` with dirty sets cleared as a checkpoint would. Slices: 1/25 stations, "
+        "`SliceState.update`), then one `DetectStage.checkpoint` (records and summaries "
+        "encoded and handed to the store, the per-slice gauges published), in a fresh "
+        "subprocess; RSS (`/proc/self/status`) and tracemalloc measured after a "
+        "`gc.collect()`. Slices: 1/25 stations, "
         "3/25 station×shift, 3 shifts, the rest lots. *Steady* feeds each slice over more than "
         "4 h of event time so every one of its 48 event-time count buckets (5 min) is filled — "
         "the size a slice keeps for as long as it lives. *With predictions* every update "
         "carries its model's predicted label and score, against a reference built with them "
         f"({len(PRED_LABELS)} labels): each slice also runs the prediction-mix and confidence "
         f"detectors ({', '.join(results['steady+pred']['detectors'])}). *Restored*: the same "
-        "slices in a new process, decoded from their checkpoint records and restored by the "
-        "stage's `restore_slice` as after a restart or a rebalance, before their next event.",
+        "slices in a new process, loaded as after a restart or a rebalance by the stage's own "
+        "`_restore_pending` (claim, each partition's records loaded from the store and "
+        "restored by `restore_slice`, the station and station×shift slices' gauges published), "
+        "before their next event.",
         "",
         f"| case | slices measured | measure | kB/slice | MB at {target_n:,} slices |",
         "|---|---|---|---|---|", *rows, "",
+        f"RSS delta at {target_n:,} slices, MB, when it was read: after the feed, before the "
+        "checkpoint (no collection first; the figure earlier versions of this benchmark "
+        "published, which left out the checkpoint and the gauges); after the checkpoint or "
+        "the restore and a `gc.collect()` (**the figure above**); after glibc's "
+        "`malloc_trim(0)` (free heap returned to the system: what the checkpoint's or the "
+        "restore's transient objects left behind, not live objects); and the live objects by "
+        "tracemalloc (scaled from its run):", "",
+        "| case | after the feed | **after the checkpoint / restore** | after `malloc_trim(0)` "
+        "| tracemalloc |", "|---|---|---|---|---|",
+        *[f"| {c.label} | "
+          + ("–" if c.restored else f"{at_target(results[case], 'rss_fed'):.1f}")
+          + f" | **{figures[case]:.1f}** | "
+          + ("–" if results[case]["rss_trimmed"] is None
+             else f"{at_target(results[case], 'rss_trimmed'):.1f}")
+          + " | " + (f"{at_target(results[case + '-traced'], 'traced'):.1f}"
+                     if case + "-traced" in results else "–") + " |"
+          for case, c in cases.items()], "",
+        "Of which the per-slice gauges (`driftline_detect_statistic_ratio`, "
+        "`driftline_detect_open_alarms`, `driftline_detect_ood_ratio`, "
+        "`driftline_detect_cluster_share_ratio`) of the station and station×shift slices: "
+        "series exported, and what the stage's gauges held by tracemalloc (the memory freed "
+        "when the stage forgets them, as on a revoke; tracemalloc runs):", "",
+        f"| case | gauged slices | series | series at {target_n:,} slices | B/series | "
+        f"MB at {target_n:,} slices |", "|---|---|---|---|---|---|",
+        *[f"| {cases[key.split('-')[0]].label} | {r['gauged']:,} of {r['slices']:,} | "
+          f"{r['gauge_series']:,} | {r['gauge_series'] / r['slices'] * target_n:,.0f} | "
+          f"{r['gauge_bytes'] / max(1, r['gauge_series']):,.0f} | "
+          f"{r['gauge_bytes'] / r['slices'] * target_n / mb:.1f} |"
+          for key, r in results.items() if r["gauge_bytes"] is not None], "",
         f"Whole process RSS with {fresh['slices']:,} fresh slices: {fresh['rss'] / mb:.0f} MB, "
         f"with {steady_r['slices']:,} steady slices: {steady_r['rss'] / mb:.0f} MB — "
         "interpreter, numpy, faiss, pydantic, kafka-python, the reference, and this test's own "
