@@ -7,9 +7,13 @@ ids, whose cardinality grows without limit.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import threading
+from array import array
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 from driftline.core.slices import DETECTORS
 from driftline.schema import RejectReason
@@ -70,6 +74,113 @@ class EmbedMetrics:
             "Event time of the newest event per station", ["station"], registry=registry)
 
 
+class GaugeDefinition(NamedTuple):
+    name: str
+    documentation: str
+    labelnames: tuple[str, ...]
+
+
+# the detect stage's per-slice gauges (SliceGauges), in the order they are exported
+STATISTIC_RATIO = GaugeDefinition(
+    "driftline_detect_statistic_ratio",
+    "Detector statistic / threshold for station and station+shift slices, at "
+    "checkpoint time: the detector alarms at 1 and restarts from 0 in the same update, "
+    "so this stays below 1 (driftline_detect_open_alarms says which alarms are open)",
+    ("station", "shift", "detector"))
+OPEN_ALARMS = GaugeDefinition(
+    "driftline_detect_open_alarms",
+    "1 while the detector has an open alarm on the station or station+shift slice "
+    "(from its crossing until it clears or its incident is resolved), else 0",
+    ("station", "shift", "detector"))
+OOD_RATIO = GaugeDefinition(
+    "driftline_detect_ood_ratio",
+    "Out-of-distribution rate over the last hour of event time / reference rate",
+    ("station", "shift"))
+CLUSTER_SHARE = GaugeDefinition(
+    "driftline_detect_cluster_share_ratio",
+    "Share of the last hour's events (event time) per reference cluster",
+    ("station", "cluster"))
+
+
+class _Layout(NamedTuple):
+    """Which series a slice's record holds, in the order of its values (shared by slices)."""
+
+    detectors: tuple[str, ...]  # a statistic ratio each
+    alarm_detectors: tuple[str, ...]  # an open-alarm value each
+    ood: bool
+    clusters: tuple[str, ...]  # a cluster share each
+
+
+class SliceGauges:
+    """The gauges of station and station+shift slices (bounded labels): ``STATISTIC_RATIO``,
+    ``OPEN_ALARMS``, ``OOD_RATIO`` and ``CLUSTER_SHARE``, built at scrape time from one
+    immutable record per slice — its label values, a shared layout and a packed array of
+    values — instead of a prometheus_client child per series (~800 B each: 17,600 series,
+    14 MB, for the 1,600 gauged slices of 10,000; benchmarks/results/detect_memory.md).
+
+    The detect stage replaces a slice's record at each checkpoint (:meth:`set`; series the
+    slice no longer has go with the old record) and removes it when the slice leaves
+    (:meth:`remove`). Scrapes run on another thread: records are swapped and copied out
+    under a lock, and never changed in place.
+    """
+
+    families = (STATISTIC_RATIO, OPEN_ALARMS, OOD_RATIO, CLUSTER_SHARE)
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._lock = threading.Lock()
+        self._records: dict[tuple[str, str], tuple[_Layout, array[float]]] = {}
+        self._layouts: dict[_Layout, _Layout] = {}
+        registry.register(self)
+
+    def set(self, station: str, shift: str, ratios: Mapping[str, float],
+            open_alarms: Collection[str], ood_ratio: float | None = None,
+            cluster_shares: Mapping[int, float] | None = None) -> None:
+        """The slice (``station``, ``shift``) now exports a statistic ratio per detector of
+        ``ratios``, an open-alarm value (1 if in ``open_alarms``, else 0) per detector of
+        either, its OOD ratio if known and its cluster shares if given — and nothing else."""
+        shares = cluster_shares or {}
+        alarms = tuple(sorted({*ratios, *open_alarms}))
+        layout = _Layout(tuple(ratios), alarms, ood_ratio is not None,
+                         tuple(str(c) for c in shares))
+        layout = self._layouts.setdefault(layout, layout)
+        values = array("d", [float(v) for v in ratios.values()])
+        values.extend([float(d in open_alarms) for d in alarms])
+        if ood_ratio is not None:
+            values.append(float(ood_ratio))
+        values.extend([float(v) for v in shares.values()])
+        with self._lock:
+            self._records[station, shift] = (layout, values)
+
+    def remove(self, station: str, shift: str) -> None:
+        """The slice's series go (none if it has no record)."""
+        with self._lock:
+            self._records.pop((station, shift), None)
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily(d.name, d.documentation, labels=d.labelnames)
+                for d in self.families]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        with self._lock:
+            records = list(self._records.items())
+        ratio, alarm, ood, share = self.describe()
+        for (station, shift), (layout, values) in records:
+            i = 0
+            for detector in layout.detectors:
+                ratio.add_metric((station, shift, detector), values[i])
+                i += 1
+            for detector in layout.alarm_detectors:
+                alarm.add_metric((station, shift, detector), values[i])
+                i += 1
+            if layout.ood:
+                ood.add_metric((station, shift), values[i])
+                i += 1
+            for cluster in layout.clusters:
+                share.add_metric((station, cluster), values[i])
+                i += 1
+        yield from (ratio, alarm, ood, share)
+
+
 class DetectMetrics:
     """Detect stage: updates applied, duplicates, alarms, drift statistics, checkpoints.
     ``templates`` and ``detectors``: the alarm counter's label values, exported at 0."""
@@ -98,25 +209,7 @@ class DetectMetrics:
         for template in templates:
             for detector in detectors:
                 self.alarms.labels(template, detector)
-        self.ratio = Gauge(
-            "driftline_detect_statistic_ratio",
-            "Detector statistic / threshold for station and station+shift slices, at "
-            "checkpoint time: the detector alarms at 1 and restarts from 0 in the same update, "
-            "so this stays below 1 (driftline_detect_open_alarms says which alarms are open)",
-            ["station", "shift", "detector"], registry=registry)
-        self.open_alarms = Gauge(
-            "driftline_detect_open_alarms",
-            "1 while the detector has an open alarm on the station or station+shift slice "
-            "(from its crossing until it clears or its incident is resolved), else 0",
-            ["station", "shift", "detector"], registry=registry)
-        self.ood_ratio = Gauge(
-            "driftline_detect_ood_ratio",
-            "Out-of-distribution rate over the last hour of event time / reference rate",
-            ["station", "shift"], registry=registry)
-        self.cluster_share = Gauge(
-            "driftline_detect_cluster_share_ratio",
-            "Share of the last hour's events (event time) per reference cluster",
-            ["station", "cluster"], registry=registry)
+        self.slices = SliceGauges(registry)
         self.retired = Counter(
             "driftline_detect_slices_retired_total",
             "Idle slices retired: removed from memory and Redis, or started afresh when "

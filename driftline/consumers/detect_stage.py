@@ -78,19 +78,17 @@ new slice: counted once in the statistics that exist, never twice in one slice's
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple, Protocol
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
-from prometheus_client import Gauge
 from pydantic import ValidationError
 from pydantic_core import from_json
 
@@ -156,9 +154,9 @@ class SliceModel(Protocol):
 class SliceEntry:
     model: SliceModel
     applied: dict[int, int] = field(default_factory=dict)  # source partition -> offset
-    # the gauge series published for this slice (gauged templates): what to remove when the
-    # slice's gauges change or its partition moves away
-    series: tuple[tuple[Gauge, tuple[str, ...]], ...] = ()
+    # the (station, shift) its gauges are published under (gauged templates; None: none):
+    # what to remove when its partition moves away or it is retired
+    gauged: tuple[str, str] | None = None
 
 
 @dataclass
@@ -488,7 +486,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                 del part.slices[upd.slice_id]
                 gone = part.retired.get(upd.slice_id)
                 if gone is not None:  # the gauges it took over go with the retired slice
-                    gone.series, entry.series = entry.series, ()
+                    gone.gauged, entry.gauged = entry.gauged, None
             self._skip("unusable")
             log.error("unusable slice-update skipped",
                       extra={"partition": msg.partition, "offset": msg.offset,
@@ -529,7 +527,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         entry = part.slices[sid] = SliceEntry(self.new_slice(upd))
         gone = part.retired.get(sid) if part.retired else None
         if gone is not None:  # the same gauge labels: the new slice's publishing takes them on
-            entry.series, gone.series = gone.series, ()
+            entry.gauged, gone.gauged = gone.gauged, None
         return entry
 
     def _saw(self, part: PartitionState, newest: float) -> None:
@@ -558,16 +556,25 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         return ok
 
     def _publish_gauges(self, entry: SliceEntry, g: dict[str, Any]) -> None:
-        """Gauges for station and station+shift slices (bounded labels), at checkpoint time;
-        series the slice no longer has (an emptied window) are removed, not left frozen."""
-        series = []
-        for gauge, labels, value in self._gauge_series(entry.model, g):
-            gauge.labels(*labels).set(value)
-            series.append((gauge, labels))
-        for gauge, labels in set(entry.series) - set(series):
-            with contextlib.suppress(KeyError):
-                gauge.remove(*labels)
-        entry.series = tuple(series)
+        """Gauges for station and station+shift slices (bounded labels), at checkpoint time
+        (``g``: the slice's :meth:`~SliceModel.gauges`); series the slice no longer has (an
+        emptied window) go, not left frozen."""
+        model = entry.model
+        if model.template not in GAUGED_TEMPLATES:
+            return
+        key = (model.dims["station"], model.dims.get("shift", "all"))
+        # the ratio restarts at the crossing that opens an alarm, so it never reads 1 here:
+        # whether an alarm is open is its own series
+        self.metrics.slices.set(*key, g.get("ratios", {}), model.open, g.get("ood_ratio"),
+                                g.get("cluster_shares") if model.template == "station" else None)
+        if entry.gauged is not None and entry.gauged != key:
+            self.metrics.slices.remove(*entry.gauged)
+        entry.gauged = key
+
+    def _unpublish_gauges(self, entry: SliceEntry) -> None:
+        if entry.gauged is not None:
+            self.metrics.slices.remove(*entry.gauged)
+            entry.gauged = None
 
     def _forget_gauges(self, partitions: Iterable[int]) -> None:
         """Drop the gauges of slices this worker no longer owns: their new owner exports
@@ -577,29 +584,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
             part = self.parts.get(p)
             entries = [*part.slices.values(), *part.retired.values()] if part is not None else []
             for entry in entries:
-                for gauge, labels in entry.series:
-                    with contextlib.suppress(KeyError):  # already gone
-                        gauge.remove(*labels)
-                entry.series = ()
-
-    def _gauge_series(self, model: SliceModel, g: dict[str, Any]
-                      ) -> Iterator[tuple[Gauge, tuple[str, ...], float]]:
-        if model.template not in GAUGED_TEMPLATES:
-            return
-        station, shift = model.dims["station"], model.dims.get("shift", "all")
-        ratios = g.get("ratios", {})
-        for detector, ratio in ratios.items():
-            yield self.metrics.ratio, (station, shift, detector), ratio
-        # the ratio restarts at the crossing that opens an alarm, so it never reads 1 here:
-        # whether an alarm is open is its own series
-        for detector in sorted({*ratios, *model.open}):
-            yield (self.metrics.open_alarms, (station, shift, detector),
-                   float(detector in model.open))
-        if "ood_ratio" in g:
-            yield self.metrics.ood_ratio, (station, shift), g["ood_ratio"]
-        if model.template == "station":
-            for cluster, share in g.get("cluster_shares", {}).items():
-                yield self.metrics.cluster_share, (station, str(cluster)), share
+                self._unpublish_gauges(entry)
 
     # --- checkpoint ----------------------------------------------------------------------
     def _apply_control(self) -> None:
@@ -646,9 +631,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                 continue
             for sid, entry in part.retired.items():
                 afresh += sid in part.slices
-                for gauge, labels in entry.series:
-                    with contextlib.suppress(KeyError):
-                        gauge.remove(*labels)
+                self._unpublish_gauges(entry)
             by_partition[p] = len(part.retired)
             part.retired = {}
         if by_partition:

@@ -293,7 +293,8 @@ def known_metrics() -> dict[str, frozenset[str]]:
     """Sample name -> label names, from every *Metrics class of driftline.metrics.
 
     Labelled metrics emit no sample until a child exists, so names come from each metric's type
-    (a counter samples as ``<name>_total``, a histogram as ``_bucket``, ``_sum``, ``_count``).
+    (a counter samples as ``<name>_total``, a histogram as ``_bucket``, ``_sum``, ``_count``),
+    and a collector's (the detect stage's per-slice gauges) from the gauges it defines.
     """
     registry = CollectorRegistry()
     suffixes = {"counter": ("_total", "_created"), "gauge": ("",),
@@ -305,6 +306,9 @@ def known_metrics() -> dict[str, frozenset[str]]:
             if not name.endswith("Metrics") or cls.__module__ != module.__name__:
                 continue
             for metric in vars(cls(registry)).values():
+                if isinstance(metric, driftline.metrics.SliceGauges):
+                    out.update((d.name, frozenset(d.labelnames)) for d in metric.families)
+                    continue
                 labels = frozenset(metric._labelnames)  # no public accessor in client_python
                 for suffix in suffixes[metric._type]:
                     extra = {"le"} if suffix == "_bucket" else set()
@@ -313,6 +317,7 @@ def known_metrics() -> dict[str, frozenset[str]]:
             "driftline_detect_statistic_ratio", "driftline_incidents_total",
             "driftline_alerts_pushes_total", "driftline_api_requests_total"} <= set(out)
     assert out["driftline_incidents_open"] == {"severity", "status"}
+    assert out["driftline_detect_open_alarms"] == {"station", "shift", "detector"}
     return out
 
 
