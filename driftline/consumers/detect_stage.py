@@ -82,7 +82,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple, Protocol
@@ -290,7 +290,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                     before = self._retuned()
                     slices = {sid: SliceEntry(self.restore_slice(rec["state"]),
                                               {int(src): o for src, o in rec["applied"].items()})
-                              for sid, rec in records.items()
+                              for sid, rec in _drained(records)
                               if self._well_formed(sid, rec["state"].get("template"), p)}
                     after = self._retuned()
                     retuned = None if before is None or after is None else after - before
@@ -906,6 +906,13 @@ def _summary(model: SliceModel, g: dict[str, Any] | None = None) -> dict[str, An
     return {"template": model.template, "dims": model.dims, "n": model.n,
             "last_time": getattr(model, "last_time", None), "ratios": g.get("ratios", {}),
             "ood_ratio": g.get("ood_ratio"), "open": sorted(getattr(model, "open", {}))}
+
+
+def _drained(records: Mapping[str, dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A partition's loaded records one at a time: drained (each decoded as it comes, its bytes
+    dropped) when the store says how (:class:`~driftline.consumers.checkpoint.StoredRecords`)."""
+    drain = getattr(records, "drain", None)
+    return drain() if drain is not None else iter(records.items())
 
 
 def _generation(consumer: Any) -> int | None:
