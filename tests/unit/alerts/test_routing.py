@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any, cast
 
 import httpx
 import pytest
 import redis
+from kafka.errors import KafkaTimeoutError
 from prometheus_client import CollectorRegistry
 
 from driftline.alerts.book import FailureBook
@@ -273,4 +274,142 @@ def test_the_pushed_alert_says_what_to_do_and_links_its_station_dashboard() -> N
     alert = paging.alert(inc)
     assert alert["annotations"]["description"].startswith("Acknowledged, no longer paging")
     assert "/acknowledge" not in alert["annotations"]["description"]
+    paging.close()
+
+
+def test_a_webhook_failure_stops_the_batch_so_no_later_change_overtakes_it() -> None:
+    """The cursor is one position: a later change accepted past a failed one would move it past
+    the failed one too, and that change would never be sent. The batch stops at the failure."""
+    incidents, changes = opened("station=press-3", "station=press-1")
+    down, posted = [True], []
+
+    def hook(request: httpx.Request) -> httpx.Response:
+        msg = json.loads(request.content)
+        posted.append(msg["change_id"])
+        return httpx.Response(503 if down[0] and msg["incident_id"] == "DL-000001" else 200)
+
+    db, registry = MiniRedis(), CollectorRegistry()
+    hooked = router(db, incidents, registry, hook, webhook_url="http://hooks.test/driftline",
+                    webhook_attempts=1)
+    first, second = (db.xadd(c) for c in changes)
+    assert hooked.deliver() == 0 and posted == [first]  # the second waits behind the first
+    assert db.hget(CURSOR, "webhook") == b"0-0"
+    assert (pushes(registry, "webhook", "error"), pushes(registry, "webhook", "ok")) == (1, 0)
+    down[0] = False
+    assert hooked.deliver() == 2 and posted == [first, first, second]  # in order
+    assert db.hget(CURSOR, "webhook") == second.encode()
+    hooked.close()
+
+
+class Future:
+    """A record's send result: ``get`` raises ``error`` if the broker failed it."""
+
+    def __init__(self, error: Exception | None) -> None:
+        self.error = error
+
+    def get(self, timeout: float) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+class Producer:
+    """Sends succeed but for the change ids in ``failing`` (their futures raise)."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.failing: set[str] = set()
+
+    def send(self, topic: str, key: bytes, value: bytes) -> Future:
+        cid = json.loads(value)["change_id"]
+        self.sent.append(cid)
+        return Future(KafkaTimeoutError("batch expired") if cid in self.failing else None)
+
+    def flush(self, timeout: float) -> None:
+        pass
+
+    def close(self, timeout: float) -> None:
+        pass
+
+
+def test_a_kafka_record_failing_part_way_through_a_batch_holds_the_cursor_before_it() -> None:
+    """The producer sends the batch at once; the cursor moves past the records acked from the
+    first, up to the first failed one: the records after it are sent again with it, never
+    skipped (consumers deduplicate by ``change_id``)."""
+    incidents, changes = opened("station=press-3", "station=press-1", "lot=L7")
+    db, registry, producer = MiniRedis(), CollectorRegistry(), Producer()
+    topic = router(db, incidents, registry, lambda request: httpx.Response(200),
+                   producer=producer)
+    first, second, third = (db.xadd(c) for c in changes)
+    producer.failing = {second}
+    assert topic.deliver() == 1 and producer.sent == [first, second, third]
+    assert db.hget(CURSOR, "kafka") == first.encode()
+    assert (pushes(registry, "kafka", "ok"), pushes(registry, "kafka", "error")) == (1, 1)
+    producer.failing = set()
+    assert topic.deliver() == 2 and producer.sent[3:] == [second, third]
+    assert db.hget(CURSOR, "kafka") == third.encode()
+    topic.close()
+
+
+def am_router(incidents: dict[str, Incident], clock: datetime,
+              active: list[Incident] | None = None
+              ) -> tuple[Router, list[dict[str, Any]], CollectorRegistry]:
+    """A router to Alertmanager whose book's active incidents are ``active``, at ``clock``;
+    the alerts it pushes are collected."""
+    sent: list[dict[str, Any]] = []
+
+    def am(request: httpx.Request) -> httpx.Response:
+        sent.extend(json.loads(request.content))
+        return httpx.Response(200)
+
+    registry = CollectorRegistry()
+    book = SimpleNamespace(r=MiniRedis(), changes_key=CHANGES, get=incidents.__getitem__,
+                           active=lambda: list(active or []))
+    paging = Router(cast(FailureBook, book), AlertMetrics(registry),
+                    public_url="http://driftline.test", prefix="t:alerts",
+                    alertmanager_url="http://am.test", clock=lambda: clock,
+                    http=httpx.Client(transport=httpx.MockTransport(am)))
+    return paging, sent, registry
+
+
+def test_resend_re_pushes_the_active_incidents_but_not_the_held_ones() -> None:
+    """A held incident never paged: re-sending it would page it before the plan is stable
+    behind it. It still counts in the held gauge."""
+    incidents, _ = opened("station=press-3", "station=press-1")
+    paged, held = incidents["DL-000001"], incidents["DL-000002"].model_copy(
+        update={"held": True, "held_since": NOW})
+    paging, sent, registry = am_router(incidents, NOW, active=[paged, held])
+    assert paging.resend()
+    assert [a["labels"]["incident_id"] for a in sent] == ["DL-000001"]
+    assert registry.get_sample_value("driftline_incidents_held",
+                                     {"severity": held.severity.value}) == 1
+    paging.close()
+
+
+def test_an_alert_starts_at_its_creation_or_now_and_a_resolved_one_ends_at_its_resolution(
+        ) -> None:
+    """``startsAt`` is the incident's creation, or now when the book's clock is ahead of the
+    router's (Alertmanager refuses no alert for it, but shows it starting in the future);
+    ``endsAt``, sent only once resolved, is its resolution, never before its ``startsAt``,
+    and now when the resolution time is missing."""
+    incidents, _ = opened("station=press-3")
+    inc = incidents["DL-000001"]
+    created, hour = inc.created_at, timedelta(hours=1)
+    paging, _, _ = am_router(incidents, created + 2 * hour)
+
+    def alert(at: datetime, **update: Any) -> dict[str, Any]:
+        paging.clock = lambda: at
+        return paging.alert(inc.model_copy(update=update))
+
+    live = alert(created + 2 * hour)
+    assert live["startsAt"] == "2026-01-05T08:00:00Z" and "endsAt" not in live
+    assert alert(created - hour)["startsAt"] == "2026-01-05T07:00:00Z"  # clock behind
+    resolved = {"status": Status.resolved}
+    done = alert(created + 2 * hour, **resolved, resolved_at=created + hour)
+    assert (done["startsAt"], done["endsAt"]) == ("2026-01-05T08:00:00Z", "2026-01-05T09:00:00Z")
+    assert alert(created + 2 * hour, **resolved)["endsAt"] == "2026-01-05T10:00:00Z"
+    # resolved before it started by the router's clock: ends as it starts, not before
+    early = alert(created + 2 * hour, **resolved, resolved_at=created - hour)
+    assert early["endsAt"] == early["startsAt"] == "2026-01-05T08:00:00Z"
+    skewed = alert(created - 2 * hour, **resolved, resolved_at=created - 3 * hour)
+    assert skewed["endsAt"] == skewed["startsAt"] == "2026-01-05T06:00:00Z"
     paging.close()
