@@ -1013,6 +1013,63 @@ def test_retired_slices_gauges_are_removed_and_a_returning_one_keeps_its_own() -
     assert _retired_total(stage) == 2.0
 
 
+def test_an_idle_slice_with_an_open_alarm_goes_on_when_its_updates_come_back() -> None:
+    """Only a quiet slice restarts afresh after the horizon: restarting one with an open alarm
+    would drop the alarm without the ``clear`` that resolves its incident. Its next event goes
+    on the slice it has, which keeps the alarm until it clears."""
+    stage = _retiring(days=1.0)
+    stage.retire_sweep_s = math.inf  # not swept: the update decides, not the sweep's timing
+    # cluster 2 of baseline s1 (p = 0.1) floods in: an alarm, still open at the lot's end
+    stage.apply_batch(0, [_lot(i, "L-alarm", 0.0, cluster=2, baseline="s1") for i in range(40)])
+    model = stage.parts[0].slices["lot=L-alarm"].model
+    opened = set(model.open)
+    assert opened and model.n == 40
+    stage.outbox.clear()
+    stage.apply_batch(0, [_lot(40, "L-new", 2.0),  # two days on: L-alarm is idle
+                          _lot(41, "L-alarm", 2.0, cluster=0, baseline="s1")])
+    entry = stage.parts[0].slices["lot=L-alarm"]
+    assert entry.model is model and model.n == 41 and set(model.open) == opened
+    assert "lot=L-alarm" not in stage.parts[0].retired
+    assert [m for m in stage.outbox if m["kind"] == "clear"] == []  # still open, not lost
+    assert stage.checkpoint() and stage.store.commits[-1].retired == {}  # type: ignore[attr-defined]
+    assert _retired_total(stage) == 0.0
+
+
+def test_a_slice_an_unusable_update_would_start_is_not_created() -> None:
+    """An update that cannot apply (a cluster the reference does not have) to a slice not held
+    is skipped, and leaves no empty slice behind (one that would be checkpointed, summarised
+    and published with no event); the slice's first usable update starts it."""
+    stage = _retiring(days=0.0)
+    stage.apply_batch(0, [_lot(0, "L1", 0.0), _lot(1, "L2", 0.0, cluster=7)])
+    assert sorted(stage.parts[0].slices) == ["lot=L1"]
+    assert stage.checkpoint()
+    commit = stage.store.commits[-1]  # type: ignore[attr-defined]
+    assert commit.states == {0: {"lot=L1"}} and commit.summaries == {"lot=L1"}
+    assert _skips(stage) == {"unusable": 1.0}
+    stage.apply_batch(0, [_lot(2, "L2", 0.0)])
+    assert stage.parts[0].slices["lot=L2"].model.n == 1
+
+
+def test_an_idle_slice_whose_returning_update_is_unusable_is_retired_with_its_gauges() -> None:
+    """The idle slice is retired when its next update starts a new one; if that update cannot
+    apply, the new slice goes, and the gauges it took over go back to the retired one, which
+    removes them at the checkpoint (left on the discarded slice, they stayed frozen)."""
+    stage = _retiring(days=1.0)
+    stage.retire_sweep_s = math.inf
+    stage.apply_batch(0, [Msg(0, i, _update(i).model_dump_json().encode(), 0)
+                          for i in range(40)])  # stations s1 and s2, day 0
+    assert stage.checkpoint()
+    assert {s[1] for s in _series(stage)} == {"s1", "s2"}
+    stage.apply_batch(0, [Msg(0, 40, _update(41, ts=T0 + timedelta(days=2))
+                              .model_dump_json().encode(), 0)])  # s2, two days on
+    _feed(stage, 41, 1, ts=T0 + timedelta(days=2), cluster=7)  # s1, idle: unusable
+    assert sorted(stage.parts[0].slices) == ["station=s2"]
+    assert list(stage.parts[0].retired) == ["station=s1"]
+    assert stage.checkpoint()
+    assert stage.store.commits[-1].retired == {0: ["station=s1"]}  # type: ignore[attr-defined]
+    assert {s[1] for s in _series(stage)} == {"s2"}
+
+
 def test_with_retirement_off_nothing_is_retired() -> None:
     stage = _retiring(days=0.0)
     stage.apply_batch(0, [_lot(0, "L1", 0.0), _lot(1, "L2", 300.0)])
