@@ -248,7 +248,9 @@ class SliceState:
         else:
             pb = None
             alarms = self._update(upd, t, cluster=False, label_only=late)
-        # the newest event time seen (the gauges' window ends there): events only, never back
+        # the newest event time seen (the gauges' window ends there, the slice's idleness
+        # counts from it): events only — a late label is not activity of the slice, even one
+        # dated after its last event — and never back
         if not late and (self.last_time is None or t > self.last_time):
             self.last_time = t
         if not alarms and not self.open:

@@ -1070,6 +1070,29 @@ def test_an_idle_slice_whose_returning_update_is_unusable_is_retired_with_its_ga
     assert {s[1] for s in _series(stage)} == {"s2"}
 
 
+def test_a_late_label_is_not_activity_of_its_slice() -> None:
+    """Idleness is the slice's newest *event* (README, slice retirement): a label is not one,
+    even one dated after the slice's last event (the embed stage dates a label by its own
+    event when its prediction entry predates the event's time being kept). Counted as
+    activity, it kept an idle lot from retiring and moved the last-hour gauges' window to an
+    hour without events."""
+    stage = _retiring(days=1.0)
+    stage.apply_batch(0, [_lot(i, "L1", 0.0) for i in range(10)])
+    model = stage.parts[0].slices["lot=L1"].model
+    last, before = model.last_time, model.gauges()
+    label = _update(10, slice_id="lot=L1", template="lot", lot="L1",
+                    ts=T0 + timedelta(days=0.9), source_offset=99, label="scratch",
+                    error=True, distance=None, ood=None, late_label=True)
+    stage.apply_batch(0, [Msg(0, 10, label.model_dump_json().encode(), 0)])
+    assert "error_rate" in model.det.detectors  # the label was applied
+    assert model.last_time == last and model.gauges()["cluster_shares"] == before[
+        "cluster_shares"]
+    assert stage.checkpoint() and stage.store.commits[-1].retired == {}  # type: ignore[attr-defined]
+    stage.apply_batch(0, [_lot(11, "L2", 1.5)])  # the horizon passes L1's last event
+    assert stage.checkpoint()
+    assert stage.store.commits[-1].retired == {0: ["lot=L1"]}  # type: ignore[attr-defined]
+
+
 def test_with_retirement_off_nothing_is_retired() -> None:
     stage = _retiring(days=0.0)
     stage.apply_batch(0, [_lot(0, "L1", 0.0), _lot(1, "L2", 300.0)])
