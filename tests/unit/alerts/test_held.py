@@ -100,6 +100,33 @@ def test_a_held_incident_pages_after_hold_max_s_of_event_time() -> None:
         "station=press-3"
 
 
+@pytest.mark.parametrize("order", [(300.0, 600.0, 10.0), (10.0, 600.0, 300.0)])
+def test_the_hold_s_event_clock_is_the_newest_time_of_a_batch_out_of_order(
+        order: tuple[float, ...]) -> None:
+    """A batch holds many messages, from slices of several partitions, not in time order: the
+    book's event clock is the newest time among them, not the first or last applied, nor the
+    oldest. Times are after the held incident's alarm; no wall time passes."""
+    ids = itertools.count(1)
+    policy = BookPolicy(hold_max_s=600.0)
+    summary = {k: SliceStatus.from_summary(k, v) for k, v in fleet().items()}
+    g = Grouper([], summary, now=NOW, new_id=lambda: f"DL-{next(ids):06d}",
+                signatures=dict, policy=policy)
+    first = alarm("station=press-3", 1.0)
+    g.apply(first)
+    g.finish()
+    (inc,) = g.incidents.values()
+    inc.held, inc.held_since = True, inc.detected_at  # as if the plan had opened it
+
+    g = Grouper([inc], summary, now=NOW, new_id=lambda: f"DL-{next(ids):06d}",
+                signatures=dict, policy=policy)
+    for k, later in enumerate(order):  # slices no incident holds: only the clock moves
+        g.apply(clear(f"station=cam-{k}", t=first["time"] + later))
+    g.finish()
+    assert not inc.held
+    (paged,) = [c for c in g.changes if c.routed]
+    assert paged.action == "paged" and "held 600 s" in (paged.note or "")
+
+
 def _paged_alone(*slices: str) -> tuple[Grouper, list[Incident]]:
     """An incident per slice, each opened (and paged) by its alarm in an earlier batch, and
     the Grouper of the next batch."""
