@@ -14,7 +14,9 @@ Two kinds of checks:
   Whenever the bounds hold, ``P(alarm within L events) <= L/γ`` (``R_m(n) - n`` is a
   supermartingale for every member, so Markov's inequality at ``T ∧ L`` and a union over the
   bank give it), so the mixture is at most ``L/γ + (1 - confidence)``. Tolerances: ``Z = 3``
-  binomial standard errors of the measured proportion (one-sided 0.13 %), fixed seeds.
+  binomial standard errors of the measured proportion (one-sided 0.13 %), fixed seeds. Delays:
+  ``Z`` standard errors of the mean, or of the ratio of mean delays (the price of the bounds)
+  above the figure the README quotes (:func:`_price_at_most`).
 """
 
 from __future__ import annotations
@@ -216,6 +218,23 @@ def _bounded_by_best_member(t: np.ndarray, members: list[tuple[float, float]], q
     return best
 
 
+def _price_at_most(after: np.ndarray, before: np.ndarray, quoted: float) -> None:
+    """The bounds' price in delay, ``mean(after) / mean(before)``, is not above ``quoted`` by
+    more than ``Z`` standard errors (one-sided 0.13 % if the true price is ``quoted``). The
+    two run sets share their seed, so run ``i`` of each sees the same events: paired, the
+    delta method's standard error of the ratio of means is ``sd(after - r·before) /
+    (√R · mean(before))``.
+
+    ``quoted`` is the README's table ("The price is delay"), which benchmarks/calibration.py
+    measured with these seeds and run counts: the measured price is that figure, so this is a
+    regression bound on fixed seeds. It fails when a change makes detection against the bounds
+    slower (looser bounds, a member lost from the bank) by more than the runs can tell from
+    noise, and the README's figure would then be stale."""
+    r = float(after.mean() / before.mean())
+    se = float(np.std(after - r * before, ddof=1)) / (math.sqrt(after.size) * before.mean())
+    assert r <= quoted + Z * se, (r, quoted, se)
+
+
 def test_ood_rate_times_ten_is_still_detected_at_the_fleet_budget() -> None:
     n, k, runs = 120, 1, 300
     h = union_threshold(GAMMA, len(OOD_ALTERNATIVES))
@@ -224,8 +243,8 @@ def test_ood_rate_times_ten_is_still_detected_at_the_fleet_budget() -> None:
     before = _delays(bernoulli_model(stated, OOD_ALTERNATIVES), h, post, runs, 5_000, 5)
     after = _delays(bernoulli_model(bound, OOD_ALTERNATIVES), h, post, runs, 5_000, 5)
     _bounded_by_best_member(after, _ood_members(bound), float(post[1]), h)
-    # the price of not knowing the rate to better than 0.1-7 %: ~5x (94 -> ~500 events)
-    assert after.mean() <= 6 * before.mean()
+    # the price of not knowing the rate to better than 0.1-7 %: 94 -> 481 events (README)
+    _price_at_most(after, before, 481 / 94)
 
 
 def test_cluster_shift_is_still_detected_at_the_fleet_budget() -> None:
@@ -236,7 +255,7 @@ def test_cluster_shift_is_still_detected_at_the_fleet_budget() -> None:
     q = np.full(K, 1 / K)
     post = q * (1 - eps / (1 - q[0]))
     post[0] = q[0] + eps
-    for n, factor in ((1000, 4.0), (10_000, 1.5)):
+    for n, quoted in ((1000, 1369 / 422), (10_000, 562 / 415)):  # the README's delays
         counts = np.full(K, n // K)
         counts[: n % K] += 1
         p = smoothed(counts, q, 0.5)
@@ -246,7 +265,7 @@ def test_cluster_shift_is_still_detected_at_the_fleet_budget() -> None:
         after = _delays(mix_model([np.stack([lower, upper])], DEFAULT_EPSILONS,
                                   DEFAULT_FRACTIONS), h, post, runs, 20_000, 6)
         _bounded_by_best_member(after, _mix_members(lower[0], upper[0]), float(post[0]), h)
-        assert after.mean() <= factor * before.mean()
+        _price_at_most(after, before, quoted)
 
 
 def test_a_small_cell_bounds_say_which_cluster_shifts_it_can_see() -> None:

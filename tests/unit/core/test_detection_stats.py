@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.stats import binom, norm
 
 from driftline.core.bernoulli import OOD_ALTERNATIVES, bernoulli_table
 from driftline.core.budget import tighten_threshold
@@ -26,6 +27,16 @@ Z = 3.0
 
 def _slack(x: np.ndarray) -> float:
     return Z * float(x.std(ddof=1)) / math.sqrt(x.size)
+
+
+def _median_within(x: np.ndarray, target: float) -> None:
+    """DESIGN §7's "median onset error ≤ 0.25 × delay", as a sign test: were the median of
+    ``x``'s law exactly ``target``, the runs at most ``target`` would be Binomial(R, 1/2) (or
+    more); fewer than its ``Φ(-Z)`` quantile fails (one-sided 0.13 %). A sample median above
+    ``target`` by sampling noise alone passes. ``target`` is taken as exact: it scales the
+    runs' median delay, whose own error is 3-5 % at these run counts (bootstrap)."""
+    need = int(binom.ppf(norm.cdf(-Z), x.size, 0.5))
+    assert int((x <= target).sum()) >= need, (float(np.median(x)), target)
 
 
 def test_analytic_threshold_keeps_arl0_with_per_event_baselines() -> None:
@@ -95,7 +106,7 @@ def test_cluster_mix_delay_and_onset() -> None:
     for nu, seed in ((0, 3), (300, 4)):
         delay, onset_err = _delay_and_onset(model, h, p, q, nu, seed)
         assert delay.mean() <= bound + _slack(delay)
-        assert np.median(onset_err) <= 0.25 * np.median(delay)
+        _median_within(onset_err, 0.25 * float(np.median(delay)))
 
 
 def test_ood_rate_delay_and_onset() -> None:
@@ -111,4 +122,4 @@ def test_ood_rate_delay_and_onset() -> None:
     for nu, seed in ((0, 5), (300, 6)):
         delay, onset_err = _delay_and_onset(model, h, p, q, nu, seed)
         assert delay.mean() <= bound + _slack(delay)
-        assert np.median(onset_err) <= 0.25 * np.median(delay) + first_flag
+        _median_within(onset_err, 0.25 * float(np.median(delay)) + first_flag)
