@@ -168,8 +168,14 @@ def detect_done(pipe: Pipeline, at_least: int = 1, prefix: str = "dl:detect") ->
     ends = pipe.end_offsets(pipe.updates_topic)
     if sum(ends.values()) < at_least:
         return False
-    stored = {int(k): int(v) for k, v in pipe.redis().hgetall(f"{prefix}:offsets").items()}
+    stored = checkpointed(pipe, prefix)
     return all(stored.get(p, 0) >= e for p, e in ends.items())
+
+
+def checkpointed(pipe: Pipeline, prefix: str = "dl:detect") -> dict[int, int]:
+    """The slice-updates offsets, per partition, that the detect stage's last checkpoints
+    stored: where a restarted worker reads from."""
+    return {int(k): int(v) for k, v in pipe.redis().hgetall(f"{prefix}:offsets").items()}
 
 
 def states(pipe: Pipeline, prefix: str = "dl:detect") -> dict[str, dict[str, Any]]:
@@ -224,6 +230,23 @@ class Worker:
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
+
+    def pause(self) -> None:
+        """SIGSTOP: the worker stays as it is (its sockets open) until :meth:`resume` or
+        :meth:`kill`."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def metric(self, sample: str) -> float:
+        """The sum of ``sample``'s series in the worker's ``/metrics`` (0 if it has none)."""
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=5).text
+        return sum(s.value for fam in text_string_to_metric_families(text)
+                   for s in fam.samples if s.name == sample)
 
     def terminate(self, timeout: float = 60) -> int:
         self.proc.send_signal(signal.SIGTERM)

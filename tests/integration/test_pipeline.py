@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from driftline.consumers.repartition import partition_for
 from driftline.localstack import Stack
@@ -23,6 +24,7 @@ from tests.integration.pipeline_support import (
     Pipeline,
     Stream,
     Worker,
+    checkpointed,
     detect_done,
     free_port,
     make_reference,
@@ -33,6 +35,7 @@ from tests.integration.pipeline_support import (
 
 pytestmark = pytest.mark.integration
 _db = itertools.count(1)
+APPLIED = "driftline_detect_slice_updates_total"  # a detect worker's, since it started
 
 
 @pytest.fixture(scope="module")
@@ -126,17 +129,25 @@ def test_detect_worker_sigkill_gives_the_same_states(
     workers: list[Worker],
 ) -> None:
     """Embed once; detect twice over the same slice-updates (same order per slice): once
-    uninterrupted, once SIGKILLed twice mid-stream. States must be equal, exactly."""
+    uninterrupted, once SIGKILLed twice mid-stream. States must be equal, exactly.
+
+    The stage applies the whole stream in a fraction of a second, so the killed run is fed a
+    copy of the slice-updates in parts (same partitions, same order): each kill lands while
+    the rest of the stream is still to come, and after updates applied since the worker's
+    last checkpoint, which its restart must read and apply again."""
     base = re.sub(r"/\d+$", "", redis_url.rstrip("/"))
     pipe = Pipeline(kafka_bootstrap, f"{base}/{next(_db)}", reference)
     pipe.redis().flushdb()
     pipe.create_topics()
     docs = Stream(n=2000, seed=6, change_station="s1", change_at=1300).events()
+    total = 4 * len(docs)
     pipe.produce(docs)
     embed = start(pipe, "embed", tmp_path, workers)
-    wait_for(lambda: sum(pipe.end_offsets(pipe.updates_topic).values()) >= 4 * len(docs),
+    wait_for(lambda: sum(pipe.end_offsets(pipe.updates_topic).values()) >= total,
              180, "the embed stage to produce every slice-update")
     embed.terminate()
+    updates = sorted(pipe.read_topic(pipe.updates_topic), key=lambda m: (m.offset, m.partition))
+    assert len(updates) == total
 
     clean = Pipeline(kafka_bootstrap, f"{base}/{next(_db)}", reference, name=pipe.name)
     clean.redis().flushdb()
@@ -144,15 +155,48 @@ def test_detect_worker_sigkill_gives_the_same_states(
     wait_detected(clean, workers, len(docs))
     w.terminate()
 
-    crashy = Pipeline(kafka_bootstrap, f"{base}/{next(_db)}", reference, name=pipe.name)
+    crashy = Pipeline(kafka_bootstrap, f"{base}/{next(_db)}", reference)
     crashy.redis().flushdb()
-    group = {"DRIFTLINE_DETECT_GROUP": f"crashy-{pipe.name}"}
+    crashy.create_topics()
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all",
+                             max_in_flight_requests_per_connection=1)
+    fed = 0
+
+    def feed(upto: int) -> None:
+        nonlocal fed
+        for m in updates[fed:upto]:
+            producer.send(crashy.updates_topic, key=m.key, value=m.value, partition=m.partition,
+                          headers=m.headers)
+        producer.flush()
+        fed = upto
+
+    def stored() -> int:
+        return sum(checkpointed(crashy).values())
+
+    # Checkpoints 5 s apart while a kill is prepared: the one that covers the updates fed so
+    # far is followed by a few hundred more, applied (the worker's counter says so) and
+    # killed well before the next checkpoint is due.
+    slow = {"DRIFTLINE_DETECT_GROUP": f"crashy-{pipe.name}",
+            "DRIFTLINE_CHECKPOINT_INTERVAL_MS": "5000"}
     for fraction in (0.3, 0.6):
-        w = start(crashy, "detect", tmp_path, workers, **group)
-        wait_for(lambda f=fraction: sum(counts(states(crashy)).values()) >= f * 4 * len(docs),
-                 120, f"{fraction:.0%} of the updates applied")
+        w = start(crashy, "detect", tmp_path, workers, **slow)
+        restored = stored()  # where this worker starts reading
+        feed(int(fraction * total))
+        wait_for(lambda: stored() == fed, 30, f"a checkpoint of the first {fed} updates",
+                 every=0.05)
+        feed(fed + 400)
+        wait_for(lambda w=w, r=restored: w.metric(APPLIED) >= fed - r, 10,
+                 f"the worker to apply the first {fed} updates", every=0.02)
         w.kill()
-    start(crashy, "detect", tmp_path, workers, **group)
+        killed_at = stored()
+        print(f"killed with {killed_at} of {fed} fed updates checkpointed, {total} in all")
+        assert killed_at < fed, ("the worker checkpointed every update it applied before the "
+                                 f"kill: nothing to replay ({killed_at} of {fed})")
+        assert fed < total and sum(counts(states(crashy)).values()) < total, \
+            "the stream ended before the kill: nothing to test"
+    start(crashy, "detect", tmp_path, workers, DRIFTLINE_DETECT_GROUP=f"crashy-{pipe.name}")
+    feed(total)
+    producer.close()
     wait_detected(crashy, workers, len(docs))
 
     a, b = states(clean), states(crashy)
@@ -170,30 +214,72 @@ def test_embed_worker_sigkill_duplicates_are_skipped(
     kafka_bootstrap: str, redis_url: str, reference: Path, tmp_path: Path,
     workers: list[Worker],
 ) -> None:
+    """An embed worker SIGKILLed after its batch's slice-updates reached the broker but before
+    the batch's offsets were committed: its restart reads the batch again and sends those
+    updates again. The detect stage skips every duplicate by source offset: counts stay
+    exact, and its duplicates counter holds as many as the replay produced."""
     base = re.sub(r"/\d+$", "", redis_url.rstrip("/"))
     pipe = Pipeline(kafka_bootstrap, f"{base}/{next(_db)}", reference, event_partitions=1)
     pipe.redis().flushdb()
     pipe.create_topics()
     docs = Stream(n=3000, seed=8).events()
-    pipe.produce(docs)
+    total = 4 * len(docs)
     detect = start(pipe, "detect", tmp_path, workers)
-    # Small embed batches so that a kill lands between produce and commit.
     small = {"DRIFTLINE_EMBED_BATCH_SIZE": "16"}
     embed = start(pipe, "embed", tmp_path, workers, **small)
-    wait_for(lambda: sum(pipe.end_offsets(pipe.updates_topic).values()) >= 1200, 120,
-             "some slice-updates")
-    embed.kill()
+    group = pipe.env()["DRIFTLINE_EMBED_GROUP"]
+    updates = [TopicPartition(pipe.updates_topic, p) for p in range(pipe.partitions)]
+    events = TopicPartition(pipe.events_topic, 0)
+    watch = KafkaConsumer(bootstrap_servers=kafka_bootstrap)
+    probe = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group,
+                          enable_auto_commit=False)
+
+    def produced() -> int:
+        return sum(watch.end_offsets(updates).values())
+
+    def committed() -> int:
+        return probe.committed(events) or 0
+
+    # The window: a batch's updates are on the broker, its offsets not committed yet. Stop
+    # the worker when it looks in it, check once nothing it sent can still land, and kill it
+    # there; otherwise let it go on and look again.
+    pipe.produce(docs)
+    sent = 0
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            done = committed()
+            if done >= len(docs):
+                break
+            if produced() <= 4 * done:
+                continue
+            embed.pause()
+            time.sleep(0.3)  # requests it sent before it stopped are answered
+            sent, done = produced(), committed()
+            if sent > 4 * done:
+                embed.kill()
+                break
+            embed.resume()
+        else:
+            raise AssertionError("no batch caught between its updates and its commit")
+    finally:
+        watch.close()
+        probe.close()
+    assert not embed.alive(), "the stream ended before a kill between a batch's updates " \
+        "and its commit: nothing to replay"
     start(pipe, "embed", tmp_path, workers, **small)
-    wait_for(lambda: detect_done(pipe, 4 * len(docs))
-             and sum(counts(states(pipe)).values()) >= 4 * len(docs), 180, "every event applied")
+    wait_for(lambda: detect_done(pipe, total) and sum(counts(states(pipe)).values()) >= total,
+             180, "every event applied")
     st = states(pipe)
     assert counts(st) == expected_counts(docs)
-    produced = sum(pipe.end_offsets(pipe.updates_topic).values())
-    assert produced >= 4 * len(docs)
-    dupes = produced - 4 * len(docs)
-    # Every duplicate the replay produced was skipped: counts are exact above.
-    assert detect.alive()
-    print(f"embed replay produced {dupes} duplicate slice-updates, all skipped")
+    dupes = sum(pipe.end_offsets(pipe.updates_topic).values()) - total
+    # the batch in flight at the kill, read again from its last commit: at least the updates
+    # that were on the broker then
+    assert dupes >= sent - 4 * done > 0, (dupes, sent, done)
+    assert detect.alive(), detect.log()
+    assert detect.metric("driftline_detect_duplicates_total") == dupes
+    print(f"killed with events up to {done} committed and {sent} updates sent; the replay "
+          f"produced {dupes} duplicate slice-updates, all skipped")
 
 
 def test_scale_out_no_loss_no_double_count(
