@@ -5,6 +5,7 @@ reference that feeds more detectors per slice (each gets a smaller share of the 
 from __future__ import annotations
 
 import logging
+import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -77,9 +78,11 @@ def test_a_new_reference_restarts_the_slice_on_the_budget_now() -> None:
     st = SliceRestorer(refb, 100, NEW)(_checkpoint(OLD))
     nxt = _upd(50, 5)
     st.update(nxt)  # another reference: the slice restarts
-    assert st.reference_id == "B" and st.det.detectors["cluster_mix"].bank_size == 6 * 6
+    mix = st.det.detectors["cluster_mix"]
+    assert st.reference_id == "B" and mix.bank_size == 6 * 6
     assert _thresholds(st) == _thresholds(_new_slice(NEW, refb, nxt))
-    assert st.det.detectors["cluster_mix"].threshold == pytest.approx(24.31, abs=0.01)
+    # the union bound of a bank of M CUSUMs at per-detector γ: h = ln γ + ln M (cusum.py)
+    assert mix.threshold == pytest.approx(math.log(NEW) + math.log(6 * 6))
 
 
 def test_a_lowered_threshold_raises_an_alarm_at_the_next_event() -> None:
