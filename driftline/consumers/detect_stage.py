@@ -118,6 +118,7 @@ REDIS_BACKOFF_MAX_S = 5.0
 MAX_POLL_RECORDS = 2000
 # Slices with per-slice gauges: their labels (station, shift) are bounded; lots are not.
 GAUGED_TEMPLATES = ("station", "station+shift")
+STATION_SHIFT_LABEL = "all"  # the shift label of a station slice's gauges (every shift)
 # How often a partition's slices are scanned for retirement (wall time): the horizon is days of
 # event time, so minutes of delay cost nothing; a scan of 10,000 slices takes ~0.6 ms
 # (benchmarks/slice_retirement.py), which every checkpoint (each second) need not pay.
@@ -562,7 +563,11 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         model = entry.model
         if model.template not in GAUGED_TEMPLATES:
             return
-        key = (model.dims["station"], model.dims.get("shift", "all"))
+        if model.dims.get("shift") == STATION_SHIFT_LABEL:
+            # a shift named like the station slices' shift label would share their series
+            # (and replace or remove them with its own): such a cell alarms but exports none
+            return
+        key = (model.dims["station"], model.dims.get("shift", STATION_SHIFT_LABEL))
         # the ratio restarts at the crossing that opens an alarm, so it never reads 1 here:
         # whether an alarm is open is its own series
         self.metrics.slices.set(*key, g.get("ratios", {}), model.open, g.get("ood_ratio"),

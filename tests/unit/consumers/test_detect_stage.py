@@ -799,6 +799,32 @@ def test_a_new_owner_exports_the_open_alarms_it_restores_before_any_event() -> N
     assert {k[2] for k, v in _open_alarms(after).items() if v == 1.0} == opened
 
 
+def test_a_shift_named_all_exports_no_gauges_over_its_station_s() -> None:
+    """A station×shift cell whose shift is literally "all" has the label set of its station
+    slice's gauges: publishing it replaced the station's record (its cluster shares went) and
+    its retirement removed them all. Such a cell alarms but exports no gauges."""
+    stage = _stage()
+    stage.store = _CommittingStore()  # type: ignore[assignment]
+    stage.consumer = _Consumer()  # type: ignore[assignment]
+    _feed(stage, 0, 40, cluster=2)  # station=s1
+    assert stage.checkpoint()
+
+    def samples() -> dict[tuple[str, ...], float]:
+        return {(s.name, *s.labels.values()): s.value
+                for m in stage.metrics.slices.collect() for s in m.samples}
+
+    before = samples()
+    assert before
+    cell = _update(40, source_offset=40, cluster=0, ood=True).model_copy(update={
+        "slice_id": "station=s1|shift=all", "template": "station+shift"})
+    stage.apply_batch(0, [Msg(0, 40, cell.model_dump_json().encode(), 0)])
+    assert "station=s1|shift=all" in stage.parts[0].slices
+    assert stage.checkpoint()
+    assert samples() == before
+    stage._unpublish_gauges(stage.parts[0].slices["station=s1|shift=all"])
+    assert samples() == before
+
+
 def test_an_alarm_that_clears_reads_0_after_the_next_checkpoint() -> None:
     stage = _stage()
     stage.store = _CommittingStore()  # type: ignore[assignment]
