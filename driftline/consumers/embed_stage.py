@@ -88,9 +88,12 @@ PREDICTION_TTL_S = 7 * 24 * 3600
 # slices look idle.
 MAX_AHEAD_S = 86400.0
 # An event that fails alone, with no event of its kind going through, stops the worker (the
-# fault may be the worker's) this many times — counted in Redis, across restarts, per position
-# — before it is taken for a poison event and dead-lettered, so that it cannot stall its
-# partition for good. A day bounds the count's life.
+# fault may be the worker's); its failures are counted in Redis, across restarts, per position,
+# and at the POISON_STRIKES-th it is taken for a poison event and dead-lettered (after
+# POISON_STRIKES - 1 stops), so that it cannot stall its partition for good — unless the poison
+# event declared before it on the same partition was followed by no event that went through: a
+# run of "poison" events is a broken worker (a model session that fails on everything), whose
+# events must stay in Kafka. A day bounds these marks' life.
 POISON_STRIKES = 3
 POISON_STRIKE_TTL_S = 86400
 RECENT_KEY = "dl:recent"
@@ -186,6 +189,8 @@ class EmbedStage:
         self.beat = time.monotonic()  # last turn of run()'s loop (see Service.liveness)
         self.assigned_once = threading.Event()
         self._tally = _Tally()
+        # partitions whose poison mark this process cleared (an event went through)
+        self._poison_cleared: set[tuple[str, int]] = set()
         self.progress = ProgressLog("embed", metrics=consumer_metrics)
         self.join_watch = JoinWatch("embed", metrics=consumer_metrics)
         self.latency_sample_every, self._sent = latency_sample_every, 0
@@ -305,10 +310,12 @@ class EmbedStage:
         ``processing_failed`` with its error only if another event of its kind (image,
         precomputed embedding, label) went through: otherwise the fault may be the worker's
         (a broken model session), and the error stops the worker so that its supervisor
-        restarts it — as Kafka errors do. Stops are counted per event in Redis: at the
-        ``POISON_STRIKES``-th on the same event it is dead-lettered too (a poison event, not
-        the worker), so that it cannot hold its partition for good. The failed pass counted
-        nothing either."""
+        restarts it — as Kafka errors do. Such failures are counted per event in Redis: at
+        the ``POISON_STRIKES``-th on the same event it is dead-lettered too (a poison event,
+        not the worker), so that it cannot hold its partition for good — unless the poison
+        event declared before it on the partition was followed by no event that went
+        through, which says the worker is broken: then it stays in Kafka and the worker
+        keeps stopping. The failed pass counted nothing either."""
         self._complete_guarded(self._start_guarded(msgs))
 
     def _start_guarded(self, msgs: Sequence[Any]) -> _Batch:
@@ -325,6 +332,7 @@ class EmbedStage:
         if not batch.failed:
             try:
                 self._complete(batch)
+                self._went_through(batch.msgs)
                 return
             except STAGE_FATAL:
                 raise
@@ -340,6 +348,7 @@ class EmbedStage:
             try:
                 self.process([msg])
                 worked.add(self._kind(msg))
+                self._went_through([msg])
             except STAGE_FATAL:
                 raise
             except Exception as exc:  # noqa: BLE001 - judged below
@@ -348,16 +357,22 @@ class EmbedStage:
         for msg, cause in failed:  # in offset order: each unexplained one in turn
             if self._kind(msg) in worked:
                 continue
+            where = f"event at {msg.topic}[{msg.partition}]@{msg.offset}"
             strikes = self._strike(msg)
             if strikes < POISON_STRIKES:
                 raise RuntimeError(
-                    f"event at {msg.topic}[{msg.partition}]@{msg.offset} fails alone and no "
-                    f"other {self._kind(msg)} event of its batch went through: the fault may "
-                    f"be the worker's (stop {strikes} of {POISON_STRIKES} on this event; then "
-                    "it is dead-lettered)") from cause
-            log.error("event failed alone through %d worker stops: dead-lettered as a poison "
-                      "event", strikes, extra={"topic": msg.topic, "partition": msg.partition,
-                                               "offset": msg.offset})
+                    f"{where} fails alone and no other {self._kind(msg)} event of its batch "
+                    f"went through: the fault may be the worker's (failure {strikes} of "
+                    f"{POISON_STRIKES} on this event; at the last it is dead-lettered)") from cause
+            if not self._declare_poison(msg):
+                raise RuntimeError(
+                    f"{where} failed alone {strikes} times, but so did the event declared "
+                    "poison before it on this partition, and no event went through since: the "
+                    "worker, not the events, is likely at fault (its model or reference); "
+                    "nothing more is dead-lettered until an event goes through") from cause
+            log.error("event failed alone %d times: dead-lettered as a poison event", strikes,
+                      extra={"topic": msg.topic, "partition": msg.partition,
+                             "offset": msg.offset})
             poison.add(id(msg))
         for msg, error in failed:
             self.metrics.events_in.labels("label" if self._kind(msg) == "label"
@@ -365,12 +380,45 @@ class EmbedStage:
             self._release(msg)
             detail = f"{type(error).__name__}: {error}"
             if id(msg) in poison:
-                detail = f"failed alone through {POISON_STRIKES} worker stops: {detail}"
+                detail = (f"failed alone {POISON_STRIKES} times ({POISON_STRIKES - 1} worker "
+                          f"stops): {detail}")
             self._dead_letter(msg, EventRejected(RejectReason.processing_failed, detail))
 
+    def _declare_poison(self, msg: Any) -> bool:
+        """Mark ``msg``'s partition as having a poison event (``dl:embed:poisoned:{topic}:
+        {partition}``) unless it has one already that no event went through after; False then
+        (and without Redis)."""
+        if self.redis is None:
+            return False
+        where = (msg.topic, msg.partition)
+        try:
+            fresh = self.redis.set(f"dl:embed:poisoned:{where[0]}:{where[1]}", msg.offset,
+                                   nx=True, ex=POISON_STRIKE_TTL_S)
+        except REDIS_ERRORS as exc:
+            log.warning("cannot mark a poison event", extra={"error": repr(exc)})
+            return False
+        if fresh:
+            self._poison_cleared.discard(where)
+        return bool(fresh)
+
+    def _went_through(self, msgs: Sequence[Any]) -> None:
+        """Events of these partitions went through: a poison event declared on one of them
+        before was the event's fault, so the next may be too (once per partition and process,
+        and again after each poison event this process declares)."""
+        fresh = {(m.topic, m.partition) for m in msgs} - self._poison_cleared
+        if not fresh or self.redis is None:
+            return
+        try:
+            self.redis.delete(*(f"dl:embed:poisoned:{t}:{p}" for t, p in fresh))
+        except REDIS_ERRORS as exc:
+            log.warning("cannot clear a poison mark", extra={"error": repr(exc)})
+            return
+        self._poison_cleared |= fresh
+
     def _strike(self, msg: Any) -> int:
-        """Count one more stop on ``msg`` (``dl:embed:strike:{topic}:{partition}:{offset}``);
-        with no Redis to count in, 1: the worker stops, as before strikes were counted."""
+        """Count one more failure of ``msg`` alone
+        (``dl:embed:strike:{topic}:{partition}:{offset}``); with no Redis to count in, 1: the
+        worker stops, as before failures were counted."""
         if self.redis is None:
             return 1
         key = f"dl:embed:strike:{msg.topic}:{msg.partition}:{msg.offset}"
@@ -380,7 +428,7 @@ class EmbedStage:
             pipe.expire(key, POISON_STRIKE_TTL_S)
             return int(pipe.execute()[0])
         except REDIS_ERRORS as exc:
-            log.warning("cannot count the stops on a failing event", extra={"error": repr(exc)})
+            log.warning("cannot count the failures of an event", extra={"error": repr(exc)})
             return 1
 
     def _kind(self, msg: Any) -> str:

@@ -173,34 +173,66 @@ def test_a_late_label_keeps_the_reference_its_event_was_embedded_on(redis_url: s
     client2.close()
 
 
-def test_a_poison_event_is_dead_lettered_after_three_worker_stops(redis_url: str) -> None:
-    """Events that fail alone, with none of their kind going through, stop the worker: the
-    fault may be its own. Counted in Redis across restarts, the third stop on the same event
-    dead-letters it instead, so that one poison event cannot stall its partition for good;
-    two of them take three stops each, one after the other. Without the count every restart
-    stopped again on the first one."""
-    tag = uuid.uuid4().hex[:8]
-    topic = f"ev-{tag}"
-    batch = [Msg(topic, 0, n, b"k", _event(n, "s1", event_id=f"{tag}-{n}",
-                                           embedding=[1.0, 7.0, 0.0])) for n in range(2)]
-    stops = []
-    for _restart in range(6):
+def _until_through(redis_url: str, batch: list[Msg], restarts: int
+                   ) -> tuple[list[str], Producer, CollectorRegistry]:
+    """``batch`` read by a fresh worker after each stop (as its supervisor restarts it), until
+    a worker gets through it or ``restarts`` ran: the stops' reasons (the failure count, or the
+    refusal), and the last worker's producer and registry."""
+    stops: list[str] = []
+    for _restart in range(restarts):
         stage, producer, registry, client = _stage(redis_url, _FragileReference())
         try:
             stage.process_guarded(batch)
         except RuntimeError as exc:
-            stops.append(re.search(r"stop \d of \d", str(exc)).group() if "stop" in str(exc)
-                         else str(exc))
+            found = re.search(r"failure \d of \d|the worker, not the events", str(exc))
+            stops.append(found.group() if found else str(exc))
             assert [t for t, _, _ in producer.sent] == []  # nothing sent: all read again
             continue
         finally:
             client.close()
         break
-    assert stops == ["stop 1 of 3", "stop 2 of 3", "stop 1 of 3", "stop 2 of 3"]
-    dead = [json.loads(v) for t, _, v in producer.sent if t == "dlq"]
+    return stops, producer, registry
+
+
+def test_a_poison_event_is_dead_lettered_at_its_third_failure(redis_url: str) -> None:
+    """An event that fails alone, with none of its kind going through, stops the worker: the
+    fault may be its own. Counted in Redis across restarts, the event's third failure
+    dead-letters it instead (two stops), so that one poison event cannot stall its partition
+    for good; a later one, after an event went through, likewise. Without the count every
+    restart stopped again on the first one."""
+    tag = uuid.uuid4().hex[:8]
+    topic = f"ev-{tag}"
+
+    def msg(n: int, second: float) -> Msg:
+        return Msg(topic, 0, n, b"k", _event(n, "s1", event_id=f"{tag}-{n}",
+                                             embedding=[1.0, second, 0.0]))
+
+    dead = []
+    for batch, expected in (([msg(0, 7.0)], ["failure 1 of 3", "failure 2 of 3"]),
+                            ([msg(1, 0.0)], []),  # a good event goes through
+                            ([msg(2, 7.0)], ["failure 1 of 3", "failure 2 of 3"])):
+        stops, producer, registry = _until_through(redis_url, batch, 6)
+        assert stops == expected
+        dead += [json.loads(v) for t, _, v in producer.sent if t == "dlq"]
     assert [(d["offset"], d["reason"]) for d in dead] == [(0, "processing_failed"),
-                                                         (1, "processing_failed")]
-    assert all("failed alone through 3 worker stops: RuntimeError: index: unexpected input"
+                                                         (2, "processing_failed")]
+    assert all("failed alone 3 times (2 worker stops): RuntimeError: index: unexpected input"
                in d["detail"] for d in dead)
-    assert registry.get_sample_value("driftline_embed_dead_letters_total",
-                                     {"reason": "processing_failed"}) == 2
+
+
+def test_a_broken_worker_dead_letters_one_event_not_every_one(redis_url: str) -> None:
+    """A worker that fails on every event (here its index) makes each look like poison. After
+    one poison event on a partition, the next one is dead-lettered only once an event has gone
+    through there: until then the worker keeps stopping and the events stay in Kafka. Without
+    that rule every event of the partition went to the dead-letter topic, three failures
+    each."""
+    tag = uuid.uuid4().hex[:8]
+    topic = f"ev-{tag}"
+    batches = [[Msg(topic, 0, n, b"k", _event(n, "s1", event_id=f"{tag}-{n}",
+                                              embedding=[1.0, 7.0, 0.0]))] for n in range(2)]
+    stops, producer, _ = _until_through(redis_url, batches[0], 6)
+    assert stops == ["failure 1 of 3", "failure 2 of 3"]
+    assert [json.loads(v)["offset"] for t, _, v in producer.sent if t == "dlq"] == [0]
+    stops, producer, _ = _until_through(redis_url, batches[1], 6)
+    assert stops == ["failure 1 of 3", "failure 2 of 3", *["the worker, not the events"] * 4]
+    assert producer.sent == []
