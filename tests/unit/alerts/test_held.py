@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -68,28 +70,36 @@ def test_a_plan_that_never_settles_merges_or_pages_what_it_opened() -> None:
     assert {i.root.slice_id for i in live} == EXPECTED and not any(i.held for i in live)
 
 
-def test_a_held_incident_pages_after_hold_max_s_of_event_time() -> None:
-    """A held incident whose root the plan cannot read (no cells) pages once it has been held
-    hold_max_s of event time, as it stands then."""
+def _held_at_600_s() -> tuple[Incident, Callable[[list[Incident]], Grouper], dict[str, Any]]:
+    """An incident held (as if the plan had opened it) under a 600 s hold_max_s, a maker of
+    the next batches' groupers, and the alarm that opened it."""
     ids = itertools.count(1)
     policy = BookPolicy(hold_max_s=600.0)
     summary = {k: SliceStatus.from_summary(k, v) for k, v in fleet().items()}
-    g = Grouper([], summary, now=NOW, new_id=lambda: f"DL-{next(ids):06d}",
-                signatures=dict, policy=policy)
+
+    def grouper(incidents: list[Incident]) -> Grouper:
+        return Grouper(incidents, summary, now=NOW, new_id=lambda: f"DL-{next(ids):06d}",
+                       signatures=dict, policy=policy)
+
+    g = grouper([])
     first = alarm("station=press-3", 1.0)
     g.apply(first)
     g.finish()
     (inc,) = g.incidents.values()
     inc.held, inc.held_since = True, inc.detected_at  # as if the plan had opened it
+    return inc, grouper, first
 
-    g = Grouper([inc], summary, now=NOW, new_id=lambda: f"DL-{next(ids):06d}",
-                signatures=dict, policy=policy)
+
+def test_a_held_incident_pages_after_hold_max_s_of_event_time() -> None:
+    """A held incident whose root the plan cannot read (no cells) pages once it has been held
+    hold_max_s of event time, as it stands then."""
+    inc, grouper, first = _held_at_600_s()
+    g = grouper([inc])
     g.apply(clear("station=cam-1", t=first["time"] + 599.0))  # event time goes on
     g.finish()
     assert inc.held and not any(c.routed for c in g.changes)
 
-    g = Grouper([inc], summary, now=NOW, new_id=lambda: f"DL-{next(ids):06d}",
-                signatures=dict, policy=policy)
+    g = grouper([inc])
     g.apply(clear("station=cam-1", t=first["time"] + 600.0))
     g.finish()
     assert not inc.held
@@ -106,19 +116,8 @@ def test_the_hold_s_event_clock_is_the_newest_time_of_a_batch_out_of_order(
     """A batch holds many messages, from slices of several partitions, not in time order: the
     book's event clock is the newest time among them, not the first or last applied, nor the
     oldest. Times are after the held incident's alarm; no wall time passes."""
-    ids = itertools.count(1)
-    policy = BookPolicy(hold_max_s=600.0)
-    summary = {k: SliceStatus.from_summary(k, v) for k, v in fleet().items()}
-    g = Grouper([], summary, now=NOW, new_id=lambda: f"DL-{next(ids):06d}",
-                signatures=dict, policy=policy)
-    first = alarm("station=press-3", 1.0)
-    g.apply(first)
-    g.finish()
-    (inc,) = g.incidents.values()
-    inc.held, inc.held_since = True, inc.detected_at  # as if the plan had opened it
-
-    g = Grouper([inc], summary, now=NOW, new_id=lambda: f"DL-{next(ids):06d}",
-                signatures=dict, policy=policy)
+    inc, grouper, first = _held_at_600_s()
+    g = grouper([inc])
     for k, later in enumerate(order):  # slices no incident holds: only the clock moves
         g.apply(clear(f"station=cam-{k}", t=first["time"] + later))
     g.finish()
