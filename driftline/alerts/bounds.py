@@ -24,16 +24,22 @@ def fold_ended_firings(firings: list[Firing]) -> list[Firing]:
     """``firings`` with the ended ones of each detector and slice folded into their first
     (order kept; live firings untouched)."""
     first: dict[tuple[str, str], Firing] = {}
+    folded: dict[int, Firing] = {}  # id of a first firing -> the copy that takes in the rest
     for f in sorted((f for f in firings if not f.active), key=lambda f: f.first_detected):
-        kept = first.setdefault((f.slice_id, f.detector), f)
-        if kept is f:
+        key = (f.slice_id, f.detector)
+        if key not in first:
+            first[key] = f
             continue
+        # a copy: a merged-away incident may still hold the same objects (its stored record
+        # must not change with this one's)
+        kept = folded.get(id(first[key])) or folded.setdefault(
+            id(first[key]), first[key].model_copy(deep=True))
         kept.episodes += f.episodes
         kept.last_detected = max(kept.last_detected, f.last_detected)
         if f.cleared_at is not None:
             kept.cleared_at = max(kept.cleared_at or f.cleared_at, f.cleared_at)
     keep = {id(f) for f in first.values()}
-    return [f for f in firings if f.active or id(f) in keep]
+    return [folded.get(id(f), f) for f in firings if f.active or id(f) in keep]
 
 
 def drop_ended_slices(inc: Incident, max_ended: int) -> list[str]:

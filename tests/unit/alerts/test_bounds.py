@@ -9,8 +9,9 @@ from typing import Any
 
 from driftline.alerts.attribution import SliceStatus
 from driftline.alerts.book import _live_firings
+from driftline.alerts.bounds import fold_ended_firings
 from driftline.alerts.grouping import BookPolicy, Grouper
-from driftline.alerts.model import Incident
+from driftline.alerts.model import Firing, Incident
 from driftline.service.schemas.incidents import IncidentDetail
 from tests.unit.alerts.synthetic import ONSET, alarm, clear, fleet, summary_entry
 
@@ -119,3 +120,19 @@ def test_incidents_stored_before_the_bounds_read_as_one_episode_and_nothing_drop
         del f["episodes"]
     old = Incident.model_validate(raw)
     assert old.dropped_slices == {} and [f.episodes for f in old.detectors] == [1]
+
+
+def test_folding_leaves_the_firings_another_incident_shares_as_they_were() -> None:
+    """A merge moves the merged-away incident's firings into the kept one, and the stored
+    merged-away record still holds the same objects: folding must not change them."""
+    def ended(hour: int) -> Firing:
+        t = datetime(2026, 1, 5, hour, tzinfo=UTC)
+        return Firing(slice_id="station=s1", detector="ood_rate", statistic=9.0, threshold=8.0,
+                      first_detected=t, last_detected=t, active=False, cleared_at=t)
+
+    shared = [ended(1), ended(2), ended(3)]
+    before = [f.model_dump() for f in shared]
+    (kept,) = fold_ended_firings(shared)
+    assert kept.episodes == 3 and kept.last_detected == shared[2].last_detected
+    assert kept.first_detected == shared[0].first_detected
+    assert [f.model_dump() for f in shared] == before
