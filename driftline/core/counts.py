@@ -8,8 +8,9 @@ addition.
 
 Layout (one ring of at most ``max_buckets`` rows per slice; a detect worker holds thousands):
 
-* ``counts``: int32 rows ``[ood_hits, clusters[0..K)]`` — exact up to 2**31 − 1 events per
-  bucket (7 million events/s for a 5-min bucket);
+* ``counts``: rows ``[ood_hits, clusters[0..K)]``, int16 while every count fits and int32
+  from the first that would not (see *Narrow counts* below) — exact up to 2**31 − 1 events
+  per bucket (7 million events/s for a 5-min bucket);
 * events and expected counts, in one of two forms. While a slice has seen few distinct
   baselines (a station, a station×shift, a lot on one line: one or two), a bucket stores *how
   many events were judged against each baseline* — int32 columns ``per_baseline`` (cluster
@@ -36,6 +37,16 @@ time before it. Each row also records the arrival index (the slice's event count
 int32 while every key and arrival fits (a 5-min bucket key does for 20,000 years, an arrival
 for 2**31 events), int64 from the first that does not — 0.5 kB a slice less than two int64
 arrays. Only new buckets and readers touch it, never the per-event step.
+
+**Narrow counts.** A full ring holds 48·(K + 1) counts; as int32 at K = 11 they are 2.3 kB
+a slice, the largest part of one (10,000 slices: 23 MB). A count exceeds int16's 32,767 only
+when more than ~109 events/s of one slice fall in one cluster for a whole 5-min bucket, so the
+counts start as int16 and widen to int32 (for good) at the first that would not fit. The per-event
+step does not read the counts to find out: the ring keeps ``_room``, how many more unit
+increments are safe (32,767 less the largest count), takes two off per event, and only when
+it runs out looks at the counts again: once per (32,767 − largest count) / 2 events, ~16,000
+for a usual ring. A checkpoint
+stores the counts as int32 either way: records are the same bytes as before.
 
 **Tallies.** The ring answers "since the onset's bucket, within the last ``max_buckets``": a
 bucket holds events from before the onset too, and an alarm open longer than the ring loses its
@@ -64,6 +75,8 @@ from driftline.core.cusum import FloatArray, shared_float
 _HITS = 1  # counts rows start with ood_hits, then the clusters
 _EMPTY = np.iinfo(np.int64).min
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+_NARROW = np.dtype(np.int16)  # counts rows while every count fits (module docstring)
+_NARROW_MAX = int(np.iinfo(_NARROW).max)
 # The first arrival of a row whose events' arrival indices are not known (rows merged from
 # another worker, rows restored from a snapshot written before arrivals were recorded): taken
 # as before every event, so such a row never seeds a tally and its events since an onset are
@@ -177,7 +190,7 @@ class SliceCounts:
 
     __slots__ = ("n_clusters", "bucket_seconds", "max_buckets", "_used", "_kf", "_cnt", "_ps",
                  "_p0s", "_kp", "_k0", "_d", "_exp", "_last_key", "_last_row", "_dropped",
-                 "_dropped_until", "_tal")
+                 "_dropped_until", "_tal", "_room")
 
     def __init__(self, n_clusters: int, bucket_seconds: float = 300.0, max_buckets: int = 48):
         if bucket_seconds <= 0.0 or max_buckets < 1 or n_clusters < 1:
@@ -188,7 +201,8 @@ class SliceCounts:
         self._used = 0  # rows in use; rows are allocated as buckets fill
         # per row: [bucket key, arrival index of its first event] (int32 while they fit)
         self._kf: AnyIntArray = _NO_ROWS
-        self._cnt = np.zeros((0, _HITS + self.n_clusters), np.int32)
+        self._cnt: AnyIntArray = np.zeros((0, _HITS + self.n_clusters), _NARROW)
+        self._room = _NARROW_MAX  # unit increments of the counts that are safe (docstring)
         self._ps: list[FloatArray] = []  # distinct cluster baselines seen
         self._p0s: list[float] = []  # distinct OOD reference rates seen
         # Events per baseline (per OOD rate) but the first, whose column is derived (module
@@ -220,6 +234,20 @@ class SliceCounts:
             self._d = grow(self._d)
         if self._exp is not None:
             self._exp = grow(self._exp)
+
+    def _make_room(self, more: int) -> None:
+        """Make ``more`` unit increments of the counts safe: widen them to int32 if the
+        largest count plus ``more`` would not fit in int16; reset :attr:`_room`."""
+        top = int(self._cnt.max()) if self._cnt.size else 0
+        if self._cnt.dtype == _NARROW and top + more > _NARROW_MAX:
+            self._cnt = self._cnt.astype(np.int32)
+        self._room = (_NARROW_MAX if self._cnt.dtype == _NARROW else _I32_MAX) - top
+
+    def _set_counts(self, cnt: AnyIntArray) -> None:
+        """Hold the counts ``cnt`` (an array of this ring's own), int16 if they fit."""
+        top = int(cnt.max()) if cnt.size else 0
+        self._cnt = cnt.astype(_NARROW) if top <= _NARROW_MAX else cnt.astype(np.int32)
+        self._room = (_NARROW_MAX if self._cnt.dtype == _NARROW else _I32_MAX) - top
 
     def _row(self, key: int, index: int) -> int:
         """The row of bucket ``key``, made if needed (first arrival ``index``); -1 if older
@@ -424,6 +452,10 @@ class SliceCounts:
             if self._tal is not None:
                 self.tally_event(cluster, baseline, ood=ood, ood_p0=ood_p0)
             return
+        self._room -= 2  # at most two counts go up by one each
+        if self._room < 0:
+            self._make_room(2)
+            self._room -= 2
         exp = self._exp
         cp = c0 = -1  # the event's columns (-1: no such part)
         flagged = ood is not None and ood_p0 is not None
@@ -679,7 +711,11 @@ class SliceCounts:
                 self._add_dropped(other._totals([src]), key)
                 continue
             self._kf[row, 1] = NO_ARRIVAL  # another worker's events: arrivals not comparable
-            self._cnt[row] += other._cnt[src]
+            added = self._cnt[row].astype(np.int64) + other._cnt[src]
+            if self._cnt.dtype == _NARROW and int(added.max()) > _NARROW_MAX:
+                self._cnt = self._cnt.astype(np.int32)
+            self._cnt[row] = added
+            self._room = 0  # counted again at the next event
             t = other._totals([src])
             if t[1] != t[0]:  # its OOD-flagged less cluster events: d, as the first columns
                 self._add_d(row, int(t[1] - t[0]))
@@ -713,7 +749,7 @@ class SliceCounts:
             "max_buckets": self.max_buckets,
             "keys": self._kf[:u, 0].astype(np.int64),
             "first_arrival": _narrow(self._kf[:u, 1]),
-            "counts": self._cnt[:u].copy(),
+            "counts": self._cnt[:u].astype(np.int32),  # int32 however the ring holds them
             "baselines": (np.array(self._ps, np.float64) if self._ps
                           else np.zeros((0, self.n_clusters))),
             "ood_p0": list(self._p0s),
@@ -745,7 +781,7 @@ class SliceCounts:
         obj._kf = _narrow(np.stack([keys.reshape(u), np.full(u, NO_ARRIVAL, np.int64)
                                     if first is None else np.asarray(first, np.int64).reshape(u)],
                                    axis=1))
-        obj._cnt = np.asarray(snap["counts"], np.int32).reshape(u, _HITS + k).copy()
+        obj._set_counts(np.asarray(snap["counts"], np.int32).reshape(u, _HITS + k))
         obj._ps = [_restored_baseline(p) for p in np.asarray(snap["baselines"]).reshape(-1, k)]
         obj._p0s = [shared_float(x) for x in snap["ood_p0"]]
         dense = snap["expected"] is not None
@@ -790,6 +826,7 @@ class SliceCounts:
             self._cnt[r] = np.concatenate([v[2:3], v[4 : 4 + k]]).round()
             n_ood[r] = round(v[1])
             self._exp[r] = np.concatenate([v[4 + k :], v[3:4]])
+        self._set_counts(self._cnt)
         self._set_d(n_ood)
         d = np.asarray(snap["dropped"], np.float64)
         if d.any():

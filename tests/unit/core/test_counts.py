@@ -373,3 +373,39 @@ def test_turning_dense_at_a_new_rate_counts_the_event_once() -> None:
     assert (got.n, got.n_ood, got.ood, got.clusters) == (8, 8, 3, [4, 4])
     np.testing.assert_allclose(got.expected, 8 * p)
     assert math.isclose(got.ood_expected, sum(rates))
+
+
+def test_counts_are_int16_until_one_would_not_fit_and_exact_past_it() -> None:
+    """The ring's counts are int16 while they fit (half the bytes of the largest part of a
+    slice) and widen to int32 at the first that would not: 40,000 events of one cluster in one
+    bucket (and OOD hits in another) come out exact, as do merges and restores past int16."""
+    p = np.full(K, 1 / K)
+    small = SliceCounts(K, 60.0)
+    for i in range(100):
+        small.update(i % K, p, ood=i % 7 == 0, ood_p0=0.01, time=float(i))
+    assert small._cnt.dtype == np.int16
+    snap = small.snapshot()
+    assert snap["counts"].dtype == np.int32  # the checkpoint format as before
+    assert SliceCounts.restore(unpack(pack(snap)))._cnt.dtype == np.int16
+
+    big = SliceCounts(K, 60.0)
+    n = 40_000  # past int16's 32,767 in one count
+    for i in range(n):
+        big.update(2, p, ood=True, ood_p0=0.01, time=0.0)
+        if i < 3:
+            big.update(1, p, ood=False, ood_p0=0.01, time=60.0)
+    got = big.since(None)
+    assert (got.clusters, got.ood, got.n, got.n_ood) == ([0, 3, n, 0], n, n + 3, n + 3)
+    assert big._cnt.dtype == np.int32
+    back = SliceCounts.restore(unpack(pack(big.snapshot())))
+    assert back._cnt.dtype == np.int32 and back.since(0.0) == got
+    back.update(2, p, ood=False, ood_p0=0.01, time=0.0)
+    assert back.since(0.0).clusters == [0, 3, n + 1, 0]
+
+    half = SliceCounts(K, 60.0)  # two int16 rings whose sum does not fit in int16
+    for _ in range(20_000):
+        half.update(3, p, ood=False, ood_p0=0.01, time=0.0)
+    merged = SliceCounts.restore(half.snapshot()).merge(half)
+    assert merged._cnt.dtype == np.int32 and merged.since(0.0).clusters == [0, 0, 0, 40_000]
+    merged.update(3, p, ood=False, ood_p0=0.01, time=0.0)
+    assert merged.since(0.0).clusters == [0, 0, 0, 40_001]
