@@ -287,6 +287,42 @@ def test_a_whole_stage_absent_mutes_its_own_per_worker_and_per_station_alerts_on
     assert not inhibited(embed_absent, api_absent)
 
 
+def stage_absent_alerts() -> list[str]:
+    return [rule["alert"] for rule in alerts() if rule["expr"].lstrip().startswith("absent(")]
+
+
+def test_stage_absent_inhibitions_require_the_same_deployment() -> None:
+    """An absent() alert keeps no label of the stage it misses, so only Prometheus's
+    `deployment` external label, put on every alert it sends, tells two driftline
+    deployments sharing an Alertmanager apart: one's absent embed stage must not mute the
+    other's silent stations and down workers."""
+    external = load_yaml(PROM / "prometheus.yml")["global"]["external_labels"]
+    assert "deployment" in external
+    rules = load_yaml(DEPLOY / "alertmanager/alertmanager.yml")["inhibit_rules"]
+    # by its name: the rule of critical over warning alerts, of one slice, is another matter
+    sourced = [rule for rule in rules
+               if any(m.startswith("alertname") for m in rule["source_matchers"])
+               and any(matches(rule["source_matchers"], rule_alert(name))
+                       for name in stage_absent_alerts())]
+    assert sourced
+    for rule in sourced:
+        assert "deployment" in rule.get("equal", []), rule
+    worker = {"instance": "10.0.0.7:8080"}
+    pairs = [(rule_alert("DriftlineEmbedStageAbsent"),
+              rule_alert("DriftlineStationSilent", station="s9")),
+             (rule_alert("DriftlineEmbedStageAbsent"),
+              rule_alert("DriftlineWorkerDown", job="driftline-embed", **worker)),
+             (rule_alert("DriftlineDetectStageAbsent"),
+              rule_alert("DriftlineDetectStalled", **worker)),
+             (rule_alert("DriftlineApiAbsent"),
+              rule_alert("DriftlineWorkerDown", job="driftline-api", **worker))]
+    for source, target in pairs:
+        what = (source["alertname"], target["alertname"])
+        assert inhibited({**target, "deployment": "a"}, {**source, "deployment": "a"}), what
+        assert not inhibited({**target, "deployment": "b"}, {**source, "deployment": "a"}), what
+        assert inhibited(target, source), what  # no external label: one deployment
+
+
 # --- metrics referenced by rules and dashboards -----------------------------------------------
 @cache
 def known_metrics() -> dict[str, frozenset[str]]:
