@@ -20,6 +20,7 @@ from functools import cache
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any, cast
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from kafka import KafkaAdminClient
@@ -507,6 +508,50 @@ def test_dashboard_annotations_name_a_dashboard_and_its_variables() -> None:
             name = param.split("=")[0]
             assert name.startswith("var-") and name[4:] in boards[found[1]], path
     assert pushed[0] == "/d/driftline-station?var-station=s+1&var-shift=night"
+
+
+ODD_STATION = "Line 3 & B/2#x"  # a space, a parameter separator, a path separator, a fragment
+
+
+def test_rule_links_escape_the_label_values_they_interpolate() -> None:
+    """A label value in a link goes through Go's `urlquery` (url.QueryEscape): a station
+    named with '&' or '#' would otherwise split the query or end it."""
+    for rule in alerts():
+        for name, text in rule["annotations"].items():
+            if not (name in {"dashboard", "link"} or text.startswith(("/", "http"))):
+                continue
+            for action in re.findall(r"{{(.*?)}}", text):
+                assert re.fullmatch(r"\s*\$labels\.\w+\s*\|\s*urlquery\s*", action), (
+                    rule["alert"], name, text)
+
+
+def test_rule_links_rendered_by_promtool_keep_the_station_whole() -> None:
+    """rules_test.yml's expected dashboard links (which promtool checks the templates render)
+    name the alert's station exactly, one with every character that needs escaping too."""
+    stations = set()
+    for test in load_yaml(PROM / "rules_test.yml")["tests"]:
+        for case in test.get("alert_rule_test", []):
+            for alert in case.get("exp_alerts") or []:
+                link = alert.get("exp_annotations", {}).get("dashboard", "")
+                station = alert["exp_labels"].get("station")
+                if station is None or "?" not in link:
+                    continue
+                parts = urlsplit(link)
+                assert not parts.fragment, link
+                assert parse_qs(parts.query)["var-station"] == [station], link
+                stations.add(station)
+    assert ODD_STATION in stations
+
+
+def test_the_book_s_dashboard_link_keeps_the_root_slice_whole() -> None:
+    dims = {"station": ODD_STATION, "shift": "night/2 & #1"}
+    link = driftline.alerts.routing.dashboard(cast(Incident, SimpleNamespace(
+        root=SimpleNamespace(dims=dims))))
+    parts = urlsplit(link)
+    assert parts.path == driftline.alerts.routing.STATION_DASHBOARD
+    assert not parts.fragment, link
+    assert parse_qs(parts.query) == {"var-station": [dims["station"]],
+                                     "var-shift": [dims["shift"]]}
 
 
 # --- compose --------------------------------------------------------------------------------
