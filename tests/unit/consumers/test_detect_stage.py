@@ -28,6 +28,7 @@ from driftline.consumers.checkpoint import (
     REDIS_WAIT_S,
     CheckpointStore,
     Fenced,
+    StoredRecords,
     decode_record,
     encode_record,
     encode_summary,
@@ -797,6 +798,98 @@ def test_a_new_owner_exports_the_open_alarms_it_restores_before_any_event() -> N
     after._restore_pending()
     assert 0 in after.parts
     assert {k[2] for k, v in _open_alarms(after).items() if v == 1.0} == opened
+
+
+class _KeepingStore(_CommittingStore):
+    """A reachable store that keeps the last checkpoint's records (as encoded) and offsets."""
+
+    def commit(self, epochs: Any, states: Any, offsets: Any, outbox: Any = (),
+               summaries: Any = None, control_seen: Any = None, retired: Any = None) -> None:
+        self.states, self.offsets = states, offsets
+
+
+class _Pipeline:
+    """The pipelined calls of ``CheckpointStore.claim`` and ``load`` on stored hashes (no
+    server): each answered at once, the answers handed back by ``execute``."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+        self.replies: list[Any] = []
+
+    def incr(self, key: str) -> None:
+        self.data[key] = self.data.get(key, 0) + 1
+        self.replies.append(self.data[key])
+
+    def hget(self, key: str, field: str) -> None:
+        self.replies.append(self.data.get(key, {}).get(field.encode()))
+
+    def hgetall(self, key: str) -> None:
+        self.replies.append(dict(self.data.get(key, {})))
+
+    def execute(self) -> list[Any]:
+        return self.replies
+
+
+class _Hashes:
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+
+    def pipeline(self, transaction: bool = True) -> _Pipeline:
+        return _Pipeline(self.data)
+
+
+class _LoadSpy(CheckpointStore):
+    """The real store's claim and load; keeps what each load handed over."""
+
+    loaded: list[StoredRecords]
+
+    def load(self, partition: int) -> tuple[int | None, StoredRecords, str]:  # type: ignore[override]
+        out = super().load(partition)
+        self.loaded.append(out[1])
+        return out
+
+
+def test_a_restore_reads_the_stored_records_one_at_a_time_and_back_as_they_were() -> None:
+    """The partition's records as a checkpoint stored them (encoded, in the state hash) come
+    back through the store's load and the stage's restore as the slices that were snapshotted
+    — states, event counts, applied source offsets — each record taken out of the loaded
+    ``StoredRecords`` as it is restored: never all decoded at once, none twice, none left."""
+    before = _stage()
+    before.store = kept = _KeepingStore()  # type: ignore[assignment]
+    before.parts[0].next_offset = 0
+    before.apply_batch(0, _batch(0, 0, 30))  # stations s1, s2 from source partitions 0-2
+    before.apply_batch(0, [Msg(0, 30 + i, _update(30 + i, slice_id=f"lot=L{i % 6}",
+                                                  template="lot", lot=f"L{i % 6}")
+                               .model_dump_json().encode(), 0) for i in range(24)])
+    assert before.checkpoint()
+    snapshotted = _states(before)
+    counts = {sid: e.model.n for sid, e in before.parts[0].slices.items()}
+    assert len(snapshotted) == 8 and set(kept.states[0]) == set(snapshotted)
+    store = _LoadSpy(_Hashes({  # type: ignore[arg-type]
+        "dl:detect:offsets": {b"0": str(kept.offsets[0]).encode()},
+        "dl:detect:state:0": {sid.encode(): raw for sid, raw in kept.states[0].items()},
+        "dl:detect:control_seen": {b"0": b"5-0"}}))
+    store.loaded = []
+    after = _stage()
+    after.parts = {}
+    after.store = store
+    after.consumer = consumer = _Consumer()
+    after.pending, after._generation = {0}, 4
+    restore = after.restore_slice
+    left: list[int] = []
+
+    def counting(snap: dict[str, Any]) -> SliceState:
+        left.append(len(store.loaded[0]))  # records not handed over yet
+        return restore(snap)  # type: ignore[return-value]
+
+    after.restore_slice = counting
+    after._restore_pending()
+    assert left == list(range(7, -1, -1)) and len(store.loaded[0]) == 0
+    assert _states(after) == snapshotted
+    assert {sid: e.model.n for sid, e in after.parts[0].slices.items()} == counts
+    part = after.parts[0]
+    assert part.next_offset == consumer.seeks[0] == 54 and part.control_seen == "5-0"
+    assert part.epoch == 1 and after.pending == set()
 
 
 def test_a_shift_named_all_exports_no_gauges_over_its_station_s() -> None:
