@@ -12,15 +12,11 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from driftline import runner
-from driftline.config import Settings, load_settings
-from driftline.reference.artifact import MANIFEST
 from driftline.service.app import create_app
 from driftline.service.keys import ACTIVE_REFERENCE_KEY
+from tests.unit.service.admin import AUTH, admin_settings, reference_id
 from tests.unit.service.keyvalue import KeyValue
 from tests.unit.service.populate import build_references
-
-ADMIN = "tokadmin-0123456789abcdef"
-AUTH = {"Authorization": f"Bearer {ADMIN}"}
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +27,9 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def reference_id(path: Path) -> str:
-    return str(json.loads((path / MANIFEST).read_text())["reference_id"])
-
-
-def settings_for(root: Path) -> Settings:
-    return load_settings(reference_dir=str(root / "ref-a"), api_tokens=f"adm:admin:{ADMIN}")
-
-
 def test_activation_asks_which_copy_and_records_the_one_named(root: Path) -> None:
     """The backup, sorting first, was recorded (and started on) when ref-b was meant."""
-    settings, redis = settings_for(root), KeyValue()
+    settings, redis = admin_settings(root), KeyValue()
     client = TestClient(create_app(CollectorRegistry(), None, settings,
                                    redis_client=redis))  # type: ignore[arg-type]
     rid = reference_id(root / "ref-b")
@@ -59,7 +47,7 @@ def test_activation_asks_which_copy_and_records_the_one_named(root: Path) -> Non
 
 
 def test_start_up_uses_the_recorded_copy(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    settings, redis = settings_for(root), KeyValue()
+    settings, redis = admin_settings(root), KeyValue()
     monkeypatch.setattr(runner, "store_client", lambda url, **kw: redis)
     b = (root / "ref-b").resolve()
     redis.set(ACTIVE_REFERENCE_KEY, json.dumps({"reference_id": reference_id(b), "path": str(b)}))

@@ -12,15 +12,13 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
-from driftline.config import load_settings
 from driftline.reference.artifact import MANIFEST
 from driftline.service.app import create_app
 from tests.unit.reference.synthetic import variant
+from tests.unit.service.admin import AUTH, admin_settings
+from tests.unit.service.admin import reference_id as rid
 from tests.unit.service.keyvalue import KeyValue
 from tests.unit.service.populate import build_references
-
-ADMIN = "tokadmin-0123456789abcdef"
-AUTH = {"Authorization": f"Bearer {ADMIN}"}
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +35,10 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def rid(path: Path) -> str:
-    return str(json.loads((path / MANIFEST).read_text())["reference_id"])
-
-
 @pytest.fixture
 def client(root: Path) -> TestClient:
-    settings = load_settings(reference_dir=str(root / "ref-a"), api_tokens=f"adm:admin:{ADMIN}")
-    return TestClient(create_app(CollectorRegistry(), None, settings, redis_client=KeyValue()),  # type: ignore[arg-type]
+    return TestClient(create_app(CollectorRegistry(), None, admin_settings(root),
+                                 redis_client=KeyValue()),  # type: ignore[arg-type]
                       raise_server_exceptions=False)
 
 
