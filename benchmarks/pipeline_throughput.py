@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import base64
 import cProfile
-import ctypes
 import faulthandler
 import functools
 import gc
@@ -77,6 +76,7 @@ from driftline.consumers.detect_stage import (
     parse_update,
 )
 from driftline.consumers.embed_stage import POLL_BATCHES
+from driftline.consumers.heap import release_free_heap
 from driftline.consumers.kafka_io import (
     ensure_topics,
     make_consumer,
@@ -935,12 +935,6 @@ def memory_updates(ref: Reference, n_slices: int, per_slice: int, spacing_s: flo
     return out
 
 
-def _malloc_trim() -> bool:
-    """glibc's ``malloc_trim(0)``: free heap pages back to the system (False: not glibc)."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
 
 
 def _rss_bytes() -> int:
@@ -1182,7 +1176,7 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     series = gauge_series(registry)
     traced = tracemalloc.get_traced_memory()[0] if spec["tracemalloc"] else None
     # how much of that is free heap glibc kept (the transients of the checkpoint or restore)
-    rss_trimmed = _rss_bytes() if _malloc_trim() else None
+    rss_trimmed = _rss_bytes() if release_free_heap() else None
     sites: list[tuple[str, int]] = []
     gauge_bytes = None
     if spec["tracemalloc"]:
@@ -1328,8 +1322,9 @@ def memory_part(work: Path, sizes: Sizes, report: list[str]) -> dict[str, Any]:
         f"detectors ({', '.join(results['steady+pred']['detectors'])}). *Restored*: the same "
         "slices in a new process, loaded as after a restart or a rebalance by the stage's own "
         "`_restore_pending` (claim, each partition's records loaded from the store and "
-        "restored by `restore_slice`, the station and station×shift slices' gauges published), "
-        "before their next event.",
+        "restored by `restore_slice`, the station and station×shift slices' gauges published, "
+        "then the stage's own `malloc_trim(0)`: `driftline.consumers.heap`), before their "
+        "next event.",
         "",
         f"| case | slices measured | measure | kB/slice | MB at {target_n:,} slices |",
         "|---|---|---|---|---|", *rows, "",

@@ -101,6 +101,7 @@ from driftline.consumers.checkpoint import (
     encode_record,
     encode_summary,
 )
+from driftline.consumers.heap import release_free_heap
 from driftline.consumers.kafka_io import (
     JoinWatch,
     ProgressLog,
@@ -252,6 +253,8 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
                 self.fenced.discard(tp.partition)
             self.progress.forget(tp.partition for tp in revoked)
             self._refresh_gauges()
+            if revoked:
+                release_free_heap()  # the revoked slices' heap
 
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         """Pause the new partitions; :meth:`_restore_pending` claims and loads them from the
@@ -285,6 +288,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         try:
             with self._redis_attempt():
                 parts = sorted(self.pending)
+                restored = bool(parts)
                 epochs = self.store.claim(parts)
                 for p in parts:
                     offset, records, seen = self.store.load(p)
@@ -323,6 +327,8 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self._redis_ok()
         self.assigned_once.set()
         self._refresh_gauges()
+        if restored:
+            release_free_heap()  # what the decoded records left (driftline.consumers.heap)
 
     def _retuned(self) -> int | None:
         """How many restored slices ``restore_slice`` has moved onto the current thresholds so

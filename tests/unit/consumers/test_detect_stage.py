@@ -24,6 +24,7 @@ from kafka import TopicPartition
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
+from driftline.consumers import detect_stage
 from driftline.consumers.checkpoint import (
     REDIS_WAIT_S,
     CheckpointStore,
@@ -849,11 +850,15 @@ class _LoadSpy(CheckpointStore):
         return out
 
 
-def test_a_restore_reads_the_stored_records_one_at_a_time_and_back_as_they_were() -> None:
+def test_a_restore_reads_the_stored_records_one_at_a_time_and_back_as_they_were(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """The partition's records as a checkpoint stored them (encoded, in the state hash) come
     back through the store's load and the stage's restore as the slices that were snapshotted
     — states, event counts, applied source offsets — each record taken out of the loaded
-    ``StoredRecords`` as it is restored: never all decoded at once, none twice, none left."""
+    ``StoredRecords`` as it is restored: never all decoded at once, none twice, none left.
+    The freed heap the records leave is trimmed once restored, and again once revoked."""
+    trims: list[int] = []
+    monkeypatch.setattr(detect_stage, "release_free_heap", lambda: trims.append(1) or True)
     before = _stage()
     before.store = kept = _KeepingStore()  # type: ignore[assignment]
     before.parts[0].next_offset = 0
@@ -890,6 +895,12 @@ def test_a_restore_reads_the_stored_records_one_at_a_time_and_back_as_they_were(
     part = after.parts[0]
     assert part.next_offset == consumer.seeks[0] == 54 and part.control_seen == "5-0"
     assert part.epoch == 1 and after.pending == set()
+    assert len(trims) == 1
+    after._restore_pending()  # nothing pending: nothing restored, nothing to trim
+    assert len(trims) == 1
+    after.store = _CommittingStore()  # type: ignore[assignment]
+    after.on_partitions_revoked({TopicPartition("t", 0)})
+    assert len(trims) == 2 and after.parts == {}
 
 
 def test_a_shift_named_all_exports_no_gauges_over_its_station_s() -> None:
