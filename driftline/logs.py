@@ -11,29 +11,58 @@ from typing import Any
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
 
 
+def _utc(record: logging.LogRecord) -> str:
+    return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The fields passed with ``extra=``: the slice, partition, offset or setting a line is
+    about."""
+    return {k: v for k, v in record.__dict__.items() if k not in _RESERVED}
+
+
 class JsonFormatter(logging.Formatter):
     """Fields passed with ``extra=`` become keys, so logs can be filtered by slice or offset."""
 
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "time": _utc(record),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        doc.update({k: v for k, v in record.__dict__.items() if k not in _RESERVED})
+        doc.update(_fields(record))
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc, default=str)
 
 
+class ConsoleFormatter(logging.Formatter):
+    """One readable line: UTC time, level, logger, message, then the ``extra=`` fields as
+    ``key=value`` (a message such as ``alarm`` says little without its slice and detector)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)-7s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{_utc(record)} {super().format(record)}"
+        head, nl, trace = line.partition("\n")  # the traceback, if any, after the fields
+        fields = " ".join(f"{k}={_value(v)}" for k, v in _fields(record).items())
+        return f"{head} {fields}{nl}{trace}" if fields else line
+
+
+def _value(v: Any) -> str:
+    """A field's value on one line: plain text as is, the rest (or text with spaces or
+    quotes) as JSON."""
+    if isinstance(v, str) and v and not any(c.isspace() or c in "\"'=" for c in v):
+        return v
+    return json.dumps(v, default=str, ensure_ascii=False)
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     """Route every driftline logger to stderr in the chosen format (idempotent)."""
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -1,0 +1,63 @@
+"""Both log formats carry what a line is about (its ``extra=`` fields) and UTC times."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import pytest
+
+from driftline.logs import ConsoleFormatter, JsonFormatter, configure_logging
+
+
+def _record(**extra: object) -> logging.LogRecord:
+    record = logging.LogRecord("driftline.consumers.detect_stage", logging.ERROR, __file__, 1,
+                               "unusable slice-update skipped", None, None)
+    record.__dict__.update(extra)
+    record.created = 1794810725.25  # 2026-11-16T06:32:05.250Z
+    return record
+
+
+FIELDS = {"partition": 3, "offset": 41, "slice": "station=cam-2|shift=night",
+          "error": "KeyError('baseline 7')"}
+
+
+def test_console_lines_name_the_fields_and_the_utc_time() -> None:
+    line = ConsoleFormatter().format(_record(**FIELDS))
+    assert line.startswith("2026-11-16T06:32:05.250+00:00 ERROR   ")
+    assert line.endswith("unusable slice-update skipped partition=3 offset=41 "
+                         "slice=\"station=cam-2|shift=night\" "
+                         "error=\"KeyError('baseline 7')\"")
+
+
+def test_console_traceback_follows_the_fields() -> None:
+    try:
+        raise ValueError("bad arrays")
+    except ValueError:
+        import sys
+
+        record = _record(stage="detect")
+        record.exc_info = sys.exc_info()
+    head, *trace = ConsoleFormatter().format(record).splitlines()
+    assert head.endswith("stage=detect") and trace[-1] == "ValueError: bad arrays"
+
+
+def test_json_keeps_the_same_fields() -> None:
+    doc = json.loads(JsonFormatter().format(_record(**FIELDS)))
+    assert doc["time"] == "2026-11-16T06:32:05.250+00:00"
+    assert {k: doc[k] for k in FIELDS} == FIELDS
+
+
+@pytest.mark.parametrize("fmt", ["console", "json"])
+def test_configured_formats_show_the_fields(fmt: str, capsys: pytest.CaptureFixture[str]
+                                            ) -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        configure_logging("INFO", fmt)
+        logging.getLogger("driftline.test").info("alarm", extra={"detector": "ood_rate"})
+    finally:
+        root.handlers[:], root.level = handlers, level
+    err = capsys.readouterr().err
+    assert re.search(r"ood_rate", err), err
