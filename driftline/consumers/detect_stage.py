@@ -84,7 +84,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
@@ -505,8 +505,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
             self._saw(part, last)
         for out in messages:
             if out["kind"] == "alarm":
-                log.info("alarm", extra={"slice": upd.slice_id, "detector": out["detector"],
-                                         "onset_time": out["onset_time"]})
+                log.info("alarm", extra=_alarm_fields(upd.slice_id, out))
             self.outbox.append({**out, "slice_id": upd.slice_id, "template": upd.template,
                                 "reference_id": self.reference_id})
         return True
@@ -908,6 +907,22 @@ def parse_update(raw: bytes) -> UpdateView:
         return u
     except (ValueError, TypeError, KeyError):
         return SliceUpdate.model_validate_json(raw)
+
+
+def _alarm_fields(slice_id: str, alarm: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``alarm`` log line's fields: the slice and detector, since when (onset) and when it
+    crossed, as UTC date-times of event time, and the statistic against its threshold."""
+    return {"slice": slice_id, "detector": alarm["detector"],
+            "onset": _utc_iso(alarm["onset_time"]), "detected_at": _utc_iso(alarm["time"]),
+            "statistic": round(float(alarm["statistic"]), 2),
+            "threshold": round(float(alarm["threshold"]), 2)}
+
+
+def _utc_iso(t: float | None) -> str | None:
+    """Seconds since 1970 as an ISO date-time in UTC (``2026-11-16T06:32:05Z``)."""
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
 
 
 def _summary(model: SliceModel, g: dict[str, Any] | None = None) -> dict[str, Any]:

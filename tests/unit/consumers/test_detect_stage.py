@@ -627,6 +627,26 @@ def test_a_reference_with_other_clusters_clears_the_slice_s_open_alarms() -> Non
     assert not model.open
 
 
+def test_the_alarm_log_line_dates_onset_and_crossing_in_utc(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """It gave the onset as seconds since 1970 (``onset_time: 1794810725.0``) and not the
+    crossing, so on-call could not read since when from the log."""
+    stage = _stage()
+    with caplog.at_level(logging.INFO, logger=detect_stage.__name__):
+        _feed(stage, 0, 40, cluster=2)
+    alarms = [m for m in stage.outbox if m["kind"] == "alarm"]
+    lines = [r.__dict__ for r in caplog.records if r.getMessage() == "alarm"]
+    assert alarms and len(lines) == len(alarms)
+    for alarm, line in zip(alarms, lines, strict=True):
+        onset = datetime.fromtimestamp(alarm["onset_time"], UTC)
+        assert line["slice"] == "station=s1" and line["detector"] == alarm["detector"]
+        assert line["onset"] == onset.strftime("%Y-%m-%dT%H:%M:%SZ")
+        assert line["detected_at"] == datetime.fromtimestamp(
+            alarm["time"], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        assert T0 <= onset <= datetime.fromisoformat(line["detected_at"])
+        assert line["statistic"] >= line["threshold"] > 0
+
+
 def test_late_labels_are_not_events_and_do_not_move_the_gauge_window() -> None:
     """A late label for an old event set the slice's last event time back (the last-hour
     gauges then read some old hour), and counted as one more event (the summary's ``n``, the
