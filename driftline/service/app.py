@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 import driftline
 from driftline.config import Settings
 from driftline.service.context import ServiceContext
-from driftline.service.deps import require, strict_query
+from driftline.service.deps import json_body, require, strict_query
 from driftline.service.limits import BodyLimit, install_error_handlers
 from driftline.service.observe import ApiMetrics, Observe
 from driftline.service.routes import gap, incidents, references, similar, slices, versions
@@ -78,7 +78,7 @@ def create_app(registry: CollectorRegistry, readiness: Readiness | None = None,
         templates = {getattr(r, "endpoint", None): getattr(r, "path", "") for r in probes.routes}
         for module in (incidents, slices, similar, gap, versions, references):
             app.include_router(module.router, prefix=API_PREFIX,
-                               dependencies=[Depends(strict_query)])
+                               dependencies=[Depends(strict_query), Depends(json_body)])
             templates.update({getattr(r, "endpoint", None): API_PREFIX + getattr(r, "path", "")
                               for r in module.router.routes})
         app.state.query_names = _query_names(app, templates)

@@ -130,6 +130,26 @@ async def strict_query(request: Request) -> None:
             f"{', '.join(sorted(allowed)) or 'none'}"))
 
 
+_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
+
+
+async def json_body(request: Request) -> None:
+    """415 for a body that is not sent as JSON. FastAPI reads such a body as bytes and answers
+    422 "Input should be a valid dictionary", echoing the JSON the caller typed: what
+    ``curl -d '{"category": "optics"}'`` gets, since curl sends it as a form."""
+    if request.method not in _WITH_BODY:
+        return
+    sent = request.headers.get("content-type")
+    main, _, sub = (sent or "").partition(";")[0].strip().lower().partition("/")
+    if main == "application" and (sub == "json" or sub.endswith("+json")):
+        return
+    if await request.body():
+        raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, detail=(
+            "the body must be JSON sent with Content-Type: application/json (got "
+            f"{repr(sent) if sent else 'no Content-Type'}; with curl, add "
+            "-H 'Content-Type: application/json')"))
+
+
 Viewer = Annotated[Caller, Depends(require("viewer"))]
 Operator = Annotated[Caller, Depends(require("operator"))]
 Admin = Annotated[Caller, Depends(require("admin"))]

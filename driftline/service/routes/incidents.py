@@ -177,7 +177,7 @@ def get_recurrence(incident_id: IncidentId, book: BookDep, settings: SettingsDep
 
 
 @router.post("/{incident_id}/acknowledge", response_model=IncidentDetail,
-             responses=errors(404, 409))
+             responses=errors(404, 409, 415))
 def acknowledge(incident_id: IncidentId, book: BookDep, settings: SettingsDep,
                 caller: Operator,
                 body: Annotated[AcknowledgeRequest | None, Body()] = None) -> IncidentDetail:
@@ -187,7 +187,7 @@ def acknowledge(incident_id: IncidentId, book: BookDep, settings: SettingsDep,
 
 
 @router.post("/{incident_id}/resolve", response_model=IncidentDetail,
-             responses=errors(404, 409))
+             responses=errors(404, 409, 415))
 def resolve(incident_id: IncidentId, body: ResolveRequest, book: BookDep,
             settings: SettingsDep, caller: Operator) -> IncidentDetail:
     """Resolve with a root-cause category (or classify an auto-resolved incident); the
@@ -197,7 +197,7 @@ def resolve(incident_id: IncidentId, body: ResolveRequest, book: BookDep,
 
 
 @router.post("/{incident_id}/annotations", response_model=IncidentDetail,
-             status_code=status.HTTP_201_CREATED, responses=errors(404))
+             status_code=status.HTTP_201_CREATED, responses=errors(404, 415))
 def annotate(incident_id: IncidentId, body: AnnotateRequest, book: BookDep,
              settings: SettingsDep, caller: Operator) -> IncidentDetail:
     """Add a note to the incident's timeline."""

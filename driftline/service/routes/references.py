@@ -137,7 +137,7 @@ def _detail(cand: store.Candidate, configured: str | None, active: str | None
 
 
 @router.post("/{reference_id}/activate", response_model=ActivationView,
-             responses=errors(404, 409, why={409: ACTIVATION_REFUSED}))
+             responses=errors(404, 409, 415, why={409: ACTIVATION_REFUSED}))
 def activate_reference(reference_id: ReferenceId, settings: SettingsDep, r: RedisDep,
                        caller: Admin,
                        body: Annotated[ActivationRequest | None, Body()] = None

@@ -46,6 +46,7 @@ _WHY = {
     404: "no such resource",
     409: "the incident's lifecycle does not allow this step",
     413: "request body larger than DRIFTLINE_MAX_REQUEST_BYTES",
+    415: "a request body not sent as JSON (Content-Type: application/json)",
     503: "a backing store (Redis, the reference) is unavailable",
 }
 
