@@ -37,6 +37,12 @@ _PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "password", "token", 
 # Kafka's own rule (kafka.common.internals.Topic): at most 249 of these, and not "." or "..".
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 _QUERY_PASSWORD = re.compile(r"((?:^|&)password=)[^&]*", re.IGNORECASE)
+# Prometheus's (and Alertmanager's) label names; ``__`` starts the names it keeps for itself
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+# The labels the failure book puts on its own DriftlineIncident alerts (alerts.routing.Router
+# .labels): an incident's identity, routing and inhibition in Alertmanager, not to be replaced
+BOOK_ALERT_LABELS = ("alertname", "incident_id", "severity", "status", "root_template",
+                     *SLICE_DIMENSIONS)
 
 
 def default_cache_dir() -> Path:
@@ -183,6 +189,12 @@ class Settings(BaseSettings):
     alert_webhook_attempts: int = Field(
         4, ge=1, le=20, description="Webhook delivery attempts per change and round, on a "
                                     "transient failure (no answer, 5xx, 408, 429)")
+    alert_labels: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict, description="Labels added to every alert the failure book sends "
+        "(its Alertmanager alerts; `alert_labels` in its alerts-topic and webhook messages): "
+        "comma-separated name=value, e.g. deployment=plant-7. Give `deployment` the value of "
+        "the Prometheus external label, so that deployments sharing an Alertmanager do not "
+        "inhibit or merge each other's incidents")
     # API
     api_host: str = Field("127.0.0.1", description="API bind address")
     api_port: int = Field(8080, ge=1, le=65535, description="API port")
@@ -213,6 +225,35 @@ class Settings(BaseSettings):
     def _split_csv(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("alert_labels", mode="before")
+    @classmethod
+    def _split_labels(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        labels: dict[str, str] = {}
+        for entry in filter(None, (part.strip() for part in value.split(","))):
+            name, eq, label = (text.strip() for text in entry.partition("="))
+            if not eq:
+                raise ValueError(f"{entry!r} is not name=value")
+            if name in labels:
+                raise ValueError(f"label {name!r} is given twice")
+            labels[name] = label
+        return labels
+
+    @field_validator("alert_labels")
+    @classmethod
+    def _check_labels(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, label in value.items():
+            if not _LABEL_NAME.fullmatch(name) or name.startswith("__"):
+                raise ValueError(f"{name!r} is not a label name: a letter or '_', then letters, "
+                                 "digits and '_' (and no leading '__', kept for Prometheus)")
+            if name in BOOK_ALERT_LABELS:
+                raise ValueError(f"{name!r} is a label the failure book sets itself (one of "
+                                 f"{', '.join(BOOK_ALERT_LABELS)})")
+            if not label:  # Alertmanager drops an empty label: it would label nothing
+                raise ValueError(f"label {name!r} has an empty value")
         return value
 
     @field_validator("image_roots")
@@ -364,6 +405,8 @@ def _env_value(value: Any) -> str:
         return ""
     if isinstance(value, list):  # NoDecode: read back by _split_csv
         return ",".join(value)
+    if isinstance(value, dict):  # read back by _split_labels
+        return ",".join(f"{name}={label}" for name, label in value.items())
     if isinstance(value, str) and "://" in value:
         return mask_url(value)
     return str(value)  # a SecretStr shows as ********** (or empty)

@@ -392,7 +392,8 @@ def build_book_processor(settings: Settings, registry: CollectorRegistry,
                         alertmanager_url=s.alertmanager_url,
                         producer_factory=lambda: alerts_producer(s),
                         topic=s.alerts_topic, webhook_url=s.alert_webhook_url,
-                        webhook_attempts=s.alert_webhook_attempts)
+                        webhook_attempts=s.alert_webhook_attempts,
+                        alert_labels=s.alert_labels)
         return IncidentProcessor(client, book, router=router)
     # Redis answered the reference's read a moment ago (Service.start), but may have gone
     return at_start_up(client, "start the failure book", start)

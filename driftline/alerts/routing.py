@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
@@ -147,7 +147,7 @@ class Router:
                  producer_factory: Callable[[], Any] | None = None,
                  topic: str = "driftline.alerts", webhook_url: str | None = None,
                  webhook_attempts: int = 4, http: httpx.Client | None = None,
-                 prefix: str = "dl:alerts",
+                 prefix: str = "dl:alerts", alert_labels: Mapping[str, str] | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.book, self.r = book, book.r
         self.metrics = metrics
@@ -157,6 +157,8 @@ class Router:
         # failed attempt, so that the book starts and pages with the broker down
         self.producer, self.producer_factory, self.topic = producer, producer_factory, topic
         self.webhook_url, self.webhook_attempts = webhook_url, webhook_attempts
+        # DRIFTLINE_ALERT_LABELS (names checked by config: none of the book's own labels)
+        self.alert_labels = dict(alert_labels or {})
         self.http = http or httpx.Client(timeout=HTTP_TIMEOUT_S)
         self.prefix = prefix
         self.clock = clock
@@ -240,7 +242,11 @@ class Router:
         return sent
 
     def _message(self, cid: str, change: dict[str, Any]) -> dict[str, Any]:
-        return {**change, "change_id": cid,
+        """An alerts-topic or webhook message: the change, its id, the incident's link and, if
+        configured, the alert labels (which tell deployments apart: their incident ids are
+        each book's own sequence)."""
+        labels = {"alert_labels": self.alert_labels} if self.alert_labels else {}
+        return {**change, "change_id": cid, **labels,
                 "incident": {**change["incident"], "link": self.link(change["incident_id"])}}
 
     def _to_kafka(self, routed: list[tuple[str, dict[str, Any]]]) -> int:
@@ -317,12 +323,16 @@ class Router:
     def labels(self, inc: Incident) -> dict[str, str]:
         """The alert's identity in Alertmanager. ``status`` (open, acknowledged) is one of them,
         so an acknowledgement ends the open alert and starts an acknowledged one, which
-        Alertmanager can route away from the pager (deploy/alertmanager/alertmanager.yml)."""
+        Alertmanager can route away from the pager (deploy/alertmanager/alertmanager.yml).
+        The configured ``alert_labels`` (a ``deployment``) tell apart the alerts of
+        deployments sharing an Alertmanager, whose incident ids and root slices can coincide;
+        changing them ends the alerts pushed with the old ones at the next push."""
         status = inc.status if inc.active else (  # resolved: the label set it is ending
             Status.acknowledged if any(e.action == "acknowledged" for e in inc.timeline)
             else Status.open)
-        return {"alertname": ALERTNAME, "incident_id": inc.id, "severity": inc.severity.value,
-                "status": status.value, "root_template": inc.root.template, **inc.root.dims}
+        return {**self.alert_labels, "alertname": ALERTNAME, "incident_id": inc.id,
+                "severity": inc.severity.value, "status": status.value,
+                "root_template": inc.root.template, **inc.root.dims}
 
     def alert(self, inc: Incident) -> dict[str, Any]:
         now = self.clock()

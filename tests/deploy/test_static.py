@@ -148,6 +148,9 @@ def test_alertmanager_config_and_routes() -> None:
     config = str(DEPLOY / "alertmanager/alertmanager.yml")
     run(amtool, "check-config", config)
     for labels, receiver in ((["severity=critical"], "oncall-pager"),
+                             (["severity=critical", "deployment=plant-7"], "oncall-pager"),
+                             ([f"alertname={ALERTNAME}", "severity=critical", "status=open",
+                               "deployment=plant-7"], "oncall-pager"),
                              (["severity=warning"], "oncall-ticket"),
                              ([f"alertname={ALERTNAME}", "severity=critical", "status=open"],
                               "oncall-pager"),
@@ -158,23 +161,39 @@ def test_alertmanager_config_and_routes() -> None:
         assert out.stdout.split() == [receiver], (labels, out.stdout)
 
 
-def incident_alert(severity: str, template: str, dims: dict[str, str]) -> dict[str, str]:
+def incident_alert(severity: str, template: str, dims: dict[str, str],
+                   incident_id: str | None = None, **alert_labels: str) -> dict[str, str]:
     """The labels of the failure book's alert for an incident rooted at ``dims``
-    (Router.labels)."""
+    (Router.labels), with ``alert_labels`` configured (DRIFTLINE_ALERT_LABELS)."""
     root = SimpleNamespace(template=template, dims=dims)
-    incident = SimpleNamespace(id=f"inc-{severity}-{template}", severity=Severity(severity),
-                               root=root, status=Status.open, active=True, timeline=[])
-    return Router.labels(cast(Router, None), cast(Incident, incident))
+    incident = SimpleNamespace(id=incident_id or f"inc-{severity}-{template}",
+                               severity=Severity(severity), root=root, status=Status.open,
+                               active=True, timeline=[])
+    router = SimpleNamespace(alert_labels=alert_labels)
+    return Router.labels(cast(Router, router), cast(Incident, incident))
+
+
+def external_labels() -> dict[str, str]:
+    """The labels Prometheus (deploy/prometheus/prometheus.yml) puts on the alerts it sends."""
+    return cast(dict[str, str], load_yaml(PROM / "prometheus.yml")["global"]["external_labels"])
+
+
+def compose_alert_labels() -> dict[str, str]:
+    """DRIFTLINE_ALERT_LABELS of compose's driftline services, as the settings read it."""
+    env = load_yaml(DEPLOY / "compose.yaml")["services"]["driftline-book"]["environment"]
+    return Settings(alert_labels=env["DRIFTLINE_ALERT_LABELS"]).alert_labels
 
 
 def pushed_alert_labels() -> set[str]:
-    """Label names of the failure book's DriftlineIncident alerts."""
-    return set(incident_alert("major", "station+shift", {"station": "s1", "shift": "night"}))
+    """Label names of the failure book's DriftlineIncident alerts, as compose configures it."""
+    return set(incident_alert("major", "station+shift", {"station": "s1", "shift": "night"},
+                              **compose_alert_labels()))
 
 
 def rule_alert_labels() -> set[str]:
-    """Label names the rules' alerts can carry: their own, aggregation labels, target labels."""
-    names = set(TARGET_LABELS)
+    """Label names the rules' alerts can carry: their own, aggregation labels, target labels,
+    Prometheus's external labels."""
+    names = set(TARGET_LABELS) | set(external_labels())
     for rule in alerts():
         names |= set(rule["labels"]) | {"alertname"}
         for group in re.findall(r"\bby \(([^)]*)\)", rule["expr"]):
@@ -229,6 +248,58 @@ def test_a_critical_incident_inhibits_the_warnings_of_its_own_root_slice_only() 
             warning = incident_alert("warning", *target_root)
             assert inhibited(warning, critical) == (target_root == source_root), (
                 source_root, target_root)
+
+
+def test_a_critical_incident_inhibits_the_warnings_of_its_own_deployment_only() -> None:
+    """Two plants' books, sharing an Alertmanager, can open incidents at a slice of the same
+    name (station press-3): one's critical incident must not mute the other's warning. The
+    rule requires `deployment` equal, which DRIFTLINE_ALERT_LABELS puts on the book's alerts;
+    unset on both sides, one deployment, as before."""
+    rule, = [r for r in load_yaml(DEPLOY / "alertmanager/alertmanager.yml")["inhibit_rules"]
+             if r["source_matchers"] == ['severity="critical"']]
+    assert "deployment" in rule["equal"]
+    for template, dims in (("station", {"station": "press-3"}),
+                           ("station+shift", {"station": "press-3", "shift": "night"}),
+                           ("lot", {"lot": "L7"})):
+        critical_a = incident_alert("critical", template, dims, deployment="plant-a")
+        warning_a = incident_alert("warning", template, dims, deployment="plant-a")
+        warning_b = incident_alert("warning", template, dims, deployment="plant-b")
+        assert inhibited(warning_a, critical_a), template
+        assert not inhibited(warning_b, critical_a), template
+        assert not inhibited(warning_b, incident_alert("critical", template, dims)), template
+        assert inhibited(incident_alert("warning", template, dims),
+                         incident_alert("critical", template, dims)), template
+
+
+def test_two_deployments_incidents_are_separate_alerts_and_notifications() -> None:
+    """Every book numbers its incidents from DL-000001: two deployments' first incidents at
+    press-3 had the same label set (one alert to Alertmanager: either book's resolve ended
+    the other's page) and the same group. Their `deployment` labels keep them apart."""
+    route = load_yaml(DEPLOY / "alertmanager/alertmanager.yml")["route"]
+    assert "deployment" in route["group_by"]
+    a, b = (incident_alert("critical", "station", {"station": "press-3"}, "DL-000001",
+                           deployment=name) for name in ("plant-a", "plant-b"))
+    assert a != b
+    assert ([a.get(label) for label in route["group_by"]]
+            != [b.get(label) for label in route["group_by"]])
+    # the rules' alerts of two deployments too: a station of the same name, silent in both
+    silent = rule_alert("DriftlineStationSilent", station="press-3")
+    groups = {tuple({**silent, "deployment": d}.get(label) for label in route["group_by"])
+              for d in ("plant-a", "plant-b")}
+    assert len(groups) == 2
+
+
+def test_the_book_s_alerts_carry_the_deployment_prometheus_gives_the_rules() -> None:
+    """The inhibitions and grouping compare the book's `deployment` with the rules': compose
+    sets the book's DRIFTLINE_ALERT_LABELS to Prometheus's external label, and the k8s
+    config map to the value its README tells to give Prometheus."""
+    assert compose_alert_labels() == {"deployment": external_labels()["deployment"]}
+    config = next(d for d in manifests() if d["kind"] == "ConfigMap")["data"]
+    k8s = Settings(alert_labels=config["DRIFTLINE_ALERT_LABELS"]).alert_labels
+    assert set(k8s) == {"deployment"}
+    text = " ".join((K8S / "README.md").read_text().split())
+    assert f"`external_labels: {{deployment: {k8s['deployment']}}}`" in text
+    assert f"`DRIFTLINE_ALERT_LABELS: deployment={k8s['deployment']}`" in text
 
 
 def rule_alert(name: str, **labels: str) -> dict[str, str]:

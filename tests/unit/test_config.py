@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 from typer.testing import CliRunner
 
+from driftline.alerts.model import Incident, Severity, Status
+from driftline.alerts.routing import Router
 from driftline.cli import app
-from driftline.config import ConfigError, Settings, load_settings, mask_url
+from driftline.config import (
+    BOOK_ALERT_LABELS,
+    SLICE_DIMENSIONS,
+    ConfigError,
+    Settings,
+    load_settings,
+    mask_url,
+)
 
 
 def test_defaults_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -89,6 +100,19 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
         ("DRIFTLINE_RETENTION_RESOLVED_DAYS", "inf", "finite"),
         ("DRIFTLINE_STAGE_STALL_TIMEOUT_S", "nan", "finite"),
         ("DRIFTLINE_RECURRENCE_SIMILARITY", "nan", "finite"),
+        # Alertmanager answers a push with an invalid label name with 400: every incident
+        # would be dropped as rejected; one of the book's own would rename or reroute it
+        ("DRIFTLINE_ALERT_LABELS", "deployment", "not name=value"),
+        ("DRIFTLINE_ALERT_LABELS", "deploy-ment=a", "not a label name"),
+        ("DRIFTLINE_ALERT_LABELS", "1st=a", "not a label name"),
+        ("DRIFTLINE_ALERT_LABELS", "__name__=a", "not a label name"),
+        ("DRIFTLINE_ALERT_LABELS", "=a", "not a label name"),
+        ("DRIFTLINE_ALERT_LABELS", "deployment=a,station=b", "'station' is a label the failure "
+                                                             "book sets itself"),
+        ("DRIFTLINE_ALERT_LABELS", "severity=info", "sets itself"),
+        ("DRIFTLINE_ALERT_LABELS", "alertname=X", "sets itself"),
+        ("DRIFTLINE_ALERT_LABELS", "deployment=a,deployment=b", "given twice"),
+        ("DRIFTLINE_ALERT_LABELS", "deployment=", "empty value"),
     ],
 )
 def test_bad_values_name_the_variable(
@@ -108,6 +132,16 @@ def test_every_setting_is_documented_in_the_readme() -> None:
     assert not missing, f"README configuration table lacks {missing}"
 
 
+def test_the_readme_configuration_table_is_the_generated_one() -> None:
+    """Defaults and descriptions too, not only the names: the table between the README's
+    config-table markers is `driftline config table`'s output."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme.split("<!-- config-table:start -->\n")[1].split("<!-- config-table:end -->")[0]
+    result = CliRunner().invoke(app, ["config", "table"])
+    assert result.exit_code == 0, result.output
+    assert table == result.output, "regenerate it: driftline config table"
+
+
 def test_legal_urls_topics_and_providers_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DRIFTLINE_ALERTMANAGER_URL", "https://am.example:9093/prefix")
     monkeypatch.setenv("DRIFTLINE_ALERT_WEBHOOK_URL", "")  # empty: no webhook
@@ -117,6 +151,30 @@ def test_legal_urls_topics_and_providers_pass(monkeypatch: pytest.MonkeyPatch) -
     assert settings.alertmanager_url == "https://am.example:9093/prefix"
     assert settings.alert_webhook_url is None
     assert settings.events_topic == "plant-7.events_v2"
+
+
+def test_alert_labels_are_read_from_name_value_pairs_and_shown_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DRIFTLINE_ALERT_LABELS", raising=False)
+    assert load_settings().alert_labels == {}  # unset: the book's alerts as before
+    monkeypatch.setenv("DRIFTLINE_ALERT_LABELS", " deployment = plant-7 , site=Lyon=2,")
+    settings = load_settings()
+    assert settings.alert_labels == {"deployment": "plant-7", "site": "Lyon=2"}
+    assert settings.shown()["alert_labels"] == "deployment=plant-7,site=Lyon=2"
+    monkeypatch.setenv("DRIFTLINE_ALERT_LABELS", settings.shown()["alert_labels"])
+    assert load_settings().alert_labels == settings.alert_labels  # reads back
+
+
+def test_the_reserved_alert_labels_are_those_the_book_sets() -> None:
+    """DRIFTLINE_ALERT_LABELS may not name a label Router.labels sets: the list it is checked
+    against must not fall behind the router's."""
+    root = SimpleNamespace(template="station+shift+lot",
+                           dims=dict.fromkeys(SLICE_DIMENSIONS, "x"))
+    incident = SimpleNamespace(id="DL-000001", severity=Severity.warning, root=root,
+                               status=Status.open, active=True, timeline=[])
+    plain = SimpleNamespace(alert_labels={})
+    assert set(Router.labels(cast(Router, plain), cast(Incident, incident))) == set(
+        BOOK_ALERT_LABELS)
 
 
 def test_a_bad_value_stops_the_cli_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -257,6 +257,15 @@ def test_the_books_redis_calls_time_out(monkeypatch: pytest.MonkeyPatch) -> None
     assert kwargs["socket_timeout"] >= 3 * processor.block_ms / 1000
 
 
+def test_the_book_labels_its_alerts_as_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DRIFTLINE_ALERT_LABELS reaches the router that pushes the book's alerts."""
+    monkeypatch.setattr(IncidentProcessor, "check_trimmed", lambda self: 0)
+    monkeypatch.setattr(Router, "_start_new_targets", lambda self: None)
+    settings = load_settings(alert_labels="deployment=plant-7")
+    processor = runner.build_book_processor(settings, CollectorRegistry())
+    assert processor.router.alert_labels == {"deployment": "plant-7"}
+
+
 def test_the_incident_processor_steps_again_after_a_redis_timeout(
         caplog: pytest.LogCaptureFixture) -> None:
     """What the timeout raises is logged and the step tried again: the thread ending would

@@ -317,10 +317,12 @@ class Producer:
 
     def __init__(self) -> None:
         self.sent: list[str] = []
+        self.messages: list[dict[str, Any]] = []
         self.failing: set[str] = set()
 
     def send(self, topic: str, key: bytes, value: bytes) -> Future:
-        cid = json.loads(value)["change_id"]
+        self.messages.append(json.loads(value))
+        cid = self.messages[-1]["change_id"]
         self.sent.append(cid)
         return Future(KafkaTimeoutError("batch expired") if cid in self.failing else None)
 
@@ -351,7 +353,7 @@ def test_a_kafka_record_failing_part_way_through_a_batch_holds_the_cursor_before
 
 
 def am_router(incidents: dict[str, Incident], clock: datetime,
-              active: list[Incident] | None = None
+              active: list[Incident] | None = None, db: MiniRedis | None = None, **kw: Any
               ) -> tuple[Router, list[dict[str, Any]], CollectorRegistry]:
     """A router to Alertmanager whose book's active incidents are ``active``, at ``clock``;
     the alerts it pushes are collected."""
@@ -362,12 +364,12 @@ def am_router(incidents: dict[str, Incident], clock: datetime,
         return httpx.Response(200)
 
     registry = CollectorRegistry()
-    book = SimpleNamespace(r=MiniRedis(), changes_key=CHANGES, get=incidents.__getitem__,
-                           active=lambda: list(active or []))
+    book = SimpleNamespace(r=db or MiniRedis(), changes_key=CHANGES,
+                           get=incidents.__getitem__, active=lambda: list(active or []))
     paging = Router(cast(FailureBook, book), AlertMetrics(registry),
                     public_url="http://driftline.test", prefix="t:alerts",
                     alertmanager_url="http://am.test", clock=lambda: clock,
-                    http=httpx.Client(transport=httpx.MockTransport(am)))
+                    http=httpx.Client(transport=httpx.MockTransport(am)), **kw)
     return paging, sent, registry
 
 
@@ -413,3 +415,58 @@ def test_an_alert_starts_at_its_creation_or_now_and_a_resolved_one_ends_at_its_r
     skewed = alert(created - 2 * hour, **resolved, resolved_at=created - 3 * hour)
     assert skewed["endsAt"] == skewed["startsAt"] == "2026-01-05T06:00:00Z"
     paging.close()
+
+
+@pytest.mark.parametrize("alert_labels", [{"deployment": "plant-7", "site": "lyon"}, {}])
+def test_every_target_gets_the_configured_alert_labels(alert_labels: dict[str, str]) -> None:
+    """Two deployments sharing an Alertmanager number their incidents alike (DL-000001 in
+    each): the configured labels (DRIFTLINE_ALERT_LABELS) tell their alerts apart, and the
+    alerts-topic and webhook messages carry them too. Unset, every payload is as before."""
+    incidents, (change,) = opened("station=press-3|shift=night")
+    alerts: list[dict[str, Any]] = []
+    hooked: list[dict[str, Any]] = []
+
+    def targets(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        (alerts.extend if request.url.host == "am.test" else hooked.append)(body)
+        return httpx.Response(200)
+
+    db, producer = MiniRedis(), Producer()
+    routing = router(db, incidents, CollectorRegistry(), targets,
+                     alertmanager_url="http://am.test", producer=producer,
+                     webhook_url="http://hooks.test/driftline", alert_labels=alert_labels)
+    db.xadd(change)
+    assert routing.deliver() == 3
+    (alert,) = alerts
+    assert alert["labels"] == {**alert_labels, "alertname": "DriftlineIncident",
+                               "incident_id": "DL-000001", "severity": "warning",
+                               "status": "open", "root_template": "station+shift",
+                               "station": "press-3", "shift": "night"}
+    for message in (*hooked, *producer.messages):
+        assert message.get("alert_labels") == (alert_labels or None)
+        assert message["incident_id"] == "DL-000001"
+    assert len(hooked) == len(producer.messages) == 1
+    routing.close()
+
+
+def test_setting_alert_labels_ends_the_alerts_pushed_without_them() -> None:
+    """Alertmanager knows an alert by its label set: once a deployment label is configured, the
+    next push ends the incident's alert pushed without it, or that alert would page on its own
+    until resolve_timeout, beside the labelled one."""
+    incidents, _ = opened("station=press-3")
+    inc, db = incidents["DL-000001"], MiniRedis()
+    before, sent_before, _ = am_router(incidents, NOW, active=[inc], db=db)
+    assert before.resend()
+    (old,) = sent_before
+    assert "deployment" not in old["labels"]
+    later = NOW + timedelta(minutes=1)
+    after, sent, _ = am_router(incidents, later, active=[inc], db=db,
+                               alert_labels={"deployment": "plant-7"})
+    assert after.resend()
+    live, ended = sent
+    assert live["labels"] == {**old["labels"], "deployment": "plant-7"}
+    assert "endsAt" not in live
+    assert ended["labels"] == old["labels"] and ended["endsAt"] == "2026-01-05T08:01:00Z"
+    assert after.resend() and sent[2:] == [live]  # ended once
+    before.close()
+    after.close()
