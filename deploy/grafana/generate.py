@@ -125,7 +125,11 @@ def station_variable() -> Template:
 
 # --- fleet overview ---------------------------------------------------------------------------
 def fleet() -> Dashboard:
-    drill = "/d/driftline-station?var-station=${__field.labels.station}&${__url_time_range}"
+    # A station name is free text: percent-encoded, a '&', '#' or space in it cannot cut the
+    # link short or add parameters (Grafana before 10 did not encode data-link values by
+    # default). __url_time_range is already a query string, to be put in as it is.
+    drill = ("/d/driftline-station?var-station=${__field.labels.station:percentencode}"
+             "&${__url_time_range}")
     stats = [
         stat("Events / s", "driftline:embed_events:rate5m", unit="reqps",
              description="Records consumed by the embed stage (5 min rate), those "
@@ -251,8 +255,8 @@ def station() -> Dashboard:
                          "arrival rates instead.", no_value="-"),
         Text(title="Incidents of this station",
              content="Onsets are in event time and live in the failure book: "
-                     "`GET /api/v1/incidents?station=$station` on the driftline API "
-                     "(what changed, since when, exemplars).",
+                     "`GET /api/v1/incidents?station=${station:percentencode}` on the "
+                     "driftline API (what changed, since when, exemplars).",
              mode="markdown"),
     ]
     mix = [
