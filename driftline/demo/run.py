@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import secrets
 import socket
 import tempfile
 import threading
@@ -30,6 +31,7 @@ from typing import Any
 from urllib.parse import quote
 
 from kafka import KafkaProducer
+from pydantic import SecretStr
 
 from driftline.alerts.book import FailureBook
 from driftline.config import load_settings
@@ -170,12 +172,13 @@ def run_demo(size: str = "small", cache_dir: Path | None = None, hold: float = 0
         print(f"[demo] reference {reference.reference_id}: {len(ref_events)} events, "
               f"K={reference.k}, baselines {len(reference.baseline_keys)}", flush=True)
         port = _free_port()
+        tokens, token = demo_tokens(settings0.api_tokens)
         settings = load_settings(
             kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url,
             alertmanager_url=stack.alertmanager_url, reference_dir=work / "reference",
             model_path=model, api_port=port, public_url=f"http://127.0.0.1:{port}",
             budget_event_rate=1.0 / cfg.period_s, checkpoint_interval_ms=500,
-            autoresolve_events=cfg.shift_events * 4)
+            autoresolve_events=cfg.shift_events * 4, **tokens)
         service = Service(settings, ROLES)
         service.start()
         server = _serve(service, settings.api_host, port)
@@ -199,7 +202,8 @@ def run_demo(size: str = "small", cache_dir: Path | None = None, hold: float = 0
               f"injected changes; {_counter(service.registry, 'driftline_incidents'):.0f} "
               "opened in all (the rest were held or merged before they paged)", flush=True)
         found = [o.incident for o in outcomes if o.incident is not None]
-        thumbs_ok = all([show_thumbnail(f"http://127.0.0.1:{port}", inc) for inc in found])
+        thumbs_ok = all([show_thumbnail(f"http://127.0.0.1:{port}", inc, token)
+                         for inc in found])
         print(f"\n[demo] API http://127.0.0.1:{port}/api/v1/incidents · metrics "
               f"http://127.0.0.1:{port}/metrics · Alertmanager {stack.alertmanager_url}"
               f" · {time.monotonic() - started:.0f} s in all", flush=True)
@@ -213,8 +217,19 @@ def run_demo(size: str = "small", cache_dir: Path | None = None, hold: float = 0
     return 0 if ok else 1
 
 
-def show_thumbnail(api: str, incident: dict[str, Any]) -> bool:
-    """GET the incident's first exemplar thumbnail from the API and say what came back."""
+def demo_tokens(configured: SecretStr | None) -> tuple[dict[str, str], str | None]:
+    """Settings overrides and the bearer token the demo reads its own API with: with
+    ``DRIFTLINE_API_TOKENS`` set the API refuses callers without one, so the demo adds a viewer
+    token of its own, made for this run, to the configured ones; without, nothing."""
+    if configured is None or not configured.get_secret_value().strip():
+        return {}, None
+    token = secrets.token_urlsafe(24)
+    return {"api_tokens": f"{configured.get_secret_value()},demo:viewer:{token}"}, token
+
+
+def show_thumbnail(api: str, incident: dict[str, Any], token: str | None = None) -> bool:
+    """GET the incident's first exemplar thumbnail from the API (as bearer ``token`` if given)
+    and say what came back."""
     import httpx
 
     exemplars = incident["evidence"]["exemplars"]
@@ -223,7 +238,8 @@ def show_thumbnail(api: str, incident: dict[str, Any]) -> bool:
         return False
     eid = exemplars[0]["event_id"]
     url = f"{api}/api/v1/incidents/{incident['id']}/exemplars/{quote(eid, safe='')}/thumbnail"
-    resp = httpx.get(url, timeout=30)
+    resp = httpx.get(url, timeout=30,
+                     headers={"Authorization": f"Bearer {token}"} if token else None)
     if resp.status_code != 200:
         print(f"[demo] {incident['id']} exemplar {eid}: no thumbnail ({resp.status_code} "
               f"{resp.text[:200]})", flush=True)
