@@ -117,7 +117,9 @@ class SliceEvidence(_Model):
     cells: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per detector: its alarm's per-cell counts")
     exemplars: list[dict[str, Any]] = Field(default_factory=list)
-    model_versions: dict[str, int] = Field(default_factory=dict)
+    model_versions: dict[str, int] = Field(
+        default_factory=dict, description="events per model_version over the slice's whole "
+        "life, not since the onset: the model versions it has seen, and how much")
     reference_id: str | None = Field(None, description="the reference the alarm was raised on")
     onset: datetime | None = None
     first_time: datetime | None = Field(None, description="event time of the first crossing")
@@ -170,7 +172,9 @@ class Evidence(_Model):
     clusters: list[ClusterShift] = Field(default_factory=list)
     ood: OodEvidence | None = None
     exemplars: list[Exemplar] = Field(default_factory=list)
-    model_versions: dict[str, int] = Field(default_factory=dict)
+    model_versions: dict[str, int] = Field(
+        default_factory=dict, description="events per model_version over the slice's whole "
+        "life, not since the onset: the model versions it has seen, and how much")
     signature: list[float] = Field(default_factory=list, description="for recurrence matching")
 
 

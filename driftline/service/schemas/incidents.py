@@ -166,7 +166,8 @@ class SliceEffect(BaseModel):
     n_since_onset: int
     onset: datetime | None
     last_time: datetime | None
-    model_versions: dict[str, int]
+    model_versions: dict[str, int] = Field(description=(
+        "events per model_version over the slice's whole life, not since the onset"))
     cells: CellsView | None = Field(None, description="none for alarms without cells")
 
 

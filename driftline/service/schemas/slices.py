@@ -53,7 +53,8 @@ class DetectorView(BaseModel):
 
 class SliceDetail(SliceView):
     detectors: list[DetectorView] = Field(description="exact current values from the state")
-    model_versions: dict[str, int]
+    model_versions: dict[str, int] = Field(description=(
+        "events per model_version over the slice's whole life"))
     state_found: bool = Field(description="false if no detect worker has checkpointed it yet")
 
 
