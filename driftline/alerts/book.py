@@ -194,7 +194,8 @@ class FailureBook(BookStore):
             live = _live_firings(inc) if was_active else {}
             if live:
                 batch.ops.append(lambda p: [p.xadd(
-                    self.control_key, {"reset": sid, "detectors": ",".join(dets)},
+                    self.control_key, {"reset": sid, "detectors": ",".join(dets),
+                                       "incident": inc.id, "who": who},
                     maxlen=CONTROL_MAXLEN, approximate=True) for sid, dets in live.items()])
                 batch.ops.append(lambda p: p.hset(self.k("reset_pending"), mapping={
                     pending_key(sid, d): inc.id for sid, dets in live.items() for d in dets}))

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 from pydantic_core import PydanticSerializationError, to_json
@@ -62,6 +62,17 @@ log = logging.getLogger(__name__)
 REDIS_WAIT_S = 60
 OUTBOX_MAXLEN = 100_000
 
+
+
+class ResetRequest(NamedTuple):
+    """One entry of the control stream: on-call resolved an incident, so the detect stage
+    resets its slice's detectors."""
+
+    entry_id: str
+    slice_id: str
+    detectors: list[str] | None  # None: all (requests written before they were named)
+    incident: str | None = None  # who asked, and for which incident (written since 2026-11-25)
+    who: str | None = None
 
 
 class CannotPersistError(ResponseError):
@@ -240,14 +251,17 @@ class CheckpointStore:
         return self._k("control")
 
     @retry_redis
-    def control_after(self, after: str, count: int = 1000
-                      ) -> list[tuple[str, str, list[str] | None]]:
-        """Reset requests after stream id ``after``: (entry id, slice_id, the detectors to
-        reset — None: all, as requests written before they were named)."""
+    def control_after(self, after: str, count: int = 1000) -> list[ResetRequest]:
+        """Reset requests after stream id ``after``, oldest first."""
         rows: list[Any] = self.r.xrange(  # type: ignore[assignment]
             self.control_key, min=f"({after}", count=count)
-        return [(eid.decode(), f[b"reset"].decode(),
-                 f[b"detectors"].decode().split(",") if f.get(b"detectors") else None)
+
+        def text(f: dict[bytes, bytes], key: bytes) -> str | None:
+            return f[key].decode() if f.get(key) else None
+
+        return [ResetRequest(eid.decode(), f[b"reset"].decode(),
+                             f[b"detectors"].decode().split(",") if f.get(b"detectors") else None,
+                             text(f, b"incident"), text(f, b"who"))
                 for eid, f in rows if b"reset" in f]
 
     @retry_redis

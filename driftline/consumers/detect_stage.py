@@ -602,17 +602,19 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         if not self.parts:
             return
         after = min((p.control_seen for p in self.parts.values()), key=stream_id)
-        for eid, sid, detectors in self.store.control_after(after):
+        for req in self.store.control_after(after):
             for part in self.parts.values():
-                if stream_id(eid) <= stream_id(part.control_seen):
+                if stream_id(req.entry_id) <= stream_id(part.control_seen):
                     continue
-                part.control_seen = eid
-                entry = part.slices.get(sid)
+                part.control_seen = req.entry_id
+                entry = part.slices.get(req.slice_id)
                 if entry is not None:
-                    entry.model.reset(detectors)
-                    part.dirty.add(sid)
-                    log.info("slice reset on request",
-                             extra={"slice": sid, "detectors": detectors or "all"})
+                    entry.model.reset(req.detectors)
+                    part.dirty.add(req.slice_id)
+                    log.info("slice reset on request", extra={
+                        "slice": req.slice_id, "detectors": req.detectors or "all",
+                        "incident": req.incident, "resolved_by": req.who,
+                        "request": req.entry_id})
 
     def _sweep(self) -> None:
         """Retire every retirable slice of the partitions not swept for ``retire_sweep_s`` (a

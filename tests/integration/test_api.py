@@ -29,6 +29,7 @@ from pydantic import SecretStr
 from driftline.alerts.attribution import SliceStatus
 from driftline.alerts.book import FailureBook
 from driftline.config import Settings, load_settings
+from driftline.consumers.checkpoint import CheckpointStore
 from driftline.consumers.kafka_io import ensure_topics
 from driftline.service.app import create_app
 from driftline.service.context import ServiceContext
@@ -268,8 +269,13 @@ def test_lifecycle_records_the_token_name_in_the_timeline(api: Api) -> None:
     steps = [(t["who"], t["action"]) for t in body["timeline"]]
     assert steps[-3:] == [("olga", "acknowledged"), ("olga", "annotated"), ("ada", "resolved")]
     assert body["timeline"][-3]["note"] == "looking at the lens"
-    resets = {f[b"reset"].decode() for _, f in api.r.xrange("dl:detect:control")}
-    assert "station=s3" in resets
+    resets = {f[b"reset"].decode(): (f.get(b"incident"), f.get(b"who"))
+              for _, f in api.r.xrange("dl:detect:control")}
+    # the detect stage logs which incident's resolution reset the slice, and who resolved it
+    assert resets["station=s3"] == (body["id"].encode(), NAMES["admin"].encode())
+    requests = CheckpointStore(api.r).control_after("0-0")
+    assert ("station=s3", body["id"], NAMES["admin"]) in {
+        (q.slice_id, q.incident, q.who) for q in requests}
     extra = api.post(f"{path}/acknowledge", json={"unknown": 1})
     assert extra.status_code == 422
 

@@ -29,6 +29,7 @@ from driftline.consumers.checkpoint import (
     REDIS_WAIT_S,
     CheckpointStore,
     Fenced,
+    ResetRequest,
     StoredRecords,
     decode_record,
     encode_record,
@@ -750,9 +751,9 @@ class _ResetStore(_CommittingStore):
     """A reachable store holding the on-call's reset requests (``requests``: slice ids)."""
 
     def __init__(self) -> None:
-        self.requests: list[tuple[str, str, list[str] | None]] = []
+        self.requests: list[ResetRequest] = []
 
-    def control_after(self, after: str) -> list[tuple[str, str, list[str] | None]]:  # type: ignore[override]
+    def control_after(self, after: str) -> list[ResetRequest]:  # type: ignore[override]
         return self.requests
 
 
@@ -783,10 +784,24 @@ def test_an_open_alarm_is_exported_at_the_checkpoint_and_goes_with_its_reset() -
               for s in m.samples
               if s.name == "driftline_detect_statistic_ratio" and s.labels["station"] == "s1"}
     assert max(ratios.values()) < 1  # what the dashboards read before
-    store.requests = [("1-0", "station=s1", None)]  # the incident resolved: reset all
+    store.requests = [ResetRequest("1-0", "station=s1", None)]  # resolved: reset all
     assert stage.checkpoint()
     assert not model.open
     assert set(_open_alarms(stage).values()) == {0.0}
+
+
+def test_a_reset_logs_the_incident_and_who_resolved_it(caplog: pytest.LogCaptureFixture) -> None:
+    stage = _stage()
+    stage.store = store = _ResetStore()  # type: ignore[assignment]
+    stage.consumer = _Consumer()  # type: ignore[assignment]
+    _feed(stage, 0, 40, cluster=2)
+    assert stage.checkpoint()
+    store.requests = [ResetRequest("1-0", "station=s1", ["cluster_mix"], "DL-000004", "olga")]
+    with caplog.at_level(logging.INFO, logger="driftline.consumers.detect_stage"):
+        assert stage.checkpoint()
+    [rec] = [r for r in caplog.records if r.getMessage() == "slice reset on request"]
+    assert (rec.slice, rec.detectors, rec.incident, rec.resolved_by, rec.request) == (
+        "station=s1", ["cluster_mix"], "DL-000004", "olga", "1-0")
 
 
 class _RecordsStore(_EmptyStore):
