@@ -66,7 +66,11 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.getLogger("kafka").setLevel(max(logging.WARNING, root.level))
+    # httpx logs every request at INFO ("HTTP Request: POST …/api/v2/alerts 200"): one line
+    # per Alertmanager push and re-send, naming no incident. driftline logs the failures
+    # itself, with the target, change and incident (driftline.alerts.routing).
+    for noisy in ("kafka", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     # group membership (joins, assignments, rebalances) is rare and what one reads first when
     # a worker owns nothing: keep kafka-python's coordinator at the service's level
     logging.getLogger("kafka.coordinator").setLevel(root.level)

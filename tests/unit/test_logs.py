@@ -61,3 +61,24 @@ def test_configured_formats_show_the_fields(fmt: str, capsys: pytest.CaptureFixt
         root.handlers[:], root.level = handlers, level
     err = capsys.readouterr().err
     assert re.search(r"ood_rate", err), err
+
+
+def test_http_client_requests_are_not_logged_at_info(capsys: pytest.CaptureFixture[str]
+                                                     ) -> None:
+    """httpx's per-request INFO line ('HTTP Request: POST …/api/v2/alerts "HTTP/1.1 200 OK"')
+    came once per Alertmanager push and every re-send, naming no incident; its warnings stay."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    libs = {name: logging.getLogger(name).level for name in ("kafka", "httpx", "httpcore")}
+    try:
+        configure_logging("INFO", "console")
+        logging.getLogger("httpx").info('HTTP Request: POST http://am/api/v2/alerts "200 OK"')
+        logging.getLogger("httpcore.connection").info("connect_tcp.started")
+        logging.getLogger("httpx").warning("connection pool full")
+    finally:
+        root.handlers[:], root.level = handlers, level
+        for name, lib_level in libs.items():
+            logging.getLogger(name).setLevel(lib_level)
+    err = capsys.readouterr().err
+    assert "HTTP Request" not in err and "connect_tcp" not in err
+    assert "connection pool full" in err
