@@ -291,7 +291,9 @@ class Router:
             except httpx.HTTPError as exc:
                 rejected = _rejection(exc)
                 if rejected is None:
-                    log.warning("webhook delivery failed", extra={"error": repr(exc)})
+                    log.warning("webhook delivery failed",
+                                extra={"error": repr(exc), "change_id": cid,
+                                       "incident_id": c["incident_id"]})
                     self.metrics.pushes.labels("webhook", "error").inc()
                     break
                 self._rejected("webhook", rejected, change_id=cid,
@@ -369,19 +371,19 @@ class Router:
             if prev is not None and json.loads(prev) != self.labels(inc):
                 alerts.append({"labels": json.loads(prev), "startsAt": _iso(inc.created_at),
                                "endsAt": ended})
+        ids = [i.id for i in incidents]  # a re-send can hold thousands: name a few
+        what = {"incidents": ",".join(ids[:10]) + (f",… ({len(ids)})" if ids[10:] else "")}
+        if changes:
+            what["changes"] = f"{changes[0][0]}..{changes[-1][0]}"
         try:
             resp = self.http.post(f"{self.am_url}/api/v2/alerts", json=alerts)
             resp.raise_for_status()
         except httpx.HTTPError as exc:
             rejected = _rejection(exc)
             if rejected is None:
-                log.warning("alertmanager push failed", extra={"error": repr(exc)})
+                log.warning("alertmanager push failed", extra={"error": repr(exc), **what})
                 self.metrics.pushes.labels("alertmanager", "error").inc()
                 return False
-            ids = [i.id for i in incidents]  # a re-send can hold thousands: name a few
-            what = {"incidents": ",".join(ids[:10]) + (f",… ({len(ids)})" if ids[10:] else "")}
-            if changes:
-                what["changes"] = f"{changes[0][0]}..{changes[-1][0]}"
             self._rejected("alertmanager", rejected, **what)
         else:
             self.metrics.pushes.labels("alertmanager", "ok").inc()

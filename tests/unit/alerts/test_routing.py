@@ -139,7 +139,7 @@ def test_a_change_the_webhook_rejects_is_dropped_at_once_and_the_next_delivered(
 
 @pytest.mark.parametrize("failure", [503, 500, 408, 429, "connect"])
 def test_a_transient_webhook_failure_is_retried_and_holds_the_cursor(
-        failure: int | str) -> None:
+        failure: int | str, caplog: pytest.LogCaptureFixture) -> None:
     incidents, (change,) = opened("station=press-3")
     down, posted = [True], []
 
@@ -155,7 +155,12 @@ def test_a_transient_webhook_failure_is_retried_and_holds_the_cursor(
     hooked = router(db, incidents, registry, hook, webhook_url="http://hooks.test/driftline",
                     webhook_attempts=2)
     cid = db.xadd(change)
-    assert hooked.deliver() == 0 and posted == [cid, cid]
+    with caplog.at_level(logging.WARNING, logger="driftline.alerts.routing"):
+        assert hooked.deliver() == 0 and posted == [cid, cid]
+    # the warning says which change and incident wait (httpx's own lines are not shown)
+    (rec,) = caplog.records
+    assert (rec.getMessage(), vars(rec)["change_id"], vars(rec)["incident_id"]) == (
+        "webhook delivery failed", cid, "DL-000001")
     assert db.hget(CURSOR, "webhook") == b"0-0"
     assert (pushes(registry, "webhook", "error"), pushes(registry, "webhook", "rejected")) == (
         1, 0)
@@ -203,8 +208,14 @@ def test_a_push_alertmanager_rejects_moves_its_cursor_on(
     db, registry = MiniRedis(), CollectorRegistry()
     paging = router(db, incidents, registry, am, alertmanager_url="http://am.test")
     first = db.xadd(changes[0])
-    assert paging.deliver() == 0 and db.hget(CURSOR, "alertmanager") == b"0-0"
+    with caplog.at_level(logging.WARNING, logger="driftline.alerts.routing"):
+        assert paging.deliver() == 0 and db.hget(CURSOR, "alertmanager") == b"0-0"
     assert pushes(registry, "alertmanager", "error") == 1
+    (rec,) = caplog.records  # a failure names what waits, as a rejection does
+    got = vars(rec)
+    assert (rec.getMessage(), got["incidents"], got["changes"]) == (
+        "alertmanager push failed", "DL-000001", f"{first}..{first}")
+    assert "503" in got["error"]
 
     status[0] = 400
     caplog.clear()
