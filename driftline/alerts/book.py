@@ -22,7 +22,7 @@ import redis
 from redis.client import Pipeline
 
 from driftline.alerts.attribution import SliceStatus
-from driftline.alerts.changes import Change, record_change
+from driftline.alerts.changes import Change, log_changes, record_change
 from driftline.alerts.evidence import ClusterCatalog
 from driftline.alerts.grouping import BookPolicy, Grouper, pending_key
 from driftline.alerts.labelset import label_set_jsonl
@@ -182,6 +182,7 @@ class FailureBook(BookStore):
         """Resolve with a root cause (also classifies an auto-resolved or merged incident),
         and ask the detect stage to reset the incident's slices."""
         cat = RootCause(category)
+        made: builtins.list[Change] = []  # the committed attempt's change, logged after it
 
         def step(inc: Incident, at: datetime, batch: Batch) -> Change:
             if inc.resolution is not None:
@@ -199,10 +200,13 @@ class FailureBook(BookStore):
                     maxlen=CONTROL_MAXLEN, approximate=True) for sid, dets in live.items()])
                 batch.ops.append(lambda p: p.hset(self.k("reset_pending"), mapping={
                     pending_key(sid, d): inc.id for sid, dets in live.items() for d in dets}))
-            return record_change(inc, "resolved" if was_active else "classified", who=who,
-                                 at=at, note=f"{cat.value}: {note}" if note else cat.value,
-                                 max_timeline=self.policy.max_timeline)
-        return self._mutate(incident_id, step)
+            made[:] = [record_change(inc, "resolved" if was_active else "classified", who=who,
+                                     at=at, note=f"{cat.value}: {note}" if note else cat.value,
+                                     max_timeline=self.policy.max_timeline)]
+            return made[0]
+        resolved = self._mutate(incident_id, step)
+        log_changes(made)
+        return resolved
 
     def annotate(self, incident_id: str, note: str, who: str) -> Incident:
         def step(inc: Incident, at: datetime, batch: Batch) -> Change:

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from driftline.alerts.model import SCHEMA_VERSION, SYSTEM, Incident, TimelineEntry, iso
+
+log = logging.getLogger(__name__)
+
+# The transitions on-call looks an incident up by in the logs (when did DL-000004 open, page,
+# move, end?): one INFO line each. Not joins of related slices, notes or acknowledgements.
+LOGGED_ACTIONS = frozenset({"opened", "paged", "escalated", "rerooted", "split", "merged",
+                            "resolved", "auto_resolved"})
+DIMENSIONS = ("station", "shift", "lot")
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,34 @@ def trim_timeline(timeline: list[TimelineEntry], limit: int) -> None:
         drop += [i for i in rest if timeline[i].who != SYSTEM][:excess - len(drop)]
     for i in sorted(drop, reverse=True):
         del timeline[i]
+
+
+def log_changes(changes: Iterable[Change], targets: Sequence[str] = ()) -> None:
+    """Log each committed change of :data:`LOGGED_ACTIONS` at INFO: the incident, its severity,
+    root slice (template and station/shift/lot), detectors and onset (UTC, as the API and the
+    alert give it) as they stood after the change, and the timeline note (``old → new`` for a
+    re-root, ``into DL-…`` for a merge). A page (an incident opened and routed at once, or
+    ``paged`` from hold) names ``targets``, where the router sends it; an incident opened held,
+    or opened and merged within one batch, says it did not page."""
+    for c in changes:
+        if c.action not in LOGGED_ACTIONS:
+            continue
+        inc, root = c.incident, c.incident["root"]
+        fields: dict[str, Any] = {
+            "incident_id": c.incident_id, "action": c.action, "severity": inc["severity"],
+            "root": root["slice_id"], "template": root["template"],
+            **{d: root["dims"][d] for d in DIMENSIONS if d in root["dims"]},
+            "detectors": ",".join(inc["detectors"]), "onset": inc["onset"], "who": c.who}
+        if c.note:
+            fields["note"] = c.note
+        if c.action in ("opened", "paged"):
+            if c.routed:
+                fields["paged_to"] = ",".join(targets) or "none (no alert target configured)"
+            elif inc.get("held"):
+                fields["held"] = True  # pages once the attribution is stable behind it
+            else:  # the grouper unroutes an incident opened and merged in one batch
+                fields["not_paged"] = "merged within the batch that opened it"
+        log.info("incident %s %s", c.incident_id, c.action, extra=fields)
 
 
 def change_json(c: Change) -> str:

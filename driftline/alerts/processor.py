@@ -7,7 +7,9 @@ One step (:meth:`IncidentProcessor.step`):
 2. read the detect stage's slice summary and apply the entries in **one** transaction that
    also moves the cursor (:meth:`FailureBook.ingest`): a crash before it applies nothing, a
    crash after it re-reads nothing, and a second processor's conflicting transaction retries;
-3. deliver the committed changes (:meth:`Router.deliver`, at-least-once per target);
+3. log the committed transitions (:func:`~driftline.alerts.changes.log_changes`: opened,
+   paged and where to, re-rooted, merged, resolved) and deliver the changes
+   (:meth:`Router.deliver`, at-least-once per target);
 4. every ``reattribute_interval_s`` attribute the active incidents again with a fresh summary
    (re-rooting on clean sibling data, which arrives as summaries, not alarms); every
    ``resend_interval_s`` re-send active alerts; every ``retention_interval_s`` apply retention.
@@ -29,6 +31,7 @@ import redis
 
 from driftline.alerts.attribution import SliceStatus
 from driftline.alerts.book import FailureBook
+from driftline.alerts.changes import log_changes
 from driftline.alerts.routing import RESEND_INTERVAL_S, AlertMetrics, Router
 from driftline.alerts.store import text
 
@@ -128,12 +131,15 @@ class IncidentProcessor:
                             block=block if block > 0 else None)
         entries = [(text(eid), parse_outbox(fields))
                    for _, rows in (resp or []) for eid, fields in rows]
+        targets = tuple(self.router.targets) if self.router is not None else ()
         if entries:
             changes = self.book.ingest(entries, read_summary(self.r, self.summary_key))
+            log_changes(changes, targets)
             if self.metrics is not None:
                 self.metrics.observe(changes)
         if self._due("reattribute"):
             changes = self.book.reattribute(read_summary(self.r, self.summary_key))
+            log_changes(changes, targets)
             if self.metrics is not None:
                 self.metrics.observe(changes)  # splits open, held incidents page
             if changes:
