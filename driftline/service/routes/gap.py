@@ -19,7 +19,7 @@ from fastapi import APIRouter, Query
 from driftline.core.counts import SliceCounts
 from driftline.service.deps import RedisDep, Viewer
 from driftline.service.schemas.analysis import GapMatrix, GapSlice
-from driftline.service.schemas.common import COMMON_ERRORS, QueryTime
+from driftline.service.schemas.common import COMMON_ERRORS, QueryTime, time_range
 from driftline.service.slice_data import SliceData, counts_of
 from driftline.service.statistics import js_matrix, smoothed
 from driftline.service.timeline import window
@@ -59,6 +59,7 @@ def domain_gap(
 ) -> GapMatrix:
     """Pairwise JS divergence of cluster mixes and OOD-rate differences between the values
     of ``dimension`` (most events first, at most ``max_values``)."""
+    time_range(since, until)
     data = SliceData(r)
     groups = _groups(data, dimension)
     if values:

@@ -18,7 +18,7 @@ from driftline.alerts.labelset import label_set_jsonl
 from driftline.alerts.model import Incident, Severity, Status
 from driftline.service.deps import BookDep, ContextDep, Operator, SettingsDep, Viewer
 from driftline.service.routes import EncodedSlashRoute
-from driftline.service.schemas.common import COMMON_ERRORS, QueryTime, errors
+from driftline.service.schemas.common import COMMON_ERRORS, QueryTime, errors, time_range
 from driftline.service.schemas.incidents import (
     AcknowledgeRequest,
     AnnotateRequest,
@@ -70,6 +70,7 @@ def list_incidents(
         "the next_cursor of the previous page"), examples=["1770012150.0:DL-000042"])] = None,
 ) -> Response:
     """Incidents, newest detection first, filtered; follow ``next_cursor`` for more."""
+    time_range(since, until)
     page = book.list(light=True, status=status_, severity=severity, station=station,
                      shift=shift, lot=lot, since=_utc(since), until=_utc(until), limit=limit,
                      cursor=cursor)

@@ -10,7 +10,7 @@ from fastapi import APIRouter, HTTPException, Path, Query, status
 from driftline.alerts.model import utc
 from driftline.service.deps import RedisDep, Viewer
 from driftline.service.routes import EncodedSlashRoute
-from driftline.service.schemas.common import COMMON_ERRORS, QueryTime, errors
+from driftline.service.schemas.common import COMMON_ERRORS, QueryTime, errors, time_range
 from driftline.service.schemas.slices import (
     DetectorView,
     SliceDetail,
@@ -97,6 +97,7 @@ def get_timeline(
 ) -> SliceTimeline:
     """Per event-time bucket: cluster shares vs expected, OOD rate vs reference, and the
     cluster-mix and OOD statistics against their thresholds (bucket-level replay)."""
+    time_range(since, until)
     data = SliceData(r)
     _known(data, slice_id)
     state = data.state(slice_id)

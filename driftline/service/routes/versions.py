@@ -24,7 +24,7 @@ from driftline.service.schemas.analysis import (
     VersionComparison,
     VersionSide,
 )
-from driftline.service.schemas.common import COMMON_ERRORS, QueryTime
+from driftline.service.schemas.common import COMMON_ERRORS, QueryTime, time_range
 from driftline.service.statistics import Test, holm, location_test, mix_test, rate_test
 
 router = APIRouter(prefix="/versions", tags=["versions"], responses=COMMON_ERRORS)
@@ -60,6 +60,7 @@ def compare_versions(
     min_events: Annotated[int, Query(ge=2, le=100_000)] = 10,
 ) -> VersionComparison:
     """Prediction mix, confidence and error rate of versions ``a`` and ``b`` per cluster."""
+    time_range(since, until)
     lo, hi = _ts(since), _ts(until)
     per: dict[str, dict[int | None, list[dict[str, Any]]]] = {a: {}, b: {}}
     for m in ctx.recent().snapshot().metas:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 
@@ -29,6 +30,23 @@ def _a_date_time(value: Any) -> Any:
 
 
 QueryTime = Annotated[datetime, BeforeValidator(_a_date_time)]
+
+
+def time_range(since: datetime | None, until: datetime | None) -> None:
+    """A 422, as for any other bad query value (FastAPI's list of field errors), when
+    ``since`` is after ``until``: that range holds nothing, and an empty answer would read as
+    "nothing happened". A time without a zone is UTC, as the routes read it."""
+    if since is None or until is None:
+        return
+    lo, hi = ((t if t.tzinfo else t.replace(tzinfo=UTC)).astimezone(UTC)
+              for t in (since, until))
+    if lo > hi:
+        def utc(t: datetime) -> str:
+            return t.isoformat().replace("+00:00", "Z")
+        raise RequestValidationError([{
+            "type": "value_error", "loc": ("query", "since"), "input": utc(lo),
+            "msg": f"since ({utc(lo)}) is after until ({utc(hi)}): since must be at or "
+                   "before until"}])
 
 
 class ErrorBody(BaseModel):
