@@ -343,9 +343,7 @@ class Router:
         out: dict[str, Any] = {
             "labels": self.labels(inc),
             "annotations": {
-                "summary": f"{inc.severity.value} drift at {inc.root.slice_id}"
-                           f" ({', '.join(sorted({f.detector for f in inc.detectors}))};"
-                           f" {len(inc.related)} related slices)",
+                "summary": summary(inc),
                 "description": self.description(inc), "onset": onset,
                 "link": self.link(inc.id), "status": inc.status.value,
                 "evidence": _evidence_line(inc), "dashboard": dashboard(inc)},
@@ -407,6 +405,16 @@ class Router:
         self.http.close()
         if self.producer is not None:
             self.producer.close(timeout=KAFKA_TIMEOUT_S)
+
+
+def summary(inc: Incident) -> str:
+    """What drifted, where and since when, in one line: ``critical drift at lot=L2609 since
+    2026-11-16T06:32:05Z (ood_rate; 1 related slice)``."""
+    since = f" since {_iso(inc.onset)}" if inc.onset else ""
+    n = len(inc.related)
+    return (f"{inc.severity.value} drift at {inc.root.slice_id}{since}"
+            f" ({', '.join(sorted({f.detector for f in inc.detectors}))};"
+            f" {n} related slice{'' if n == 1 else 's'})")
 
 
 def dashboard(inc: Incident) -> str:

@@ -274,6 +274,17 @@ def test_the_pushed_alert_says_what_to_do_and_links_its_station_dashboard() -> N
     assert station["dashboard"] == "/d/driftline-station?var-station=press+3%2Fa&var-shift=night"
     assert lot["dashboard"] == "/d/driftline-fleet"
     assert "/acknowledge (operator token)" in lot["description"]
+    # what drifted, where and since when (onset, UTC), and how many related slices
+    assert station["summary"] == ("warning drift at station=press 3/a|shift=night since "
+                                  "2023-11-14T22:13:20Z (cluster_mix; 0 related slices)")
+    related = [lot_incident.root.model_copy(update={"slice_id": f"station=s{k}"})
+               for k in range(2)]
+    for n, noun in ((1, "1 related slice)"), (2, "2 related slices)")):
+        assert paging.alert(lot_incident.model_copy(update={"related": related[:n]}))[
+            "annotations"]["summary"].endswith(noun)
+    unknown = paging.alert(lot_incident.model_copy(update={"onset": None}))["annotations"]
+    assert unknown["summary"].startswith(f"{lot_incident.severity.value} drift at lot=L7 (")
+    assert unknown["onset"] == "unknown"
 
     # the routes the description names are the API's
     posts = {API_PREFIX + r.path for r in incidents_api.routes if "POST" in r.methods}
