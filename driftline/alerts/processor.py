@@ -50,8 +50,10 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "slice_n": (int,)}
 
 
-def parse_outbox(fields: Mapping[bytes, bytes]) -> dict[str, Any] | None:
-    """An outbox entry's ``alarm`` JSON, or ``None`` (logged) if it is unusable."""
+def parse_outbox(fields: Mapping[bytes, bytes], entry_id: str | None = None
+                 ) -> dict[str, Any] | None:
+    """An outbox entry's ``alarm`` JSON, or ``None`` if it is unusable (logged with the
+    entry's stream id, ``entry_id``, to find it with ``XRANGE``)."""
     try:
         msg = json.loads(fields[b"alarm"])
         need = _REQUIRED[msg["kind"]]
@@ -67,7 +69,7 @@ def parse_outbox(fields: Mapping[bytes, bytes]) -> dict[str, Any] | None:
             raise TypeError(f"wrong type: {', '.join(wrong)}")
         return dict(msg)
     except (KeyError, TypeError, ValueError) as exc:
-        log.error("unusable outbox entry skipped", extra={"error": repr(exc)})
+        log.error("unusable outbox entry skipped", extra={"id": entry_id, "error": repr(exc)})
         return None
 
 
@@ -129,7 +131,7 @@ class IncidentProcessor:
         block = self.block_ms if block_ms is None else block_ms
         resp = self.r.xread({self.outbox_key: cur}, count=self.batch_size,
                             block=block if block > 0 else None)
-        entries = [(text(eid), parse_outbox(fields))
+        entries = [(text(eid), parse_outbox(fields, text(eid)))
                    for _, rows in (resp or []) for eid, fields in rows]
         targets = tuple(self.router.targets) if self.router is not None else ()
         if entries:
