@@ -11,7 +11,9 @@ import json
 import logging
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from redis.exceptions import (
     ClusterDownError,
     MasterDownError,
@@ -95,8 +97,22 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": f"Redis is unavailable: {exc}"}, status_code=503,
                             headers={"Retry-After": "5"})
 
+    async def invalid(request: Request, exc: Exception) -> Response:
+        """A body that is not JSON at all is a malformed request (400, as documented), not a
+        422 ``json_invalid`` field error naming no field; other validation errors keep
+        FastAPI's 422 with its list of field errors."""
+        if not isinstance(exc, RequestValidationError):  # registered for it alone
+            raise exc
+        bad = next((e for e in exc.errors() if e.get("type") == "json_invalid"), None)
+        if bad is None:
+            return await request_validation_exception_handler(request, exc)
+        why = (bad.get("ctx") or {}).get("error") or "cannot be decoded"
+        return JSONResponse({"detail": f"the request body is not valid JSON: {why} at "
+                                       f"character {bad['loc'][-1]}"}, status_code=400)
+
     app.add_exception_handler(IncidentNotFound, not_found)
     app.add_exception_handler(InvalidTransition, conflict)
+    app.add_exception_handler(RequestValidationError, invalid)
     async def store_refused(_: Request, exc: Exception) -> JSONResponse:
         """Redis answered but cannot serve now: a replica after a failover (READONLY), out of
         memory, unable to persist (MISCONF), a master or cluster down. Another reply from Redis

@@ -58,7 +58,8 @@ class ErrorBody(BaseModel):
 
 
 _WHY = {
-    400: "malformed request: unreadable body, bad Content-Length, unknown query parameter",
+    400: "malformed request: a body that is not valid JSON, bad Content-Length, unknown "
+         "query parameter",
     401: "missing or invalid bearer token",
     403: "the token's role may not do this",
     404: "no such resource",

@@ -78,3 +78,21 @@ def test_the_415_is_documented_on_the_routes_that_take_a_body(client: TestClient
     with_415 = sorted(f"{m.upper()} {p}" for p, ops in paths.items()
                       for m, op in ops.items() if "415" in op.get("responses", {}))
     assert with_415 == sorted(f"POST {p}" for p, ops in paths.items() if "post" in ops)
+
+
+@pytest.mark.parametrize(("body", "why"), [
+    ('{"category": optics}', "Expecting value at character 13"),
+    ('{"category": "optics"', "Expecting ',' delimiter at character 21"),
+])
+def test_a_body_that_is_not_json_is_a_documented_400_saying_where(
+        client: TestClient, body: str, why: str) -> None:
+    """Not FastAPI's 422 ``json_invalid`` (a field error naming no field): the 400 that every
+    route documents for a malformed request, in the ``{"detail": "…"}`` shape of the others."""
+    resp = client.post(RESOLVE, content=body, headers={"Content-Type": "application/json"})
+    assert resp.status_code == 400, resp.text
+    assert resp.json() == {"detail": f"the request body is not valid JSON: {why}"}
+    paths = client.app.openapi()["paths"]  # type: ignore[attr-defined]
+    documented = paths["/api/v1/incidents/{incident_id}/resolve"]["post"]["responses"]["400"]
+    assert "not valid JSON" in documented["description"]
+    assert documented["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ErrorBody"}
