@@ -121,7 +121,7 @@ def main() -> None:
     head = " | ".join(ESTIMATORS)
     rows = [f"| ×{c['mult']:g} | {c['gamma']:.0e} | {c['h']:.2f} | {c['runs']} | "
             f"{c['delay']:.1f} | " + " | ".join(
-                f"{'**' if r <= 0.25 else ''}{r:.2f}{'**' if r <= 0.25 else ''} ± {s:.2f}"
+                f"{'**' if r <= 0.25 else ''}{r:.3f}{'**' if r <= 0.25 else ''} ± {s:.3f}"
                 for r, s in c["ratios"]) + " |" for c in cells]
     best = [min(r for r, _ in c["ratios"][:4]) for c in cells]
     met = sum(b <= 0.25 for b in best)
@@ -134,7 +134,7 @@ def main() -> None:
         "|---|---|---|---|---|" + "---|" * len(ESTIMATORS), *rows, "",
         f"**Reading.** driftline's onset: {span(ours)} × the delay. The best of the four "
         f"estimators meets 0.25 in {met} of {len(cells)} cells (best per cell: "
-        f"{', '.join(f'{b:.2f}' for b in best)}); the first OOD event after the change comes a "
+        f"{', '.join(f'{b:.3f}' for b in best)}); the first OOD event after the change comes a "
         f"median {span(c['ratios'][4][0] for c in cells)} × the delay after it.", "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
