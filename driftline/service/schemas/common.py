@@ -38,10 +38,15 @@ def time_range(since: datetime | None, until: datetime | None) -> None:
     "nothing happened". A time without a zone is UTC, as the routes read it."""
     if since is None or until is None:
         return
-    lo, hi = ((t if t.tzinfo else t.replace(tzinfo=UTC)).astimezone(UTC)
-              for t in (since, until))
+    # aware times compare by instant across zones; not converted to UTC for it, which
+    # overflows for one whose UTC form is outside years 1-9999 (0001-01-01T00:00:00+05:00)
+    lo, hi = (t if t.tzinfo else t.replace(tzinfo=UTC) for t in (since, until))
     if lo > hi:
         def utc(t: datetime) -> str:
+            try:
+                t = t.astimezone(UTC)
+            except OverflowError:  # no UTC form: as given, with its offset
+                pass
             return t.isoformat().replace("+00:00", "Z")
         raise RequestValidationError([{
             "type": "value_error", "loc": ("query", "since"), "input": utc(lo),

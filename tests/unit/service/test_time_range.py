@@ -50,3 +50,25 @@ def test_an_ordered_or_open_range_passes_the_check(client: TestClient, route: st
                                                    since: str | None,
                                                    until: str | None) -> None:
     assert client.get(route, params=query(route, since=since, until=until)).status_code != 422
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize(("since", "until", "inverted"), [
+    ("0001-01-01T00:00:00+05:00", "2026-11-16T06:00:00Z", False),  # before year 1 in UTC
+    ("2026-11-16T06:00:00Z", "9999-12-31T23:59:59-05:00", False),  # after year 9999 in UTC
+    ("9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+05:00", True)])
+def test_times_at_the_ends_of_the_calendar_are_compared_not_a_500(
+        route: str, since: str, until: str, inverted: bool) -> None:
+    """A valid date-time whose UTC form falls outside datetime's years 1-9999 is still
+    ordered against the other end (the routes read it as seconds since 1970 alike): not an
+    OverflowError and a 500 from converting it to UTC."""
+    app = create_app(CollectorRegistry(), None, load_settings(),
+                     redis_client=ReadOnlyRedis())  # type: ignore[arg-type]
+    resp = TestClient(app, raise_server_exceptions=False).get(
+        route, params=query(route, since=since, until=until))
+    if inverted:
+        assert resp.status_code == 422, resp.text
+        (err,) = resp.json()["detail"]
+        assert err["msg"].startswith(f"since ({since}) is after until ({until})")
+    else:
+        assert resp.status_code == 503, resp.text  # past the check, to the (refusing) Redis
