@@ -3,12 +3,17 @@
 The stack starts once per session, the first time a test asks for it, and stops at the end.
 Set DRIFTLINE_KAFKA_BOOTSTRAP, DRIFTLINE_REDIS_URL, DRIFTLINE_PROMETHEUS_URL or
 DRIFTLINE_ALERTMANAGER_URL to test against services that are already running.
+
+Every test also gets the logging configuration it started with back when it ends (see
+:func:`pytest_runtest_protocol`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -17,6 +22,51 @@ from kafka import KafkaConsumer
 from driftline.localstack import Stack, start_stack
 
 _STACK_LINES = pytest.StashKey[list[str]]()
+
+
+def _logger_state(logger: logging.Logger) -> tuple[Any, ...]:
+    return (logger.level, logger.propagate, logger.disabled, logger.handlers[:],
+            logger.filters[:])
+
+
+def _set_logger_state(logger: logging.Logger, state: tuple[Any, ...]) -> None:
+    level, logger.propagate, logger.disabled, logger.handlers[:], logger.filters[:] = state
+    logger.setLevel(level)  # through setLevel: it clears the loggers' isEnabledFor caches
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    """Give back, after each test, the logging configuration it started with.
+
+    Tests that run the CLI (``driftline config show``, ``reference show``…) or ``serve`` go
+    through :func:`driftline.logs.configure_logging`, which sets the root logger to the
+    service's level (INFO) with one handler on the ``sys.stderr`` of that moment (a
+    CliRunner's, closed when the invoke returns) and sets the ``kafka``, ``httpx`` and
+    ``httpcore`` loggers' levels.
+    Left in place, every later test saw INFO lines it does not expect in ``caplog`` and
+    "--- Logging error ---" tracebacks in its CliRunner output, so results depended on the
+    order the files ran in. Loggers that existed before the test get their level, propagate
+    and disabled flags, handlers and filters back; loggers first made during it go back to a
+    new logger's defaults; so does ``logging.disable``.
+
+    A hook around the whole protocol rather than an autouse fixture: fixtures set up and tear
+    down inside pytest's per-phase log capture, whose handlers sit on the root logger then,
+    and restoring a handler list taken in the setup phase would leave that phase's handler
+    attached and take the teardown phase's away.
+    """
+    manager = logging.Logger.manager
+    root = logging.getLogger()
+    saved = {name: _logger_state(lg) for name, lg in manager.loggerDict.items()
+             if isinstance(lg, logging.Logger)}
+    saved_root, disabled = _logger_state(root), manager.disable
+    try:
+        return (yield)
+    finally:
+        for name, lg in list(manager.loggerDict.items()):
+            if isinstance(lg, logging.Logger):
+                _set_logger_state(lg, saved.get(name, (logging.NOTSET, True, False, [], [])))
+        _set_logger_state(root, saved_root)
+        logging.disable(disabled)
 
 
 def _kafka_line(stack: Stack) -> str:
