@@ -82,10 +82,14 @@ def collect(events: Iterable[Event], embedder: Embedder | None, *, chunk: int = 
             assert embedder is not None  # noqa: S101 - checked when the source was chosen
             emb, errors = embedder.embed_images(
                 [e.image_bytes() or e.image_uri or b"" for e in pending])
-            ok = [i for i, err in enumerate(errors) if err is None]
-            for ev, err in zip(pending, errors, strict=True):
+            finite = [bool(np.isfinite(row).all()) for row in emb]
+            ok = [i for i, err in enumerate(errors) if err is None and finite[i]]
+            for ev, err, fin in zip(pending, errors, finite, strict=True):
                 if err is not None:
                     got.skip(str(err.reason), ev.event_id, err.detail)
+                elif not fin:  # e.g. a float16 export overflowing: as the embed stage does
+                    got.skip("embedding_not_finite", ev.event_id, "the model's embedding of "
+                             "this image holds NaN or infinite values")
             got.chunks.append(emb[ok])
             got.events.extend(pending[i] for i in ok)
         pending.clear()

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from driftline.reference import ReferenceError, build_reference
+from driftline.consumers.embedder import Embedder
+from driftline.reference import ReferenceError, build_reference, load_reference
 from driftline.reference.cli import app
 from tests.unit.consumers.tiny_onnx import build_tiny_model
 from tests.unit.reference.synthetic import DIM, event, image_manifest, reference_events
@@ -61,3 +63,30 @@ def test_the_manifest_keeps_the_first_skipped_event_of_each_reason(tmp_path: Pat
         "embedding_dim": f"event e500: {DIM + 1} dimensions where the first event has {DIM}"}
     with pytest.raises(ReferenceError, match=r"skipped: duplicate_event_id 1 \(first: event e0"):
         build_reference([events[0], events[0]], None, tmp_path / "few", k=2)
+
+
+def test_an_image_the_model_embeds_as_nan_or_inf_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model that overflows on some images (a float16 export) gave faiss's k-means NaN rows:
+    the build stopped with faiss's traceback once the whole manifest was embedded. Such an
+    event is skipped as the embed stage dead-letters it, ``embedding_not_finite``."""
+    real = Embedder.embed_images
+
+    def overflowing(self: Embedder, sources: Any, prefetched: Any = None) -> Any:
+        emb, errors = real(self, sources, prefetched)
+        emb[3], emb[5, 0] = np.nan, np.inf
+        return emb, errors
+
+    monkeypatch.setattr(Embedder, "embed_images", overflowing)
+    out = tmp_path / "ref"
+    result = runner.invoke(app, ["build", "--manifest", str(image_manifest(tmp_path / "m.jsonl")),
+                                 "--out", str(out), "--model",
+                                 str(build_tiny_model(tmp_path / "m.onnx")), "--k", "2",
+                                 "--min-count", "10"])
+    assert result.exit_code == 0, result.output
+    assert ("skipped 2 embedding_not_finite, the first: event e3: the model's embedding of this "
+            "image holds NaN or infinite values") in result.output
+    ref = load_reference(out)
+    assert ref.manifest["source"]["events"] == 38
+    assert np.isfinite(np.load(out / "embeddings.npy")).all()
