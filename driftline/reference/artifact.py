@@ -148,9 +148,20 @@ def write_artifact(out_dir: Path, manifest: dict[str, Any], arrays: dict[str, ND
 
     ``out_dir`` must pass :func:`check_out_dir`; a reference there is replaced only once the
     new one is complete, and moved aside rather than deleted until the new one is in place.
+    A write that fails (no space left, a read-only file system) raises :class:`ReferenceError`
+    naming ``out_dir``, and leaves what was there.
     """
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite=overwrite)
+    try:
+        return _write(out_dir, manifest, arrays)
+    except OSError as exc:
+        at = f" ({exc.filename})" if exc.filename else ""
+        raise ReferenceError(f"cannot write the reference to {out_dir}: "
+                             f"{exc.strerror or exc}{at}") from None
+
+
+def _write(out_dir: Path, manifest: dict[str, Any], arrays: dict[str, NDArray[Any]]) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     old: Path | None = None

@@ -3,8 +3,12 @@ reference and nothing else."""
 
 from __future__ import annotations
 
+import errno
+import os
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -111,3 +115,33 @@ def test_the_library_refuses_to_overwrite_what_is_not_a_reference(tmp_path: Path
 def test_help_says_what_overwrite_replaces() -> None:
     result = runner.invoke(app, ["build", "--help"])
     assert "only a directory holding a reference" in result.output
+
+
+def _no_space(*args: object, **kwargs: object) -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _read_only(*args: object, **kwargs: object) -> None:
+    raise PermissionError(errno.EROFS, os.strerror(errno.EROFS), "/refs/.ref.x")
+
+
+@pytest.mark.parametrize(("target", "fault", "said"), [
+    (np, "save", "No space left on device"),  # the disk fills while the arrays are written
+    (tempfile, "mkdtemp", "Read-only file system (/refs/.ref.x)"),  # a read-only mount
+])
+def test_a_write_that_fails_is_one_line_naming_out_and_keeps_the_old_reference(
+    manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: object,
+    fault: str, said: str,
+) -> None:
+    """A write failing after the whole manifest was embedded (no space, a read-only file system,
+    which os.access does not see) stopped the build with a traceback, exit 1."""
+    out = tmp_path / "ref"
+    assert _build(manifest, out)[0] == 0
+    before = _tree(tmp_path)
+    monkeypatch.setattr(target, fault, _no_space if fault == "save" else _read_only)
+    code, output = _build(manifest, out, "--overwrite", "--alpha", "2")
+    assert code == 2, output
+    assert output.strip() == (f"driftline reference build: cannot write the reference to {out}: "
+                              f"{said}")
+    assert _tree(tmp_path) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
