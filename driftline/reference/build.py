@@ -59,7 +59,8 @@ class Collected:
 
 
 def collect(events: Iterable[Event], embedder: Embedder | None, *, chunk: int = 512) -> Collected:
-    """Embed image events (or take precomputed embeddings) and join late labels by event id."""
+    """Embed image events (or take precomputed embeddings) and join late labels by event id;
+    a late label whose event id no event has is skipped as ``unknown_event``."""
     got = Collected()
     pending: list[Event] = []
     late: dict[str, Event] = {}
@@ -117,6 +118,10 @@ def collect(events: Iterable[Event], embedder: Embedder | None, *, chunk: int = 
         if len(pending) >= chunk:
             flush()
     flush()
+    for event_id in [i for i in late if i not in seen]:  # in manifest order: a typo'd id, or
+        # one of another manifest, is said rather than dropped
+        got.skip("unknown_event", event_id, "a label or loss for an event id that no event of "
+                 "the manifest has")
     got.events = [_with_late(e, late.get(e.event_id)) for e in got.events]
     return got
 

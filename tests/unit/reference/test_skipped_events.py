@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from driftline.consumers.embedder import Embedder
 from driftline.reference import ReferenceError, build_reference, load_reference
 from driftline.reference.cli import app
+from driftline.schema import Event
 from tests.unit.consumers.tiny_onnx import build_tiny_model
 from tests.unit.reference.synthetic import DIM, event, image_manifest, reference_events
 
@@ -90,3 +91,23 @@ def test_an_image_the_model_embeds_as_nan_or_inf_is_skipped(
     ref = load_reference(out)
     assert ref.manifest["source"]["events"] == 38
     assert np.isfinite(np.load(out / "embeddings.npy")).all()
+
+
+def test_a_late_label_for_an_event_the_manifest_lacks_is_counted(tmp_path: Path) -> None:
+    """Late labels whose ids match no event (a typo, a prefix another export adds) vanished:
+    the reference said '0 labelled' with no word of the labels it had been given."""
+    events, _ = reference_events()
+    events = [e.model_copy(update={"label": None, "loss": None}) for e in events[:100]]
+
+    def late(event_id: str) -> Event:
+        return Event.model_validate({"event_id": event_id, "ts": "2026-01-05T06:00:00Z",
+                                     "station": "s1", "shift": "day", "lot": "l",
+                                     "label": "ok"})
+
+    ref = build_reference([late("img-e1"), *events, late("e2"), late("img-e3"), late("img-e1")],
+                          None, tmp_path / "r", k=2)
+    source = ref.manifest["source"]
+    assert source["skipped"] == {"unknown_event": 2}
+    assert source["first_skipped"] == {"unknown_event": "event img-e1: a label or loss for an "
+                                       "event id that no event of the manifest has"}
+    assert ref.manifest["performance"]["labelled"] == 1  # e2's
