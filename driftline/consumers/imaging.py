@@ -45,7 +45,7 @@ import numpy as np
 import pybase64
 import simplejpeg
 from numpy.typing import NDArray
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from driftline.schema import RejectReason
 
@@ -127,6 +127,10 @@ def decode_image(
         raise
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(str(exc)) from None
+    except UnidentifiedImageError:  # its message is a BytesIO's address, which would vary in
+        # a reference's source.first_skipped, and so its reference_id, from build to build
+        raise ImageDecodeError(f"not an image of a format read here "
+                               f"({', '.join(limits.formats)})") from None
     except MemoryError:  # the worker's trouble, not these bytes'
         raise
     except Exception as exc:  # noqa: BLE001 - whatever the decoder raises, these bytes are bad

@@ -111,3 +111,26 @@ def test_a_late_label_for_an_event_the_manifest_lacks_is_counted(tmp_path: Path)
     assert source["first_skipped"] == {"unknown_event": "event img-e1: a label or loss for an "
                                        "event id that no event of the manifest has"}
     assert ref.manifest["performance"]["labelled"] == 1  # e2's
+
+
+def test_a_file_that_is_no_image_gives_the_same_reference_id_every_build(tmp_path: Path) -> None:
+    """Pillow's message for bytes of no known format names the BytesIO's address
+    ('cannot identify image file <_io.BytesIO object at 0x7f…>'): kept in source.first_skipped,
+    which the content id covers, it gave the same build a new reference_id each run."""
+    manifest = image_manifest(tmp_path / "ref.jsonl")
+    (tmp_path / "notes.jpg").write_text("not a picture")
+    with manifest.open("a") as fh:
+        fh.write(json.dumps({"event_id": "notes", "ts": "2026-01-01T00:01:00Z", "station": "s1",
+                             "shift": "day", "lot": "l1",
+                             "image_uri": (tmp_path / "notes.jpg").as_uri()}) + "\n")
+    model = build_tiny_model(tmp_path / "m.onnx")
+    ids = []
+    for out in ("a", "b"):
+        result = runner.invoke(app, ["build", "--manifest", str(manifest), "--out",
+                                     str(tmp_path / out), "--model", str(model), "--k", "2",
+                                     "--min-count", "10"])
+        assert result.exit_code == 0, result.output
+        assert ("skipped 1 image_undecodable, the first: event notes: not an image of a format "
+                "read here (JPEG, PNG, BMP, TIFF, WEBP)") in result.output
+        ids.append(load_reference(tmp_path / out).reference_id)
+    assert ids[0] == ids[1]
