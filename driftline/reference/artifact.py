@@ -12,7 +12,10 @@ Layout of a reference directory::
     pca_components.npy     float32 [d, D]   only with PCA
 
 The directory is written under a temporary name and renamed into place, so a reader never sees
-half an artifact. Arrays are loaded with ``allow_pickle=False``.
+half an artifact. It gets the permissions ``mkdir`` would give (``0o777`` less the process
+umask), not the owner-only mode of a temporary directory: a reference is built by one user and
+read by a service running as another (the container's uid 10001, a mounted volume). Arrays
+are loaded with ``allow_pickle=False``.
 
 ``reference_id`` is a content hash of the whole manifest — clusters, baselines, OOD thresholds
 and rates, build parameters, and the sha256 of every array — except :data:`VOLATILE` fields
@@ -166,6 +169,7 @@ def _write(out_dir: Path, manifest: dict[str, Any], arrays: dict[str, NDArray[An
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     old: Path | None = None
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0o700 would hide it from other users
         entries = {}
         for name, arr in arrays.items():
             path = tmp / f"{name}.npy"
@@ -192,6 +196,13 @@ def _write(out_dir: Path, manifest: dict[str, Any], arrays: dict[str, NDArray[An
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return out_dir
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def read_artifact(ref_dir: Path) -> tuple[dict[str, Any], dict[str, NDArray[Any]]]:

@@ -145,3 +145,21 @@ def test_a_write_that_fails_is_one_line_naming_out_and_keeps_the_old_reference(
                               f"{said}")
     assert _tree(tmp_path) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_the_reference_gets_the_permissions_mkdir_would_give(
+    manifest: Path, tmp_path: Path, umask: int
+) -> None:
+    """Not mkdtemp's owner-only 0o700: a service running as another user reads it."""
+    before = os.umask(umask)
+    try:
+        code, output = _build(manifest, tmp_path / "ref")
+    finally:
+        os.umask(before)
+    assert code == 0, output
+    ref = tmp_path / "ref"
+    assert oct(ref.stat().st_mode & 0o777) == oct(0o777 & ~umask)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in ref.iterdir()}
+    assert "manifest.json" in modes and "embeddings.npy" in modes
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
