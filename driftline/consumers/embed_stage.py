@@ -63,6 +63,7 @@ from driftline.consumers.kafka_io import (
     subscribe_when_ready,
 )
 from driftline.metrics import ConsumerMetrics, EmbedMetrics
+from driftline.reference.index import unit_embeddings
 from driftline.schema import (
     LATENCY_SAMPLE_EVERY,
     SOURCE_TS_HEADER,
@@ -613,8 +614,7 @@ class EmbedStage:
                     f"embedding has {len(vec)} dimensions, the reference {self.reference.dim}"),
                     item.event.event_id)
                 continue
-            v = np.asarray(vec, np.float64)  # float64: squares of large values stay finite
-            vectors[n] = v / max(float(np.linalg.norm(v)), 1e-12)
+            vectors[n] = unit_embeddings([vec])[0]  # as the reference build does
         for n in np.flatnonzero(~np.isfinite(vectors).all(axis=1)).tolist():
             if ok[n]:  # e.g. a model exported in float16 overflowing on some input
                 ok[n] = False

@@ -27,7 +27,7 @@ from driftline.core.predictions import (
 )
 from driftline.reference.artifact import ReferenceError, check_out_dir, write_artifact
 from driftline.reference.describe import exemplars, metadata_lift, performance
-from driftline.reference.index import Reference, load_reference, unit_rows
+from driftline.reference.index import Reference, load_reference, unit_embeddings, unit_rows
 from driftline.reference.parameters import MAX_LABELS, ParameterError, check_parameters
 from driftline.reference.space import fit_pca, loo_distances, spherical_kmeans
 from driftline.schema import Event
@@ -77,7 +77,7 @@ def collect(events: Iterable[Event], embedder: Embedder | None, *, chunk: int = 
                     got.skip("embedding_dim", e.event_id, f"{len(e.embedding or [])} "
                              f"dimensions where the first event has {dim}")
             if keep:
-                got.chunks.append(np.asarray([e.embedding for e in keep], np.float32))
+                got.chunks.append(unit_embeddings([e.embedding for e in keep]))
             got.events.extend(keep)
         else:
             assert embedder is not None  # noqa: S101 - checked when the source was chosen

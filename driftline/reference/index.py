@@ -134,6 +134,20 @@ def unit_rows(x: NDArray[Any]) -> F32:
     return np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
 
 
+def unit_embeddings(rows: Any) -> F32:
+    """Events' own (precomputed) embeddings ``[N, D]`` as unit rows in float32, the one
+    normalisation the reference build and the embed stage share, so that they agree.
+
+    The norm is taken in float64: the event schema allows values up to float32's largest, and
+    the square of one above ~1.8e19 overflows float32, which made such a row all zeros. An
+    all-zero embedding stays all zeros (it has no direction): both accept it, and the stream
+    puts it at distance 1 from every reference sample.
+    """
+    x = np.asarray(rows, np.float64)
+    return np.asarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12),
+                      np.float32)
+
+
 class Reference:
     """Runtime view of a reference artifact.
 
