@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,9 +48,10 @@ class Collected:
     def embeddings(self) -> np.ndarray:
         return np.concatenate(self.chunks) if self.chunks else np.empty((0, 0), np.float32)
 
-    def skip(self, reason: str, event_id: str, detail: str) -> None:
+    def skip(self, reason: str, event_id: str, detail: str, line: int | None = None) -> None:
         self.skipped[reason] += 1
-        self.first_skipped.setdefault(reason, f"event {event_id}: {detail}")
+        at = f" (line {line})" if line is not None else ""
+        self.first_skipped.setdefault(reason, f"event {event_id}{at}: {detail}")
 
     def skipped_text(self) -> str:
         """``reason count (first: event id: why)``, joined; ``none``."""
@@ -58,51 +59,52 @@ class Collected:
                          for reason, n in self.skipped.items()) or "none"
 
 
-def collect(events: Iterable[Event], embedder: Embedder | None, *, chunk: int = 512) -> Collected:
+def collect(events: Iterable[Event], embedder: Embedder | None, *, chunk: int = 512,
+            lines: Sequence[int] | None = None) -> Collected:
     """Embed image events (or take precomputed embeddings) and join late labels by event id;
-    a late label whose event id no event has is skipped as ``unknown_event``."""
+    a late label whose event id no event has is skipped as ``unknown_event``.
+
+    Precomputed embeddings are all read before their dimension is chosen: the most common
+    one, the others skipped as ``embedding_dim`` (a tie is refused, with the count of each).
+    ``lines``: the manifest line of each event, in order, to name a skipped one by (it may
+    fill as ``events`` is read)."""
     got = Collected()
     pending: list[Event] = []
     late: dict[str, Event] = {}
+    line_of: dict[str, int | None] = {}  # event id -> manifest line (a late label: its own)
     seen: set[str] = set()
 
+    def line(n: int) -> int | None:
+        return lines[n] if lines is not None and n < len(lines) else None
+
     def flush() -> None:
-        if not pending:
+        if not pending or got.source == "precomputed":  # taken once all are read
             return
-        if got.source == "precomputed":
-            dim = len(pending[0].embedding or []) if not got.chunks else got.chunks[0].shape[1]
-            keep = [e for e in pending if len(e.embedding or []) == dim]
-            for e in pending:
-                if len(e.embedding or []) != dim:
-                    got.skip("embedding_dim", e.event_id, f"{len(e.embedding or [])} "
-                             f"dimensions where the first event has {dim}")
-            if keep:
-                got.chunks.append(unit_embeddings([e.embedding for e in keep]))
-            got.events.extend(keep)
-        else:
-            assert embedder is not None  # noqa: S101 - checked when the source was chosen
-            emb, errors = embedder.embed_images(
-                [e.image_bytes() or e.image_uri or b"" for e in pending])
-            finite = [bool(np.isfinite(row).all()) for row in emb]
-            ok = [i for i, err in enumerate(errors) if err is None and finite[i]]
-            for ev, err, fin in zip(pending, errors, finite, strict=True):
-                if err is not None:
-                    got.skip(str(err.reason), ev.event_id, err.detail)
-                elif not fin:  # e.g. a float16 export overflowing: as the embed stage does
-                    got.skip("embedding_not_finite", ev.event_id, "the model's embedding of "
-                             "this image holds NaN or infinite values")
-            got.chunks.append(emb[ok])
-            got.events.extend(pending[i] for i in ok)
+        assert embedder is not None  # noqa: S101 - checked when the source was chosen
+        emb, errors = embedder.embed_images(
+            [e.image_bytes() or e.image_uri or b"" for e in pending])
+        finite = [bool(np.isfinite(row).all()) for row in emb]
+        ok = [i for i, err in enumerate(errors) if err is None and finite[i]]
+        for ev, err, fin in zip(pending, errors, finite, strict=True):
+            if err is not None:
+                got.skip(str(err.reason), ev.event_id, err.detail, line_of[ev.event_id])
+            elif not fin:  # e.g. a float16 export overflowing: as the embed stage does
+                got.skip("embedding_not_finite", ev.event_id, "the model's embedding of "
+                         "this image holds NaN or infinite values", line_of[ev.event_id])
+        got.chunks.append(emb[ok])
+        got.events.extend(pending[i] for i in ok)
         pending.clear()
 
-    for ev in events:
+    for n, ev in enumerate(events):
         if ev.kind == "label":
             late[ev.event_id] = ev
+            line_of.setdefault(ev.event_id, line(n))
             continue
         if ev.event_id in seen:
-            got.skip("duplicate_event_id", ev.event_id, "an earlier event has its id")
+            got.skip("duplicate_event_id", ev.event_id, "an earlier event has its id", line(n))
             continue
         seen.add(ev.event_id)
+        line_of[ev.event_id] = line(n)
         source = "precomputed" if ev.embedding is not None else "image"
         if got.source is None:
             if source == "image" and embedder is None:
@@ -118,12 +120,34 @@ def collect(events: Iterable[Event], embedder: Embedder | None, *, chunk: int = 
         if len(pending) >= chunk:
             flush()
     flush()
+    if got.source == "precomputed":
+        _take_precomputed(got, pending, line_of)
     for event_id in [i for i in late if i not in seen]:  # in manifest order: a typo'd id, or
         # one of another manifest, is said rather than dropped
         got.skip("unknown_event", event_id, "a label or loss for an event id that no event of "
-                 "the manifest has")
+                 "the manifest has", line_of[event_id])
     got.events = [_with_late(e, late.get(e.event_id)) for e in got.events]
     return got
+
+
+def _take_precomputed(got: Collected, events: list[Event],
+                      line_of: dict[str, int | None]) -> None:
+    """Keep the events of the most common embedding dimension; skip the others, naming the
+    first. A tie has no majority to follow: refused, with the count of each dimension."""
+    counts = Counter(len(e.embedding or []) for e in events)
+    (dim, most), *rest = counts.most_common()
+    if rest and rest[0][1] == most:
+        shown = ", ".join(f"{c} of dimension {d}" for d, c in sorted(
+            counts.items(), key=lambda dc: (-dc[1], dc[0])))
+        raise ReferenceError(f"the manifest's embeddings have no most common dimension "
+                             f"({shown}): a reference lives in one embedding space")
+    keep = [e for e in events if len(e.embedding or []) == dim]
+    for e in events:
+        if len(e.embedding or []) != dim:
+            got.skip("embedding_dim", e.event_id, f"{len(e.embedding or [])} dimensions where "
+                     f"{most} of the {len(events)} events have {dim}", line_of[e.event_id])
+    got.chunks.append(unit_embeddings([e.embedding for e in keep]))
+    got.events.extend(keep)
 
 
 def _with_late(ev: Event, late: Event | None) -> Event:
@@ -140,7 +164,7 @@ def build_reference(
     exclude_within_s: float | None = None, seed: int = 0, overwrite: bool = False,
     source_name: str | None = None, max_labels: int = MAX_LABELS,
     confidence_quantile: float = 0.05, error_quantile: float = P0_QUANTILE,
-    bound_confidence: float = DEFAULT_CONFIDENCE,
+    bound_confidence: float = DEFAULT_CONFIDENCE, lines: Sequence[int] | None = None,
 ) -> Reference:
     """Embed the reference events and write the artifact to ``out_dir`` (see ``artifact.py``).
 
@@ -157,13 +181,14 @@ def build_reference(
     (:mod:`driftline.core.error_rates`). ``overwrite`` replaces a reference already in
     ``out_dir``, never a directory holding anything else
     (:func:`~driftline.reference.artifact.check_out_dir`, checked before any embedding).
+    ``lines``: the manifest line of each event, to name skipped events by (:func:`collect`).
     """
     check_parameters(k=k, pca_dim=pca_dim, quantile=quantile, min_count=min_count, alpha=alpha,
                      exclude_within_s=exclude_within_s, seed=seed, max_labels=max_labels,
                      confidence_quantile=confidence_quantile, error_quantile=error_quantile,
                      bound_confidence=bound_confidence)
     check_out_dir(out_dir, overwrite=overwrite)  # before the embedding, not after it
-    got = collect(events, embedder)
+    got = collect(events, embedder, lines=lines)
     raw, evs = got.embeddings, got.events
     n = len(evs)
     k_rule = "given" if k is not None else "round(sqrt(n/10)), clamped to [2, min(32, n/20)]"

@@ -21,9 +21,9 @@ from driftline.schema import Event
 app = typer.Typer(help="Reference artifacts", no_args_is_help=True)
 
 
-def read_manifest(path: Path) -> Iterator[Event]:
+def read_manifest(path: Path, lines: list[int] | None = None) -> Iterator[Event]:
     """Events of a JSONL manifest (UTF-8, a byte-order mark allowed); a bad line stops the
-    build with its line number."""
+    build with its line number. ``lines`` gets the line number of each event yielded."""
     try:
         fh = path.open("rb")
     except OSError as exc:
@@ -39,11 +39,14 @@ def read_manifest(path: Path) -> Iterator[Event]:
             if not line.strip():
                 continue
             try:
-                yield Event.model_validate_json(line)
+                event = Event.model_validate_json(line)
             except ValidationError as exc:
                 first = exc.errors()[0]
                 where = ".".join(str(p) for p in first["loc"]) or "event"
                 raise ReferenceError(f"{path}:{number}: {where}: {first['msg']}") from None
+            if lines is not None:
+                lines.append(number)
+            yield event
 
 
 def _numbers(text: str | None, flag: str, cast: type[float] | type[int], example: str) -> Any:
@@ -198,7 +201,8 @@ def build(
                       overwrite_hint="pass --overwrite")
     except ReferenceError as exc:
         raise typer.BadParameter(str(exc), param_hint="'--out'") from None
-    events = read_manifest(manifest)
+    lines: list[int] = []  # of each event, filled as it is read: skipped events name theirs
+    events = read_manifest(manifest, lines)
     try:
         head = list(itertools.islice(events, 1))
         embedder = None
@@ -220,7 +224,8 @@ def build(
                               exclude_within_s=exclude_window, seed=seed, overwrite=overwrite,
                               source_name=manifest.name, max_labels=max_labels,
                               confidence_quantile=confidence_quantile,
-                              error_quantile=error_quantile, bound_confidence=bound_confidence)
+                              error_quantile=error_quantile, bound_confidence=bound_confidence,
+                              lines=lines)
     except ParameterError as exc:  # one that only the data shows: --pca-dim
         raise _bad_flag(exc) from None
     except (ReferenceError, ValueError, FileNotFoundError) as exc:

@@ -35,7 +35,7 @@ def test_the_summary_and_show_give_the_first_of_each_reason(tmp_path: Path) -> N
                                  str(tmp_path / "ref"), "--model", str(model), "--k", "2",
                                  "--min-count", "10"])
     assert result.exit_code == 0, result.output
-    said = ("skipped 3 image_undecodable, the first: event gone0: cannot read "
+    said = ("skipped 3 image_undecodable, the first: event gone0 (line 41): cannot read "
             "/nonexistent/x0.jpg: No such file or directory")
     assert said in result.output
     assert said in runner.invoke(app, ["show", str(tmp_path / "ref")]).output
@@ -49,7 +49,8 @@ def test_no_usable_event_says_why(tmp_path: Path) -> None:
                                  str(build_tiny_model(tmp_path / "m.onnx"))])
     assert result.exit_code == 2, result.output
     assert ("0 usable reference events; need at least 10 for K=2 (skipped: image_undecodable 40 "
-            "(first: event gone0: cannot read /nonexistent/x0.jpg: No such file or directory))"
+            "(first: event gone0 (line 1): cannot read /nonexistent/x0.jpg: No such file or "
+            "directory))"
             ) in result.output
 
 
@@ -61,7 +62,8 @@ def test_the_manifest_keeps_the_first_skipped_event_of_each_reason(tmp_path: Pat
     assert source["skipped"] == {"duplicate_event_id": 2, "embedding_dim": 1}
     assert source["first_skipped"] == {
         "duplicate_event_id": "event e3: an earlier event has its id",
-        "embedding_dim": f"event e500: {DIM + 1} dimensions where the first event has {DIM}"}
+        "embedding_dim": f"event e500: {DIM + 1} dimensions where 100 of the 101 events have "
+                         f"{DIM}"}
     with pytest.raises(ReferenceError, match=r"skipped: duplicate_event_id 1 \(first: event e0"):
         build_reference([events[0], events[0]], None, tmp_path / "few", k=2)
 
@@ -86,8 +88,8 @@ def test_an_image_the_model_embeds_as_nan_or_inf_is_skipped(
                                  str(build_tiny_model(tmp_path / "m.onnx")), "--k", "2",
                                  "--min-count", "10"])
     assert result.exit_code == 0, result.output
-    assert ("skipped 2 embedding_not_finite, the first: event e3: the model's embedding of this "
-            "image holds NaN or infinite values") in result.output
+    assert ("skipped 2 embedding_not_finite, the first: event e3 (line 4): the model's "
+            "embedding of this image holds NaN or infinite values") in result.output
     ref = load_reference(out)
     assert ref.manifest["source"]["events"] == 38
     assert np.isfinite(np.load(out / "embeddings.npy")).all()
@@ -130,7 +132,31 @@ def test_a_file_that_is_no_image_gives_the_same_reference_id_every_build(tmp_pat
                                      str(tmp_path / out), "--model", str(model), "--k", "2",
                                      "--min-count", "10"])
         assert result.exit_code == 0, result.output
-        assert ("skipped 1 image_undecodable, the first: event notes: not an image of a format "
-                "read here (JPEG, PNG, BMP, TIFF, WEBP)") in result.output
+        assert ("skipped 1 image_undecodable, the first: event notes (line 41): not an image of "
+                "a format read here (JPEG, PNG, BMP, TIFF, WEBP)") in result.output
         ids.append(load_reference(tmp_path / out).reference_id)
     assert ids[0] == ids[1]
+
+
+def test_the_most_common_embedding_dimension_is_kept_not_the_first(tmp_path: Path) -> None:
+    """A first row of an odd dimension made the other 99 the odd ones: the build went on
+    with 1 event, or said '1 usable reference events'."""
+    events, _ = reference_events()
+    odd = event(500, np.ones(5), "s1", "day")
+    manifest = tmp_path / "ref.jsonl"
+    manifest.write_text("\n".join(e.model_dump_json() for e in [odd, *events[:99]]) + "\n")
+    result = runner.invoke(app, ["build", "--manifest", str(manifest), "--out",
+                                 str(tmp_path / "ref"), "--k", "2", "--min-count", "10"])
+    assert result.exit_code == 0, result.output
+    assert ("skipped 1 embedding_dim, the first: event e500 (line 1): 5 dimensions where 99 of "
+            f"the 100 events have {DIM}") in result.output
+    assert load_reference(tmp_path / "ref").manifest["source"]["events"] == 99
+
+
+def test_embedding_dimensions_without_a_most_common_one_are_refused(tmp_path: Path) -> None:
+    events, _ = reference_events()
+    mixed = [*events[:30], *(event(500 + i, np.ones(5), "s1", "day") for i in range(30)),
+             event(600, np.ones(3), "s1", "day")]
+    with pytest.raises(ReferenceError, match=r"no most common dimension \(30 of dimension 5, "
+                       rf"30 of dimension {DIM}, 1 of dimension 3\)"):
+        build_reference(mixed, None, tmp_path / "r", k=2)
