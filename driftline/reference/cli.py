@@ -205,6 +205,9 @@ def build(
     events = read_manifest(manifest, lines)
     try:
         head = list(itertools.islice(events, 1))
+        if not head:  # not '0 usable reference events ... (skipped: none)'
+            raise ReferenceError(f"the manifest {manifest} holds no events (it is empty or "
+                                 "its lines are blank)")
         embedder = None
         if head and head[0].embedding is not None:
             ignored = [_flag(k) for k, v in given.items() if v is not None]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from driftline.reference.cli import app
@@ -75,3 +76,15 @@ def test_a_directory_is_no_manifest(tmp_path: Path) -> None:
                                  str(tmp_path / "c")])
     assert result.exit_code == 2 and "'--manifest'" in result.output, result.output
     assert "is a directory" in result.output
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n\t\n"], ids=["empty", "blank"])
+def test_a_manifest_without_events_says_so(tmp_path: Path, text: str) -> None:
+    """Not '0 usable reference events; need at least 10 for K=2 (skipped: none)'."""
+    manifest = tmp_path / "ref.jsonl"
+    manifest.write_text(text)
+    result = runner.invoke(app, ["build", "--manifest", str(manifest), "--out",
+                                 str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert (f"driftline reference build: the manifest {manifest} holds no events (it is empty "
+            "or its lines are blank)") in result.output
