@@ -38,15 +38,23 @@ def read_manifest(path: Path, lines: list[int] | None = None) -> Iterator[Event]
                                      "manifest is JSON lines") from None
             if not line.strip():
                 continue
-            try:
-                event = Event.model_validate_json(line)
+            try:  # without its line break: an error at its end is at its last column
+                event = Event.model_validate_json(line.rstrip("\r\n"))
             except ValidationError as exc:
-                first = exc.errors()[0]
-                where = ".".join(str(p) for p in first["loc"]) or "event"
-                raise ReferenceError(f"{path}:{number}: {where}: {first['msg']}") from None
+                raise ReferenceError(f"{path}:{number}: {_row_error(exc)}") from None
             if lines is not None:
                 lines.append(number)
             yield event
+
+
+def _row_error(exc: ValidationError) -> str:
+    """Why a manifest line is no event: ``field: why``, or ``why`` for the line as a whole,
+    without pydantic's ``Value error, `` and the ``line 1`` of a one-line JSON document."""
+    first = exc.errors()[0]
+    msg = first["msg"].removeprefix("Value error, ")
+    msg = re.sub(r" at line 1 column (\d+)$", r" at column \1", msg)
+    where = ".".join(str(p) for p in first["loc"])
+    return f"{where}: {msg}" if where else msg
 
 
 def _numbers(text: str | None, flag: str, cast: type[float] | type[int], example: str) -> Any:

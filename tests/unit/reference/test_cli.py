@@ -88,3 +88,27 @@ def test_a_manifest_without_events_says_so(tmp_path: Path, text: str) -> None:
     assert result.exit_code == 2, result.output
     assert (f"driftline reference build: the manifest {manifest} holds no events (it is empty "
             "or its lines are blank)") in result.output
+
+
+@pytest.mark.parametrize(("line", "said"), [
+    ("{not json", "Invalid JSON: key must be a string at column 2"),
+    ('{"event_id": "x"', "Invalid JSON: EOF while parsing an object at column 16"),
+    ("[1, 2]", "Input should be an object"),
+    ('{"event_id": "x", "ts": "2026-01-01T00:00:00Z", "station": "s", "shift": "d", '
+     '"lot": "l", "embedding": [1e39]}',
+     "embedding: must contain only finite numbers of at most 3.403e+38 in magnitude"),
+    ('{"event_id": "x", "ts": "2026-01-01T00:00:00Z", "station": "s", "shift": "d", '
+     '"lot": "l", "embedding": [1.0], "image": "AA=="}',
+     "payload_conflict: exactly one of image/image_uri/embedding, got image, embedding"),
+], ids=["json", "eof", "array", "field", "event"])
+def test_a_bad_manifest_line_says_why_in_its_own_terms(
+    tmp_path: Path, line: str, said: str
+) -> None:
+    """Not 'ref.jsonl:3: event: Invalid JSON: ... at line 1 column 2' (every manifest line is
+    line 1 of its JSON document; 'event' named no field) nor pydantic's 'Value error, '."""
+    manifest = tmp_path / "ref.jsonl"
+    manifest.write_text("\n".join([*_lines(2), line]) + "\n")
+    result = runner.invoke(app, ["build", "--manifest", str(manifest), "--out",
+                                 str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert f"driftline reference build: {manifest}:3: {said}" in result.output
