@@ -41,14 +41,19 @@ class ConsoleFormatter(logging.Formatter):
     """One readable line: UTC time, level, logger, message, then the ``extra=`` fields as
     ``key=value`` (a message such as ``alarm`` says little without its slice and detector)."""
 
-    def __init__(self) -> None:
-        super().__init__("%(levelname)-7s %(name)s: %(message)s")
-
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{_utc(record)} {super().format(record)}"
-        head, nl, trace = line.partition("\n")  # the traceback, if any, after the fields
+        record.message = record.getMessage()
+        line = f"{_utc(record)} {record.levelname:<7} {record.name}: {record.message}"
         fields = " ".join(f"{k}={_value(v)}" for k, v in _fields(record).items())
-        return f"{head} {fields}{nl}{trace}" if fields else line
+        if fields:  # after the whole message (one of several lines too), before a traceback
+            line = f"{line} {fields}"
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line = f"{line}\n{record.exc_text}"
+        if record.stack_info:
+            line = f"{line}\n{self.formatStack(record.stack_info)}"
+        return line
 
 
 def _value(v: Any) -> str:

@@ -43,6 +43,20 @@ def test_console_traceback_follows_the_fields() -> None:
     assert head.endswith("stage=detect") and trace[-1] == "ValueError: bad arrays"
 
 
+def test_console_fields_follow_a_multi_line_message_not_its_first_line() -> None:
+    try:
+        raise ValueError("bad arrays")
+    except ValueError:
+        import sys
+
+        record = logging.LogRecord("driftline.reference", logging.ERROR, __file__, 1,
+                                   "two problems:\nfirst\nsecond", None, sys.exc_info())
+    record.__dict__.update(stage="build")
+    lines = ConsoleFormatter().format(record).splitlines()
+    assert lines[0].endswith("two problems:") and lines[1] == "first"
+    assert lines[2] == "second stage=build" and lines[-1] == "ValueError: bad arrays"
+
+
 def test_json_keeps_the_same_fields() -> None:
     doc = json.loads(JsonFormatter().format(_record(**FIELDS)))
     assert doc["time"] == "2026-11-16T06:32:05.250+00:00"
