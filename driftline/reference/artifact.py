@@ -211,7 +211,11 @@ def read_artifact(ref_dir: Path) -> tuple[dict[str, Any], dict[str, NDArray[Any]
     try:
         manifest = json.loads((ref_dir / MANIFEST).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ReferenceError(f"{ref_dir} is not a reference: no {MANIFEST}") from None
+        why = (f"no {MANIFEST}" if ref_dir.is_dir() else "no such directory"
+               if not ref_dir.exists() else "a file, not a directory")
+        raise ReferenceError(f"{ref_dir} is not a reference: {why}") from None
+    except NotADirectoryError:
+        raise ReferenceError(f"{ref_dir} is not a reference: a file, not a directory") from None
     except (OSError, ValueError) as exc:
         raise ReferenceError(f"{ref_dir / MANIFEST} is unreadable: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:

@@ -66,15 +66,23 @@ def no_activation(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("no_activation")
+@pytest.mark.parametrize(("made", "why"), [
+    ("dir", "no manifest.json"), (None, "no such directory"),
+    ("file", "a file, not a directory")])
 def test_run_names_a_reference_dir_that_holds_no_reference(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """It was an uncaught ReferenceError traceback not naming the setting."""
-    monkeypatch.setenv("DRIFTLINE_REFERENCE_DIR", str(tmp_path / "ref"))
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, made: str | None, why: str) -> None:
+    """It was an uncaught ReferenceError traceback not naming the setting; a path that is not
+    there (a typo) or is a file says so, not only that no manifest was found."""
+    ref = tmp_path / "ref"
+    if made == "dir":
+        ref.mkdir()
+    elif made == "file":
+        ref.write_text("{}")
+    monkeypatch.setenv("DRIFTLINE_REFERENCE_DIR", str(ref))
     result = CliRunner().invoke(app, ["run", "book"])
     assert result.exit_code == 2, result.output
     assert result.output.splitlines()[-1] == (f"driftline: DRIFTLINE_REFERENCE_DIR: "
-                                              f"{tmp_path / 'ref'} is not a reference: no "
-                                              "manifest.json")
+                                              f"{ref} is not a reference: {why}")
 
 
 @pytest.mark.usefixtures("no_activation")
