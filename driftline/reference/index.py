@@ -141,7 +141,8 @@ def unit_embeddings(rows: Any) -> F32:
     The norm is taken in float64: the event schema allows values up to float32's largest, and
     the square of one above ~1.8e19 overflows float32, which made such a row all zeros. An
     all-zero embedding stays all zeros (it has no direction): both accept it, and the stream
-    puts it at distance 1 from every reference sample.
+    puts it at distance 1 from every reference sample — without ``--pca-dim``; with it, the
+    projection (centred first) maps it to a unit vector like any other.
     """
     x = np.asarray(rows, np.float64)
     return np.asarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12),
