@@ -41,7 +41,7 @@ arrays. Only new buckets and readers touch it, never the per-event step.
 **Narrow counts.** A full ring holds 48·(K + 1) counts; as int32 at K = 11 they are 2.3 kB
 a slice, the largest part of one (10,000 slices: 23 MB). A count exceeds int16's 32,767 only
 when more than ~109 events/s of one slice fall in one cluster for a whole 5-min bucket, so the
-counts start as int16 and widen to int32 (for good) at the first that would not fit. The per-event
+counts start as int16 and widen to int32 at the first that would not fit. The per-event
 step does not read the counts to find out: the ring keeps ``_room``, how many more unit
 increments are safe (32,767 less the largest count), takes two off per event, and only when
 it runs out looks at the counts again: once per (32,767 − largest count) / 2 events, ~16,000
@@ -235,19 +235,14 @@ class SliceCounts:
         if self._exp is not None:
             self._exp = grow(self._exp)
 
-    def _make_room(self, more: int) -> None:
-        """Make ``more`` unit increments of the counts safe: widen them to int32 if the
-        largest count plus ``more`` would not fit in int16; reset :attr:`_room`."""
-        top = int(self._cnt.max()) if self._cnt.size else 0
-        if self._cnt.dtype == _NARROW and top + more > _NARROW_MAX:
-            self._cnt = self._cnt.astype(np.int32)
-        self._room = (_NARROW_MAX if self._cnt.dtype == _NARROW else _I32_MAX) - top
-
-    def _set_counts(self, cnt: AnyIntArray) -> None:
-        """Hold the counts ``cnt`` (an array of this ring's own), int16 if they fit."""
+    def _set_counts(self, cnt: AnyIntArray, more: int = 0) -> None:
+        """Hold the counts ``cnt`` (an array of this ring's own, not copied if already of the
+        dtype) as int16 if they and ``more`` unit increments fit, else int32, and reset
+        :attr:`_room`."""
         top = int(cnt.max()) if cnt.size else 0
-        self._cnt = cnt.astype(_NARROW) if top <= _NARROW_MAX else cnt.astype(np.int32)
-        self._room = (_NARROW_MAX if self._cnt.dtype == _NARROW else _I32_MAX) - top
+        narrow = top + more <= _NARROW_MAX
+        self._cnt = cnt.astype(_NARROW if narrow else np.int32, copy=False)
+        self._room = (_NARROW_MAX if narrow else _I32_MAX) - top
 
     def _row(self, key: int, index: int) -> int:
         """The row of bucket ``key``, made if needed (first arrival ``index``); -1 if older
@@ -454,7 +449,7 @@ class SliceCounts:
             return
         self._room -= 2  # at most two counts go up by one each
         if self._room < 0:
-            self._make_room(2)
+            self._set_counts(self._cnt, 2)
             self._room -= 2
         exp = self._exp
         cp = c0 = -1  # the event's columns (-1: no such part)
@@ -781,7 +776,7 @@ class SliceCounts:
         obj._kf = _narrow(np.stack([keys.reshape(u), np.full(u, NO_ARRIVAL, np.int64)
                                     if first is None else np.asarray(first, np.int64).reshape(u)],
                                    axis=1))
-        obj._set_counts(np.asarray(snap["counts"], np.int32).reshape(u, _HITS + k))
+        obj._set_counts(np.array(snap["counts"], np.int32).reshape(u, _HITS + k))
         obj._ps = [_restored_baseline(p) for p in np.asarray(snap["baselines"]).reshape(-1, k)]
         obj._p0s = [shared_float(x) for x in snap["ood_p0"]]
         dense = snap["expected"] is not None
