@@ -17,7 +17,6 @@ log = logging.getLogger(__name__)
 # move, end?): one INFO line each. Not joins of related slices, notes or acknowledgements.
 LOGGED_ACTIONS = frozenset({"opened", "paged", "escalated", "rerooted", "split", "merged",
                             "resolved", "auto_resolved"})
-DIMENSIONS = ("station", "shift", "lot")
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ def log_changes(changes: Iterable[Change], targets: Sequence[str] = ()) -> None:
         fields: dict[str, Any] = {
             "incident_id": c.incident_id, "action": c.action, "severity": inc["severity"],
             "root": root["slice_id"], "template": root["template"],
-            **{d: root["dims"][d] for d in DIMENSIONS if d in root["dims"]},
+            **root["dims"],  # station/shift/lot, as the alert labels carry them
             "detectors": ",".join(inc["detectors"]), "onset": inc["onset"], "who": c.who}
         if c.note:
             fields["note"] = c.note
