@@ -92,6 +92,7 @@ from kafka.structs import OffsetAndMetadata
 from pydantic import ValidationError
 from pydantic_core import from_json
 
+from driftline.alerts.model import iso
 from driftline.alerts.store import stream_id
 from driftline.consumers.checkpoint import (
     REDIS_ERRORS,
@@ -921,10 +922,8 @@ def _alarm_fields(slice_id: str, alarm: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _utc_iso(t: float | None) -> str | None:
-    """Seconds since 1970 as an ISO date-time in UTC (``2026-11-16T06:32:05Z``)."""
-    if t is None:
-        return None
-    return datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
+    """Seconds since 1970 as the API's UTC date-time (``2026-11-16T06:32:05Z``)."""
+    return None if t is None else iso(datetime.fromtimestamp(t, UTC))
 
 
 def _summary(model: SliceModel, g: dict[str, Any] | None = None) -> dict[str, Any]:
