@@ -8,6 +8,8 @@ from typing import Annotated, Any
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from driftline.alerts.model import iso
+
 
 def _a_date_time(value: Any) -> Any:
     """A query's time is a date-time, as the API documents; pydantic would also read a number
@@ -47,7 +49,7 @@ def time_range(since: datetime | None, until: datetime | None) -> None:
                 t = t.astimezone(UTC)
             except OverflowError:  # no UTC form: as given, with its offset
                 pass
-            return t.isoformat().replace("+00:00", "Z")
+            return str(iso(t))
         raise RequestValidationError([{
             "type": "value_error", "loc": ("query", "since"), "input": utc(lo),
             "msg": f"since ({utc(lo)}) is after until ({utc(hi)}): since must be at or "
