@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -64,6 +65,35 @@ def _value(v: Any) -> str:
     return json.dumps(v, default=str, ensure_ascii=False)
 
 
+class KafkaStallFilter(logging.Filter):
+    """kafka-python 3's network loop warns when one of its steps took over 0.1 s of wall time
+    ("Task … ran for 0.106s … likely a tight sync loop inside a coroutine. Other pollers will
+    time out."). In a driftline worker that step waits for the GIL while the main thread
+    embeds or checkpoints a batch, so the line came in loaded demo runs and blamed a loop
+    that does not exist, for a delay that harms nothing: heartbeats go every third of the
+    session timeout (``DRIFTLINE_KAFKA_SESSION_TIMEOUT_MS``, 20 s by default). Steps shorter
+    than ``warn_after`` seconds become DEBUG lines (so, at the kafka loggers' WARNING level,
+    none); longer stalls, which do hold up heartbeats and fetches, stay warnings as
+    kafka-python wrote them."""
+
+    _STEP = re.compile(r"^Task .* ran for (\d+(?:\.\d+)?)s \(>")
+
+    def __init__(self, warn_after: float = 1.0) -> None:
+        super().__init__()
+        self.warn_after = warn_after
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING or not isinstance(record.msg, str):
+            return True
+        step = self._STEP.match(record.msg)
+        if step is None or float(step.group(1)) >= self.warn_after:
+            return True
+        if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     """Route every driftline logger to stderr in the chosen format (idempotent)."""
     handler = logging.StreamHandler(sys.stderr)
@@ -79,3 +109,6 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     # group membership (joins, assignments, rebalances) is rare and what one reads first when
     # a worker owns nothing: keep kafka-python's coordinator at the service's level
     logging.getLogger("kafka.coordinator").setLevel(root.level)
+    selector = logging.getLogger("kafka.net.selector")
+    if not any(isinstance(f, KafkaStallFilter) for f in selector.filters):
+        selector.addFilter(KafkaStallFilter())

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 
 import pytest
+from kafka.net.selector import NetworkSelector
 
-from driftline.logs import ConsoleFormatter, JsonFormatter, configure_logging
+from driftline.logs import ConsoleFormatter, JsonFormatter, KafkaStallFilter, configure_logging
 
 
 def _record(**extra: object) -> logging.LogRecord:
@@ -96,3 +98,62 @@ def test_http_client_requests_are_not_logged_at_info(capsys: pytest.CaptureFixtu
     err = capsys.readouterr().err
     assert "HTTP Request" not in err and "connect_tcp" not in err
     assert "connection pool full" in err
+
+
+async def _busy(seconds: float) -> None:
+    time.sleep(seconds)  # holds kafka-python's loop as a GIL-bound batch on another thread would
+
+
+def _stall(seconds: float, threshold: float = 0.1) -> None:
+    """One step of kafka-python's own network loop that takes ``seconds``: it logs its
+    'Task … ran for …s' warning itself."""
+    net = NetworkSelector(slow_task_threshold_secs=threshold)
+    try:
+        net.run(_busy, seconds)
+    finally:
+        net.close()
+
+
+def test_short_kafka_loop_stalls_are_not_warnings(capsys: pytest.CaptureFixture[str]) -> None:
+    """kafka-python 3 warned 'Task … ran for 0.106s … likely a tight sync loop inside a
+    coroutine' whenever the worker's main thread held the GIL for a batch: noise that blamed
+    a loop that does not exist. Below 1 s it is dropped; the selector's other warnings stay."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    selector = logging.getLogger("kafka.net.selector")
+    filters, kafka_level = selector.filters[:], logging.getLogger("kafka").level
+    try:
+        configure_logging("INFO", "console")
+        configure_logging("INFO", "console")  # idempotent: one filter
+        assert sum(isinstance(f, KafkaStallFilter) for f in selector.filters) == 1
+        _stall(0.15)
+        selector.warning("Task %s left RUNNING after step; demoting to UNSCHEDULED", "t")
+    finally:
+        root.handlers[:], root.level = handlers, level
+        selector.filters[:] = filters
+        logging.getLogger("kafka").setLevel(kafka_level)
+    err = capsys.readouterr().err
+    assert "ran for" not in err
+    assert "left RUNNING" in err
+
+
+def test_long_kafka_loop_stalls_stay_warnings() -> None:
+    """A stall past ``warn_after`` delays heartbeats and fetches: kafka-python's line is kept
+    as it wrote it."""
+    records: list[logging.LogRecord] = []
+    selector = logging.getLogger("kafka.net.selector")
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    stall = KafkaStallFilter(warn_after=0.05)
+    selector.addHandler(handler)
+    selector.addFilter(stall)
+    try:
+        _stall(0.01, threshold=0.005)  # under warn_after: dropped
+        _stall(0.08, threshold=0.005)  # over it: kept
+    finally:
+        selector.removeHandler(handler)
+        selector.removeFilter(stall)
+    stalls = [r for r in records if "ran for" in r.getMessage()]
+    assert len(stalls) == 1 and stalls[0].levelno == logging.WARNING
+    took = re.search(r"ran for (\d+\.\d+)s", stalls[0].getMessage())
+    assert took is not None and float(took.group(1)) >= 0.05
