@@ -12,7 +12,13 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaConnectionError, RetriableError, TopicAlreadyExistsError
-from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import (
+    RetryCallState,
+    retry,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from driftline.metrics import ConsumerMetrics
 
@@ -40,10 +46,27 @@ PRODUCER_MAX_REQUEST_BYTES = 1 << 20
 DLQ_MAX_VALUE_BYTES = PRODUCER_MAX_REQUEST_BYTES // 2
 DLQ_MAX_KEY_BYTES = 4096
 
+# what each start-up call waits for the broker to do, in its "waiting for Kafka" line
+_WAITING_TO = {"ensure_topics": "create the topics", "make_producer": "start a producer",
+               "make_consumer": "start a consumer"}
+
+
+def _waiting_for_broker(state: RetryCallState) -> None:
+    """One line per retry while the broker cannot be reached: kafka-python's own lines name
+    ``bootstrap-0`` and a backoff, not the address, the setting or how long is left."""
+    fn = getattr(state.fn, "__name__", "")
+    log.warning(f"waiting for Kafka to {_WAITING_TO.get(fn, fn)}", extra={
+        "bootstrap": state.args[0] if state.args else state.kwargs.get("bootstrap"),
+        "setting": "DRIFTLINE_KAFKA_BOOTSTRAP",
+        "waited_s": round(state.seconds_since_start or 0, 1), "gives_up_after_s": BROKER_WAIT_S,
+        "error": repr(state.outcome.exception() if state.outcome else None)})
+
+
 _retry_broker = retry(
     retry=retry_if_exception_type((KafkaConnectionError, RetriableError)),
     wait=wait_exponential(multiplier=0.2, max=5),
     stop=stop_after_delay(BROKER_WAIT_S),
+    before_sleep=_waiting_for_broker,
     reraise=True,
 )
 

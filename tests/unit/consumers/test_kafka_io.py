@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from types import SimpleNamespace
 
 import pytest
 from kafka.record import default_records, util
 from kafka.record._crc32c import crc as pure_python_crc32c
 from prometheus_client import CollectorRegistry
+from tenacity import stop_after_attempt, wait_none
 
 from driftline.consumers import kafka_io
 from driftline.consumers.kafka_io import ProgressLog
@@ -46,6 +48,26 @@ def _progress(monkeypatch: pytest.MonkeyPatch) -> tuple[ProgressLog, _Clock]:
     clock = _Clock()
     monkeypatch.setattr(kafka_io.time, "monotonic", clock)
     return ProgressLog("embed", every_s=30), clock
+
+
+def test_waiting_for_an_unreachable_broker_names_the_address_and_the_setting(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """While the broker cannot be reached at start-up, driftline said nothing for up to
+    ``BROKER_WAIT_S`` (kafka-python's lines name ``bootstrap-0``, not the address); each retry
+    now logs the address, the setting, how long it has waited and when it gives up."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{free.getsockname()[1]}"  # closed once the block ends
+    caplog.set_level(logging.WARNING, logger="driftline.consumers.kafka_io")
+    starting = kafka_io.make_producer.retry_with(stop=stop_after_attempt(2), wait=wait_none())
+    with pytest.raises(kafka_io.RetriableError):
+        starting(address, bootstrap_timeout_ms=200)
+    waits = [r for r in caplog.records if r.name == "driftline.consumers.kafka_io"]
+    assert [r.getMessage() for r in waits] == ["waiting for Kafka to start a producer"]
+    line = waits[0].__dict__
+    assert line["bootstrap"] == address and line["setting"] == "DRIFTLINE_KAFKA_BOOTSTRAP"
+    assert line["gives_up_after_s"] == kafka_io.BROKER_WAIT_S
+    assert line["error"].startswith("KafkaTimeoutError") and line["waited_s"] >= 0.1
 
 
 def test_progress_log_lag_and_one_line_per_interval(
