@@ -472,7 +472,10 @@ def mask_url(url: str) -> str:
 
 
 def parse_tokens(secret: SecretStr | None) -> list[ApiToken]:
-    """Parse 'name:role:token,...'; placeholder or short (< 16 chars) secrets are refused."""
+    """Parse 'name:role:token,...'; placeholder or short (< 16 chars) secrets are refused, and
+    so are a token outside printable ASCII (the header is read as Latin-1: a UTF-8 'ø' arrives
+    as 'Ã¸' and never matches) and one given twice (its caller got the first entry's name and
+    role, whichever was meant)."""
     if secret is None:
         return []
     out: list[ApiToken] = []
@@ -487,7 +490,16 @@ def parse_tokens(secret: SecretStr | None) -> list[ApiToken]:
             raise ValueError(f"role of {name!r} must be one of {ROLES}")
         if token.lower() in _PLACEHOLDER_SECRETS or len(token) < 16:
             raise ValueError(f"token of {name!r} is a placeholder or shorter than 16 characters")
-        out.append(ApiToken(name, role, token))
+        if not all("!" <= c <= "~" for c in token):
+            raise ValueError(f"token of {name!r} has a space or a character outside ASCII "
+                             "(such as 'ø'); a bearer token is printable ASCII (RFC 6750), e.g. "
+                             "`openssl rand -hex 24`")
+        made = ApiToken(name, role, token)
+        same = next((t for t in out if t.sha256 == made.sha256), None)
+        if same is not None:
+            raise ValueError(f"the tokens of {same.name!r} and {name!r} are the same token "
+                             "given twice: give each entry its own")
+        out.append(made)
     return out
 
 

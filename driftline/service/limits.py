@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from redis.exceptions import (
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 # Redis's refusals that pass: the client asks again later (503), as when Redis is down
 _REFUSALS = (ReadOnlyError, OutOfMemoryError, MasterDownError, ClusterDownError, TryAgainError,
              CannotPersistError)
+# A 422 lists at most this many field errors, each echoing at most this much of the value it
+# refuses: a 1 MiB body of unknown keys got 9 MB back, after seconds of encoding.
+MAX_FIELD_ERRORS = 20
+MAX_ECHO_CHARS = 200
 
 
 class BodyTooLarge(HTTPException):
@@ -97,15 +102,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": f"Redis is unavailable: {exc}"}, status_code=503,
                             headers={"Retry-After": "5"})
 
-    async def invalid(request: Request, exc: Exception) -> Response:
+    async def invalid(_: Request, exc: Exception) -> Response:
         """A body that is not JSON at all is a malformed request (400, as documented), not a
         422 ``json_invalid`` field error naming no field; other validation errors keep
-        FastAPI's 422 with its list of field errors."""
+        FastAPI's 422 with its list of field errors (:func:`field_errors`)."""
         if not isinstance(exc, RequestValidationError):  # registered for it alone
             raise exc
         bad = next((e for e in exc.errors() if e.get("type") == "json_invalid"), None)
         if bad is None:
-            return await request_validation_exception_handler(request, exc)
+            return JSONResponse({"detail": field_errors(exc)}, status_code=422)
         why = (bad.get("ctx") or {}).get("error") or "cannot be decoded"
         return JSONResponse({"detail": f"the request body is not valid JSON: {why} at "
                                        f"character {bad['loc'][-1]}"}, status_code=400)
@@ -127,3 +132,34 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RedisConnectionError, store_down)
     app.add_exception_handler(RedisTimeoutError, store_down)
     app.add_exception_handler(RedisResponseError, store_refused)
+
+
+def field_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    """FastAPI's list of field errors, at most :data:`MAX_FIELD_ERRORS`, each ``input`` as
+    :func:`echo` shows it."""
+    shown = [{**e, "input": echo(e["input"])} if "input" in e else e
+             for e in exc.errors()[:MAX_FIELD_ERRORS]]
+    return list(jsonable_encoder(shown))
+
+
+def echo(value: Any) -> Any:
+    r"""A refused value as a 422 shows it: as sent if a JSON reply can hold it in at most
+    :data:`MAX_ECHO_CHARS`, else the start of its text. The JSON parser reads ``NaN``,
+    ``Infinity``, ``1e309`` (inf) and lone surrogates (``"\ud800"``), which no JSON reply can
+    hold: FastAPI's own 422 for them was a 500.
+
+    >>> echo("optics"), echo(float("nan")), echo("a\ud800"), echo({"note": float("inf")})
+    ('optics', 'nan', "'a\\ud800'", "{'note': inf}")
+    >>> len(echo("x" * 5000))
+    201
+    """
+    try:
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+        text.encode()
+    except (TypeError, ValueError):  # NaN or inf; a lone surrogate (UnicodeEncodeError)
+        text = ascii(value)
+    else:
+        if len(text) <= MAX_ECHO_CHARS:
+            return value
+        text = value if isinstance(value, str) else text
+    return text if len(text) <= MAX_ECHO_CHARS else text[:MAX_ECHO_CHARS] + "…"

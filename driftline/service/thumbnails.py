@@ -35,8 +35,11 @@ log = logging.getLogger(__name__)
 THUMB_KEY = "dl:thumb:{}:{}:{}"  # partition, offset, event id
 THUMB_PX = 160  # longest side; enough to see haze, glare or a wrong part at a glance
 JPEG_QUALITY = 80
-# Reads at once per API process: each holds a request thread for up to ``timeout_s``.
-MAX_CONCURRENT_READS = 4
+# Thumbnails made at once per API process, read and decoded: each holds a request thread for
+# up to ``timeout_s``, and its decode up to ~4 bytes per pixel (160 MB for an image of
+# DEFAULT_LIMITS.max_pixels, which a PNG of 130 kB can hold). The decode counts too: with only
+# the reads counted, each viewer request for an uncached exemplar could start another decode.
+MAX_CONCURRENT = 4
 # Any broker since Kafka 2.1 answers requests at this level; giving it spares the constructor
 # the version probe, a network call whose failure leaves kafka-python's I/O thread running.
 KAFKA_API_VERSION = (2, 8)
@@ -62,7 +65,7 @@ class Thumbnails:
         self.limits = replace(DEFAULT_LIMITS, allowed_roots=image_roots)
         self.ttl_s, self.max_event_bytes = ttl_s, max_event_bytes
         self.timeout_s, self.max_px = timeout_s, max_px
-        self._reads = threading.BoundedSemaphore(MAX_CONCURRENT_READS)
+        self._making = threading.BoundedSemaphore(MAX_CONCURRENT)
 
     def get(self, event_id: str, partition: int | None, offset: int | None) -> bytes:
         """The JPEG thumbnail of ``event_id``, from the cache (its expiry pushed back) or made
@@ -76,15 +79,14 @@ class Thumbnails:
         cached = self.redis.getex(key, ex=ttl)
         if cached is not None:
             return bytes(cached)  # type: ignore[arg-type]
-        if not self._reads.acquire(blocking=False):
+        if not self._making.acquire(blocking=False):
             raise ThumbnailUnavailable(
-                f"{MAX_CONCURRENT_READS} thumbnails are being read from Kafka already; try "
-                "again in a few seconds", transient=True)
+                f"{MAX_CONCURRENT} thumbnails are being made already; try again in a few "
+                "seconds", transient=True)
         try:
-            value = self._read(partition, offset)
+            jpeg = self._thumbnail(event_id, self._read(partition, offset))
         finally:
-            self._reads.release()
-        jpeg = self._thumbnail(event_id, value)
+            self._making.release()
         self.redis.set(key, jpeg, ex=ttl)
         return jpeg
 
@@ -150,8 +152,11 @@ class Thumbnails:
                     raise ThumbnailUnavailable(
                         f"the event's image is {img.width}x{img.height}, over the pixel limit")
                 img.draft("RGB", (self.max_px, self.max_px))  # JPEG: decode at reduced scale
-                small = img.convert("RGB")
-                small.thumbnail((self.max_px, self.max_px))
+                # made small in place, then converted: a full-size RGB copy first doubled a
+                # large PNG's memory (modes other than these are converted first, as before)
+                full = img if img.mode in ("RGB", "RGBA", "L") else img.convert("RGB")
+                full.thumbnail((self.max_px, self.max_px))
+                small = full.convert("RGB")
                 out = io.BytesIO()
                 small.save(out, "JPEG", quality=JPEG_QUALITY)
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:

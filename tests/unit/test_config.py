@@ -54,6 +54,11 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
         ("DRIFTLINE_LOG_LEVEL", "LOUD", "DEBUG"),
         ("DRIFTLINE_API_TOKENS", "ana:admin:changeme", "placeholder"),
         ("DRIFTLINE_API_TOKENS", "ana:root:0123456789abcdef0123", "role"),
+        # accepted, then never matched: the header is read as Latin-1, 'ø' arrives as 'Ã¸'
+        ("DRIFTLINE_API_TOKENS", "ana:admin:tøken-0123456789abcdef", "outside ASCII"),
+        # the caller got the first entry's name and role: ana's viewer, never bo's admin
+        ("DRIFTLINE_API_TOKENS", "ana:viewer:0123456789abcdef0123,bo:admin:0123456789abcdef0123",
+         "'ana' and 'bo' are the same token"),
         ("DRIFTLINE_BUDGET_PERIOD_DAYS", "-1", "greater than"),
         # accepted once, then every push failed with httpx's UnsupportedProtocol
         ("DRIFTLINE_ALERTMANAGER_URL", "not-a-url", "http:// or https://"),

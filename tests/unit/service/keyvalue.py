@@ -1,4 +1,4 @@
-"""A stand-in for the two Redis calls reference activation and start-up make (no server)."""
+"""A stand-in for the Redis calls of reference activation, start-up and thumbnails (no server)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 
 class KeyValue:
-    """The two Redis calls activation and start-up make (a stand-in, no server)."""
+    """Strings by key, as reference activation, start-up and the thumbnail cache use them (a
+    stand-in, no server; expiry is not kept)."""
 
     def __init__(self) -> None:
         self.kv: dict[str, bytes] = {}
@@ -15,6 +16,9 @@ class KeyValue:
     def get(self, key: str) -> bytes | None:
         return self.kv.get(key)
 
-    def set(self, key: str, value: str) -> bool:
-        self.kv[key] = value.encode()
+    def getex(self, key: str, ex: int | None = None) -> bytes | None:
+        return self.kv.get(key)
+
+    def set(self, key: str, value: str | bytes, ex: int | None = None) -> bool:
+        self.kv[key] = value.encode() if isinstance(value, str) else value
         return True

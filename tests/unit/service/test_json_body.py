@@ -13,6 +13,7 @@ from pydantic import SecretStr
 
 from driftline.config import load_settings
 from driftline.service.app import create_app
+from driftline.service.limits import MAX_ECHO_CHARS, MAX_FIELD_ERRORS
 
 TOKENS = "olga:operator:operator-token-0123456789"
 RESOLVE = "/api/v1/incidents/DL-000001/resolve"
@@ -96,3 +97,29 @@ def test_a_body_that_is_not_json_is_a_documented_400_saying_where(
     assert "not valid JSON" in documented["description"]
     assert documented["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/ErrorBody"}
+
+
+@pytest.mark.parametrize(("body", "shown"), [
+    ('{"category": NaN}', "nan"),
+    ('{"category": 1e309}', "inf"),  # valid JSON, read as inf
+    ('{"category": "optics", "note": -Infinity}', "-inf"),
+    ('{"category": "\\ud800"}', "'\\ud800'"),  # a lone surrogate: no UTF-8 reply holds it
+])
+def test_a_value_no_json_reply_can_hold_is_a_422_not_a_500(client: TestClient, body: str,
+                                                            shown: str) -> None:
+    """FastAPI's 422 echoes the refused value, and rendering these raised: a 500."""
+    resp = client.post(RESOLVE, content=body, headers={"Content-Type": "application/json"})
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["detail"][0]["input"] == shown
+
+
+def test_a_422_is_bounded_whatever_the_body_holds(client: TestClient) -> None:
+    """A body of a few thousand unknown keys got one error per key, the whole body echoed in
+    the first: 1 MiB in, 9 MB and seconds of encoding out."""
+    body = {"category": "optics", **{f"k{i}": "x" * 50 for i in range(5000)}}
+    resp = client.post(RESOLVE, json=body)
+    assert resp.status_code == 422
+    assert len(resp.json()["detail"]) == MAX_FIELD_ERRORS and len(resp.content) < 10_000
+    long = client.post(RESOLVE, json={"category": "optics", "note": "y" * 5000})
+    assert long.status_code == 422
+    assert long.json()["detail"][0]["input"] == "y" * MAX_ECHO_CHARS + "…"
