@@ -27,6 +27,7 @@ from driftline.core.predictions import (
 )
 from driftline.reference.artifact import ReferenceError, check_out_dir, write_artifact
 from driftline.reference.describe import exemplars, metadata_lift, performance
+from driftline.reference.fallbacks import fallback_cells
 from driftline.reference.index import Reference, load_reference, unit_embeddings, unit_rows
 from driftline.reference.parameters import MAX_LABELS, ParameterError, check_parameters
 from driftline.reference.space import fit_pca, loo_distances, spherical_kmeans
@@ -169,7 +170,8 @@ def build_reference(
     """Embed the reference events and write the artifact to ``out_dir`` (see ``artifact.py``).
 
     ``k=None`` picks :func:`~driftline.core.baselines.choose_k`; ``min_count`` is the fewest
-    samples a station or station×shift baseline needs, else it falls back to its parent;
+    samples a station or station×shift baseline needs, else it falls back to its parent
+    (recorded with how well that fits it: :mod:`driftline.reference.fallbacks`);
     ``quantile`` sets each baseline's OOD threshold on leave-one-out distances;
     ``bound_confidence`` the bounds of each baseline's cluster mix, OOD rate, prediction mix
     and low-confidence rate that the detectors judge against (:mod:`driftline.core.baselines`).
@@ -214,6 +216,8 @@ def build_reference(
     baselines = build_baselines(clusters, dist, [e.station for e in evs],
                                 [e.shift for e in evs], k, min_count=min_count, alpha=alpha,
                                 quantile=quantile, confidence=bound_confidence)
+    fallbacks = fallback_cells(clusters, [e.station for e in evs], [e.shift for e in evs],
+                               baselines, k)
     predictions = _prediction_baselines(evs, min_count=min_count, alpha=alpha,
                                         max_labels=max_labels, quantile=confidence_quantile,
                                         confidence=bound_confidence)
@@ -257,7 +261,9 @@ def build_reference(
                   "p_lower": list(b.p_lower), "p_upper": list(b.p_upper),
                   "ood_threshold": b.ood_threshold, "ood_rate": b.ood_rate,
                   "ood_exceed": b.ood_exceed, "ood_rate_bound": b.ood_rate_bound}
-            for key, b in baselines.items()}},
+            for key, b in baselines.items()},
+                      # cells judged against a parent's baseline, and how well it fits them
+                      "fallbacks": fallbacks},
         "predictions": predictions,
         "performance": {key: v for key, v in perf.items() if key != "clusters"},
     }

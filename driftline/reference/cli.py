@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from driftline.core.baselines import DEFAULT_CONFIDENCE, tail_rate_bound
 from driftline.core.error_rates import P0_QUANTILE
 from driftline.reference.artifact import MANIFEST, ReferenceError, check_out_dir
+from driftline.reference.fallbacks import MISFIT_P, misfits
 from driftline.reference.parameters import ParameterError, check_parameters
 from driftline.runner import ood_detector_rate
 from driftline.schema import Event
@@ -152,7 +153,9 @@ def build(
     quantile: Annotated[float, typer.Option(
         help="OOD threshold: this quantile of the reference distances, between 0 and 1")] = 0.99,
     min_count: Annotated[int, typer.Option(
-        help="Fewest samples for a station or station×shift baseline (at least 1)")] = 200,
+        help="Fewest samples for a station or station×shift baseline (at least 1); a cell "
+             "with fewer is judged against its parent's (warned about when that does not "
+             "fit it)")] = 200,
     alpha: Annotated[float, typer.Option(
         help="Smoothing pseudo-counts per cluster, above 0")] = 0.5,
     max_labels: Annotated[int, typer.Option(
@@ -323,11 +326,12 @@ def summary(m: dict[str, Any]) -> str:
                   f"{m['ood']['quantile']}; detectors judge against bounds at confidence "
                   f"{confidence}):",
               f"  {'key':<36} {'n':>6} {'threshold':>9} {'ood rate':>8} {'detector':>8}  "
-              "falls back to"]
+              "smoothed toward"]
     for key, item in b["items"].items():
         bound = ood_detector_rate(key, item, confidence)  # as the detect stage judges
         lines.append(f"  {key:<36} {item['n']:>6} {item['ood_threshold']:>9.4f} "
                      f"{_pct(item['ood_rate']):>8} {_pct(bound):>8}  {item['parent'] or '-'}")
+    lines += _fallbacks(b)
     lines += _predictions(m.get("predictions"), confidence)
     lines += ["", f"performance: {perf['labelled']} labelled, error rate {_pct(perf['error_rate'])}"
                   f"; aggressors (alpha {perf['alpha']}): "
@@ -342,6 +346,28 @@ def summary(m: dict[str, Any]) -> str:
                      + ("scaled to the pooled rate's " if prior.get("p0_method") == "pooled"
                         else "its ") + f"{prior['p0_quantile']:g} quantile")
     return "\n".join(lines)
+
+
+def _fallbacks(b: dict[str, Any], show: int = 10) -> list[str]:
+    """The cells judged against a parent's baseline; loudly those it does not fit."""
+    cells = b.get("fallbacks")  # absent from references built before it was recorded
+    if not cells:
+        return []
+    lines = [f"  {len(cells)} station / station×shift cells have fewer than {b['min_count']} "
+             "reference events: no baseline of their own, their events are judged against "
+             "their parent's"]
+    bad = misfits(cells)
+    if bad:
+        lines += [f"  WARNING: {len(bad)} of them hold another cluster mix than the baseline "
+                  f"they are judged against (G-test p < {MISFIT_P:g}): their unchanged events "
+                  "will look like drift and raise alarms. Give them more reference events, or "
+                  "lower --min-count to their n so that they get their own baselines:"]
+        lines += [f"    {key:<34} {cells[key]['n']:>6}  judged against "
+                  f"{cells[key]['judged_against']}, p = {cells[key]['p_value']:.2g}"
+                  for key in bad[:show]]
+        if len(bad) > show:
+            lines.append(f"    … and {len(bad) - show} more (the manifest's baselines.fallbacks)")
+    return lines
 
 
 def _predictions(section: dict[str, Any] | None, confidence: float) -> list[str]:
