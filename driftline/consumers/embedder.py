@@ -42,7 +42,7 @@ from typing import Any, Literal, Self
 import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
 from driftline.consumers.imaging import (
     Fit,
@@ -80,7 +80,8 @@ class EmbedderConfig(BaseModel):
 
     ``output_name`` is a graph output or any intermediate tensor (``None``: first output).
     ``input_size`` (h, w) and ``layout`` default to what the model's input shape declares.
-    Pixels go ``x * scale``, then ``(x - mean) / std`` per channel, in ``color_order``.
+    Pixels go ``x * scale``, then ``(x - mean) / std`` per channel, in ``color_order``: a BGR
+    model's ``mean`` and ``std`` list blue first, and their default is ImageNet's in that order.
     ``output_layout`` names the axes of that tensor, for ``pooling`` (module docstring).
     """
 
@@ -111,6 +112,14 @@ class EmbedderConfig(BaseModel):
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     image_roots: tuple[Path, ...] | None = Field(
         default=None, description="file:// images must lie in one of these (None: anywhere)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _imagenet_in_channel_order(cls, data: Any) -> Any:
+        """ImageNet's mean and std are given red first: a BGR model's default lists blue first."""
+        if isinstance(data, dict) and data.get("color_order") == "BGR":
+            data = {"mean": IMAGENET_MEAN[::-1], "std": IMAGENET_STD[::-1], **data}
+        return data
 
     @classmethod
     def from_description(cls, desc: dict[str, Any], model_path: Path, **runtime: Any) -> Self:

@@ -138,11 +138,12 @@ def build(
     scale: Annotated[float | None, typer.Option(
         help="Pixels are multiplied by this first [default: 1/255]")] = None,
     mean: Annotated[str | None, typer.Option(
-        help="Per-channel mean subtracted after scaling, e.g. 0.485,0.456,0.406 "
-             "[default: ImageNet's]")] = None,
-    std: Annotated[str | None, typer.Option(
-        help="Per-channel divisor after the mean, e.g. 0.229,0.224,0.225 [default: ImageNet's]")
+        help="Per-channel mean subtracted after scaling, in the model's channel order "
+             "(--color-order), e.g. 0.485,0.456,0.406 [default: ImageNet's, in that order]")
     ] = None,
+    std: Annotated[str | None, typer.Option(
+        help="Per-channel divisor after the mean, in the model's channel order, e.g. "
+             "0.229,0.224,0.225 [default: ImageNet's, in that order]")] = None,
     fit: Annotated[Literal["stretch", "center_crop"] | None, typer.Option(
         help="Resize the whole frame, or keep aspect and crop the centre [default: stretch]")
     ] = None,

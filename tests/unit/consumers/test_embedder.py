@@ -125,6 +125,22 @@ def test_nhwc_model_matches_nchw_and_normalisation_is_exact(tmp_path: Path) -> N
     np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
 
 
+def test_a_bgr_model_gets_imagenet_normalisation_in_its_own_channel_order(tmp_path: Path) -> None:
+    """The default mean and std are ImageNet's, red first; a BGR model's first channel is blue,
+    so it gets them blue first: each colour normalised as an RGB model normalises it."""
+    x = _images(4)
+    path = build_tiny_model(tmp_path / "b.onnx", nhwc=True)
+    seen = {order: Embedder(EmbedderConfig(model_path=path, output_name="nchw", pooling="none",
+                                           l2_normalize=False, color_order=order))
+            for order in ("RGB", "BGR")}
+    rgb, bgr = (seen[o].embed_arrays(x).reshape(4, 3, 16, 16) for o in ("RGB", "BGR"))
+    np.testing.assert_allclose(bgr, rgb[:, ::-1], rtol=1e-5, atol=1e-5)
+    assert seen["BGR"].describe()["mean"] == [0.406, 0.456, 0.485]
+    assert seen["BGR"].describe()["std"] == [0.225, 0.224, 0.229]
+    given = EmbedderConfig(model_path=path, color_order="BGR", mean=(1, 2, 3))
+    assert given.mean == (1, 2, 3) and given.std == (0.225, 0.224, 0.229)
+
+
 def test_wrong_array_shape_is_refused(tiny: Path) -> None:
     emb = Embedder(EmbedderConfig(model_path=tiny))
     with pytest.raises(ValueError, match="expected"):
