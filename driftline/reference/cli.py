@@ -382,7 +382,7 @@ def _predictions(section: dict[str, Any] | None, confidence: float) -> list[str]
                  f"{section['low_confidence_quantile']:g} quantile (min {section['min_count']} "
                  f"predictions, alpha {section['alpha']}):",
              f"  {'key':<36} {'n':>6} {'cut':>7} {'low':>6} {'detector':>8}  label mix  "
-             "falls back to"]
+             "smoothed toward"]
     confidence = section.get("bound_confidence", confidence)
     for key, item in section["items"].items():
         mix = " ".join(f"{lb}={_pct(p)}" for lb, p in zip(labels, item["p"], strict=True))
