@@ -54,6 +54,8 @@ def test_cells_whose_mix_fits_their_fallback_are_not_warned_about(tmp_path: Path
     assert baselines["fallbacks"]["station=s2|shift=night"]["judged_against"] == "station=s2"
     assert "station=s2|shift=night" not in misfits(baselines["fallbacks"])
     assert "cells have fewer than 100 reference events" in text
+    # a baseline that exists does not fall back: its parent column names what it is smoothed to
+    assert "falls back to" not in text and text.count("smoothed toward") == 2
 
 
 def test_fallback_cells_against_numpy() -> None:
