@@ -91,7 +91,7 @@ def run(
     from driftline.runner import ROLES, Service, watch_stages
     from driftline.service.app import create_app
 
-    settings = settings_or_exit()
+    settings = settings_or_exit().serving_on(port)
     roles = list(ROLES) if role == "all" else [role]
     if any(r not in ROLES for r in roles):
         typer.echo(f"driftline: unknown role {role!r}; use embed, detect, book or all", err=True)
@@ -112,7 +112,7 @@ def run(
     server = uvicorn.Server(uvicorn.Config(
         create_app(service.registry, service.readiness, api_settings,
                    liveness=service.liveness), host=settings.api_host,
-        port=port if port is not None else settings.api_port, log_level="warning",
+        port=settings.api_port, log_level="warning",
         # uvicorn runs our SIGTERM handler only after its own shutdown: do not let a slow
         # request hold the stages' last batch and checkpoint past the orchestrator's grace
         timeout_graceful_shutdown=5))
@@ -219,7 +219,7 @@ def serve(
     """Serve the triage API (/api/v1), probes and /metrics until SIGTERM."""
     from driftline.service.app import serve as serve_api
 
-    serve_api(settings_or_exit(), port=port)
+    serve_api(settings_or_exit().serving_on(port))
 
 
 @app.command("demo")

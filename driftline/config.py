@@ -108,7 +108,10 @@ class Settings(BaseSettings):
     # Stores and peers
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Failure book and state")
     alertmanager_url: str | None = Field(None, description="Alertmanager base URL (push alerts)")
-    public_url: str = Field("http://127.0.0.1:8080", description="Base URL used in alert links")
+    public_url: str = Field("", description=(
+        "Base URL used in alert links; empty: the API's own address, "
+        "http://DRIFTLINE_API_HOST:DRIFTLINE_API_PORT (127.0.0.1 when the host binds every "
+        "address)"))
     # Model and reference
     cache_dir: Path = Field(default_factory=default_cache_dir, description="Build cache")
     model_path: Path | None = Field(None, description="ONNX model; default: the demo model")
@@ -327,7 +330,25 @@ class Settings(BaseSettings):
     @field_validator("public_url")
     @classmethod
     def _check_public_url(cls, value: str) -> str:
-        return _http_url(value)
+        return _http_url(value) if value else ""  # empty: the API's own, below
+
+    @model_validator(mode="after")
+    def _default_public_url(self) -> Self:
+        # A link to the port the API listens on, not a fixed 8080 that another
+        # DRIFTLINE_API_PORT left pointing elsewhere.
+        if not self.public_url:
+            self.public_url = api_url(self.api_host, self.api_port)
+        return self
+
+    def serving_on(self, port: int | None) -> Self:
+        """These settings with the API on ``port`` (``--port``) instead: a public URL that was
+        not set follows it."""
+        if port is None or port == self.api_port:
+            return self
+        moved = self.model_copy(update={"api_port": port})
+        if not os.environ.get(f"{ENV_PREFIX}PUBLIC_URL"):
+            moved.public_url = api_url(self.api_host, port)
+        return moved
 
     @field_validator("alertmanager_url", "alert_webhook_url")
     @classmethod
@@ -385,6 +406,15 @@ class Settings(BaseSettings):
 
     def resolved_model_path(self) -> Path:
         return self.model_path or self.cache_dir / "mobilenet_v2_demo.onnx"
+
+
+def api_url(host: str, port: int) -> str:
+    """The API's own base URL: ``host`` (127.0.0.1 for one that binds every address) and
+    ``port``."""
+    host = host.strip("[]")
+    # reading a bind address, not binding one
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _http_url(value: str) -> str:

@@ -67,7 +67,7 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
         ("DRIFTLINE_ALERT_WEBHOOK_URL", "ftp://hooks.example/x", "http:// or https://"),
         ("DRIFTLINE_ALERTMANAGER_URL", "http://", "with a host"),
         ("DRIFTLINE_ALERTMANAGER_URL", "http://am:port", "with a host"),
-        ("DRIFTLINE_PUBLIC_URL", "", "http:// or https://"),
+        ("DRIFTLINE_PUBLIC_URL", " ", "http:// or https://"),  # empty: the API's own
         ("DRIFTLINE_EVENTS_TOPIC", "", "topic name"),
         ("DRIFTLINE_ALERTS_TOPIC", "driftline alerts", "topic name"),
         ("DRIFTLINE_DLQ_TOPIC", "..", "topic name"),
@@ -156,6 +156,40 @@ def test_legal_urls_topics_and_providers_pass(monkeypatch: pytest.MonkeyPatch) -
     assert settings.alertmanager_url == "https://am.example:9093/prefix"
     assert settings.alert_webhook_url is None
     assert settings.events_topic == "plant-7.events_v2"
+
+
+@pytest.mark.parametrize(("env", "url"), [
+    ({}, "http://127.0.0.1:8080"),
+    ({"DRIFTLINE_API_PORT": "9000"}, "http://127.0.0.1:9000"),
+    ({"DRIFTLINE_API_HOST": "0.0.0.0", "DRIFTLINE_API_PORT": "81"}, "http://127.0.0.1:81"),  # noqa: S104
+    ({"DRIFTLINE_API_HOST": "10.0.0.7"}, "http://10.0.0.7:8080"),
+    ({"DRIFTLINE_API_HOST": "::1"}, "http://[::1]:8080"),
+    ({"DRIFTLINE_API_PORT": "9000", "DRIFTLINE_PUBLIC_URL": "https://dl.plant:443"},
+     "https://dl.plant:443"),
+])
+def test_alert_links_default_to_the_api_s_own_address(
+        monkeypatch: pytest.MonkeyPatch, env: dict[str, str], url: str) -> None:
+    """Unset, DRIFTLINE_PUBLIC_URL was a fixed http://127.0.0.1:8080, so with another
+    DRIFTLINE_API_PORT every alert and incident link pointed at a port nothing served."""
+    for name in ("DRIFTLINE_API_HOST", "DRIFTLINE_API_PORT", "DRIFTLINE_PUBLIC_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert load_settings().public_url == url
+
+
+def test_a_port_given_on_the_command_line_moves_a_derived_public_url_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``driftline run --port 9001`` (or ``serve``) serves there: links follow unless
+    DRIFTLINE_PUBLIC_URL says where the API is reached."""
+    for name in ("DRIFTLINE_API_HOST", "DRIFTLINE_API_PORT", "DRIFTLINE_PUBLIC_URL"):
+        monkeypatch.delenv(name, raising=False)
+    moved = load_settings().serving_on(9001)
+    assert (moved.api_port, moved.public_url) == (9001, "http://127.0.0.1:9001")
+    assert load_settings().serving_on(None).public_url == "http://127.0.0.1:8080"
+    monkeypatch.setenv("DRIFTLINE_PUBLIC_URL", "https://dl.plant")
+    moved = load_settings().serving_on(9001)
+    assert (moved.api_port, moved.public_url) == (9001, "https://dl.plant")
 
 
 def test_alert_labels_are_read_from_name_value_pairs_and_shown_back(
