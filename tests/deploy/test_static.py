@@ -892,6 +892,23 @@ def test_reference_dir_is_inside_the_reference_volume() -> None:
     assert f"mkdir -p {ref_dir.parent} " in runs
 
 
+def test_shipped_deployments_confine_file_uris_to_an_image_root() -> None:
+    """Unset, DRIFTLINE_IMAGE_ROOTS lets a file:// event make the embed stage read, and the
+    API show as a thumbnail, any image file the pod can read: whoever can write to the events
+    topic could view them. The shipped configs name one directory, apart from the reference
+    volume and the cache."""
+    config = next(d for d in manifests() if d["kind"] == "ConfigMap")["data"]
+    compose = load_yaml(DEPLOY / "compose.yaml")["services"]
+    for env in (config, *(compose[f"driftline-{role}"]["environment"]
+                          for role in (*driftline.runner.ROLES, "api"))):
+        roots = [Path(r) for r in env["DRIFTLINE_IMAGE_ROOTS"].split(",")]
+        assert roots == [Path("/var/lib/driftline/images")], roots
+        for kept in ("DRIFTLINE_REFERENCE_DIR", "DRIFTLINE_CACHE_DIR"):
+            if kept in env:
+                assert not Path(env[kept]).is_relative_to(roots[0]), (kept, env[kept])
+                assert not roots[0].is_relative_to(Path(env[kept]).parent), (kept, roots)
+
+
 def test_k8s_config_names_only_real_settings_and_the_example_secret_is_refused() -> None:
     config = next(d for d in manifests() if d["kind"] == "ConfigMap")
     assert set(config["data"]) <= settings_variables(), set(config["data"]) - settings_variables()
