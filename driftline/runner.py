@@ -46,6 +46,7 @@ from driftline.core.error_rates import P0_QUANTILE, shrunk_error_rates
 from driftline.core.slices import SliceDetectors
 from driftline.metrics import ConsumerMetrics, DetectMetrics, EmbedMetrics
 from driftline.reference.artifact import ReferenceError, file_sha256
+from driftline.reference.fallbacks import misfits
 from driftline.reference.index import PredictionView, Reference, load_reference, prediction_views
 
 log = logging.getLogger(__name__)
@@ -332,9 +333,29 @@ def build_embed_stage(settings: Settings, registry: CollectorRegistry, ref: Refe
         max_event_bytes=settings.max_event_bytes, recent_size=settings.recent_buffer_size)
 
 
+def warn_of_misfit_fallbacks(ref: Reference, show: int = 10) -> list[str]:
+    """Log, once at start-up, the cells the build found judged against a parent baseline that
+    does not fit their own reference events (:mod:`driftline.reference.fallbacks`): slices
+    there can alarm on unchanged data, and the on-call engineer reading such an alarm should
+    know before suspecting the line. Returns those cells."""
+    cells = ref.manifest["baselines"].get("fallbacks") or {}  # absent: built before it
+    bad = misfits(cells)
+    if bad:
+        log.warning(
+            f"reference: {len(bad)} station or station×shift cells are judged against a "
+            "parent baseline that does not fit their reference events; their slices may "
+            "alarm on unchanged data (`driftline reference show`: give them reference events "
+            "or rebuild with a lower --min-count)",
+            extra={"reference": ref.reference_id, "cells": {
+                key: f"{cells[key]['n']} events, judged against {cells[key]['judged_against']}"
+                     f", p = {cells[key]['p_value']:.2g}" for key in bad[:show]}})
+    return bad
+
+
 def build_detect_stage(settings: Settings, registry: CollectorRegistry, ref: Reference,
                        consumer_metrics: ConsumerMetrics | None = None) -> DetectStage:
     baselines = ReferenceBaselines(ref)
+    warn_of_misfit_fallbacks(ref)
     arl0 = detector_arl0(settings, len(baselines.detectors))
     autoresolve = settings.autoresolve_events
 

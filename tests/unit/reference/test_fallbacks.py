@@ -5,15 +5,19 @@ unchanged data)."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from driftline.core.baselines import build_baselines
 from driftline.reference.artifact import MANIFEST
 from driftline.reference.cli import app
 from driftline.reference.fallbacks import fallback_cells, misfits
+from driftline.reference.index import load_reference
+from driftline.runner import warn_of_misfit_fallbacks
 from tests.unit.reference.synthetic import reference_events
 
 runner = CliRunner(env={"COLUMNS": "400"})
@@ -72,3 +76,21 @@ def test_fallback_cells_against_numpy() -> None:
     assert cells["station=a|shift=night"]["judged_against"] == "station=a"
     assert cells["station=b|shift=day"] == {**cells["station=b"], "judged_against": "global"}
     assert misfits(cells) == ["station=b", "station=b|shift=day"]
+
+
+def test_the_detect_stage_warns_at_start_up_of_cells_that_misfit(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Whoever reads a false alarm at 3 a.m. sees the worker's log, not ``reference show``:
+    the detect stage names the misfit cells when it starts on such a reference."""
+    _build(tmp_path, 400)
+    caplog.set_level(logging.WARNING, logger="driftline.runner")
+    bad = warn_of_misfit_fallbacks(load_reference(tmp_path / "ref400"))
+    assert {"station=s1|shift=night", "station=s2"} <= set(bad)
+    (line,) = [r for r in caplog.records if r.name == "driftline.runner"]
+    assert f"{len(bad)} station or station×shift cells" in line.getMessage()
+    cells = line.__dict__["cells"]
+    assert cells["station=s2"].startswith("300 events, judged against global, p = ")
+    caplog.clear()
+    _build(tmp_path, 100)
+    assert warn_of_misfit_fallbacks(load_reference(tmp_path / "ref100")) == []
+    assert not [r for r in caplog.records if r.name == "driftline.runner"]
