@@ -314,6 +314,11 @@ def parse_slice_id(sid: str) -> dict[str, str]:
     return dict(part.split("=", 1) for part in sid.split("|"))
 
 
+# The ``reason`` of an outbox ``clear`` the detect stage sends when a slice's detectors restart
+# on a newly activated reference: the alarm ended with its statistics, not with the change.
+CLEAR_REFERENCE_CHANGED = "reference_changed"
+
+
 # One slice-update in this many carries its event's Kafka timestamp (ms, ASCII) in this header;
 # the detect stage observes end-to-end latency on those (a histogram observation costs ~1 µs,
 # applying an update ~20 µs: 1 in 16 is a fair sample at < 0.1 µs each).

@@ -92,6 +92,7 @@ from driftline.alerts.model import (
     TimelineEntry,
     utc,
 )
+from driftline.schema import CLEAR_REFERENCE_CHANGED
 
 log = logging.getLogger(__name__)
 
@@ -441,8 +442,7 @@ class Grouper:
             if inc.held and (why := self._expired(inc, f.cleared_at)):
                 self._page(inc, f.cleared_at, why)  # it was due: on-call hears of it, once
             inc.status, inc.resolved_at, inc.auto_resolved = Status.resolved, self.now, True
-            self._record(inc, "auto_resolved",
-                         f"all {len(inc.detectors)} detectors back at the no-drift level")
+            self._record(inc, "auto_resolved", _cleared_note(inc, msg))
 
     # --- placement, attribution, merging -------------------------------------------------
     def _active(self) -> list[Incident]:
@@ -813,6 +813,16 @@ class Grouper:
         self.changes.append(record_change(inc, action, who=SYSTEM, at=self.now, note=note,
                                           max_timeline=self.policy.max_timeline))
         self.dirty.add(inc.id)
+
+
+def _cleared_note(inc: Incident, msg: Mapping[str, Any]) -> str:
+    """Why the last firing's clear resolved ``inc``: its detectors back at the no-drift
+    level, or restarted on a newly activated reference (the change may go on: the new
+    reference's detectors judge it afresh, and open their own incident if it does)."""
+    if msg.get("reason") == CLEAR_REFERENCE_CHANGED:
+        return (f"alarms cleared by the switch to reference {msg.get('reference_id') or '?'}: "
+                "the detectors restarted on its clusters, the change was not seen to end")
+    return f"all {len(inc.detectors)} detectors back at the no-drift level"
 
 
 def _raw_cells(msg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

@@ -28,7 +28,7 @@ from driftline.core.cells import CellTally
 from driftline.core.counts import Counts
 from driftline.core.predictions import PredictionRates
 from driftline.core.slices import Alarm, EventUpdate, SliceDetectors
-from driftline.schema import parse_slice_id
+from driftline.schema import CLEAR_REFERENCE_CHANGED, parse_slice_id
 
 log = logging.getLogger(__name__)
 
@@ -181,14 +181,16 @@ class SliceState:
         """Another reference is active (``k`` clusters): this slice's cluster statistics,
         counts, open alarms and exemplars describe the old clusters — ids that mean other
         clusters now, even with the same count — so start them afresh. Open alarms are cleared
-        (returned as ``clear`` messages), so that their incidents can resolve."""
+        (returned as ``clear`` messages whose ``reason`` says so), so that their incidents can
+        resolve — saying that the detectors restarted, not that the change ended."""
         old, d = self.det.counts, self.det
         new_id = getattr(self.baselines, "reference_id", None)
         log.warning("reference changed: slice detectors restarted",
                     extra={"slice": self.slice_id, "clusters": k, "open": sorted(self.open),
                            "reference": new_id, "previous_reference": self.reference_id,
                            "previous": None if old is None else old.n_clusters, "events": d.n})
-        cleared = [self._clear(name, state, t) for name, state in self.open.items()]
+        cleared = [{**self._clear(name, state, t), "reason": CLEAR_REFERENCE_CHANGED}
+                   for name, state in self.open.items()]
         # the settings now: the stage's restore put its current ARL0 target there (the one for
         # the active reference's detectors), not the checkpoint's
         self.det = SliceDetectors(d.arl0, d.thresholds, d.bucket_seconds, d.max_buckets)

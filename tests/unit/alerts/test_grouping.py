@@ -121,6 +121,18 @@ def test_clear_of_every_detector_auto_resolves() -> None:
     assert [c.action for c in g.changes][-1] == "auto_resolved"
 
 
+def test_an_incident_cleared_by_a_reference_switch_does_not_read_as_ended() -> None:
+    """Workers restarted on a new reference clear the alarms of the old one; the incident
+    resolves, but its timeline says why — not that its detectors went back to no drift."""
+    g = grouper()
+    feed(g, alarm("station=press-3", 1.0))
+    feed(g, {**clear("station=press-3"), "reason": "reference_changed", "reference_id": "B1"})
+    (inc,) = g.incidents.values()
+    assert inc.status is Status.resolved and inc.auto_resolved
+    note = inc.timeline[-1].note or ""
+    assert "reference B1" in note and "no-drift" not in note, note
+
+
 def test_recurrence_links_a_matching_resolved_incident() -> None:
     g = grouper()
     feed(g, alarm("station=press-3", 1.0))

@@ -133,3 +133,15 @@ def test_the_stage_logs_how_many_restored_slices_took_new_thresholds(
     assert line.slices == 3 and line.thresholds_updated == moved  # type: ignore[attr-defined]
     for entry in stage.parts[0].slices.values():
         assert entry.model.det.arl0 == arl0  # type: ignore[attr-defined]
+
+
+def test_alarms_cleared_by_a_new_reference_say_so() -> None:
+    """An open alarm that a reference switch clears is sent as a ``clear`` whose ``reason``
+    says the detectors restarted: the book must not record the change as ended."""
+    snap = _checkpoint(100.0, events=200, ood_every=2)
+    assert snap["open"], "the OOD rate at 50 % against 1 % opened an alarm"
+    st = SliceRestorer(FlatBaselines(4, reference_id="B"), 100, 100.0)(snap)
+    msgs = st.update(_upd(200, 0))
+    clears = [m for m in msgs if m["kind"] == "clear"]
+    assert clears and {m["detector"] for m in clears} == set(snap["open"])
+    assert {m.get("reason") for m in clears} == {"reference_changed"}
