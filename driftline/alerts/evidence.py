@@ -277,11 +277,23 @@ def refresh(inc: Incident, catalog: ClusterCatalog, max_exemplars: int) -> Sever
     return old
 
 
+def root_reference(inc: Incident) -> str | None:
+    """The reference the incident's root alarm was raised on (None: not recorded)."""
+    root = inc.slices.get(inc.root.slice_id)
+    return root.reference_id if root is not None else None
+
+
 def recurrence(inc: Incident, signatures: Mapping[str, Mapping[str, Any]], threshold: float,
                links: int) -> list[RecurrenceLink]:
-    """Resolved incidents with the same root template and a similar signature, best first."""
+    """Resolved incidents with the same root template and reference and a similar signature,
+    best first. A signature's entries are the clusters of its reference: another reference
+    (after a model upgrade) numbers other clusters, often as many of them, so its signatures
+    are not compared (those stored before the reference was recorded are, as before)."""
+    ref = root_reference(inc)
     sims = sorted(((cosine(inc.evidence.signature, s.get("signature", [])), iid)
                    for iid, s in signatures.items()
-                   if iid != inc.id and s.get("template") == inc.root.template), reverse=True)
+                   if iid != inc.id and s.get("template") == inc.root.template
+                   and (None in (ref, s.get("reference_id")) or s.get("reference_id") == ref)),
+                  reverse=True)
     return [RecurrenceLink(incident_id=iid, similarity=round(sim, 4))
             for sim, iid in sims[:links] if sim >= threshold]

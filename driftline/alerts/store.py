@@ -11,7 +11,8 @@ Redis layout (``prefix`` defaults to ``dl:book``; every JSON record has ``schema
     {prefix}:idx:{dim}:{value}     zset    and per station/shift/lot of the root or related
     {prefix}:resolved              zset    id -> resolution time (wall clock), for retention
     {prefix}:sig                   hash    id -> JSON recurrence signature of resolved incidents
-                                           (not of those merged into another)
+                                           (not of those merged into another), with
+                                           the reference its root alarm was raised on
     {prefix}:reset_pending         hash    slice_id TAB detector -> id, detectors whose reset
                                            was requested (a bare slice_id: all its detectors)
     {prefix}:changes               stream  state changes to route (field ``change``: JSON)
@@ -40,6 +41,7 @@ from redis.exceptions import WatchError
 from tenacity import Retrying, retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from driftline.alerts.changes import Change, change_json
+from driftline.alerts.evidence import root_reference
 from driftline.alerts.model import SCHEMA_VERSION, Incident
 
 T = TypeVar("T")
@@ -117,6 +119,7 @@ class Batch:
             pipe.hset(b.k("sig"), inc.id, json.dumps({
                 "schema_version": SCHEMA_VERSION, "template": inc.root.template,
                 "root": inc.root.slice_id, "signature": inc.evidence.signature,
+                "reference_id": root_reference(inc),
                 "category": inc.resolution.category.value if inc.resolution else None}))
         if self.seq is not None:
             pipe.set(b.k("seq"), self.seq)

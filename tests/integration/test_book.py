@@ -422,6 +422,19 @@ def test_an_incident_merged_into_another_is_no_past_incident_to_recur(env: Env) 
     assert env.r.hkeys(f"{book.prefix}:sig") == [lot.id.encode()]
 
 
+def test_a_past_incident_keeps_the_reference_its_signature_is_on(env: Env) -> None:
+    """Recurrence compares signatures of one reference only (a model upgrade renumbers the
+    clusters): the stored signature names the reference of the root's alarm."""
+    proc = env.processor()
+    env.feed({**alarm("station=press-3", 1.0), "reference_id": "ref-A"})
+    env.drain(proc)
+    book = env.book()
+    (inc,) = book.active()
+    book.resolve(inc.id, RootCause.optics, None, "bob")
+    stored = json.loads(env.r.hget(f"{book.prefix}:sig", inc.id))
+    assert stored["reference_id"] == "ref-A"
+
+
 def test_retention_bounds_resolved_incidents_by_count_and_age(env: Env) -> None:
     t0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
     now = [t0]

@@ -148,6 +148,21 @@ def test_recurrence_links_a_matching_resolved_incident() -> None:
     assert inc.recurrence[0].similarity > 0.99
 
 
+def test_recurrence_does_not_match_a_signature_of_another_reference() -> None:
+    """After a model upgrade the new reference numbers other clusters (as many of them): a
+    past incident's signature on the old reference is not compared with a new one's."""
+    g = grouper()
+    feed(g, {**alarm("station=press-3", 1.0), "reference_id": "A"})
+    past = active(g)[0].evidence.signature
+    sigs = {"DL-000077": {"template": "station", "signature": past, "reference_id": "A"},
+            "DL-000078": {"template": "station", "signature": past, "reference_id": "B"},
+            "DL-000079": {"template": "station", "signature": past}}  # stored before the field
+    g2 = grouper(signatures=sigs)
+    feed(g2, {**alarm("station=press-3", 1.0, eps=0.25), "reference_id": "A"})
+    (inc,) = active(g2)
+    assert sorted(r.incident_id for r in inc.recurrence) == ["DL-000077", "DL-000079"]
+
+
 def grouper_signature(cluster: int) -> list[float]:
     g = grouper()
     feed(g, alarm("station=press-1", 1.0, cluster=cluster))
