@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import faiss
@@ -40,6 +40,9 @@ class Snapshot:
     rows: dict[str, int]
     index: Any
     space: str
+    other_reference: list[dict[str, Any]] = field(default_factory=list)
+    """Metadata of the events left out: embedded on another reference than this one (before
+    an activation), their clusters another space's."""
 
     def __len__(self) -> int:
         return len(self.metas)
@@ -120,8 +123,14 @@ class RecentIndex:
         # events embedded on another reference (before an activation) have their clusters in
         # another space: left out; rows written before they named theirs are kept
         ref_id = self.reference.reference_id if self.reference is not None else None
-        usable = [(i, v) for i, v in enumerate(self._proj) if v is not None and (
-            ref_id is None or self._metas[i].get("reference_id", ref_id) == ref_id)]
+        usable: list[tuple[int, F32]] = []
+        other: list[dict[str, Any]] = []
+        for i, v in enumerate(self._proj):
+            if ref_id is None or self._metas[i].get("reference_id", ref_id) == ref_id:
+                if v is not None:
+                    usable.append((i, v))
+            else:
+                other.append(self._metas[i])
         width = usable[-1][1].size if usable else 0  # raw space: the newest dimension wins
         keep = [(i, v) for i, v in usable if v.size == width]
         space = "reference" if self.reference is not None else "raw"
@@ -137,7 +146,7 @@ class RecentIndex:
         if len(vecs):
             index.add(vecs)
         rows = {m["event_id"]: i for i, m in enumerate(metas)}
-        return Snapshot(metas, vecs, raw, rows, index, space)
+        return Snapshot(metas, vecs, raw, rows, index, space, other)
 
     def project(self, raw: F32) -> F32:
         if self.reference is not None and len(raw):

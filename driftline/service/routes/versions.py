@@ -6,7 +6,8 @@ compared by Fisher's exact test (two labels) or the chi-square test of homogenei
 confidences by Mann–Whitney U and the error rates by Fisher's exact test; all p-values of the
 comparison are Holm-adjusted together, and a difference is significant when its adjusted
 p-value is below ``alpha``. A cluster is tested only when both versions have ``min_events``
-events in it.
+events in it. Only events embedded on the API's reference are compared (clusters are that
+reference's); those of another (before an activation) are counted in ``other_reference``.
 """
 
 from __future__ import annotations
@@ -63,18 +64,22 @@ def compare_versions(
     time_range(since, until)
     lo, hi = _ts(since), _ts(until)
     per: dict[str, dict[int | None, list[dict[str, Any]]]] = {a: {}, b: {}}
-    for m in ctx.recent().snapshot().metas:
-        v, ts = m.get("model_version"), m.get("ts")
-        if v not in per or (station and m.get("station") != station) or (
+
+    def wanted(m: dict[str, Any]) -> bool:
+        if m.get("model_version") not in per or (station and m.get("station") != station) or (
                 shift and m.get("shift") != shift):
-            continue
+            return False
+        ts = m.get("ts")
         t = float(ts) if isinstance(ts, int | float) else None
         if (lo is not None or hi is not None) and t is None:
-            continue
-        if t is not None and ((lo is not None and t < lo) or (hi is not None and t > hi)):
-            continue
+            return False
+        return t is None or not ((lo is not None and t < lo) or (hi is not None and t > hi))
+
+    snap = ctx.recent().snapshot()
+    for m in filter(wanted, snap.metas):
         c = m.get("cluster")
-        per[v].setdefault(c if isinstance(c, int) else None, []).append(m)
+        per[str(m["model_version"])].setdefault(c if isinstance(c, int) else None, []).append(m)
+    other = Counter(str(m["model_version"]) for m in filter(wanted, snap.other_reference))
     clusters = sorted(set(per[a]) | set(per[b]), key=lambda c: (c is None, c or 0))
     rows: list[tuple[int | None, VersionSide, VersionSide, list[Test | None]]] = []
     for c in clusters:
@@ -109,4 +114,5 @@ def compare_versions(
         version_a=a, version_b=b, alpha=alpha,
         events={a: sum(len(x) for x in per[a].values()),
                 b: sum(len(x) for x in per[b].values())},
+        other_reference=dict(sorted(other.items())),
         clusters=out, significant=significant)

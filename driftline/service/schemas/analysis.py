@@ -99,7 +99,13 @@ class VersionComparison(BaseModel):
     version_a: str
     version_b: str
     alpha: float
-    events: dict[str, int] = Field(description="events of each version in the recent buffer")
+    events: dict[str, int] = Field(description="events of each version in the recent buffer "
+                                   "embedded on the API's reference (those compared)")
+    other_reference: dict[str, int] = Field(
+        default_factory=dict, description="events of each version in the recent buffer left "
+        "out: embedded on another reference (before an activation), so their clusters are "
+        "that reference's. After a model upgrade the old version's events are all here: "
+        "compare the versions per cluster before activating the new model's reference")
     clusters: list[ClusterComparison]
     significant: list[str] = Field(description="'cluster <k>: <what>' for every significant "
                                                "difference")
