@@ -236,7 +236,8 @@ def build_evidence(root: SliceEvidence, members: Iterable[SliceEvidence],
                     missed=int(counts.get("missed") or 0),
                     truncated=bool(counts.get("truncated")), clusters=shifts,
                     ood=ood_evidence(root.counts), exemplars=exemplars,
-                    model_versions=root.model_versions, signature=signature(root.counts))
+                    model_versions=root.model_versions, signature=signature(root.counts),
+                    reference_id=root.reference_id)
 
 
 _DETECTOR_POINTS = {"error_rate": 2, "ood_rate": 1, "confidence": 1, "prediction_mix": 1}
@@ -264,6 +265,8 @@ def refresh(inc: Incident, catalog: ClusterCatalog, max_exemplars: int) -> Sever
     root = inc.slices[inc.root.slice_id]
     inc.related = [s.ref for s in sorted(inc.slices.values(), key=lambda s: -s.strength)
                    if s.ref.slice_id != root.ref.slice_id]
+    if not catalog.describes(root.reference_id):
+        catalog = _described(inc.evidence, root)
     inc.evidence = build_evidence(root, inc.slices.values(), catalog, max_exemplars)
     mine = [f for f in inc.detectors if f.slice_id == root.ref.slice_id] or inc.detectors
     first = min(mine, key=lambda f: f.first_detected)
@@ -275,6 +278,19 @@ def refresh(inc: Incident, catalog: ClusterCatalog, max_exemplars: int) -> Sever
         return None
     old, inc.severity = inc.severity, new
     return old
+
+
+def _described(old: Evidence, root: SliceEvidence) -> ClusterCatalog:
+    """The descriptions ``old`` evidence of the same root and reference holds: after a switch
+    to another reference the book's catalog is the new one's, and an incident of the old
+    reference refreshed then (its alarms cleared by the switch) kept its numbers but lost
+    what its clusters are."""
+    if old.slice_id != root.ref.slice_id or old.reference_id is None \
+            or old.reference_id != root.reference_id:
+        return ClusterCatalog()
+    return ClusterCatalog({c.cluster: c.description for c in old.clusters if c.description},
+                          frozenset(c.cluster for c in old.clusters if c.aggressor),
+                          old.reference_id)
 
 
 def root_reference(inc: Incident) -> str | None:

@@ -176,6 +176,8 @@ class Evidence(_Model):
         default_factory=dict, description="events per model_version over the slice's whole "
         "life, not since the onset: the model versions it has seen, and how much")
     signature: list[float] = Field(default_factory=list, description="for recurrence matching")
+    reference_id: str | None = Field(None, description="the reference the root's alarm was "
+                                     "raised on: cluster ids are that reference's clusters")
 
 
 class Delay(_Model):

@@ -11,6 +11,7 @@ import pytest
 
 from driftline.alerts.attribution import SliceStatus
 from driftline.alerts.changes import record_change
+from driftline.alerts.evidence import ClusterCatalog
 from driftline.alerts.grouping import Grouper, pending_key
 from driftline.alerts.model import Incident, Status
 from tests.unit.alerts.synthetic import ONSET, STATIONS, alarm, clear, fleet, summary_entry
@@ -131,6 +132,29 @@ def test_an_incident_cleared_by_a_reference_switch_does_not_read_as_ended() -> N
     assert inc.status is Status.resolved and inc.auto_resolved
     note = inc.timeline[-1].note or ""
     assert "reference B1" in note and "no-drift" not in note, note
+
+
+def test_an_incident_keeps_its_cluster_descriptions_after_a_reference_switch() -> None:
+    """The book restarted on the new reference refreshes an old incident when the switch
+    clears its alarms: its evidence stays on the old reference's clusters and keeps saying
+    what they are, and names that reference."""
+    catalog_a = ClusterCatalog({0: {"id": 0, "exemplars": ["ref-e1"], "lift": []}},
+                               frozenset({0}), "A")
+    ids = itertools.count(1)
+    g = Grouper([], {k: SliceStatus.from_summary(k, v) for k, v in fleet().items()}, now=NOW,
+                new_id=lambda: f"DL-{next(ids):06d}", signatures=dict, catalog=catalog_a)
+    feed(g, {**alarm("station=press-3", 1.0), "reference_id": "A"})
+    (inc,) = active(g)
+    before = {c.cluster: c.description for c in inc.evidence.clusters}
+    aggressors = {c.cluster for c in inc.evidence.clusters if c.aggressor}
+    assert before[0] is not None and aggressors == {0} and inc.evidence.reference_id == "A"
+    g2 = Grouper([inc], {}, now=NOW, new_id=lambda: "DL-000099", signatures=dict,
+                 catalog=ClusterCatalog({0: {"id": 0, "exemplars": ["other"]}}, frozenset(), "B"))
+    feed(g2, {**clear("station=press-3"), "reason": "reference_changed", "reference_id": "B"})
+    after = g2.incidents[inc.id].evidence
+    assert {c.cluster: c.description for c in after.clusters} == before
+    assert {c.cluster for c in after.clusters if c.aggressor} == aggressors
+    assert after.reference_id == "A"
 
 
 def test_recurrence_links_a_matching_resolved_incident() -> None:
