@@ -465,8 +465,14 @@ class Service:
                                       daemon=True)
             thread.start()
             self.threads.append(thread)
-        log.info("service started", extra={"roles": list(self.roles),
-                                            "reference": self.reference.reference_id})
+        # which model too: after an upgrade, the line an operator greps to see which workers
+        # moved (the reference id alone does not say which model file made it)
+        model = self.reference.manifest["embedding"].get("model") or {}
+        log.info("service started", extra={
+            "roles": list(self.roles), "reference": self.reference.reference_id,
+            "model": model.get("model_file"), "model_sha256": self.reference.model_sha256,
+            **({"model_path": str(s.resolved_model_path())}
+               if "embed" in self.roles and model else {})})
 
     def _run(self, name: str, stage: Any) -> None:
         try:

@@ -298,3 +298,19 @@ def test_the_incident_processor_steps_again_after_a_redis_timeout(
     worker.join(10)
     assert not worker.is_alive() and client.reads == 2
     assert "incident processor step failed" in caplog.text
+
+
+def test_the_start_up_line_names_the_model_as_well_as_the_reference(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """After a model upgrade the operator checks each worker's start-up line: it names the
+    model file and its sha256 beside the reference id."""
+    ref = MagicMock(reference_id="62de2c96761ef7dc", model_sha256="bbcf" * 16,
+                    manifest={"embedding": {"model": {"model_file": "model_b.onnx",
+                                                      "model_sha256": "bbcf" * 16}}})
+    monkeypatch.setattr(runner, "load_active_reference", lambda settings: ref)
+    with caplog.at_level("INFO", logger="driftline.runner"):
+        Service(load_settings(), roles=[]).start()
+    (line,) = [r for r in caplog.records if r.getMessage() == "service started"]
+    assert line.reference == "62de2c96761ef7dc"  # type: ignore[attr-defined]
+    assert line.model == "model_b.onnx"  # type: ignore[attr-defined]
+    assert line.model_sha256 == "bbcf" * 16  # type: ignore[attr-defined]
