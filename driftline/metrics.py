@@ -23,7 +23,7 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 # why the detect stage skips a slice-update (driftline_detect_skipped_total's reason label)
-SKIP_REASONS = ("unreadable", "unusable", "other_reference", "retired")
+SKIP_REASONS = ("unreadable", "unusable", "other_reference", "other_reference_label", "retired")
 # driftline_embed_events_total's kind label: inference events, late labels, and records that
 # are no valid event (dead-lettered at parsing)
 EVENT_KINDS = ("inference", "label", "invalid")
@@ -197,7 +197,8 @@ class DetectMetrics:
         self.skipped = Counter(
             "driftline_detect_skipped_total",
             "Slice-updates skipped: unreadable record, unusable with the loaded reference, "
-            "embedded against another reference, or for a retired slice",
+            "embedded against another reference (an event, or a late label of one), or for a "
+            "retired slice",
             ["reason"], registry=registry)
         for reason in SKIP_REASONS:  # at 0 from the start: alert rules read increase()
             self.skipped.labels(reason)

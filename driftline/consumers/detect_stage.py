@@ -212,6 +212,7 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self.retire_after_s = retire_after_s
         self.retire_sweep_s = retire_sweep_s
         self._other_reference: dict[str, int] = {}  # skipped since the last log line
+        self._other_labels: dict[str, int] = {}  # late labels of another reference, likewise
         self._other_logged = -math.inf
         self.parts: dict[int, PartitionState] = {}
         self.pending: set[int] = set()  # assigned and paused, not yet claimed and loaded
@@ -444,12 +445,20 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
             self.metrics.updates.inc(applied)
         if duplicates:
             self.metrics.duplicates.inc(duplicates)
-        if self._other_reference and time.monotonic() - self._other_logged >= 60.0:
+        if (self._other_reference or self._other_labels) \
+                and time.monotonic() - self._other_logged >= 60.0:
             self._other_logged = time.monotonic()
-            log.warning("slice-updates of another reference skipped: restart every embed and "
-                        "detect worker after activating a reference", extra={
-                            "reference": self.reference_id, "skipped": self._other_reference})
-            self._other_reference = {}
+            if self._other_reference:
+                log.warning("slice-updates of another reference skipped: restart every embed "
+                            "and detect worker after activating a reference", extra={
+                                "reference": self.reference_id,
+                                "skipped": self._other_reference})
+            if self._other_labels:
+                log.info("late labels of events embedded on another reference skipped: their "
+                         "clusters are that reference's (expected for a while after an "
+                         "activation; no restart needed)", extra={
+                             "reference": self.reference_id, "skipped": self._other_labels})
+            self._other_reference, self._other_labels = {}, {}
         now = time.time()
         for headers in sampled:
             for key, value in headers:
@@ -473,9 +482,15 @@ class DetectStage(ConsumerRebalanceListener):  # type: ignore[misc]
         ref = upd.reference_id
         if ref is not None and self.reference_id is not None and ref != self.reference_id:
             # embedded against another reference (a rolling restart after an activation):
-            # its cluster and OOD flag mean nothing against this one's baselines
-            self._skip("other_reference")
-            self._other_reference[ref] = self._other_reference.get(ref, 0) + 1
+            # its cluster and OOD flag mean nothing against this one's baselines. A late label
+            # carries its event's reference: labels of events embedded before an activation
+            # keep coming after every worker moved, and are no sign of a split fleet.
+            if is_late_label(upd):
+                self._skip("other_reference_label")
+                self._other_labels[ref] = self._other_labels.get(ref, 0) + 1
+            else:
+                self._skip("other_reference")
+                self._other_reference[ref] = self._other_reference.get(ref, 0) + 1
             return None
         entry = part.slices.get(upd.slice_id)
         # a slice not held, or (rarely) one idle past the horizon: the module docstring's rules

@@ -691,6 +691,28 @@ def test_updates_embedded_against_another_reference_are_skipped(
     assert line.__dict__["skipped"] == {"new": 1}  # once a minute, with what was skipped
 
 
+def test_late_labels_of_another_reference_are_skipped_apart_from_its_updates(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """After every worker moved to a new reference, late labels of events embedded on the old
+    one keep coming. They were counted as other_reference, which DriftlineMixedReferences
+    reads as a fleet left split, and logged with advice to restart workers that were fine."""
+    stage = _stage()
+    stage.reference_id = "new"
+    label = dict(label="scratch", error=True, distance=None, ood=None, late_label=True)
+    with caplog.at_level(logging.INFO, logger="driftline.consumers.detect_stage"):
+        _feed(stage, 0, 1, reference_id="new")
+        _feed(stage, 1, 3, reference_id="old", **label)
+    stage.store = _CommittingStore()  # type: ignore[assignment]
+    stage.consumer = _Consumer()  # type: ignore[assignment]
+    assert stage.checkpoint()
+    skips = {s.labels["reason"]: s.value for m in stage.metrics.skipped.collect()
+             for s in m.samples if s.name.endswith("_total") and s.value}
+    assert skips == {"other_reference_label": 3.0}
+    lines = [r for r in caplog.records if "another reference" in r.getMessage()]
+    assert [(r.levelno, r.__dict__["skipped"]) for r in lines] == [(logging.INFO, {"old": 3})]
+    assert "no restart needed" in lines[0].getMessage()
+
+
 def test_a_slice_restored_under_another_reference_restarts_even_with_as_many_clusters() -> None:
     """Cluster 2 of a rebuilt reference is another cluster: statistics and counts of the old
     one must not go on (they raised alarms fleet-wide after an activation)."""
