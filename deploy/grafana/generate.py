@@ -358,8 +358,10 @@ def pipeline() -> Dashboard:
                description="Counted once the checkpoint past them lands. unreadable: not a "
                            "slice-update; unusable: names a baseline or cluster the loaded "
                            "reference lacks; other_reference: embedded against another "
-                           "reference (a rolling restart after an activation); retired: for a "
-                           "slice retired as idle.",
+                           "reference (a rolling restart after an activation); "
+                           "other_reference_label: a late label of an event embedded on "
+                           "another reference (expected for a while after an activation); "
+                           "retired: for a slice retired as idle.",
                drawStyle="bars", fillOpacity=60, stacking={"mode": "normal", "group": "A"}),
     ]
     latency = [
