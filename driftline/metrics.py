@@ -230,6 +230,18 @@ class DetectMetrics:
             buckets=_LATENCY_BUCKETS, registry=registry)
 
 
+def reference_info(registry: CollectorRegistry, reference_id: str, model_sha256: str | None
+                   ) -> Gauge:
+    """``driftline_reference_info{reference_id, model_sha256} 1``: the reference and model this
+    worker runs (one series per process, its labels fixed at start-up). After an activation,
+    ``count by (reference_id) (driftline_reference_info)`` shows which workers moved."""
+    info = Gauge("driftline_reference_info",
+                 "The reference and model this worker runs (1; labels say which)",
+                 ["reference_id", "model_sha256"], registry=registry)
+    info.labels(reference_id, model_sha256 or "").set(1)
+    return info
+
+
 class ConsumerMetrics:
     """Per-stage consumer lag and assigned partitions."""
 

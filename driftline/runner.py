@@ -44,7 +44,7 @@ from driftline.core.baselines import (
 from driftline.core.budget import DAY
 from driftline.core.error_rates import P0_QUANTILE, shrunk_error_rates
 from driftline.core.slices import SliceDetectors
-from driftline.metrics import ConsumerMetrics, DetectMetrics, EmbedMetrics
+from driftline.metrics import ConsumerMetrics, DetectMetrics, EmbedMetrics, reference_info
 from driftline.reference.artifact import ReferenceError, file_sha256
 from driftline.reference.fallbacks import misfits
 from driftline.reference.index import PredictionView, Reference, load_reference, prediction_views
@@ -451,6 +451,7 @@ class Service:
                 s.events_topic: s.topic_partitions, s.slice_updates_topic: s.topic_partitions,
                 s.dlq_topic: 1, s.alerts_topic: 1})
         self.reference = load_active_reference(s)
+        reference_info(self.registry, self.reference.reference_id, self.reference.model_sha256)
         cmetrics = ConsumerMetrics(self.registry)  # one set of lag gauges, labelled by stage
         if "embed" in self.roles:
             self.stages["embed"] = build_embed_stage(s, self.registry, self.reference,

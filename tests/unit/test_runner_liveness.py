@@ -308,8 +308,12 @@ def test_the_start_up_line_names_the_model_as_well_as_the_reference(
                     manifest={"embedding": {"model": {"model_file": "model_b.onnx",
                                                       "model_sha256": "bbcf" * 16}}})
     monkeypatch.setattr(runner, "load_active_reference", lambda settings: ref)
+    service = Service(load_settings(), roles=[])
     with caplog.at_level("INFO", logger="driftline.runner"):
-        Service(load_settings(), roles=[]).start()
+        service.start()
+    # and /metrics says it too, for a query over every worker after an activation
+    assert service.registry.get_sample_value("driftline_reference_info", {
+        "reference_id": "62de2c96761ef7dc", "model_sha256": "bbcf" * 16}) == 1.0
     (line,) = [r for r in caplog.records if r.getMessage() == "service started"]
     assert line.reference == "62de2c96761ef7dc"  # type: ignore[attr-defined]
     assert line.model == "model_b.onnx"  # type: ignore[attr-defined]
