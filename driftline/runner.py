@@ -266,7 +266,9 @@ def usable_reference(settings: Settings, ref_dir: Path,
                     f"reference {ref.reference_id} at {ref_dir} was built with "
                     f"{desc.get('model_file') or 'a model'} (sha256 {ref.model_sha256}), but "
                     f"the configured model (DRIFTLINE_MODEL_PATH) has sha256 {model_sha256}: "
-                    "the embed workers refuse it at start-up")
+                    "the embed workers refuse it at start-up. Set DRIFTLINE_MODEL_PATH to "
+                    "the model it was built with (for a model upgrade: in this process too, "
+                    "then activate; README, 'Switching to a retrained model')")
             EmbedderConfig.from_description(desc, settings.resolved_model_path())
         ReferenceBaselines(ref)
         ClusterCatalog.from_manifest(ref.manifest)

@@ -79,7 +79,9 @@ def test_a_reference_of_the_configured_model_and_kind_is_activated(
 
 
 @pytest.mark.parametrize(("configured", "name", "why"), [
-    ("img", "other_model", "configured model (DRIFTLINE_MODEL_PATH) has sha256"),
+    ("img", "other_model", "configured model (DRIFTLINE_MODEL_PATH) has sha256 [0-9a-f]{64}: "
+     "the embed workers refuse it at start-up. Set DRIFTLINE_MODEL_PATH to the model it was "
+     "built with"),
     ("a", "img", "built from images through an ONNX model, but the stages now run on"),
     ("img", "a", "built from precomputed embeddings, but the stages now run on"),
     ("a", "dim", "its embeddings have dimension"),
