@@ -99,7 +99,8 @@ def built_with(tmp_path: Path) -> SimpleNamespace:
     """A reference (its manifest's model description) built with a tiny model."""
     model = build_tiny_model(tmp_path / "tiny.onnx")
     desc = Embedder(EmbedderConfig(model_path=model)).describe()
-    return SimpleNamespace(reference_id="r", manifest={"embedding": {"model": desc}})
+    return SimpleNamespace(reference_id="r", manifest={"embedding": {"model": desc}},
+                           model_sha256=desc["model_sha256"])  # as Reference reads it
 
 
 def wrong_model(tmp_path: Path, kind: str) -> Path:
