@@ -1,5 +1,6 @@
 """Evidence of an incident from outbox messages: effect size, cluster shifts, OOD, severity,
-recurrence signature and the label set (pure: standard library and numpy).
+recurrence signature and the label set (pure: standard library, numpy and the core's baseline
+keys).
 
 **Effect.** A slice's alarm carries, since its onset, the observed cluster counts ``o`` and
 the counts its events' own baselines expected ``e`` (and the same for OOD hits). The effect is
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from driftline.alerts.misfit import BaselineMisfit, slice_cell
 from driftline.alerts.model import (
     ClusterShift,
     Delay,
@@ -45,22 +47,31 @@ MIX_DETECTORS = ("cluster_mix", "ood_rate")
 
 @dataclass(frozen=True)
 class ClusterCatalog:
-    """Cluster descriptions (exemplars, metadata lift, performance) and aggressor clusters of
-    one reference (``reference_id``; None: whatever reference an alarm came from)."""
+    """Cluster descriptions (exemplars, metadata lift, performance), aggressor clusters and
+    the fallback cells that do not fit their fallback (``misfits``, as in the manifest's
+    ``baselines.fallbacks``) of one reference (``reference_id``; None: whatever reference an
+    alarm came from)."""
 
     descriptions: Mapping[int, dict[str, Any]] = field(default_factory=dict)
     aggressors: frozenset[int] = frozenset()
     reference_id: str | None = None
+    misfits: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any]) -> ClusterCatalog:
-        """From a reference artifact's ``manifest.json`` (``driftline.reference``)."""
+        """From a reference artifact's ``manifest.json`` (``driftline.reference``); one
+        built before ``baselines.fallbacks`` was recorded has no misfits."""
+        # here, not at the top: the reference package loads faiss, and this module is pure
+        from driftline.reference.fallbacks import misfits
+
         items = manifest.get("clusters", {}).get("items", [])
         aggr = manifest.get("performance", {}).get("aggressors", [])
         rid = manifest.get("reference_id")
+        fallbacks = manifest.get("baselines", {}).get("fallbacks") or {}
         return cls({int(c["id"]): dict(c) for c in items},
                    frozenset(int(a["cluster"]) for a in aggr),
-                   str(rid) if rid is not None else None)
+                   str(rid) if rid is not None else None,
+                   {key: dict(fallbacks[key]) for key in misfits(fallbacks)})
 
     def describes(self, reference_id: str | None) -> bool:
         """Whether cluster ids of that reference's alarms are this catalog's: after another
@@ -68,6 +79,18 @@ class ClusterCatalog:
         must not be described with the new one's clusters. An alarm that does not say (written
         before the field) is taken to be of this catalog's reference."""
         return None in (self.reference_id, reference_id) or reference_id == self.reference_id
+
+    def misfit(self, ref: SliceRef, reference_id: str | None) -> BaselineMisfit | None:
+        """The slice's cell (:func:`~driftline.alerts.misfit.slice_cell`) if it is one of this
+        reference's misfit fallbacks and the alarm (raised on ``reference_id``) was judged
+        on this reference; else None."""
+        cell = slice_cell(ref.dims)
+        found = self.misfits.get(cell) if cell is not None else None
+        if found is None or not self.describes(reference_id):
+            return None
+        return BaselineMisfit(cell=str(cell), reference_events=int(found["n"]),
+                              judged_against=str(found["judged_against"]),
+                              p_value=float(found["p_value"]))
 
 
 def effect(counts: Mapping[str, Any] | None) -> tuple[float, float, float]:

@@ -17,6 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from driftline.alerts.book import FailureBook
+from driftline.alerts.evidence import ClusterCatalog
 from driftline.config import ApiToken, Settings
 from driftline.reference.artifact import ReferenceError
 from driftline.reference.index import Reference, load_reference
@@ -46,6 +47,7 @@ class ServiceContext:
     _reference_retry_at: float | None = None  # Redis was down when it was chosen
     _recent: RecentIndex | None = None
     _ref_clusters: dict[str, int] | None = None
+    _catalog: ClusterCatalog | None = None
     _thumbnails: Thumbnails | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -94,7 +96,7 @@ class ServiceContext:
         if self._reference_loaded and path == self._reference_path:
             return
         self._reference_path, self._reference, self._reference_error = path, loaded, None
-        self._recent, self._ref_clusters = None, None
+        self._recent, self._ref_clusters, self._catalog = None, None, None
         if loaded is None and path is None:
             self._reference_error = "DRIFTLINE_REFERENCE_DIR is not set"
         elif loaded is None and path is not None:
@@ -120,6 +122,21 @@ class ServiceContext:
             self._ref_clusters = {} if ref is None else dict(
                 zip(ref.event_ids, (int(c) for c in ref.clusters), strict=True))
         return self._ref_clusters
+
+    def catalog(self) -> ClusterCatalog:
+        """The reference's catalogue, as the book builds it from the reference it started with
+        (empty without a reference, or with a manifest the book could not read either)."""
+        ref = self.reference()
+        with self._lock:
+            if self._catalog is None:
+                self._catalog = ClusterCatalog()
+                if ref is not None:
+                    try:
+                        self._catalog = ClusterCatalog.from_manifest(ref.manifest)
+                    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                        log.error("reference catalogue unusable",
+                                  extra={"error": f"{type(exc).__name__}: {exc}"})
+            return self._catalog
 
     def thumbnails(self) -> Thumbnails:
         """Exemplar thumbnails, read from the events topic and cached in Redis."""

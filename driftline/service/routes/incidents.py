@@ -22,6 +22,7 @@ from driftline.service.schemas.common import COMMON_ERRORS, QueryTime, errors, t
 from driftline.service.schemas.incidents import (
     AcknowledgeRequest,
     AnnotateRequest,
+    BaselineMisfitView,
     CellsView,
     EvidenceView,
     ExemplarView,
@@ -85,14 +86,18 @@ def get_incident(incident_id: IncidentId, book: BookDep, settings: SettingsDep,
 
 
 @router.get("/{incident_id}/evidence", response_model=EvidenceView, responses=errors(404))
-def get_evidence(incident_id: IncidentId, book: BookDep, _: Viewer) -> EvidenceView:
-    """The root slice's evidence since onset and the effect in every alarmed slice."""
+def get_evidence(incident_id: IncidentId, book: BookDep, ctx: ContextDep,
+                 _: Viewer) -> EvidenceView:
+    """The root slice's evidence since onset and the effect in every alarmed slice, with a
+    hint where the slice's cell is judged against a parent baseline that does not fit it."""
     inc = book.get(incident_id)
+    catalog = ctx.catalog()
     effects = [SliceEffect(slice_id=s.ref.slice_id, template=s.ref.template,
                            root=s.ref.slice_id == inc.root.slice_id, strength=s.strength,
                            displaced=s.displaced, n_since_onset=s.n_since_onset, onset=s.onset,
                            last_time=s.last_time, model_versions=s.model_versions,
-                           cells=CellsView.of(s))
+                           cells=CellsView.of(s), baseline_misfit=BaselineMisfitView.of(
+                               catalog.misfit(s.ref, s.reference_id)))
                for s in inc.slices.values()]
     effects.sort(key=lambda e: (not e.root, -e.strength))
     return EvidenceView(incident_id=inc.id, evidence=inc.evidence, slices=effects)

@@ -7,6 +7,7 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict, Field
 
 from driftline.alerts.cooccurrence import CooccurrencePolicy, read_cells
+from driftline.alerts.misfit import BaselineMisfit
 from driftline.alerts.model import (
     Delay,
     Evidence,
@@ -155,6 +156,27 @@ class CellsView(BaseModel):
                        for c, x in sorted(sc.affected.items(), key=lambda kv: -kv[1])])
 
 
+class BaselineMisfitView(BaseModel):
+    """The alarmed slice's cell has no baseline of its own, and its reference events do not
+    fit the one it is judged against: it can alarm on unchanged data."""
+
+    cell: str = Field(examples=["station=s2"])
+    reference_events: int = Field(description="the cell's events in the reference")
+    judged_against: str = Field(description="the baseline its events are judged against",
+                                examples=["global"])
+    p_value: float = Field(description="G-test of the cell's reference cluster counts "
+                                       "against that baseline's mix (below 0.001)")
+    hint: str
+
+    @classmethod
+    def of(cls, found: BaselineMisfit | None) -> BaselineMisfitView | None:
+        if found is None:
+            return None
+        return cls(cell=found.cell, reference_events=found.reference_events,
+                   judged_against=found.judged_against, p_value=found.p_value,
+                   hint=found.hint)
+
+
 class SliceEffect(BaseModel):
     """How strongly one alarmed slice shows the change since its onset."""
 
@@ -169,6 +191,11 @@ class SliceEffect(BaseModel):
     model_versions: dict[str, int] = Field(description=(
         "events per model_version over the slice's whole life, not since the onset"))
     cells: CellsView | None = Field(None, description="none for alarms without cells")
+    baseline_misfit: BaselineMisfitView | None = Field(None, description=(
+        "set when the slice's cell (a station slice's station, a station+shift slice's own) "
+        "falls back to a parent baseline its reference events do not fit, in the reference "
+        "the API runs on when the alarm was raised on it: an alarm there may be a gap in "
+        "the reference, not drift"))
 
 
 class EvidenceView(BaseModel):
