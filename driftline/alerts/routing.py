@@ -179,16 +179,21 @@ class Router:
 
     def description(self, inc: Incident) -> str:
         """What on-call does with the alert: triage from the incident's link, then acknowledge
-        it (which ends the page) and resolve it, through the API."""
+        it (which ends the page) and resolve it, through the API. A root slice whose cell
+        falls back to a baseline that does not fit it is said first: the alarm may be a gap
+        in the reference (the book's catalogue holds the cells; nothing is read for it)."""
         link = self.link(inc.id)
         resolve = (f"Resolve it with POST {link}/resolve and a root-cause category once the "
                    "cause is fixed.")
         if not inc.active:
             return f"Resolved; {link} keeps its evidence and timeline."
+        root = inc.slices.get(inc.root.slice_id)
+        found = self.book.catalog.misfit(inc.root, root.reference_id if root else None)
+        gap = f"{found.sentence} " if found is not None else ""
         if inc.status == Status.acknowledged:
-            return (f"Acknowledged, no longer paging; follow it at {link} ({link}/evidence, "
-                    f"{link}/exemplars). {resolve}")
-        return (f"Triage at {link}: what drifted, where and since when ({link}/evidence, "
+            return (f"{gap}Acknowledged, no longer paging; follow it at {link} "
+                    f"({link}/evidence, {link}/exemplars). {resolve}")
+        return (f"{gap}Triage at {link}: what drifted, where and since when ({link}/evidence, "
                 f"{link}/exemplars). Then acknowledge it with POST {link}/acknowledge "
                 "(operator token): that ends this alert and starts an acknowledged one, "
                 f"which the shipped Alertmanager config does not page. {resolve}")

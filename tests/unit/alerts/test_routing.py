@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from driftline.alerts.book import FailureBook
 from driftline.alerts.changes import change_json
+from driftline.alerts.evidence import ClusterCatalog
 from driftline.alerts.model import Incident, Status
 from driftline.alerts.routing import AlertMetrics, Router
 from driftline.alerts.store import stream_id
@@ -88,8 +89,9 @@ def opened(*slices: str) -> tuple[dict[str, Incident], list[str]]:
 
 
 def router(db: MiniRedis, incidents: dict[str, Incident], registry: CollectorRegistry,
-           handler: Any, **kw: Any) -> Router:
-    book = SimpleNamespace(r=db, changes_key=CHANGES, get=incidents.__getitem__)
+           handler: Any, catalog: ClusterCatalog | None = None, **kw: Any) -> Router:
+    book = SimpleNamespace(r=db, changes_key=CHANGES, get=incidents.__getitem__,
+                           catalog=catalog or ClusterCatalog())
     return Router(cast(FailureBook, book), AlertMetrics(registry),
                   public_url="http://driftline.test", prefix="t:alerts",
                   http=httpx.Client(transport=httpx.MockTransport(handler)), **kw)
@@ -299,6 +301,39 @@ def test_the_pushed_alert_says_what_to_do_and_links_its_station_dashboard() -> N
     paging.close()
 
 
+def test_an_alert_whose_root_cell_does_not_fit_its_fallback_says_it_may_be_a_reference_gap(
+        ) -> None:
+    """The book's catalogue (of the reference it started with) names the cells; the alert of
+    a root slice in one says so, unless the alarm was raised on another reference."""
+    catalog = ClusterCatalog(reference_id="ref-1", misfits={
+        "station=press-2": {"n": 120, "judged_against": "global", "p_value": 3e-9},
+        "station=press-1|shift=night": {"n": 80, "judged_against": "station=press-1",
+                                        "p_value": 2e-5}})
+    incidents = {sid: inc for sid in ("station=press-2", "station=press-1|shift=night",
+                                      "shift=night", "station=press-3")
+                 for inc in opened(sid)[0].values()}
+    paging = router(MiniRedis(), incidents, CollectorRegistry(), lambda r: httpx.Response(200),
+                    catalog=catalog)
+    said = {sid: paging.alert(i)["annotations"]["description"] for sid, i in incidents.items()}
+    assert said["station=press-2"].startswith(
+        "station=press-2 has no baseline of its own and its 120 reference events do not fit "
+        "global's, which it is judged against: this alarm may be a gap in the reference, not "
+        "drift. Triage at ")
+    assert said["station=press-1|shift=night"].startswith(
+        "station=press-1|shift=night has no baseline of its own and its 80 reference events "
+        "do not fit station=press-1's")
+    for sid in ("shift=night", "station=press-3"):
+        assert said[sid].startswith("Triage at ")
+    inc = incidents["station=press-2"]
+    acked = paging.alert(inc.model_copy(update={"status": Status.acknowledged}))
+    assert "may be a gap in the reference" in acked["annotations"]["description"]
+    root = inc.slices[inc.root.slice_id]
+    other = inc.model_copy(update={"slices": {
+        inc.root.slice_id: root.model_copy(update={"reference_id": "ref-0"})}})
+    assert paging.alert(other)["annotations"]["description"].startswith("Triage at ")
+    paging.close()
+
+
 def test_a_webhook_failure_stops_the_batch_so_no_later_change_overtakes_it() -> None:
     """The cursor is one position: a later change accepted past a failed one would move it past
     the failed one too, and that change would never be sent. The batch stops at the failure."""
@@ -387,7 +422,8 @@ def am_router(incidents: dict[str, Incident], clock: datetime,
 
     registry = CollectorRegistry()
     book = SimpleNamespace(r=db or MiniRedis(), changes_key=CHANGES,
-                           get=incidents.__getitem__, active=lambda: list(active or []))
+                           get=incidents.__getitem__, active=lambda: list(active or []),
+                           catalog=ClusterCatalog())
     paging = Router(cast(FailureBook, book), AlertMetrics(registry),
                     public_url="http://driftline.test", prefix="t:alerts",
                     alertmanager_url="http://am.test", clock=lambda: clock,
