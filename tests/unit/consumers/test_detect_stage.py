@@ -671,6 +671,15 @@ def test_late_labels_are_not_events_and_do_not_move_the_gauge_window() -> None:
     assert model.last_time == last and model.n == 181
 
 
+def _checkpointed_skips(stage: DetectStage) -> dict[str, float]:
+    """Checkpoint the stage (skips are counted once it lands); the nonzero skip counts."""
+    stage.store = _CommittingStore()  # type: ignore[assignment]
+    stage.consumer = _Consumer()  # type: ignore[assignment]
+    assert stage.checkpoint()
+    return {s.labels["reason"]: s.value for m in stage.metrics.skipped.collect()
+            for s in m.samples if s.name.endswith("_total") and s.value}
+
+
 def test_updates_embedded_against_another_reference_are_skipped(
         caplog: pytest.LogCaptureFixture) -> None:
     """A rolling restart after an activation: an embed worker on the new reference while this
@@ -681,11 +690,7 @@ def test_updates_embedded_against_another_reference_are_skipped(
         for ref in ("old", None, "new", "new", "old"):  # None: written before the field
             _feed(stage, stage.parts[0].next_offset or 0, 1, reference_id=ref)
     assert stage.parts[0].slices["station=s1"].model.n == 3
-    stage.store = _CommittingStore()  # type: ignore[assignment]
-    stage.consumer = _Consumer()  # type: ignore[assignment]
-    assert stage.checkpoint()
-    skips = {s.labels["reason"]: s.value for m in stage.metrics.skipped.collect()
-             for s in m.samples if s.name.endswith("_total") and s.value}
+    skips = _checkpointed_skips(stage)
     assert skips == {"other_reference": 2.0}
     (line,) = [r for r in caplog.records if "another reference" in r.getMessage()]
     assert line.__dict__["skipped"] == {"new": 1}  # once a minute, with what was skipped
@@ -702,11 +707,7 @@ def test_late_labels_of_another_reference_are_skipped_apart_from_its_updates(
     with caplog.at_level(logging.INFO, logger="driftline.consumers.detect_stage"):
         _feed(stage, 0, 1, reference_id="new")
         _feed(stage, 1, 3, reference_id="old", **label)
-    stage.store = _CommittingStore()  # type: ignore[assignment]
-    stage.consumer = _Consumer()  # type: ignore[assignment]
-    assert stage.checkpoint()
-    skips = {s.labels["reason"]: s.value for m in stage.metrics.skipped.collect()
-             for s in m.samples if s.name.endswith("_total") and s.value}
+    skips = _checkpointed_skips(stage)
     assert skips == {"other_reference_label": 3.0}
     lines = [r for r in caplog.records if "another reference" in r.getMessage()]
     assert [(r.levelno, r.__dict__["skipped"]) for r in lines] == [(logging.INFO, {"old": 3})]
