@@ -126,6 +126,12 @@ class Settings(BaseSettings):
     recent_buffer_size: int = Field(
         5000, ge=0, description="Recent embeddings kept in Redis for similarity search"
     )
+    late_label_hours: float = Field(
+        168.0, gt=0, le=_YEAR_S / 3600, description="How long each inference event's "
+        "prediction and slices are kept in Redis for its late label (and its id, to skip a "
+        "duplicate): one ~280-425 B key per event, so Redis holds 1.0-1.5 MB per event/s per "
+        "hour of this (170-260 MB at 168); a label later than this is dead-lettered as "
+        "unknown_event")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image")
     image_roots: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Directories that file:// image URIs must lie in, "

@@ -332,7 +332,8 @@ def build_embed_stage(settings: Settings, registry: CollectorRegistry, ref: Refe
         redis_client=store_client(settings.redis_url),
         consumer_metrics=consumer_metrics or ConsumerMetrics(registry),
         batch_size=settings.embed_batch_size, batch_timeout_ms=settings.embed_batch_timeout_ms,
-        max_event_bytes=settings.max_event_bytes, recent_size=settings.recent_buffer_size)
+        max_event_bytes=settings.max_event_bytes, recent_size=settings.recent_buffer_size,
+        prediction_ttl_s=max(1, round(settings.late_label_hours * 3600)))
 
 
 def warn_of_misfit_fallbacks(ref: Reference, show: int = 10) -> list[str]:

@@ -81,6 +81,8 @@ log = logging.getLogger(__name__)
 STAGE_FATAL = (KafkaError, MemoryError)
 
 # Late labels arrive within hours in a plant; a week covers weekend relabelling campaigns.
+# The default of DRIFTLINE_LATE_LABEL_HOURS: one key per inference event, so Redis holds
+# ~1.5 MB per event/s per hour of it (benchmarks/results/soak.md).
 PREDICTION_TTL_S = 7 * 24 * 3600
 # An event dated further ahead of its Kafka record's timestamp is refused (see _not_ahead): a
 # day, beyond any time zone a sender could have mislabelled as UTC (+14 h) — a stream whose
@@ -172,9 +174,10 @@ class EmbedStage:
         batch_size: int = 32,
         batch_timeout_ms: int = 200, max_event_bytes: int = 8 << 20, recent_size: int = 5000,
         latency_sample_every: int = LATENCY_SAMPLE_EVERY, redis_wait_s: float = 2.0,
-        ahead: bool | None = None,
+        ahead: bool | None = None, prediction_ttl_s: int = PREDICTION_TTL_S,
     ) -> None:
         self.consumer, self.producer = consumer, producer
+        self.prediction_ttl_s = prediction_ttl_s  # a late label's window (_claim)
         self._next: dict[Any, int] = {}  # partition -> next offset to process (for lag)
         self.events_topic, self.updates_topic, self.dlq_topic = (
             events_topic, updates_topic, dlq_topic)
@@ -665,7 +668,7 @@ class EmbedStage:
     @retry_redis
     def _claim(self, items: list[_Item]) -> list[bool] | None:
         """Store each inference event's prediction for its late label under its ``event_id``
-        (``dl:pred:{events topic}:{id}``, kept ``PREDICTION_TTL_S``), with the position it was
+        (``dl:pred:{events topic}:{id}``, kept ``prediction_ttl_s``), with the position it was
         read at, unless the id is stored already; return which events are new. An id first
         stored from another position is a duplicate — a sender's retry landing at a new
         offset — whose updates would count the event twice, so it is skipped. The same
@@ -685,7 +688,7 @@ class EmbedStage:
                    "reference_id": self.reference.reference_id}
             key = self._prediction_key(ev.event_id)
             pipe.get(key)
-            pipe.set(key, json.dumps(doc), ex=PREDICTION_TTL_S, nx=True)
+            pipe.set(key, json.dumps(doc), ex=self.prediction_ttl_s, nx=True)
         before = pipe.execute()[0::2]
         # an entry written before positions were kept cannot tell: the event counts
         return [old is None or json.loads(old).get("pos", pos) == pos
@@ -695,7 +698,7 @@ class EmbedStage:
         """Forget the event id that ``msg``, about to be dead-lettered, stored (``_claim``):
         sent again once fixed (at a new position), it would be taken for a duplicate. Only if
         the id is still this position's; a Redis error leaves it (logged: that replay would
-        be skipped for ``PREDICTION_TTL_S``)."""
+        be skipped for ``prediction_ttl_s``)."""
         event = self._parse(msg, quiet=True)
         if self.redis is None or isinstance(event, EventRejected) or event.kind != "inference":
             return

@@ -73,6 +73,27 @@ def test_inline_and_late_labels_are_told_apart(redis_url: str) -> None:
     client.close()
 
 
+def test_a_late_label_s_window_is_the_configured_one(redis_url: str) -> None:
+    """DRIFTLINE_LATE_LABEL_HOURS: one key per inference event for that long (a week by
+    default, ~170-260 MB of Redis per event/s): a plant whose labels come within a day keeps
+    a seventh of it; a label after the window is dead-lettered as unknown_event."""
+    stage, producer, _, client = _stage(redis_url)
+    stage.prediction_ttl_s = 1
+    tag = uuid.uuid4().hex[:8]
+    stage.process([Msg("ev", 0, 0, b"k", _event(0, "s1", event_id=f"{tag}-0",
+                                                  embedding=[1.0, 0.0, 0.0]))])
+    assert 0 < client.pttl(f"dl:pred:ev:{tag}-0") <= 1000
+    client.pexpire(f"dl:pred:ev:{tag}-0", 1)  # the window has passed
+    while client.exists(f"dl:pred:ev:{tag}-0"):
+        pass
+    stage.process([Msg("ev", 0, 1, b"k", json.dumps({
+        "event_id": f"{tag}-0", "ts": "2026-11-23T09:00:00Z", "station": "s1",
+        "shift": "day", "lot": "L1", "label": "scratch"}).encode())])
+    (dead,) = [json.loads(v) for t, _, v in producer.sent if t == "dlq"]
+    assert dead["reason"] == "unknown_event"
+    client.close()
+
+
 def test_a_late_label_goes_to_its_event_s_slices_and_time(redis_url: str) -> None:
     """The label event's own station, shift, lot and time are the labelling tool's: the error
     belongs to the slices the event was seen in, at the time it was seen."""

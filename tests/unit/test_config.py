@@ -60,6 +60,7 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
         ("DRIFTLINE_API_TOKENS", "ana:viewer:0123456789abcdef0123,bo:admin:0123456789abcdef0123",
          "'ana' and 'bo' are the same token"),
         ("DRIFTLINE_BUDGET_PERIOD_DAYS", "-1", "greater than"),
+        ("DRIFTLINE_LATE_LABEL_HOURS", "0", "greater than"),
         # accepted once, then every push failed with httpx's UnsupportedProtocol
         ("DRIFTLINE_ALERTMANAGER_URL", "not-a-url", "http:// or https://"),
         ("DRIFTLINE_PUBLIC_URL", "garbage", "http:// or https://"),
