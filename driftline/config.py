@@ -111,7 +111,8 @@ class Settings(BaseSettings):
     public_url: str = Field("", description=(
         "Base URL used in alert links; empty: the API's own address, "
         "http://DRIFTLINE_API_HOST:DRIFTLINE_API_PORT (127.0.0.1 when the host binds every "
-        "address)"))
+        "address; --port moves it). Set it for a book run apart from the API: `run book` "
+        "derives it from its own probe port"))
     # Model and reference
     cache_dir: Path = Field(default_factory=default_cache_dir, description="Build cache")
     model_path: Path | None = Field(None, description="ONNX model; default: the demo model")
