@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from pathlib import Path
@@ -13,6 +14,7 @@ from driftline.config import ConfigError, Settings, load_settings
 from driftline.logs import configure_logging
 from driftline.reference.cli import app as reference_app
 
+log = logging.getLogger(__name__)
 app = typer.Typer(help="driftline: production drift monitoring for vision models",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 model_app = typer.Typer(help="Models", no_args_is_help=True)
@@ -91,11 +93,16 @@ def run(
     from driftline.runner import ROLES, Service, watch_stages
     from driftline.service.app import create_app
 
-    settings = settings_or_exit().serving_on(port)
     roles = list(ROLES) if role == "all" else [role]
     if any(r not in ROLES for r in roles):
         typer.echo(f"driftline: unknown role {role!r}; use embed, detect, book or all", err=True)
         raise typer.Exit(2)
+    settings = settings_or_exit().serving_on(port, api=role == "all")
+    if role == "book" and not settings.public_url_set:
+        log.warning("DRIFTLINE_PUBLIC_URL is not set: the book's alert links point at "
+                    f"{settings.public_url} (DRIFTLINE_API_HOST and DRIFTLINE_API_PORT), "
+                    "which this process does not serve; set it to where on-call reaches the "
+                    "triage API", extra={"public_url": settings.public_url})
     service = Service(settings, roles)
     try:
         service.start()  # waits for the broker (kafka_io.BROKER_WAIT_S) and Redis

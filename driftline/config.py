@@ -111,8 +111,8 @@ class Settings(BaseSettings):
     public_url: str = Field("", description=(
         "Base URL used in alert links; empty: the API's own address, "
         "http://DRIFTLINE_API_HOST:DRIFTLINE_API_PORT (127.0.0.1 when the host binds every "
-        "address; --port moves it). Set it for a book run apart from the API: `run book` "
-        "derives it from its own probe port"))
+        "address; `serve --port` or `run all --port` moves it). Set it for a book run apart "
+        "from the API (`run book` warns at start-up when it is not set)"))
     # Model and reference
     cache_dir: Path = Field(default_factory=default_cache_dir, description="Build cache")
     model_path: Path | None = Field(None, description="ONNX model; default: the demo model")
@@ -347,13 +347,20 @@ class Settings(BaseSettings):
             self.public_url = api_url(self.api_host, self.api_port)
         return self
 
-    def serving_on(self, port: int | None) -> Self:
-        """These settings with the API on ``port`` (``--port``) instead: a public URL that was
-        not set follows it."""
+    @property
+    def public_url_set(self) -> bool:
+        """Whether DRIFTLINE_PUBLIC_URL was given, not derived from the API's address."""
+        return bool(os.environ.get(f"{ENV_PREFIX}PUBLIC_URL"))
+
+    def serving_on(self, port: int | None, *, api: bool = True) -> Self:
+        """These settings with this process's HTTP server on ``port`` (``--port``) instead. A
+        public URL that was not set follows it if the process serves the API (``api``); a
+        stage run apart (``run book``) serves probes only there, and its alert links keep
+        the API's configured address."""
         if port is None or port == self.api_port:
             return self
         moved = self.model_copy(update={"api_port": port})
-        if not os.environ.get(f"{ENV_PREFIX}PUBLIC_URL"):
+        if api and not self.public_url_set:
             moved.public_url = api_url(self.api_host, port)
         return moved
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -146,3 +147,31 @@ def test_the_model_the_reference_was_built_with_is_used(
         assert embedder.model_sha256 == built_with.manifest["embedding"]["model"]["model_sha256"]
     finally:
         embedder.close()
+
+
+@pytest.mark.parametrize(("public_url", "warned"), [(None, True), ("https://dl.plant", False)])
+def test_a_book_run_apart_warns_when_its_alert_links_are_guessed(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        public_url: str | None, warned: bool) -> None:
+    """`run book --port 9101` with no DRIFTLINE_PUBLIC_URL linked every alert to its own probe
+    port, which serves no API; the links now keep the API's configured address, and the
+    start-up says they are a guess."""
+    monkeypatch.delenv("DRIFTLINE_API_PORT", raising=False)
+    monkeypatch.delenv("DRIFTLINE_PUBLIC_URL", raising=False)
+    if public_url:
+        monkeypatch.setenv("DRIFTLINE_PUBLIC_URL", public_url)
+    seen: list[str] = []
+
+    def start(service: runner.Service) -> None:
+        seen.append(service.settings.public_url)
+        raise ConfigError("stopped here")
+
+    monkeypatch.setattr(runner.Service, "start", start)
+    monkeypatch.setattr("driftline.cli.configure_logging", lambda *a, **k: None)
+    with caplog.at_level(logging.WARNING, logger="driftline.cli"):
+        result = CliRunner().invoke(app, ["run", "book", "--port", "9101"])
+    assert result.exit_code == 2, result.output
+    assert seen == [public_url or "http://127.0.0.1:8080"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "driftline.cli"]
+    assert bool(lines) == warned
+    assert not lines or lines[0].startswith("DRIFTLINE_PUBLIC_URL is not set")

@@ -188,6 +188,9 @@ def test_a_port_given_on_the_command_line_moves_a_derived_public_url_only(
     moved = load_settings().serving_on(9001)
     assert (moved.api_port, moved.public_url) == (9001, "http://127.0.0.1:9001")
     assert load_settings().serving_on(None).public_url == "http://127.0.0.1:8080"
+    # a stage run apart (`run book --port 9001`) serves probes there, not the API
+    probes = load_settings().serving_on(9001, api=False)
+    assert (probes.api_port, probes.public_url) == (9001, "http://127.0.0.1:8080")
     monkeypatch.setenv("DRIFTLINE_PUBLIC_URL", "https://dl.plant")
     moved = load_settings().serving_on(9001)
     assert (moved.api_port, moved.public_url) == (9001, "https://dl.plant")
