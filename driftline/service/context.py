@@ -109,25 +109,28 @@ class ServiceContext:
 
     def recent(self) -> RecentIndex:
         """The recent-events index (in the reference's space once the reference is loaded)."""
-        ref = self.reference()
-        with self._lock:
+        self.reference()
+        with self._lock:  # the reference as of now: another request may have chosen again
             if self._recent is None:
-                self._recent = RecentIndex(self.redis, ref)
+                self._recent = RecentIndex(self.redis, self._reference)
             return self._recent
 
     def reference_clusters(self) -> dict[str, int]:
         """Cluster of each reference sample by event id (empty without a reference)."""
-        ref = self.reference()
-        if self._ref_clusters is None:
-            self._ref_clusters = {} if ref is None else dict(
-                zip(ref.event_ids, (int(c) for c in ref.clusters), strict=True))
-        return self._ref_clusters
+        self.reference()
+        with self._lock:  # the reference as of now, as in recent()
+            ref = self._reference
+            if self._ref_clusters is None:
+                self._ref_clusters = {} if ref is None else dict(
+                    zip(ref.event_ids, (int(c) for c in ref.clusters), strict=True))
+            return self._ref_clusters
 
     def catalog(self) -> ClusterCatalog:
         """The reference's catalogue, as the book builds it from the reference it started with
         (empty without a reference, or with a manifest the book could not read either)."""
-        ref = self.reference()
-        with self._lock:
+        self.reference()
+        with self._lock:  # the reference as of now, as in recent()
+            ref = self._reference
             if self._catalog is None:
                 self._catalog = ClusterCatalog()
                 if ref is not None:
