@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Annotated, Any, Self
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from driftline.core.budget import DAY, Budget
@@ -88,6 +95,9 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, env_file=None, extra="ignore", validate_default=True,
         allow_inf_nan=False,
     )
+    # DRIFTLINE_PUBLIC_URL was not given (by any name pydantic reads it from: the environment,
+    # in any case, or an argument) and public_url is the API's own address
+    _public_url_derived: bool = PrivateAttr(default=False)
 
     # Kafka
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers")
@@ -345,12 +355,13 @@ class Settings(BaseSettings):
         # DRIFTLINE_API_PORT left pointing elsewhere.
         if not self.public_url:
             self.public_url = api_url(self.api_host, self.api_port)
+            self._public_url_derived = True
         return self
 
     @property
     def public_url_set(self) -> bool:
         """Whether DRIFTLINE_PUBLIC_URL was given, not derived from the API's address."""
-        return bool(os.environ.get(f"{ENV_PREFIX}PUBLIC_URL"))
+        return not self._public_url_derived
 
     def serving_on(self, port: int | None, *, api: bool = True) -> Self:
         """These settings with this process's HTTP server on ``port`` (``--port``) instead. A

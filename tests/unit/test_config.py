@@ -196,6 +196,27 @@ def test_a_port_given_on_the_command_line_moves_a_derived_public_url_only(
     assert (moved.api_port, moved.public_url) == (9001, "https://dl.plant")
 
 
+@pytest.mark.parametrize("given", ["env, another case", "argument"])
+def test_a_public_url_given_by_any_name_pydantic_reads_is_not_moved_by_the_port(
+        monkeypatch: pytest.MonkeyPatch, given: str) -> None:
+    """Whether DRIFTLINE_PUBLIC_URL was set was read from os.environ by that exact name, while
+    the settings read the environment in any case (and take arguments): a URL given as
+    driftline_public_url was replaced by the probe port's, and `run book` warned it unset."""
+    for name in ("DRIFTLINE_API_HOST", "DRIFTLINE_API_PORT", "DRIFTLINE_PUBLIC_URL"):
+        monkeypatch.delenv(name, raising=False)
+    if given == "argument":
+        settings = load_settings(public_url="https://dl.plant")
+    else:
+        monkeypatch.setenv("driftline_public_url", "https://dl.plant")
+        settings = load_settings()
+    assert settings.public_url == "https://dl.plant" and settings.public_url_set
+    moved = settings.serving_on(9001)
+    assert (moved.api_port, moved.public_url, moved.public_url_set) == (
+        9001, "https://dl.plant", True)
+    derived = load_settings(public_url="")
+    assert not derived.public_url_set and not derived.serving_on(9001).public_url_set
+
+
 def test_alert_labels_are_read_from_name_value_pairs_and_shown_back(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DRIFTLINE_ALERT_LABELS", raising=False)
