@@ -18,7 +18,6 @@ import asyncio
 import os
 import platform
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from driftline.localstack import start_stack  # noqa: E402
+from driftline.localstack import free_port, start_stack  # noqa: E402
 from tests.unit.service.populate import bulk_incidents  # noqa: E402
 
 TOKEN = "bench-viewer-token-0123456789"  # noqa: S105 - a throwaway token for this run
@@ -43,12 +42,6 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_api(redis_url: str, port: int) -> subprocess.Popen[bytes]:

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,7 +51,7 @@ from _report import ROOT, RunMeta
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from driftline.consumers.kafka_io import ensure_topics
-from driftline.localstack import Stack, start_stack
+from driftline.localstack import Stack, free_port, start_stack
 from driftline.reference.build import build_reference
 from driftline.schema import Event
 
@@ -199,12 +198,6 @@ class Feed:
 
 
 # --- processes -------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Proc:
     role: str

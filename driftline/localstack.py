@@ -16,6 +16,7 @@ import atexit
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -37,6 +38,14 @@ START_TIMEOUT_S = 900.0
 # Kafka's controlled shutdown plus a restart of the JVM; the scripts' own limits are shorter.
 RESTART_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 120.0
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now (for a process about to bind it, or
+    an address where no service answers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class StackError(RuntimeError):

@@ -21,7 +21,6 @@ import io
 import json
 import logging
 import secrets
-import socket
 import tempfile
 import threading
 import time
@@ -37,7 +36,7 @@ from driftline.alerts.book import FailureBook
 from driftline.config import load_settings
 from driftline.demo.explain import what_changed
 from driftline.demo.plant import STATIONS, Injection, Plant, PlantConfig, load_pools
-from driftline.localstack import start_stack
+from driftline.localstack import free_port, start_stack
 from driftline.runner import ROLES, Service
 from driftline.schema import Event
 
@@ -57,12 +56,6 @@ class Outcome:
     @property
     def root_ok(self) -> bool:
         return self.incident is not None and self.incident["root"]["dims"] == self.injection.root
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait(cond: Any, timeout: float, what: str) -> None:
@@ -171,7 +164,7 @@ def run_demo(size: str = "small", cache_dir: Path | None = None, hold: float = 0
         embedder.close()
         print(f"[demo] reference {reference.reference_id}: {len(ref_events)} events, "
               f"K={reference.k}, baselines {len(reference.baseline_keys)}", flush=True)
-        port = _free_port()
+        port = free_port()
         tokens, token = demo_tokens(settings0.api_tokens)
         settings = load_settings(
             kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from driftline.consumers.checkpoint import decode_record
 from driftline.consumers.kafka_io import ensure_topics
 from driftline.core.snapshot import plain
+from driftline.localstack import free_port
 from driftline.reference.build import build_reference
 from driftline.schema import Event
 
@@ -76,12 +76,6 @@ def make_reference(out_dir: Path) -> Path:
     events = [Event.model_validate(e) for e in Stream(n=1800, seed=99).events()]
     build_reference(events, None, out_dir, k=8, min_count=200)
     return out_dir
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
