@@ -129,9 +129,12 @@ def _prediction_bounds(key: str, items: dict[str, Any], alpha: float, confidence
     return np.array([lower, upper], np.float64), max(rate, float(b["low_confidence_rate"]))
 
 
-def unit_rows(x: NDArray[Any]) -> F32:
-    x = np.asarray(x, np.float32)
-    return np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
+def unit_rows(x: Any, via: type[np.floating[Any]] = np.float32) -> F32:
+    """The rows of ``x`` at unit length, as float32; computed in ``via`` (an all-zero row
+    stays zeros)."""
+    x = np.asarray(x, via)
+    return np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12),
+                                dtype=np.float32)
 
 
 def unit_embeddings(rows: Any) -> F32:
@@ -144,9 +147,7 @@ def unit_embeddings(rows: Any) -> F32:
     puts it at distance 1 from every reference sample — without ``--pca-dim``; with it, the
     projection (centred first) maps it to a unit vector like any other.
     """
-    x = np.asarray(rows, np.float64)
-    return np.asarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12),
-                      np.float32)
+    return unit_rows(rows, np.float64)
 
 
 class Reference:
