@@ -606,6 +606,7 @@ class EmbedStage:
                     self._dead_letter(item.msg, _rejection(err), item.event.event_id)
                 else:
                     vectors[n] = row
+        own: list[int] = []  # events with an embedding of the reference's dimension
         for n, item in enumerate(items):
             vec = item.event.embedding
             if vec is None:
@@ -617,7 +618,9 @@ class EmbedStage:
                     f"embedding has {len(vec)} dimensions, the reference {self.reference.dim}"),
                     item.event.event_id)
                 continue
-            vectors[n] = unit_embeddings([vec])[0]  # as the reference build does
+            own.append(n)
+        if own:  # normalised once for the batch, as the reference build does
+            vectors[own] = unit_embeddings([items[n].event.embedding for n in own])
         for n in np.flatnonzero(~np.isfinite(vectors).all(axis=1)).tolist():
             if ok[n]:  # e.g. a model exported in float16 overflowing on some input
                 ok[n] = False
