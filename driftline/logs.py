@@ -72,9 +72,9 @@ class KafkaStallFilter(logging.Filter):
     embeds or checkpoints a batch, so the line came in loaded demo runs and blamed a loop
     that does not exist, for a delay that harms nothing: heartbeats go every third of the
     session timeout (``DRIFTLINE_KAFKA_SESSION_TIMEOUT_MS``, 20 s by default). Steps shorter
-    than ``warn_after`` seconds become DEBUG lines (so, at the kafka loggers' WARNING level,
-    none); longer stalls, which do hold up heartbeats and fetches, stay warnings as
-    kafka-python wrote them."""
+    than ``warn_after`` seconds are dropped (:func:`configure_logging` keeps the kafka loggers
+    at WARNING or above, so a DEBUG line would be dropped too); longer stalls, which do hold
+    up heartbeats and fetches, stay warnings as kafka-python wrote them."""
 
     _STEP = re.compile(r"^Task .* ran for (\d+(?:\.\d+)?)s \(>")
 
@@ -86,12 +86,7 @@ class KafkaStallFilter(logging.Filter):
         if record.levelno != logging.WARNING or not isinstance(record.msg, str):
             return True
         step = self._STEP.match(record.msg)
-        if step is None or float(step.group(1)) >= self.warn_after:
-            return True
-        if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
-            return False
-        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return True
+        return step is None or float(step.group(1)) >= self.warn_after
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
