@@ -46,7 +46,7 @@ from driftline.core.error_rates import P0_QUANTILE, shrunk_error_rates
 from driftline.core.slices import SliceDetectors
 from driftline.metrics import ConsumerMetrics, DetectMetrics, EmbedMetrics, reference_info
 from driftline.reference.artifact import ReferenceError, file_sha256
-from driftline.reference.fallbacks import misfits
+from driftline.reference.fallbacks import misfit_cells
 from driftline.reference.index import PredictionView, Reference, load_reference, prediction_views
 
 log = logging.getLogger(__name__)
@@ -341,8 +341,8 @@ def warn_of_misfit_fallbacks(ref: Reference, show: int = 10) -> list[str]:
     does not fit their own reference events (:mod:`driftline.reference.fallbacks`): slices
     there can alarm on unchanged data, and the on-call engineer reading such an alarm should
     know before suspecting the line. Returns those cells."""
-    cells = ref.manifest["baselines"].get("fallbacks") or {}  # absent: built before it
-    bad = misfits(cells)
+    cells = misfit_cells(ref.manifest)
+    bad = list(cells)
     if bad:
         log.warning(
             f"reference: {len(bad)} station or station×shift cells are judged against a "

@@ -62,16 +62,15 @@ class ClusterCatalog:
         """From a reference artifact's ``manifest.json`` (``driftline.reference``); one
         built before ``baselines.fallbacks`` was recorded has no misfits."""
         # here, not at the top: the reference package loads faiss, and this module is pure
-        from driftline.reference.fallbacks import misfits
+        from driftline.reference.fallbacks import misfit_cells
 
         items = manifest.get("clusters", {}).get("items", [])
         aggr = manifest.get("performance", {}).get("aggressors", [])
         rid = manifest.get("reference_id")
-        fallbacks = manifest.get("baselines", {}).get("fallbacks") or {}
         return cls({int(c["id"]): dict(c) for c in items},
                    frozenset(int(a["cluster"]) for a in aggr),
                    str(rid) if rid is not None else None,
-                   {key: dict(fallbacks[key]) for key in misfits(fallbacks)})
+                   misfit_cells(manifest))
 
     def describes(self, reference_id: str | None) -> bool:
         """Whether cluster ids of that reference's alarms are this catalog's: after another

@@ -69,3 +69,11 @@ def fallback_cells(clusters: NDArray[np.integer], stations: Sequence[str],
 def misfits(fallbacks: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """The fallback cells whose reference mix does not fit the baseline they are judged against."""
     return [key for key, f in fallbacks.items() if f["p_value"] < MISFIT_P]
+
+
+def misfit_cells(manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """A reference manifest's misfit fallback cells (:func:`misfits`), each with its ``n``,
+    ``judged_against`` and ``p_value``; none for a reference built before they were
+    recorded."""
+    cells = (manifest.get("baselines") or {}).get("fallbacks") or {}
+    return {key: dict(cells[key]) for key in misfits(cells)}
