@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -27,6 +29,7 @@ from driftline.service.references_store import active_reference
 from driftline.service.thumbnails import Thumbnails
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 # With Redis down the API serves the configured reference and asks again this often which one
 # is activated (the stages wait for Redis at their start instead).
 REFERENCE_RETRY_S = 60.0
@@ -45,9 +48,9 @@ class ServiceContext:
     _reference_loaded: bool = False
     _reference_path: Path | None = None
     _reference_retry_at: float | None = None  # Redis was down when it was chosen
-    _recent: RecentIndex | None = None
-    _ref_clusters: dict[str, int] | None = None
-    _catalog: ClusterCatalog | None = None
+    # what is built on the reference (the recent index, the clusters of reference samples,
+    # the cluster catalogue), by name; emptied when the reference is chosen again
+    _built: dict[str, Any] = field(default_factory=dict)
     _thumbnails: Thumbnails | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -96,7 +99,7 @@ class ServiceContext:
         if self._reference_loaded and path == self._reference_path:
             return
         self._reference_path, self._reference, self._reference_error = path, loaded, None
-        self._recent, self._ref_clusters, self._catalog = None, None, None
+        self._built.clear()
         if loaded is None and path is None:
             self._reference_error = "DRIFTLINE_REFERENCE_DIR is not set"
         elif loaded is None and path is not None:
@@ -107,39 +110,29 @@ class ServiceContext:
                 log.error("reference not loaded", extra={"error": str(exc)})
         self._reference_loaded = True
 
+    def _on_reference(self, name: str, build: Callable[[Reference | None], T]) -> T:
+        """``build(reference)``, made once per choice of reference, on the one chosen as of
+        now: another request may have chosen again between this one's read and the lock."""
+        self.reference()
+        with self._lock:
+            if name not in self._built:
+                self._built[name] = build(self._reference)
+            built: T = self._built[name]
+            return built
+
     def recent(self) -> RecentIndex:
         """The recent-events index (in the reference's space once the reference is loaded)."""
-        self.reference()
-        with self._lock:  # the reference as of now: another request may have chosen again
-            if self._recent is None:
-                self._recent = RecentIndex(self.redis, self._reference)
-            return self._recent
+        return self._on_reference("recent", lambda ref: RecentIndex(self.redis, ref))
 
     def reference_clusters(self) -> dict[str, int]:
         """Cluster of each reference sample by event id (empty without a reference)."""
-        self.reference()
-        with self._lock:  # the reference as of now, as in recent()
-            ref = self._reference
-            if self._ref_clusters is None:
-                self._ref_clusters = {} if ref is None else dict(
-                    zip(ref.event_ids, (int(c) for c in ref.clusters), strict=True))
-            return self._ref_clusters
+        return self._on_reference("clusters", lambda ref: {} if ref is None else dict(
+            zip(ref.event_ids, (int(c) for c in ref.clusters), strict=True)))
 
     def catalog(self) -> ClusterCatalog:
         """The reference's catalogue, as the book builds it from the reference it started with
         (empty without a reference, or with a manifest the book could not read either)."""
-        self.reference()
-        with self._lock:  # the reference as of now, as in recent()
-            ref = self._reference
-            if self._catalog is None:
-                self._catalog = ClusterCatalog()
-                if ref is not None:
-                    try:
-                        self._catalog = ClusterCatalog.from_manifest(ref.manifest)
-                    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                        log.error("reference catalogue unusable",
-                                  extra={"error": f"{type(exc).__name__}: {exc}"})
-            return self._catalog
+        return self._on_reference("catalog", _catalog)
 
     def thumbnails(self) -> Thumbnails:
         """Exemplar thumbnails, read from the events topic and cached in Redis."""
@@ -158,3 +151,13 @@ class ServiceContext:
 
     def close(self) -> None:
         self.redis.close()
+
+
+def _catalog(ref: Reference | None) -> ClusterCatalog:
+    if ref is not None:
+        try:
+            return ClusterCatalog.from_manifest(ref.manifest)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            log.error("reference catalogue unusable",
+                      extra={"error": f"{type(exc).__name__}: {exc}"})
+    return ClusterCatalog()

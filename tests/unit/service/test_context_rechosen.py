@@ -39,7 +39,7 @@ def test_what_is_built_on_the_reference_is_built_on_the_one_chosen_now(
         # as another request's reference() does under the lock once Redis answers again
         # (_load_reference), between this request's read and its taking the lock
         ctx._reference = new
-        ctx._recent, ctx._ref_clusters, ctx._catalog = None, None, None
+        ctx._built.clear()
         return old
 
     ctx.reference = chosen_again_meanwhile  # type: ignore[method-assign]
